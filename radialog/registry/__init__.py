@@ -1,0 +1,26 @@
+"""The study registry: the single source of truth for every study, job, report and export.
+
+SQLAlchemy 2 models (``models``), the state machine (``states``), engine/session set-up (``db``) and
+Alembic migrations (``migrations/``). SQLite in WAL mode by default, PostgreSQL by URL.
+"""
+
+from radialog.registry.db import Registry, utcnow
+from radialog.registry.models import (
+    ApiKey,
+    AuditEntry,
+    Base,
+    Conversation,
+    DialogTurn,
+    Export,
+    Instance,
+    Job,
+    Report,
+    Study,
+    StudyEvent,
+)
+from radialog.registry.states import ExportState, JobState, StudyState, transition
+
+__all__ = [
+    "ApiKey", "AuditEntry", "Base", "Conversation", "DialogTurn", "Export", "ExportState", "Instance",
+    "Job", "JobState", "Registry", "Report", "Study", "StudyEvent", "StudyState", "transition", "utcnow",
+]

@@ -1,0 +1,20 @@
+"""Alembic environment: uses the connection handed over by ``radialog.registry.migrate``."""
+
+from alembic import context
+
+from radialog.registry.models import Base
+
+config = context.config
+connection = config.attributes.get("connection")
+
+if connection is None:
+    from radialog.registry.db import make_engine
+
+    with make_engine(config.get_main_option("sqlalchemy.url")).begin() as conn:
+        context.configure(connection=conn, target_metadata=Base.metadata, render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()
+else:
+    context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()

@@ -1,0 +1,146 @@
+"""One settings object for every process, read from ``RADIALOG_*`` environment variables.
+
+A settings file can be named with ``RADIALOG_CONFIG`` (TOML or .env style, see README); environment
+variables win over the file. Nested values (lists, destinations) are given as JSON in the environment,
+e.g. ``RADIALOG_DESTINATIONS='[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}]'``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class TLSSettings(BaseModel):
+    """DICOM TLS for the SCP (server side) or for one export destination (client side)."""
+
+    certfile: Path
+    keyfile: Path
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+
+class Destination(BaseModel):
+    """A PACS (C-STORE SCP) or a DICOMweb endpoint that receives our SRs."""
+
+    name: str
+    kind: Literal["dimse", "stow"] = "dimse"
+    ae_title: str = "ORTHANC"
+    host: str = "127.0.0.1"
+    port: int = 4242
+    url: str | None = None  # STOW-RS base URL when kind == "stow"
+    tls: TLSSettings | None = None
+
+
+class Settings(BaseSettings):
+    """Everything configurable, with defaults that run on one machine (`radialog run`)."""
+
+    model_config = SettingsConfigDict(env_prefix="RADIALOG_", extra="ignore")
+
+    # -- storage -------------------------------------------------------------------------------
+    data_dir: Path = Field(Path("./var"), description="Spool, SQLite registry, SR files, logs.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/registry.sqlite (WAL)."
+    )
+    min_free_bytes: int = Field(
+        2 * 1024**3, description="Below this free space in the spool, C-STORE answers 0xA700."
+    )
+
+    # -- DICOM node ------------------------------------------------------------------------------
+    ae_title: str = "RADIALOG"
+    dicom_host: str = "0.0.0.0"
+    dicom_port: int = 11112
+    allowed_calling_aets: list[str] = Field(
+        default_factory=list, description="Empty list = any calling AE title."
+    )
+    allowed_addresses: list[str] = Field(
+        default_factory=list, description="IP addresses or CIDR networks; empty = any."
+    )
+    max_associations: int = 10
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    tls: TLSSettings | None = None
+    stable_after: float = Field(3.0, description="Seconds without a new instance before a study is STABLE.")
+
+    # -- queue / workers -------------------------------------------------------------------------
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str | None = None  # default: same as broker_url
+    visibility_timeout: int = Field(3600, description="Seconds; must exceed the longest job.")
+    batch_size: int = Field(8, description="Most report jobs one worker runs as one batch.")
+    batch_wait_ms: int = Field(200, description="How long a worker waits to fill a batch.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+
+    # -- model -----------------------------------------------------------------------------------
+    model_backend: str = "radialog-v2"
+    model_dir: Path | None = Field(None, description="The RaDialog v2 directory (adapter, non_lora_trainables, classifier).")
+    base_model_dir: Path | None = Field(None, description="The llava-v1.5-7b directory.")
+
+    # -- export ----------------------------------------------------------------------------------
+    destinations: list[Destination] = Field(default_factory=list)
+    export_max_attempts: int = 40
+    export_backoff_initial: float = 5.0
+    export_backoff_max: float = 600.0
+
+    # -- API -------------------------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    institution_name: str = "radialog-node"
+    cors_origins: list[str] = Field(default_factory=list, description="Empty = CORS off.")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        if not value or len(value) > 16 or "\\" in value:
+            raise ValueError("an AE title is 1-16 characters without backslash")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("RADIALOG_CONFIG")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+    # -- derived paths ---------------------------------------------------------------------------
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def sr_dir(self) -> Path:
+        return self.data_dir / "sr"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'registry.sqlite').resolve()}"
+
+    @property
+    def resolved_result_backend(self) -> str:
+        return self.result_backend or self.broker_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; tests build their own ``Settings(...)`` instead."""
+    return Settings()

@@ -1,0 +1,60 @@
+"""Shared fixtures: settings in a temporary data directory, and the registry on SQLite and PostgreSQL.
+
+PostgreSQL is the machine's real server (127.0.0.1:5432, database ``test``, trust auth); each test
+gets its own schema so tests never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from radialog.registry import Registry
+from radialog.settings import Settings
+
+PG_URL = os.environ.get("RADIALOG_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "var", min_free_bytes=0, stable_after=0.5)
+
+
+def _pg_schema_registry() -> Iterator[Registry]:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = f"{PG_URL}?options=-csearch_path%3D{schema}"
+    registry = Registry(url)
+    try:
+        registry.migrate()
+        yield registry
+    finally:
+        registry.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Registry]:
+    """The registry, once on SQLite (WAL file) and once on the real PostgreSQL."""
+    if request.param == "sqlite":
+        reg = Registry.from_settings(settings)
+        yield reg
+        reg.dispose()
+    else:
+        yield from _pg_schema_registry()
+
+
+@pytest.fixture
+def sqlite_registry(settings: Settings) -> Iterator[Registry]:
+    reg = Registry.from_settings(settings)
+    yield reg
+    reg.dispose()

@@ -1,0 +1,87 @@
+"""The registry on SQLite and PostgreSQL: migrations, models and the study state machine."""
+
+from __future__ import annotations
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from radialog.registry import Base, Instance, Registry, Study, StudyEvent, StudyState, transition, utcnow
+from radialog.registry.states import ALLOWED, sources_of
+
+
+def _study(session, uid: str = "1.2.3.4") -> Study:
+    now = utcnow()
+    study = Study(study_instance_uid=uid, state=StudyState.RECEIVING.value, created_at=now, updated_at=now)
+    session.add(study)
+    session.flush()
+    return study
+
+
+def test_migrations_match_models(registry: Registry) -> None:
+    with registry.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == [], f"models and migrations differ: {diff}"
+
+
+def test_migrate_twice_is_harmless(registry: Registry) -> None:
+    registry.migrate()
+    registry.ping()
+
+
+def test_sqlite_runs_in_wal_mode(sqlite_registry: Registry) -> None:
+    with sqlite_registry.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+
+
+def test_state_machine_path_and_history(registry: Registry) -> None:
+    with registry.session() as s:
+        sid = _study(s).id
+    path = [StudyState.STABLE, StudyState.QUEUED, StudyState.RUNNING, StudyState.REPORTED, StudyState.EXPORTED]
+    for state in path:
+        with registry.session() as s:
+            assert transition(s, sid, state, reason=f"to {state.value}")
+    with registry.session() as s:
+        study = s.get(Study, sid)
+        assert study.state == "EXPORTED"
+        events = s.scalars(select(StudyEvent).where(StudyEvent.study_id == sid).order_by(StudyEvent.id)).all()
+        assert [e.to_state for e in events] == [p.value for p in path]
+        assert events[0].from_state == "RECEIVING"
+
+
+def test_transition_is_idempotent_and_refuses_illegal_moves(registry: Registry) -> None:
+    with registry.session() as s:
+        sid = _study(s).id
+        assert not transition(s, sid, StudyState.REPORTED)  # RECEIVING -> REPORTED is not a move
+        assert transition(s, sid, StudyState.STABLE)
+        assert not transition(s, sid, StudyState.STABLE)  # repeat: no second event
+        assert len(s.get(Study, sid).events) == 1
+
+
+def test_only_from_narrows_sources(registry: Registry) -> None:
+    with registry.session() as s:
+        sid = _study(s).id
+        transition(s, sid, StudyState.STABLE)
+        transition(s, sid, StudyState.QUEUED)
+        # the reconciler re-queues RUNNING only: a QUEUED study is left alone
+        assert not transition(s, sid, StudyState.QUEUED, only_from=[StudyState.RUNNING])
+
+
+def test_every_state_has_a_way_on() -> None:
+    for state in StudyState:
+        assert state in ALLOWED
+    assert sources_of(StudyState.RECEIVING) == {StudyState.STABLE, StudyState.SKIPPED}
+
+
+def test_duplicate_sop_instance_uid_is_refused_by_the_database(registry: Registry) -> None:
+    with registry.session() as s:
+        sid = _study(s).id
+        row = dict(study_id=sid, sop_instance_uid="1.2.3.4.5", sop_class_uid="1.2", transfer_syntax_uid="1.2.840.10008.1.2",
+                   path="x", size_bytes=1, received_at=utcnow(), attributes={})
+        s.add(Instance(**row))
+    with pytest.raises(IntegrityError):
+        with registry.session() as s:
+            s.add(Instance(**row))

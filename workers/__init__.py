@@ -1,0 +1,1 @@
+"""GPU workers: the Celery app and tasks, image preprocessing, and the model backends (``models/``)."""

@@ -1,0 +1,97 @@
+"""The model-backend interface every report model implements (RaDialog v2 now; v1, XrayGPT later).
+
+A backend is loaded once per worker process and then serves batches of report jobs and single dialog
+turns. Inputs are 8-bit grayscale images already windowed from DICOM (``workers.imaging``), so backends
+never see DICOM. Everything here is plain data: the API and the Celery tasks pass these around.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced a report: written into the SR (algorithm identification) and the registry."""
+
+    name: str  # e.g. "RaDialog-LLaVA"
+    version: str  # e.g. "2.0"
+    files_sha256: str  # hash over the loaded model files (names + contents)
+    device: str = "cpu"
+    dtype: str = "float32"
+    tiny: bool = False  # True for a random-initialised test checkpoint: never a clinical model
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ClassifierFinding:
+    """One CheXpert label from the findings classifier."""
+
+    label: str
+    probability: float
+    present: bool
+
+
+@dataclass(frozen=True)
+class StudyInput:
+    """One study's frontal image for a report job. ``key`` is opaque to the backend (registry id)."""
+
+    key: str
+    image: np.ndarray  # 2-D uint8, white bones (MONOCHROME2 after windowing)
+
+
+@dataclass
+class ReportOutput:
+    key: str
+    findings_text: str
+    findings: list[ClassifierFinding]
+    findings_phrase: str  # the "Predicted Findings: ..." text given to the LLM
+    generated_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A finished exchange of the conversation: what was asked (exact prompt text) and the answer."""
+
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class DialogRequest:
+    """One dialog turn. ``history`` starts with the report turn (its question holds ``<image>``)."""
+
+    image: np.ndarray
+    history: Sequence[Turn]
+    question: str
+    task: str = "free"  # decides the token limit, see prompts.TASK_MAX_NEW_TOKENS
+    max_new_tokens: int | None = None
+
+
+TokenCallback = Callable[[str], None]
+
+
+class ContextTooLong(ValueError):
+    """The conversation cannot fit the model's context even after dropping what the rule allows."""
+
+
+class ModelBackend(abc.ABC):
+    """Load once, then ``report`` batches and ``answer`` dialog turns."""
+
+    provenance: Provenance
+
+    @abc.abstractmethod
+    def report(self, studies: Sequence[StudyInput]) -> list[ReportOutput]:
+        """Draft the findings section for each study; results in input order."""
+
+    @abc.abstractmethod
+    def answer(self, request: DialogRequest, on_token: TokenCallback | None = None) -> str:
+        """Answer one dialog turn; ``on_token`` receives text pieces as they are generated."""
