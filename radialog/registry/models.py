@@ -112,6 +112,9 @@ class Job(Base):
     queued_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # Lease of the worker running the job, renewed while it runs; the reconciler re-queues a RUNNING
+    # job whose heartbeat is older than the lease (its worker died), whatever the broker remembers.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(index=True)
     timings: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 

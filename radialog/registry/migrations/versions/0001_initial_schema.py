@@ -99,12 +99,14 @@ def upgrade() -> None:
     sa.Column('queued_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('started_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('heartbeat_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('timings', sa.JSON(), nullable=False),
     sa.ForeignKeyConstraint(['study_id'], ['studies.id'], ),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('study_id', 'model_name', 'model_version', name='uq_job_study_model')
     )
     with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_jobs_heartbeat_at'), ['heartbeat_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_jobs_state'), ['state'], unique=False)
         batch_op.create_index(batch_op.f('ix_jobs_study_id'), ['study_id'], unique=False)
 
@@ -232,6 +234,7 @@ def downgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_jobs_study_id'))
         batch_op.drop_index(batch_op.f('ix_jobs_state'))
+        batch_op.drop_index(batch_op.f('ix_jobs_heartbeat_at'))
 
     op.drop_table('jobs')
     with op.batch_alter_table('instances', schema=None) as batch_op:
