@@ -1,0 +1,73 @@
+"""``create_app(settings, registry=None)``: the FastAPI application (API under /api/v1, the page at /).
+
+One settings object and one registry per app, injected into the routes through ``api.deps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+from api.metrics import Metrics, MetricsMiddleware
+from api.problems import install_handlers
+from api.routes import audit, dialog, health, reports, studies
+from api.services import Services
+from radialog import __version__
+from radialog.registry import Registry
+from radialog.settings import Settings
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+DESCRIPTION = """AI draft reports (RaDialog) for chest X-rays, their versions and a follow-up dialog.
+
+Every report is **unverified AI output** until a radiologist approves it (`verified: true`).
+Authenticate with an API key: `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+Errors are RFC 9457 problem details (`application/problem+json`)."""
+
+
+def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
+    """The app; ``registry`` defaults to the one named by ``settings`` (migrated on start)."""
+    owns_registry = registry is None
+    registry = registry or Registry.from_settings(settings)
+    services = Services(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        services.close()
+        if owns_registry:
+            registry.dispose()
+
+    app = FastAPI(title="radialog-node reporting API", version=__version__, description=DESCRIPTION,
+                  lifespan=lifespan, docs_url="/api/docs", redoc_url=None, openapi_url="/api/v1/openapi.json")
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.services = services
+    app.state.metrics = Metrics(registry)
+    install_handlers(app)
+
+    v1 = APIRouter(prefix="/api/v1")
+    v1.include_router(studies.router)
+    v1.include_router(reports.router)
+    v1.include_router(dialog.router)
+    v1.include_router(audit.router)
+    app.include_router(v1)
+    app.include_router(health.router)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> RedirectResponse:
+        return RedirectResponse("/static/index.html")
+
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type"])
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app

@@ -1,0 +1,90 @@
+"""FastAPI dependencies: the settings, registry and services of the app, a session, the caller.
+
+Everything a route needs is injected from ``request.app.state`` (set by ``create_app``), so tests
+build an app with their own settings and registry and nothing is global.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from api import audit
+from api.deps_types import Principal
+from api.problems import Problem
+from api.services import Services
+from api.users import Role, authenticate
+from radialog.registry import Registry
+from radialog.settings import Settings
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The API key")
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def get_session(registry: Annotated[Registry, Depends(get_registry)]) -> Iterator[Session]:
+    """One session per request; routes commit what they write before answering."""
+    with registry.session() as session:
+        yield session
+
+
+def current_user(
+    request: Request,
+    registry: Annotated[Registry, Depends(get_registry)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    header_key: Annotated[str | None, Depends(_header)],
+) -> Principal:
+    key = bearer.credentials if bearer is not None else header_key
+    if not key:
+        raise Problem(401, "unauthenticated", "send an API key as 'Authorization: Bearer <key>' or 'X-API-Key'",
+                      headers={"WWW-Authenticate": "Bearer"})
+    with registry.session() as session:
+        user = authenticate(session, key)
+        if user is None:
+            raise Problem(401, "unauthenticated", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        return Principal(name=user.name, role=user.role)
+
+
+def require(*roles: Role) -> Callable[..., Principal]:
+    """A dependency that admits only ``roles`` and audits every refusal."""
+    allowed = {r.value for r in roles}
+
+    def dependency(
+        request: Request,
+        who: Annotated[Principal, Depends(current_user)],
+        registry: Annotated[Registry, Depends(get_registry)],
+    ) -> Principal:
+        if who.role not in allowed:
+            study_id = request.path_params.get("study_id")
+            with registry.session() as session:
+                audit.record(session, who, "denied", int(study_id) if str(study_id or "").isdigit() else None,
+                             method=request.method, route=request.scope.get("route").path)  # type: ignore[union-attr]
+            raise Problem(403, "forbidden", f"role {who.role!r} may not do this; needs one of {sorted(allowed)}")
+        return who
+
+    return dependency
+
+
+AnyUser = Annotated[Principal, Depends(require(Role.READER, Role.RADIOLOGIST, Role.ADMIN))]
+Radiologist = Annotated[Principal, Depends(require(Role.RADIOLOGIST))]
+Operator = Annotated[Principal, Depends(require(Role.RADIOLOGIST, Role.ADMIN))]
+Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
+DB = Annotated[Session, Depends(get_session)]
+AppSettings = Annotated[Settings, Depends(get_settings)]
+AppRegistry = Annotated[Registry, Depends(get_registry)]
+AppServices = Annotated[Services, Depends(get_services)]

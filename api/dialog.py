@@ -1,0 +1,231 @@
+"""The follow-up dialog: conversations seeded with the current report, turns sent to the workers,
+answers relayed from the Redis channel ``radialog:dialog:<turn_id>`` (JSON token/done/error messages).
+
+The channel is subscribed BEFORE the task is sent, so no token can be published before we listen.
+The worker stores the answer in the DialogTurn row too, so a client that lost the stream can poll.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import redis
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.problems import Problem
+from api.schemas import MAX_QUESTION_CHARS, QuickAction
+from api.services import Services, dialog_channel
+from radialog.logging import get_logger
+from radialog.registry import Conversation, DialogTurn, Registry, Report, Study, utcnow
+from workers.models import prompts
+
+log = get_logger(__name__)
+
+#: RaDialog splices 196 projected image embeddings in place of ``<image>``.
+IMAGE_TOKENS = 196
+#: Llama's SentencePiece gives roughly one token per 3.5-4 characters of English radiology text;
+#: dividing by 3 over-estimates a little, so a conversation we accept fits the model's context.
+CHARS_PER_TOKEN = 3.0
+#: A turn still pending after this long is taken as lost (its worker died) and no longer blocks.
+PENDING_TURN_GRACE = timedelta(minutes=5)
+RETRY_AFTER_S = 30
+
+
+def estimate_tokens(text: str) -> int:
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def seed_question(report: Report) -> str:
+    """The first turn the worker replays: the report prompt with the seed's present findings."""
+    present = [f["label"] for f in (report.findings or []) if f.get("present")]
+    return prompts.report_prompt(prompts.findings_phrase(present))
+
+
+def conversation_tokens(conversation: Conversation, seed: Report | None) -> int:
+    """Estimated prompt size of the conversation so far (system, image, seed turn, answered turns)."""
+    total = estimate_tokens(prompts.SYSTEM) + IMAGE_TOKENS
+    if seed is not None:
+        total += estimate_tokens(seed_question(seed)) + estimate_tokens(seed.findings_text)
+    for turn in conversation.turns:
+        if turn.state == "DONE":
+            total += estimate_tokens(turn.question) + estimate_tokens(turn.answer or "") + 8
+    return total
+
+
+def current_conversation(session: Session, study: Study, user: str, report: Report) -> Conversation:
+    """The user's conversation about ``study`` seeded with ``report``; a new version starts a new one
+    (the model must see the report the radiologist is now looking at)."""
+    conversation = session.scalar(
+        select(Conversation)
+        .where(Conversation.study_id == study.id, Conversation.user == user, Conversation.seed_report_id == report.id)
+        .order_by(Conversation.id.desc())
+        .limit(1)
+    )
+    if conversation is None:
+        conversation = Conversation(study_id=study.id, user=user, seed_report_id=report.id, created_at=utcnow())
+        session.add(conversation)
+        session.flush()
+    return conversation
+
+
+def action_question(action: QuickAction) -> tuple[str, str]:
+    """(task, exact prompt) for a quick action, in the phrasing the model was instruction-tuned on."""
+    if action.action == "correction":
+        try:
+            return "correction", prompts.correction_prompt(action.add, action.remove)
+        except ValueError as exc:
+            raise Problem(422, "empty-correction", str(exc)) from exc
+    if action.action == "yes_no":
+        if not action.finding or not action.finding.strip():
+            raise Problem(422, "finding-required", "a yes/no question needs 'finding'")
+        return "yes_no", prompts.yes_no_prompt(action.finding.strip())
+    fixed = {
+        "list": prompts.LIST_FINDINGS,
+        "impression": prompts.IMPRESSION,
+        "easy_language": prompts.EASY_LANGUAGE,
+        "summary": prompts.SUMMARY,
+        "view": prompts.VIEW_PROMPT,
+    }
+    return action.action, fixed[action.action]
+
+
+def check_question(question: str) -> None:
+    if len(question) > MAX_QUESTION_CHARS:
+        raise Problem(413, "question-too-long", f"a question may have at most {MAX_QUESTION_CHARS} characters")
+
+
+def check_context(conversation: Conversation, seed: Report, question: str, task: str) -> None:
+    needed = conversation_tokens(conversation, seed) + estimate_tokens(question) + prompts.TASK_MAX_NEW_TOKENS[task]
+    if needed > prompts.MAX_CONTEXT_TOKENS:
+        raise Problem(
+            422, "context-too-long",
+            f"the conversation would need about {needed} tokens, over the model's {prompts.MAX_CONTEXT_TOKENS}; "
+            "start a new conversation (e.g. accept a corrected version)",
+        )
+
+
+def check_no_pending_turn(conversation: Conversation) -> None:
+    cutoff = utcnow() - PENDING_TURN_GRACE
+    for turn in conversation.turns:
+        created = turn.created_at if turn.created_at.tzinfo else turn.created_at.replace(tzinfo=cutoff.tzinfo)
+        if turn.state in ("QUEUED", "RUNNING") and created > cutoff:
+            raise Problem(409, "turn-in-progress", f"turn {turn.id} is not answered yet; wait for it")
+
+
+def require_worker(services: Services) -> None:
+    try:
+        workers = services.ready_workers()
+    except redis.RedisError as exc:
+        raise Problem(503, "broker-unavailable", "the broker (Redis) cannot be reached",
+                      headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+    if not workers:
+        raise Problem(503, "no-worker", "no worker with a loaded model is running",
+                      headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+@dataclass
+class PendingTurn:
+    """A sent turn whose answer is still to come, with the subscription that will deliver it."""
+
+    turn_id: int
+    conversation_id: int
+    pubsub: Any
+
+    def messages(self, timeout: float) -> Iterator[dict[str, Any] | None]:
+        """Yield parsed messages; ``None`` about once a second while nothing arrives (for keep-alives
+        and deadline checks); stops after done/error or at ``timeout``."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                raw = self.pubsub.get_message(ignore_subscribe_messages=True, timeout=min(1.0, left))
+                if raw is None:
+                    yield None
+                    continue
+                try:
+                    message = json.loads(raw["data"])
+                except (TypeError, ValueError):
+                    continue
+                yield message
+                if message.get("type") in ("done", "error"):
+                    return
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self.pubsub.close()
+        except redis.RedisError:
+            pass
+
+
+def send_turn(
+    registry: Registry, services: Services, conversation_id: int, task: str, question: str
+) -> PendingTurn:
+    """Create the turn, subscribe to its channel, then send the "radialog.dialog_turn" task."""
+    with registry.session() as session:
+        turn = DialogTurn(conversation_id=conversation_id, task=task, question=question, state="QUEUED",
+                          created_at=utcnow())
+        session.add(turn)
+        session.flush()
+        turn_id = turn.id
+    try:
+        pubsub = services.redis.pubsub()
+        pubsub.subscribe(dialog_channel(turn_id))
+        task_id = services.send_task("radialog.dialog_turn", [turn_id], queue="dialog")
+    except Exception as exc:
+        with registry.session() as session:
+            row = session.get(DialogTurn, turn_id)
+            if row is not None:
+                row.state, row.error = "FAILED", "the task could not be sent to the broker"
+        log.exception("dialog task not sent", extra={"turn": turn_id})
+        raise Problem(503, "broker-unavailable", "the dialog task could not be sent",
+                      headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+    with registry.session() as session:
+        row = session.get(DialogTurn, turn_id)
+        if row is not None and row.celery_task_id is None:
+            row.celery_task_id = task_id
+    log.info("dialog turn sent", extra={"turn": turn_id, "task": task})
+    return PendingTurn(turn_id=turn_id, conversation_id=conversation_id, pubsub=pubsub)
+
+
+def is_context_error(error: str) -> bool:
+    return "ContextTooLong" in error or "context" in error.lower()
+
+
+def sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def stream_events(pending: PendingTurn, timeout: float) -> Iterator[str]:
+    """Server-Sent Events: ``turn`` first, then ``token``s in the order published, then ``done``
+    or ``error``; comment lines keep idle proxies from closing the stream."""
+    yield sse("turn", {"turn_id": pending.turn_id, "conversation_id": pending.conversation_id})
+    idle = 0
+    for message in pending.messages(timeout):
+        if message is None:
+            idle += 1
+            if idle % 10 == 0:
+                yield ": keep-alive\n\n"
+            continue
+        kind = message.get("type")
+        if kind == "token":
+            yield sse("token", {"text": str(message.get("text", ""))})
+        elif kind == "done":
+            yield sse("done", {"turn_id": pending.turn_id, "answer": str(message.get("answer", ""))})
+            return
+        elif kind == "error":
+            error = str(message.get("error", "error"))
+            yield sse("error", {"turn_id": pending.turn_id, "error": error,
+                                "status": 422 if is_context_error(error) else 502})
+            return
+    yield sse("error", {"turn_id": pending.turn_id, "error": "no answer in time; poll the turn", "status": 504})

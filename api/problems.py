@@ -1,0 +1,138 @@
+"""RFC 9457 problem details: every error the API returns is ``application/problem+json``.
+
+Routes raise ``Problem``; the handlers installed by ``install_handlers`` also turn FastAPI's
+validation errors, Starlette's HTTP errors and unexpected exceptions into the same shape, so a
+client needs one error parser. ``problem_responses`` documents them in the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from radialog.logging import get_logger
+
+log = get_logger(__name__)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+TYPE_BASE = "https://radialog-node.invalid/problems/"
+
+
+class ProblemDetail(BaseModel):
+    """The RFC 9457 body; ``errors`` lists field errors of a 422, ``checks`` the readiness checks."""
+
+    type: str = Field(..., examples=[TYPE_BASE + "study-not-found"])
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    errors: list[dict[str, Any]] | None = None
+    checks: dict[str, str] | None = None
+
+
+class Problem(Exception):
+    """An error answer: ``slug`` names its type (``TYPE_BASE + slug``)."""
+
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        detail: str | None = None,
+        *,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail or slug)
+        self.status = status
+        self.slug = slug
+        self.detail = detail
+        self.title = title or HTTPStatus(status).phrase
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+
+def problem_response(
+    request: Request,
+    status: int,
+    slug: str | None,
+    title: str,
+    detail: str | None,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": TYPE_BASE + slug if slug else "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+        **(extra or {}),
+    }
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
+
+
+async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Problem)
+    return problem_response(request, exc.status, exc.slug, exc.title, exc.detail, exc.headers, exc.extra)
+
+
+async def _on_http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    slug = {404: "not-found", 405: "method-not-allowed"}.get(status)
+    return problem_response(request, status, slug, HTTPStatus(status).phrase, str(exc.detail), exc.headers)
+
+
+async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        for e in exc.errors()
+    ]
+    detail = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors)[:500]
+    return problem_response(request, 422, "validation-error", "Unprocessable Content", detail, extra={"errors": errors})
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # The traceback goes to the log (no request data in it); the client gets no internals.
+    log.error("unhandled error", exc_info=exc, extra={"path_template": request.scope.get("route_path")})
+    return problem_response(request, 500, "internal-error", "Internal Server Error", "see the server log")
+
+
+def install_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(Problem, _on_problem)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+_DESCRIPTIONS = {
+    400: "Bad request",
+    401: "No valid API key",
+    403: "The key's role may not do this",
+    404: "Unknown study, report version, conversation or turn",
+    409: "The study is not in a state that allows this (e.g. not yet reported)",
+    413: "The question is too long",
+    422: "Invalid input, or the conversation would exceed the model's context",
+    503: "A dependency (database, broker, worker) is not available; see Retry-After",
+    504: "The answer did not arrive in time; poll the turn",
+}
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the given error codes, all as problem details."""
+    return {
+        code: {
+            "description": _DESCRIPTIONS.get(code, HTTPStatus(code).phrase),
+            "model": ProblemDetail,
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemDetail"}}},
+        }
+        for code in codes
+    }

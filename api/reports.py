@@ -1,0 +1,81 @@
+"""Report views and new versions: rendering through ``reporting.render``, versions through
+``reporting.versions``, and sending the new SR's export tasks.
+
+The reporting package owns the SR and the outbox; here we only translate between it and the API.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from api.problems import Problem
+from api.schemas import ExportOut, ReportOut
+from api.services import Services
+from radialog.logging import get_logger
+from radialog.registry import ExportState, Report
+from radialog.settings import Settings
+
+log = get_logger(__name__)
+
+
+def report_out(report: Report) -> ReportOut:
+    from reporting.render import report_json, report_text
+
+    sr_url = (
+        f"/api/v1/studies/{report.study_id}/report/versions/{report.version}/sr" if report.sr_path else None
+    )
+    return ReportOut(
+        id=report.id,
+        study_id=report.study_id,
+        version=report.version,
+        kind=report.kind,
+        author=report.author,
+        verified=report.verified,
+        verifier=report.verifier,
+        verified_at=report.verified_at,
+        created_at=report.created_at,
+        findings_text=report.findings_text,
+        impression_text=report.impression_text,
+        text=report_text(report),
+        document=report_json(report),
+        sr_url=sr_url,
+        exports=[ExportOut.model_validate(e) for e in report.exports],
+    )
+
+
+def new_version(
+    session: Session,
+    settings: Settings,
+    current: Report,
+    *,
+    kind: str,
+    findings_text: str,
+    impression_text: str | None,
+    author: str,
+    approve: bool,
+    base_version: int | None,
+) -> Report:
+    """A new version after ``current``; 409 when the client edited an older version."""
+    from reporting.versions import create_version
+
+    if base_version is not None and base_version != current.version:
+        raise Problem(409, "stale-version", f"version {base_version} is no longer current (current: {current.version})")
+    return create_version(
+        session, settings, current.study_id, kind=kind, findings_text=findings_text,
+        impression_text=impression_text, author=author, approve=approve,
+    )
+
+
+def send_exports(services: Services, report: Report) -> int:
+    """Send one "radialog.export" task per PENDING export of ``report``; the outbox sweeper covers
+    any that cannot be sent now (broker down), so a failure here is logged, not raised."""
+    sent = 0
+    for export in report.exports:
+        if export.state != ExportState.PENDING.value:
+            continue
+        try:
+            services.send_task("radialog.export", [export.id], queue="export")
+            sent += 1
+        except Exception:
+            log.exception("export task not sent; the outbox sweeper will retry", extra={"export": export.id})
+    return sent

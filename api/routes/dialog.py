@@ -1,0 +1,138 @@
+"""Dialog: the caller's conversation about a study, free questions and quick actions, answered as
+one JSON body (waiting up to ``wait_seconds``) or streamed as Server-Sent Events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from api import audit
+from api.deps import DB, AnyUser, AppRegistry, AppServices
+from api.deps_types import Principal
+from api.dialog import (
+    PendingTurn,
+    action_question,
+    check_context,
+    check_no_pending_turn,
+    check_question,
+    conversation_tokens,
+    current_conversation,
+    is_context_error,
+    require_worker,
+    send_turn,
+    stream_events,
+)
+from api.lookups import get_study, require_report
+from api.problems import Problem, problem_responses
+from api.schemas import ConversationOut, QuickAction, Question, TurnOut
+from api.services import Services
+from radialog.registry import DialogTurn, Registry
+from sqlalchemy.orm import Session
+from workers.models import prompts
+
+router = APIRouter(tags=["dialog"])
+_ERRORS = problem_responses(401, 403, 404, 409, 413, 422, 502, 503, 504)
+_ANSWER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The answered turn (JSON), or with stream=true a text/event-stream of events "
+        "turn, token (in generation order), then done or error",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+    202: {"description": "Not answered within wait_seconds; poll GET /api/v1/dialog/turns/{turn_id}",
+          "model": TurnOut},
+    **_ERRORS,
+}
+STREAM_TIMEOUT_S = 300.0
+
+
+def _conversation_out(conversation: Any, seed: Any) -> ConversationOut:
+    return ConversationOut(
+        id=conversation.id, study_id=conversation.study_id, user=conversation.user,
+        seed_report_id=conversation.seed_report_id, seed_report_version=seed.version if seed else None,
+        created_at=conversation.created_at, turns=[TurnOut.model_validate(t) for t in conversation.turns],
+        estimated_tokens=conversation_tokens(conversation, seed), max_context_tokens=prompts.MAX_CONTEXT_TOKENS,
+    )
+
+
+@router.get("/studies/{study_id}/dialog", response_model=ConversationOut, responses=_ERRORS)
+def read_conversation(study_id: int, session: DB, who: AnyUser) -> ConversationOut:
+    """The caller's conversation about the study's current report (created empty when new)."""
+    study = get_study(session, study_id)
+    report = require_report(session, study)
+    conversation = current_conversation(session, study, who.name, report)
+    audit.record(session, who, "dialog.read", study_id, conversation=conversation.id)
+    session.commit()
+    return _conversation_out(conversation, report)
+
+
+def _ask(
+    study_id: int, task: str, question: str, stream: bool, wait_seconds: float,
+    session: Session, who: Principal, registry: Registry, services: Services,
+) -> Any:
+    check_question(question)
+    study = get_study(session, study_id)
+    report = require_report(session, study)
+    conversation = current_conversation(session, study, who.name, report)
+    check_no_pending_turn(conversation)
+    check_context(conversation, report, question, task)
+    require_worker(services)
+    audit.record(session, who, "dialog.ask", study_id, conversation=conversation.id, task=task)
+    session.commit()
+    pending = send_turn(registry, services, conversation.id, task, question)
+    if stream:
+        return StreamingResponse(
+            stream_events(pending, STREAM_TIMEOUT_S), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return _wait(pending, wait_seconds, registry)
+
+
+def _wait(pending: PendingTurn, wait_seconds: float, registry: Registry) -> Any:
+    final: dict[str, Any] | None = None
+    for message in pending.messages(wait_seconds):
+        if message is not None and message.get("type") in ("done", "error"):
+            final = message
+    with registry.session() as session:
+        turn = TurnOut.model_validate(session.get(DialogTurn, pending.turn_id))
+    if final is None:
+        return JSONResponse(turn.model_dump(mode="json"), status_code=202,
+                            headers={"Location": f"/api/v1/dialog/turns/{pending.turn_id}"})
+    if final["type"] == "error":
+        error = str(final.get("error", "error"))
+        if is_context_error(error):
+            raise Problem(422, "context-too-long", error)
+        raise Problem(502, "model-error", f"the worker could not answer turn {pending.turn_id}: {error}")
+    if turn.state != "DONE":  # the worker publishes before or after its commit: trust the message
+        turn = turn.model_copy(update={"state": "DONE", "answer": str(final.get("answer", ""))})
+    return turn
+
+
+@router.post("/studies/{study_id}/dialog/questions", response_model=TurnOut, responses=_ANSWER_RESPONSES)
+def ask_question(
+    study_id: int, body: Question, session: DB, who: AnyUser, registry: AppRegistry, services: AppServices
+) -> Any:
+    """Ask a free question about the study (the model sees the image, its report and the turns so far)."""
+    return _ask(study_id, "free", body.question, body.stream, body.wait_seconds, session, who, registry, services)
+
+
+@router.post("/studies/{study_id}/dialog/actions", response_model=TurnOut, responses=_ANSWER_RESPONSES)
+def quick_action(
+    study_id: int, body: QuickAction, session: DB, who: AnyUser, registry: AppRegistry, services: AppServices
+) -> Any:
+    """A quick action (correction, yes/no, list, impression, easy language, summary, view) sent with
+    the exact phrasing the model was instruction-tuned on."""
+    task, question = action_question(body)
+    return _ask(study_id, task, question, body.stream, body.wait_seconds, session, who, registry, services)
+
+
+@router.get("/dialog/turns/{turn_id}", response_model=TurnOut, responses=problem_responses(401, 403, 404, 422))
+def read_turn(turn_id: int, session: DB, who: AnyUser) -> TurnOut:
+    """One turn (poll this after a 202 or a lost stream). Only its asker or an admin may read it."""
+    turn = session.get(DialogTurn, turn_id)
+    if turn is None or (turn.conversation.user != who.name and who.role != "admin"):
+        raise Problem(404, "turn-not-found", f"no dialog turn {turn_id} of yours")
+    audit.record(session, who, "dialog.read", turn.conversation.study_id, turn=turn_id)
+    session.commit()
+    return TurnOut.model_validate(turn)

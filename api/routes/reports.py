@@ -1,0 +1,125 @@
+"""Reports: the current version, all versions, the SR file, the image preview, new versions, approval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Response
+from fastapi.responses import FileResponse
+
+from api import audit
+from api.deps import DB, AnyUser, AppServices, AppSettings, Radiologist
+from api.imaging import preview_png, reported_instance
+from api.lookups import get_study, get_version, latest_report, require_report
+from api.problems import Problem, problem_responses
+from api.reports import new_version, report_out, send_exports
+from api.schemas import Approval, NewVersion, ReportOut, ReportVersions
+from radialog.registry import DialogTurn
+
+router = APIRouter(prefix="/studies/{study_id}", tags=["reports"])
+_READ = problem_responses(401, 403, 404, 409, 422)
+
+
+@router.get("/report", response_model=ReportOut, responses=_READ)
+def current_report(study_id: int, session: DB, who: AnyUser) -> ReportOut:
+    """The current (newest) version; ``verified`` is false until a radiologist approved it."""
+    report = require_report(session, get_study(session, study_id))
+    audit.record(session, who, "report.read", study_id, version=report.version)
+    session.commit()
+    return report_out(report)
+
+
+@router.get("/report/versions", response_model=ReportVersions, responses=_READ)
+def report_versions(study_id: int, session: DB, who: AnyUser) -> ReportVersions:
+    """Every version, oldest first (each SR references its predecessor)."""
+    study = get_study(session, study_id)
+    current = require_report(session, study)
+    versions = [report_out(r) for r in study.reports]
+    audit.record(session, who, "report.versions", study_id)
+    session.commit()
+    return ReportVersions(study_id=study_id, current_version=current.version, versions=versions)
+
+
+@router.get("/report/versions/{version}", response_model=ReportOut, responses=_READ)
+def report_version(study_id: int, version: int, session: DB, who: AnyUser) -> ReportOut:
+    get_study(session, study_id)
+    report = get_version(session, study_id, version)
+    audit.record(session, who, "report.read", study_id, version=version)
+    session.commit()
+    return report_out(report)
+
+
+_DICOM = {200: {"description": "The DICOM SR (Part 10 file)", "content": {"application/dicom": {}}}}
+
+
+@router.get("/report/versions/{version}/sr", response_class=FileResponse, responses={**_DICOM, **_READ})
+def download_sr(study_id: int, version: int, session: DB, who: AnyUser, settings: AppSettings) -> FileResponse:
+    """The SR file of one version as written to the PACS."""
+    get_study(session, study_id)
+    report = get_version(session, study_id, version)
+    path = Path(settings.sr_dir) / report.sr_path if report.sr_path else None
+    if path is None or not path.is_file():
+        raise Problem(409, "sr-missing", f"version {version} has no SR file")
+    audit.record(session, who, "report.sr_download", study_id, version=version)
+    session.commit()
+    return FileResponse(path, media_type="application/dicom", filename=f"report-v{version}.dcm")
+
+
+_PNG = {200: {"description": "The image as the model saw it (windowed, 8-bit)", "content": {"image/png": {}}}}
+
+
+@router.get("/image.png", response_class=Response, responses={**_PNG, **_READ})
+def image_preview(study_id: int, session: DB, who: AnyUser, settings: AppSettings) -> Response:
+    """A PNG of the reported image with the model's windowing (MONOCHROME1 inverted)."""
+    study = get_study(session, study_id)
+    instance = reported_instance(session, study, latest_report(session, study_id))
+    png = preview_png(settings, instance)
+    audit.record(session, who, "image.read", study_id, instance=instance.id)
+    session.commit()
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+
+_WRITE = problem_responses(401, 403, 404, 409, 422)
+
+
+@router.post("/report/versions", response_model=ReportOut, status_code=201, responses=_WRITE)
+def create_report_version(
+    study_id: int, body: NewVersion, session: DB, who: Radiologist, settings: AppSettings, services: AppServices
+) -> ReportOut:
+    """A corrected text (from a model answer: ``ai_correction``; typed: ``edit``) becomes a new,
+    still unverified version with a new SR queued for export."""
+    current = require_report(session, get_study(session, study_id))
+    if body.source_turn_id is not None:
+        turn = session.get(DialogTurn, body.source_turn_id)
+        if turn is None or turn.conversation.study_id != study_id:
+            raise Problem(404, "turn-not-found", f"no dialog turn {body.source_turn_id} for this study")
+    report = new_version(
+        session, settings, current, kind=body.kind, findings_text=body.findings_text,
+        impression_text=body.impression_text, author=who.name, approve=False, base_version=body.base_version,
+    )
+    audit.record(session, who, "report.change", study_id, version=report.version, kind=body.kind,
+                 source_turn_id=body.source_turn_id)
+    session.commit()
+    send_exports(services, report)
+    return report_out(report)
+
+
+@router.post("/report/approve", response_model=ReportOut, status_code=201, responses=_WRITE)
+def approve_report(
+    study_id: int, body: Approval, session: DB, who: Radiologist, settings: AppSettings, services: AppServices
+) -> ReportOut:
+    """Sign the report (radiologists only): a VERIFIED/FINAL version with the radiologist as
+    verifying observer; its SR is queued for export."""
+    current = require_report(session, get_study(session, study_id))
+    findings = body.findings_text if body.findings_text is not None else current.findings_text
+    impression = body.impression_text if body.impression_text is not None else current.impression_text
+    if current.verified and findings == current.findings_text and impression == current.impression_text:
+        raise Problem(409, "already-approved", f"version {current.version} is already approved by {current.verifier}")
+    report = new_version(
+        session, settings, current, kind="approval", findings_text=findings, impression_text=impression,
+        author=who.name, approve=True, base_version=body.base_version,
+    )
+    audit.record(session, who, "report.approve", study_id, version=report.version)
+    session.commit()
+    send_exports(services, report)
+    return report_out(report)
