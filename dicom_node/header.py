@@ -1,0 +1,118 @@
+"""The registry's view of a received instance's header, read without touching the pixel data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from radialog.uids import is_valid_uid
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the node records about one instance (``Instance`` columns + ``Instance.attributes``)."""
+
+    sop_instance_uid: str | None
+    sop_class_uid: str | None
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    transfer_syntax_uid: str | None
+    patient_name: str | None = None
+    patient_id: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    study_description: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 256) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    text = str(value).strip()
+    return text[:limit] or None
+
+
+def _multi(ds: Dataset, keyword: str) -> list[str] | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return [value.strip()]
+    return [str(v).strip() for v in value]
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _view_code_meaning(ds: Dataset) -> str | None:
+    seq = ds.get("ViewCodeSequence")
+    if not seq:
+        return None
+    item = seq[0]
+    return _text(item, "CodeMeaning") or _text(item, "CodeValue")
+
+
+def attributes_of(ds: Dataset) -> dict[str, Any]:
+    """``Instance.attributes``: the header fields the image choice uses (see the node contract)."""
+    attributes = {
+        "modality": _text(ds, "Modality"),
+        "sop_class_uid": _text(ds, "SOPClassUID"),
+        "view_position": _text(ds, "ViewPosition"),
+        "body_part_examined": _text(ds, "BodyPartExamined"),
+        "image_laterality": _text(ds, "ImageLaterality"),
+        "view_code_meaning": _view_code_meaning(ds),
+        "series_description": _text(ds, "SeriesDescription"),
+        "protocol_name": _text(ds, "ProtocolName"),
+        "image_comments": _text(ds, "ImageComments"),
+        "image_type": _multi(ds, "ImageType"),
+        "presentation_intent_type": _text(ds, "PresentationIntentType"),
+        "patient_orientation": _multi(ds, "PatientOrientation"),
+        "photometric_interpretation": _text(ds, "PhotometricInterpretation"),
+        "rows": _int(ds, "Rows"),
+        "columns": _int(ds, "Columns"),
+    }
+    return attributes
+
+
+def read_header(path: Path) -> Header:
+    """Parse a Part 10 file up to (not including) the pixel data.
+
+    UIDs are returned as found; the caller validates them (an invalid UID is a failure status, not
+    an exception here).
+    """
+    ds = dcmread(path, stop_before_pixels=True, force=True)
+    meta = getattr(ds, "file_meta", None)
+    transfer_syntax = str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else None
+
+    def uid(keyword: str) -> str | None:
+        value = ds.get(keyword)
+        return str(value) if value is not None else None
+
+    return Header(
+        sop_instance_uid=uid("SOPInstanceUID"),
+        sop_class_uid=uid("SOPClassUID"),
+        study_instance_uid=uid("StudyInstanceUID"),
+        series_instance_uid=uid("SeriesInstanceUID"),
+        transfer_syntax_uid=transfer_syntax,
+        patient_name=_text(ds, "PatientName"),
+        patient_id=_text(ds, "PatientID", 64),
+        accession_number=_text(ds, "AccessionNumber", 64),
+        study_date=(_text(ds, "StudyDate", 8) or None),
+        study_description=_text(ds, "StudyDescription"),
+        attributes=attributes_of(ds),
+    )
+
+
+def valid_or_none(uid: str | None) -> str | None:
+    """A UID worth storing in an optional column, or None."""
+    return uid if is_valid_uid(uid) else None

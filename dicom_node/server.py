@@ -1,0 +1,115 @@
+"""Start the node in-process: the SCP (pynetdicom AE) plus the study assembler thread.
+
+``start_node(settings, registry, enqueue)`` is what ``radialog node``, ``radialog run`` and the tests
+call; it returns a :class:`RunningNode` with the bound ``port`` and ``stop()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from socket import socket
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node import policy
+from dicom_node.assembly import Enqueue, StudyAssembler
+from dicom_node.recovery import recover_spool
+from dicom_node.store import StoreContext, handle_store
+from radialog.logging import get_logger
+from radialog.registry import Registry
+from radialog.settings import Settings
+
+log = get_logger(__name__)
+
+
+def build_ae(settings: Settings) -> AE:
+    """The application entity: contexts, AE title checks, association limit and timeouts."""
+    ae = AE(ae_title=settings.ae_title)
+    for sop_class in policy.STORAGE_CLASSES:
+        ae.add_supported_context(sop_class, list(policy.TRANSFER_SYNTAXES))
+    ae.add_supported_context(policy.VERIFICATION_CLASS, list(policy.TRANSFER_SYNTAXES[:3]))
+    ae.require_called_aet = True
+    ae.require_calling_aet = list(settings.allowed_calling_aets)
+    ae.maximum_associations = settings.max_associations
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.network_timeout = settings.network_timeout
+    ae.maximum_pdu_size = 0  # no limit: fewer, larger P-DATA PDUs from senders that allow it
+    return ae
+
+
+def _on_rejected(event: Event) -> None:
+    """Log a refused association (AE titles and address only: no patient data exists at this point)."""
+    requestor = event.assoc.requestor
+    log.warning("association rejected", extra={
+        "calling_ae": requestor.ae_title, "called_ae": event.assoc.acceptor.ae_title,
+        "address": requestor.address})
+
+
+def _on_aborted(event: Event) -> None:
+    log.info("association aborted", extra={"calling_ae": event.assoc.requestor.ae_title,
+                                           "address": event.assoc.requestor.address})
+
+
+@dataclass
+class RunningNode:
+    """A started node: the association server, the assembler, and how to stop both."""
+
+    ae: AE
+    server: ThreadedAssociationServer
+    assembler: StudyAssembler
+    store: StoreContext
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop accepting, end running associations, stop the assembler."""
+        self.assembler.stop()
+        self.server.shutdown()
+        self.ae.shutdown()
+
+
+def _install_address_check(server: ThreadedAssociationServer, settings: Settings) -> None:
+    """Close connections from addresses outside ``settings.allowed_addresses`` before any PDU."""
+    networks = policy.parse_networks(settings.allowed_addresses)
+    if not networks:
+        return
+
+    def verify_request(request: socket, client_address: Any) -> bool:
+        address = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        if policy.address_allowed(address, networks):
+            return True
+        log.warning("connection refused: address not allowed", extra={"address": address})
+        return False
+
+    server.verify_request = verify_request  # type: ignore[method-assign]
+
+
+def start_node(settings: Settings, registry: Registry, enqueue: Enqueue | None = None, *,
+               assembler_interval: float = 0.5) -> RunningNode:
+    """Recover the spool, start the SCP on ``settings.dicom_host:dicom_port`` (0 = any free port)
+    and the study assembler; returns at once."""
+    settings.spool_dir.mkdir(parents=True, exist_ok=True)
+    recover_spool(settings, registry)
+    ae = build_ae(settings)
+    store = StoreContext(settings=settings, registry=registry)
+    handlers = [
+        (evt.EVT_C_STORE, handle_store, [store]),
+        (evt.EVT_REJECTED, _on_rejected),
+        (evt.EVT_ABORTED, _on_aborted),
+    ]
+    ssl_context = policy.server_ssl_context(settings.tls) if settings.tls else None
+    server = ae.start_server((settings.dicom_host, settings.dicom_port), block=False,
+                             evt_handlers=handlers, ssl_context=ssl_context)
+    _install_address_check(server, settings)
+    assembler = StudyAssembler(registry, settings, enqueue=enqueue, interval=assembler_interval)
+    assembler.start()
+    node = RunningNode(ae=ae, server=server, assembler=assembler, store=store)
+    log.info("node listening", extra={"port": node.port, "ae_title": settings.ae_title,
+                                      "tls": ssl_context is not None, "host": settings.dicom_host})
+    return node

@@ -1,0 +1,190 @@
+"""The C-STORE handler: a received instance is answered Success only once it is durable and recorded.
+
+Contract of :func:`handle_store` (bound to ``evt.EVT_C_STORE`` with a :class:`StoreContext`):
+
+1. free space below ``settings.min_free_bytes`` (after this instance) -> ``0xA700`` out of resources;
+2. the bytes as received (file meta + the encoded dataset, pixel data never decoded) are written to a
+   fsynced temp file, and the header is read from it without the pixel data;
+3. an invalid SOP Instance / Study Instance UID -> ``0xC000`` (cannot understand), a dataset whose SOP
+   class differs from the request's -> ``0xA900``; nothing is kept;
+4. a SOP Instance UID already recorded for the same study -> Success, nothing new written; for another
+   study -> ``0xC000`` with an error comment, the stored instance is never overwritten;
+5. otherwise: atomic rename into ``<spool>/<study>/<sop>.dcm`` + directory fsync, then the registry
+   commit (study upsert / re-open, instance row, ``last_instance_at``) -> Success;
+6. any registry error -> ``0xA700``. A file renamed but not committed (crash or registry error) got no
+   Success; start-up recovery records it, and the sender's retry is then a duplicate.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom.events import Event
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from dicom_node import spool
+from dicom_node.header import Header, read_header
+from dicom_node.records import Seen, record_instance, seen_before
+from radialog.logging import get_logger, uid_ref
+from radialog.registry import Registry, utcnow
+from radialog.settings import Settings
+from radialog.uids import is_valid_uid
+
+log = get_logger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+_RECORD_ATTEMPTS = 3
+
+
+@dataclass
+class StoreContext:
+    """What the handler needs: settings (spool, free-space floor) and the registry."""
+
+    settings: Settings
+    registry: Registry
+    stored: int = field(default=0)
+
+
+def _status(code: int, comment: str | None = None) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    if comment:
+        status.ErrorComment = comment[:64]
+    return status
+
+
+def db_error_kind(exc: BaseException) -> str:
+    """A log-safe description of a database error: class names and SQLSTATE, never the message
+    (messages can echo row values, i.e. patient data)."""
+    orig = getattr(exc, "orig", None)
+    code = getattr(orig, "pgcode", None) or getattr(orig, "sqlite_errorname", None)
+    return ":".join(str(p) for p in (type(exc).__name__, type(orig).__name__ if orig else None, code) if p)
+
+
+def _part10_chunks(event: Event) -> list[Any]:
+    """Preamble, file meta and the received dataset bytes (a view, not a copy)."""
+    import io
+
+    meta = event.file_meta
+    calling = event.assoc.requestor.ae_title
+    if calling:
+        meta.SourceApplicationEntityTitle = calling
+    buf = io.BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    return [buf.getvalue(), event.request.DataSet.getbuffer()]
+
+
+def handle_store(event: Event, ctx: StoreContext) -> int | Dataset:
+    """``evt.EVT_C_STORE`` handler; see the module docstring for the contract."""
+    started = time.perf_counter()
+    request = event.request
+    sop_uid = request.AffectedSOPInstanceUID
+    ref = uid_ref(str(sop_uid)) if sop_uid else None
+    if not is_valid_uid(sop_uid):
+        log.warning("store refused: invalid SOP Instance UID", extra={"status": "0xC000"})
+        return _status(CANNOT_UNDERSTAND, "invalid SOP Instance UID")
+    spool_dir = ctx.settings.spool_dir
+    size = request.DataSet.getbuffer().nbytes
+    try:
+        free = spool.free_bytes(spool_dir)
+    except OSError as exc:
+        log.error("store refused: spool not usable", extra={"sop": ref, "error": type(exc).__name__})
+        return OUT_OF_RESOURCES
+    if free - size < ctx.settings.min_free_bytes:
+        log.error("store refused: spool disk below min_free_bytes",
+                  extra={"sop": ref, "free_bytes": free, "min_free_bytes": ctx.settings.min_free_bytes})
+        return OUT_OF_RESOURCES
+
+    try:
+        temp = spool.write_temp(spool_dir, _part10_chunks(event))
+    except OSError as exc:
+        log.error("store refused: cannot write spool file", extra={"sop": ref, "error": type(exc).__name__})
+        return OUT_OF_RESOURCES
+    try:
+        return _validate_and_commit(event, ctx, temp, sop_uid, ref, size, started)
+    finally:
+        temp.unlink(missing_ok=True)  # gone already after a successful rename
+
+
+def _validate_and_commit(
+    event: Event, ctx: StoreContext, temp: Path, sop_uid: str, ref: str | None, size: int, started: float
+) -> int | Dataset:
+    try:
+        header = read_header(temp)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the sender's data, not our crash
+        log.warning("store refused: header unreadable", extra={"sop": ref, "error": type(exc).__name__})
+        return _status(CANNOT_UNDERSTAND, "dataset header cannot be parsed")
+    if header.sop_instance_uid != sop_uid:
+        log.warning("store refused: dataset SOP Instance UID differs from the request", extra={"sop": ref})
+        return _status(CANNOT_UNDERSTAND, "SOP Instance UID differs from request")
+    if header.sop_class_uid != request_class(event):
+        log.warning("store refused: dataset SOP class differs from the request", extra={"sop": ref})
+        return _status(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from request")
+    if not is_valid_uid(header.study_instance_uid):
+        log.warning("store refused: invalid Study Instance UID", extra={"sop": ref})
+        return _status(CANNOT_UNDERSTAND, "invalid Study Instance UID")
+    return _commit(event, ctx, temp, header, ref, size, started)
+
+
+def request_class(event: Event) -> str:
+    return str(event.request.AffectedSOPClassUID)
+
+
+def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: str | None, size: int,
+            started: float) -> int | Dataset:
+    assert header.study_instance_uid is not None and header.sop_instance_uid is not None
+    rel_path = spool.relative_path(header.study_instance_uid, header.sop_instance_uid)
+    calling = event.assoc.requestor.ae_title
+    for attempt in range(1, _RECORD_ATTEMPTS + 1):
+        try:
+            with ctx.registry.session() as session:
+                seen = seen_before(session, header.sop_instance_uid, header.study_instance_uid)
+                if seen is Seen.DUPLICATE:
+                    log.info("duplicate instance: already stored", extra={"sop": ref})
+                    return SUCCESS
+                if seen is Seen.CONFLICT:
+                    log.warning("store refused: SOP Instance UID already stored for another study",
+                                extra={"sop": ref, "study": uid_ref(header.study_instance_uid)})
+                    return _status(CANNOT_UNDERSTAND, "SOP Instance UID already stored in another study")
+                if temp.exists():
+                    spool.commit_file(ctx.settings.spool_dir, temp, rel_path)
+                study_id, instance_id = record_instance(
+                    session, header, rel_path=rel_path, size_bytes=temp_size(ctx, rel_path, size),
+                    calling_ae_title=calling, now=utcnow(),
+                )
+        except IntegrityError as exc:
+            # A concurrent association recorded the same study or instance first: look again.
+            log.info("registry race, retrying", extra={"sop": ref, "attempt": attempt, "error": db_error_kind(exc)})
+            continue
+        except SQLAlchemyError as exc:
+            log.error("store refused: registry error", extra={"sop": ref, "error": db_error_kind(exc)})
+            return OUT_OF_RESOURCES
+        except OSError as exc:
+            log.error("store refused: cannot commit spool file", extra={"sop": ref, "error": type(exc).__name__})
+            return OUT_OF_RESOURCES
+        ctx.stored += 1
+        log.info("instance stored", extra={
+            "sop": ref, "study_id": study_id, "instance_id": instance_id, "bytes": size,
+            "ms": round((time.perf_counter() - started) * 1000, 1),
+        })
+        return SUCCESS
+    log.error("store refused: registry kept conflicting", extra={"sop": ref})
+    return OUT_OF_RESOURCES
+
+
+def temp_size(ctx: StoreContext, rel_path: str, dataset_size: int) -> int:
+    """Size of the committed file (file meta included)."""
+    try:
+        return (ctx.settings.spool_dir / rel_path).stat().st_size
+    except OSError:
+        return dataset_size
