@@ -1,7 +1,7 @@
 """The API's links to the broker: Redis (pub/sub for streamed answers, worker heartbeats) and Celery.
 
 Tasks are sent by name ("radialog.dialog_turn", "radialog.export") through the workers' Celery app
-when it is importable, else through a bare Celery client on the same broker; the API never imports
+(``workers.celery_app.app_for(settings)``) when it is importable, else through a bare Celery client on the same broker; the API never imports
 model code. Redis is reached lazily so the API starts (and serves reads) while the broker is down.
 """
 
@@ -63,7 +63,9 @@ class Services:
     def celery(self) -> Any:
         if self._celery is None:
             try:
-                from workers.celery_app import app as celery_app
+                from workers.celery_app import app_for
+
+                celery_app = app_for(self.settings)  # the workers' app, for this app's broker
             except ImportError:
                 from celery import Celery
 

@@ -1,0 +1,241 @@
+"""The reporting API against the real registry (SQLite and PostgreSQL) and the real Redis.
+
+Reports are made by reporting.versions (the call the workers make); nothing answers in place of the API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import date
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from api.app import create_app
+from api.testing import add_reported_study, add_study, make_keys
+from radialog.registry import AuditEntry, Conversation, DialogTurn, Registry, StudyState, utcnow
+from radialog.settings import Settings
+
+REDIS_URL = "redis://127.0.0.1:6379/11"  # this file's own database; pub/sub is global, ids are per test
+
+
+@pytest.fixture
+def api_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"broker_url": REDIS_URL})
+
+
+@pytest.fixture
+def redis_db() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter("radialog:worker:*"):
+        client.delete(key)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def client(registry: Registry, api_settings: Settings, redis_db: redis.Redis) -> Iterator[TestClient]:
+    app = create_app(api_settings, registry)
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture
+def keys(registry: Registry) -> dict[str, str]:
+    return make_keys(registry)
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def assert_problem(response, status: int, slug: str | None = None) -> dict:  # type: ignore[no-untyped-def]
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status and body["title"] and "type" in body and "detail" in body
+    if slug:
+        assert body["type"].endswith("/" + slug), body["type"]
+    return body
+
+
+def audit_actions(registry: Registry, study_id: int | None = None) -> list[tuple[str, str]]:
+    with registry.session() as s:
+        q = select(AuditEntry).order_by(AuditEntry.id)
+        if study_id is not None:
+            q = q.where(AuditEntry.study_id == study_id)
+        return [(e.actor, e.action) for e in s.scalars(q)]
+
+
+# -- auth ------------------------------------------------------------------------------------------
+
+def test_no_key_unknown_key_and_revoked_key_are_401(client: TestClient, keys: dict[str, str],
+                                                      registry: Registry) -> None:
+    body = assert_problem(client.get("/api/v1/studies"), 401, "unauthenticated")
+    assert "API key" in body["detail"]
+    assert client.get("/api/v1/studies").headers["www-authenticate"] == "Bearer"
+    assert_problem(client.get("/api/v1/studies", headers=auth("rdl_not-a-key")), 401)
+    assert client.get("/api/v1/studies", headers={"X-API-Key": keys["reader"]}).status_code == 200
+    from api.users import revoke_user
+
+    with registry.session() as s:
+        assert revoke_user(s, "reader")
+    assert_problem(client.get("/api/v1/studies", headers=auth(keys["reader"])), 401)
+
+
+def test_keys_are_stored_hashed(registry: Registry, keys: dict[str, str]) -> None:
+    from radialog.registry import ApiKey
+
+    with registry.session() as s:
+        stored = {k.name: k.key_hash for k in s.scalars(select(ApiKey))}
+    assert set(stored) == {"reader", "rad", "admin"}
+    assert not any(key in stored.values() for key in keys.values())
+
+
+# -- studies ---------------------------------------------------------------------------------------
+
+def test_worklist_filters_and_paging(client: TestClient, keys: dict[str, str], registry: Registry,
+                                     api_settings: Settings) -> None:
+    ids = [add_study(registry, api_settings, state=StudyState.QUEUED, index=i, study_date=f"2026010{i + 1}")[0]
+           for i in range(3)]
+    failed, _ = add_study(registry, api_settings, state=StudyState.FAILED, index=7, reason="pixel data unreadable",
+                          study_date="20260301")
+    h = auth(keys["reader"])
+    page = client.get("/api/v1/studies", headers=h).json()
+    assert page["total"] == 4 and [s["id"] for s in page["items"]] == [failed, *reversed(ids)]
+    page = client.get("/api/v1/studies", params={"limit": 2, "offset": 1}, headers=h).json()
+    assert page["total"] == 4 and [s["id"] for s in page["items"]] == [ids[2], ids[1]]
+    only_failed = client.get("/api/v1/studies", params={"state": "FAILED"}, headers=h).json()
+    assert [s["id"] for s in only_failed["items"]] == [failed]
+    assert only_failed["items"][0]["reason"] == "pixel data unreadable"
+    two_states = client.get("/api/v1/studies", params=[("state", "FAILED"), ("state", "QUEUED")], headers=h).json()
+    assert two_states["total"] == 4
+    by_date = client.get("/api/v1/studies", params={"date_from": "2026-01-02", "date_to": "2026-01-31"},
+                         headers=h).json()
+    assert sorted(s["id"] for s in by_date["items"]) == ids[1:]
+    by_acc = client.get("/api/v1/studies", params={"accession": "ACC000007"}, headers=h).json()
+    assert [s["id"] for s in by_acc["items"]] == [failed]
+    assert_problem(client.get("/api/v1/studies", params={"state": "NOPE"}, headers=h), 422, "validation-error")
+    assert_problem(client.get("/api/v1/studies", params={"limit": 0}, headers=h), 422, "validation-error")
+
+
+def test_study_detail_with_instances_history_and_404(client: TestClient, keys: dict[str, str],
+                                                     registry: Registry, api_settings: Settings) -> None:
+    study_id, ds = add_study(registry, api_settings, state=StudyState.SKIPPED, reason="lateral view only")
+    body = client.get(f"/api/v1/studies/{study_id}", headers=auth(keys["reader"])).json()
+    assert body["state"] == "SKIPPED" and body["reason"] == "lateral view only"
+    assert [i["sop_instance_uid"] for i in body["instances"]] == [ds.SOPInstanceUID]
+    assert body["instances"][0]["selected"] is True and body["instances"][0]["attributes"]["view_position"] == "PA"
+    assert [(e["from_state"], e["to_state"]) for e in body["history"]] == [
+        ("RECEIVING", "STABLE"), ("STABLE", "SKIPPED")]
+    assert body["history"][-1]["reason"] == "lateral view only"
+    assert_problem(client.get("/api/v1/studies/999999", headers=auth(keys["reader"])), 404, "study-not-found")
+    assert ("reader", "study.read") in audit_actions(registry, study_id)
+
+
+def test_rerun_failed_study_and_refusals(client: TestClient, keys: dict[str, str], registry: Registry,
+                                         api_settings: Settings) -> None:
+    failed, _ = add_study(registry, api_settings, state=StudyState.FAILED, reason="worker crashed")
+    queued, _ = add_study(registry, api_settings, state=StudyState.QUEUED, index=1)
+    assert_problem(client.post(f"/api/v1/studies/{failed}/rerun", headers=auth(keys["reader"])), 403, "forbidden")
+    response = client.post(f"/api/v1/studies/{failed}/rerun", headers=auth(keys["admin"]))
+    assert response.status_code == 202, response.text
+    assert response.json()["state"] == "QUEUED"
+    detail = client.get(f"/api/v1/studies/{failed}", headers=auth(keys["admin"])).json()
+    assert detail["state"] == "QUEUED" and detail["history"][-1]["reason"] == "re-run requested by admin"
+    assert_problem(client.post(f"/api/v1/studies/{queued}/rerun", headers=auth(keys["rad"])), 409, "not-rerunnable")
+    actions = audit_actions(registry, failed)
+    assert ("reader", "denied") in actions and ("admin", "study.rerun") in actions
+
+
+def test_report_of_unreported_study_is_409(client: TestClient, keys: dict[str, str], registry: Registry,
+                                           api_settings: Settings) -> None:
+    study_id, _ = add_study(registry, api_settings, state=StudyState.RUNNING)
+    for path in ("report", "report/versions", "dialog"):
+        assert_problem(client.get(f"/api/v1/studies/{study_id}/{path}", headers=auth(keys["rad"])), 409,
+                       "not-reported")
+    assert_problem(client.post(f"/api/v1/studies/{study_id}/report/approve", json={}, headers=auth(keys["rad"])),
+                   409, "not-reported")
+
+
+# -- health, metrics, audit, CORS ------------------------------------------------------------------
+
+def test_health_readiness_and_metrics(client: TestClient, redis_db: redis.Redis, registry: Registry,
+                                      api_settings: Settings) -> None:
+    assert client.get("/healthz").json()["status"] == "ok"
+    not_ready = client.get("/readyz")
+    body = assert_problem(not_ready, 503, "not-ready")
+    assert body["checks"] == {"registry": "ok", "broker": "ok", "workers": "none ready"}
+    assert not_ready.headers["retry-after"]
+    add_study(registry, api_settings, state=StudyState.FAILED)
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    assert 'radialog_studies{state="FAILED"} 1.0' in metrics.text
+    assert 'radialog_api_requests_total{method="GET",route="/readyz",status="503"} 1.0' in metrics.text
+
+
+def test_audit_is_admin_only_and_lists_actions(client: TestClient, keys: dict[str, str], registry: Registry,
+                                               api_settings: Settings) -> None:
+    study_id, _ = add_study(registry, api_settings, state=StudyState.FAILED)
+    client.get(f"/api/v1/studies/{study_id}", headers=auth(keys["reader"]))
+    assert_problem(client.get("/api/v1/audit", headers=auth(keys["rad"])), 403, "forbidden")
+    page = client.get("/api/v1/audit", params={"study_id": study_id}, headers=auth(keys["admin"])).json()
+    assert [(e["actor"], e["action"]) for e in page["items"]] == [("reader", "study.read")]
+    everything = client.get("/api/v1/audit", headers=auth(keys["admin"])).json()
+    assert ("rad", "denied") in [(e["actor"], e["action"]) for e in everything["items"]]
+
+
+def test_cors_is_off_unless_configured(registry: Registry, api_settings: Settings, redis_db: redis.Redis) -> None:
+    preflight = {"Origin": "https://pacs.example", "Access-Control-Request-Method": "GET"}
+    with TestClient(create_app(api_settings, registry)) as c:
+        assert "access-control-allow-origin" not in c.options("/api/v1/studies", headers=preflight).headers
+    allowed = api_settings.model_copy(update={"cors_origins": ["https://pacs.example"]})
+    with TestClient(create_app(allowed, registry)) as c:
+        response = c.options("/api/v1/studies", headers=preflight)
+        assert response.headers["access-control-allow-origin"] == "https://pacs.example"
+
+
+# -- dialog refusals that need no worker -----------------------------------------------------------
+
+def test_dialog_without_worker_is_503_with_retry_after(client: TestClient, keys: dict[str, str],
+                                                       registry: Registry, api_settings: Settings) -> None:
+    study_id = add_reported_study(registry, api_settings)
+    response = client.post(f"/api/v1/studies/{study_id}/dialog/questions", json={"question": "Is the heart enlarged?"},
+                           headers=auth(keys["rad"]))
+    assert_problem(response, 503, "no-worker")
+    assert int(response.headers["retry-after"]) > 0
+    with registry.session() as s:
+        assert s.scalars(select(DialogTurn)).all() == []  # nothing half-created
+
+
+def test_question_too_long_413_and_bad_actions_422(client: TestClient, keys: dict[str, str], registry: Registry,
+                                                   api_settings: Settings) -> None:
+    study_id = add_reported_study(registry, api_settings)
+    url = f"/api/v1/studies/{study_id}/dialog"
+    h = auth(keys["reader"])
+    assert_problem(client.post(url + "/questions", json={"question": "x" * 2001}, headers=h), 413,
+                   "question-too-long")
+    assert_problem(client.post(url + "/questions", json={"question": ""}, headers=h), 422, "validation-error")
+    assert_problem(client.post(url + "/actions", json={"action": "correction"}, headers=h), 422, "empty-correction")
+    assert_problem(client.post(url + "/actions", json={"action": "yes_no"}, headers=h), 422, "finding-required")
+    assert_problem(client.post(url + "/actions", json={"action": "dance"}, headers=h), 422, "validation-error")
+
+
+def test_conversation_over_the_context_limit_is_422(client: TestClient, keys: dict[str, str], registry: Registry,
+                                                    api_settings: Settings) -> None:
+    study_id = add_reported_study(registry, api_settings)
+    conversation = client.get(f"/api/v1/studies/{study_id}/dialog", headers=auth(keys["rad"])).json()
+    assert conversation["turns"] == [] and conversation["seed_report_version"] == 1
+    assert 0 < conversation["estimated_tokens"] < conversation["max_context_tokens"]
+    with registry.session() as s:  # a long conversation that already happened
+        for n in range(12):
+            s.add(DialogTurn(conversation_id=conversation["id"], task="free", question=f"Question {n}?",
+                             answer="a long answer. " * 60, state="DONE", created_at=utcnow(), answered_at=utcnow()))
+    body = assert_problem(client.post(f"/api/v1/studies/{study_id}/dialog/questions",
+                                      json={"question": "And the lungs?"}, headers=auth(keys["rad"])),
+                          422, "context-too-long")
+    assert "4000" in body["detail"]
+    with registry.session() as s:
+        assert s.scalar(select(Conversation).where(Conversation.id == conversation["id"])).user == "rad"
