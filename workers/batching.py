@@ -1,0 +1,136 @@
+"""Micro-batching through the registry: one Celery message wakes a worker, which claims a batch.
+
+Each report job has its own Celery message (``radialog.report [job_id]``). The worker that receives
+one claims that job and then up to ``batch_size - 1`` other waiting jobs of the same model straight
+from the registry (compare-and-set QUEUED -> RUNNING), waiting at most ``batch_wait_ms`` for the batch
+to fill, and runs them as one ``backend.report()`` call. The other jobs' own messages, delivered later,
+find their job RUNNING under a live lease or DONE and are acknowledged without work.
+
+Why this keeps the acks_late guarantees: the claiming message is acknowledged only after the whole batch
+is stored; a job claimed by a worker that then dies keeps its own unacknowledged (or still waiting)
+message, and its lease (``Job.heartbeat_at``) expires, so either its message or the reconciler runs it
+again. Celery's batches contrib, by contrast, acknowledges messages as it buffers them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from radialog.registry import Job, JobState, Registry, StudyState, transition, utcnow
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job this worker now runs: ``attempt`` counts every claim, the current one included."""
+
+    job_id: int
+    study_id: int
+    attempt: int
+
+
+def claim(session: Session, job_id: int, worker: str, lease_s: float) -> Claim | None:
+    """Take ``job_id`` if it is waiting, or running under an expired lease (its worker died)."""
+    now = utcnow()
+    stale = now - timedelta(seconds=lease_s)
+    result = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            or_(
+                Job.state == JobState.QUEUED.value,
+                and_(
+                    Job.state == JobState.RUNNING.value,
+                    or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
+                ),
+            ),
+        )
+        .values(
+            state=JobState.RUNNING.value,
+            worker=worker,
+            started_at=now,
+            heartbeat_at=now,
+            attempts=Job.attempts + 1,
+            error=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    job = session.get(Job, job_id)
+    assert job is not None
+    session.refresh(job)
+    # QUEUED -> RUNNING; a taken-over job's study is RUNNING already and stays so.
+    transition(session, job.study_id, StudyState.RUNNING, only_from=[StudyState.QUEUED])
+    return Claim(job_id=job.id, study_id=job.study_id, attempt=job.attempts)
+
+
+def waiting_jobs(session: Session, model_name: str, limit: int, exclude: set[int]) -> list[int]:
+    """Oldest waiting jobs of ``model_name`` first."""
+    if limit <= 0:
+        return []
+    query = (
+        select(Job.id)
+        .where(Job.state == JobState.QUEUED.value, Job.model_name == model_name)
+        .order_by(Job.queued_at, Job.id)
+        .limit(limit + len(exclude))
+    )
+    return [job_id for job_id in session.scalars(query) if job_id not in exclude][:limit]
+
+
+def collect_batch(
+    registry: Registry,
+    first_job_id: int,
+    *,
+    worker: str,
+    model_name: str,
+    batch_size: int,
+    wait_s: float,
+    lease_s: float,
+    poll_s: float = 0.02,
+) -> list[Claim]:
+    """Claim ``first_job_id`` and then more waiting jobs until ``batch_size`` or ``wait_s`` has passed.
+
+    Returns [] when the first job is not claimable (done, failed, or running elsewhere): the message
+    that asked for it was a duplicate and nothing is to be done.
+    """
+    with registry.session() as session:
+        first = claim(session, first_job_id, worker, lease_s)
+    if first is None:
+        return []
+    batch = [first]
+    deadline = time.monotonic() + wait_s
+    while len(batch) < batch_size:
+        taken = {c.job_id for c in batch}
+        with registry.session() as session:
+            for job_id in waiting_jobs(session, model_name, batch_size - len(batch), taken):
+                claimed = claim(session, job_id, worker, lease_s)
+                if claimed is not None:
+                    batch.append(claimed)
+        remaining = deadline - time.monotonic()
+        if len(batch) >= batch_size or remaining <= 0:
+            break
+        time.sleep(min(poll_s, remaining))
+    return batch
+
+
+def requeue(session: Session, job_id: int, reason: str) -> bool:
+    """Give a RUNNING job back (QUEUED, study too); the caller sends a new message for it."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+        .values(state=JobState.QUEUED.value, heartbeat_at=None, queued_at=now, error=reason)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    job = session.get(Job, job_id)
+    assert job is not None
+    session.refresh(job)
+    transition(session, job.study_id, StudyState.QUEUED, reason, only_from=[StudyState.RUNNING])
+    return True

@@ -1,0 +1,203 @@
+"""What one worker process holds: settings, registry, the loaded model, and its heartbeats.
+
+A worker runs Celery's ``solo`` pool: the process that loaded the model is the process that runs the
+tasks, so there is exactly one model per GPU and nothing CUDA-related is ever forked. A SIGKILL takes
+the whole worker down; its unacknowledged message comes back from Redis after the visibility timeout,
+and sooner through the reconciler, which sees the job's registry lease (``Job.heartbeat_at``) expire.
+
+Two heartbeats run in a thread: the lease of the jobs being run (registry) and the readiness key
+``radialog:worker:<hostname>`` (Redis, JSON provenance, TTL 30 s, refreshed every 10 s), written only
+once the model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import redis
+from sqlalchemy import update
+
+from radialog.logging import get_logger
+from radialog.registry import Job, JobState, Registry, utcnow
+from radialog.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from workers.models.base import ModelBackend
+
+log = get_logger(__name__)
+
+READY_KEY_PREFIX = "radialog:worker:"
+READY_TTL_S = 30
+READY_REFRESH_S = 10
+#: A RUNNING job whose heartbeat is older than this is taken to have lost its worker.
+DEFAULT_LEASE_S = 30.0
+
+
+def is_redis_url(url: str) -> bool:
+    return url.startswith(("redis://", "rediss://", "unix://"))
+
+
+def redis_client(settings: Settings) -> redis.Redis | None:
+    """A client for the broker's Redis, or None when the broker is an embedded one."""
+    if not is_redis_url(settings.broker_url):
+        return None
+    return redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=5)
+
+
+def default_hostname(device: str = "cpu") -> str:
+    return f"radialog-{device.replace(':', '')}-{os.getpid()}@{socket.gethostname()}"
+
+
+@dataclass
+class WorkerContext:
+    """The state of one worker process (one GPU, one model)."""
+
+    settings: Settings
+    registry: Registry
+    hostname: str
+    backend: ModelBackend | None = None
+    lease_s: float = DEFAULT_LEASE_S
+    active_jobs: set[int] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _redis: redis.Redis | None = None
+
+    @property
+    def redis(self) -> redis.Redis | None:
+        if self._redis is None:
+            self._redis = redis_client(self.settings)
+        return self._redis
+
+    def require_backend(self) -> ModelBackend:
+        if self.backend is None:
+            raise RuntimeError(f"worker {self.hostname} has no model loaded (export-only worker)")
+        return self.backend
+
+    # -- leases ----------------------------------------------------------------------------------
+    def hold(self, job_ids: list[int]) -> None:
+        with self._lock:
+            self.active_jobs.update(job_ids)
+
+    def release(self, job_ids: list[int]) -> None:
+        with self._lock:
+            self.active_jobs.difference_update(job_ids)
+
+    def renew_leases(self) -> None:
+        """Move the heartbeat of the jobs this worker is running to now."""
+        with self._lock:
+            held = sorted(self.active_jobs)
+        if not held:
+            return
+        with self.registry.session() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id.in_(held), Job.state == JobState.RUNNING.value, Job.worker == self.hostname)
+                .values(heartbeat_at=utcnow())
+            )
+
+    # -- readiness -------------------------------------------------------------------------------
+    @property
+    def ready_key(self) -> str:
+        return READY_KEY_PREFIX + self.hostname
+
+    def announce_ready(self) -> None:
+        """Set the readiness key (only when a model is loaded and the broker is Redis)."""
+        if self.backend is None or self.redis is None:
+            return
+        info: dict[str, Any] = {**self.backend.provenance.to_dict(), "hostname": self.hostname}
+        self.redis.set(self.ready_key, json.dumps(info), ex=READY_TTL_S)
+
+    def withdraw_ready(self) -> None:
+        if self.redis is not None:
+            try:
+                self.redis.delete(self.ready_key)
+            except redis.RedisError:
+                pass
+
+    def start_heartbeats(self) -> None:
+        """Start the thread that renews leases and the readiness key until ``stop``."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._beat, name="radialog-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        period = min(READY_REFRESH_S, self.lease_s / 3)
+        next_ready = 0.0
+        elapsed = 0.0
+        while not self._stop.is_set():
+            try:
+                self.renew_leases()
+            except Exception:  # a registry hiccup must not kill the heartbeat thread
+                log.warning("lease renewal failed", exc_info=True)
+            if elapsed >= next_ready:
+                try:
+                    self.announce_ready()
+                except redis.RedisError:
+                    log.warning("readiness key could not be written", extra={"worker": self.hostname})
+                next_ready = elapsed + READY_REFRESH_S
+            self._stop.wait(period)
+            elapsed += period
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.withdraw_ready()
+
+
+_current: WorkerContext | None = None
+_current_lock = threading.Lock()
+
+
+def install(context: WorkerContext) -> WorkerContext:
+    """Make ``context`` the one the tasks of this process use."""
+    global _current
+    with _current_lock:
+        _current = context
+    return context
+
+
+def load(
+    settings: Settings,
+    *,
+    hostname: str | None = None,
+    with_model: bool = True,
+    lease_s: float = DEFAULT_LEASE_S,
+) -> WorkerContext:
+    """Open the registry, load the model once (if wanted), start the heartbeats, install the context."""
+    registry = Registry.from_settings(settings)
+    backend = None
+    if with_model:
+        from workers.models import load_backend
+
+        backend = load_backend(settings)
+        log.info("model loaded", extra={"provenance": backend.provenance.to_dict()})
+    context = WorkerContext(
+        settings=settings,
+        registry=registry,
+        hostname=hostname or default_hostname(settings.device),
+        backend=backend,
+        lease_s=lease_s,
+    )
+    try:
+        context.announce_ready()
+    except redis.RedisError:
+        log.warning("readiness key could not be written", extra={"worker": context.hostname})
+    context.start_heartbeats()
+    return install(context)
+
+
+def current() -> WorkerContext:
+    """The installed context; a process started as plain ``celery worker`` loads one from the env."""
+    with _current_lock:
+        context = _current
+    if context is not None:
+        return context
+    return load(get_settings())

@@ -1,0 +1,142 @@
+"""The worker side of a dialog turn: history from the registry, tokens streamed to Redis, answer stored.
+
+History: the seed report as the first exchange (the v2 report prompt with the seed report's present
+classifier labels, answered by its findings text), then the conversation's earlier DONE turns in order.
+Streaming: JSON messages on ``radialog:dialog:<turn_id>``: {"type": "token", "text"}, then
+{"type": "done", "answer"} or {"type": "error", "error"}. With an embedded (non-Redis) broker nothing is
+streamed; the API reads the stored answer. A redelivered DONE turn only repeats its "done" message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+import redis
+from sqlalchemy import select
+
+from radialog.logging import get_logger
+from radialog.registry import Conversation, DialogTurn, Report, utcnow
+from workers import metrics
+from workers.pipeline import JobFailure, load_image
+
+if TYPE_CHECKING:
+    from workers.context import WorkerContext
+    from workers.models.base import Turn
+
+log = get_logger(__name__)
+
+DONE, FAILED, RUNNING = "DONE", "FAILED", "RUNNING"
+
+
+def channel(turn_id: int) -> str:
+    return f"radialog:dialog:{turn_id}"
+
+
+class Publisher:
+    """Publishes one turn's messages; a Redis failure is logged once and never fails the turn."""
+
+    def __init__(self, client: redis.Redis | None, turn_id: int) -> None:
+        self.client = client
+        self.channel = channel(turn_id)
+        self._broken = False
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.client is None or self._broken:
+            return
+        try:
+            self.client.publish(self.channel, json.dumps(message))
+        except redis.RedisError:
+            self._broken = True
+            log.warning("dialog stream lost: Redis unavailable", extra={"channel": self.channel})
+
+
+def seed_report(session: Any, conversation: Conversation) -> Report | None:
+    if conversation.seed_report_id is not None:
+        return session.get(Report, conversation.seed_report_id)
+    return session.scalars(
+        select(Report).where(Report.study_id == conversation.study_id).order_by(Report.version.desc())
+    ).first()
+
+
+def build_history(session: Any, turn: DialogTurn) -> list[Turn]:
+    """The exchanges before ``turn``: seed report first, then earlier answered turns."""
+    from workers.models.base import Turn
+    from workers.models.prompts import findings_phrase, report_prompt
+
+    conversation = turn.conversation
+    report = seed_report(session, conversation)
+    if report is None:
+        raise JobFailure("the study has no report to talk about yet")
+    labels = [f["label"] for f in report.findings or [] if f.get("present")]
+    history = [Turn(question=report_prompt(findings_phrase(labels)), answer=report.findings_text)]
+    for earlier in conversation.turns:
+        if earlier.id < turn.id and earlier.state == DONE and earlier.answer is not None:
+            history.append(Turn(question=earlier.question, answer=earlier.answer))
+    return history
+
+
+def run_dialog_turn(ctx: WorkerContext, turn_id: int) -> str:
+    """Answer one turn; the outcome (DONE with the answer, FAILED with a reason) is stored in its row."""
+    from workers.models.base import ContextTooLong, DialogRequest
+
+    publisher = Publisher(ctx.redis, turn_id)
+    started = time.perf_counter()
+    with ctx.registry.session() as session:
+        turn = session.get(DialogTurn, turn_id)
+        if turn is None:
+            log.warning("dialog turn not in the registry", extra={"turn": turn_id})
+            return "missing"
+        if turn.state == DONE:
+            publisher.send({"type": "done", "answer": turn.answer})
+            return "done"
+        if turn.state == FAILED:
+            publisher.send({"type": "error", "error": turn.error})
+            return "failed"
+        turn.state = RUNNING
+        study_id = turn.conversation.study_id
+        question, task = turn.question, turn.task
+        failure = ""
+        try:
+            history = build_history(session, turn)
+        except JobFailure as exc:
+            history, failure = None, str(exc)
+    try:
+        if history is None:
+            raise JobFailure(failure)
+        image = load_image(ctx.registry, ctx.settings, study_id)
+        first_token: list[float] = []
+
+        def on_token(text: str) -> None:
+            if not first_token:
+                first_token.append(time.perf_counter() - started)
+            publisher.send({"type": "token", "text": text})
+
+        request = DialogRequest(image=image, history=history, question=question, task=task)
+        answer = ctx.require_backend().answer(request, on_token=on_token)
+    except (JobFailure, ContextTooLong) as exc:
+        return _fail(ctx, publisher, turn_id, str(exc))
+    except Exception as exc:  # the turn fails, the worker keeps serving
+        log.warning("dialog turn failed", extra={"turn": turn_id}, exc_info=True)
+        kind = "out of GPU memory" if "out of memory" in str(exc).lower() else f"model error: {type(exc).__name__}"
+        return _fail(ctx, publisher, turn_id, f"{kind}; please ask again")
+    with ctx.registry.session() as session:
+        turn = session.get(DialogTurn, turn_id)
+        assert turn is not None
+        turn.answer, turn.state, turn.error, turn.answered_at = answer, DONE, None, utcnow()
+    publisher.send({"type": "done", "answer": answer})
+    if first_token:
+        metrics.DIALOG_SECONDS.labels(phase="first").observe(first_token[0])
+    metrics.DIALOG_SECONDS.labels(phase="total").observe(time.perf_counter() - started)
+    log.info("dialog turn answered", extra={"turn": turn_id})
+    return "done"
+
+
+def _fail(ctx: WorkerContext, publisher: Publisher, turn_id: int, reason: str) -> str:
+    with ctx.registry.session() as session:
+        turn = session.get(DialogTurn, turn_id)
+        if turn is not None:
+            turn.state, turn.error, turn.answered_at = FAILED, reason, utcnow()
+    publisher.send({"type": "error", "error": reason})
+    return "failed"

@@ -1,0 +1,89 @@
+"""Prometheus metrics of the pipeline: stage latencies, failures, batch sizes, queue depths.
+
+The worker serves them with ``start_metrics_server(port)``; the API imports ``register_queue_depth``
+and the default registry for its own /metrics. Queue depth is read from the broker at scrape time
+(kombu's passive queue_declare, which counts every priority sub-queue on Redis).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from radialog.logging import get_logger
+from radialog.settings import Settings
+
+log = get_logger(__name__)
+
+STAGE_SECONDS = Histogram(
+    "radialog_job_stage_seconds",
+    "Seconds per report-job stage (preprocess, classifier, vision, generate, store, ...).",
+    ["stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+JOB_SECONDS = Histogram(
+    "radialog_job_seconds",
+    "Seconds from a job being queued to its report being stored.",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+)
+FAILURES = Counter(
+    "radialog_job_failures",
+    "Report jobs that failed (kind: unusable_image, model_error, gave_up, transient).",
+    ["kind"],
+)
+BATCH_SIZE = Histogram(
+    "radialog_batch_size", "Studies per model batch.", buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+DIALOG_SECONDS = Histogram(
+    "radialog_dialog_turn_seconds",
+    "Seconds per dialog turn (first: to the first token; total: to the stored answer).",
+    ["phase"],
+    buckets=(0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+class QueueDepthCollector(Collector):
+    """``radialog_queue_depth{queue}``: messages waiting in each broker queue, read on scrape."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from workers.celery_app import QUEUES, app_for
+
+        family = GaugeMetricFamily("radialog_queue_depth", "Messages waiting per queue.", labels=["queue"])
+        try:
+            with app_for(self.settings).connection_for_read() as conn:
+                channel: Any = conn.default_channel
+                for queue in QUEUES:
+                    try:
+                        count = channel.queue_declare(queue=queue, passive=True).message_count
+                    except Exception:  # a queue nobody declared yet holds nothing
+                        count = 0
+                    family.add_metric([queue], float(count))
+        except Exception:
+            log.warning("queue depth unavailable: broker unreachable")
+            return
+        yield family
+
+
+_registered: set[int] = set()
+
+
+def register_queue_depth(settings: Settings, registry: CollectorRegistry = REGISTRY) -> None:
+    """Add the queue-depth collector to ``registry`` once."""
+    if id(registry) in _registered:
+        return
+    registry.register(QueueDepthCollector(settings))
+    _registered.add(id(registry))
+
+
+def start_metrics_server(settings: Settings, port: int, addr: str = "0.0.0.0") -> None:
+    """Serve /metrics on ``port`` from a daemon thread (the worker's own metrics + queue depths)."""
+    register_queue_depth(settings)
+    start_http_server(port, addr=addr)
+    log.info("metrics served", extra={"port": port})

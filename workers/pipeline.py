@@ -1,0 +1,286 @@
+"""A report job from the registry to a stored report: enqueue, batch, run the model, store, export.
+
+Outcomes (all written to the registry, the source of truth):
+- done: the model's output went through ``reporting.versions.create_ai_draft`` (report + SR + outbox
+  rows, study REPORTED), Job DONE with per-stage timings and the worker's name; export tasks are sent.
+- failed: Job FAILED and study FAILED with a readable reason, retryable from the API (``reconciler.rerun``).
+  Unusable pixels fail the study rather than skip it: the node already skipped what the headers rule
+  out, and a pixel problem (a missing codec, a truncated file) is an operational fault worth a re-run.
+- transient (GPU out of memory at batch size 1, a registry hiccup): the jobs go back to QUEUED and are
+  retried with backoff; after ``MAX_ATTEMPTS`` claims a job fails for good.
+Idempotent: a redelivered message finds its job DONE (or running elsewhere) and does nothing, and
+``create_ai_draft`` returns the existing report for (study, model, version).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from radialog.logging import get_logger
+from radialog.registry import Job, JobState, Registry, Study, StudyState, transition, utcnow
+from radialog.settings import Settings
+from workers import metrics
+from workers.batching import Claim, collect_batch, requeue
+from workers.celery_app import EXPORT_TASK, REPORT_TASK, app_for
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from workers.context import WorkerContext
+    from workers.models.base import ModelBackend, ReportOutput, StudyInput
+
+log = get_logger(__name__)
+
+#: A job claimed this many times (crashes, transient errors) is failed for good.
+MAX_ATTEMPTS = 5
+#: Jobs are keyed by the configured backend; the exact model version and file hash are recorded in
+#: the Report (and the SR), which ``create_ai_draft`` makes unique per (study, model, version).
+JOB_MODEL_VERSION = "configured"
+
+
+class TransientError(RuntimeError):
+    """Worth retrying later: the jobs were given back to the queue."""
+
+
+class JobFailure(RuntimeError):
+    """A job that cannot succeed as it is; the message is the reason shown to users."""
+
+
+# -- enqueue ------------------------------------------------------------------------------------------
+def send_report_task(settings: Settings, job_id: int, task_id: str, countdown: float | None = None) -> None:
+    app_for(settings).send_task(REPORT_TASK, args=[job_id], task_id=task_id, queue="report", countdown=countdown)
+
+
+def send_export_tasks(settings: Settings, export_ids: Sequence[int]) -> None:
+    app = app_for(settings)
+    for export_id in export_ids:
+        app.send_task(EXPORT_TASK, args=[export_id], queue="export")
+
+
+def enqueue_report(registry: Registry, settings: Settings, study_id: int) -> int:
+    """Create (or find) the study's report job and send its task; returns the job id.
+
+    Safe to repeat: a job that is DONE, FAILED or RUNNING is left alone (a FAILED one is re-run only
+    through ``reconciler.rerun``); a QUEUED one gets one more message, which is harmless.
+    """
+    model_name = settings.model_backend
+    with registry.session() as session:
+        job = session.scalar(
+            select(Job).where(
+                Job.study_id == study_id, Job.model_name == model_name, Job.model_version == JOB_MODEL_VERSION
+            )
+        )
+        if job is None:
+            job = Job(
+                study_id=study_id,
+                model_name=model_name,
+                model_version=JOB_MODEL_VERSION,
+                state=JobState.QUEUED.value,
+                attempts=0,
+                queued_at=utcnow(),
+                timings={},
+            )
+            try:
+                with session.begin_nested():
+                    session.add(job)
+            except IntegrityError:  # another process created it at the same moment
+                job = session.scalars(
+                    select(Job).where(Job.study_id == study_id, Job.model_name == model_name)
+                ).one()
+        if job.state != JobState.QUEUED.value:
+            return job.id
+        job.celery_task_id = task_id = uuid.uuid4().hex
+        job_id = job.id
+    send_report_task(settings, job_id, task_id)
+    log.info("report job queued", extra={"job": job_id, "study": study_id})
+    return job_id
+
+
+# -- run ------------------------------------------------------------------------------------------------
+@dataclass
+class Prepared:
+    claim: Claim
+    image: np.ndarray
+    preprocess_s: float
+
+
+def _image_path(registry: Registry, settings: Settings, study_id: int) -> Path:
+    with registry.session() as session:
+        study = session.get(Study, study_id)
+        if study is None:
+            raise JobFailure("the study is no longer in the registry")
+        instance = study.selected_instance
+        if instance is None:
+            raise JobFailure("no image was selected for this study")
+        return settings.spool_dir / instance.path
+
+
+def load_image(registry: Registry, settings: Settings, study_id: int) -> np.ndarray:
+    """The selected instance as the model's 8-bit image; unusable pixels raise JobFailure."""
+    from workers.imaging import UnusableImage, load_model_image
+
+    path = _image_path(registry, settings, study_id)
+    try:
+        return load_model_image(path)
+    except UnusableImage as exc:
+        raise JobFailure(f"unusable image: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise JobFailure("the selected image is missing from the spool") from exc
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def run_backend(backend: ModelBackend, inputs: list[StudyInput]) -> dict[str, ReportOutput | Exception]:
+    """``backend.report`` over ``inputs``; an error splits the batch so that it stays with its study.
+
+    Out of GPU memory: halves are tried in turn, and a single study that still does not fit raises
+    ``TransientError``. Any other error at batch size 1 belongs to that study (the result is the exception).
+    """
+    if not inputs:
+        return {}
+    try:
+        return {out.key: out for out in backend.report(inputs)}
+    except Exception as exc:
+        if len(inputs) == 1:
+            if _is_out_of_memory(exc):
+                raise TransientError("out of GPU memory with a single study") from exc
+            log.warning("model failed on one study", extra={"job": inputs[0].key}, exc_info=True)
+            return {inputs[0].key: exc}
+        log.warning("batch failed, splitting", extra={"batch_size": len(inputs), "error": type(exc).__name__})
+        half = len(inputs) // 2
+        return {**run_backend(backend, inputs[:half]), **run_backend(backend, inputs[half:])}
+
+
+def fail_job(registry: Registry, claim: Claim, reason: str, kind: str) -> None:
+    """Job and study FAILED with ``reason`` (shown in the API)."""
+    with registry.session() as session:
+        job = session.get(Job, claim.job_id)
+        if job is None or job.state == JobState.DONE.value:
+            return
+        job.state = JobState.FAILED.value
+        job.error = reason
+        job.finished_at = utcnow()
+        job.heartbeat_at = None
+        transition(session, claim.study_id, StudyState.FAILED, reason)
+    metrics.FAILURES.labels(kind=kind).inc()
+    log.warning("report job failed", extra={"job": claim.job_id, "study": claim.study_id, "kind": kind})
+
+
+def store_output(ctx: WorkerContext, prepared: Prepared, output: ReportOutput, batch_size: int) -> list[int]:
+    """Report + SR + outbox via ``create_ai_draft``, Job DONE with timings; returns the export ids."""
+    from reporting.versions import create_ai_draft
+
+    backend = ctx.require_backend()
+    started = time.perf_counter()
+    with ctx.registry.session() as session:
+        job = session.get(Job, prepared.claim.job_id)
+        assert job is not None
+        report = create_ai_draft(session, ctx.settings, prepared.claim.study_id, output, backend.provenance)
+        session.flush()
+        stored_s = time.perf_counter() - started
+        timings = {"preprocess": prepared.preprocess_s, **output.timings, "store": stored_s}
+        job.timings = {**timings, "batch_size": batch_size}
+        job.state = JobState.DONE.value
+        job.worker = ctx.hostname
+        job.error = None
+        job.finished_at = utcnow()
+        job.heartbeat_at = None
+        export_ids = [e.id for e in report.exports if e.state == "PENDING"]
+        total = (job.finished_at - job.queued_at).total_seconds() if job.queued_at else None
+    for stage, seconds in timings.items():
+        metrics.STAGE_SECONDS.labels(stage=stage).observe(float(seconds))
+    if total is not None:
+        metrics.JOB_SECONDS.observe(total)
+    return export_ids
+
+
+def give_back(ctx: WorkerContext, claims: Sequence[Claim], reason: str, *, except_job: int | None) -> None:
+    """Requeue ``claims`` after a transient error; each gets a new message (``except_job`` is retried
+    by Celery itself)."""
+    for claim in claims:
+        with ctx.registry.session() as session:
+            moved = requeue(session, claim.job_id, reason)
+        if moved and claim.job_id != except_job:
+            send_report_task(ctx.settings, claim.job_id, uuid.uuid4().hex, countdown=5)
+
+
+def run_report_job(ctx: WorkerContext, job_id: int) -> str:
+    """The body of ``radialog.report``: claim a batch around ``job_id``, run it, store every outcome."""
+    backend = ctx.require_backend()
+    settings = ctx.settings
+    claims = collect_batch(
+        ctx.registry,
+        job_id,
+        worker=ctx.hostname,
+        model_name=settings.model_backend,
+        batch_size=max(1, settings.batch_size),
+        wait_s=settings.batch_wait_ms / 1000,
+        lease_s=ctx.lease_s,
+    )
+    if not claims:
+        log.info("nothing to do: job done or running elsewhere", extra={"job": job_id})
+        return "noop"
+    ctx.hold([c.job_id for c in claims])
+    try:
+        return _run_claims(ctx, backend, claims, job_id)
+    finally:
+        ctx.release([c.job_id for c in claims])
+
+
+def _run_claims(ctx: WorkerContext, backend: ModelBackend, claims: list[Claim], job_id: int) -> str:
+    from workers.models.base import StudyInput
+
+    prepared: list[Prepared] = []
+    for claim in claims:
+        if claim.attempt > MAX_ATTEMPTS:
+            fail_job(ctx.registry, claim, f"gave up after {MAX_ATTEMPTS} attempts", "gave_up")
+            continue
+        started = time.perf_counter()
+        try:
+            image = load_image(ctx.registry, ctx.settings, claim.study_id)
+        except JobFailure as exc:
+            fail_job(ctx.registry, claim, str(exc), "unusable_image")
+            continue
+        prepared.append(Prepared(claim, image, time.perf_counter() - started))
+    if not prepared:
+        return "failed"
+    metrics.BATCH_SIZE.observe(len(prepared))
+    log.info("running batch", extra={"jobs": [p.claim.job_id for p in prepared], "worker": ctx.hostname})
+    try:
+        results = run_backend(backend, [StudyInput(key=str(p.claim.job_id), image=p.image) for p in prepared])
+    except TransientError as exc:
+        metrics.FAILURES.labels(kind="transient").inc()
+        give_back(ctx, [p.claim for p in prepared], str(exc), except_job=job_id)
+        raise
+    export_ids: list[int] = []
+    pending = list(prepared)
+    try:
+        while pending:
+            item = pending[0]
+            result = results.get(str(item.claim.job_id))
+            if isinstance(result, Exception) or result is None:
+                reason = f"model error: {type(result).__name__}: {result}" if result else "model returned nothing"
+                fail_job(ctx.registry, item.claim, reason[:500], "model_error")
+            else:
+                export_ids += store_output(ctx, item, result, len(prepared))
+            pending.pop(0)
+    except (OperationalError, PoolTimeout) as exc:  # registry hiccup: give back what is not stored
+        metrics.FAILURES.labels(kind="transient").inc()
+        give_back(ctx, [p.claim for p in pending], "registry unavailable", except_job=job_id)
+        raise TransientError(f"registry unavailable: {type(exc).__name__}") from exc
+    finally:
+        if export_ids:
+            send_export_tasks(ctx.settings, export_ids)
+    log.info("batch stored", extra={"jobs": [p.claim.job_id for p in prepared], "exports": len(export_ids)})
+    return "done"
