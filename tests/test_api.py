@@ -239,3 +239,71 @@ def test_conversation_over_the_context_limit_is_422(client: TestClient, keys: di
     assert "4000" in body["detail"]
     with registry.session() as s:
         assert s.scalar(select(Conversation).where(Conversation.id == conversation["id"])).user == "rad"
+
+
+# -- reports, versions, approval -------------------------------------------------------------------
+
+def test_current_report_versions_and_sr_download(client: TestClient, keys: dict[str, str], registry: Registry,
+                                                 api_settings: Settings) -> None:
+    import io
+
+    import pydicom
+
+    study_id = add_reported_study(registry, api_settings)
+    h = auth(keys["reader"])
+    report = client.get(f"/api/v1/studies/{study_id}/report", headers=h).json()
+    assert report["version"] == 1 and report["kind"] == "ai_draft" and report["verified"] is False
+    assert "NOT VERIFIED" in report["text"] and "small left pleural effusion" in report["text"]
+    assert report["document"]["flags"]["verification"] == "UNVERIFIED"
+    versions = client.get(f"/api/v1/studies/{study_id}/report/versions", headers=h).json()
+    assert versions["current_version"] == 1 and [v["version"] for v in versions["versions"]] == [1]
+    sr = client.get(report["sr_url"], headers=h)
+    assert sr.status_code == 200 and sr.headers["content-type"] == "application/dicom"
+    ds = pydicom.dcmread(io.BytesIO(sr.content))
+    assert ds.Modality == "SR" and ds.VerificationFlag == "UNVERIFIED" and ds.PreliminaryFlag == "PRELIMINARY"
+    assert_problem(client.get(f"/api/v1/studies/{study_id}/report/versions/7", headers=h), 404, "version-not-found")
+    assert [a for _, a in audit_actions(registry, study_id)].count("report.sr_download") == 1
+
+
+def test_reader_cannot_change_or_approve_and_admin_cannot_approve(client: TestClient, keys: dict[str, str],
+                                                                  registry: Registry, api_settings: Settings) -> None:
+    study_id = add_reported_study(registry, api_settings)
+    url = f"/api/v1/studies/{study_id}/report"
+    assert_problem(client.post(url + "/approve", json={}, headers=auth(keys["reader"])), 403, "forbidden")
+    assert_problem(client.post(url + "/approve", json={}, headers=auth(keys["admin"])), 403, "forbidden")
+    assert_problem(client.post(url + "/versions", json={"findings_text": "x"}, headers=auth(keys["reader"])), 403)
+    assert client.get(url, headers=auth(keys["reader"])).json()["version"] == 1  # nothing changed
+    denied = [a for a in audit_actions(registry, study_id) if a[1] == "denied"]
+    assert denied == [("reader", "denied"), ("admin", "denied"), ("reader", "denied")]
+
+
+def test_correction_then_approval_make_new_verified_sr(client: TestClient, keys: dict[str, str],
+                                                       registry: Registry, api_settings: Settings) -> None:
+    import io
+
+    import pydicom
+
+    study_id = add_reported_study(registry, api_settings)
+    url = f"/api/v1/studies/{study_id}/report"
+    h = auth(keys["rad"])
+    corrected = "The heart size is normal. No pleural effusion. No pneumothorax."
+    v2 = client.post(url + "/versions", json={"kind": "edit", "findings_text": corrected, "base_version": 1},
+                     headers=h)
+    assert v2.status_code == 201, v2.text
+    assert v2.json()["version"] == 2 and v2.json()["verified"] is False and v2.json()["kind"] == "edit"
+    stale = client.post(url + "/versions", json={"findings_text": "older edit", "base_version": 1}, headers=h)
+    assert_problem(stale, 409, "stale-version")
+    v3 = client.post(url + "/approve", json={"impression_text": "Normal chest."}, headers=h)
+    assert v3.status_code == 201, v3.text
+    body = v3.json()
+    assert body["version"] == 3 and body["verified"] is True and body["verifier"] == "rad"
+    assert body["findings_text"] == corrected and body["impression_text"] == "Normal chest."
+    assert "NOT VERIFIED" not in body["text"]
+    sr = pydicom.dcmread(io.BytesIO(client.get(body["sr_url"], headers=h).content))
+    assert sr.VerificationFlag == "VERIFIED" and sr.CompletionFlag == "COMPLETE"
+    assert_problem(client.post(url + "/approve", json={}, headers=h), 409, "already-approved")
+    versions = client.get(url + "/versions", headers=h).json()
+    assert [(v["version"], v["kind"], v["verified"]) for v in versions["versions"]] == [
+        (1, "ai_draft", False), (2, "edit", False), (3, "approval", True)]
+    actions = [a for a in audit_actions(registry, study_id) if a[0] == "rad"]
+    assert ("rad", "report.change") in actions and ("rad", "report.approve") in actions
