@@ -69,8 +69,9 @@ def send_export_tasks(settings: Settings, export_ids: Sequence[int]) -> None:
 def enqueue_report(registry: Registry, settings: Settings, study_id: int) -> int:
     """Create (or find) the study's report job and send its task; returns the job id.
 
-    Safe to repeat: a job that is DONE, FAILED or RUNNING is left alone (a FAILED one is re-run only
-    through ``reconciler.rerun``); a QUEUED one gets one more message, which is harmless.
+    Safe to repeat: a job that is DONE or RUNNING is left alone, a FAILED one is reset only when its
+    study is QUEUED again (the API's re-run, ``reconciler.rerun``); a QUEUED one gets one more
+    message, which is harmless.
     """
     model_name = settings.model_backend
     with registry.session() as session:
@@ -96,6 +97,12 @@ def enqueue_report(registry: Registry, settings: Settings, study_id: int) -> int
                 job = session.scalars(
                     select(Job).where(Job.study_id == study_id, Job.model_name == model_name)
                 ).one()
+        if job.state == JobState.FAILED.value:
+            # A FAILED job runs again only once its study was deliberately queued again (re-run).
+            study = session.get(Study, study_id)
+            if study is None or study.state != StudyState.QUEUED.value:
+                return job.id
+            job.state, job.error, job.attempts, job.queued_at = JobState.QUEUED.value, None, 0, utcnow()
         if job.state != JobState.QUEUED.value:
             return job.id
         job.celery_task_id = task_id = uuid.uuid4().hex

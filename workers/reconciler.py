@@ -1,0 +1,236 @@
+"""The registry is the source of truth: put back into the broker whatever it forgot.
+
+How a vanished task is recognised:
+- RUNNING job: its worker renews ``Job.heartbeat_at`` every few seconds; a heartbeat older than the
+  lease means the worker died (SIGKILL, power, an embedded broker that lost the fetched message).
+- QUEUED job: on Redis the broker is asked directly: the job's ``celery_task_id`` must be in a queue
+  list (any priority) or in the unacked hash (delivered, not yet acknowledged). Redis keeps nothing on
+  disk here, so after a restart or FLUSHDB the id is gone and the job is re-sent. On other brokers
+  (embedded), where messages cannot be listed, a job waiting longer than ``stale_s`` is re-sent.
+- QUEUED study without a job (the node died between its commit and its enqueue): enqueued.
+A re-sent duplicate is harmless: a job is claimed once (compare-and-set) and its report is unique.
+
+``Sweeper`` runs ``reconcile`` and sends due exports periodically (a thread in ``radialog worker`` and
+``radialog run``); with several workers a Redis lock lets one of them sweep per interval.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import redis
+from sqlalchemy import and_, or_, select, update
+
+from radialog.logging import get_logger
+from radialog.registry import Job, JobState, Registry, Study, StudyState, transition, utcnow
+from radialog.settings import Settings
+from workers.batching import requeue
+from workers.context import DEFAULT_LEASE_S, redis_client
+from workers.pipeline import JOB_MODEL_VERSION, enqueue_report, send_export_tasks, send_report_task
+
+log = get_logger(__name__)
+
+#: Redis transport: the priority sub-queues are "<queue>\x06\x16<priority>" (kombu's separator).
+_PRIORITY_SEP = "\x06\x16"
+_UNACKED_KEY = "unacked"
+
+
+@dataclass
+class ReconcileResult:
+    requeued_running: list[int] = field(default_factory=list)
+    resent_queued: list[int] = field(default_factory=list)
+    enqueued_studies: list[int] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.requeued_running or self.resent_queued or self.enqueued_studies)
+
+
+def _task_id(raw: bytes | str) -> str | None:
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(message, list):  # unacked entries are [message, exchange, routing_key]
+        message = message[0] if message else {}
+    headers = message.get("headers") if isinstance(message, dict) else None
+    return headers.get("id") if isinstance(headers, dict) else None
+
+
+def broker_task_ids(settings: Settings, queue: str = "report") -> set[str] | None:
+    """Task ids the Redis broker holds for ``queue`` (waiting or delivered-unacked); None if unknowable."""
+    client = redis_client(settings)
+    if client is None:
+        return None
+    try:
+        keys = [queue] + [f"{queue}{_PRIORITY_SEP}{p}" for p in range(1, 10)]
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.lrange(key, 0, -1)
+        pipe.hvals(_UNACKED_KEY)
+        found: set[str] = set()
+        for batch in pipe.execute():
+            for raw in batch:
+                task_id = _task_id(raw)
+                if task_id:
+                    found.add(task_id)
+        return found
+    finally:
+        client.close()
+
+
+def reconcile(
+    registry: Registry,
+    settings: Settings,
+    *,
+    lease_s: float = DEFAULT_LEASE_S,
+    grace_s: float = 10.0,
+    stale_s: float = 300.0,
+) -> ReconcileResult:
+    """One pass: re-queue dead workers' jobs, re-send forgotten QUEUED jobs, enqueue orphan studies."""
+    result = ReconcileResult()
+    now = utcnow()
+    model_name = settings.model_backend
+
+    # 1. RUNNING jobs whose worker stopped renewing the lease.
+    with registry.session() as session:
+        stale = now - timedelta(seconds=lease_s)
+        dead = session.scalars(
+            select(Job.id).where(
+                Job.state == JobState.RUNNING.value,
+                or_(Job.heartbeat_at < stale, and_(Job.heartbeat_at.is_(None), Job.started_at < stale)),
+            )
+        ).all()
+    for job_id in dead:
+        with registry.session() as session:
+            if not requeue(session, job_id, "worker lost (lease expired); re-queued"):
+                continue
+            task_id = uuid.uuid4().hex
+            session.execute(update(Job).where(Job.id == job_id).values(celery_task_id=task_id))
+        send_report_task(settings, job_id, task_id)
+        result.requeued_running.append(job_id)
+
+    # 2. QUEUED jobs whose message the broker no longer has.
+    present = broker_task_ids(settings)
+    with registry.session() as session:
+        cutoff = now - timedelta(seconds=grace_s if present is not None else stale_s)
+        waiting = session.execute(
+            select(Job.id, Job.celery_task_id).where(
+                Job.state == JobState.QUEUED.value, Job.model_name == model_name, Job.queued_at < cutoff
+            )
+        ).all()
+    for job_id, old_task_id in waiting:
+        if present is not None and old_task_id in present:
+            continue
+        task_id = uuid.uuid4().hex
+        with registry.session() as session:
+            moved = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.QUEUED.value, Job.celery_task_id == old_task_id)
+                .values(celery_task_id=task_id, queued_at=utcnow())
+            ).rowcount  # type: ignore[attr-defined]
+        if moved:
+            send_report_task(settings, job_id, task_id)
+            result.resent_queued.append(job_id)
+
+    # 3. QUEUED studies that never got a job for the configured model.
+    with registry.session() as session:
+        orphans = session.scalars(
+            select(Study.id).where(
+                Study.state == StudyState.QUEUED.value,
+                Study.updated_at < now - timedelta(seconds=grace_s),
+                ~select(Job.id)
+                .where(Job.study_id == Study.id, Job.model_name == model_name, Job.model_version == JOB_MODEL_VERSION)
+                .exists(),
+            )
+        ).all()
+    for study_id in orphans:
+        enqueue_report(registry, settings, study_id)
+        result.enqueued_studies.append(study_id)
+
+    if result.changed:
+        log.warning(
+            "reconciler restored work",
+            extra={"requeued_running": result.requeued_running, "resent_queued": result.resent_queued,
+                   "enqueued_studies": result.enqueued_studies},
+        )
+    return result
+
+
+def rerun(registry: Registry, settings: Settings, study_id: int, reason: str = "re-run requested") -> int | None:
+    """Queue a FAILED or SKIPPED study again (what the API's re-run does); returns the job id or None
+    when the study was in another state."""
+    with registry.session() as session:
+        moved = transition(
+            session, study_id, StudyState.QUEUED, reason, only_from=[StudyState.FAILED, StudyState.SKIPPED]
+        )
+    if not moved:
+        return None
+    return enqueue_report(registry, settings, study_id)
+
+
+def send_due_exports(registry: Registry, settings: Settings) -> list[int]:
+    """Send an export task for every outbox row whose next attempt is due."""
+    from reporting.export import due_exports
+
+    with registry.session() as session:
+        export_ids = list(due_exports(session, utcnow()))
+    if export_ids:
+        send_export_tasks(settings, export_ids)
+    return export_ids
+
+
+class Sweeper:
+    """A daemon thread: every ``interval_s`` reconcile and send due exports (one sweeper per interval
+    across workers when the broker is Redis)."""
+
+    LOCK_KEY = "radialog:sweep-lock"
+
+    def __init__(self, registry: Registry, settings: Settings, *, interval_s: float = 10.0,
+                 lease_s: float = DEFAULT_LEASE_S, grace_s: float = 10.0) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.interval_s = interval_s
+        self.lease_s = lease_s
+        self.grace_s = grace_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="radialog-sweeper", daemon=True)
+        self._redis = redis_client(settings)
+
+    def start(self) -> Sweeper:
+        self._thread.start()
+        return self
+
+    def _my_turn(self) -> bool:
+        if self._redis is None:
+            return True
+        try:
+            ttl_ms = max(1, int(self.interval_s * 900))
+            return bool(self._redis.set(self.LOCK_KEY, "1", nx=True, px=ttl_ms))
+        except redis.RedisError:
+            return True  # the broker is down: reconciling against the registry still helps later
+
+    def sweep_once(self) -> None:
+        try:
+            reconcile(self.registry, self.settings, lease_s=self.lease_s, grace_s=self.grace_s)
+        except Exception:
+            log.warning("reconcile pass failed", exc_info=True)
+        try:
+            send_due_exports(self.registry, self.settings)
+        except ImportError:
+            pass  # reporting not installed: nothing to export
+        except Exception:
+            log.warning("export sweep failed", exc_info=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            if self._my_turn():
+                self.sweep_once()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
