@@ -1,2 +1,25 @@
 """Model backends. Importable with torch + transformers + peft + numpy + pillow alone (no Celery, DICOM
 or web imports at module level), so the GPU benchmark runs on a machine that has only those."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from workers.models.base import ModelBackend
+
+BACKENDS = ("radialog-v2",)
+
+
+def load_backend(settings: Any) -> ModelBackend:
+    """The configured backend, loaded once (minutes for the 7B model): call it at worker start.
+
+    Reads ``settings.model_backend``, ``settings.model_dir``, ``settings.base_model_dir`` and
+    ``settings.device``. Raises ``ModelFileError`` (a RuntimeError) naming missing files or keys.
+    """
+    name = settings.model_backend
+    if name == "radialog-v2":
+        from workers.models.radialog_v2.backend import load_radialog_v2
+
+        return load_radialog_v2(settings.model_dir, settings.base_model_dir, settings.device)
+    raise ValueError(f"unknown model backend {name!r}; available: {', '.join(BACKENDS)}")

@@ -1,0 +1,128 @@
+"""The RaDialog v2 backend: classifier -> findings phrase -> report prompt -> batched greedy generation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from workers.models.base import (
+    DialogRequest,
+    ModelBackend,
+    Provenance,
+    ReportOutput,
+    StudyInput,
+    TokenCallback,
+)
+from workers.models.conversation import conversation_prompt, fit_history
+from workers.models.prompts import IMAGE_PLACEHOLDER, MAX_CONTEXT_TOKENS, TASK_MAX_NEW_TOKENS, findings_phrase, report_prompt
+from workers.models.radialog_v2.llava import IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS, CallbackStreamer
+from workers.models.radialog_v2.loader import LoadedModel
+from workers.models.radialog_v2.transforms import CLASSIFIER_CROP, LLM_CROP, batch_tensors
+
+MODEL_NAME = "RaDialog-LLaVA"
+MODEL_VERSION = "2.0"
+
+
+class RadialogV2Backend(ModelBackend):
+    """Loaded once per worker; ``report`` takes a batch, ``answer`` one dialog turn."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.llava = loaded.llava
+        self.classifier = loaded.classifier
+        self.tokenizer = loaded.tokenizer
+        self.eos_id = int(self.tokenizer.eos_token_id)
+        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        self.provenance = Provenance(
+            name=MODEL_NAME,
+            version=MODEL_VERSION,
+            files_sha256=loaded.sha256,
+            device=str(loaded.device),
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            tiny=loaded.files.tiny,
+        )
+
+    # -- text ------------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """LLaVA's tokenizer_image_token: chunks around <image> tokenised separately, one <s> at the start."""
+        chunks = [self.tokenizer(chunk).input_ids for chunk in prompt.split(IMAGE_PLACEHOLDER)]
+        bos = self.tokenizer.bos_token_id
+        offset = 1 if chunks and chunks[0] and chunks[0][0] == bos else 0
+        ids: list[int] = [bos] if offset else []
+        for i, chunk in enumerate(chunks):
+            if i:
+                ids.append(IMAGE_TOKEN_INDEX)
+            ids.extend(chunk[offset:])
+        return ids
+
+    def count_tokens(self, prompt: str) -> int:
+        """Model positions a prompt takes (the placeholder becomes 196 image embeddings)."""
+        ids = self.prompt_ids(prompt)
+        return len(ids) + ids.count(IMAGE_TOKEN_INDEX) * (NUM_IMAGE_TOKENS - 1)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    # -- model -----------------------------------------------------------------------------------
+    def classify(self, images: Sequence[np.ndarray]):  # -> list[list[ClassifierFinding]]
+        pixels = batch_tensors(list(images), CLASSIFIER_CROP).to(self.loaded.device, self.loaded.classifier_dtype)
+        return self.classifier.predict(pixels)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[np.ndarray],
+        max_new_tokens: int,
+        *,
+        min_new_tokens: int | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> list[list[int]]:
+        """Greedy new tokens for each (prompt, image) pair, as one left-padded batch."""
+        ids = [self.prompt_ids(p) for p in prompts]
+        pixels = batch_tensors(list(images), LLM_CROP)
+        streamer = CallbackStreamer(self.tokenizer.decode, on_token, self.eos_id) if on_token else None
+        return self.llava.generate(
+            ids, pixels, max_new_tokens=max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+            min_new_tokens=min_new_tokens, streamer=streamer,
+        )
+
+    def report(self, studies: Sequence[StudyInput]) -> list[ReportOutput]:
+        if not studies:
+            return []
+        images = [s.image for s in studies]
+        t0 = time.perf_counter()
+        findings = self.classify(images)
+        t1 = time.perf_counter()
+        phrases = [findings_phrase([f.label for f in row if f.present]) for row in findings]
+        tokens = self.generate([report_prompt(p) for p in phrases], images, TASK_MAX_NEW_TOKENS["report"])
+        t2 = time.perf_counter()
+        timings = {"classifier": t1 - t0, "generate": t2 - t1, "batch_size": float(len(studies))}
+        return [
+            ReportOutput(
+                key=study.key, findings_text=self.decode(out), findings=row, findings_phrase=phrase,
+                generated_tokens=len(out), timings=dict(timings),
+            )
+            for study, row, phrase, out in zip(studies, findings, phrases, tokens)
+        ]
+
+    def answer(self, request: DialogRequest, on_token: TokenCallback | None = None) -> str:
+        limit = request.max_new_tokens or TASK_MAX_NEW_TOKENS.get(request.task, TASK_MAX_NEW_TOKENS["free"])
+        history, _dropped = fit_history(request.history, request.question, self.count_tokens, limit, MAX_CONTEXT_TOKENS)
+        prompt = conversation_prompt(history, request.question)
+        if prompt.count(IMAGE_PLACEHOLDER) != 1:
+            raise ValueError(
+                f"the conversation must hold the image placeholder exactly once (found {prompt.count(IMAGE_PLACEHOLDER)}); "
+                "its first turn is the report prompt or the view question"
+            )
+        (out,) = self.generate([prompt], [request.image], limit, on_token=on_token)
+        return self.decode(out)
+
+
+def load_radialog_v2(model_dir, base_dir, device: str = "auto") -> RadialogV2Backend:  # noqa: ANN001
+    from workers.models.radialog_v2.loader import load_radialog
+
+    with torch.inference_mode(False):
+        return RadialogV2Backend(load_radialog(model_dir, base_dir, device))
