@@ -27,7 +27,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import highdicom as hd
@@ -111,7 +111,7 @@ class Verification:
 
     observer: str
     organization: str
-    at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def read_source_header(path: Path) -> Dataset:
 def status_line(spec: SRSpec) -> str:
     """The sentence that tells a reader whether the text is verified."""
     if spec.verification is not None:
-        when = spec.verification.at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        when = spec.verification.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
         return (
             f"Verified by {spec.verification.observer} ({spec.verification.organization}) on {when}."
         )
