@@ -7,6 +7,7 @@ and the default registry for its own /metrics. Queue depth is read from the brok
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,15 +72,15 @@ class QueueDepthCollector(Collector):
         yield family
 
 
-_registered: set[int] = set()
+_registered: weakref.WeakSet[CollectorRegistry] = weakref.WeakSet()
 
 
 def register_queue_depth(settings: Settings, registry: CollectorRegistry = REGISTRY) -> None:
     """Add the queue-depth collector to ``registry`` once."""
-    if id(registry) in _registered:
+    if registry in _registered:
         return
     registry.register(QueueDepthCollector(settings))
-    _registered.add(id(registry))
+    _registered.add(registry)
 
 
 def start_metrics_server(settings: Settings, port: int, addr: str = "0.0.0.0") -> None:

@@ -1,0 +1,153 @@
+"""Registry-side plumbing of the workers against the real Redis (db 11) and both registries: claims,
+batches, enqueue, the reconciler, re-run, queue depth. No model here: see test_pipeline.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+from sqlalchemy import select, update
+
+from api.testing import add_study
+from radialog.registry import Job, JobState, Registry, Study, StudyState, utcnow
+from radialog.settings import Settings
+from workers.batching import claim, collect_batch, requeue
+from workers.celery_app import QUEUES, REPORT_TASK, app_for
+from workers.metrics import register_queue_depth
+from workers.pipeline import enqueue_report
+from workers.reconciler import broker_task_ids, reconcile, rerun
+
+REDIS_URL = "redis://127.0.0.1:6379/11"  # the workers' tests' own database
+
+
+@pytest.fixture
+def rsettings(settings: Settings) -> Iterator[Settings]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield settings.model_copy(update={"broker_url": REDIS_URL})
+    client.flushdb()
+    client.close()
+
+
+def _job(registry: Registry, job_id: int) -> Job:
+    with registry.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def _study_state(registry: Registry, study_id: int) -> str:
+    with registry.session() as session:
+        return session.get(Study, study_id).state  # type: ignore[union-attr]
+
+
+def test_app_routes_and_delivery_guarantees(rsettings: Settings) -> None:
+    app = app_for(rsettings)
+    assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
+    assert app.conf.worker_prefetch_multiplier == 1
+    assert app.conf.broker_transport_options["queue_order_strategy"] == "priority"
+    assert app.conf.broker_transport_options["visibility_timeout"] == rsettings.visibility_timeout
+    assert app.amqp.router.route({}, REPORT_TASK)["queue"].name == "report"
+    assert app.amqp.router.route({}, "radialog.dialog_turn")["queue"].name == "dialog"
+    assert app.amqp.router.route({}, "radialog.export")["queue"].name == "export"
+
+
+def test_enqueue_is_idempotent_and_the_task_is_in_the_broker(registry: Registry, rsettings: Settings) -> None:
+    study_id, _ = add_study(registry, rsettings)
+    job_id = enqueue_report(registry, rsettings, study_id)
+    assert enqueue_report(registry, rsettings, study_id) == job_id
+    job = _job(registry, job_id)
+    assert job.state == JobState.QUEUED.value and job.model_name == rsettings.model_backend
+    assert job.celery_task_id in (broker_task_ids(rsettings) or set())
+
+
+def test_claim_is_exclusive_and_a_stale_lease_is_taken_over(registry: Registry, rsettings: Settings) -> None:
+    study_id, _ = add_study(registry, rsettings)
+    job_id = enqueue_report(registry, rsettings, study_id)
+    with registry.session() as session:
+        first = claim(session, job_id, "w1", lease_s=30)
+    with registry.session() as session:
+        assert claim(session, job_id, "w2", lease_s=30) is None  # w1's lease is live
+    assert first is not None and first.attempt == 1
+    assert _study_state(registry, study_id) == StudyState.RUNNING.value
+    with registry.session() as session:  # w1 stops renewing its lease
+        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=60)))
+    with registry.session() as session:
+        second = claim(session, job_id, "w2", lease_s=30)
+    assert second is not None and second.attempt == 2
+    assert _job(registry, job_id).worker == "w2"
+    with registry.session() as session:
+        assert requeue(session, job_id, "test")
+    assert _job(registry, job_id).state == JobState.QUEUED.value
+    assert _study_state(registry, study_id) == StudyState.QUEUED.value
+
+
+def test_collect_batch_takes_waiting_jobs_up_to_the_batch_size(registry: Registry, rsettings: Settings) -> None:
+    jobs = [enqueue_report(registry, rsettings, add_study(registry, rsettings, index=i)[0]) for i in range(5)]
+    common = dict(worker="w1", model_name=rsettings.model_backend, wait_s=0.0, lease_s=30)
+    batch = collect_batch(registry, jobs[3], batch_size=3, **common)
+    assert [c.job_id for c in batch] == [jobs[3], jobs[0], jobs[1]]  # its own job, then the oldest
+    rest = collect_batch(registry, jobs[2], batch_size=3, **common)
+    assert [c.job_id for c in rest] == [jobs[2], jobs[4]]
+    assert collect_batch(registry, jobs[0], batch_size=3, **common) == []  # running: a duplicate message
+
+
+def test_reconciler_resends_what_a_flushed_broker_forgot(registry: Registry, rsettings: Settings) -> None:
+    jobs = [enqueue_report(registry, rsettings, add_study(registry, rsettings, index=i)[0]) for i in range(3)]
+    assert reconcile(registry, rsettings, grace_s=0).resent_queued == []  # the broker has them all
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    result = reconcile(registry, rsettings, grace_s=0)
+    assert sorted(result.resent_queued) == sorted(jobs)
+    present = broker_task_ids(rsettings) or set()
+    assert all(_job(registry, j).celery_task_id in present for j in jobs)
+    assert reconcile(registry, rsettings, grace_s=0).resent_queued == []
+
+
+def test_reconciler_requeues_a_dead_workers_job(registry: Registry, rsettings: Settings) -> None:
+    study_id, _ = add_study(registry, rsettings)
+    job_id = enqueue_report(registry, rsettings, study_id)
+    with registry.session() as session:
+        claim(session, job_id, "dead-worker", lease_s=30)
+    assert reconcile(registry, rsettings, lease_s=30, grace_s=0).requeued_running == []
+    with registry.session() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=31)))
+    assert reconcile(registry, rsettings, lease_s=30, grace_s=0).requeued_running == [job_id]
+    job = _job(registry, job_id)
+    assert job.state == JobState.QUEUED.value and job.celery_task_id in (broker_task_ids(rsettings) or set())
+    assert _study_state(registry, study_id) == StudyState.QUEUED.value
+
+
+def test_reconciler_enqueues_a_queued_study_without_a_job(registry: Registry, rsettings: Settings) -> None:
+    study_id, _ = add_study(registry, rsettings)  # QUEUED, but the node never called enqueue
+    assert reconcile(registry, rsettings, grace_s=0).enqueued_studies == [study_id]
+    with registry.session() as session:
+        assert session.scalars(select(Job).where(Job.study_id == study_id)).one().state == JobState.QUEUED.value
+
+
+def test_rerun_resets_a_failed_job(registry: Registry, rsettings: Settings) -> None:
+    study_id, _ = add_study(registry, rsettings)
+    job_id = enqueue_report(registry, rsettings, study_id)
+    with registry.session() as session:
+        claim(session, job_id, "w1", lease_s=30)
+    from workers.batching import Claim
+    from workers.pipeline import fail_job
+
+    fail_job(registry, Claim(job_id, study_id, 1), "unusable image: test", "unusable_image")
+    assert enqueue_report(registry, rsettings, study_id) == job_id
+    assert _job(registry, job_id).state == JobState.FAILED.value  # not re-run by a stray enqueue
+    assert rerun(registry, rsettings, study_id) == job_id
+    job = _job(registry, job_id)
+    assert (job.state, job.attempts, job.error) == (JobState.QUEUED.value, 0, None)
+    assert rerun(registry, rsettings, study_id) is None  # QUEUED is not re-runnable
+
+
+def test_queue_depth_metric_counts_waiting_messages(sqlite_registry: Registry, rsettings: Settings) -> None:
+    for i in range(3):
+        enqueue_report(sqlite_registry, rsettings, add_study(sqlite_registry, rsettings, index=i)[0])
+    metrics_registry = CollectorRegistry()
+    register_queue_depth(rsettings, metrics_registry)
+    depth = {q: metrics_registry.get_sample_value("radialog_queue_depth", {"queue": q}) for q in QUEUES}
+    assert depth == {"dialog": 0.0, "export": 0.0, "report": 3.0}
