@@ -136,6 +136,7 @@ class PendingTurn:
 
     turn_id: int
     conversation_id: int
+    question: str
     pubsub: Any
 
     def messages(self, timeout: float) -> Iterator[dict[str, Any] | None]:
@@ -195,7 +196,7 @@ def send_turn(
         if row is not None and row.celery_task_id is None:
             row.celery_task_id = task_id
     log.info("dialog turn sent", extra={"turn": turn_id, "task": task})
-    return PendingTurn(turn_id=turn_id, conversation_id=conversation_id, pubsub=pubsub)
+    return PendingTurn(turn_id=turn_id, conversation_id=conversation_id, question=question, pubsub=pubsub)
 
 
 def is_context_error(error: str) -> bool:
@@ -209,7 +210,8 @@ def sse(event: str, data: dict[str, Any]) -> str:
 def stream_events(pending: PendingTurn, timeout: float) -> Iterator[str]:
     """Server-Sent Events: ``turn`` first, then ``token``s in the order published, then ``done``
     or ``error``; comment lines keep idle proxies from closing the stream."""
-    yield sse("turn", {"turn_id": pending.turn_id, "conversation_id": pending.conversation_id})
+    yield sse("turn", {"turn_id": pending.turn_id, "conversation_id": pending.conversation_id,
+                       "question": pending.question})
     idle = 0
     for message in pending.messages(timeout):
         if message is None:

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from radialog.registry import Registry, Study, StudyState
@@ -25,7 +26,7 @@ class StudyStateCollector:
             with self.registry.session() as session:
                 for state, count in session.execute(select(Study.state, func.count()).group_by(Study.state)):
                     counts[state] = count
-        except Exception:  # a scrape must not fail because the database is down; /readyz says so
+        except SQLAlchemyError:  # a scrape must not fail because the database is down; /readyz says so
             return
         for state, count in counts.items():
             gauge.add_metric([state], count)

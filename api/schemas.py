@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 #: Longest question accepted, in characters (a long question is almost always a pasted report).
@@ -114,8 +115,8 @@ class NewVersion(BaseModel):
     kind: Literal["ai_correction", "edit"] = "edit"
     findings_text: str = Field(min_length=1, max_length=MAX_REPORT_CHARS)
     impression_text: str | None = Field(None, max_length=MAX_REPORT_CHARS)
-    source_turn_id: int | None = Field(None, description="The dialog turn whose answer this text comes from.")
-    base_version: int | None = Field(None, description="The version this was based on; 409 when it is no longer current.")
+    source_turn_id: int | None = Field(None, ge=1, le=2_147_483_647, description="The dialog turn whose answer this text comes from.")
+    base_version: int | None = Field(None, ge=1, description="The version this was based on; 409 when it is no longer current.")
 
 
 class Approval(BaseModel):
@@ -123,7 +124,7 @@ class Approval(BaseModel):
 
     findings_text: str | None = Field(None, min_length=1, max_length=MAX_REPORT_CHARS)
     impression_text: str | None = Field(None, max_length=MAX_REPORT_CHARS)
-    base_version: int | None = None
+    base_version: int | None = Field(None, ge=1)
 
 
 class Task(str, enum.Enum):
@@ -201,3 +202,10 @@ class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)
     workers: list[dict[str, Any]] = Field(default_factory=list)
+
+
+#: Registry ids are 32-bit on PostgreSQL: a larger one cannot exist, so it is a 422, not a database error.
+MAX_ID = 2_147_483_647
+StudyId = Annotated[int, Path(ge=1, le=MAX_ID, description="The study's registry id")]
+Version = Annotated[int, Path(ge=1, le=MAX_ID, description="Report version number (1 = AI draft)")]
+TurnId = Annotated[int, Path(ge=1, le=MAX_ID, description="Dialog turn id")]

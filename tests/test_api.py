@@ -6,7 +6,6 @@ Reports are made by reporting.versions (the call the workers make); nothing answ
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import date
 
 import pytest
 import redis

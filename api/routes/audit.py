@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from api import audit
 from api.deps import DB, Admin
 from api.problems import problem_responses
-from api.schemas import AuditOut, AuditPage
+from api.schemas import MAX_ID, AuditOut, AuditPage
 from radialog.registry import AuditEntry
 
 router = APIRouter(tags=["audit"])
@@ -21,7 +21,7 @@ router = APIRouter(tags=["audit"])
 def read_audit(
     session: DB,
     who: Admin,
-    study_id: Annotated[int | None, Query()] = None,
+    study_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     actor: Annotated[str | None, Query(max_length=128)] = None,
     action: Annotated[str | None, Query(max_length=64)] = None,
     since: Annotated[datetime | None, Query()] = None,

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy.orm import Session
 
 from api import audit
 from api.deps import DB, AnyUser, AppRegistry, AppServices
@@ -26,10 +27,9 @@ from api.dialog import (
 )
 from api.lookups import get_study, require_report
 from api.problems import Problem, problem_responses
-from api.schemas import ConversationOut, QuickAction, Question, TurnOut
+from api.schemas import ConversationOut, Question, QuickAction, StudyId, TurnId, TurnOut
 from api.services import Services
 from radialog.registry import DialogTurn, Registry
-from sqlalchemy.orm import Session
 from workers.models import prompts
 
 router = APIRouter(tags=["dialog"])
@@ -57,7 +57,7 @@ def _conversation_out(conversation: Any, seed: Any) -> ConversationOut:
 
 
 @router.get("/studies/{study_id}/dialog", response_model=ConversationOut, responses=_ERRORS)
-def read_conversation(study_id: int, session: DB, who: AnyUser) -> ConversationOut:
+def read_conversation(study_id: StudyId, session: DB, who: AnyUser) -> ConversationOut:
     """The caller's conversation about the study's current report (created empty when new)."""
     study = get_study(session, study_id)
     report = require_report(session, study)
@@ -68,7 +68,7 @@ def read_conversation(study_id: int, session: DB, who: AnyUser) -> ConversationO
 
 
 def _ask(
-    study_id: int, task: str, question: str, stream: bool, wait_seconds: float,
+    study_id: StudyId, task: str, question: str, stream: bool, wait_seconds: float,
     session: Session, who: Principal, registry: Registry, services: Services,
 ) -> Any:
     check_question(question)
@@ -111,7 +111,7 @@ def _wait(pending: PendingTurn, wait_seconds: float, registry: Registry) -> Any:
 
 @router.post("/studies/{study_id}/dialog/questions", response_model=TurnOut, responses=_ANSWER_RESPONSES)
 def ask_question(
-    study_id: int, body: Question, session: DB, who: AnyUser, registry: AppRegistry, services: AppServices
+    study_id: StudyId, body: Question, session: DB, who: AnyUser, registry: AppRegistry, services: AppServices
 ) -> Any:
     """Ask a free question about the study (the model sees the image, its report and the turns so far)."""
     return _ask(study_id, "free", body.question, body.stream, body.wait_seconds, session, who, registry, services)
@@ -119,7 +119,7 @@ def ask_question(
 
 @router.post("/studies/{study_id}/dialog/actions", response_model=TurnOut, responses=_ANSWER_RESPONSES)
 def quick_action(
-    study_id: int, body: QuickAction, session: DB, who: AnyUser, registry: AppRegistry, services: AppServices
+    study_id: StudyId, body: QuickAction, session: DB, who: AnyUser, registry: AppRegistry, services: AppServices
 ) -> Any:
     """A quick action (correction, yes/no, list, impression, easy language, summary, view) sent with
     the exact phrasing the model was instruction-tuned on."""
@@ -128,7 +128,7 @@ def quick_action(
 
 
 @router.get("/dialog/turns/{turn_id}", response_model=TurnOut, responses=problem_responses(401, 403, 404, 422))
-def read_turn(turn_id: int, session: DB, who: AnyUser) -> TurnOut:
+def read_turn(turn_id: TurnId, session: DB, who: AnyUser) -> TurnOut:
     """One turn (poll this after a 202 or a lost stream). Only its asker or an admin may read it."""
     turn = session.get(DialogTurn, turn_id)
     if turn is None or (turn.conversation.user != who.name and who.role != "admin"):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import redis
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import SQLAlchemyError
 
 from api.deps import AppRegistry, AppServices
 from api.problems import PROBLEM_MEDIA_TYPE, TYPE_BASE, problem_responses
@@ -27,14 +29,14 @@ def readyz(request: Request, registry: AppRegistry, services: AppServices) -> Re
     try:
         registry.ping()
         checks["registry"] = "ok"
-    except Exception as exc:
+    except SQLAlchemyError as exc:
         checks["registry"] = f"unavailable: {type(exc).__name__}"
     try:
         services.redis.ping()
         checks["broker"] = "ok"
         workers = services.ready_workers()
         checks["workers"] = f"{len(workers)} ready" if workers else "none ready"
-    except Exception as exc:
+    except redis.RedisError as exc:
         checks["broker"] = f"unavailable: {type(exc).__name__}"
         checks["workers"] = "unknown"
     if checks["registry"] == "ok" and checks["broker"] == "ok" and workers:

@@ -13,7 +13,7 @@ from api.imaging import preview_png, reported_instance
 from api.lookups import get_study, get_version, latest_report, require_report
 from api.problems import Problem, problem_responses
 from api.reports import new_version, report_out, send_exports
-from api.schemas import Approval, NewVersion, ReportOut, ReportVersions
+from api.schemas import Approval, NewVersion, ReportOut, ReportVersions, StudyId, Version
 from radialog.registry import DialogTurn
 
 router = APIRouter(prefix="/studies/{study_id}", tags=["reports"])
@@ -21,7 +21,7 @@ _READ = problem_responses(401, 403, 404, 409, 422)
 
 
 @router.get("/report", response_model=ReportOut, responses=_READ)
-def current_report(study_id: int, session: DB, who: AnyUser) -> ReportOut:
+def current_report(study_id: StudyId, session: DB, who: AnyUser) -> ReportOut:
     """The current (newest) version; ``verified`` is false until a radiologist approved it."""
     report = require_report(session, get_study(session, study_id))
     audit.record(session, who, "report.read", study_id, version=report.version)
@@ -30,7 +30,7 @@ def current_report(study_id: int, session: DB, who: AnyUser) -> ReportOut:
 
 
 @router.get("/report/versions", response_model=ReportVersions, responses=_READ)
-def report_versions(study_id: int, session: DB, who: AnyUser) -> ReportVersions:
+def report_versions(study_id: StudyId, session: DB, who: AnyUser) -> ReportVersions:
     """Every version, oldest first (each SR references its predecessor)."""
     study = get_study(session, study_id)
     current = require_report(session, study)
@@ -41,7 +41,7 @@ def report_versions(study_id: int, session: DB, who: AnyUser) -> ReportVersions:
 
 
 @router.get("/report/versions/{version}", response_model=ReportOut, responses=_READ)
-def report_version(study_id: int, version: int, session: DB, who: AnyUser) -> ReportOut:
+def report_version(study_id: StudyId, version: Version, session: DB, who: AnyUser) -> ReportOut:
     get_study(session, study_id)
     report = get_version(session, study_id, version)
     audit.record(session, who, "report.read", study_id, version=version)
@@ -53,7 +53,7 @@ _DICOM = {200: {"description": "The DICOM SR (Part 10 file)", "content": {"appli
 
 
 @router.get("/report/versions/{version}/sr", response_class=FileResponse, responses={**_DICOM, **_READ})
-def download_sr(study_id: int, version: int, session: DB, who: AnyUser, settings: AppSettings) -> FileResponse:
+def download_sr(study_id: StudyId, version: Version, session: DB, who: AnyUser, settings: AppSettings) -> FileResponse:
     """The SR file of one version as written to the PACS."""
     get_study(session, study_id)
     report = get_version(session, study_id, version)
@@ -69,7 +69,7 @@ _PNG = {200: {"description": "The image as the model saw it (windowed, 8-bit)", 
 
 
 @router.get("/image.png", response_class=Response, responses={**_PNG, **_READ})
-def image_preview(study_id: int, session: DB, who: AnyUser, settings: AppSettings) -> Response:
+def image_preview(study_id: StudyId, session: DB, who: AnyUser, settings: AppSettings) -> Response:
     """A PNG of the reported image with the model's windowing (MONOCHROME1 inverted)."""
     study = get_study(session, study_id)
     instance = reported_instance(session, study, latest_report(session, study_id))
@@ -84,7 +84,7 @@ _WRITE = problem_responses(401, 403, 404, 409, 422)
 
 @router.post("/report/versions", response_model=ReportOut, status_code=201, responses=_WRITE)
 def create_report_version(
-    study_id: int, body: NewVersion, session: DB, who: Radiologist, settings: AppSettings, services: AppServices
+    study_id: StudyId, body: NewVersion, session: DB, who: Radiologist, settings: AppSettings, services: AppServices
 ) -> ReportOut:
     """A corrected text (from a model answer: ``ai_correction``; typed: ``edit``) becomes a new,
     still unverified version with a new SR queued for export."""
@@ -106,7 +106,7 @@ def create_report_version(
 
 @router.post("/report/approve", response_model=ReportOut, status_code=201, responses=_WRITE)
 def approve_report(
-    study_id: int, body: Approval, session: DB, who: Radiologist, settings: AppSettings, services: AppServices
+    study_id: StudyId, body: Approval, session: DB, who: Radiologist, settings: AppSettings, services: AppServices
 ) -> ReportOut:
     """Sign the report (radiologists only): a VERIFIED/FINAL version with the radiologist as
     verifying observer; its SR is queued for export."""

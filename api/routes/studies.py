@@ -12,7 +12,7 @@ from api import audit
 from api.deps import DB, AnyUser, AppRegistry, AppSettings, Operator
 from api.lookups import get_study, latest_report
 from api.problems import Problem, problem_responses
-from api.schemas import EventOut, InstanceOut, RerunOut, StudyDetail, StudyPage, StudySummary
+from api.schemas import EventOut, InstanceOut, RerunOut, StudyDetail, StudyId, StudyPage, StudySummary
 from radialog.logging import get_logger
 from radialog.registry import Study, StudyState, transition
 
@@ -59,7 +59,7 @@ def list_studies(
 
 
 @router.get("/{study_id}", response_model=StudyDetail, responses={**_AUTH, **problem_responses(404, 422)})
-def read_study(study_id: int, session: DB, who: AnyUser) -> StudyDetail:
+def read_study(study_id: StudyId, session: DB, who: AnyUser) -> StudyDetail:
     """One study: state and reason, instances (header fields), and its whole state history."""
     study = get_study(session, study_id)
     summary = _summary(session, study)
@@ -83,7 +83,7 @@ def read_study(study_id: int, session: DB, who: AnyUser) -> StudyDetail:
     status_code=202,
     responses={**_AUTH, **problem_responses(404, 409, 422)},
 )
-def rerun_study(study_id: int, session: DB, who: Operator, registry: AppRegistry, settings: AppSettings) -> RerunOut:
+def rerun_study(study_id: StudyId, session: DB, who: Operator, registry: AppRegistry, settings: AppSettings) -> RerunOut:
     """Queue a FAILED or SKIPPED study again (radiologist or admin)."""
     study = get_study(session, study_id)
     if study.state not in (StudyState.FAILED.value, StudyState.SKIPPED.value):

@@ -274,14 +274,14 @@ async function ask(path, body, shownQuestion, task) {
   state.busy = true;
   $("chat-send").disabled = true;
   $("chat-error").textContent = "";
-  addMessage("q", shownQuestion);
+  const question = addMessage("q", shownQuestion);
   const answer = addMessage("a pending", "");
   let turnId = null;
   try {
     const response = await api(`/studies/${state.studyId}/dialog/${path}`, { method: "POST",
       json: { ...body, stream: true } });
     for await (const { event, data } of sseEvents(response)) {
-      if (event === "turn") turnId = data.turn_id;
+      if (event === "turn") { turnId = data.turn_id; question.textContent = data.question; }
       else if (event === "token") { answer.textContent += data.text; $("chat").scrollTop = $("chat").scrollHeight; }
       else if (event === "done") {
         answer.textContent = data.answer;
