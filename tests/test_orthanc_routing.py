@@ -230,3 +230,41 @@ def test_retries_while_node_is_down_even_across_an_orthanc_restart(tmp_path: Pat
             assert peer.uids() == {image.SOPInstanceUID}
         finally:
             peer.stop()
+
+
+def test_shipped_orthanc_config_starts_with_auth_and_modalities(tmp_path: Path) -> None:
+    """deploy/orthanc/orthanc.json as compose uses it (paths and ports moved): the password comes from the
+    environment, the REST API refuses anonymous calls, our node is a known modality, the router loads."""
+    config = json.loads((ROUTER.parent / "orthanc.json").read_text())
+    port = free_port()
+    config.update(
+        StorageDirectory=str(tmp_path / "db"),
+        IndexDirectory=str(tmp_path / "db"),
+        HttpPort=port,
+        DicomPort=free_port(),
+        PythonScript=str(ROUTER),
+        RemoteAccessAllowed=False,
+    )
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    env = {"PATH": "/usr/bin:/bin", "ORTHANC_PASSWORD": "s3cret-for-test"}
+    with (tmp_path / "orthanc.log").open("wb") as log:
+        process = subprocess.Popen(
+            ["/usr/sbin/Orthanc", str(tmp_path / "orthanc.json")], stdout=log, stderr=log, env=env
+        )
+    url, auth = f"http://127.0.0.1:{port}", ("radialog", "s3cret-for-test")
+    try:
+        wait_for(lambda: _status(f"{url}/system") == 401, "Orthanc to answer (anonymous: 401)")
+        assert httpx.get(f"{url}/system", auth=("radialog", "wrong"), timeout=10).status_code == 401
+        modalities = httpx.get(f"{url}/modalities?expand", auth=auth, timeout=10).json()
+        assert modalities["radialog"]["AET"] == NODE_AET and modalities["radialog"]["Port"] == 11112
+        assert "python" in httpx.get(f"{url}/plugins", auth=auth, timeout=10).json()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.TransportError:
+        return None
