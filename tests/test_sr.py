@@ -1,0 +1,128 @@
+"""The SR documents: valid for dicom3tools, readable by dcmtk, honest flags, study and evidence from the source."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from radialog.registry import Registry
+from radialog.settings import Settings
+from reporting import codes
+from reporting.sr import AI_SERIES_DESCRIPTION, APPROVED_SERIES_DESCRIPTION, ai_draft_uids, derived_uid
+from reporting.versions import create_ai_draft, create_version
+from tests.reporting_support import FINDINGS_TEXT, LABELS, PROVENANCE, add_study, dciodvfy_errors, model_output
+
+
+def _draft(registry: Registry, settings: Settings):
+    study_id, source = add_study(registry, settings)
+    with registry.session() as session:
+        report = create_ai_draft(session, settings, study_id, model_output(study_id), PROVENANCE)
+    return study_id, source, report
+
+
+def _content_items(item, found=None):
+    found = [] if found is None else found
+    for child in getattr(item, "ContentSequence", []):
+        found.append(child)
+        _content_items(child, found)
+    return found
+
+
+def test_ai_draft_sr_is_valid_readable_and_flagged_unverified(sqlite_registry: Registry, settings: Settings) -> None:
+    _, source, report = _draft(sqlite_registry, settings)
+    path = settings.sr_dir / report.sr_path
+
+    assert dciodvfy_errors(path) == []
+    dump = subprocess.run(["dsrdump", "+Pl", str(path)], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0, dump.stderr
+    assert FINDINGS_TEXT in dump.stdout and "Diagnostic imaging report" in dump.stdout
+
+    sr = dcmread(path)
+    assert sr.Modality == "SR" and sr.SOPInstanceUID == report.sop_instance_uid
+    assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == ("COMPLETE", "UNVERIFIED", "PRELIMINARY")
+    assert sr.SeriesDescription == AI_SERIES_DESCRIPTION and "not verified" in sr.SeriesDescription
+    # same study and patient as the image, a series of its own
+    assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.PatientID == source.PatientID
+    assert sr.AccessionNumber == source.AccessionNumber and sr.SeriesInstanceUID != source.SeriesInstanceUID
+    # the source image is the evidence
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == source.StudyInstanceUID
+    assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    # the algorithm in Contributing Equipment (IHE AI Results) and the private scheme declared
+    equipment = [e for e in sr.ContributingEquipmentSequence if e.get("ManufacturerModelName") == PROVENANCE.name]
+    assert equipment and equipment[0].SoftwareVersions == PROVENANCE.version
+    assert PROVENANCE.files_sha256 in equipment[0].ContributionDescription
+    assert [s.CodingSchemeDesignator for s in sr.CodingSchemeIdentificationSequence] == [codes.PRIVATE_SCHEME]
+
+    items = _content_items(sr)
+    texts = [i.TextValue for i in items if i.ValueType == "TEXT"]
+    assert FINDINGS_TEXT in texts
+    assert any("NOT VERIFIED" in t and "unverified AI output" in t for t in texts)
+    assert any(t == PROVENANCE.name for t in texts)  # TID 4019 algorithm name (and device observer name)
+    assert any(t.endswith(PROVENANCE.files_sha256) for t in texts)  # algorithm parameters: the files' hash
+    coded = [i for i in items if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "121071"]
+    assert len(coded) == len(LABELS)
+    cardiomegaly = next(i for i in coded if i.ConceptCodeSequence[0].CodeValue == "287272002")
+    presence = cardiomegaly.ContentSequence[0].ConceptCodeSequence[0]
+    probability = cardiomegaly.ContentSequence[1].MeasuredValueSequence[0].NumericValue
+    assert presence.CodeMeaning == "Present" and float(probability) == pytest.approx(0.9)
+    observer_types = [i.ConceptCodeSequence[0].CodeMeaning for i in items
+                      if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "121005"]
+    assert observer_types == ["Device"]
+
+
+def test_approved_version_is_final_verified_and_references_its_predecessor(
+    sqlite_registry: Registry, settings: Settings
+) -> None:
+    study_id, source, draft = _draft(sqlite_registry, settings)
+    with sqlite_registry.session() as session:
+        approved = create_version(
+            session, settings, study_id, kind="approval", findings_text="Cardiomegaly. Small left effusion.",
+            impression_text="Cardiomegaly with small left pleural effusion.", author="Smith^Anna", approve=True,
+        )
+    path = settings.sr_dir / approved.sr_path
+    assert dciodvfy_errors(path) == []
+    assert subprocess.run(["dsrdump", str(path)], capture_output=True, timeout=60).returncode == 0
+    sr = dcmread(path)
+    assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == ("COMPLETE", "VERIFIED", "FINAL")
+    assert sr.SeriesDescription == APPROVED_SERIES_DESCRIPTION
+    observer = sr.VerifyingObserverSequence[0]
+    assert str(observer.VerifyingObserverName) == "Smith^Anna"
+    assert observer.VerifyingOrganization == settings.institution_name
+    predecessor = sr.PredecessorDocumentsSequence[0]
+    assert predecessor.StudyInstanceUID == source.StudyInstanceUID
+    ref = predecessor.ReferencedSeriesSequence[0]
+    assert ref.SeriesInstanceUID == draft.series_instance_uid
+    assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == draft.sop_instance_uid
+    assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.SOPInstanceUID != draft.sop_instance_uid
+    texts = [i.TextValue for i in _content_items(sr) if i.ValueType == "TEXT"]
+    assert "Cardiomegaly with small left pleural effusion." in texts
+    assert not any("NOT VERIFIED" in t for t in texts) and any(t.startswith("Verified by Smith^Anna") for t in texts)
+
+
+def test_ai_draft_uid_is_derived_from_study_model_and_version() -> None:
+    first = ai_draft_uids("1.2.3", "RaDialog-LLaVA", "2.0")
+    assert first == ai_draft_uids("1.2.3", "RaDialog-LLaVA", "2.0")
+    assert first[0] != ai_draft_uids("1.2.3", "RaDialog-LLaVA", "2.1")[0]
+    assert first[0] != ai_draft_uids("1.2.4", "RaDialog-LLaVA", "2.0")[0]
+    assert first[0] != first[1]
+    uid = derived_uid("x")
+    assert uid.startswith("2.25.") and len(uid) <= 64
+
+
+def test_unknown_label_gets_a_private_code_not_dropped() -> None:
+    assert codes.finding_code("Cardiomegaly").scheme_designator == "SCT"
+    assert codes.finding_code("Hernia").scheme_designator == codes.PRIVATE_SCHEME
+    assert not codes.uses_private_codes(["Cardiomegaly", "Edema"])
+
+
+def test_missing_source_image_is_a_clear_error(sqlite_registry: Registry, settings: Settings) -> None:
+    from reporting.versions import ReportingError
+
+    study_id, source = add_study(sqlite_registry, settings)
+    Path(settings.spool_dir / source.StudyInstanceUID / f"{source.SOPInstanceUID}.dcm").unlink()
+    with pytest.raises(ReportingError, match="missing from the spool"), sqlite_registry.session() as session:
+        create_ai_draft(session, settings, study_id, model_output(study_id), PROVENANCE)
