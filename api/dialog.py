@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.problems import Problem
-from api.schemas import MAX_QUESTION_CHARS, QuickAction
+from api.schemas import MAX_QUESTION_CHARS, CorrectionAction, QuickAction, YesNoAction
 from api.services import Services, dialog_channel
 from radialog.logging import get_logger
 from radialog.registry import Conversation, DialogTurn, Registry, Report, Study, utcnow
@@ -77,15 +77,13 @@ def current_conversation(session: Session, study: Study, user: str, report: Repo
 
 def action_question(action: QuickAction) -> tuple[str, str]:
     """(task, exact prompt) for a quick action, in the phrasing the model was instruction-tuned on."""
-    if action.action == "correction":
+    if isinstance(action, CorrectionAction):
         try:
             return "correction", prompts.correction_prompt(action.add, action.remove)
-        except ValueError as exc:
+        except ValueError as exc:  # the schema already refuses this; kept for callers that bypass it
             raise Problem(422, "empty-correction", str(exc)) from exc
-    if action.action == "yes_no":
-        if not action.finding or not action.finding.strip():
-            raise Problem(422, "finding-required", "a yes/no question needs 'finding'")
-        return "yes_no", prompts.yes_no_prompt(action.finding.strip())
+    if isinstance(action, YesNoAction):
+        return "yes_no", prompts.yes_no_prompt(action.finding)
     fixed = {
         "list": prompts.LIST_FINDINGS,
         "impression": prompts.IMPRESSION,

@@ -7,15 +7,25 @@ never logged; the audit log records who saw which study.
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from workers.models.prompts import CHEXPERT_LABELS
 
 #: Longest question accepted, in characters (a long question is almost always a pasted report).
 MAX_QUESTION_CHARS = 2000
 MAX_REPORT_CHARS = 20000
+
+
+def _utc(value: datetime) -> datetime:
+    # The registry stores UTC; SQLite hands it back without an offset, and RFC 3339 needs one.
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+UTCDateTime = Annotated[datetime, AfterValidator(_utc)]
 
 
 class _Out(BaseModel):
@@ -32,8 +42,8 @@ class StudySummary(_Out):
     accession_number: str | None
     study_date: str | None
     study_description: str | None
-    created_at: datetime
-    updated_at: datetime
+    created_at: UTCDateTime
+    updated_at: UTCDateTime
     latest_report_version: int | None = None
     verified: bool | None = None
 
@@ -52,7 +62,7 @@ class InstanceOut(_Out):
     series_instance_uid: str | None
     transfer_syntax_uid: str
     size_bytes: int
-    received_at: datetime
+    received_at: UTCDateTime
     attributes: dict[str, Any]
     selected: bool = False
 
@@ -61,7 +71,7 @@ class EventOut(_Out):
     from_state: str | None
     to_state: str
     reason: str | None
-    at: datetime
+    at: UTCDateTime
 
 
 class StudyDetail(StudySummary):
@@ -82,7 +92,7 @@ class ExportOut(_Out):
     state: str
     attempts: int
     last_error: str | None
-    sent_at: datetime | None
+    sent_at: UTCDateTime | None
 
 
 class ReportOut(BaseModel):
@@ -93,8 +103,8 @@ class ReportOut(BaseModel):
     author: str
     verified: bool
     verifier: str | None
-    verified_at: datetime | None
-    created_at: datetime
+    verified_at: UTCDateTime | None
+    created_at: UTCDateTime
     findings_text: str
     impression_text: str | None
     text: str = Field(description="The report as plain text (reporting.render.report_text).")
@@ -146,15 +156,48 @@ class Question(BaseModel):
     wait_seconds: float = Field(60.0, ge=0, le=300, description="How long to wait for the answer (non-streamed).")
 
 
-class QuickAction(BaseModel):
-    """A quick action, sent with the model's exact instruction-tuned phrasing."""
+#: The CheXpert findings the model was instruction-tuned to correct and to answer yes/no about.
+FindingLabel = Literal[tuple(label for label in CHEXPERT_LABELS if label != "No Finding")]  # type: ignore[valid-type]
 
-    action: Literal["correction", "yes_no", "list", "impression", "easy_language", "summary", "view"]
-    add: list[str] = Field(default_factory=list, max_length=14, description="correction: findings to include")
-    remove: list[str] = Field(default_factory=list, max_length=14, description="correction: findings to remove")
-    finding: str | None = Field(None, max_length=100, description="yes_no: the finding asked about")
-    stream: bool = False
+
+class _Action(BaseModel):
+    stream: bool = Field(False, description="Answer as Server-Sent Events instead of one JSON body.")
     wait_seconds: float = Field(60.0, ge=0, le=300)
+
+
+class CorrectionAction(_Action):
+    """Include ``add`` and remove ``remove`` (at least one finding in all)."""
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["add"], "properties": {"add": {"minItems": 1}}},
+        {"required": ["remove"], "properties": {"remove": {"minItems": 1}}},
+    ]})
+
+    action: Literal["correction"]
+    add: list[FindingLabel] = Field(default_factory=list, max_length=13, description="findings to include")
+    remove: list[FindingLabel] = Field(default_factory=list, max_length=13, description="findings to remove")
+
+    @model_validator(mode="after")
+    def _something_to_correct(self) -> CorrectionAction:
+        if not self.add and not self.remove:
+            raise ValueError("a correction needs at least one finding in 'add' or 'remove'")
+        return self
+
+
+class YesNoAction(_Action):
+    """The question "Is there any <finding>?" about one CheXpert finding."""
+
+    action: Literal["yes_no"]
+    finding: FindingLabel
+
+
+class FixedAction(_Action):
+    """The fixed prompts: list findings, impression, easy language, summary, view."""
+
+    action: Literal["list", "impression", "easy_language", "summary", "view"]
+
+
+QuickAction = Annotated[CorrectionAction | YesNoAction | FixedAction, Field(discriminator="action")]
 
 
 class TurnOut(_Out):
@@ -165,8 +208,8 @@ class TurnOut(_Out):
     answer: str | None
     state: str
     error: str | None
-    created_at: datetime
-    answered_at: datetime | None
+    created_at: UTCDateTime
+    answered_at: UTCDateTime | None
 
 
 class ConversationOut(BaseModel):
@@ -175,7 +218,7 @@ class ConversationOut(BaseModel):
     user: str
     seed_report_id: int | None
     seed_report_version: int | None
-    created_at: datetime
+    created_at: UTCDateTime
     turns: list[TurnOut]
     estimated_tokens: int
     max_context_tokens: int
@@ -183,7 +226,7 @@ class ConversationOut(BaseModel):
 
 class AuditOut(_Out):
     id: int
-    at: datetime
+    at: UTCDateTime
     actor: str
     role: str | None
     action: str

@@ -217,8 +217,9 @@ def test_question_too_long_413_and_bad_actions_422(client: TestClient, keys: dic
     assert_problem(client.post(url + "/questions", json={"question": "x" * 2001}, headers=h), 413,
                    "question-too-long")
     assert_problem(client.post(url + "/questions", json={"question": ""}, headers=h), 422, "validation-error")
-    assert_problem(client.post(url + "/actions", json={"action": "correction"}, headers=h), 422, "empty-correction")
-    assert_problem(client.post(url + "/actions", json={"action": "yes_no"}, headers=h), 422, "finding-required")
+    for bad in ({"action": "correction"}, {"action": "correction", "add": ["Unicorn"]}, {"action": "yes_no"},
+                {"action": "yes_no", "finding": "No Finding"}):
+        assert_problem(client.post(url + "/actions", json=bad, headers=h), 422, "validation-error")
     assert_problem(client.post(url + "/actions", json={"action": "dance"}, headers=h), 422, "validation-error")
 
 
