@@ -141,16 +141,17 @@ def send_dimse(settings: Settings, destination: Destination, dataset: Dataset) -
     tls_args = (_tls_context(destination), destination.host) if destination.tls else None
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    refused = f"{where} refused the SOP class {sop_class.name} ({sop_class}): no accepted presentation context"
     if not assoc.is_established:
         if assoc.is_rejected:
             raise DeliveryError(f"association rejected by {where}")
+        if any(cx.abstract_syntax == sop_class for cx in assoc.rejected_contexts):
+            raise DeliveryError(refused)  # pynetdicom aborts an association with nothing accepted
         raise DeliveryError(f"no association with {where} (unreachable, aborted or timed out)")
     try:
         accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class]
         if not accepted:
-            raise DeliveryError(
-                f"{where} refused the SOP class {sop_class.name} ({sop_class}): no accepted presentation context"
-            )
+            raise DeliveryError(refused)
         status = assoc.send_c_store(dataset)
         if not status or "Status" not in status:
             raise DeliveryError(f"no C-STORE response from {where} (timeout or abort)")
