@@ -53,7 +53,7 @@ def write_temp(spool_dir: Path, chunks: Iterable[bytes | memoryview]) -> Path:
                 while view:
                     written = fh.write(view)
                     view = view[written:]
-            os.fsync(fh.fileno())
+            os.fdatasync(fh.fileno())  # data + size; the rename is made durable by the directory fsync
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise

@@ -107,17 +107,19 @@ def handle_store(event: Event, ctx: StoreContext) -> int | Dataset:
 
     try:
         temp = spool.write_temp(spool_dir, _part10_chunks(event))
+        ctx_timing = {"write_ms": round((time.perf_counter() - started) * 1000, 1)}
     except OSError as exc:
         log.error("store refused: cannot write spool file", extra={"sop": ref, "error": type(exc).__name__})
         return OUT_OF_RESOURCES
     try:
-        return _validate_and_commit(event, ctx, temp, sop_uid, ref, size, started)
+        return _validate_and_commit(event, ctx, temp, sop_uid, ref, size, started, ctx_timing)
     finally:
         temp.unlink(missing_ok=True)  # gone already after a successful rename
 
 
 def _validate_and_commit(
-    event: Event, ctx: StoreContext, temp: Path, sop_uid: str, ref: str | None, size: int, started: float
+    event: Event, ctx: StoreContext, temp: Path, sop_uid: str, ref: str | None, size: int, started: float,
+    timing: dict[str, float],
 ) -> int | Dataset:
     try:
         header = read_header(temp)
@@ -133,7 +135,7 @@ def _validate_and_commit(
     if not is_valid_uid(header.study_instance_uid):
         log.warning("store refused: invalid Study Instance UID", extra={"sop": ref})
         return _status(CANNOT_UNDERSTAND, "invalid Study Instance UID")
-    return _commit(event, ctx, temp, header, ref, size, started)
+    return _commit(event, ctx, temp, header, ref, size, started, timing)
 
 
 def request_class(event: Event) -> str:
@@ -141,7 +143,7 @@ def request_class(event: Event) -> str:
 
 
 def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: str | None, size: int,
-            started: float) -> int | Dataset:
+            started: float, timing: dict[str, float]) -> int | Dataset:
     assert header.study_instance_uid is not None and header.sop_instance_uid is not None
     rel_path = spool.relative_path(header.study_instance_uid, header.sop_instance_uid)
     calling = event.assoc.requestor.ae_title
@@ -157,7 +159,9 @@ def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: st
                                 extra={"sop": ref, "study": uid_ref(header.study_instance_uid)})
                     return _status(CANNOT_UNDERSTAND, "SOP Instance UID already stored in another study")
                 if temp.exists():
+                    renamed = time.perf_counter()
                     spool.commit_file(ctx.settings.spool_dir, temp, rel_path)
+                    timing["rename_ms"] = round((time.perf_counter() - renamed) * 1000, 1)
                 study_id, instance_id = record_instance(
                     session, header, rel_path=rel_path, size_bytes=temp_size(ctx, rel_path, size),
                     calling_ae_title=calling, now=utcnow(),
@@ -175,7 +179,7 @@ def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: st
         ctx.stored += 1
         log.info("instance stored", extra={
             "sop": ref, "study_id": study_id, "instance_id": instance_id, "bytes": size,
-            "ms": round((time.perf_counter() - started) * 1000, 1),
+            "ms": round((time.perf_counter() - started) * 1000, 1), **timing,
         })
         return SUCCESS
     log.error("store refused: registry kept conflicting", extra={"sop": ref})
