@@ -90,6 +90,7 @@ class Algorithm:
     version: str
     files_sha256: str
     manufacturer: str = MANUFACTURER
+    test_model: bool = False  # a tiny random-weight checkpoint: said in the document, never clinical
 
     @property
     def device_uid(self) -> str:
@@ -159,6 +160,8 @@ def status_line(spec: SRSpec) -> str:
             f"Verified by {spec.verification.observer} ({spec.verification.organization}) on {when}."
         )
     origin = f"{spec.algorithm.name} {spec.algorithm.version}" if spec.algorithm else "an AI model"
+    if spec.algorithm and spec.algorithm.test_model:
+        origin += " (a random-weight TEST model, not a clinical model)"
     if spec.author:
         return (
             f"AI DRAFT - NOT VERIFIED: edited by {spec.author}, generated with {origin}; unverified AI "
@@ -211,7 +214,8 @@ def _classifier_container(findings: Sequence[CodedFinding], algorithm: Algorithm
             hd.sr.AlgorithmIdentification(
                 name=algorithm.name,
                 version=algorithm.version,
-                parameters=[f"model files SHA-256 {algorithm.files_sha256}"],
+                parameters=[f"model files SHA-256 {algorithm.files_sha256}"]
+                + (["random-weight test checkpoint, not a clinical model"] if algorithm.test_model else []),
                 family=codes.ARTIFICIAL_INTELLIGENCE,
                 manufacturer=algorithm.manufacturer,
             )

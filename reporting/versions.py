@@ -190,7 +190,10 @@ def create_ai_draft(
         findings_text=output.findings_text,
         impression_text=getattr(output, "impression_text", None),
         findings=_coded(findings),
-        algorithm=srmod.Algorithm(provenance.name, provenance.version, provenance.files_sha256),
+        algorithm=srmod.Algorithm(
+            provenance.name, provenance.version, provenance.files_sha256,
+            test_model=bool(getattr(provenance, "tiny", False)),
+        ),
         predecessors=_predecessors(study.study_instance_uid, previous),
         institution_name=settings.institution_name,
     )

@@ -126,3 +126,16 @@ def test_missing_source_image_is_a_clear_error(sqlite_registry: Registry, settin
     Path(settings.spool_dir / source.StudyInstanceUID / f"{source.SOPInstanceUID}.dcm").unlink()
     with pytest.raises(ReportingError, match="missing from the spool"), sqlite_registry.session() as session:
         create_ai_draft(session, settings, study_id, model_output(study_id), PROVENANCE)
+
+
+def test_a_test_model_says_so_in_the_document(sqlite_registry: Registry, settings: Settings) -> None:
+    from dataclasses import replace
+
+    study_id, _ = add_study(sqlite_registry, settings)
+    with sqlite_registry.session() as session:
+        report = create_ai_draft(session, settings, study_id, model_output(study_id), replace(PROVENANCE, tiny=True))
+    path = settings.sr_dir / report.sr_path
+    texts = [i.TextValue for i in _content_items(dcmread(path)) if i.ValueType == "TEXT"]
+    assert any("random-weight TEST model" in t for t in texts)
+    assert "random-weight test checkpoint, not a clinical model" in texts
+    assert dciodvfy_errors(path) == []
