@@ -182,3 +182,20 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_readme_configuration_reference_matches_the_settings() -> None:
+    """The README's table is generated from radialog/settings.py; a new setting must appear there."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "config_reference.py"), "--check"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    readme = (ROOT / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`RADIALOG_{name.upper()}`" in readme
+    for licence in ("Llama 2", "Vicuna v1.3", "non-commercial", "MIMIC-CXR", "CC BY-NC-SA", "Not a medical device"):
+        assert licence in readme
