@@ -159,6 +159,7 @@ def apply_lora(language_model: Any, files: ModelFiles) -> tuple[Any, list[str]]:
     except Exception as error:  # noqa: BLE001
         raise ModelFileError(f"cannot read {files.adapter_config}: {error}") from error
     config.inference_mode = True
+    config.base_model_name_or_path = getattr(language_model, "name_or_path", None)  # ours, not the hub id
     peft_model = get_peft_model(language_model, config)
     expected = {
         k.replace(".default.", "."): tuple(v.shape)
