@@ -81,3 +81,63 @@ def add_reported_study(registry: Registry, settings: Settings, *, index: int = 0
     with registry.session() as session:
         create_ai_draft(session, settings, study_id, output, provenance)
     return study_id
+
+
+class WorkerProcess:
+    """A real ``radialog worker`` subprocess serving the ``dialog`` queue for the API's tests."""
+
+    def __init__(self, settings: Settings, database_url: str, log_path: Path, name: str) -> None:
+        import os
+        import subprocess
+        import sys
+
+        self.name = name
+        self.settings = settings
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
+        env.update({
+            "RADIALOG_DATA_DIR": str(settings.data_dir), "RADIALOG_DATABASE_URL": database_url,
+            "RADIALOG_BROKER_URL": settings.broker_url, "RADIALOG_MODEL_DIR": str(settings.model_dir),
+            "RADIALOG_BASE_MODEL_DIR": str(settings.base_model_dir), "RADIALOG_DEVICE": "cpu",
+            "RADIALOG_MIN_FREE_BYTES": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        })
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "radialog.cli", "worker", "--hostname", name, "--queues", "dialog,export",
+             "--no-sweep"], env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 240.0) -> None:
+        """Until the worker's readiness key (model loaded) is in Redis."""
+        import time
+
+        import redis
+
+        client = redis.Redis.from_url(self.settings.broker_url)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if client.exists(f"radialog:worker:{self.name}"):
+                    return
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"worker exited ({self.proc.returncode}):\n{self.tail()}")
+                time.sleep(0.2)
+            raise TimeoutError(f"worker not ready in {timeout} s:\n{self.tail()}")
+        finally:
+            client.close()
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        self._log.close()

@@ -17,7 +17,7 @@ from api.testing import add_reported_study, add_study, make_keys
 from radialog.registry import AuditEntry, Conversation, DialogTurn, Registry, StudyState, utcnow
 from radialog.settings import Settings
 
-REDIS_URL = "redis://127.0.0.1:6379/11"  # this file's own database; pub/sub is global, ids are per test
+REDIS_URL = "redis://127.0.0.1:6379/14"  # this file's own database; pub/sub is global, ids are per test
 
 
 @pytest.fixture

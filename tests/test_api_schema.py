@@ -21,7 +21,7 @@ from api.testing import add_reported_study, add_study, make_keys
 from radialog.registry import Registry, StudyState
 from radialog.settings import Settings
 
-REDIS_URL = "redis://127.0.0.1:6379/11"
+REDIS_URL = "redis://127.0.0.1:6379/14"
 
 
 @pytest.fixture

@@ -1,0 +1,111 @@
+"""The dialog through the whole chain: API -> Redis -> a real ``radialog worker`` process with the tiny
+RaDialog checkpoint -> tokens on the Redis channel -> the API's JSON answer or Server-Sent Events."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from api.app import create_app
+from api.testing import WorkerProcess, add_reported_study, make_keys
+from radialog.registry import AuditEntry, DialogTurn, Registry
+from radialog.settings import Settings
+from workers.models import prompts
+
+REDIS_URL = "redis://127.0.0.1:6379/14"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from workers.models.radialog_v2.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def chain(registry: Registry, settings: Settings, tiny_model: tuple[Path, Path],
+          tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str], int, Registry]]:
+    api_settings = settings.model_copy(update={
+        "broker_url": REDIS_URL, "model_dir": tiny_model[0], "base_model_dir": tiny_model[1], "device": "cpu"})
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete("dialog", "export")
+    worker = WorkerProcess(api_settings, registry.url, tmp_path / "worker.log", f"api-test-{uuid.uuid4().hex[:8]}")
+    try:
+        keys = make_keys(registry)
+        study_id = add_reported_study(registry, api_settings)
+        worker.wait_ready()
+        with TestClient(create_app(api_settings, registry)) as http:
+            yield http, keys, study_id, registry
+    finally:
+        worker.stop()
+        client.delete(f"radialog:worker:{worker.name}")
+        client.close()
+
+
+def sse_events(body: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in body.split("\n\n"):
+        lines = [line for line in block.splitlines() if not line.startswith(":")]
+        if not lines:
+            continue
+        event = next(line[6:].strip() for line in lines if line.startswith("event:"))
+        data = json.loads("".join(line[5:].strip() for line in lines if line.startswith("data:")))
+        events.append((event, data))
+    return events
+
+
+@pytest.mark.slow
+def test_dialog_streams_in_order_answers_and_feeds_a_correction(chain) -> None:  # type: ignore[no-untyped-def]
+    http, keys, study_id, registry = chain
+    h = {"Authorization": f"Bearer {keys['rad']}"}
+    ready = http.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["workers"] == "1 ready"
+
+    # streamed: subscribe, send, relay; tokens arrive in generation order and add up to the answer
+    with http.stream("POST", f"/api/v1/studies/{study_id}/dialog/questions", headers=h,
+                     json={"question": "Is the heart enlarged?", "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response.read().decode())
+    kinds = [kind for kind, _ in events]
+    assert kinds[0] == "turn" and kinds[-1] == "done", kinds
+    assert set(kinds[1:-1]) <= {"token"} and len(kinds) > 3
+    turn_id = events[0][1]["turn_id"]
+    answer = events[-1][1]["answer"]
+    assert "".join(data["text"] for kind, data in events if kind == "token").strip() == answer.strip()
+    with registry.session() as s:
+        turn = s.get(DialogTurn, turn_id)
+        assert turn.state == "DONE" and turn.answer == answer and turn.question == "Is the heart enlarged?"
+
+    # waited JSON answer for a quick action, with the exact prompt text
+    action = http.post(f"/api/v1/studies/{study_id}/dialog/actions", headers=h,
+                       json={"action": "correction", "remove": ["Pleural Effusion"], "wait_seconds": 120})
+    assert action.status_code == 200, action.text
+    correction = action.json()
+    assert correction["state"] == "DONE" and correction["task"] == "correction"
+    assert correction["question"] == prompts.correction_prompt([], ["Pleural Effusion"])
+
+    conversation = http.get(f"/api/v1/studies/{study_id}/dialog", headers=h).json()
+    assert [t["id"] for t in conversation["turns"]] == [turn_id, correction["id"]]
+
+    # "use this as the report": the model's corrected text becomes version 2, then the radiologist signs
+    text = correction["answer"].strip() or "No pleural effusion."
+    v2 = http.post(f"/api/v1/studies/{study_id}/report/versions", headers=h,
+                   json={"kind": "ai_correction", "findings_text": text, "source_turn_id": correction["id"]})
+    assert v2.status_code == 201, v2.text
+    assert v2.json()["kind"] == "ai_correction" and v2.json()["findings_text"] == text
+    v3 = http.post(f"/api/v1/studies/{study_id}/report/approve", headers=h, json={})
+    assert v3.status_code == 201 and v3.json()["verified"] is True
+    # a new version seeds a new conversation (the model must see the text now on screen)
+    assert http.get(f"/api/v1/studies/{study_id}/dialog", headers=h).json()["turns"] == []
+
+    with registry.session() as s:
+        actions = [e.action for e in s.scalars(select(AuditEntry).where(AuditEntry.study_id == study_id))]
+    assert actions.count("dialog.ask") == 2 and "report.change" in actions and "report.approve" in actions
