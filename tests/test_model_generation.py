@@ -1,0 +1,120 @@
+"""Generation on the tiny model through the real loader: determinism, batching, streaming, context, tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from radialog.settings import Settings
+from radialog.synthetic import chest_pixels
+from workers.models import load_backend
+from workers.models.base import ContextTooLong, DialogRequest, StudyInput, Turn
+from workers.models.prompts import IMPRESSION, LIST_FINDINGS, SYSTEM, VIEW_PROMPT, report_prompt, yes_no_prompt
+from workers.models.radialog_v2.backend import RadialogV2Backend, load_radialog_v2
+from workers.models.radialog_v2.llava import IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS
+from workers.models.radialog_v2.tiny import make_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_dirs: tuple[Path, Path]) -> RadialogV2Backend:
+    return load_radialog_v2(*tiny_dirs, device="cpu")
+
+
+def image(seed: int, rows: int = 600, cols: int = 520) -> np.ndarray:
+    return (chest_pixels(rows, cols, 8, seed=seed)).astype(np.uint8)
+
+
+def test_load_backend_from_settings(tiny_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, model_dir=tiny_dirs[0], base_model_dir=tiny_dirs[1], device="cpu")
+    backend = load_backend(settings)
+    assert backend.provenance.name == "RaDialog-LLaVA"
+    assert backend.provenance.tiny is True
+    assert backend.provenance.device == "cpu" and backend.provenance.dtype == "float32"
+
+
+def test_tokenizer_matches_sentencepiece_and_llava_image_tokenisation(backend: RadialogV2Backend, tiny_dirs) -> None:
+    """The reference uses the slow sentencepiece tokenizer: ids must be the same; <image> -> -200."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_dirs[1] / "tokenizer.model"))
+    text = f"{SYSTEM} USER: {LIST_FINDINGS} ASSISTANT:"
+    assert backend.tokenizer(text).input_ids == [1, *sp.encode(text)]
+    ids = backend.prompt_ids(f"{SYSTEM} USER: {report_prompt('edema')} ASSISTANT:")
+    before, after = f"{SYSTEM} USER: ", report_prompt("edema").removeprefix("<image>") + " ASSISTANT:"
+    assert ids == [1, *sp.encode(before), IMAGE_TOKEN_INDEX, *sp.encode(after)]
+    assert backend.count_tokens(f"{SYSTEM} USER: {report_prompt('edema')} ASSISTANT:") == len(ids) - 1 + NUM_IMAGE_TOKENS
+
+
+def test_report_is_deterministic_and_complete(backend: RadialogV2Backend, tiny_dirs) -> None:
+    studies = [StudyInput("a", image(1)), StudyInput("b", image(2, 700, 640))]
+    first = backend.report(studies)
+    again = load_radialog_v2(*tiny_dirs, device="cpu").report(studies)
+    assert [o.key for o in first] == ["a", "b"]
+    assert [o.findings_text for o in first] == [o.findings_text for o in again]
+    for out in first:
+        assert out.findings_text and out.generated_tokens > 0
+        assert [f.label for f in out.findings][0] == "No Finding" and len(out.findings) == 14
+        assert out.findings_phrase
+        assert set(out.timings) >= {"classifier", "generate"}
+
+
+def test_batched_generation_equals_one_by_one(backend: RadialogV2Backend) -> None:
+    """Left-padded batch with mixed prompt lengths gives exactly the one-at-a-time greedy tokens."""
+    history = [Turn(report_prompt("cardiomegaly"), "The heart is enlarged. The lungs are clear.")]
+    prompts = [
+        f"{SYSTEM} USER: {report_prompt('no common findings')} ASSISTANT:",
+        f"{SYSTEM} USER: {report_prompt('enlarged cardiomediastinum, cardiomegaly, pleural effusion')} ASSISTANT:",
+        f"{SYSTEM} USER: {history[0].question} ASSISTANT: {history[0].answer}</s>USER: {IMPRESSION} ASSISTANT:",
+        f"{SYSTEM} USER: {VIEW_PROMPT} ASSISTANT:",
+    ]
+    images = [image(i) for i in range(4)]
+    batched = backend.generate(prompts, images, 24)
+    single = [backend.generate([p], [im], 24)[0] for p, im in zip(prompts, images)]
+    assert batched == single
+    assert len({len(backend.prompt_ids(p)) for p in prompts}) == 4
+
+
+def test_report_does_not_depend_on_batch_companions(backend: RadialogV2Backend) -> None:
+    a, b, c = StudyInput("a", image(5)), StudyInput("b", image(6)), StudyInput("c", image(7))
+    with_b = backend.report([a, b])[0]
+    with_c = backend.report([c, a])[1]
+    assert with_b.findings_text == with_c.findings_text
+    assert with_b.findings == with_c.findings
+
+
+def test_streaming_pieces_add_up_to_the_answer(backend: RadialogV2Backend) -> None:
+    pieces: list[str] = []
+    request = DialogRequest(
+        image=image(3), history=[Turn(report_prompt("edema"), "Mild edema.")],
+        question=yes_no_prompt("edema"), task="list",
+    )
+    answer = backend.answer(request, on_token=pieces.append)
+    assert answer == backend.answer(request)
+    assert len(pieces) > 1
+    assert "".join(pieces).strip() == answer
+
+
+def test_dialog_without_image_turn_is_refused(backend: RadialogV2Backend) -> None:
+    with pytest.raises(ValueError, match="image placeholder"):
+        backend.answer(DialogRequest(image=image(3), history=[], question="Hello?"))
+
+
+def test_view_question_as_first_turn(backend: RadialogV2Backend) -> None:
+    answer = backend.answer(DialogRequest(image=image(3), history=[], question=VIEW_PROMPT, task="view"))
+    assert isinstance(answer, str)
+
+
+def test_context_limit_drops_old_turns_then_refuses(backend: RadialogV2Backend) -> None:
+    report = Turn(report_prompt("edema"), "Mild edema.")
+    long_turns = [Turn(f"Question {i}? " + "heart lungs " * 300, "yes " * 200) for i in range(6)]
+    answer = backend.answer(DialogRequest(image(3), [report, *long_turns], LIST_FINDINGS, task="list"))
+    assert isinstance(answer, str)
+    with pytest.raises(ContextTooLong):
+        backend.answer(DialogRequest(image(3), [report], "heart " * 5000, task="free"))
