@@ -130,7 +130,7 @@ def send(files: list[Path], ae_title: str, port: int) -> float:
     """Seconds for one storescu association carrying every file; fails unless every store succeeded."""
     started = time.perf_counter()
     result = subprocess.run(["storescu", "-v", "-aet", "BENCH", "-aec", ae_title, "127.0.0.1", str(port),
-                             *map(str, files)], capture_output=True, text=True)
+                             *map(str, files)], check=False, capture_output=True, text=True)
     elapsed = time.perf_counter() - started
     successes = len(re.findall(r"Received Store Response \(Success\)", result.stdout + result.stderr))
     if result.returncode != 0 or successes != len(files):

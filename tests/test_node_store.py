@@ -162,11 +162,11 @@ def test_dcmtk_storescu(tmp_path: Path, settings: Settings, sqlite_registry: Reg
     files.append(save(to_jpeg_baseline(make_cxr(rows=128, cols=128, study_uid=study)), tmp_path, "jpeg"))
     with running_node(settings, sqlite_registry) as node:
         echo_run = subprocess.run(["echoscu", "-aec", "RADIALOG", "127.0.0.1", str(node.port)],
-                                  capture_output=True, text=True, timeout=60)
+                                  check=False, capture_output=True, text=True, timeout=60)
         assert echo_run.returncode == 0, echo_run.stderr
         run = subprocess.run(["storescu", "-v", "-xy", "-aec", "RADIALOG", "127.0.0.1", str(node.port),
                               *map(str, files)],
-                             capture_output=True, text=True, timeout=120)
+                             check=False, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert (run.stdout + run.stderr).count("Received Store Response (Success)") == len(files)
     for source in files:
