@@ -170,7 +170,17 @@ def send_stow(settings: Settings, destination: Destination, dataset: Dataset) ->
 
     if not destination.url:
         raise DeliveryError(f"STOW destination {destination.name!r} has no url")
-    client = DICOMwebClient(url=destination.url)
+    import requests
+
+    session = requests.Session()
+    if destination.tls is not None:  # client certificate and the hospital CA, as for DICOM TLS
+        session.cert = (str(destination.tls.certfile), str(destination.tls.keyfile))
+        if destination.tls.ca_file:
+            session.verify = str(destination.tls.ca_file)
+    client = DICOMwebClient(
+        url=destination.url, session=session, timeout=(settings.acse_timeout, settings.network_timeout)
+    )
+    client.set_http_retry_params(retry=False)  # the outbox retries, with its own backoff and budget
     try:
         response = client.store_instances([dataset])
     except Exception as exc:  # requests' HTTPError / ConnectionError: the reason is what matters

@@ -207,3 +207,30 @@ def test_backoff_doubles_up_to_the_cap_with_jitter(settings: Settings) -> None:
         assert ceiling / 2 <= delay <= ceiling
     total = sum(backoff_seconds(settings, a, rng) for a in range(1, settings.export_max_attempts + 1))
     assert total > 3 * 3600  # the default budget keeps retrying for hours
+
+
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+@pytest.mark.skipif(not DICOMWEB_PLUGIN.exists(), reason="Orthanc's DICOMweb plugin (orthanc-dicomweb) is missing")
+def test_stow_rs_destination_with_orthanc_down_then_up(
+    sqlite_registry: Registry, settings: Settings, tmp_path: Path
+) -> None:
+    server = OrthancServer(
+        tmp_path / "orthanc-web",
+        {"Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}},
+    )
+    destination = Destination(name="web", kind="stow", url=f"{server.url}/dicom-web")
+    settings = _fast(settings, [destination], attempts=5)
+    study_id, source, [export_id] = _draft(sqlite_registry, settings)
+    try:
+        assert deliver(sqlite_registry, settings, export_id) == "PENDING"  # not started yet: down
+        assert "STOW-RS to" in _export(sqlite_registry, export_id).last_error
+        server.start()
+        assert deliver(sqlite_registry, settings, export_id) == "SENT"
+        with sqlite_registry.session() as session:
+            sop_uid = session.get(Export, export_id).report.sop_instance_uid
+        assert server.instance_tags(sop_uid)["StudyInstanceUID"] == source.StudyInstanceUID
+        assert server.count_instances() == 1 and _state(sqlite_registry, study_id) == "EXPORTED"
+    finally:
+        server.stop()
