@@ -307,3 +307,75 @@ def test_correction_then_approval_make_new_verified_sr(client: TestClient, keys:
         (1, "ai_draft", False), (2, "edit", False), (3, "approval", True)]
     actions = [a for a in audit_actions(registry, study_id) if a[0] == "rad"]
     assert ("rad", "report.change") in actions and ("rad", "report.approve") in actions
+
+
+def test_image_preview_is_the_model_image(client: TestClient, keys: dict[str, str], registry: Registry,
+                                          api_settings: Settings) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from workers.imaging import load_model_image
+
+    study_id, ds = add_study(registry, api_settings, state=StudyState.QUEUED)
+    response = client.get(f"/api/v1/studies/{study_id}/image.png", headers=auth(keys["reader"]))
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    shown = np.asarray(Image.open(io.BytesIO(response.content)))
+    model = load_model_image(api_settings.spool_dir / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm")
+    assert shown.dtype == np.uint8 and np.array_equal(shown, model)
+    assert ("reader", "image.read") in audit_actions(registry, study_id)
+    with registry.session() as s:  # a study the node could not pick an image for
+        from radialog.registry import Study
+
+        s.get(Study, study_id).selected_instance_id = None
+    assert_problem(client.get(f"/api/v1/studies/{study_id}/image.png", headers=auth(keys["reader"])), 409, "no-image")
+
+
+def test_approval_sends_the_export_task_for_the_new_sr(registry: Registry, api_settings: Settings,
+                                                        redis_db: redis.Redis) -> None:
+    import base64
+    import json
+
+    from radialog.settings import Destination
+
+    with_pacs = api_settings.model_copy(update={"destinations": [Destination(name="pacs", port=1)]})
+    redis_db.delete("export")
+    keys = make_keys(registry)
+    study_id = add_reported_study(registry, with_pacs)
+    with TestClient(create_app(with_pacs, registry)) as c:
+        approved = c.post(f"/api/v1/studies/{study_id}/report/approve", json={}, headers=auth(keys["rad"])).json()
+    [export] = approved["exports"]
+    assert export["destination"] == "pacs" and export["state"] == "PENDING"
+    messages = [json.loads(raw) for raw in redis_db.lrange("export", 0, -1)]
+    sent = [(m["headers"]["task"], json.loads(base64.b64decode(m["body"]))[0]) for m in messages]
+    assert ("radialog.export", [export["id"]]) in sent
+    redis_db.delete("export")
+
+
+def test_users_cli_creates_lists_and_revokes(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from click.testing import CliRunner
+
+    from radialog.cli import main
+    from radialog.settings import get_settings
+
+    monkeypatch.setenv("RADIALOG_DATA_DIR", str(tmp_path / "var"))
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        created = runner.invoke(main, ["users", "create", "dr-house", "--role", "radiologist"])
+        assert created.exit_code == 0, created.output
+        key = created.output.strip()
+        assert key.startswith("rdl_") and len(key) > 40
+        assert runner.invoke(main, ["users", "create", "dr-house", "--role", "reader"]).exit_code != 0
+        listed = runner.invoke(main, ["users", "list"]).output
+        assert "dr-house\tradiologist" in listed and "revoked: -" in listed and key not in listed
+        assert runner.invoke(main, ["users", "revoke", "dr-house"]).exit_code == 0
+        assert "revoked: -" not in runner.invoke(main, ["users", "list"]).output
+        assert runner.invoke(main, ["users", "revoke", "nobody"]).exit_code != 0
+        registry = Registry.from_settings(get_settings())
+        with TestClient(create_app(get_settings(), registry)) as c:
+            assert c.get("/api/v1/studies", headers=auth(key)).status_code == 401
+        registry.dispose()
+    finally:
+        get_settings.cache_clear()
