@@ -118,3 +118,42 @@ def test_a_new_model_version_makes_a_new_draft_after_the_old_one(sqlite_registry
         old = create_ai_draft(session, settings, study_id, model_output(study_id), PROVENANCE)
         new = create_ai_draft(session, settings, study_id, model_output(study_id), replace(PROVENANCE, version="2.1"))
         assert (new.version, new.predecessor_id) == (2, old.id) and new.sop_instance_uid != old.sop_instance_uid
+
+
+def test_racing_workers_make_one_draft_and_one_file(registry: Registry, two_destinations: Settings) -> None:
+    """Two workers finish the same study at once (a redelivered task): one Report, one SR file, one outbox."""
+    import threading
+
+    from sqlalchemy.exc import OperationalError
+
+    settings = two_destinations
+    study_id, _ = add_study(registry, settings)
+    barrier = threading.Barrier(2)
+    results: list[int] = []
+    locked: list[Exception] = []
+
+    def worker(text: str) -> None:
+        barrier.wait()
+        try:
+            with registry.session() as session:
+                results.append(create_ai_draft(session, settings, study_id, model_output(study_id, text),
+                                               PROVENANCE).id)
+        except OperationalError as exc:  # SQLite: the second writer of one snapshot is told to retry
+            locked.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(f"text {i}",)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if registry.engine.dialect.name == "postgresql":
+        assert locked == [] and len(results) == 2
+    assert len(set(results)) == 1 and len(results) + len(locked) == 2
+    with registry.session() as session:
+        assert session.scalar(select(func.count()).select_from(Report)) == 1
+        assert session.scalar(select(func.count()).select_from(Export)) == 2
+        report = session.get(Report, results[0])
+        on_disk = dcmread(settings.sr_dir / report.sr_path)
+    assert len(list(settings.sr_dir.rglob("*.dcm"))) == 1
+    texts = [item.TextValue for item in on_disk.ContentSequence[-1].ContentSequence if item.ValueType == "TEXT"]
+    assert report.findings_text in texts  # the file says what the row says
