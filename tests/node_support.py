@@ -83,3 +83,12 @@ def save(ds: Dataset, directory: Path, name: str) -> Path:
     path = directory / f"{name}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def wait_idle(node: RunningNode, limit: float = 30.0) -> None:
+    """Wait until the node has no association left (a released one ends a moment after the peer's)."""
+    import time
+
+    deadline = time.monotonic() + limit
+    while node.ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.02)
