@@ -90,7 +90,11 @@ def read_header(path: Path) -> Header:
     UIDs are returned as found; the caller validates them (an invalid UID is a failure status, not
     an exception here).
     """
-    ds = dcmread(path, stop_before_pixels=True, force=True)
+    return header_of(dcmread(path, stop_before_pixels=True, force=True))
+
+
+def header_of(ds: Dataset) -> Header:
+    """The :class:`Header` of a dataset (its ``file_meta`` gives the transfer syntax)."""
     meta = getattr(ds, "file_meta", None)
     transfer_syntax = str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else None
 
