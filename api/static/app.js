@@ -106,8 +106,9 @@ async function openStudy(id) {
   const study = await (await api(`/studies/${id}`)).json();
   $("study-head").textContent =
     `${study.patient_name || "?"} · ${study.patient_id || ""} · accession ${study.accession_number || "-"} · ${study.state}`;
-  $("study-reason").hidden = !study.reason;
-  $("study-reason").textContent = study.reason || "";
+  const problem = ["FAILED", "SKIPPED"].includes(study.state) && study.reason;  // why no report
+  $("study-reason").hidden = !problem;
+  $("study-reason").textContent = problem ? `${study.state}: ${study.reason}` : "";
   $("rerun").hidden = !["FAILED", "SKIPPED"].includes(study.state);
   loadImage(id);
   if (study.latest_report_version) {
