@@ -118,3 +118,15 @@ def test_context_limit_drops_old_turns_then_refuses(backend: RadialogV2Backend) 
     assert isinstance(answer, str)
     with pytest.raises(ContextTooLong):
         backend.answer(DialogRequest(image(3), [report], "heart " * 5000, task="free"))
+
+
+def test_report_uses_the_reference_conversation_prompt(backend: RadialogV2Backend) -> None:
+    """Report = greedy answer to "{SYSTEM} USER: {report prompt} ASSISTANT:" with the classifier's phrase."""
+    from workers.models.conversation import conversation_prompt
+
+    study = StudyInput("a", image(9))
+    (out,) = backend.report([study], max_new_tokens=20)
+    expected = backend.generate([conversation_prompt([], report_prompt(out.findings_phrase))], [study.image], 20)[0]
+    assert out.findings_text == backend.decode(expected)
+    (forced,) = backend.report([study], max_new_tokens=30, min_new_tokens=30)
+    assert forced.generated_tokens == 30

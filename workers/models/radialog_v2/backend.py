@@ -42,7 +42,7 @@ class RadialogV2Backend(ModelBackend):
             files_sha256=loaded.sha256,
             device=str(loaded.device),
             dtype=str(loaded.dtype).removeprefix("torch."),
-            tiny=loaded.files.tiny,
+            tiny=loaded.files.tiny if loaded.files is not None else True,  # no files: random weights
         )
 
     # -- text ------------------------------------------------------------------------------------
@@ -89,7 +89,10 @@ class RadialogV2Backend(ModelBackend):
             min_new_tokens=min_new_tokens, streamer=streamer,
         )
 
-    def report(self, studies: Sequence[StudyInput]) -> list[ReportOutput]:
+    def report(
+        self, studies: Sequence[StudyInput], *, max_new_tokens: int | None = None, min_new_tokens: int | None = None
+    ) -> list[ReportOutput]:
+        """Classifier + report generation for a batch; the token limits are for benchmarks only."""
         if not studies:
             return []
         images = [s.image for s in studies]
@@ -97,7 +100,9 @@ class RadialogV2Backend(ModelBackend):
         findings = self.classify(images)
         t1 = time.perf_counter()
         phrases = [findings_phrase([f.label for f in row if f.present]) for row in findings]
-        tokens = self.generate([report_prompt(p) for p in phrases], images, TASK_MAX_NEW_TOKENS["report"])
+        prompts = [conversation_prompt([], report_prompt(p)) for p in phrases]
+        limit = max_new_tokens or TASK_MAX_NEW_TOKENS["report"]
+        tokens = self.generate(prompts, images, limit, min_new_tokens=min_new_tokens)
         t2 = time.perf_counter()
         timings = {"classifier": t1 - t0, "generate": t2 - t1, "batch_size": float(len(studies))}
         return [

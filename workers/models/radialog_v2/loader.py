@@ -38,7 +38,7 @@ class LoadedModel:
     llava: RadialogLlava
     classifier: ChexpertClassifier
     tokenizer: Any
-    files: ModelFiles
+    files: ModelFiles | None  # None: built from configs with random weights (benchmarks)
     device: torch.device
     dtype: torch.dtype
     classifier_dtype: torch.dtype
