@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -184,6 +185,14 @@ def fail_job(registry: Registry, claim: Claim, reason: str, kind: str) -> None:
     log.warning("report job failed", extra={"job": claim.job_id, "study": claim.study_id, "kind": kind})
 
 
+def _seconds_between(start: datetime | None, end: datetime | None) -> float | None:
+    """Seconds from ``start`` to ``end``; SQLite hands back naive datetimes, which are UTC here."""
+    if start is None or end is None:
+        return None
+    start, end = (t if t.tzinfo else t.replace(tzinfo=timezone.utc) for t in (start, end))
+    return (end - start).total_seconds()
+
+
 def store_output(ctx: WorkerContext, prepared: Prepared, output: ReportOutput, batch_size: int) -> list[int]:
     """Report + SR + outbox via ``create_ai_draft``, Job DONE with timings; returns the export ids."""
     from reporting.versions import create_ai_draft
@@ -204,9 +213,10 @@ def store_output(ctx: WorkerContext, prepared: Prepared, output: ReportOutput, b
         job.finished_at = utcnow()
         job.heartbeat_at = None
         export_ids = [e.id for e in report.exports if e.state == "PENDING"]
-        total = (job.finished_at - job.queued_at).total_seconds() if job.queued_at else None
+        total = _seconds_between(job.queued_at, job.finished_at)
     for stage, seconds in timings.items():
-        metrics.STAGE_SECONDS.labels(stage=stage).observe(float(seconds))
+        if stage != "batch_size":
+            metrics.STAGE_SECONDS.labels(stage=stage).observe(float(seconds))
     if total is not None:
         metrics.JOB_SECONDS.observe(total)
     return export_ids
@@ -280,7 +290,14 @@ def _run_claims(ctx: WorkerContext, backend: ModelBackend, claims: list[Claim], 
                 reason = f"model error: {type(result).__name__}: {result}" if result else "model returned nothing"
                 fail_job(ctx.registry, item.claim, reason[:500], "model_error")
             else:
-                export_ids += store_output(ctx, item, result, len(prepared))
+                try:
+                    export_ids += store_output(ctx, item, result, len(prepared))
+                except (OperationalError, PoolTimeout):
+                    raise
+                except Exception as exc:  # the report cannot be stored (SR building, a bad header): say why
+                    log.warning("storing the report failed", extra={"job": item.claim.job_id}, exc_info=True)
+                    fail_job(ctx.registry, item.claim, f"storing the report failed: {type(exc).__name__}: {exc}"[:500],
+                             "store_error")
             pending.pop(0)
     except (OperationalError, PoolTimeout) as exc:  # registry hiccup: give back what is not stored
         metrics.FAILURES.labels(kind="transient").inc()

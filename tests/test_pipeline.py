@@ -1,0 +1,398 @@
+"""The pipeline end to end with real worker processes (``radialog worker`` subprocesses), the real Redis
+(db 12, flushed per test), the registry on SQLite (and PostgreSQL), and the tiny RaDialog checkpoint.
+
+Waits poll the registry until a condition holds or a generous deadline passes (a failure, not a timing
+assertion); the worker's log is printed when a wait fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from pydicom import dcmread
+from sqlalchemy import func, select
+
+from api.testing import add_reported_study, add_study
+from radialog.registry import (
+    Conversation,
+    DialogTurn,
+    Export,
+    Instance,
+    Job,
+    JobState,
+    Registry,
+    Report,
+    Study,
+    StudyState,
+    utcnow,
+)
+from radialog.settings import Destination, Settings
+from workers.celery_app import DIALOG_TASK, app_for
+from workers.pipeline import enqueue_report
+from workers.reconciler import reconcile
+
+REDIS_URL = "redis://127.0.0.1:6379/12"  # this module's own database
+REPO = Path(__file__).resolve().parents[1]
+WAIT_S = 240.0
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from workers.models.radialog_v2.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Worker:
+    """One ``radialog worker`` process with its log file."""
+
+    def __init__(self, harness: Harness, name: str, args: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.log = harness.tmp / f"{name}.log"
+        self._log_file = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "radialog.cli", *args], cwd=REPO, env=env,
+            stdout=self._log_file, stderr=subprocess.STDOUT,
+        )
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log_file.close()
+
+
+class Harness:
+    """Settings, registry, Redis and worker processes of one test."""
+
+    def __init__(self, tmp: Path, registry: Registry, settings: Settings, tiny: tuple[Path, Path]) -> None:
+        self.tmp = tmp
+        self.registry = registry
+        self.settings = settings.model_copy(update={
+            "broker_url": REDIS_URL, "model_dir": tiny[0], "base_model_dir": tiny[1], "device": "cpu",
+            "database_url": registry.url,
+        })
+        self.redis = redis.Redis.from_url(REDIS_URL)
+        self.redis.flushdb()
+        self.workers: list[Worker] = []
+
+    def env(self, **overrides: Any) -> dict[str, str]:
+        s = self.settings
+        values: dict[str, Any] = {
+            "RADIALOG_DATA_DIR": s.data_dir, "RADIALOG_DATABASE_URL": self.registry.url,
+            "RADIALOG_BROKER_URL": REDIS_URL, "RADIALOG_MODEL_DIR": s.model_dir,
+            "RADIALOG_BASE_MODEL_DIR": s.base_model_dir, "RADIALOG_DEVICE": "cpu",
+            "RADIALOG_MIN_FREE_BYTES": 0, "RADIALOG_BATCH_SIZE": s.batch_size,
+            "RADIALOG_BATCH_WAIT_MS": s.batch_wait_ms, "RADIALOG_VISIBILITY_TIMEOUT": s.visibility_timeout,
+            "RADIALOG_DESTINATIONS": json.dumps([d.model_dump(mode="json") for d in s.destinations]),
+            "RADIALOG_STABLE_AFTER": s.stable_after,
+        }
+        values.update({f"RADIALOG_{k.upper()}": v for k, v in overrides.items()})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
+        env.update({k: str(v) for k, v in values.items()})
+        env["PYTHONPATH"] = str(REPO)
+        return env
+
+    def start_worker(self, name: str, *extra: str, wait_ready: bool = True) -> Worker:
+        args = ["worker", "--hostname", name, "--no-sweep", *extra]
+        worker = Worker(self, name, args, self.env())
+        self.workers.append(worker)
+        if wait_ready:
+            self.wait_for(lambda: self.redis.exists(f"radialog:worker:{name}") == 1, f"{name} ready")
+        return worker
+
+    def wait_for(self, condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = condition()
+            if value:
+                return value
+            for worker in self.workers:
+                if worker.proc.poll() not in (None, -signal.SIGKILL):
+                    pytest.fail(f"worker {worker.name} exited ({worker.proc.returncode}):\n{worker.tail()}")
+            time.sleep(0.2)
+        logs = "\n".join(f"--- {w.name}\n{w.tail()}" for w in self.workers)
+        pytest.fail(f"gave up waiting for: {what}\n{logs}")
+
+    def states(self, study_ids: list[int]) -> dict[int, str]:
+        with self.registry.session() as session:
+            rows = session.execute(select(Study.id, Study.state).where(Study.id.in_(study_ids))).all()
+        return dict(rows)  # type: ignore[arg-type]
+
+    def wait_states(self, study_ids: list[int], states: set[str], what: str) -> None:
+        self.wait_for(lambda: set(self.states(study_ids).values()) <= states, what)
+
+    def jobs(self, study_ids: list[int]) -> dict[int, Job]:
+        with self.registry.session() as session:
+            return {j.study_id: j for j in session.scalars(select(Job).where(Job.study_id.in_(study_ids)))}
+
+    def report_counts(self, study_ids: list[int]) -> dict[int, int]:
+        with self.registry.session() as session:
+            rows = session.execute(
+                select(Report.study_id, func.count()).where(Report.study_id.in_(study_ids)).group_by(Report.study_id)
+            ).all()
+        return dict(rows)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.redis.flushdb()
+        self.redis.close()
+
+
+@pytest.fixture
+def harness(tmp_path: Path, settings: Settings, sqlite_registry: Registry, tiny_model: tuple[Path, Path]) -> Iterator[Harness]:
+    h = Harness(tmp_path, sqlite_registry, settings, tiny_model)
+    yield h
+    h.close()
+
+
+def add_poisoned_study(registry: Registry, settings: Settings, index: int) -> int:
+    """A QUEUED study whose spooled pixel data is truncated (the header is fine)."""
+    study_id, ds = add_study(registry, settings, index=index)
+    path = settings.spool_dir / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    broken = dcmread(path)
+    broken.PixelData = broken.PixelData[:1000]
+    broken.save_as(path, enforce_file_format=True)
+    return study_id
+
+
+class StorageSCP:
+    """A pynetdicom C-STORE SCP standing in for the PACS: records the SOP Instance UIDs it receives."""
+
+    def __init__(self) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        self.received: list[str] = []
+        self.ae = AE(ae_title="TESTPACS")
+        self.ae.supported_contexts = AllStoragePresentationContexts
+
+        def on_store(event: Any) -> int:
+            self.received.append(event.dataset.SOPInstanceUID)
+            return 0x0000
+
+        self.server = self.ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        self.port = int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.slow
+def test_worker_reports_exports_and_fails_a_poisoned_study(
+    tmp_path: Path, settings: Settings, registry: Registry, tiny_model: tuple[Path, Path]
+) -> None:
+    """QUEUED -> report + SR stored -> SR delivered to the PACS (EXPORTED); a study with unreadable
+    pixels -> FAILED with a readable reason, and the worker goes on serving. On SQLite and PostgreSQL."""
+    pacs = StorageSCP()
+    settings = settings.model_copy(update={"destinations": [
+        Destination(name="pacs", ae_title="TESTPACS", host="127.0.0.1", port=pacs.port)]})
+    h = Harness(tmp_path, registry, settings, tiny_model)
+    try:
+        poisoned = add_poisoned_study(registry, h.settings, index=1)
+        good, _ = add_study(registry, h.settings, index=2)
+        for study_id in (poisoned, good):
+            enqueue_report(registry, h.settings, study_id)
+        h.start_worker("w-flow")
+        h.wait_states([poisoned, good], {StudyState.FAILED.value, StudyState.EXPORTED.value}, "both studies settled")
+        assert h.states([poisoned, good]) == {poisoned: "FAILED", good: "EXPORTED"}
+        with registry.session() as session:
+            study = session.get(Study, poisoned)
+            assert study is not None and study.reason is not None
+            assert study.reason.startswith("unusable image: pixel data cannot be decoded")
+            report = session.scalars(select(Report).where(Report.study_id == good)).one()
+            assert [e.state for e in session.scalars(select(Export).where(Export.report_id == report.id))] == ["SENT"]
+        assert pacs.received == [report.sop_instance_uid]
+        jobs = h.jobs([poisoned, good])
+        assert jobs[poisoned].state == JobState.FAILED.value and "unusable image" in (jobs[poisoned].error or "")
+        done = jobs[good]
+        assert done.state == JobState.DONE.value and done.worker == "w-flow" and done.attempts == 1
+        assert {"preprocess", "classifier", "generate", "store"} <= set(done.timings)
+        assert h.report_counts([good]) == {good: 1}
+    finally:
+        h.close()
+        pacs.stop()
+
+
+@pytest.mark.slow
+def test_ten_studies_are_batched_and_match_one_by_one(harness: Harness) -> None:
+    from workers.imaging import load_model_image
+    from workers.models import load_backend
+    from workers.models.base import StudyInput
+
+    h = harness
+    h.settings = h.settings.model_copy(update={"batch_size": 4, "batch_wait_ms": 500})
+    studies = [add_study(h.registry, h.settings, index=i)[0] for i in range(10)]
+    for study_id in studies:  # all waiting before the worker starts: batches of 4, 4, 2
+        enqueue_report(h.registry, h.settings, study_id)
+    h.start_worker("w-batch")
+    h.wait_states(studies, {StudyState.REPORTED.value}, "ten studies reported")
+    jobs = h.jobs(studies)
+    assert Counter(job.timings["batch_size"] for job in jobs.values()) == Counter({4: 8, 2: 2})
+    assert h.report_counts(studies) == {s: 1 for s in studies}
+
+    backend = load_backend(h.settings)  # the same checkpoint, one study at a time, in this process
+    with h.registry.session() as session:
+        for study_id in studies:
+            report = session.scalars(select(Report).where(Report.study_id == study_id)).one()
+            study = session.get(Study, study_id)
+            instance = session.get(Instance, study.selected_instance_id)  # type: ignore[union-attr]
+            image = load_model_image(h.settings.spool_dir / instance.path)  # type: ignore[union-attr]
+            (alone,) = backend.report([StudyInput(key="alone", image=image)])
+            assert report.findings_text == alone.findings_text
+            assert [f["present"] for f in report.findings] == [f.present for f in alone.findings]
+            assert [f["probability"] for f in report.findings] == pytest.approx(
+                [f.probability for f in alone.findings], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_job_runs_the_job_again_exactly_once(harness: Harness) -> None:
+    """A worker killed while generating: its unacknowledged message comes back from Redis after the
+    visibility timeout, another worker takes the job over (lease expired) and stores one report."""
+    h = harness
+    h.settings = h.settings.model_copy(update={"visibility_timeout": 10, "batch_size": 1})
+    study_id, _ = add_study(h.registry, h.settings, index=3)
+    job_id = enqueue_report(h.registry, h.settings, study_id)
+    victim = h.start_worker("w-victim", "--lease-seconds", "3")
+    h.wait_for(lambda: h.jobs([study_id])[study_id].state == JobState.RUNNING.value, "job running on the victim")
+    victim.kill()
+    assert h.states([study_id]) == {study_id: StudyState.RUNNING.value}
+    h.start_worker("w-rescuer", "--lease-seconds", "3")
+    h.wait_states([study_id], {StudyState.REPORTED.value}, "job reported after the kill")
+    job = h.jobs([study_id])[study_id]
+    assert (job.id, job.state, job.worker, job.attempts) == (job_id, JobState.DONE.value, "w-rescuer", 2)
+    assert h.report_counts([study_id]) == {study_id: 1}
+    time.sleep(1)  # a late duplicate delivery, if any, must not add a report
+    assert h.report_counts([study_id]) == {study_id: 1}
+
+
+@pytest.mark.slow
+def test_flushed_broker_is_reconciled_and_every_study_reported(harness: Harness) -> None:
+    h = harness
+    studies = [add_study(h.registry, h.settings, index=10 + i)[0] for i in range(3)]
+    for study_id in studies:
+        enqueue_report(h.registry, h.settings, study_id)
+    h.redis.flushdb()  # Redis restarted without persistence: every waiting message is gone
+    assert h.redis.llen("report") == 0
+    result = reconcile(h.registry, h.settings, grace_s=0)
+    assert sorted(result.resent_queued) == sorted(j.id for j in h.jobs(studies).values())
+    h.start_worker("w-reconciled")
+    h.wait_states(studies, {StudyState.REPORTED.value}, "all studies reported after the flush")
+    assert h.report_counts(studies) == {s: 1 for s in studies}
+
+
+@pytest.mark.slow
+def test_dialog_turn_is_served_before_waiting_reports(harness: Harness) -> None:
+    from workers.models.prompts import yes_no_prompt
+
+    h = harness
+    h.settings = h.settings.model_copy(update={"batch_size": 1, "batch_wait_ms": 0})
+    seeded = add_reported_study(h.registry, h.settings, index=20)
+    waiting = [add_study(h.registry, h.settings, index=21 + i)[0] for i in range(3)]
+    for study_id in waiting:
+        enqueue_report(h.registry, h.settings, study_id)
+    with h.registry.session() as session:
+        report = session.scalars(select(Report).where(Report.study_id == seeded)).one()
+        conversation = Conversation(study_id=seeded, user="rad", seed_report_id=report.id, created_at=utcnow())
+        session.add(conversation)
+        session.flush()
+        turn = DialogTurn(conversation_id=conversation.id, task="yes_no", question=yes_no_prompt("pleural effusion"),
+                          state="QUEUED", created_at=utcnow())
+        session.add(turn)
+        session.flush()
+        turn_id = turn.id
+    messages: list[dict[str, Any]] = []
+    pubsub = h.redis.pubsub()
+    pubsub.subscribe(f"radialog:dialog:{turn_id}")
+
+    def listen() -> None:
+        for message in pubsub.listen():
+            if message["type"] == "message":
+                messages.append(json.loads(message["data"]))
+                if messages[-1]["type"] in ("done", "error"):
+                    return
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    app_for(h.settings).send_task(DIALOG_TASK, args=[turn_id], queue="dialog")  # sent after the reports
+    h.start_worker("w-dialog")
+    h.wait_states(waiting, {StudyState.REPORTED.value}, "waiting reports done")
+    listener.join(timeout=30)
+    pubsub.close()
+    with h.registry.session() as session:
+        turn = session.get(DialogTurn, turn_id)
+        assert turn is not None and turn.state == "DONE" and turn.answered_at is not None
+        answer, answered_at = turn.answer, turn.answered_at
+    first_report_start = min(job.started_at for job in h.jobs(waiting).values())  # type: ignore[type-var]
+    assert answered_at < first_report_start
+    assert messages and messages[-1] == {"type": "done", "answer": answer}
+    assert all(m["type"] == "token" for m in messages[:-1])
+
+
+@pytest.mark.slow
+def test_run_without_redis_uses_the_embedded_broker(harness: Harness) -> None:
+    """`radialog run` with no Redis answering: kombu's SQLite transport, said in the log; a chest X-ray
+    sent to the node comes out as a stored report."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+    from radialog.synthetic import make_cxr
+
+    h = harness
+    dicom_port = free_port()
+    env = h.env(broker_url="redis://127.0.0.1:1/0", dicom_port=dicom_port, dicom_host="127.0.0.1",
+                stable_after=1.0, batch_wait_ms=0)
+    run = Worker(h, "run", ["run", "--no-api"], env)
+    h.workers.append(run)
+    h.wait_for(lambda: "node listening" in run.log.read_text(errors="replace"), "node listening")
+    assert "embedded SQLite broker" in run.log.read_text(errors="replace")
+
+    ds = make_cxr(rows=256, cols=256, patient_index=30, seed=30)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, ds.file_meta.TransferSyntaxUID)
+    h.wait_for(lambda: _store(ae, dicom_port, ds), "C-STORE accepted by the node")
+    with h.registry.session() as session:
+        study_id = session.scalars(select(Study.id).where(Study.study_instance_uid == ds.StudyInstanceUID)).one()
+    h.wait_states([study_id], {StudyState.REPORTED.value}, "study reported through the embedded broker")
+    assert h.report_counts([study_id]) == {study_id: 1}
+    assert (h.settings.data_dir / "broker.sqlite").exists()
+
+
+def _store(ae: Any, port: int, ds: Any) -> bool:
+    assoc = ae.associate("127.0.0.1", port, ae_title="RADIALOG")
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_store(ds)
+        return bool(status) and status.Status == 0x0000
+    finally:
+        assoc.release()
