@@ -6,6 +6,7 @@ The study is written here directly (not through the node's receive path) so the 
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import threading
 from pathlib import Path
@@ -79,10 +80,14 @@ class StorePeer:
     """A real pynetdicom C-STORE SCP on a free port.
 
     ``accept`` is the SOP class it accepts (SR by default; CT to refuse our SR at association) and
-    ``status`` what it answers to each C-STORE (0x0000, or e.g. 0xA700 to refuse the instance).
+    ``status`` what it answers to each C-STORE (0x0000, or e.g. 0xA700 to refuse the instance);
+    ``ssl_context`` makes it a DICOM TLS peer.
     """
 
-    def __init__(self, *, ae_title: str = "PEER", accept: str = SRStorage, status: int = 0x0000) -> None:
+    def __init__(
+        self, *, ae_title: str = "PEER", accept: str = SRStorage, status: int = 0x0000,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.ae_title = ae_title
         self.status = status
         self.received: list[str] = []
@@ -90,7 +95,8 @@ class StorePeer:
         ae = AE(ae_title=ae_title)
         ae.add_supported_context(accept)
         self.server = ae.start_server(
-            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+            ssl_context=ssl_context,
         )
         self.port = int(self.server.server_address[1])
 
@@ -106,3 +112,14 @@ class StorePeer:
         self.server.shutdown()
 
 
+
+
+def self_signed(directory: Path, name: str = "peer") -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 / localhost (openssl): (certfile, keyfile)."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "2", "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key

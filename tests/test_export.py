@@ -234,3 +234,33 @@ def test_stow_rs_destination_with_orthanc_down_then_up(
         assert server.count_instances() == 1 and _state(sqlite_registry, study_id) == "EXPORTED"
     finally:
         server.stop()
+
+
+def test_tls_destination_verifies_the_peer_and_presents_our_certificate(
+    sqlite_registry: Registry, settings: Settings, tmp_path: Path
+) -> None:
+    import ssl
+
+    from radialog.settings import TLSSettings
+    from tests.reporting_support import self_signed
+
+    peer_cert, peer_key = self_signed(tmp_path, "pacs")
+    our_cert, our_key = self_signed(tmp_path, "radialog")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(our_cert))
+    server_context.verify_mode = ssl.CERT_REQUIRED  # the PACS wants to know who stores
+    server_context.load_cert_chain(str(peer_cert), str(peer_key))
+    peer = StorePeer(ae_title="TLSPACS", ssl_context=server_context)
+    try:
+        trusted = peer.destination("tls").model_copy(
+            update={"tls": TLSSettings(certfile=our_cert, keyfile=our_key, ca_file=peer_cert)}
+        )
+        untrusting = trusted.model_copy(
+            update={"name": "wrong-ca", "tls": TLSSettings(certfile=our_cert, keyfile=our_key, ca_file=our_cert)}
+        )
+        settings = _fast(settings, [trusted, untrusting], attempts=1)
+        _, _, export_ids = _draft(sqlite_registry, settings)
+        outcomes = {_export(sqlite_registry, i).destination: deliver(sqlite_registry, settings, i) for i in export_ids}
+        assert outcomes == {"tls": "SENT", "wrong-ca": "DEAD"}  # a PACS we cannot verify gets nothing
+        assert len(peer.received) == 1
+    finally:
+        peer.stop()
