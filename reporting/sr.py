@@ -147,6 +147,25 @@ class SRSpec:
         return self.verification is not None
 
 
+#: Type 2 patient/study attributes highdicom copies from the source; some modalities leave them out.
+_TYPE2_FROM_SOURCE = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
+    "StudyTime", "ReferringPhysicianName",
+)
+
+
+def _complete_header(source: Dataset) -> Dataset:
+    """A copy of the source header with absent Type 2 attributes present and empty, as DICOM wants."""
+    header = Dataset()
+    header.update(source)
+    if hasattr(source, "file_meta"):
+        header.file_meta = source.file_meta
+    for keyword in _TYPE2_FROM_SOURCE:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
+
+
 def read_source_header(path: Path) -> Dataset:
     """The source image's header (no pixel data): patient, study and reference attributes."""
     return dcmread(path, stop_before_pixels=True)
@@ -313,7 +332,7 @@ def build_sr(source: Dataset, spec: SRSpec) -> ComprehensiveSR:
             raise ValueError("a predecessor version belongs to another study")
     verification = spec.verification
     sr = ComprehensiveSR(
-        evidence=[source],
+        evidence=[_complete_header(source)],
         content=content_tree(spec),
         series_instance_uid=spec.series_instance_uid,
         series_number=spec.series_number,

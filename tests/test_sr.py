@@ -139,3 +139,17 @@ def test_a_test_model_says_so_in_the_document(sqlite_registry: Registry, setting
     assert any("random-weight TEST model" in t for t in texts)
     assert "random-weight test checkpoint, not a clinical model" in texts
     assert dciodvfy_errors(path) == []
+
+
+def test_a_source_without_optional_patient_attributes_still_gives_a_valid_sr(tmp_path: Path) -> None:
+    from radialog.synthetic import make_cxr
+    from reporting.sr import SRSpec, build_sr, new_uid
+
+    source = make_cxr(rows=32, cols=32)
+    for keyword in ("PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "ReferringPhysicianName"):
+        delattr(source, keyword)
+    sr = build_sr(source, SRSpec(new_uid(), new_uid(), 901, 1, "No acute findings."))
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    assert sr.PatientID == source.PatientID and sr.AccessionNumber == ""
