@@ -7,7 +7,7 @@ Call inside an open session: the predecessor and the exports are loaded from the
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from radialog.registry import Report
@@ -31,7 +31,10 @@ def status(report: Report) -> str:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
+    """ISO 8601 in UTC; SQLite hands timestamps back without their (UTC) zone."""
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
 
 
 def _provenance_line(report: Report) -> str:

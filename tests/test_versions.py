@@ -91,6 +91,7 @@ def test_correction_then_approval_makes_a_chain_of_versions(registry: Registry, 
         assert body["flags"] == {"completion": "COMPLETE", "verification": "VERIFIED", "preliminary": "FINAL"}
         assert body["predecessor"] == {"id": v2.id, "version": 2, "sop_instance_uid": v2.sop_instance_uid}
         assert body["model"]["name"] == PROVENANCE.name and body["verifier"] == "anna"
+        assert body["verified_at"].endswith("+00:00") and body["created_at"].endswith("+00:00")
         assert len(body["exports"]) == 2 and body["impression_text"] == "Cardiomegaly."
         draft_json = report_json(v1)
         assert draft_json["status"] == UNVERIFIED_HEADING and draft_json["predecessor"] is None
