@@ -49,7 +49,8 @@ def seed_question(report: Report) -> str:
 
 
 def conversation_tokens(conversation: Conversation, seed: Report | None) -> int:
-    """Estimated prompt size of the conversation so far (system, image, seed turn, answered turns)."""
+    """Estimated prompt size of the whole conversation so far (system, image, seed turn, answered
+    turns); past the model's limit the worker drops the oldest follow-up turns."""
     total = estimate_tokens(prompts.SYSTEM) + IMAGE_TOKENS
     if seed is not None:
         total += estimate_tokens(seed_question(seed)) + estimate_tokens(seed.findings_text)
@@ -99,13 +100,17 @@ def check_question(question: str) -> None:
         raise Problem(413, "question-too-long", f"a question may have at most {MAX_QUESTION_CHARS} characters")
 
 
-def check_context(conversation: Conversation, seed: Report, question: str, task: str) -> None:
-    needed = conversation_tokens(conversation, seed) + estimate_tokens(question) + prompts.TASK_MAX_NEW_TOKENS[task]
+def check_context(seed: Report, question: str, task: str) -> None:
+    """Refuse what the worker would refuse: even with only the report turn kept, the prompt and the
+    task's new tokens do not fit. (Longer conversations are fine: the worker drops the oldest
+    follow-up turns first, ``workers.models.conversation.fit_history``.)"""
+    needed = (estimate_tokens(prompts.SYSTEM) + IMAGE_TOKENS + estimate_tokens(seed_question(seed))
+              + estimate_tokens(seed.findings_text) + estimate_tokens(question) + prompts.TASK_MAX_NEW_TOKENS[task])
     if needed > prompts.MAX_CONTEXT_TOKENS:
         raise Problem(
             422, "context-too-long",
-            f"the conversation would need about {needed} tokens, over the model's {prompts.MAX_CONTEXT_TOKENS}; "
-            "start a new conversation (e.g. accept a corrected version)",
+            f"the report and the question need about {needed} tokens with the answer, over the model's "
+            f"{prompts.MAX_CONTEXT_TOKENS}; shorten the report or the question",
         )
 
 
@@ -198,7 +203,8 @@ def send_turn(
 
 
 def is_context_error(error: str) -> bool:
-    return "ContextTooLong" in error or "context" in error.lower()
+    """The worker's ContextTooLong message ("... needs N tokens ... but the limit is L ...")."""
+    return "ContextTooLong" in error or ("tokens" in error and "limit is" in error)
 
 
 def sse(event: str, data: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from api.app import create_app
 from api.testing import add_reported_study, add_study, make_keys
-from radialog.registry import AuditEntry, Conversation, DialogTurn, Registry, StudyState, utcnow
+from radialog.registry import AuditEntry, Conversation, DialogTurn, Registry, StudyState
 from radialog.settings import Settings
 
 REDIS_URL = "redis://127.0.0.1:6379/14"  # this file's own database; pub/sub is global, ids are per test
@@ -223,22 +223,26 @@ def test_question_too_long_413_and_bad_actions_422(client: TestClient, keys: dic
     assert_problem(client.post(url + "/actions", json={"action": "dance"}, headers=h), 422, "validation-error")
 
 
-def test_conversation_over_the_context_limit_is_422(client: TestClient, keys: dict[str, str], registry: Registry,
-                                                    api_settings: Settings) -> None:
+def test_report_too_long_for_the_context_is_422(client: TestClient, keys: dict[str, str], registry: Registry,
+                                                api_settings: Settings) -> None:
     study_id = add_reported_study(registry, api_settings)
     conversation = client.get(f"/api/v1/studies/{study_id}/dialog", headers=auth(keys["rad"])).json()
     assert conversation["turns"] == [] and conversation["seed_report_version"] == 1
     assert 0 < conversation["estimated_tokens"] < conversation["max_context_tokens"]
-    with registry.session() as s:  # a long conversation that already happened
-        for n in range(12):
-            s.add(DialogTurn(conversation_id=conversation["id"], task="free", question=f"Question {n}?",
-                             answer="a long answer. " * 60, state="DONE", created_at=utcnow(), answered_at=utcnow()))
+    # a pasted, very long report: even the report turn alone leaves no room for an answer
+    long_text = "The cardiomediastinal silhouette is within normal limits. " * 200
+    v2 = client.post(f"/api/v1/studies/{study_id}/report/versions", json={"findings_text": long_text},
+                     headers=auth(keys["rad"]))
+    assert v2.status_code == 201
     body = assert_problem(client.post(f"/api/v1/studies/{study_id}/dialog/questions",
                                       json={"question": "And the lungs?"}, headers=auth(keys["rad"])),
                           422, "context-too-long")
     assert "4000" in body["detail"]
     with registry.session() as s:
-        assert s.scalar(select(Conversation).where(Conversation.id == conversation["id"])).user == "rad"
+        assert s.scalars(select(DialogTurn)).all() == []
+    with registry.session() as s:  # a long conversation on a short report is the worker's to trim
+        conv = s.scalar(select(Conversation).where(Conversation.id == conversation["id"]))
+        assert conv is not None and conv.user == "rad"
 
 
 # -- reports, versions, approval -------------------------------------------------------------------

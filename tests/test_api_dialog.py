@@ -4,6 +4,7 @@ RaDialog checkpoint -> tokens on the Redis channel -> the API's JSON answer or S
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,8 +93,22 @@ def test_dialog_streams_in_order_answers_and_feeds_a_correction(chain) -> None: 
     assert correction["state"] == "DONE" and correction["task"] == "correction"
     assert correction["question"] == prompts.correction_prompt([], ["Pleural Effusion"])
 
+    # no waiting: 202 with the turn to poll; another user cannot read it
+    accepted = http.post(f"/api/v1/studies/{study_id}/dialog/actions", headers=h,
+                         json={"action": "yes_no", "finding": "Pneumothorax", "wait_seconds": 0})
+    assert accepted.status_code in (200, 202), accepted.text
+    polled = accepted.json()
+    assert polled["question"] == "Is there any pneumothorax?"
+    deadline = time.monotonic() + 120
+    while polled["state"] not in ("DONE", "FAILED") and time.monotonic() < deadline:
+        time.sleep(0.2)
+        polled = http.get(f"/api/v1/dialog/turns/{polled['id']}", headers=h).json()
+    assert polled["state"] == "DONE" and polled["task"] == "yes_no"
+    reader = {"Authorization": f"Bearer {keys['reader']}"}
+    assert http.get(f"/api/v1/dialog/turns/{polled['id']}", headers=reader).status_code == 404
+
     conversation = http.get(f"/api/v1/studies/{study_id}/dialog", headers=h).json()
-    assert [t["id"] for t in conversation["turns"]] == [turn_id, correction["id"]]
+    assert [t["id"] for t in conversation["turns"]] == [turn_id, correction["id"], polled["id"]]
 
     # "use this as the report": the model's corrected text becomes version 2, then the radiologist signs
     text = correction["answer"].strip() or "No pleural effusion."
@@ -108,4 +123,4 @@ def test_dialog_streams_in_order_answers_and_feeds_a_correction(chain) -> None: 
 
     with registry.session() as s:
         actions = [e.action for e in s.scalars(select(AuditEntry).where(AuditEntry.study_id == study_id))]
-    assert actions.count("dialog.ask") == 2 and "report.change" in actions and "report.approve" in actions
+    assert actions.count("dialog.ask") == 3 and "report.change" in actions and "report.approve" in actions

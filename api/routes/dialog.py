@@ -76,7 +76,7 @@ def _ask(
     report = require_report(session, study)
     conversation = current_conversation(session, study, who.name, report)
     check_no_pending_turn(conversation)
-    check_context(conversation, report, question, task)
+    check_context(report, question, task)
     require_worker(services)
     audit.record(session, who, "dialog.ask", study_id, conversation=conversation.id, task=task)
     session.commit()
