@@ -5,11 +5,11 @@ One settings object and one registry per app, injected into the routes through `
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
@@ -23,6 +23,8 @@ from radialog.registry import Registry
 from radialog.settings import Settings
 
 STATIC_DIR = Path(__file__).parent / "static"
+PAGE_CSP = ("default-src 'self'; img-src 'self' blob:; style-src 'self'; script-src 'self'; "
+            "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 
 DESCRIPTION = """AI draft reports (RaDialog) for chest X-rays, their versions and a follow-up dialog.
 
@@ -70,4 +72,15 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"])
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+
+    @app.middleware("http")
+    async def page_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        # The page loads nothing from elsewhere and is never framed; images come as blob: URLs.
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        if request.url.path.startswith("/static/"):
+            response.headers["Content-Security-Policy"] = PAGE_CSP
+        return response
+
     return app

@@ -7,6 +7,7 @@ client needs one error parser. ``problem_responses`` documents them in the OpenA
 
 from __future__ import annotations
 
+import traceback
 from http import HTTPStatus
 from typing import Any
 
@@ -101,8 +102,11 @@ async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    # The traceback goes to the log (no request data in it); the client gets no internals.
-    log.error("unhandled error", exc_info=exc, extra={"path_template": request.scope.get("route_path")})
+    # The log gets the exception's type and stack frames, not its message: a database error's message
+    # can quote row values (patient names). The client gets no internals.
+    route = getattr(request.scope.get("route"), "path", None)
+    frames = "".join(traceback.format_tb(exc.__traceback__))[-4000:]
+    log.error("unhandled error", extra={"route": route, "error": type(exc).__name__, "frames": frames})
     return problem_response(request, 500, "internal-error", "Internal Server Error", "see the server log")
 
 

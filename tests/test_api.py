@@ -383,3 +383,13 @@ def test_users_cli_creates_lists_and_revokes(tmp_path, monkeypatch: pytest.Monke
         registry.dispose()
     finally:
         get_settings.cache_clear()
+
+
+def test_page_is_served_with_a_strict_content_security_policy(client: TestClient) -> None:
+    index = client.get("/")
+    assert index.status_code == 200 and "<script src=\"/static/app.js\">" in index.text
+    csp = index.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert "https://" not in index.text  # nothing loaded from elsewhere (no CDN)
+    script = client.get("/static/app.js")
+    assert script.status_code == 200 and "sessionStorage" in script.text and "innerHTML" not in script.text
