@@ -54,8 +54,8 @@ def test_tokenizer_matches_sentencepiece_and_llava_image_tokenisation(backend: R
 
 def test_report_is_deterministic_and_complete(backend: RadialogV2Backend, tiny_dirs) -> None:
     studies = [StudyInput("a", image(1)), StudyInput("b", image(2, 700, 640))]
-    first = backend.report(studies)
-    again = load_radialog_v2(*tiny_dirs, device="cpu").report(studies)
+    first = backend.report(studies, max_new_tokens=40)
+    again = load_radialog_v2(*tiny_dirs, device="cpu").report(studies, max_new_tokens=40)
     assert [o.key for o in first] == ["a", "b"]
     assert [o.findings_text for o in first] == [o.findings_text for o in again]
     for out in first:
@@ -83,8 +83,8 @@ def test_batched_generation_equals_one_by_one(backend: RadialogV2Backend) -> Non
 
 def test_report_does_not_depend_on_batch_companions(backend: RadialogV2Backend) -> None:
     a, b, c = StudyInput("a", image(5)), StudyInput("b", image(6)), StudyInput("c", image(7))
-    with_b = backend.report([a, b])[0]
-    with_c = backend.report([c, a])[1]
+    with_b = backend.report([a, b], max_new_tokens=40)[0]
+    with_c = backend.report([c, a], max_new_tokens=40)[1]
     assert with_b.findings_text == with_c.findings_text
     assert with_b.findings == with_c.findings
 
