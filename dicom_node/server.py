@@ -18,6 +18,7 @@ from dicom_node import policy
 from dicom_node.assembly import Enqueue, StudyAssembler
 from dicom_node.recovery import recover_spool
 from dicom_node.store import StoreContext, handle_store
+from dicom_node.streaming import IncomingStreams
 from radialog.logging import get_logger
 from radialog.registry import Registry
 from radialog.settings import Settings
@@ -97,8 +98,11 @@ def start_node(settings: Settings, registry: Registry, enqueue: Enqueue | None =
     settings.spool_dir.mkdir(parents=True, exist_ok=True)
     recover_spool(settings, registry)
     ae = build_ae(settings)
-    store = StoreContext(settings=settings, registry=registry)
+    streams = IncomingStreams(settings.spool_dir)
+    store = StoreContext(settings=settings, registry=registry, streams=streams)
     handlers = [
+        (evt.EVT_PDU_RECV, streams.on_pdu_recv),
+        (evt.EVT_CONN_CLOSE, streams.on_conn_close),
         (evt.EVT_C_STORE, handle_store, [store]),
         (evt.EVT_REJECTED, _on_rejected),
         (evt.EVT_ABORTED, _on_aborted),

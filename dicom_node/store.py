@@ -30,6 +30,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from dicom_node import spool
 from dicom_node.header import Header, read_header
 from dicom_node.records import Seen, record_instance, seen_before
+from dicom_node.streaming import IncomingStreams
 from radialog.logging import get_logger, uid_ref
 from radialog.registry import Registry, utcnow
 from radialog.settings import Settings
@@ -51,7 +52,9 @@ class StoreContext:
 
     settings: Settings
     registry: Registry
+    streams: IncomingStreams | None = None
     stored: int = field(default=0)
+    streamed: int = field(default=0)  # of those, written while they arrived (see ``streaming``)
 
 
 def _status(code: int, comment: str | None = None) -> Dataset:
@@ -106,8 +109,11 @@ def handle_store(event: Event, ctx: StoreContext) -> int | Dataset:
         return OUT_OF_RESOURCES
 
     try:
-        temp = spool.write_temp(spool_dir, _part10_chunks(event))
-        ctx_timing = {"write_ms": round((time.perf_counter() - started) * 1000, 1)}
+        temp = ctx.streams.take(event, sop_uid, request.DataSet.getbuffer()) if ctx.streams else None
+        streamed = temp is not None
+        if temp is None:
+            temp = spool.write_temp(spool_dir, _part10_chunks(event))
+        ctx_timing = {"write_ms": round((time.perf_counter() - started) * 1000, 1), "streamed": streamed}
     except OSError as exc:
         log.error("store refused: cannot write spool file", extra={"sop": ref, "error": type(exc).__name__})
         return OUT_OF_RESOURCES
@@ -119,7 +125,7 @@ def handle_store(event: Event, ctx: StoreContext) -> int | Dataset:
 
 def _validate_and_commit(
     event: Event, ctx: StoreContext, temp: Path, sop_uid: str, ref: str | None, size: int, started: float,
-    timing: dict[str, float],
+    timing: dict[str, Any],
 ) -> int | Dataset:
     try:
         header = read_header(temp)
@@ -143,7 +149,7 @@ def request_class(event: Event) -> str:
 
 
 def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: str | None, size: int,
-            started: float, timing: dict[str, float]) -> int | Dataset:
+            started: float, timing: dict[str, Any]) -> int | Dataset:
     assert header.study_instance_uid is not None and header.sop_instance_uid is not None
     rel_path = spool.relative_path(header.study_instance_uid, header.sop_instance_uid)
     calling = event.assoc.requestor.ae_title
@@ -177,6 +183,7 @@ def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: st
             log.error("store refused: cannot commit spool file", extra={"sop": ref, "error": type(exc).__name__})
             return OUT_OF_RESOURCES
         ctx.stored += 1
+        ctx.streamed += bool(timing.get("streamed"))
         log.info("instance stored", extra={
             "sop": ref, "study_id": study_id, "instance_id": instance_id, "bytes": size,
             "ms": round((time.perf_counter() - started) * 1000, 1), **timing,

@@ -58,6 +58,7 @@ def test_every_transfer_syntax_stored_as_received(tmp_path: Path, settings: Sett
     files.append(save(to_jpeg_baseline(make_cxr(rows=256, cols=256, study_uid=study)), tmp_path / "src", "jpeg"))
     with running_node(settings, sqlite_registry) as node:
         assert store_all(node.port, files) == [0] * len(files)
+        assert node.store.streamed == len(files), "every dataset was written while it arrived"
     with sqlite_registry.session() as session:
         rows = {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
     assert len(rows) == len(files)
@@ -167,6 +168,7 @@ def test_dcmtk_storescu(tmp_path: Path, settings: Settings, sqlite_registry: Reg
         run = subprocess.run(["storescu", "-v", "-xy", "-aec", "RADIALOG", "127.0.0.1", str(node.port),
                               *map(str, files)],
                              check=False, capture_output=True, text=True, timeout=120)
+        assert node.store.streamed == len(files)
     assert run.returncode == 0, run.stderr
     assert (run.stdout + run.stderr).count("Received Store Response (Success)") == len(files)
     for source in files:
