@@ -39,19 +39,18 @@ UNACKED_RESTORE_INTERVAL = 5
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
-    """Broker transport options; only the Redis transport understands the unacked-restore ones."""
-    options: dict[str, Any] = {
+    """Broker transport options. Only Redis has them; kombu's SQLAlchemy transport would hand them to
+    ``create_engine`` and its virtual channels serve queues round-robin (no dialog-first order there)."""
+    if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return {}
+    return {
         "visibility_timeout": settings.visibility_timeout,
         "queue_order_strategy": "priority",
+        "unacked_restore_interval": UNACKED_RESTORE_INTERVAL,
+        "unacked_restore_throttle": 1,
+        "socket_connect_timeout": 5,
+        "socket_timeout": 30,
     }
-    if settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
-        options.update(
-            unacked_restore_interval=UNACKED_RESTORE_INTERVAL,
-            unacked_restore_throttle=1,
-            socket_connect_timeout=5,
-            socket_timeout=30,
-        )
-    return options
 
 
 def make_app(settings: Settings) -> Celery:
@@ -72,7 +71,9 @@ def make_app(settings: Settings) -> Celery:
         task_ignore_result=True,
         result_expires=3600,
         broker_transport_options=transport_options(settings),
-        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
+        result_backend_transport_options=(
+            {"visibility_timeout": settings.visibility_timeout} if transport_options(settings) else {}
+        ),
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
