@@ -174,3 +174,19 @@ def test_dcmtk_storescu(tmp_path: Path, settings: Settings, sqlite_registry: Reg
     for source in files:
         sop = dcmread(source, stop_before_pixels=True).SOPInstanceUID
         assert dataset_bytes(settings.spool_dir / study / f"{sop}.dcm") == dataset_bytes(source)
+
+
+def test_concurrent_senders_of_one_study_and_instance(settings: Settings, registry: Registry) -> None:
+    """Several associations at once: the same new study and the same SOP Instance UID -> one study, one row."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    study = generate_uid()
+    same = make_cxr(rows=256, cols=256, study_uid=study)
+    others = [make_cxr(rows=64, cols=64, study_uid=study, seed=i) for i in range(4)]
+    with running_node(settings, registry) as node, ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda ds: store_all(node.port, [same, ds]), others))
+    assert results == [[0, 0]] * 4
+    with registry.session() as session:
+        assert session.scalar(select(func.count()).select_from(Study)) == 1
+        assert session.scalar(select(func.count()).select_from(Instance)) == 5
+    assert len(list((settings.spool_dir / study).glob("*.dcm"))) == 5
