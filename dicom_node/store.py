@@ -158,7 +158,12 @@ def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: st
             with ctx.registry.session() as session:
                 seen = seen_before(session, header.sop_instance_uid, header.study_instance_uid)
                 if seen is Seen.DUPLICATE:
-                    log.info("duplicate instance: already stored", extra={"sop": ref})
+                    if not (ctx.settings.spool_dir / rel_path).is_file() and temp.exists():
+                        # Recorded, but the file is gone (deleted by hand, or a lost rename): restore it.
+                        spool.commit_file(ctx.settings.spool_dir, temp, rel_path)
+                        log.warning("duplicate instance whose file was missing: restored", extra={"sop": ref})
+                    else:
+                        log.info("duplicate instance: already stored", extra={"sop": ref})
                     return SUCCESS
                 if seen is Seen.CONFLICT:
                     log.warning("store refused: SOP Instance UID already stored for another study",

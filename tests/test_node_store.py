@@ -98,6 +98,10 @@ def test_duplicate_stored_once(settings: Settings, registry: Registry) -> None:
     with running_node(settings, registry) as node:
         assert store_all(node.port, [ds, ds]) == [0, 0]
         assert store_all(node.port, [ds]) == [0]
+        stored = next(settings.spool_dir.glob("*/*.dcm"))
+        stored.unlink()  # a recorded instance whose file is gone is restored by the next send
+        assert store_all(node.port, [ds]) == [0]
+        assert stored.is_file()
     with registry.session() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 1
     assert len(list(settings.spool_dir.glob("*/*.dcm"))) == 1
