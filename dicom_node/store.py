@@ -3,12 +3,14 @@
 Contract of :func:`handle_store` (bound to ``evt.EVT_C_STORE`` with a :class:`StoreContext`):
 
 1. free space below ``settings.min_free_bytes`` (after this instance) -> ``0xA700`` out of resources;
-2. the bytes as received (file meta + the encoded dataset, pixel data never decoded) are written to a
-   fsynced temp file, and the header is read from it without the pixel data;
+2. the bytes as received (file meta + the encoded dataset, pixel data never decoded) are in a fsynced
+   temp file (streamed there while they arrived, see ``streaming``, or written from memory now), and
+   the header is read from it without the pixel data;
 3. an invalid SOP Instance / Study Instance UID -> ``0xC000`` (cannot understand), a dataset whose SOP
    class differs from the request's -> ``0xA900``; nothing is kept;
-4. a SOP Instance UID already recorded for the same study -> Success, nothing new written; for another
-   study -> ``0xC000`` with an error comment, the stored instance is never overwritten;
+4. a SOP Instance UID already recorded for the same study -> Success, nothing new written (unless its
+   spool file has gone missing: then it is restored); for another study -> ``0xC000`` with an error
+   comment, the stored instance is never overwritten;
 5. otherwise: atomic rename into ``<spool>/<study>/<sop>.dcm`` + directory fsync, then the registry
    commit (study upsert / re-open, instance row, ``last_instance_at``) -> Success;
 6. any registry error -> ``0xA700``. A file renamed but not committed (crash or registry error) got no
