@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workers.models.base import DialogRequest, StudyInput, Turn  # noqa: E402
-from workers.models.conversation import conversation_prompt  # noqa: E402
-from workers.models.prompts import report_prompt, yes_no_prompt  # noqa: E402
-from workers.models.radialog_v2.backend import RadialogV2Backend, load_radialog_v2  # noqa: E402
+from workers.models.base import DialogRequest, StudyInput, Turn
+from workers.models.conversation import conversation_prompt
+from workers.models.prompts import report_prompt, yes_no_prompt
+from workers.models.radialog_v2.backend import RadialogV2Backend, load_radialog_v2
 
 #: llava-v1.5-7b's Llama fields (config.json of the published base).
 LLAVA_7B: dict[str, Any] = {
@@ -131,7 +131,7 @@ def time_dialog(backend: RadialogV2Backend, image: np.ndarray, new_tokens: int, 
         start = time.perf_counter()
         pieces = backend.generate(
             [conversation_prompt(history, request.question)],
-            [image], new_tokens, min_new_tokens=new_tokens, on_token=lambda _text: arrivals.append(time.perf_counter()),
+            [image], new_tokens, min_new_tokens=new_tokens, on_token=lambda _text, got=arrivals: got.append(time.perf_counter()),
         )
         end = time.perf_counter()
         if arrivals:

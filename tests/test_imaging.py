@@ -142,7 +142,7 @@ def test_resize_follows_torchvision_semantics() -> None:
     assert out.size == (512, int(512 * 2500 / 2048))
     assert np.array_equal(np.asarray(out), np.asarray(img.resize(out.size, Image.BILINEAR)))
     crop = center_crop(out, 448)
-    top = int(round((out.size[1] - 448) / 2.0))
+    top = round((out.size[1] - 448) / 2.0)
     assert np.array_equal(np.asarray(crop), np.asarray(out)[top : top + 448, 32:480])
     wide = resize_shorter_side(Image.new("L", (701, 350)))
     assert wide.size == (int(512 * 701 / 350), 512)

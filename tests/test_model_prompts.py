@@ -77,7 +77,7 @@ def test_conversation_is_vicuna_v1_1() -> None:
 def test_context_rule_drops_oldest_follow_ups_then_refuses() -> None:
     report = Turn("<image>. report", "r " * 10)
     follow_ups = [Turn(f"q{i}", "a " * 100) for i in range(3)]
-    words = lambda text: len(text.split())  # noqa: E731 - a stand-in token counter
+    words = lambda text: len(text.split())
     base = words(conversation_prompt([report], "now?"))
     kept, dropped = fit_history([report, *follow_ups], "now?", words, max_new_tokens=10, limit=base + 10 + 205)
     assert dropped == 2 and kept == [report, follow_ups[2]]

@@ -38,7 +38,7 @@ def load_model_image(path: Path | str) -> np.ndarray:
     return dataset_to_model_image(ds)
 
 
-def dataset_to_model_image(ds) -> np.ndarray:  # noqa: ANN001 - pydicom Dataset, imported lazily
+def dataset_to_model_image(ds) -> np.ndarray:  # ds: pydicom Dataset (pydicom imported lazily)
     """As :func:`load_model_image`, from an already-read dataset."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -58,7 +58,7 @@ def dataset_to_model_image(ds) -> np.ndarray:  # noqa: ANN001 - pydicom Dataset,
         )
     try:
         pixels = ds.pixel_array
-    except Exception as error:  # noqa: BLE001 - any decoder failure is an unusable image, with the reason
+    except Exception as error:  # any decoder failure makes the image unusable; keep the reason
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", None) or str(syntax or "unknown")
         raise UnusableImage(f"pixel data cannot be decoded (transfer syntax {name}): {error}") from error
@@ -72,7 +72,7 @@ def dataset_to_model_image(ds) -> np.ndarray:  # noqa: ANN001 - pydicom Dataset,
     return _to_uint8(values)
 
 
-def _apply_voi(values: np.ndarray, ds, apply_voi_lut) -> np.ndarray:  # noqa: ANN001
+def _apply_voi(values: np.ndarray, ds, apply_voi_lut) -> np.ndarray:
     """VOI LUT sequence if present, else the first window; a broken VOI is skipped, not fatal."""
     has_lut = "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0
     has_window = "WindowCenter" in ds and "WindowWidth" in ds

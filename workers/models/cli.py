@@ -27,7 +27,7 @@ def make_tiny_command(directory: Path, seed: int) -> None:
     click.echo(f"RADIALOG_BASE_MODEL_DIR={base_dir.resolve()}")
 
 
-def _count(module) -> int:  # noqa: ANN001
+def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 

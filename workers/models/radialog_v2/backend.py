@@ -17,7 +17,13 @@ from workers.models.base import (
     TokenCallback,
 )
 from workers.models.conversation import conversation_prompt, fit_history
-from workers.models.prompts import IMAGE_PLACEHOLDER, MAX_CONTEXT_TOKENS, TASK_MAX_NEW_TOKENS, findings_phrase, report_prompt
+from workers.models.prompts import (
+    IMAGE_PLACEHOLDER,
+    MAX_CONTEXT_TOKENS,
+    TASK_MAX_NEW_TOKENS,
+    findings_phrase,
+    report_prompt,
+)
 from workers.models.radialog_v2.llava import IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS, CallbackStreamer
 from workers.models.radialog_v2.loader import LoadedModel
 from workers.models.radialog_v2.transforms import CLASSIFIER_CROP, LLM_CROP, batch_tensors
@@ -126,7 +132,7 @@ class RadialogV2Backend(ModelBackend):
         return self.decode(out)
 
 
-def load_radialog_v2(model_dir, base_dir, device: str = "auto") -> RadialogV2Backend:  # noqa: ANN001
+def load_radialog_v2(model_dir, base_dir, device: str = "auto") -> RadialogV2Backend:
     from workers.models.radialog_v2.loader import load_radialog
 
     with torch.inference_mode(False):

@@ -25,7 +25,7 @@ class OpaqueObject(dict):
 
     qualname = "?"
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> OpaqueObject:
+    def __new__(cls, *args: Any, **kwargs: Any) -> OpaqueObject:  # noqa: PYI034
         return dict.__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -88,10 +88,10 @@ def torch_load_checked(path: Path) -> Any:
         try:
             # weights_only=False is safe here only because the pickle module's find_class is restricted.
             return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
-        except Exception as error:  # noqa: BLE001 - report both reasons, name the file
+        except Exception as error:
             raise ModelFileError(
                 f"cannot read {path.name} safely: {error}; weights-only load said: "
                 f"{str(first_error).splitlines()[0]}"
             ) from error
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise ModelFileError(f"cannot read {path}: {error}") from error

@@ -56,7 +56,7 @@ def classifier_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         if key.startswith(IGNORED_PREFIXES):
             continue
-        out[key[len("model."):] if key.startswith("model.") else key] = value
+        out[key.removeprefix("model.")] = value
     return out
 
 

@@ -66,9 +66,9 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def split_non_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Reference prefix handling: strip ``base_model.``, then ``model.`` when keys start ``model.model.``."""
-    state = {(k[len("base_model."):] if k.startswith("base_model.") else k): v for k, v in state.items()}
+    state = {(k.removeprefix("base_model.")): v for k, v in state.items()}
     if any(k.startswith("model.model.") for k in state):
-        state = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
+        state = {(k.removeprefix("model.")): v for k, v in state.items()}
     return state
 
 
@@ -145,7 +145,7 @@ def _adapter_state(path: Path) -> dict[str, torch.Tensor]:
 
         try:
             return load_file(str(path))
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise ModelFileError(f"cannot read {path}: {error}") from error
     return torch_load_checked(path)
 
@@ -156,7 +156,7 @@ def apply_lora(language_model: Any, files: ModelFiles) -> tuple[Any, list[str]]:
 
     try:
         config = PeftConfig.from_pretrained(str(files.model_dir), local_files_only=True)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise ModelFileError(f"cannot read {files.adapter_config}: {error}") from error
     config.inference_mode = True
     config.base_model_name_or_path = getattr(language_model, "name_or_path", None)  # ours, not the hub id
@@ -185,7 +185,7 @@ def load_tokenizer(files: ModelFiles) -> Any:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(files.base_dir), local_files_only=True)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise ModelFileError(f"cannot load the tokenizer from {files.base_dir}: {error}") from error
     if tokenizer.bos_token_id != 1 or tokenizer.eos_token_id != 2:
         raise ModelFileError(

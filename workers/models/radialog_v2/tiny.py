@@ -79,7 +79,7 @@ def write_tokenizer(base_dir: Path) -> int:
         split_digits=True, add_dummy_prefix=True, minloglevel=2, hard_vocab_limit=False,
     )
     (base_dir / "tokenizer.model").write_bytes(model.getvalue())
-    token = lambda text: {"content": text, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}  # noqa: E731
+    token = lambda text: {"content": text, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
     (base_dir / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
         "bos_token": token("<s>"), "eos_token": token("</s>"), "unk_token": token("<unk>"), "pad_token": None,

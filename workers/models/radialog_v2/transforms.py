@@ -32,8 +32,8 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     w, h = image.size
     if w < size or h < size:
         raise ValueError(f"image {w}x{h} is smaller than the crop {size}")
-    top = int(round((h - size) / 2.0))
-    left = int(round((w - size) / 2.0))
+    top = round((h - size) / 2.0)
+    left = round((w - size) / 2.0)
     return image.crop((left, top, left + size, top + size))
 
 
