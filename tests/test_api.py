@@ -309,6 +309,10 @@ def test_correction_then_approval_make_new_verified_sr(client: TestClient, keys:
     versions = client.get(url + "/versions", headers=h).json()
     assert [(v["version"], v["kind"], v["verified"]) for v in versions["versions"]] == [
         (1, "ai_draft", False), (2, "edit", False), (3, "approval", True)]
+    other = add_study(registry, api_settings, state=StudyState.QUEUED, index=3)[0]
+    rows = {s["id"]: s for s in client.get("/api/v1/studies", headers=h).json()["items"]}
+    assert (rows[study_id]["latest_report_version"], rows[study_id]["verified"]) == (3, True)
+    assert (rows[other]["latest_report_version"], rows[other]["verified"]) == (None, None)
     actions = [a for a in audit_actions(registry, study_id) if a[0] == "rad"]
     assert ("rad", "report.change") in actions and ("rad", "report.approve") in actions
 

@@ -10,22 +10,37 @@ from sqlalchemy import func, select
 
 from api import audit
 from api.deps import DB, AnyUser, AppRegistry, AppSettings, Operator
-from api.lookups import get_study, latest_report
+from api.lookups import get_study
 from api.problems import Problem, problem_responses
 from api.schemas import EventOut, InstanceOut, RerunOut, StudyDetail, StudyId, StudyPage, StudySummary
 from radialog.logging import get_logger
-from radialog.registry import Study, StudyState, transition
+from radialog.registry import Report, Study, StudyState, transition
 
 log = get_logger(__name__)
 router = APIRouter(prefix="/studies", tags=["studies"])
 _AUTH = problem_responses(401, 403)
 
 
-def _summary(session: DB, study: Study) -> StudySummary:
-    out = StudySummary.model_validate(study)
-    report = latest_report(session, study.id)
-    if report is not None:
-        out.latest_report_version, out.verified = report.version, report.verified
+def _summaries(session: DB, studies: list[Study]) -> list[StudySummary]:
+    """Worklist rows with each study's newest report version, in one query for the whole page."""
+    ids = [s.id for s in studies]
+    newest = (
+        select(Report.study_id, func.max(Report.version).label("version"))
+        .where(Report.study_id.in_(ids)).group_by(Report.study_id).subquery()
+    )
+    latest = {
+        study_id: (version, verified)
+        for study_id, version, verified in session.execute(
+            select(Report.study_id, Report.version, Report.verified).join(
+                newest, (Report.study_id == newest.c.study_id) & (Report.version == newest.c.version))
+        )
+    } if ids else {}
+    out = []
+    for study in studies:
+        summary = StudySummary.model_validate(study)
+        if study.id in latest:
+            summary.latest_report_version, summary.verified = latest[study.id]
+        out.append(summary)
     return out
 
 
@@ -52,7 +67,7 @@ def list_studies(
         query = query.where(Study.accession_number == accession)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.scalars(query.order_by(Study.created_at.desc(), Study.id.desc()).offset(offset).limit(limit))
-    items = [_summary(session, s) for s in rows]
+    items = _summaries(session, list(rows))
     audit.record(session, who, "study.list", None, count=len(items))
     session.commit()
     return StudyPage(items=items, total=total, offset=offset, limit=limit)
@@ -62,7 +77,7 @@ def list_studies(
 def read_study(study_id: StudyId, session: DB, who: AnyUser) -> StudyDetail:
     """One study: state and reason, instances (header fields), and its whole state history."""
     study = get_study(session, study_id)
-    summary = _summary(session, study)
+    [summary] = _summaries(session, [study])
     detail = StudyDetail(
         **summary.model_dump(),
         instances=[
