@@ -148,6 +148,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive", type=int, default=8, help="studies for the one-at-a-time path")
+    parser.add_argument("--static-cache", action="store_true",
+                        help="generate with transformers' static KV cache (compiled decode step on CUDA)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -163,6 +165,8 @@ def main() -> None:
         backend = build_full_size(device)
         label = "full-size RaDialog v2 architecture, random weights"
     build_s = time.perf_counter() - t
+    if args.static_cache:
+        backend.generate_options = {"cache_implementation": "static"}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     images = synthetic_images(8)
@@ -171,6 +175,7 @@ def main() -> None:
         "model": label, "device": str(device), "dtype": str(backend.loaded.dtype),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__, "new_tokens": args.new_tokens, "build_s": build_s,
+        "static_cache": args.static_cache,
         "weights_gib": sum(p.numel() * p.element_size() for m in (backend.llava, backend.classifier)
                            for p in m.parameters()) / 2**30,
     }

@@ -130,3 +130,14 @@ def test_report_uses_the_reference_conversation_prompt(backend: RadialogV2Backen
     assert out.findings_text == backend.decode(expected)
     (forced,) = backend.report([study], max_new_tokens=30, min_new_tokens=30)
     assert forced.generated_tokens == 30
+
+
+def test_static_cache_option_gives_the_same_tokens(backend: RadialogV2Backend) -> None:
+    prompts = [f"{SYSTEM} USER: {report_prompt(p)} ASSISTANT:" for p in ("edema", "no common findings")]
+    images = [image(11), image(12)]
+    dynamic = backend.generate(prompts, images, 12)
+    backend.generate_options = {"cache_implementation": "static"}
+    try:
+        assert backend.generate(prompts, images, 12) == dynamic
+    finally:
+        backend.generate_options = {}

@@ -40,6 +40,8 @@ class RadialogV2Backend(ModelBackend):
         self.llava = loaded.llava
         self.classifier = loaded.classifier
         self.tokenizer = loaded.tokenizer
+        #: Extra transformers generate options (e.g. {"cache_implementation": "static"}); empty = dynamic cache.
+        self.generate_options: dict[str, object] = {}
         self.eos_id = int(self.tokenizer.eos_token_id)
         self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
         self.provenance = Provenance(
@@ -92,7 +94,7 @@ class RadialogV2Backend(ModelBackend):
         streamer = CallbackStreamer(self.tokenizer.decode, on_token, self.eos_id) if on_token else None
         return self.llava.generate(
             ids, pixels, max_new_tokens=max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-            min_new_tokens=min_new_tokens, streamer=streamer,
+            min_new_tokens=min_new_tokens, streamer=streamer, **self.generate_options,
         )
 
     def report(

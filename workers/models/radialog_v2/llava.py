@@ -113,11 +113,15 @@ class RadialogLlava(nn.Module):
         pad_token_id: int,
         min_new_tokens: int | None = None,
         streamer: BaseStreamer | None = None,
+        **options: Any,
     ) -> list[list[int]]:
-        """Greedy generation for a batch (one forward per step); returns new tokens up to (excluding) EOS."""
+        """Greedy generation for a batch (one forward per step); returns new tokens up to (excluding) EOS.
+
+        ``options`` go to transformers' generate unchanged (e.g. ``cache_implementation="static"``).
+        """
         features = self.encode_images(pixels)
         embeds, mask = self.embed_prompts(prompts, features)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(options)
         if min_new_tokens:
             kwargs["min_new_tokens"] = min_new_tokens
         out = self.language_model.generate(
