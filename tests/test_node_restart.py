@@ -113,3 +113,15 @@ def test_sigkill_mid_send_loses_no_acknowledged_instance(tmp_path: Path, setting
             assert len(list((settings.spool_dir / study).glob("*.dcm"))) == len(files)
         finally:
             registry.dispose()
+
+
+def test_cli_node_serves_and_stops_on_sigterm(tmp_path: Path, settings: Settings) -> None:
+    log = tmp_path / "node.log"
+    with node_process(settings, log) as (proc, port):
+        run = subprocess.run(["echoscu", "-aec", "RADIALOG", "127.0.0.1", str(port)], check=False,
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    messages = [json.loads(line)["msg"] for line in log.read_text().splitlines() if line.startswith("{")]
+    assert "node stopped" in messages
