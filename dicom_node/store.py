@@ -19,6 +19,7 @@ Contract of :func:`handle_store` (bound to ``evt.EVT_C_STORE`` with a :class:`St
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,8 +78,6 @@ def db_error_kind(exc: BaseException) -> str:
 
 def _part10_chunks(event: Event) -> list[Any]:
     """Preamble, file meta and the received dataset bytes (a view, not a copy)."""
-    import io
-
     meta = event.file_meta
     calling = event.assoc.requestor.ae_title
     if calling:
