@@ -174,6 +174,7 @@ def load(
     """Open the registry, load the model once (if wanted), start the heartbeats, install the context."""
     registry = Registry.from_settings(settings)
     backend = None
+    _preload_task_modules()
     if with_model:
         from workers.models import load_backend
 
@@ -192,6 +193,17 @@ def load(
         log.warning("readiness key could not be written", extra={"worker": context.hostname})
     context.start_heartbeats()
     return install(context)
+
+
+def _preload_task_modules() -> None:
+    """Import what the tasks use now, so that the first job does not pay for it."""
+    import importlib
+
+    for name in ("workers.imaging", "reporting.versions", "reporting.export", "workers.dialog"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            log.warning("module not installed", extra={"module": name})
 
 
 def current() -> WorkerContext:

@@ -193,7 +193,9 @@ def _seconds_between(start: datetime | None, end: datetime | None) -> float | No
     return (end - start).total_seconds()
 
 
-def store_output(ctx: WorkerContext, prepared: Prepared, output: ReportOutput, batch_size: int) -> list[int]:
+def store_output(
+    ctx: WorkerContext, prepared: Prepared, output: ReportOutput, batch_size: int, batch_wait_s: float = 0.0
+) -> list[int]:
     """Report + SR + outbox via ``create_ai_draft``, Job DONE with timings; returns the export ids."""
     from reporting.versions import create_ai_draft
 
@@ -205,7 +207,8 @@ def store_output(ctx: WorkerContext, prepared: Prepared, output: ReportOutput, b
         report = create_ai_draft(session, ctx.settings, prepared.claim.study_id, output, backend.provenance)
         session.flush()
         stored_s = time.perf_counter() - started
-        timings = {"preprocess": prepared.preprocess_s, **output.timings, "store": stored_s}
+        timings = {"batch_wait": batch_wait_s, "preprocess": prepared.preprocess_s, **output.timings,
+                   "store": stored_s}
         job.timings = {**timings, "batch_size": batch_size}
         job.state = JobState.DONE.value
         job.worker = ctx.hostname
@@ -236,6 +239,7 @@ def run_report_job(ctx: WorkerContext, job_id: int) -> str:
     """The body of ``radialog.report``: claim a batch around ``job_id``, run it, store every outcome."""
     backend = ctx.require_backend()
     settings = ctx.settings
+    collect_started = time.perf_counter()
     claims = collect_batch(
         ctx.registry,
         job_id,
@@ -248,14 +252,17 @@ def run_report_job(ctx: WorkerContext, job_id: int) -> str:
     if not claims:
         log.info("nothing to do: job done or running elsewhere", extra={"job": job_id})
         return "noop"
+    batch_wait_s = time.perf_counter() - collect_started
     ctx.hold([c.job_id for c in claims])
     try:
-        return _run_claims(ctx, backend, claims, job_id)
+        return _run_claims(ctx, backend, claims, job_id, batch_wait_s)
     finally:
         ctx.release([c.job_id for c in claims])
 
 
-def _run_claims(ctx: WorkerContext, backend: ModelBackend, claims: list[Claim], job_id: int) -> str:
+def _run_claims(
+    ctx: WorkerContext, backend: ModelBackend, claims: list[Claim], job_id: int, batch_wait_s: float
+) -> str:
     from workers.models.base import StudyInput
 
     prepared: list[Prepared] = []
@@ -291,7 +298,7 @@ def _run_claims(ctx: WorkerContext, backend: ModelBackend, claims: list[Claim], 
                 fail_job(ctx.registry, item.claim, reason[:500], "model_error")
             else:
                 try:
-                    export_ids += store_output(ctx, item, result, len(prepared))
+                    export_ids += store_output(ctx, item, result, len(prepared), batch_wait_s)
                 except (OperationalError, PoolTimeout):
                     raise
                 except Exception as exc:  # the report cannot be stored (SR building, a bad header): say why
