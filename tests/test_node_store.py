@@ -194,3 +194,15 @@ def test_concurrent_senders_of_one_study_and_instance(settings: Settings, regist
         assert session.scalar(select(func.count()).select_from(Study)) == 1
         assert session.scalar(select(func.count()).select_from(Instance)) == 5
     assert len(list((settings.spool_dir / study).glob("*.dcm"))) == 5
+
+
+def test_memory_path_when_not_streamed(tmp_path: Path, settings: Settings, sqlite_registry: Registry) -> None:
+    """Without the streamed file (streaming unusable) the handler writes the same bytes from memory."""
+    source = save(_instance(RLELossless, generate_uid(), 1), tmp_path, "rle")
+    with running_node(settings, sqlite_registry) as node:
+        node.store.streams = None
+        assert store_all(node.port, [source]) == [0]
+        assert node.store.streamed == 0 and node.store.stored == 1
+    stored = next(settings.spool_dir.glob("*/*.dcm"))
+    assert dataset_bytes(stored) == dataset_bytes(source)
+    assert dcmread(stored).file_meta.SourceApplicationEntityTitle == "TESTSCU"
