@@ -29,10 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workers.models.base import DialogRequest, StudyInput, Turn
+from transformers.generation.streamers import BaseStreamer
+
+from workers.models.base import StudyInput, Turn
 from workers.models.conversation import conversation_prompt
 from workers.models.prompts import report_prompt, yes_no_prompt
 from workers.models.radialog_v2.backend import RadialogV2Backend, load_radialog_v2
+from workers.models.radialog_v2.transforms import LLM_CROP, batch_tensors
 
 #: llava-v1.5-7b's Llama fields (config.json of the published base).
 LLAVA_7B: dict[str, Any] = {
@@ -66,8 +69,9 @@ def build_full_size(device: torch.device) -> RadialogV2Backend:
     from workers.models.radialog_v2.tiny import write_tokenizer
 
     torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             language_model = LlamaForCausalLM(LlamaConfig(**LLAVA_7B)).eval()
@@ -82,7 +86,6 @@ def build_full_size(device: torch.device) -> RadialogV2Backend:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(token_dir), local_files_only=True)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     loaded = LoadedModel(llava, classifier, tokenizer, None, device, dtype,
                          torch.float16 if device.type == "cuda" else torch.float32, "random-full-size")
     return RadialogV2Backend(loaded)
@@ -121,23 +124,40 @@ def time_naive(backend: RadialogV2Backend, images: list[np.ndarray], n: int, new
     return {"studies": n, "seconds": seconds, "studies_per_s": n / seconds}
 
 
+class TokenClock(BaseStreamer):
+    """Records when each generated token arrives (token level: random weights may decode to no text)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.numel() == 1:  # one new token for the single sequence (prompt echoes are empty or longer)
+            self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 def time_dialog(backend: RadialogV2Backend, image: np.ndarray, new_tokens: int, repeats: int) -> dict[str, float]:
-    """A yes/no follow-up after a ~100-token report: first-token latency and streaming tokens/s."""
+    """A yes/no follow-up after a ~100-token report: first-token latency and streaming tokens/s.
+
+    Goes through the same path as ``backend.answer`` (prompt, image tokens, streamer) with a token clock.
+    """
     history = [Turn(report_prompt("cardiomegaly, pleural effusion"), "The heart is enlarged. " * 20)]
-    request = DialogRequest(image, history, yes_no_prompt("edema"), task="free", max_new_tokens=new_tokens)
+    ids = [backend.prompt_ids(conversation_prompt(history, yes_no_prompt("edema")))]
     first, rates = [], []
     for _ in range(repeats + 1):
-        arrivals: list[float] = []
+        clock = TokenClock()
         start = time.perf_counter()
-        pieces = backend.generate(
-            [conversation_prompt(history, request.question)],
-            [image], new_tokens, min_new_tokens=new_tokens, on_token=lambda _text, got=arrivals: got.append(time.perf_counter()),
+        backend.llava.generate(
+            ids, batch_tensors([image], LLM_CROP), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            eos_token_id=backend.eos_id, pad_token_id=backend.pad_id, streamer=clock, **backend.generate_options,
         )
+        sync(backend.loaded.device)
         end = time.perf_counter()
-        if arrivals:
-            first.append(arrivals[0] - start)
-            rates.append((len(pieces[0]) - 1) / max(end - arrivals[0], 1e-9))
-    return {"first_token_s": statistics.median(first[1:] or first), "tokens_per_s": statistics.median(rates[1:] or rates)}
+        first.append(clock.times[0] - start)
+        rates.append((len(clock.times) - 1) / max(end - clock.times[0], 1e-9))
+    return {"first_token_s": statistics.median(first[1:]), "tokens_per_s": statistics.median(rates[1:])}
 
 
 def main() -> None:
