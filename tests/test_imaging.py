@@ -48,6 +48,15 @@ def test_monochrome1_is_inverted_to_white_bones(tmp_path: Path) -> None:
     assert centre > lung
 
 
+def test_dx_monochrome1_with_inverse_presentation_lut_is_inverted_once(tmp_path: Path) -> None:
+    """DX requires Presentation LUT Shape INVERSE with MONOCHROME1: it names the same single inversion."""
+    m2 = load_model_image(save(make_cxr(modality="DX", rows=128, cols=128), tmp_path, "m2"))
+    m1 = make_cxr(modality="DX", rows=128, cols=128, photometric="MONOCHROME1")
+    m1.PresentationLUTShape = "INVERSE"
+    out = load_model_image(save(m1, tmp_path, "m1"))
+    assert np.abs(m2.astype(int) - out.astype(int)).max() <= 1
+
+
 def test_rescale_slope_and_intercept_apply_before_windowing(tmp_path: Path) -> None:
     plain = no_window(make_cxr(rows=128, cols=128))
     flipped = no_window(make_cxr(rows=128, cols=128))

@@ -68,7 +68,9 @@ def dataset_to_model_image(ds) -> np.ndarray:  # ds: pydicom Dataset (pydicom im
     values = apply_modality_lut(pixels, ds).astype(np.float64)
     values = _apply_voi(values, ds, apply_voi_lut)
     if photometric == "MONOCHROME1":
-        values = -values  # MONOCHROME1: low values are white; invert so bones are white like MIMIC-CXR-JPG
+        # MONOCHROME1: low values are white; invert so bones are white like MIMIC-CXR-JPG. A Presentation LUT
+        # Shape INVERSE is ignored on purpose: DX requires it with MONOCHROME1 for this same single inversion.
+        values = -values
     return _to_uint8(values)
 
 
