@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,7 +24,7 @@ from api.problems import Problem
 from api.schemas import MAX_QUESTION_CHARS, CorrectionAction, QuickAction, YesNoAction
 from api.services import Services, dialog_channel
 from radialog.logging import get_logger
-from radialog.registry import Conversation, DialogTurn, Registry, Report, Study, utcnow
+from radialog.registry import Conversation, DialogTurn, Report, Study, utcnow
 from workers.models import prompts
 
 log = get_logger(__name__)
@@ -172,34 +173,29 @@ class PendingTurn:
             pass
 
 
-def send_turn(
-    registry: Registry, services: Services, conversation_id: int, task: str, question: str
-) -> PendingTurn:
-    """Create the turn, subscribe to its channel, then send the "radialog.dialog_turn" task."""
-    with registry.session() as session:
-        turn = DialogTurn(conversation_id=conversation_id, task=task, question=question, state="QUEUED",
-                          created_at=utcnow())
-        session.add(turn)
-        session.flush()
-        turn_id = turn.id
+def send_turn(session: Session, services: Services, conversation_id: int, task: str, question: str) -> PendingTurn:
+    """Create the turn (one commit, with whatever the caller added, e.g. its audit entry), subscribe
+    to its channel, then send the "radialog.dialog_turn" task under the id stored in the row."""
+    task_id = str(uuid.uuid4())
+    turn = DialogTurn(conversation_id=conversation_id, task=task, question=question, state="QUEUED",
+                      celery_task_id=task_id, created_at=utcnow())
+    session.add(turn)
+    session.commit()
+    pubsub = None
     try:
         pubsub = services.redis.pubsub()
-        pubsub.subscribe(dialog_channel(turn_id))
-        task_id = services.send_task("radialog.dialog_turn", [turn_id], queue="dialog")
+        pubsub.subscribe(dialog_channel(turn.id))
+        services.send_task("radialog.dialog_turn", [turn.id], queue="dialog", task_id=task_id)
     except Exception as exc:
-        with registry.session() as session:
-            row = session.get(DialogTurn, turn_id)
-            if row is not None:
-                row.state, row.error = "FAILED", "the task could not be sent to the broker"
-        log.exception("dialog task not sent", extra={"turn": turn_id})
+        if pubsub is not None:
+            pubsub.close()
+        turn.state, turn.error = "FAILED", "the task could not be sent to the broker"
+        session.commit()
+        log.exception("dialog task not sent", extra={"turn": turn.id})
         raise Problem(503, "broker-unavailable", "the dialog task could not be sent",
                       headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
-    with registry.session() as session:
-        row = session.get(DialogTurn, turn_id)
-        if row is not None and row.celery_task_id is None:
-            row.celery_task_id = task_id
-    log.info("dialog turn sent", extra={"turn": turn_id, "task": task})
-    return PendingTurn(turn_id=turn_id, conversation_id=conversation_id, question=question, pubsub=pubsub)
+    log.info("dialog turn sent", extra={"turn": turn.id, "task": task})
+    return PendingTurn(turn_id=turn.id, conversation_id=conversation_id, question=question, pubsub=pubsub)
 
 
 def is_context_error(error: str) -> bool:

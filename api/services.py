@@ -74,9 +74,9 @@ class Services:
             self._celery = celery_app
         return self._celery
 
-    def send_task(self, name: str, args: list[Any], queue: str) -> str:
+    def send_task(self, name: str, args: list[Any], queue: str, task_id: str | None = None) -> str:
         """Send a task by name to ``queue``; returns the Celery task id."""
-        result = self.celery.send_task(name, args=args, queue=queue)
+        result = self.celery.send_task(name, args=args, queue=queue, task_id=task_id)
         return str(result.id)
 
     def close(self) -> None:

@@ -79,8 +79,7 @@ def _ask(
     check_context(report, question, task)
     require_worker(services)
     audit.record(session, who, "dialog.ask", study_id, conversation=conversation.id, task=task)
-    session.commit()
-    pending = send_turn(registry, services, conversation.id, task, question)
+    pending = send_turn(session, services, conversation.id, task, question)
     if stream:
         return StreamingResponse(
             stream_events(pending, STREAM_TIMEOUT_S), media_type="text/event-stream",
