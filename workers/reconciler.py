@@ -227,9 +227,11 @@ class Sweeper:
             log.warning("export sweep failed", exc_info=True)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while True:  # a first pass at start: a restarted process picks up what it left
             if self._my_turn():
                 self.sweep_once()
+            if self._stop.wait(self.interval_s):
+                return
 
     def stop(self) -> None:
         self._stop.set()
