@@ -75,7 +75,7 @@ def run_worker(
     log.info("worker starting", extra={"worker": hostname, "queues": queues, "batch_size": settings.batch_size})
     try:
         app.worker_main([
-            "worker", "--pool", "solo", "--queues", ",".join(queues), "--hostname", hostname,
+            "worker", "--pool", "solo", "--concurrency", "1", "--queues", ",".join(queues), "--hostname", hostname,
             "--loglevel", loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat",
         ])
     finally:
