@@ -169,3 +169,13 @@ def test_restricted_unpickling_never_runs_foreign_code(tmp_path: Path) -> None:
     loaded = torch_load_checked(path)
     assert not marker.exists()
     assert torch.equal(loaded["state_dict"]["w"], torch.ones(1))
+
+
+def test_make_tiny_is_reproducible(tiny_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    """Same seed, same bytes: the provenance hash (and so the SR's model identity) is stable across runs."""
+    from workers.models.radialog_v2.files import files_sha256, locate
+
+    again = make_tiny(tmp_path / "again")
+    assert files_sha256(locate(*again)) == files_sha256(locate(*tiny_dirs))
+    other = make_tiny(tmp_path / "other", seed=1)
+    assert files_sha256(locate(*other)) != files_sha256(locate(*tiny_dirs))
