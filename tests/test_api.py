@@ -135,13 +135,19 @@ def test_study_detail_with_instances_history_and_404(client: TestClient, keys: d
 
 
 def test_rerun_failed_study_and_refusals(client: TestClient, keys: dict[str, str], registry: Registry,
-                                         api_settings: Settings) -> None:
+                                         api_settings: Settings, redis_db: redis.Redis) -> None:
     failed, _ = add_study(registry, api_settings, state=StudyState.FAILED, reason="worker crashed")
     queued, _ = add_study(registry, api_settings, state=StudyState.QUEUED, index=1)
     assert_problem(client.post(f"/api/v1/studies/{failed}/rerun", headers=auth(keys["reader"])), 403, "forbidden")
     response = client.post(f"/api/v1/studies/{failed}/rerun", headers=auth(keys["admin"]))
     assert response.status_code == 202, response.text
-    assert response.json()["state"] == "QUEUED"
+    assert response.json() == {"study_id": failed, "state": "QUEUED", "enqueued": True}
+    with registry.session() as s:  # workers.pipeline.enqueue_report made the job and sent its task
+        from radialog.registry import Job
+
+        job = s.scalar(select(Job).where(Job.study_id == failed))
+        assert job is not None and job.state == "QUEUED" and job.celery_task_id
+    redis_db.delete("report")
     detail = client.get(f"/api/v1/studies/{failed}", headers=auth(keys["admin"])).json()
     assert detail["state"] == "QUEUED" and detail["history"][-1]["reason"] == "re-run requested by admin"
     assert_problem(client.post(f"/api/v1/studies/{queued}/rerun", headers=auth(keys["rad"])), 409, "not-rerunnable")
