@@ -6,6 +6,7 @@ The reporting package owns the SR and the outbox; here we only translate between
 
 from __future__ import annotations
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.problems import Problem
@@ -60,10 +61,14 @@ def new_version(
 
     if base_version is not None and base_version != current.version:
         raise Problem(409, "stale-version", f"version {base_version} is no longer current (current: {current.version})")
-    return create_version(
-        session, settings, current.study_id, kind=kind, findings_text=findings_text,
-        impression_text=impression_text, author=author, approve=approve,
-    )
+    try:
+        return create_version(
+            session, settings, current.study_id, kind=kind, findings_text=findings_text,
+            impression_text=impression_text, author=author, approve=approve,
+        )
+    except IntegrityError as exc:  # another version of this study was created at the same moment
+        session.rollback()
+        raise Problem(409, "stale-version", "another version was saved meanwhile; reload and retry") from exc
 
 
 def send_exports(services: Services, report: Report) -> int:
