@@ -3,7 +3,7 @@ Celery on the real Redis -> `radialog worker` (tiny model) -> SR back into Ortha
 dialog turn and approval through `radialog api` -> VERIFIED SR in Orthanc. Also: a lateral-only study is
 SKIPPED with its reason, and non-chest images are refused or skipped, never reported.
 
-One chain (PostgreSQL schema, Redis database 14) serves the module's tests.
+One chain (PostgreSQL schema, Redis database 10) serves the module's tests.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ pytestmark = [
         reason="needs dicom3tools (dciodvfy) and dcmtk (storescu)",
     ),
 ]
-REDIS_URL = "redis://127.0.0.1:6379/14"
+REDIS_URL = "redis://127.0.0.1:6379/10"  # this module's own database (API tests use 14)
 
 
 @pytest.fixture(scope="module")
