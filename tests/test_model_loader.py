@@ -179,3 +179,26 @@ def test_make_tiny_is_reproducible(tiny_dirs: tuple[Path, Path], tmp_path: Path)
     assert files_sha256(locate(*again)) == files_sha256(locate(*tiny_dirs))
     other = make_tiny(tmp_path / "other", seed=1)
     assert files_sha256(locate(*other)) != files_sha256(locate(*tiny_dirs))
+
+
+def test_safetensors_adapter_and_base_load_the_same_model(tiny_copy: tuple[Path, Path], tiny_dirs) -> None:
+    """peft's newer adapter_model.safetensors and a single model.safetensors base are read as well."""
+    from safetensors.torch import save_file
+
+    model_dir, base_dir = tiny_copy
+    adapter = torch.load(model_dir / "adapter_model.bin", weights_only=True)
+    save_file({k: v.contiguous() for k, v in adapter.items()}, model_dir / "adapter_model.safetensors")
+    (model_dir / "adapter_model.bin").unlink()
+    index = base_dir / "pytorch_model.bin.index.json"
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        state.update(torch.load(base_dir / shard, weights_only=True))
+        (base_dir / shard).unlink()
+    index.unlink()
+    save_file({k: v.contiguous() for k, v in state.items()}, base_dir / "model.safetensors", metadata={"format": "pt"})
+    converted = load_radialog(model_dir, base_dir, device_name="cpu")
+    original = load_radialog(*tiny_dirs, device_name="cpu")
+    assert converted.files.adapter_weights.suffix == ".safetensors"
+    ours, theirs = converted.llava.state_dict(), original.llava.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
