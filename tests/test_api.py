@@ -403,3 +403,42 @@ def test_page_is_served_with_a_strict_content_security_policy(client: TestClient
     assert "https://" not in index.text  # nothing loaded from elsewhere (no CDN)
     script = client.get("/static/app.js")
     assert script.status_code == 200 and "sessionStorage" in script.text and "innerHTML" not in script.text
+
+
+@pytest.mark.parametrize("registry", ["postgresql"], indirect=True)
+def test_two_versions_at_once_one_wins_the_other_is_409(client: TestClient, keys: dict[str, str],
+                                                        registry: Registry, api_settings: Settings) -> None:
+    """PostgreSQL: the API's insert of version 2 waits on the unique (study, version) index held by an
+    uncommitted version 2; once that commits, the API answers 409 instead of a 500 or a silent v3."""
+    import threading
+    import time
+
+    from sqlalchemy import text
+
+    from reporting.versions import create_version
+
+    study_id = add_reported_study(registry, api_settings)
+    result: dict[str, object] = {}
+
+    def post() -> None:
+        result["response"] = client.post(f"/api/v1/studies/{study_id}/report/versions",
+                                         json={"findings_text": "second edit"}, headers=auth(keys["rad"]))
+
+    with registry.session() as s:
+        create_version(s, api_settings, study_id, kind="edit", findings_text="first edit", impression_text=None,
+                       author="other")
+        worker = threading.Thread(target=post)
+        worker.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "response" not in result:  # until the API waits on our row
+            with registry.engine.connect() as conn:
+                waiting = conn.execute(text(
+                    "select count(*) from pg_stat_activity a join pg_locks l on l.pid = a.pid "
+                    "where not l.granted and a.query ilike 'INSERT INTO reports%'")).scalar()
+            if waiting:
+                break
+            time.sleep(0.05)
+    worker.join(timeout=60)
+    assert_problem(result["response"], 409, "stale-version")
+    versions = client.get(f"/api/v1/studies/{study_id}/report/versions", headers=auth(keys["rad"])).json()
+    assert [(v["version"], v["findings_text"]) for v in versions["versions"]][-1] == (2, "first edit")
