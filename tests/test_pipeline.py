@@ -396,3 +396,42 @@ def _store(ae: Any, port: int, ds: Any) -> bool:
         return bool(status) and status.Status == 0x0000
     finally:
         assoc.release()
+
+
+@pytest.mark.slow
+def test_out_of_memory_splits_the_batch_and_a_single_study_is_retried(
+    tiny_model: tuple[Path, Path], settings: Settings
+) -> None:
+    """Fault injection on the real tiny backend: CUDA's out-of-memory error for batches above one study
+    -> run_backend splits down to single studies with the same results; at one study -> TransientError."""
+    import numpy as np
+    import torch
+
+    from radialog.synthetic import chest_pixels
+    from workers.models import load_backend
+    from workers.models.base import StudyInput
+    from workers.pipeline import TransientError, run_backend
+
+    backend = load_backend(settings.model_copy(update={"model_dir": tiny_model[0], "base_model_dir": tiny_model[1],
+                                                       "device": "cpu"}))
+    real_report = backend.report
+    sizes: list[int] = []
+
+    def report_fitting_one(studies: Any) -> Any:
+        sizes.append(len(studies))
+        if len(studies) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_report(studies)
+
+    backend.report = report_fitting_one  # type: ignore[method-assign]
+    inputs = [StudyInput(key=str(i), image=(chest_pixels(256, 256, 8, seed=i)).astype(np.uint8)) for i in range(3)]
+    results = run_backend(backend, inputs)
+    assert sizes == [3, 1, 2, 1, 1]
+    assert sorted(results) == ["0", "1", "2"] and all(not isinstance(r, Exception) for r in results.values())
+
+    def never_fits(studies: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    backend.report = never_fits  # type: ignore[method-assign]
+    with pytest.raises(TransientError):
+        run_backend(backend, inputs[:1])
