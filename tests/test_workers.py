@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import redis
@@ -87,7 +88,7 @@ def test_claim_is_exclusive_and_a_stale_lease_is_taken_over(registry: Registry, 
 
 def test_collect_batch_takes_waiting_jobs_up_to_the_batch_size(registry: Registry, rsettings: Settings) -> None:
     jobs = [enqueue_report(registry, rsettings, add_study(registry, rsettings, index=i)[0]) for i in range(5)]
-    common = dict(worker="w1", model_name=rsettings.model_backend, wait_s=0.0, lease_s=30)
+    common: dict[str, Any] = {"worker": "w1", "model_name": rsettings.model_backend, "wait_s": 0.0, "lease_s": 30}
     batch = collect_batch(registry, jobs[3], batch_size=3, **common)
     assert [c.job_id for c in batch] == [jobs[3], jobs[0], jobs[1]]  # its own job, then the oldest
     rest = collect_batch(registry, jobs[2], batch_size=3, **common)

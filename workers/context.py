@@ -203,7 +203,7 @@ def _preload_task_modules() -> None:
         try:
             importlib.import_module(name)
         except ImportError:
-            log.warning("module not installed", extra={"module": name})
+            log.warning("module not installed", extra={"package": name})
 
 
 def current() -> WorkerContext:

@@ -11,6 +11,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+from kombu.exceptions import ChannelError, KombuError
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -63,10 +64,10 @@ class QueueDepthCollector(Collector):
                 for queue in QUEUES:
                     try:
                         count = channel.queue_declare(queue=queue, passive=True).message_count
-                    except Exception:  # a queue nobody declared yet holds nothing
+                    except ChannelError:  # not declared yet: nobody sent to it, nothing waits
                         count = 0
                     family.add_metric([queue], float(count))
-        except Exception:
+        except (OSError, KombuError):  # the broker is down: no depth this scrape, the scrape still works
             log.warning("queue depth unavailable: broker unreachable")
             return
         yield family

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -189,7 +189,7 @@ def _seconds_between(start: datetime | None, end: datetime | None) -> float | No
     """Seconds from ``start`` to ``end``; SQLite hands back naive datetimes, which are UTC here."""
     if start is None or end is None:
         return None
-    start, end = (t if t.tzinfo else t.replace(tzinfo=timezone.utc) for t in (start, end))
+    start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
     return (end - start).total_seconds()
 
 
