@@ -425,8 +425,9 @@ def test_out_of_memory_splits_the_batch_and_a_single_study_is_retried(
 
     backend.report = report_fitting_one  # type: ignore[method-assign]
     inputs = [StudyInput(key=str(i), image=(chest_pixels(256, 256, 8, seed=i)).astype(np.uint8)) for i in range(3)]
-    results = run_backend(backend, inputs)
-    assert sizes == [3, 1, 2, 1, 1]
+    told: list[int] = []
+    results = run_backend(backend, inputs, told.append)
+    assert sizes == [3, 1, 2, 1, 1] and told == [3, 2]  # the worker caps its later batches from this
     assert sorted(results) == ["0", "1", "2"] and all(not isinstance(r, Exception) for r in results.values())
 
     def never_fits(studies: Any) -> Any:

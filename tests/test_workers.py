@@ -152,3 +152,15 @@ def test_queue_depth_metric_counts_waiting_messages(sqlite_registry: Registry, r
     register_queue_depth(rsettings, metrics_registry)
     depth = {q: metrics_registry.get_sample_value("radialog_queue_depth", {"queue": q}) for q in QUEUES}
     assert depth == {"dialog": 0.0, "export": 0.0, "report": 3.0}
+
+
+def test_out_of_memory_caps_later_batches(sqlite_registry: Registry, rsettings: Settings) -> None:
+    from workers.context import WorkerContext
+
+    ctx = WorkerContext(settings=rsettings, registry=sqlite_registry, hostname="w1")
+    assert ctx.batch_limit(8) == 8
+    ctx.out_of_memory_at(8)
+    ctx.out_of_memory_at(6)  # a split half that failed too
+    assert ctx.batch_limit(8) == 3
+    ctx.out_of_memory_at(8)  # a larger failure does not raise the cap again
+    assert ctx.batch_limit(8) == 3 and ctx.batch_limit(2) == 2

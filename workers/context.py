@@ -63,6 +63,7 @@ class WorkerContext:
     backend: ModelBackend | None = None
     lease_s: float = DEFAULT_LEASE_S
     active_jobs: set[int] = field(default_factory=set)
+    oom_batch_cap: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -78,6 +79,19 @@ class WorkerContext:
         if self.backend is None:
             raise RuntimeError(f"worker {self.hostname} has no model loaded (export-only worker)")
         return self.backend
+
+    # -- batch size under GPU memory pressure ---------------------------------------------------------
+    def batch_limit(self, configured: int) -> int:
+        """``configured``, or less once a batch ran out of GPU memory in this process."""
+        limit = max(1, configured)
+        return min(limit, self.oom_batch_cap) if self.oom_batch_cap else limit
+
+    def out_of_memory_at(self, size: int) -> None:
+        """A batch of ``size`` did not fit: later batches of this worker stay below it."""
+        cap = max(1, size // 2)
+        if self.oom_batch_cap is None or cap < self.oom_batch_cap:
+            self.oom_batch_cap = cap
+            log.warning("out of GPU memory: batch size capped", extra={"worker": self.hostname, "cap": cap})
 
     # -- leases ----------------------------------------------------------------------------------
     def hold(self, job_ids: list[int]) -> None:

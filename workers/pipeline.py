@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -149,11 +149,13 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
 
 
-def run_backend(backend: ModelBackend, inputs: list[StudyInput]) -> dict[str, ReportOutput | Exception]:
+def run_backend(
+    backend: ModelBackend, inputs: list[StudyInput], on_oom: Callable[[int], None] | None = None
+) -> dict[str, ReportOutput | Exception]:
     """``backend.report`` over ``inputs``; an error splits the batch so that it stays with its study.
 
-    Out of GPU memory: halves are tried in turn, and a single study that still does not fit raises
-    ``TransientError``. Any other error at batch size 1 belongs to that study (the result is the exception).
+    Out of GPU memory: ``on_oom(batch size)`` is told, halves are tried in turn, and a single study that
+    still does not fit raises ``TransientError``. Any other error at batch size 1 belongs to that study (the result is the exception).
     """
     if not inputs:
         return {}
@@ -166,8 +168,10 @@ def run_backend(backend: ModelBackend, inputs: list[StudyInput]) -> dict[str, Re
             log.warning("model failed on one study", extra={"job": inputs[0].key}, exc_info=True)
             return {inputs[0].key: exc}
         log.warning("batch failed, splitting", extra={"batch_size": len(inputs), "error": type(exc).__name__})
+        if on_oom is not None and _is_out_of_memory(exc):
+            on_oom(len(inputs))
         half = len(inputs) // 2
-        return {**run_backend(backend, inputs[:half]), **run_backend(backend, inputs[half:])}
+        return {**run_backend(backend, inputs[:half], on_oom), **run_backend(backend, inputs[half:], on_oom)}
 
 
 def fail_job(registry: Registry, claim: Claim, reason: str, kind: str) -> None:
@@ -245,7 +249,7 @@ def run_report_job(ctx: WorkerContext, job_id: int) -> str:
         job_id,
         worker=ctx.hostname,
         model_name=settings.model_backend,
-        batch_size=max(1, settings.batch_size),
+        batch_size=ctx.batch_limit(settings.batch_size),
         wait_s=settings.batch_wait_ms / 1000,
         lease_s=ctx.lease_s,
     )
@@ -282,7 +286,9 @@ def _run_claims(
     metrics.BATCH_SIZE.observe(len(prepared))
     log.info("running batch", extra={"jobs": [p.claim.job_id for p in prepared], "worker": ctx.hostname})
     try:
-        results = run_backend(backend, [StudyInput(key=str(p.claim.job_id), image=p.image) for p in prepared])
+        results = run_backend(
+            backend, [StudyInput(key=str(p.claim.job_id), image=p.image) for p in prepared], ctx.out_of_memory_at
+        )
     except TransientError as exc:
         metrics.FAILURES.labels(kind="transient").inc()
         give_back(ctx, [p.claim for p in prepared], str(exc), except_job=job_id)
