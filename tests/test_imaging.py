@@ -6,13 +6,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from radialog.synthetic import make_cxr, to_jpeg_baseline
 from workers.imaging import UnusableImage, load_model_image
-from workers.models.radialog_v2.transforms import center_crop, resize_shorter_side, to_model_tensor
+from workers.models.radialog_v2.transforms import (
+    batch_tensors,
+    branch_batches,
+    center_crop,
+    resize_shorter_side,
+    to_model_tensor,
+)
 
 
 def save(ds: Dataset, tmp_path: Path, name: str = "x") -> Path:
@@ -155,3 +162,11 @@ def test_resize_follows_torchvision_semantics() -> None:
     assert np.array_equal(np.asarray(crop), np.asarray(out)[top : top + 448, 32:480])
     wide = resize_shorter_side(Image.new("L", (701, 350)))
     assert wide.size == (int(512 * 701 / 350), 512)
+
+
+def test_shared_resize_gives_each_branch_exactly_its_own_pipeline() -> None:
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, shape, np.uint8) for shape in ((900, 700), (640, 1000), (512, 512))]
+    both = branch_batches(images, (448, 488))
+    for crop in (448, 488):
+        assert torch.equal(both[crop], batch_tensors(images, crop))
