@@ -244,15 +244,19 @@ def run_report_job(ctx: WorkerContext, job_id: int) -> str:
     backend = ctx.require_backend()
     settings = ctx.settings
     collect_started = time.perf_counter()
-    claims = collect_batch(
-        ctx.registry,
-        job_id,
-        worker=ctx.hostname,
-        model_name=settings.model_backend,
-        batch_size=ctx.batch_limit(settings.batch_size),
-        wait_s=settings.batch_wait_ms / 1000,
-        lease_s=ctx.lease_s,
-    )
+    try:
+        claims = collect_batch(
+            ctx.registry,
+            job_id,
+            worker=ctx.hostname,
+            model_name=settings.model_backend,
+            batch_size=ctx.batch_limit(settings.batch_size),
+            wait_s=settings.batch_wait_ms / 1000,
+            lease_s=ctx.lease_s,
+        )
+    except (OperationalError, PoolTimeout) as exc:  # jobs claimed before the error come back by lease
+        metrics.FAILURES.labels(kind="transient").inc()
+        raise TransientError(f"registry unavailable: {type(exc).__name__}") from exc
     if not claims:
         log.info("nothing to do: job done or running elsewhere", extra={"job": job_id})
         return "noop"
@@ -260,6 +264,13 @@ def run_report_job(ctx: WorkerContext, job_id: int) -> str:
     ctx.hold([c.job_id for c in claims])
     try:
         return _run_claims(ctx, backend, claims, job_id, batch_wait_s)
+    except (OperationalError, PoolTimeout) as exc:  # registry hiccup: give back what is not finished
+        metrics.FAILURES.labels(kind="transient").inc()
+        try:
+            give_back(ctx, claims, "registry unavailable", except_job=job_id)
+        except (OperationalError, PoolTimeout):
+            log.warning("registry still unavailable: the jobs come back when their lease lapses")
+        raise TransientError(f"registry unavailable: {type(exc).__name__}") from exc
     finally:
         ctx.release([c.job_id for c in claims])
 
@@ -294,28 +305,21 @@ def _run_claims(
         give_back(ctx, [p.claim for p in prepared], str(exc), except_job=job_id)
         raise
     export_ids: list[int] = []
-    pending = list(prepared)
     try:
-        while pending:
-            item = pending[0]
+        for item in prepared:
             result = results.get(str(item.claim.job_id))
             if isinstance(result, Exception) or result is None:
                 reason = f"model error: {type(result).__name__}: {result}" if result else "model returned nothing"
                 fail_job(ctx.registry, item.claim, reason[:500], "model_error")
-            else:
-                try:
-                    export_ids += store_output(ctx, item, result, len(prepared), batch_wait_s)
-                except (OperationalError, PoolTimeout):
-                    raise
-                except Exception as exc:  # the report cannot be stored (SR building, a bad header): say why
-                    log.warning("storing the report failed", extra={"job": item.claim.job_id}, exc_info=True)
-                    fail_job(ctx.registry, item.claim, f"storing the report failed: {type(exc).__name__}: {exc}"[:500],
-                             "store_error")
-            pending.pop(0)
-    except (OperationalError, PoolTimeout) as exc:  # registry hiccup: give back what is not stored
-        metrics.FAILURES.labels(kind="transient").inc()
-        give_back(ctx, [p.claim for p in pending], "registry unavailable", except_job=job_id)
-        raise TransientError(f"registry unavailable: {type(exc).__name__}") from exc
+                continue
+            try:
+                export_ids += store_output(ctx, item, result, len(prepared), batch_wait_s)
+            except (OperationalError, PoolTimeout):
+                raise  # transient: run_report_job gives back what is not stored
+            except Exception as exc:  # the report cannot be stored (SR building, a bad header): say why
+                log.warning("storing the report failed", extra={"job": item.claim.job_id}, exc_info=True)
+                fail_job(ctx.registry, item.claim, f"storing the report failed: {type(exc).__name__}: {exc}"[:500],
+                         "store_error")
     finally:
         if export_ids:
             send_export_tasks(ctx.settings, export_ids)
