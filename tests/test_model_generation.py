@@ -141,3 +141,10 @@ def test_static_cache_option_gives_the_same_tokens(backend: RadialogV2Backend) -
         assert backend.generate(prompts, images, 12) == dynamic
     finally:
         backend.generate_options = {}
+
+
+def test_tiny_model_answers_are_capped(backend: RadialogV2Backend) -> None:
+    from workers.models.radialog_v2.backend import TINY_MAX_NEW_TOKENS
+
+    (out,) = backend.report([StudyInput("a", image(13))])
+    assert 0 < out.generated_tokens <= TINY_MAX_NEW_TOKENS

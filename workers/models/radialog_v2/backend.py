@@ -31,6 +31,8 @@ from workers.models.radialog_v2.transforms import CLASSIFIER_CROP, LLM_CROP, bat
 
 MODEL_NAME = "RaDialog-LLaVA"
 MODEL_VERSION = "2.0"
+#: A tiny random checkpoint's text is noise: cap its answers so tests and the demo stay quick on CPU.
+TINY_MAX_NEW_TOKENS = 32
 
 
 class RadialogV2Backend(ModelBackend):
@@ -75,6 +77,10 @@ class RadialogV2Backend(ModelBackend):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
+    def _limit(self, task_limit: int) -> int:
+        """The task's new-token limit; capped for a tiny random model (see TINY_MAX_NEW_TOKENS)."""
+        return min(task_limit, TINY_MAX_NEW_TOKENS) if self.provenance.tiny else task_limit
+
     # -- model -----------------------------------------------------------------------------------
     def classify(
         self, images: Sequence[np.ndarray], pixels: torch.Tensor | None = None
@@ -118,7 +124,7 @@ class RadialogV2Backend(ModelBackend):
         t1 = time.perf_counter()
         phrases = [findings_phrase([f.label for f in row if f.present]) for row in findings]
         prompts = [conversation_prompt([], report_prompt(p)) for p in phrases]
-        limit = max_new_tokens or TASK_MAX_NEW_TOKENS["report"]
+        limit = max_new_tokens or self._limit(TASK_MAX_NEW_TOKENS["report"])
         tokens = self.generate(prompts, images, limit, min_new_tokens=min_new_tokens, pixels=batches[LLM_CROP])
         t2 = time.perf_counter()
         # per batch, in seconds (every study of the batch gets the same figures)
@@ -133,7 +139,9 @@ class RadialogV2Backend(ModelBackend):
         ]
 
     def answer(self, request: DialogRequest, on_token: TokenCallback | None = None) -> str:
-        limit = request.max_new_tokens or TASK_MAX_NEW_TOKENS.get(request.task, TASK_MAX_NEW_TOKENS["free"])
+        limit = request.max_new_tokens or self._limit(
+            TASK_MAX_NEW_TOKENS.get(request.task, TASK_MAX_NEW_TOKENS["free"])
+        )
         history, _dropped = fit_history(request.history, request.question, self.count_tokens, limit, MAX_CONTEXT_TOKENS)
         prompt = conversation_prompt(history, request.question)
         if prompt.count(IMAGE_PLACEHOLDER) != 1:
