@@ -98,7 +98,7 @@ def start_node(settings: Settings, registry: Registry, enqueue: Enqueue | None =
     settings.spool_dir.mkdir(parents=True, exist_ok=True)
     recover_spool(settings, registry)
     ae = build_ae(settings)
-    streams = IncomingStreams(settings.spool_dir)
+    streams = IncomingStreams(settings.spool_dir, settings.min_free_bytes)
     store = StoreContext(settings=settings, registry=registry, streams=streams)
     handlers = [
         (evt.EVT_PDU_RECV, streams.on_pdu_recv),

@@ -89,8 +89,9 @@ class _Stream:
 class IncomingStreams:
     """Per-association spool writers fed by ``on_pdu_recv`` and taken by the C-STORE handler."""
 
-    def __init__(self, spool_dir: Path) -> None:
+    def __init__(self, spool_dir: Path, min_free_bytes: int = 0) -> None:
         self.spool_dir = spool_dir
+        self.min_free_bytes = min_free_bytes
         self._streams: dict[int, _Stream] = {}
         self._lock = threading.Lock()
 
@@ -150,6 +151,8 @@ class IncomingStreams:
         calling = event.assoc.requestor.ae_title
         if calling:
             meta.SourceApplicationEntityTitle = calling
+        if spool.free_bytes(self.spool_dir) < self.min_free_bytes:
+            return  # the C-STORE handler answers 0xA700; do not fill the disk further meanwhile
         incoming = self.spool_dir / spool.INCOMING
         incoming.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=incoming, suffix=".part")

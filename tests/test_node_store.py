@@ -136,6 +136,8 @@ def test_disk_below_min_free_bytes_is_out_of_resources(settings: Settings, sqlit
     full = settings.model_copy(update={"min_free_bytes": 1 << 62})
     with running_node(full, sqlite_registry) as node:
         assert store_all(node.port, [make_cxr(rows=64, cols=64)]) == [0xA700]
+        incoming = full.spool_dir / ".incoming"
+        assert not incoming.exists() or not list(incoming.iterdir()), "nothing streamed to a full disk"
     with sqlite_registry.session() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 0
 
