@@ -31,8 +31,8 @@ log = get_logger(__name__)
 
 #: RaDialog splices 196 projected image embeddings in place of ``<image>``.
 IMAGE_TOKENS = 196
-#: Llama's SentencePiece gives roughly one token per 3.5-4 characters of English radiology text;
-#: dividing by 3 over-estimates a little, so a conversation we accept fits the model's context.
+#: Llama-2 tokenizers give roughly one token per ~4 characters of English prose (not measured here on
+#: radiology text); dividing by 3 errs towards refusing rather than overflowing the context.
 CHARS_PER_TOKEN = 3.0
 #: A turn still pending after this long is taken as lost (its worker died) and no longer blocks.
 PENDING_TURN_GRACE = timedelta(minutes=5)
@@ -91,7 +91,9 @@ def action_question(action: QuickAction) -> tuple[str, str]:
         "impression": prompts.IMPRESSION,
         "easy_language": prompts.EASY_LANGUAGE,
         "summary": prompts.SUMMARY,
-        "view": prompts.VIEW_PROMPT,
+        # The view prompt was trained as the FIRST turn (it carries "<image>"); the worker always replays
+        # the report turn first, which already holds the image, so the placeholder is left out here.
+        "view": prompts.VIEW_PROMPT.removeprefix(prompts.IMAGE_PLACEHOLDER).strip(),
     }
     return action.action, fixed[action.action]
 

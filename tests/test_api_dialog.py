@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.app import create_app
-from api.testing import WorkerProcess, add_reported_study, make_keys
+from api.testing import WorkerProcess, add_reported_study, make_keys, offset_dialog_ids
 from radialog.registry import AuditEntry, DialogTurn, Registry
 from radialog.settings import Settings
 from workers.models import prompts
@@ -41,6 +41,7 @@ def chain(registry: Registry, settings: Settings, tiny_model: tuple[Path, Path],
     try:
         keys = make_keys(registry)
         study_id = add_reported_study(registry, api_settings)
+        offset_dialog_ids(registry, study_id)  # pub/sub channels are shared with other suites
         worker.wait_ready()
         with TestClient(create_app(api_settings, registry)) as http:
             yield http, keys, study_id, registry
@@ -104,11 +105,14 @@ def test_dialog_streams_in_order_answers_and_feeds_a_correction(chain) -> None: 
         time.sleep(0.2)
         polled = http.get(f"/api/v1/dialog/turns/{polled['id']}", headers=h).json()
     assert polled["state"] == "DONE" and polled["task"] == "yes_no"
+    view = http.post(f"/api/v1/studies/{study_id}/dialog/actions", headers=h,
+                     json={"action": "view", "wait_seconds": 120}).json()
+    assert view["state"] == "DONE" and view["question"] == "From what view was this image taken?"
     reader = {"Authorization": f"Bearer {keys['reader']}"}
     assert http.get(f"/api/v1/dialog/turns/{polled['id']}", headers=reader).status_code == 404
 
     conversation = http.get(f"/api/v1/studies/{study_id}/dialog", headers=h).json()
-    assert [t["id"] for t in conversation["turns"]] == [turn_id, correction["id"], polled["id"]]
+    assert [t["id"] for t in conversation["turns"]] == [turn_id, correction["id"], polled["id"], view["id"]]
 
     # "use this as the report": the model's corrected text becomes version 2, then the radiologist signs
     text = correction["answer"].strip() or "No pleural effusion."
@@ -123,4 +127,4 @@ def test_dialog_streams_in_order_answers_and_feeds_a_correction(chain) -> None: 
 
     with registry.session() as s:
         actions = [e.action for e in s.scalars(select(AuditEntry).where(AuditEntry.study_id == study_id))]
-    assert actions.count("dialog.ask") == 3 and "report.change" in actions and "report.approve" in actions
+    assert actions.count("dialog.ask") == 4 and "report.change" in actions and "report.approve" in actions

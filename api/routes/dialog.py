@@ -89,23 +89,26 @@ def _ask(
 
 
 def _wait(pending: PendingTurn, wait_seconds: float, registry: Registry) -> Any:
+    """The answered turn; the row (written by the worker) wins over the channel's message."""
     final: dict[str, Any] | None = None
     for message in pending.messages(wait_seconds):
         if message is not None and message.get("type") in ("done", "error"):
             final = message
     with registry.session() as session:
         turn = TurnOut.model_validate(session.get(DialogTurn, pending.turn_id))
-    if final is None:
+    if turn.state == "DONE":
+        return turn
+    error = turn.error if turn.state == "FAILED" else None
+    if error is None and final is not None:
+        if final["type"] == "done":  # published around the worker's commit: trust the message
+            return turn.model_copy(update={"state": "DONE", "answer": str(final.get("answer", ""))})
+        error = str(final.get("error", "error"))
+    if error is None:
         return JSONResponse(turn.model_dump(mode="json"), status_code=202,
                             headers={"Location": f"/api/v1/dialog/turns/{pending.turn_id}"})
-    if final["type"] == "error":
-        error = str(final.get("error", "error"))
-        if is_context_error(error):
-            raise Problem(422, "context-too-long", error)
-        raise Problem(502, "model-error", f"the worker could not answer turn {pending.turn_id}: {error}")
-    if turn.state != "DONE":  # the worker publishes before or after its commit: trust the message
-        turn = turn.model_copy(update={"state": "DONE", "answer": str(final.get("answer", ""))})
-    return turn
+    if is_context_error(error):
+        raise Problem(422, "context-too-long", error)
+    raise Problem(502, "model-error", f"the worker could not answer turn {pending.turn_id}: {error}")
 
 
 @router.post("/studies/{study_id}/dialog/questions", response_model=TurnOut, responses=_ANSWER_RESPONSES)
