@@ -67,7 +67,8 @@ def configure(level: str = "INFO", stream: Any = None) -> None:
     root.addHandler(handler)
     # pynetdicom logs dataset contents at DEBUG; keep it at WARNING so no header reaches a log.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for chatty in ("alembic", "httpx", "httpcore"):  # one line per request/migration step is noise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> logging.Logger:

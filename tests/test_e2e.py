@@ -17,7 +17,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
 
-from bench.e2e import ORTHANC, PYTHON_PLUGIN, Chain, pg_schema, wait_until
+from bench.e2e import pg_schema
+from radialog.chain import ORTHANC, PYTHON_PLUGIN, Chain, wait_until
 from radialog.synthetic import make_cxr
 
 pytestmark = [

@@ -1,0 +1,30 @@
+"""The README's first command: `radialog demo` runs the whole chain and ends with reports in a PACS."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from radialog.chain import orthanc_available
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+@pytest.mark.skipif(not orthanc_available(), reason="needs Debian's orthanc + orthanc-python (./scripts/setup)")
+def test_demo_ends_with_reports_in_orthanc(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
+    env["RADIALOG_DATA_DIR"] = str(tmp_path / "var")
+    result = subprocess.run(
+        [sys.executable, "-m", "radialog.cli", "demo", "--timeout", "600"],
+        env=env, capture_output=True, text=True, timeout=840, check=False,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+    assert "TINY RANDOM" in result.stderr  # the tiny model is announced loudly
+    assert out.count("SR in Orthanc: http://127.0.0.1:") == 2  # both chest studies, in the PACS
+    assert out.count("AI DRAFT - NOT VERIFIED") == 2
+    assert "DX lateral only: SKIPPED" in out and "reason: lateral view only" in out
