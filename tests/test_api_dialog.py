@@ -51,6 +51,10 @@ def chain(registry: Registry, settings: Settings, tiny_model: tuple[Path, Path],
         client.close()
 
 
+def settings_of(http: TestClient) -> Settings:
+    return http.app.state.settings  # type: ignore[attr-defined]
+
+
 def sse_events(body: str) -> list[tuple[str, dict]]:
     events = []
     for block in body.split("\n\n"):
@@ -124,6 +128,23 @@ def test_dialog_streams_in_order_answers_and_feeds_a_correction(chain) -> None: 
     assert v3.status_code == 201 and v3.json()["verified"] is True
     # a new version seeds a new conversation (the model must see the text now on screen)
     assert http.get(f"/api/v1/studies/{study_id}/dialog", headers=h).json()["turns"] == []
+
+    # a worker failure comes back as a problem (JSON) or an error event (SSE), and the row says FAILED
+    broken = add_reported_study(registry, settings_of(http), index=5)
+    with registry.session() as s:
+        from radialog.registry import Instance, Study
+
+        instance = s.get(Instance, s.get(Study, broken).selected_instance_id)
+        (settings_of(http).spool_dir / instance.path).unlink()
+    failed = http.post(f"/api/v1/studies/{broken}/dialog/questions", headers=h,
+                       json={"question": "Any effusion?", "wait_seconds": 120})
+    assert failed.status_code == 502 and failed.json()["type"].endswith("/model-error"), failed.text
+    with http.stream("POST", f"/api/v1/studies/{broken}/dialog/questions", headers=h,
+                     json={"question": "Any effusion now?", "stream": True}) as response:
+        events = sse_events(response.read().decode())
+    assert [kind for kind, _ in events] == ["turn", "error"] and events[-1][1]["status"] == 502
+    with registry.session() as s:
+        assert s.get(DialogTurn, events[0][1]["turn_id"]).state == "FAILED"
 
     with registry.session() as s:
         actions = [e.action for e in s.scalars(select(AuditEntry).where(AuditEntry.study_id == study_id))]
