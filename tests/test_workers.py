@@ -164,3 +164,27 @@ def test_out_of_memory_caps_later_batches(sqlite_registry: Registry, rsettings: 
     assert ctx.batch_limit(8) == 3
     ctx.out_of_memory_at(8)  # a larger failure does not raise the cap again
     assert ctx.batch_limit(8) == 3 and ctx.batch_limit(2) == 2
+
+
+def test_reconciler_resends_a_dialog_turn_the_broker_forgot(sqlite_registry: Registry, rsettings: Settings) -> None:
+    from api.testing import add_reported_study
+    from radialog.registry import Conversation, DialogTurn
+    from workers.celery_app import DIALOG_TASK
+
+    study_id = add_reported_study(sqlite_registry, rsettings)
+    with sqlite_registry.session() as session:
+        conversation = Conversation(study_id=study_id, user="rad", created_at=utcnow())
+        session.add(conversation)
+        session.flush()
+        turn = DialogTurn(conversation_id=conversation.id, task="free", question="Is there any edema?",
+                          state="QUEUED", celery_task_id="t-1", created_at=utcnow())
+        session.add(turn)
+        session.flush()
+        turn_id = turn.id
+    app_for(rsettings).send_task(DIALOG_TASK, args=[turn_id], task_id="t-1", queue="dialog")
+    assert reconcile(sqlite_registry, rsettings, grace_s=0).resent_dialog_turns == []
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    assert reconcile(sqlite_registry, rsettings, grace_s=0).resent_dialog_turns == [turn_id]
+    with sqlite_registry.session() as session:
+        task_id = session.get(DialogTurn, turn_id).celery_task_id  # type: ignore[union-attr]
+    assert task_id != "t-1" and task_id in (broker_task_ids(rsettings, "dialog") or set())

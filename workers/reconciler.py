@@ -8,6 +8,7 @@ How a vanished task is recognised:
   disk here, so after a restart or FLUSHDB the id is gone and the job is re-sent. On other brokers
   (embedded), where messages cannot be listed, a job waiting longer than ``stale_s`` is re-sent.
 - QUEUED study without a job (the node died between its commit and its enqueue): enqueued.
+- QUEUED dialog turn whose task id is not in the Redis broker: re-sent (the API is still waiting).
 A re-sent duplicate is harmless: a job is claimed once (compare-and-set) and its report is unique.
 
 ``Sweeper`` runs ``reconcile`` and sends due exports periodically (a thread in ``radialog worker`` and
@@ -20,15 +21,16 @@ import json
 import threading
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
 from sqlalchemy import and_, or_, select, update
 
 from radialog.logging import get_logger
-from radialog.registry import Job, JobState, Registry, Study, StudyState, transition, utcnow
+from radialog.registry import DialogTurn, Job, JobState, Registry, Study, StudyState, transition, utcnow
 from radialog.settings import Settings
 from workers.batching import requeue
+from workers.celery_app import DIALOG_TASK, app_for
 from workers.context import DEFAULT_LEASE_S, redis_client
 from workers.pipeline import JOB_MODEL_VERSION, enqueue_report, send_export_tasks, send_report_task
 
@@ -44,10 +46,11 @@ class ReconcileResult:
     requeued_running: list[int] = field(default_factory=list)
     resent_queued: list[int] = field(default_factory=list)
     enqueued_studies: list[int] = field(default_factory=list)
+    resent_dialog_turns: list[int] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
-        return bool(self.requeued_running or self.resent_queued or self.enqueued_studies)
+        return bool(self.requeued_running or self.resent_queued or self.enqueued_studies or self.resent_dialog_turns)
 
 
 def _task_id(raw: bytes | str) -> str | None:
@@ -152,13 +155,43 @@ def reconcile(
         enqueue_report(registry, settings, study_id)
         result.enqueued_studies.append(study_id)
 
+    # 4. Waiting dialog turns whose message the (Redis) broker no longer has.
+    if present is not None:
+        result.resent_dialog_turns = _resend_dialog_turns(registry, settings, now - timedelta(seconds=grace_s))
+
     if result.changed:
         log.warning(
             "reconciler restored work",
             extra={"requeued_running": result.requeued_running, "resent_queued": result.resent_queued,
-                   "enqueued_studies": result.enqueued_studies},
+                   "enqueued_studies": result.enqueued_studies, "resent_dialog_turns": result.resent_dialog_turns},
         )
     return result
+
+
+def _resend_dialog_turns(registry: Registry, settings: Settings, cutoff: datetime) -> list[int]:
+    present = broker_task_ids(settings, "dialog") or set()
+    with registry.session() as session:
+        waiting = session.execute(
+            select(DialogTurn.id, DialogTurn.celery_task_id).where(
+                DialogTurn.state == "QUEUED", DialogTurn.created_at < cutoff
+            )
+        ).all()
+    resent = []
+    app = app_for(settings)
+    for turn_id, old_task_id in waiting:
+        if old_task_id in present:
+            continue
+        task_id = uuid.uuid4().hex
+        with registry.session() as session:
+            moved = session.execute(
+                update(DialogTurn)
+                .where(DialogTurn.id == turn_id, DialogTurn.state == "QUEUED", DialogTurn.celery_task_id == old_task_id)
+                .values(celery_task_id=task_id)
+            ).rowcount  # type: ignore[attr-defined]
+        if moved:
+            app.send_task(DIALOG_TASK, args=[turn_id], task_id=task_id, queue="dialog")
+            resent.append(turn_id)
+    return resent
 
 
 def rerun(registry: Registry, settings: Settings, study_id: int, reason: str = "re-run requested") -> int | None:
