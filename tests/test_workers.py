@@ -3,6 +3,7 @@ batches, enqueue, the reconciler, re-run, queue depth. No model here: see test_p
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -13,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import select, update
 
 from api.testing import add_study
-from radialog.registry import Job, JobState, Registry, Study, StudyState, utcnow
+from radialog.registry import Export, Job, JobState, Registry, Study, StudyState, utcnow
 from radialog.settings import Settings
 from workers.batching import claim, collect_batch, requeue
 from workers.celery_app import QUEUES, REPORT_TASK, app_for
@@ -188,3 +189,20 @@ def test_reconciler_resends_a_dialog_turn_the_broker_forgot(sqlite_registry: Reg
     with sqlite_registry.session() as session:
         task_id = session.get(DialogTurn, turn_id).celery_task_id  # type: ignore[union-attr]
     assert task_id != "t-1" and task_id in (broker_task_ids(rsettings, "dialog") or set())
+
+
+def test_sweep_sends_due_exports_and_one_sweeper_takes_each_turn(sqlite_registry: Registry, rsettings: Settings) -> None:
+    from api.testing import add_reported_study
+    from radialog.settings import Destination
+    from workers.reconciler import Sweeper, send_due_exports
+
+    settings = rsettings.model_copy(update={"destinations": [Destination(name="pacs", port=1)]})
+    add_reported_study(sqlite_registry, settings)
+    with sqlite_registry.session() as session:
+        (export_id,) = session.scalars(select(Export.id)).all()
+    assert send_due_exports(sqlite_registry, settings) == [export_id]
+    client = redis.Redis.from_url(REDIS_URL)
+    bodies = [json.loads(raw) for raw in client.lrange("export", 0, -1)]
+    assert [(b["headers"]["task"], b["headers"]["argsrepr"]) for b in bodies] == [("radialog.export", f"[{export_id}]")]
+    first, second = (Sweeper(sqlite_registry, settings, interval_s=30) for _ in range(2))
+    assert first._my_turn() and not second._my_turn()
