@@ -206,3 +206,24 @@ def test_sweep_sends_due_exports_and_one_sweeper_takes_each_turn(sqlite_registry
     assert [(b["headers"]["task"], b["headers"]["argsrepr"]) for b in bodies] == [("radialog.export", f"[{export_id}]")]
     first, second = (Sweeper(sqlite_registry, settings, interval_s=30) for _ in range(2))
     assert first._my_turn() and not second._my_turn()
+
+
+def test_worker_metrics_endpoint_serves_stage_and_queue_metrics(sqlite_registry: Registry, rsettings: Settings) -> None:
+    import socket
+
+    import httpx
+
+    from workers import metrics
+
+    enqueue_report(sqlite_registry, rsettings, add_study(sqlite_registry, rsettings)[0])
+    metrics.STAGE_SECONDS.labels(stage="preprocess").observe(0.01)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = metrics.start_metrics_server(rsettings, port, addr="127.0.0.1")
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        server.shutdown()
+    assert 'radialog_queue_depth{queue="report"} 1.0' in text
+    assert 'radialog_job_stage_seconds_count{stage="preprocess"}' in text

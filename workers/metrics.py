@@ -84,8 +84,10 @@ def register_queue_depth(settings: Settings, registry: CollectorRegistry = REGIS
     _registered.add(registry)
 
 
-def start_metrics_server(settings: Settings, port: int, addr: str = "0.0.0.0") -> None:
-    """Serve /metrics on ``port`` from a daemon thread (the worker's own metrics + queue depths)."""
+def start_metrics_server(settings: Settings, port: int, addr: str = "0.0.0.0") -> Any:
+    """Serve /metrics on ``port`` from a daemon thread (the worker's own metrics + queue depths);
+    returns the HTTP server (``.shutdown()`` stops it)."""
     register_queue_depth(settings)
-    start_http_server(port, addr=addr)
-    log.info("metrics served", extra={"port": port})
+    server, _thread = start_http_server(port, addr=addr)
+    log.info("metrics served", extra={"port": server.server_address[1]})
+    return server
