@@ -65,8 +65,10 @@ def configure(level: str = "INFO", stream: Any = None) -> None:
     handler.addFilter(PHIFilter())
     handler._radialog = True  # type: ignore[attr-defined]
     root.addHandler(handler)
-    # pynetdicom logs dataset contents at DEBUG; keep it at WARNING so no header reaches a log.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pynetdicom logs dataset contents at DEBUG and highdicom names source UIDs at INFO: keep both at
+    # WARNING so no header value reaches a log.
+    for dicom_library in ("pynetdicom", "highdicom"):
+        logging.getLogger(dicom_library).setLevel(logging.WARNING)
     for chatty in ("alembic", "httpx", "httpcore"):  # one line per request/migration step is noise
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
