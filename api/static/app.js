@@ -192,8 +192,7 @@ async function newVersion(body, path = "/report/versions") {
   try {
     await api(`/studies/${state.studyId}${path}`, { method: "POST",
       json: { ...body, base_version: state.report.version } });
-    await loadReport();
-    await loadConversation();
+    await openStudy(state.studyId);  // header state, report, versions and a fresh conversation
     loadWorklist();
   } catch (error) {
     $("report-error").textContent = error.message;
