@@ -1,5 +1,5 @@
 """The follow-up dialog: conversations seeded with the current report, turns sent to the workers,
-answers relayed from the Redis channel ``radialog:dialog:<turn_id>`` (JSON token/done/error messages).
+answers relayed from the Redis channel ``workers.celery_app.dialog_channel`` (JSON token/done/error messages).
 
 The channel is subscribed BEFORE the task is sent, so no token can be published before we listen.
 The worker stores the answer in the DialogTurn row too, so a client that lost the stream can poll.
@@ -22,9 +22,10 @@ from sqlalchemy.orm import Session
 
 from api.problems import Problem
 from api.schemas import MAX_QUESTION_CHARS, CorrectionAction, QuickAction, YesNoAction
-from api.services import Services, dialog_channel
+from api.services import Services
 from radialog.logging import get_logger
 from radialog.registry import Conversation, DialogTurn, Report, Study, utcnow
+from workers.celery_app import dialog_channel
 from workers.models import prompts
 
 log = get_logger(__name__)
@@ -91,9 +92,8 @@ def action_question(action: QuickAction) -> tuple[str, str]:
         "impression": prompts.IMPRESSION,
         "easy_language": prompts.EASY_LANGUAGE,
         "summary": prompts.SUMMARY,
-        # The view prompt was trained as the FIRST turn (it carries "<image>"); the worker always replays
-        # the report turn first, which already holds the image, so the placeholder is left out here.
-        "view": prompts.VIEW_PROMPT.removeprefix(prompts.IMAGE_PLACEHOLDER).strip(),
+        # Trained as the first turn of a conversation, with the image: the worker asks it so (no history).
+        "view": prompts.VIEW_PROMPT,
     }
     return action.action, fixed[action.action]
 
@@ -186,7 +186,7 @@ def send_turn(session: Session, services: Services, conversation_id: int, task: 
     pubsub = None
     try:
         pubsub = services.redis.pubsub()
-        pubsub.subscribe(dialog_channel(turn.id))
+        pubsub.subscribe(dialog_channel(services.settings.broker_url, turn.id))
         services.send_task("radialog.dialog_turn", [turn.id], queue="dialog", task_id=task_id)
     except Exception as exc:
         if pubsub is not None:

@@ -20,10 +20,6 @@ log = get_logger(__name__)
 WORKER_KEY_PATTERN = "radialog:worker:*"
 
 
-def dialog_channel(turn_id: int) -> str:
-    return f"radialog:dialog:{turn_id}"
-
-
 class Services:
     """Lazily created Redis and Celery clients for one app."""
 

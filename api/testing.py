@@ -141,29 +141,3 @@ class WorkerProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
         self._log.close()
-
-
-def offset_dialog_ids(registry: Registry, study_id: int) -> int:
-    """Start this registry's dialog turn ids at a random high number.
-
-    Redis pub/sub channels are global across Redis database numbers, so two test registries whose turn
-    ids both start at 1 would hear each other's ``radialog:dialog:<turn_id>`` messages when their tests
-    run at the same time. Returns the offset. (SQLite takes max(id) + 1, hence the parked FAILED turn;
-    PostgreSQL needs its sequence moved.)
-    """
-    import random
-
-    from sqlalchemy import text
-
-    from radialog.registry import Conversation, DialogTurn
-
-    offset = random.randint(10**6, 10**9)
-    with registry.session() as session:
-        parked = Conversation(study_id=study_id, user="(id offset)", created_at=utcnow())
-        session.add(parked)
-        session.flush()
-        session.add(DialogTurn(id=offset, conversation_id=parked.id, task="free", question="(id offset)",
-                               state="FAILED", error="parked row that moves the id sequence", created_at=utcnow()))
-        if registry.engine.dialect.name == "postgresql":
-            session.execute(text("SELECT setval(pg_get_serial_sequence('dialog_turns', 'id'), :n)"), {"n": offset})
-    return offset

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.app import create_app
-from api.testing import WorkerProcess, add_reported_study, make_keys, offset_dialog_ids
+from api.testing import WorkerProcess, add_reported_study, make_keys
 from radialog.registry import AuditEntry, DialogTurn, Registry
 from radialog.settings import Settings
 from workers.models import prompts
@@ -41,7 +41,6 @@ def chain(registry: Registry, settings: Settings, tiny_model: tuple[Path, Path],
     try:
         keys = make_keys(registry)
         study_id = add_reported_study(registry, api_settings)
-        offset_dialog_ids(registry, study_id)  # pub/sub channels are shared with other suites
         worker.wait_ready()
         with TestClient(create_app(api_settings, registry)) as http:
             yield http, keys, study_id, registry
@@ -111,7 +110,7 @@ def test_dialog_streams_in_order_answers_and_feeds_a_correction(chain) -> None: 
     assert polled["state"] == "DONE" and polled["task"] == "yes_no"
     view = http.post(f"/api/v1/studies/{study_id}/dialog/actions", headers=h,
                      json={"action": "view", "wait_seconds": 120}).json()
-    assert view["state"] == "DONE" and view["question"] == "From what view was this image taken?"
+    assert view["state"] == "DONE" and view["question"] == "<image> From what view was this image taken?"
     reader = {"Authorization": f"Bearer {keys['reader']}"}
     assert http.get(f"/api/v1/dialog/turns/{polled['id']}", headers=reader).status_code == 404
 

@@ -18,7 +18,7 @@ import uvicorn
 from sqlalchemy import select
 
 from api.app import create_app
-from api.testing import WorkerProcess, add_reported_study, make_keys, offset_dialog_ids
+from api.testing import WorkerProcess, add_reported_study, make_keys
 from radialog.registry import DialogTurn, Registry
 from radialog.settings import Settings
 
@@ -52,7 +52,6 @@ def served(sqlite_registry: Registry, settings: Settings, tiny_model: tuple[Path
     try:
         keys = make_keys(sqlite_registry)
         study_id = add_reported_study(sqlite_registry, api_settings)
-        offset_dialog_ids(sqlite_registry, study_id)  # pub/sub channels are shared with other suites
         thread.start()
         worker.wait_ready()
         yield f"http://127.0.0.1:{port}", keys, study_id, sqlite_registry

@@ -40,7 +40,7 @@ from radialog.registry import (
     utcnow,
 )
 from radialog.settings import Destination, Settings
-from workers.celery_app import DIALOG_TASK, app_for
+from workers.celery_app import DIALOG_TASK, app_for, dialog_channel
 from workers.pipeline import enqueue_report
 from workers.reconciler import reconcile
 
@@ -330,7 +330,7 @@ def test_dialog_turn_is_served_before_waiting_reports(harness: Harness) -> None:
         turn_id = turn.id
     messages: list[dict[str, Any]] = []
     pubsub = h.redis.pubsub()
-    pubsub.subscribe(f"radialog:dialog:{turn_id}")
+    pubsub.subscribe(dialog_channel(REDIS_URL, turn_id))
 
     def listen() -> None:
         for message in pubsub.listen():

@@ -227,3 +227,34 @@ def test_worker_metrics_endpoint_serves_stage_and_queue_metrics(sqlite_registry:
         server.shutdown()
     assert 'radialog_queue_depth{queue="report"} 1.0' in text
     assert 'radialog_job_stage_seconds_count{stage="preprocess"}' in text
+
+
+def test_dialog_history_seeds_the_report_and_keeps_view_turns_apart(sqlite_registry, settings) -> None:
+    """Follow-ups see the report turn and earlier answers; the view question is a first turn of its own."""
+    from api.testing import add_reported_study
+    from radialog.registry import Conversation, DialogTurn, utcnow
+    from workers.dialog import build_history
+    from workers.models.prompts import VIEW_PROMPT, report_prompt, yes_no_prompt
+
+    study_id = add_reported_study(sqlite_registry, settings, findings_text="Small left effusion.")
+    with sqlite_registry.session() as session:
+        conversation = Conversation(study_id=study_id, user="rad", created_at=utcnow())
+        session.add(conversation)
+        session.flush()
+        turns = [
+            DialogTurn(conversation_id=conversation.id, task="view", question=VIEW_PROMPT, answer="PA view.",
+                       state="DONE", created_at=utcnow()),
+            DialogTurn(conversation_id=conversation.id, task="yes_no", question=yes_no_prompt("edema"),
+                       answer="No.", state="DONE", created_at=utcnow()),
+            DialogTurn(conversation_id=conversation.id, task="view", question=VIEW_PROMPT, state="QUEUED",
+                       created_at=utcnow()),
+            DialogTurn(conversation_id=conversation.id, task="free", question="Any devices?", state="QUEUED",
+                       created_at=utcnow()),
+        ]
+        session.add_all(turns)
+        session.flush()
+        assert build_history(session, turns[2]) == []  # view: no history, the image is in its question
+        history = build_history(session, turns[3])
+        assert history[0].question == report_prompt("pleural effusion")
+        assert history[0].answer == "Small left effusion."
+        assert [t.question for t in history[1:]] == [yes_no_prompt("edema")]  # the view turn is left out

@@ -14,6 +14,7 @@ registry stays the source of truth: the reconciler re-sends whatever the broker 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery
 from kombu import Queue
@@ -96,3 +97,13 @@ def app_for(settings: Settings) -> Celery:
 
 #: The process-wide app for the environment's settings (``celery -A workers.celery_app``, the API).
 app: Celery = app_for(get_settings())
+
+
+def dialog_channel(broker_url: str, turn_id: int) -> str:
+    """The Redis pub/sub channel of one dialog turn's token stream.
+
+    Pub/sub channels are global to a Redis server, not per database number, so the name carries the
+    broker's database: two deployments (or test runs) on one server never hear each other's tokens.
+    """
+    database = urlsplit(broker_url).path.strip("/") or "0"
+    return f"radialog:{database}:dialog:{turn_id}"

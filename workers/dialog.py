@@ -2,7 +2,7 @@
 
 History: the seed report as the first exchange (the v2 report prompt with the seed report's present
 classifier labels, answered by its findings text), then the conversation's earlier DONE turns in order.
-Streaming: JSON messages on ``radialog:dialog:<turn_id>``: {"type": "token", "text"}, then
+Streaming: JSON messages on ``celery_app.dialog_channel`` (``radialog:<broker db>:dialog:<turn_id>``): {"type": "token", "text"}, then
 {"type": "done", "answer"} or {"type": "error", "error"}. With an embedded (non-Redis) broker nothing is
 streamed; the API reads the stored answer. A redelivered DONE turn only repeats its "done" message.
 """
@@ -19,6 +19,7 @@ from sqlalchemy import select
 from radialog.logging import get_logger
 from radialog.registry import Conversation, DialogTurn, Report, utcnow
 from workers import metrics
+from workers.celery_app import dialog_channel
 from workers.pipeline import JobFailure, load_image
 
 if TYPE_CHECKING:
@@ -30,16 +31,12 @@ log = get_logger(__name__)
 DONE, FAILED, RUNNING = "DONE", "FAILED", "RUNNING"
 
 
-def channel(turn_id: int) -> str:
-    return f"radialog:dialog:{turn_id}"
-
-
 class Publisher:
     """Publishes one turn's messages; a Redis failure is logged once and never fails the turn."""
 
-    def __init__(self, client: redis.Redis | None, turn_id: int) -> None:
+    def __init__(self, client: redis.Redis | None, broker_url: str, turn_id: int) -> None:
         self.client = client
-        self.channel = channel(turn_id)
+        self.channel = dialog_channel(broker_url, turn_id)
         self._broken = False
 
     def send(self, message: dict[str, Any]) -> None:
@@ -61,10 +58,16 @@ def seed_report(session: Any, conversation: Conversation) -> Report | None:
 
 
 def build_history(session: Any, turn: DialogTurn) -> list[Turn]:
-    """The exchanges before ``turn``: seed report first, then earlier answered turns."""
+    """The exchanges before ``turn``: seed report first, then earlier answered turns.
+
+    The view question is the exception: RaDialog was trained to answer it as the first turn, with the
+    image in the question itself, so it is asked with no history at all.
+    """
     from workers.models.base import Turn
     from workers.models.prompts import findings_phrase, report_prompt
 
+    if turn.task == "view":
+        return []
     conversation = turn.conversation
     report = seed_report(session, conversation)
     if report is None:
@@ -72,7 +75,8 @@ def build_history(session: Any, turn: DialogTurn) -> list[Turn]:
     labels = [f["label"] for f in report.findings or [] if f.get("present")]
     history = [Turn(question=report_prompt(findings_phrase(labels)), answer=report.findings_text)]
     for earlier in conversation.turns:
-        if earlier.id < turn.id and earlier.state == DONE and earlier.answer is not None:
+        # a view turn was its own one-turn conversation (it holds the image): not part of this history
+        if earlier.id < turn.id and earlier.state == DONE and earlier.answer is not None and earlier.task != "view":
             history.append(Turn(question=earlier.question, answer=earlier.answer))
     return history
 
@@ -81,7 +85,7 @@ def run_dialog_turn(ctx: WorkerContext, turn_id: int) -> str:
     """Answer one turn; the outcome (DONE with the answer, FAILED with a reason) is stored in its row."""
     from workers.models.base import ContextTooLong, DialogRequest
 
-    publisher = Publisher(ctx.redis, turn_id)
+    publisher = Publisher(ctx.redis, ctx.settings.broker_url, turn_id)
     started = time.perf_counter()
     with ctx.registry.session() as session:
         turn = session.get(DialogTurn, turn_id)
