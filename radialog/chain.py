@@ -125,6 +125,7 @@ class Chain:
         self.api_url = f"http://127.0.0.1:{self.api_port}"
         self.processes: list[Process] = []
         self.api_key = ""
+        self.user = f"radiologist-{uuid.uuid4().hex[:6]}"  # unique: a configured registry may outlive runs
         clean = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
         self.env = {
             **clean,
@@ -162,8 +163,7 @@ class Chain:
         if self.with_orthanc:
             self._start_orthanc()
         self._radialog("db", "upgrade")
-        self.api_key = self._radialog("users", "create", f"radiologist-{uuid.uuid4().hex[:6]}",
-                                      "--role", "radiologist").strip()
+        self.api_key = self._radialog("users", "create", self.user, "--role", "radiologist").strip()
         if self.single_process:
             everything = self._spawn("run", "run")
             wait_until(self._node_echoes, 120, "the node to answer C-ECHO", everything.check)

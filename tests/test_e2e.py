@@ -116,7 +116,7 @@ def test_chest_study_comes_back_as_sr_then_dialog_and_approval(chain: Chain, tmp
     assert final["StudyInstanceUID"] == study_uid and final["SOPInstanceUID"] != draft["SOPInstanceUID"]
     predecessors = final["PredecessorDocumentsSequence"][0]["ReferencedSeriesSequence"][0]["ReferencedSOPSequence"]
     assert [p["ReferencedSOPInstanceUID"] for p in predecessors] == [draft["SOPInstanceUID"]]
-    assert "e2e-radiologist" in str(final["VerifyingObserverSequence"])
+    assert chain.user in str(final["VerifyingObserverSequence"])
     assert dciodvfy_errors(chain.orthanc_file(final["ID"]), tmp_path / "final.dcm") == []
     assert len(chain.orthanc_srs(study_uid)) == 2  # draft + approved, nothing sent twice
 
