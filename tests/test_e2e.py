@@ -153,3 +153,17 @@ def test_non_chest_images_are_refused_or_skipped_never_reported(chain: Chain, tm
     assert '"forwarded": 0' in routing
     assert chain.study_by_accession(str(ct.AccessionNumber)) is None  # the node never saw it
     assert chain.orthanc_srs(str(knee.StudyInstanceUID)) == [] and chain.orthanc_srs(str(ct.StudyInstanceUID)) == []
+
+
+def test_our_processes_logged_no_patient_data(chain: Chain) -> None:
+    """After the studies above went through node, worker and API, their logs name no patient.
+
+    (Runs last in this module: names, IDs and accession numbers of every patient sent above.)
+    """
+    ours = [p for p in chain.processes if p.name != "orthanc"]
+    assert {p.name for p in ours} == {"node", "worker", "api"}
+    logs = "\n".join(p.log_path.read_text(errors="replace") for p in ours)
+    assert "instance stored" in logs and "AI draft created" in logs  # the logs did record the work
+    for index in (910001, 910002, 910003, 910004):
+        for identifier in (f"Synthetic^Patient{index}", f"SYN{index:05d}", f"ACC{index:06d}"):
+            assert identifier not in logs, f"{identifier} appears in a log"
