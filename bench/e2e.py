@@ -27,7 +27,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,18 +40,10 @@ PG_URL = os.environ.get("RADIALOG_TEST_PG_URL", "postgresql+psycopg2://postgres@
 @contextlib.contextmanager
 def pg_schema() -> Iterator[str]:
     """A fresh PostgreSQL schema on the test server; yields a SQLAlchemy URL that uses it."""
-    from sqlalchemy import create_engine, text
+    from radialog.registry.db import temporary_schema
 
-    schema = f"e2e_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with temporary_schema(PG_URL, prefix="e2e") as url:
+        yield url
 
 
 # -- the benchmark --------------------------------------------------------------------------------

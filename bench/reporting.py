@@ -14,14 +14,12 @@ import argparse
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-
 from radialog.registry import Registry
+from radialog.registry.db import temporary_schema
 from radialog.settings import Destination, Settings
 from reporting.export import deliver
 from reporting.versions import create_ai_draft
@@ -41,16 +39,8 @@ def _database(url: str | None) -> Iterator[str | None]:
     if url is None or not url.startswith("postgresql"):
         yield url
         return
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(url)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with temporary_schema(url, prefix="bench") as schema_url:
+        yield schema_url
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,14 +7,13 @@ gets its own schema so tests never see each other's rows.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from radialog.registry import Registry
+from radialog.registry.db import temporary_schema
 from radialog.settings import Settings
 
 PG_URL = os.environ.get("RADIALOG_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
@@ -26,20 +25,13 @@ def settings(tmp_path: Path) -> Settings:
 
 
 def _pg_schema_registry() -> Iterator[Registry]:
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{PG_URL}?options=-csearch_path%3D{schema}"
-    registry = Registry(url)
-    try:
-        registry.migrate()
-        yield registry
-    finally:
-        registry.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with temporary_schema(PG_URL, prefix="t") as url:
+        registry = Registry(url)
+        try:
+            registry.migrate()
+            yield registry
+        finally:
+            registry.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
