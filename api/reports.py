@@ -57,7 +57,7 @@ def new_version(
     base_version: int | None,
 ) -> Report:
     """A new version after ``current``; 409 when the client edited an older version."""
-    from reporting.versions import create_version
+    from reporting.versions import ReportingError, create_version
 
     if base_version is not None and base_version != current.version:
         raise Problem(409, "stale-version", f"version {base_version} is no longer current (current: {current.version})")
@@ -69,6 +69,9 @@ def new_version(
     except IntegrityError as exc:  # another version of this study was created at the same moment
         session.rollback()
         raise Problem(409, "stale-version", "another version was saved meanwhile; reload and retry") from exc
+    except ReportingError as exc:  # e.g. the source image is gone from the spool: no SR can be built
+        session.rollback()
+        raise Problem(409, "cannot-build-report", str(exc)) from exc
 
 
 def send_exports(services: Services, report: Report) -> int:

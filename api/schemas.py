@@ -27,6 +27,20 @@ def _utc(value: datetime) -> datetime:
 
 UTCDateTime = Annotated[datetime, AfterValidator(_utc)]
 
+_CONTROL = {chr(c) for c in range(32)} - {"\t", "\n", "\r"} | {"\x7f"}
+
+
+def _plain_text(value: str | None) -> str | None:
+    # NUL and other control characters have no place in a report or a question, break PostgreSQL
+    # text columns and would travel into the SR: refuse them with a 422.
+    if value is not None and any(ch in _CONTROL for ch in value):
+        raise ValueError("control characters (other than tab and newlines) are not allowed")
+    return value
+
+
+#: Free text from a user: a report, an impression or a question.
+Text = Annotated[str, AfterValidator(_plain_text)]
+
 
 class _Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -123,8 +137,8 @@ class NewVersion(BaseModel):
     """A corrected text: a model answer the radiologist accepted ('ai_correction') or typed ('edit')."""
 
     kind: Literal["ai_correction", "edit"] = "edit"
-    findings_text: str = Field(min_length=1, max_length=MAX_REPORT_CHARS)
-    impression_text: str | None = Field(None, max_length=MAX_REPORT_CHARS)
+    findings_text: Text = Field(min_length=1, max_length=MAX_REPORT_CHARS)
+    impression_text: Text | None = Field(None, max_length=MAX_REPORT_CHARS)
     source_turn_id: int | None = Field(None, ge=1, le=2_147_483_647, description="The dialog turn whose answer this text comes from.")
     base_version: int | None = Field(None, ge=1, description="The version this was based on; 409 when it is no longer current.")
 
@@ -132,8 +146,8 @@ class NewVersion(BaseModel):
 class Approval(BaseModel):
     """Approve the current version as is, or with a final text (then that text is what is signed)."""
 
-    findings_text: str | None = Field(None, min_length=1, max_length=MAX_REPORT_CHARS)
-    impression_text: str | None = Field(None, max_length=MAX_REPORT_CHARS)
+    findings_text: Text | None = Field(None, min_length=1, max_length=MAX_REPORT_CHARS)
+    impression_text: Text | None = Field(None, max_length=MAX_REPORT_CHARS)
     base_version: int | None = Field(None, ge=1)
 
 
@@ -151,7 +165,7 @@ class Task(str, enum.Enum):
 class Question(BaseModel):
     """A free question. ``max_length`` is not set here so an over-long one gets a clear 413."""
 
-    question: str = Field(min_length=1)
+    question: Text = Field(min_length=1)
     stream: bool = Field(False, description="Answer as Server-Sent Events instead of one JSON body.")
     wait_seconds: float = Field(60.0, ge=0, le=300, description="How long to wait for the answer (non-streamed).")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError, StatementError
 
 from dicom_node import spool
 from dicom_node.header import read_header
@@ -56,11 +57,18 @@ def recover_spool(settings: Settings, registry: Registry) -> RecoveryReport:
             log.warning("spool file does not match its path at recovery", extra={"sop": uid_ref(sop_uid)})
             unusable += 1
             continue
-        with registry.session() as session:
-            if seen_before(session, sop_uid, study_uid) is Seen.NEW:
-                record_instance(session, header, rel_path=rel_path, size_bytes=path.stat().st_size,
-                                calling_ae_title=None, now=utcnow())
-                recorded += 1
+        try:
+            with registry.session() as session:
+                if seen_before(session, sop_uid, study_uid) is Seen.NEW:
+                    record_instance(session, header, rel_path=rel_path, size_bytes=path.stat().st_size,
+                                    calling_ae_title=None, now=utcnow())
+                    recorded += 1
+        except OperationalError:
+            raise  # the registry is down: the node must not start (and must not answer Success)
+        except (StatementError, ValueError) as exc:  # this file's values cannot be recorded: it alone is set aside
+            log.warning("spool file cannot be recorded at recovery", extra={"sop": uid_ref(sop_uid),
+                                                                            "error": type(exc).__name__})
+            unusable += 1
     report = RecoveryReport(removed, recorded, unusable)
     log.info("spool recovered", extra={"partial_removed": removed, "orphans_recorded": recorded,
                                        "orphans_unusable": unusable})

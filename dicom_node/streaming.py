@@ -168,8 +168,11 @@ class IncomingStreams:
     # -- the C-STORE handler's side -------------------------------------------------------------
     def take(self, event: Event, sop_instance_uid: str, dataset: memoryview) -> Path | None:
         """The fsynced temp file holding exactly this request's dataset, or None (write from memory)."""
+        # Taken out of the table: from here this thread alone owns the stream, so EVT_CONN_CLOSE (the
+        # reader thread) cannot close the same file descriptor a second time; the next request's PDUs
+        # start a new stream.
         with self._lock:
-            stream = self._streams.get(id(event.assoc))
+            stream = self._streams.pop(id(event.assoc), None)
         if stream is None or stream.fd is None or stream.path is None:
             return None
         try:

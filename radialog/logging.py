@@ -69,6 +69,8 @@ def configure(level: str = "INFO", stream: Any = None) -> None:
     # WARNING so no header value reaches a log.
     for dicom_library in ("pynetdicom", "highdicom"):
         logging.getLogger(dicom_library).setLevel(logging.WARNING)
+    # pydicom's invalid-value warnings quote the value itself (a name, an ID): errors only.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     for chatty in ("alembic", "httpx", "httpcore"):  # one line per request/migration step is noise
         logging.getLogger(chatty).setLevel(logging.WARNING)
 

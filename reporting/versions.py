@@ -252,7 +252,9 @@ def create_version(
         instance_number=1,
         findings_text=findings_text,
         impression_text=impression_text,
-        findings=_coded(previous.findings),
+        # The classifier's coded findings belong to the AI's documents: a radiologist's version (an edit or
+        # a signature) must not carry AI "present" codes that its own text may deny.
+        findings=_coded(previous.findings) if kind == "ai_correction" and not approve else (),
         algorithm=algorithm,
         author=author,
         verification=srmod.Verification(author, settings.institution_name, now) if approve else None,

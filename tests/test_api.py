@@ -442,3 +442,45 @@ def test_two_versions_at_once_one_wins_the_other_is_409(client: TestClient, keys
     assert_problem(result["response"], 409, "stale-version")
     versions = client.get(f"/api/v1/studies/{study_id}/report/versions", headers=auth(keys["rad"])).json()
     assert [(v["version"], v["findings_text"]) for v in versions["versions"]][-1] == (2, "first edit")
+
+
+def test_signing_what_the_radiologist_sees(client: TestClient, keys: dict[str, str], registry: Registry,
+                                           api_settings: Settings) -> None:
+    """An emptied impression is signed as none; the signed SR carries no AI-coded findings its text may deny."""
+    import io
+
+    import pydicom
+
+    study_id = add_reported_study(registry, api_settings)  # AI draft: Pleural Effusion present (0.9)
+    url = f"/api/v1/studies/{study_id}/report"
+    h = auth(keys["rad"])
+    v2 = client.post(url + "/versions", json={"kind": "edit", "findings_text": "No effusion.",
+                                              "impression_text": "Normal."}, headers=h)
+    assert v2.status_code == 201, v2.text
+    signed = client.post(url + "/approve", json={"findings_text": "No effusion.", "impression_text": "",
+                                                 "base_version": 2}, headers=h)
+    assert signed.status_code == 201, signed.text
+    assert signed.json()["impression_text"] is None  # "" = the radiologist removed the impression
+    sr = pydicom.dcmread(io.BytesIO(client.get(signed.json()["sr_url"], headers=h).content))
+    assert sr.VerificationFlag == "VERIFIED"
+    dump = str(sr)
+    assert "No effusion." in dump and "Normal." not in dump
+    assert "Pleural effusion" not in dump and "Probability" not in dump  # no AI codes under a signature
+    draft = pydicom.dcmread(io.BytesIO(client.get(f"{url}/versions/1/sr", headers=h).content))
+    assert "Probability" in str(draft) and "Pleural effusion" in str(draft)  # the AI draft keeps its codes
+
+
+def test_control_characters_and_a_lost_source_image_get_clear_errors(client: TestClient, keys: dict[str, str],
+                                                                     registry: Registry,
+                                                                     api_settings: Settings) -> None:
+    import shutil
+
+    study_id = add_reported_study(registry, api_settings)
+    url = f"/api/v1/studies/{study_id}/report"
+    h = auth(keys["rad"])
+    assert_problem(client.post(url + "/versions", json={"findings_text": "abc \u0000 x"}, headers=h), 422)
+    assert_problem(client.post(f"/api/v1/studies/{study_id}/dialog/questions",
+                               json={"question": "any \u0007 effusion?"}, headers=h), 422)
+    shutil.rmtree(api_settings.spool_dir)  # the source image is gone: no SR can be built
+    assert_problem(client.post(url + "/versions", json={"findings_text": "Edited."}, headers=h), 409,
+                   "cannot-build-report")

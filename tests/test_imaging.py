@@ -170,3 +170,19 @@ def test_shared_resize_gives_each_branch_exactly_its_own_pipeline() -> None:
     both = branch_batches(images, (448, 488))
     for crop in (448, 488):
         assert torch.equal(both[crop], batch_tensors(images, crop))
+
+
+def test_a_malformed_header_value_is_an_unusable_image_not_a_crash(tmp_path) -> None:
+    """RescaleSlope with a decimal comma breaks the modality LUT: the study fails alone, with a reason."""
+    from radialog.synthetic import make_cxr
+    from workers.imaging import UnusableImage, load_model_image
+
+    ds = make_cxr(rows=64, cols=64)
+    ds.RescaleSlope, ds.RescaleIntercept = "1.25", "0"
+    path = tmp_path / "bad.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    assert data.count(b"1.25") == 1
+    path.write_bytes(data.replace(b"1.25", b"1,25"))  # as a sender with a decimal comma writes it
+    with pytest.raises(UnusableImage, match="header values cannot be applied"):
+        load_model_image(path)

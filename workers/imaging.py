@@ -35,7 +35,14 @@ def load_model_image(path: Path | str) -> np.ndarray:
         ds = pydicom.dcmread(str(path))
     except (InvalidDicomError, OSError, ValueError) as error:
         raise UnusableImage(f"not a readable DICOM file: {error}") from error
-    return dataset_to_model_image(ds)
+    try:
+        return dataset_to_model_image(ds)
+    except UnusableImage:
+        raise
+    except Exception as error:  # a malformed header value (e.g. RescaleSlope "1,0") must fail this study only
+        raise UnusableImage(
+            f"the image's header values cannot be applied ({type(error).__name__} while windowing the pixels)"
+        ) from error
 
 
 def dataset_to_model_image(ds) -> np.ndarray:  # ds: pydicom Dataset (pydicom imported lazily)

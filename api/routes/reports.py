@@ -112,7 +112,8 @@ def approve_report(
     verifying observer; its SR is queued for export."""
     current = require_report(session, get_study(session, study_id))
     findings = body.findings_text if body.findings_text is not None else current.findings_text
-    impression = body.impression_text if body.impression_text is not None else current.impression_text
+    # null keeps the current impression; "" means "no impression" (what an emptied edit box sends)
+    impression = (body.impression_text if body.impression_text is not None else current.impression_text) or None
     if current.verified and findings == current.findings_text and impression == current.impression_text:
         raise Problem(409, "already-approved", f"version {current.version} is already approved by {current.verifier}")
     report = new_version(

@@ -202,9 +202,9 @@ async function newVersion(body, path = "/report/versions") {
 $("save-edit").addEventListener("click", () => newVersion({ kind: "edit",
   findings_text: $("edit-findings").value, impression_text: $("edit-impression").value || null }));
 $("approve").addEventListener("click", () => {
-  const edited = $("edit-findings").value !== state.report.findings_text;
-  newVersion(edited ? { findings_text: $("edit-findings").value, impression_text: $("edit-impression").value || null }
-    : {}, "/report/approve");
+  // What is signed is exactly what the edit boxes show, impression included ("" = no impression).
+  newVersion({ findings_text: $("edit-findings").value, impression_text: $("edit-impression").value },
+    "/report/approve");
 });
 $("rerun").addEventListener("click", async () => {
   try {
@@ -226,8 +226,9 @@ function addMessage(kind, text) {
 
 function offerAsReport(node, turn) {
   const use = el("button", { type: "button", className: "use" }, "Use this as the report");
+  // a correction rewrites the findings; the current impression stays until the radiologist changes it
   use.addEventListener("click", () => newVersion({ kind: "ai_correction", findings_text: turn.answer,
-    source_turn_id: turn.id }));
+    impression_text: state.report.impression_text, source_turn_id: turn.id }));
   node.append(use);
 }
 
