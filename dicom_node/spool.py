@@ -8,6 +8,7 @@ files can be half-written, and :func:`remove_partial_files` deletes them at star
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -60,13 +61,22 @@ def write_temp(spool_dir: Path, chunks: Iterable[bytes | memoryview]) -> Path:
     return Path(name)
 
 
+@functools.lru_cache(maxsize=4096)
+def _fsync_entry_once(directory: Path, inode: int) -> None:
+    """Make a study directory's entry in the spool durable, once per directory (and inode) and process.
+
+    Not only when this call created it: a second association that finds the directory a first one made,
+    before that one fsynced the entry, must not answer Success before the entry is durable.
+    """
+    _fsync_dir(directory.parent)
+
+
 def commit_file(spool_dir: Path, temp: Path, rel_path: str) -> Path:
     """Atomically move a fsynced temp file to its final spool path and make the rename durable."""
     final = spool_dir / rel_path
     parent = final.parent
-    if not parent.is_dir():
-        parent.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(parent.parent)  # the new study directory's own entry
+    parent.mkdir(parents=True, exist_ok=True)
+    _fsync_entry_once(parent, parent.stat().st_ino)
     os.replace(temp, final)
     _fsync_dir(parent)
     return final

@@ -82,6 +82,18 @@ def _destination(settings: Settings, name: str) -> Destination:
 def _claim(registry: Registry, settings: Settings, export_id: int) -> _Claim | str:
     now = utcnow()
     with registry.session() as session:
+        # A sender that died mid-send (every time) never recorded its failure: the budget ends here too.
+        exhausted = session.execute(
+            update(Export)
+            .where(Export.id == export_id, Export.state == PENDING,
+                   Export.attempts >= settings.export_max_attempts,
+                   or_(Export.next_attempt_at.is_(None), Export.next_attempt_at <= now))
+            .values(state=DEAD, next_attempt_at=None,
+                    last_error=f"gave up after {settings.export_max_attempts} attempts that never reported back")
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if exhausted == 1:
+            return DEAD
         claimed = session.execute(
             update(Export)
             .where(

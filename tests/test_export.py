@@ -264,3 +264,16 @@ def test_tls_destination_verifies_the_peer_and_presents_our_certificate(
         assert len(peer.received) == 1
     finally:
         peer.stop()
+
+
+def test_a_sender_that_never_reports_back_ends_dead_too(registry: Registry, settings: Settings) -> None:
+    """Attempts are counted at the claim: a sender killed mid-send every time still exhausts the budget."""
+    fast = _fast(settings, [Destination(name="pacs", port=1)], attempts=2)
+    _study_id, _source, [export_id] = _draft(registry, fast)
+    with registry.session() as session:  # two claims whose sender died before recording anything
+        row = session.get(Export, export_id)
+        row.attempts, row.next_attempt_at = 2, utcnow()
+    assert deliver(registry, fast, export_id) == "DEAD"
+    dead = _export(registry, export_id)
+    assert dead.state == "DEAD" and "never reported back" in (dead.last_error or "")
+    assert dead.attempts == 2  # no third send
