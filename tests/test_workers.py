@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import select, update
 
 from api.testing import add_study
-from radialog.registry import Export, Job, JobState, Registry, Study, StudyState, utcnow
+from radialog.registry import Export, Job, JobState, Registry, Study, StudyState, transition, utcnow
 from radialog.settings import Settings
 from workers.batching import claim, collect_batch, requeue
 from workers.celery_app import QUEUES, REPORT_TASK, app_for
@@ -258,3 +258,20 @@ def test_dialog_history_seeds_the_report_and_keeps_view_turns_apart(sqlite_regis
         assert history[0].question == report_prompt("pleural effusion")
         assert history[0].answer == "Small left effusion."
         assert [t.question for t in history[1:]] == [yes_no_prompt("edema")]  # the view turn is left out
+
+
+def test_reconciler_finishes_a_rerun_that_died_half_way(registry: Registry, rsettings: Settings) -> None:
+    """The study was moved back to QUEUED, then the process died before its FAILED job was reset."""
+    from workers.batching import Claim
+    from workers.pipeline import fail_job
+
+    study_id, _ = add_study(registry, rsettings)
+    job_id = enqueue_report(registry, rsettings, study_id)
+    with registry.session() as session:
+        claim(session, job_id, "w1", lease_s=30)
+    fail_job(registry, Claim(job_id, study_id, 1), "unusable image: test", "unusable_image")
+    with registry.session() as session:
+        assert transition(session, study_id, StudyState.QUEUED, "re-run requested")  # ... and nothing more
+    assert reconcile(registry, rsettings, grace_s=0).enqueued_studies == [study_id]
+    job = _job(registry, job_id)
+    assert job.state == JobState.QUEUED.value and job.celery_task_id in (broker_task_ids(rsettings) or set())

@@ -140,14 +140,16 @@ def reconcile(
             send_report_task(settings, job_id, task_id)
             result.resent_queued.append(job_id)
 
-    # 3. QUEUED studies that never got a job for the configured model.
+    # 3. QUEUED studies whose job is missing, or still FAILED (a re-run that died between moving the
+    #    study to QUEUED and resetting its job): enqueue_report creates or resets it.
     with registry.session() as session:
         orphans = session.scalars(
             select(Study.id).where(
                 Study.state == StudyState.QUEUED.value,
                 Study.updated_at < now - timedelta(seconds=grace_s),
                 ~select(Job.id)
-                .where(Job.study_id == Study.id, Job.model_name == model_name, Job.model_version == JOB_MODEL_VERSION)
+                .where(Job.study_id == Study.id, Job.model_name == model_name, Job.model_version == JOB_MODEL_VERSION,
+                       Job.state != JobState.FAILED.value)
                 .exists(),
             )
         ).all()
