@@ -143,6 +143,8 @@ def load_image(registry: Registry, settings: Settings, study_id: int) -> np.ndar
         raise JobFailure(f"unusable image: {exc}") from exc
     except FileNotFoundError as exc:
         raise JobFailure("the selected image is missing from the spool") from exc
+    except Exception as exc:  # any other decoding fault belongs to this study alone, never to its batch
+        raise JobFailure(f"unusable image: it cannot be read ({type(exc).__name__})") from exc
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
