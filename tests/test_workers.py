@@ -4,6 +4,7 @@ batches, enqueue, the reconciler, re-run, queue depth. No model here: see test_p
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -275,3 +276,21 @@ def test_reconciler_finishes_a_rerun_that_died_half_way(registry: Registry, rset
     assert reconcile(registry, rsettings, grace_s=0).enqueued_studies == [study_id]
     job = _job(registry, job_id)
     assert job.state == JobState.QUEUED.value and job.celery_task_id in (broker_task_ids(rsettings) or set())
+
+
+def test_a_worker_that_lost_its_lease_cannot_fail_the_job(registry: Registry, rsettings: Settings) -> None:
+    """Worker w1 stalls past its lease, w2 takes the job over; w1's late failure changes nothing."""
+    from workers.pipeline import fail_job
+
+    study_id, _ = add_study(registry, rsettings)
+    job_id = enqueue_report(registry, rsettings, study_id)
+    with registry.session() as session:
+        first = claim(session, job_id, "w1", lease_s=30)
+    time.sleep(0.01)
+    with registry.session() as session:
+        second = claim(session, job_id, "w2", lease_s=0.0)  # w2 counts w1's silence as a lapsed lease
+    assert first is not None and second is not None and second.attempt == first.attempt + 1
+    fail_job(registry, first, "model error from the stalled worker", "model_error")
+    job = _job(registry, job_id)
+    assert (job.state, job.worker, job.error) == (JobState.RUNNING.value, "w2", None)
+    assert _study_state(registry, study_id) == StudyState.RUNNING.value

@@ -180,7 +180,9 @@ def fail_job(registry: Registry, claim: Claim, reason: str, kind: str) -> None:
     """Job and study FAILED with ``reason`` (shown in the API)."""
     with registry.session() as session:
         job = session.get(Job, claim.job_id)
-        if job is None or job.state == JobState.DONE.value:
+        # Only while this claim still holds the job: a worker whose lease lapsed and was taken over (the
+        # attempt counter moved on) must not fail a job another worker is running.
+        if job is None or job.state != JobState.RUNNING.value or job.attempts != claim.attempt:
             return
         job.state = JobState.FAILED.value
         job.error = reason
