@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,7 +84,12 @@ def test_open_ask_stream_approve_in_chromium(served) -> None:  # type: ignore[no
         expect(page.locator("#report-banner")).to_have_text("AI draft — not verified (version 1, ai_draft)")
         expect(page.locator("#report-banner")).to_have_class("banner unverified")
         expect(page.locator("#findings-text")).to_contain_text("small left pleural effusion")
-        page.wait_for_function("document.getElementById('preview').naturalWidth > 0")
+        # Polled from Python: Playwright's own wait_for_function polls through eval(), which the page's
+        # Content Security Policy (no 'unsafe-eval') rightly refuses once the image is not there at once.
+        deadline = time.monotonic() + 60
+        while page.locator("#preview").evaluate("img => img.naturalWidth") == 0:
+            assert time.monotonic() < deadline, "the image preview did not load"
+            page.wait_for_timeout(100)
         assert page.evaluate("sessionStorage.getItem('radialog.apiKey')") == keys["rad"]
 
         # a yes/no quick action (at most 10 new tokens: quick on a busy CPU); free questions use the same
