@@ -6,6 +6,7 @@ call; it returns a :class:`RunningNode` with the bound ``port`` and ``stop()``.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from socket import socket
 from typing import Any
@@ -75,20 +76,36 @@ class RunningNode:
         self.ae.shutdown()
 
 
-def _install_address_check(server: ThreadedAssociationServer, settings: Settings) -> None:
-    """Close connections from addresses outside ``settings.allowed_addresses`` before any PDU."""
+def _install_connection_gate(server: ThreadedAssociationServer, settings: Settings,
+                             ssl_context: ssl.SSLContext | None) -> None:
+    """Check the source address, then do the TLS handshake with a timeout, before any PDU.
+
+    Replaces pynetdicom's ``get_request``, which handshakes in the single accept thread on a blocking
+    socket: one client that opens TCP and says nothing would stop all ingest, and the address
+    allow-list would run only after the handshake. An OSError here makes socketserver drop just this
+    connection.
+    """
     networks = policy.parse_networks(settings.allowed_addresses)
-    if not networks:
-        return
 
-    def verify_request(request: socket, client_address: Any) -> bool:
-        address = client_address[0] if isinstance(client_address, tuple) else str(client_address)
-        if policy.address_allowed(address, networks):
-            return True
-        log.warning("connection refused: address not allowed", extra={"address": address})
-        return False
+    def get_request() -> tuple[socket, Any]:
+        client, address = server.socket.accept()  # type: ignore[union-attr]
+        host = address[0] if isinstance(address, tuple) else str(address)
+        if networks and not policy.address_allowed(host, networks):
+            client.close()
+            log.warning("connection refused: address not allowed", extra={"address": host})
+            raise ConnectionRefusedError("address not allowed")
+        if ssl_context is not None:
+            client.settimeout(settings.acse_timeout)
+            try:
+                client = ssl_context.wrap_socket(client, server_side=True)
+            except OSError as exc:  # ssl.SSLError and timeouts included
+                client.close()
+                log.warning("TLS handshake failed", extra={"address": host, "error": type(exc).__name__})
+                raise
+            client.settimeout(None)
+        return client, address
 
-    server.verify_request = verify_request  # type: ignore[method-assign]
+    server.get_request = get_request  # type: ignore[method-assign]
 
 
 def start_node(settings: Settings, registry: Registry, enqueue: Enqueue | None = None, *,
@@ -110,7 +127,7 @@ def start_node(settings: Settings, registry: Registry, enqueue: Enqueue | None =
     ssl_context = policy.server_ssl_context(settings.tls) if settings.tls else None
     server = ae.start_server((settings.dicom_host, settings.dicom_port), block=False,
                              evt_handlers=handlers, ssl_context=ssl_context)
-    _install_address_check(server, settings)
+    _install_connection_gate(server, settings, ssl_context)
     assembler = StudyAssembler(registry, settings, enqueue=enqueue, interval=assembler_interval)
     assembler.start()
     node = RunningNode(ae=ae, server=server, assembler=assembler, store=store)

@@ -162,3 +162,22 @@ def echo_tls(port: int, context: ssl.SSLContext) -> bool:
     ok = assoc.is_established and assoc.send_c_echo().Status == 0
     assoc.release()
     return bool(ok)
+
+
+def test_a_silent_client_cannot_stop_a_tls_node(tmp_path: Path, settings: Settings, sqlite_registry: Registry) -> None:
+    """A TCP connection that never starts its TLS handshake holds the accept loop for acse_timeout at most."""
+    import socket
+
+    cert, key = _self_signed(tmp_path)
+    secure = settings.model_copy(update={"acse_timeout": 2.0,
+                                         "tls": TLSSettings(certfile=cert, keyfile=key, ca_file=cert,
+                                                            require_client_cert=True)})
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    client.load_cert_chain(str(cert), str(key))
+    with running_node(secure, sqlite_registry) as node:
+        silent = socket.create_connection(("127.0.0.1", node.port))
+        try:
+            time.sleep(0.2)  # the node has accepted it and waits for a ClientHello that never comes
+            assert echo_tls(node.port, client)  # still served while the silent connection stays open
+        finally:
+            silent.close()
