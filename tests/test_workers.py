@@ -294,3 +294,27 @@ def test_a_worker_that_lost_its_lease_cannot_fail_the_job(registry: Registry, rs
     job = _job(registry, job_id)
     assert (job.state, job.worker, job.error) == (JobState.RUNNING.value, "w2", None)
     assert _study_state(registry, study_id) == StudyState.RUNNING.value
+
+
+def test_a_dialog_turn_left_running_by_a_dead_worker_fails_with_a_reason(sqlite_registry: Registry,
+                                                                         rsettings: Settings) -> None:
+    from api.testing import add_reported_study
+    from radialog.registry import Conversation, DialogTurn
+    from workers.reconciler import STUCK_DIALOG_TURN_S
+
+    study_id = add_reported_study(sqlite_registry, rsettings)
+    asked = utcnow() - timedelta(seconds=STUCK_DIALOG_TURN_S + 60)
+    with sqlite_registry.session() as session:
+        conversation = Conversation(study_id=study_id, user="rad", created_at=asked)
+        session.add(conversation)
+        session.flush()
+        old, fresh = (DialogTurn(conversation_id=conversation.id, task="free", question=q, state="RUNNING",
+                                 created_at=at) for q, at in (("Any edema?", asked), ("Any effusion?", utcnow())))
+        session.add_all([old, fresh])
+        session.flush()
+        old_id, fresh_id = old.id, fresh.id
+    assert reconcile(sqlite_registry, rsettings, grace_s=0).failed_dialog_turns == [old_id]
+    with sqlite_registry.session() as session:
+        stuck, running = session.get(DialogTurn, old_id), session.get(DialogTurn, fresh_id)
+        assert stuck.state == "FAILED" and "ask again" in (stuck.error or "")
+        assert running.state == "RUNNING"  # a turn being answered right now is left alone

@@ -41,16 +41,23 @@ _PRIORITY_SEP = "\x06\x16"
 _UNACKED_KEY = "unacked"
 
 
+#: A dialog turn still RUNNING this long after it was asked lost its worker (the longest answer, 600
+#: tokens, takes seconds on a GPU).
+STUCK_DIALOG_TURN_S = 600.0
+
+
 @dataclass
 class ReconcileResult:
     requeued_running: list[int] = field(default_factory=list)
     resent_queued: list[int] = field(default_factory=list)
     enqueued_studies: list[int] = field(default_factory=list)
     resent_dialog_turns: list[int] = field(default_factory=list)
+    failed_dialog_turns: list[int] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
-        return bool(self.requeued_running or self.resent_queued or self.enqueued_studies or self.resent_dialog_turns)
+        return bool(self.requeued_running or self.resent_queued or self.enqueued_studies or self.resent_dialog_turns
+                    or self.failed_dialog_turns)
 
 
 def _task_id(raw: bytes | str) -> str | None:
@@ -161,11 +168,28 @@ def reconcile(
     if present is not None:
         result.resent_dialog_turns = _resend_dialog_turns(registry, settings, now - timedelta(seconds=grace_s))
 
+    # 5. Dialog turns left RUNNING by a worker that died. A turn is interactive: rather than answer it an
+    #    hour later (when the broker gives the message back) into a conversation that moved on, it fails
+    #    with a reason and the radiologist asks again; a late redelivery then finds it FAILED.
+    with registry.session() as session:
+        stuck = session.scalars(
+            select(DialogTurn.id).where(DialogTurn.state == "RUNNING",
+                                        DialogTurn.created_at < now - timedelta(seconds=STUCK_DIALOG_TURN_S))
+        ).all()
+        if stuck:
+            session.execute(
+                update(DialogTurn).where(DialogTurn.id.in_(stuck), DialogTurn.state == "RUNNING")
+                .values(state="FAILED", answered_at=now,
+                        error="the worker stopped while answering; please ask again")
+            )
+    result.failed_dialog_turns = list(stuck)
+
     if result.changed:
         log.warning(
             "reconciler restored work",
             extra={"requeued_running": result.requeued_running, "resent_queued": result.resent_queued,
-                   "enqueued_studies": result.enqueued_studies, "resent_dialog_turns": result.resent_dialog_turns},
+                   "enqueued_studies": result.enqueued_studies, "resent_dialog_turns": result.resent_dialog_turns,
+                   "failed_dialog_turns": result.failed_dialog_turns},
         )
     return result
 
