@@ -158,7 +158,7 @@ class Chain:
     def start(self, worker_timeout: float = 300.0) -> Self:
         if self.with_orthanc and not orthanc_available():
             raise ChainError("needs Debian's orthanc and orthanc-python packages")
-        if self.flush_redis:
+        if self.flush_redis and self._redis_answers():  # no Redis: `radialog run` uses its embedded broker
             self._flush_redis()
         if self.with_orthanc:
             self._start_orthanc()
