@@ -15,9 +15,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.mark.skipif(not orthanc_available(), reason="needs Debian's orthanc + orthanc-python (./scripts/setup)")
-def test_demo_ends_with_reports_in_orthanc(tmp_path: Path) -> None:
+@pytest.mark.parametrize("broker", ["redis", "embedded"])
+def test_demo_ends_with_reports_in_orthanc(tmp_path: Path, broker: str) -> None:
+    """With Redis on 127.0.0.1, and without it (nothing listens on port 1: the embedded broker)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
     env["RADIALOG_DATA_DIR"] = str(tmp_path / "var")
+    if broker == "embedded":
+        env["RADIALOG_BROKER_URL"] = "redis://127.0.0.1:1/0"
     result = subprocess.run(
         [sys.executable, "-m", "radialog.cli", "demo", "--timeout", "600"],
         env=env, capture_output=True, text=True, timeout=840, check=False,
@@ -28,3 +32,5 @@ def test_demo_ends_with_reports_in_orthanc(tmp_path: Path) -> None:
     assert out.count("SR in Orthanc: http://127.0.0.1:") == 2  # both chest studies, in the PACS
     assert out.count("AI DRAFT - NOT VERIFIED") == 2
     assert "DX lateral only: SKIPPED" in out and "reason: lateral view only" in out
+    run_log = (tmp_path / "var" / "demo" / "chain" / "run.log").read_text()
+    assert ("using the embedded SQLite broker" in run_log) == (broker == "embedded")
