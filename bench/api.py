@@ -20,7 +20,6 @@ import uuid
 from pathlib import Path
 
 import httpx
-import redis
 import uvicorn
 
 from api.app import create_app
@@ -121,9 +120,6 @@ def main() -> None:
             thread.join(timeout=30)
             sock.close()
             worker.stop()
-            client = redis.Redis.from_url(REDIS_URL)
-            client.delete(f"radialog:worker:{worker.name}")
-            client.close()
             registry.dispose()
 
 

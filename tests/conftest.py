@@ -50,3 +50,12 @@ def sqlite_registry(settings: Settings) -> Iterator[Registry]:
     reg = Registry.from_settings(settings)
     yield reg
     reg.dispose()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny random RaDialog checkpoint in the published layout (model dir, llava base dir), made once
+    per run (make_tiny is reproducible per seed). Read-only: a test that breaks files works on a copy."""
+    from workers.models.radialog_v2.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny"))

@@ -23,13 +23,6 @@ from workers.models import prompts
 REDIS_URL = "redis://127.0.0.1:6379/14"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from workers.models.radialog_v2.tiny import make_tiny
-
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
-
-
 @pytest.fixture
 def chain(registry: Registry, settings: Settings, tiny_model: tuple[Path, Path],
           tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str], int, Registry]]:
@@ -46,7 +39,6 @@ def chain(registry: Registry, settings: Settings, tiny_model: tuple[Path, Path],
             yield http, keys, study_id, registry
     finally:
         worker.stop()
-        client.delete(f"radialog:worker:{worker.name}")
         client.close()
 
 

@@ -14,36 +14,30 @@ from workers.models.base import ContextTooLong, DialogRequest, StudyInput, Turn
 from workers.models.prompts import IMPRESSION, LIST_FINDINGS, SYSTEM, VIEW_PROMPT, report_prompt, yes_no_prompt
 from workers.models.radialog_v2.backend import RadialogV2Backend, load_radialog_v2
 from workers.models.radialog_v2.llava import IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS
-from workers.models.radialog_v2.tiny import make_tiny
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_dirs: tuple[Path, Path]) -> RadialogV2Backend:
-    return load_radialog_v2(*tiny_dirs, device="cpu")
+def backend(tiny_model: tuple[Path, Path]) -> RadialogV2Backend:
+    return load_radialog_v2(*tiny_model, device="cpu")
 
 
 def image(seed: int, rows: int = 600, cols: int = 520) -> np.ndarray:
     return (chest_pixels(rows, cols, 8, seed=seed)).astype(np.uint8)
 
 
-def test_load_backend_from_settings(tiny_dirs: tuple[Path, Path], tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, model_dir=tiny_dirs[0], base_model_dir=tiny_dirs[1], device="cpu")
+def test_load_backend_from_settings(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, model_dir=tiny_model[0], base_model_dir=tiny_model[1], device="cpu")
     backend = load_backend(settings)
     assert backend.provenance.name == "RaDialog-LLaVA"
     assert backend.provenance.tiny is True
     assert backend.provenance.device == "cpu" and backend.provenance.dtype == "float32"
 
 
-def test_tokenizer_matches_sentencepiece_and_llava_image_tokenisation(backend: RadialogV2Backend, tiny_dirs) -> None:
+def test_tokenizer_matches_sentencepiece_and_llava_image_tokenisation(backend: RadialogV2Backend, tiny_model) -> None:
     """The reference uses the slow sentencepiece tokenizer: ids must be the same; <image> -> -200."""
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=str(tiny_dirs[1] / "tokenizer.model"))
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_model[1] / "tokenizer.model"))
     text = f"{SYSTEM} USER: {LIST_FINDINGS} ASSISTANT:"
     assert backend.tokenizer(text).input_ids == [1, *sp.encode(text)]
     ids = backend.prompt_ids(f"{SYSTEM} USER: {report_prompt('edema')} ASSISTANT:")
@@ -52,10 +46,10 @@ def test_tokenizer_matches_sentencepiece_and_llava_image_tokenisation(backend: R
     assert backend.count_tokens(f"{SYSTEM} USER: {report_prompt('edema')} ASSISTANT:") == len(ids) - 1 + NUM_IMAGE_TOKENS
 
 
-def test_report_is_deterministic_and_complete(backend: RadialogV2Backend, tiny_dirs) -> None:
+def test_report_is_deterministic_and_complete(backend: RadialogV2Backend, tiny_model) -> None:
     studies = [StudyInput("a", image(1)), StudyInput("b", image(2, 700, 640))]
     first = backend.report(studies, max_new_tokens=40)
-    again = load_radialog_v2(*tiny_dirs, device="cpu").report(studies, max_new_tokens=40)
+    again = load_radialog_v2(*tiny_model, device="cpu").report(studies, max_new_tokens=40)
     assert [o.key for o in first] == ["a", "b"]
     assert [o.findings_text for o in first] == [o.findings_text for o in again]
     for out in first:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,6 @@ import torch
 from workers.models.base import StudyInput
 from workers.models.radialog_v2.backend import RadialogV2Backend, load_radialog_v2
 from workers.models.radialog_v2.llava import CallbackStreamer, RadialogLlava, llama_config_from_llava
-from workers.models.radialog_v2.tiny import make_tiny
 
 #: The published llava-v1.5-7b config.json (its Llama fields and the LLaVA-only ones).
 LLAVA_V15_7B_CONFIG = {
@@ -45,8 +46,8 @@ def test_full_size_model_from_the_published_config() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_backend(tmp_path_factory: pytest.TempPathFactory) -> RadialogV2Backend:
-    return load_radialog_v2(*make_tiny(tmp_path_factory.mktemp("tiny")), device="cpu")
+def tiny_backend(tiny_model: tuple[Path, Path]) -> RadialogV2Backend:
+    return load_radialog_v2(*tiny_model, device="cpu")
 
 
 def test_gpu_precisions_run_on_cpu(tiny_backend: RadialogV2Backend) -> None:

@@ -17,23 +17,18 @@ from workers.models.radialog_v2.state_dicts import StateDictMismatch
 from workers.models.radialog_v2.tiny import make_tiny
 
 
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
-
-
 @pytest.fixture
-def tiny_copy(tiny_dirs: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+def tiny_copy(tiny_model: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
     """A private copy a test may break."""
-    model_dir, base_dir = tiny_dirs
+    model_dir, base_dir = tiny_model
     return (
         Path(shutil.copytree(model_dir, tmp_path / "radialog")),
         Path(shutil.copytree(base_dir, tmp_path / "llava")),
     )
 
 
-def test_tiny_checkpoint_has_the_published_layout(tiny_dirs: tuple[Path, Path]) -> None:
-    model_dir, base_dir = tiny_dirs
+def test_tiny_checkpoint_has_the_published_layout(tiny_model: tuple[Path, Path]) -> None:
+    model_dir, base_dir = tiny_model
     for name in ("config.json", "adapter_config.json", "adapter_model.bin", "non_lora_trainables.bin", str(CLASSIFIER_RELPATH)):
         assert (model_dir / name).is_file(), name
     for name in ("config.json", "pytorch_model.bin.index.json", "tokenizer.model", "tokenizer_config.json"):
@@ -46,8 +41,8 @@ def test_tiny_checkpoint_has_the_published_layout(tiny_dirs: tuple[Path, Path]) 
         torch.load(model_dir / CLASSIFIER_RELPATH, weights_only=True)
 
 
-def test_tiny_model_loads_completely(tiny_dirs: tuple[Path, Path]) -> None:
-    loaded = load_radialog(*tiny_dirs, device_name="cpu")
+def test_tiny_model_loads_completely(tiny_model: tuple[Path, Path]) -> None:
+    loaded = load_radialog(*tiny_model, device_name="cpu")
     assert loaded.files.tiny
     assert loaded.dtype == torch.float32
     assert len(loaded.sha256) == 64
@@ -57,9 +52,9 @@ def test_tiny_model_loads_completely(tiny_dirs: tuple[Path, Path]) -> None:
     assert not any(m.per_image for m in loaded.classifier.modules() if hasattr(m, "per_image"))
 
 
-def test_lora_is_merged_into_the_weights(tiny_dirs: tuple[Path, Path]) -> None:
+def test_lora_is_merged_into_the_weights(tiny_model: tuple[Path, Path]) -> None:
     """The merged q_proj equals base + B @ A * alpha / r (the adapter really changed the model)."""
-    model_dir, base_dir = tiny_dirs
+    model_dir, base_dir = tiny_model
     loaded = load_radialog(model_dir, base_dir, device_name="cpu")
     index = json.loads((base_dir / "pytorch_model.bin.index.json").read_text())["weight_map"]
     key = "model.layers.0.self_attn.q_proj.weight"
@@ -171,17 +166,17 @@ def test_restricted_unpickling_never_runs_foreign_code(tmp_path: Path) -> None:
     assert torch.equal(loaded["state_dict"]["w"], torch.ones(1))
 
 
-def test_make_tiny_is_reproducible(tiny_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_make_tiny_is_reproducible(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
     """Same seed, same bytes: the provenance hash (and so the SR's model identity) is stable across runs."""
     from workers.models.radialog_v2.files import files_sha256, locate
 
     again = make_tiny(tmp_path / "again")
-    assert files_sha256(locate(*again)) == files_sha256(locate(*tiny_dirs))
+    assert files_sha256(locate(*again)) == files_sha256(locate(*tiny_model))
     other = make_tiny(tmp_path / "other", seed=1)
-    assert files_sha256(locate(*other)) != files_sha256(locate(*tiny_dirs))
+    assert files_sha256(locate(*other)) != files_sha256(locate(*tiny_model))
 
 
-def test_safetensors_adapter_and_base_load_the_same_model(tiny_copy: tuple[Path, Path], tiny_dirs) -> None:
+def test_safetensors_adapter_and_base_load_the_same_model(tiny_copy: tuple[Path, Path], tiny_model) -> None:
     """peft's newer adapter_model.safetensors and a single model.safetensors base are read as well."""
     from safetensors.torch import save_file
 
@@ -197,7 +192,7 @@ def test_safetensors_adapter_and_base_load_the_same_model(tiny_copy: tuple[Path,
     index.unlink()
     save_file({k: v.contiguous() for k, v in state.items()}, base_dir / "model.safetensors", metadata={"format": "pt"})
     converted = load_radialog(model_dir, base_dir, device_name="cpu")
-    original = load_radialog(*tiny_dirs, device_name="cpu")
+    original = load_radialog(*tiny_model, device_name="cpu")
     assert converted.files.adapter_weights.suffix == ".safetensors"
     ours, theirs = converted.llava.state_dict(), original.llava.state_dict()
     assert ours.keys() == theirs.keys()

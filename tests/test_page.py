@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 import uvicorn
 from sqlalchemy import select
 
@@ -27,13 +26,6 @@ REDIS_URL = "redis://127.0.0.1:6379/14"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from workers.models.radialog_v2.tiny import make_tiny
-
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture
@@ -61,9 +53,6 @@ def served(sqlite_registry: Registry, settings: Settings, tiny_model: tuple[Path
         thread.join(timeout=30)
         sock.close()
         worker.stop()
-        client = redis.Redis.from_url(REDIS_URL)
-        client.delete(f"radialog:worker:{worker.name}")
-        client.close()
 
 
 @pytest.mark.slow

@@ -49,13 +49,6 @@ REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 240.0
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from workers.models.radialog_v2.tiny import make_tiny
-
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
