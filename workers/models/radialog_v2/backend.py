@@ -122,9 +122,8 @@ class RadialogV2Backend(ModelBackend):
         t_pre = time.perf_counter()
         findings = self.classify(images, batches[CLASSIFIER_CROP])
         t1 = time.perf_counter()
-        phrases = [findings_phrase([f.label for f in row if f.present]) for row in findings]
-        prompts = [conversation_prompt([], report_prompt(p)) for p in phrases]
-        limit = max_new_tokens or self._limit(TASK_MAX_NEW_TOKENS["report"])
+        phrases, prompts = self.report_prompts(findings)
+        limit = max_new_tokens or self.report_token_limit()
         tokens = self.generate(prompts, images, limit, min_new_tokens=min_new_tokens, pixels=batches[LLM_CROP])
         t2 = time.perf_counter()
         # per batch, in seconds (every study of the batch gets the same figures)
@@ -138,7 +137,8 @@ class RadialogV2Backend(ModelBackend):
             for study, row, phrase, out in zip(studies, findings, phrases, tokens)
         ]
 
-    def answer(self, request: DialogRequest, on_token: TokenCallback | None = None) -> str:
+    def dialog_prompt(self, request: DialogRequest) -> tuple[str, int]:
+        """The turn's full prompt (history fitted to the context rule) and its new-token limit."""
         limit = request.max_new_tokens or self._limit(
             TASK_MAX_NEW_TOKENS.get(request.task, TASK_MAX_NEW_TOKENS["free"])
         )
@@ -149,6 +149,18 @@ class RadialogV2Backend(ModelBackend):
                 f"the conversation must hold the image placeholder exactly once (found {prompt.count(IMAGE_PLACEHOLDER)}); "
                 "its first turn is the report prompt or the view question"
             )
+        return prompt, limit
+
+    def report_prompts(self, findings: Sequence[Sequence[ClassifierFinding]]) -> tuple[list[str], list[str]]:
+        """Findings phrases and report prompts from the classifier's output (one per study)."""
+        phrases = [findings_phrase([f.label for f in row if f.present]) for row in findings]
+        return phrases, [conversation_prompt([], report_prompt(p)) for p in phrases]
+
+    def report_token_limit(self) -> int:
+        return self._limit(TASK_MAX_NEW_TOKENS["report"])
+
+    def answer(self, request: DialogRequest, on_token: TokenCallback | None = None) -> str:
+        prompt, limit = self.dialog_prompt(request)
         (out,) = self.generate([prompt], [request.image], limit, on_token=on_token)
         return self.decode(out)
 

@@ -79,10 +79,8 @@ class RadialogLlava(nn.Module):
         patches = self.vision_tower(pixels.to(self.device, self.dtype)).patch_embeddings
         return self.mm_projector(patches.flatten(2).transpose(1, 2))
 
-    def embed_prompts(
-        self, prompts: Sequence[Sequence[int]], image_features: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids with one ``IMAGE_TOKEN_INDEX`` each -> left-padded (inputs_embeds, attention_mask)."""
+    def splice(self, prompts: Sequence[Sequence[int]], image_features: torch.Tensor) -> list[torch.Tensor]:
+        """Token ids with one ``IMAGE_TOKEN_INDEX`` each -> one [T_i, hidden] embedding row per prompt."""
         embed = self.language_model.get_input_embeddings()
         rows: list[torch.Tensor] = []
         for ids, features in zip(prompts, image_features):
@@ -93,6 +91,13 @@ class RadialogLlava(nn.Module):
             cut = int(where[0])
             before, after = embed(ids_t[:cut]), embed(ids_t[cut + 1 :])
             rows.append(torch.cat([before, features.to(before.dtype), after], dim=0))
+        return rows
+
+    def embed_prompts(
+        self, prompts: Sequence[Sequence[int]], image_features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids with one ``IMAGE_TOKEN_INDEX`` each -> left-padded (inputs_embeds, attention_mask)."""
+        rows = self.splice(prompts, image_features)
         longest = max(len(r) for r in rows)
         hidden = rows[0].shape[1]
         embeds = torch.zeros(len(rows), longest, hidden, dtype=rows[0].dtype, device=self.device)
