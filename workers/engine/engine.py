@@ -217,7 +217,8 @@ class Engine:
         return handles
 
     def submit_dialog(
-        self, prompt: str, image: np.ndarray, max_new_tokens: int, on_token: Callable[[str], None] | None = None
+        self, prompt: str, image: np.ndarray, max_new_tokens: int, on_token: Callable[[str], None] | None = None,
+        min_new_tokens: int = 0,
     ) -> Handle:
         """Queue a dialog turn (the whole prompt, its ``<image>`` included); served before reports."""
         ids = self.backend.prompt_ids(prompt)
@@ -226,7 +227,7 @@ class Engine:
             raise ValueError(f"the prompt takes {needed - 1} positions; the dialog slots hold {self.pools[DIALOG].max_len}")
         pixels = branch_batches([image], (LLM_CROP,))[LLM_CROP][0]
         handle = Handle(self)
-        self._put(_Request(DIALOG, handle, pixels, max_new_tokens, prompt_ids=ids, on_token=on_token))
+        self._put(_Request(DIALOG, handle, pixels, max_new_tokens, min_new_tokens, prompt_ids=ids, on_token=on_token))
         return handle
 
     def _put(self, request: _Request) -> None:
