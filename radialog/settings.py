@@ -80,6 +80,20 @@ class Settings(BaseSettings):
     batch_size: int = Field(8, description="Most report jobs one worker runs as one batch.")
     batch_wait_ms: int = Field(200, description="How long a worker waits to fill a batch.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    engine: bool = Field(
+        True, description="Serve the model through the batching engine (reports join a running batch, dialog "
+        "turns first); false = one batch at a time through transformers' generate.",
+    )
+    report_tasks: int = Field(
+        2, ge=1, description="Report batches a worker feeds its engine at once (Celery threads; 1 without the engine).",
+    )
+    engine_report_slots: int = Field(
+        64, ge=1, description="Most reports decoded together (fewer if the GPU memory left after the model is short).",
+    )
+    engine_dialog_slots: int = Field(4, ge=1, description="Dialog turns served at once (4,096-token slots).")
+    engine_reports_beside_dialog: int = Field(
+        16, ge=0, description="Report rows decoded while a dialog turn streams (the rest pause).",
+    )
 
     # -- model -----------------------------------------------------------------------------------
     model_backend: str = "radialog-v2"

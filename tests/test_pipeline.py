@@ -115,9 +115,10 @@ class Harness:
         env["PYTHONPATH"] = str(REPO)
         return env
 
-    def start_worker(self, name: str, *extra: str, wait_ready: bool = True) -> Worker:
+    def start_worker(self, name: str, *extra: str, wait_ready: bool = True,
+                     env_overrides: dict[str, Any] | None = None) -> Worker:
         args = ["worker", "--hostname", name, "--no-sweep", *extra]
-        worker = Worker(self, name, args, self.env())
+        worker = Worker(self, name, args, self.env(**(env_overrides or {})))
         self.workers.append(worker)
         if wait_ready:
             self.wait_for(lambda: self.redis.exists(f"radialog:worker:{name}") == 1, f"{name} ready")
@@ -229,7 +230,7 @@ def test_worker_reports_exports_and_fails_a_poisoned_study(
         assert jobs[poisoned].state == JobState.FAILED.value and "unusable image" in (jobs[poisoned].error or "")
         done = jobs[good]
         assert done.state == JobState.DONE.value and done.worker == "w-flow" and done.attempts == 1
-        assert {"preprocess", "classifier", "generate", "store"} <= set(done.timings)
+        assert {"preprocess", "classifier", "vision", "prefill", "decode", "first_token", "store"} <= set(done.timings)
         assert h.report_counts([good]) == {good: 1}
     finally:
         h.close()
@@ -303,6 +304,9 @@ def test_flushed_broker_is_reconciled_and_every_study_reported(harness: Harness)
 
 @pytest.mark.slow
 def test_dialog_turn_is_served_before_waiting_reports(harness: Harness) -> None:
+    """The turn, sent after three report jobs, is answered before the last of them even starts: the
+    worker's report threads (RADIALOG_REPORT_TASKS=2) are busy with the first two, and the turn comes
+    through its own consumer and goes first in the engine."""
     from workers.models.prompts import yes_no_prompt
 
     h = harness
@@ -343,8 +347,8 @@ def test_dialog_turn_is_served_before_waiting_reports(harness: Harness) -> None:
         turn = session.get(DialogTurn, turn_id)
         assert turn is not None and turn.state == "DONE" and turn.answered_at is not None
         answer, answered_at = turn.answer, turn.answered_at
-    first_report_start = min(job.started_at for job in h.jobs(waiting).values())  # type: ignore[type-var]
-    assert answered_at < first_report_start
+    last_report_start = max(job.started_at for job in h.jobs(waiting).values())  # type: ignore[type-var]
+    assert answered_at < last_report_start
     assert messages and messages[-1] == {"type": "done", "answer": answer}
     assert all(m["type"] == "token" for m in messages[:-1])
 
@@ -427,3 +431,41 @@ def test_out_of_memory_splits_the_batch_and_a_single_study_is_retried(
     backend.report = never_fits  # type: ignore[method-assign]
     with pytest.raises(TransientError):
         run_backend(backend, inputs[:1])
+
+
+@pytest.mark.slow
+def test_dialog_turn_arriving_during_a_report_batch_is_answered_before_the_batch_ends(harness: Harness) -> None:
+    """One report thread holds a batch of 16 in the engine; a turn sent once they run is answered (through
+    the dialog consumer, admitted ahead of the batch's decoding) before any of the 16 reports is stored.
+    With a pool-thread dialog (or the solo pool) the turn would wait for the whole batch."""
+    from workers.models.prompts import yes_no_prompt
+
+    h = harness
+    h.settings = h.settings.model_copy(update={"batch_size": 16, "batch_wait_ms": 1500})
+    seeded = add_reported_study(h.registry, h.settings, index=40)
+    with h.registry.session() as session:
+        report = session.scalars(select(Report).where(Report.study_id == seeded)).one()
+        conversation = Conversation(study_id=seeded, user="rad", seed_report_id=report.id, created_at=utcnow())
+        session.add(conversation)
+        session.flush()
+        turn = DialogTurn(conversation_id=conversation.id, task="yes_no", question=yes_no_prompt("edema"),
+                          state="QUEUED", created_at=utcnow())
+        session.add(turn)
+        session.flush()
+        turn_id = turn.id
+    worker = h.start_worker("w-busy", env_overrides={"report_tasks": 1})
+    batch = [add_study(h.registry, h.settings, index=41 + i)[0] for i in range(16)]
+    for study_id in batch:
+        enqueue_report(h.registry, h.settings, study_id)
+    h.wait_for(lambda: len([j for j in h.jobs(batch).values() if j.state == JobState.RUNNING.value]) == 16,
+               "the 16 jobs running as one batch")
+    app_for(h.settings).send_task(DIALOG_TASK, args=[turn_id], queue="dialog")
+    h.wait_states(batch, {StudyState.REPORTED.value}, "the batch reported")
+    with h.registry.session() as session:
+        turn = session.get(DialogTurn, turn_id)
+        assert turn is not None and turn.state == "DONE", turn.error if turn else None
+        answered_at = turn.answered_at
+    jobs = h.jobs(batch)
+    assert {j.timings.get("batch_size") for j in jobs.values()} == {16}
+    assert answered_at < min(j.finished_at for j in jobs.values())  # type: ignore[type-var]
+    worker.stop()

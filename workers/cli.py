@@ -1,8 +1,10 @@
 """``radialog worker`` (one per GPU) and ``radialog run`` (everything on one machine).
 
-A worker is one process with Celery's solo pool: it loads the model once before it consumes anything,
-announces itself ready (Redis key ``radialog:worker:<hostname>``), and serves the queues in the order
-given (dialog first). Start one per GPU with ``CUDA_VISIBLE_DEVICES=N radialog worker`` or
+A worker is one process: it loads the model once before it consumes anything, announces itself ready
+(Redis key ``radialog:worker:<hostname>``), and serves the queues in the order given (dialog first). With
+the engine (the default), ``RADIALOG_REPORT_TASKS`` Celery threads feed it report batches and dialog turns
+come through their own consumer (``workers.dialog_consumer``), so a turn never waits for a pool thread;
+without it, Celery's solo pool runs one task at a time. Start one per GPU with ``CUDA_VISIBLE_DEVICES=N radialog worker`` or
 ``--device cuda:N``. An export-only worker (``--queues export``) loads no model.
 """
 
@@ -72,11 +74,24 @@ def run_worker(
     app = app_for(settings)
     import workers.tasks  # noqa: F401  (registers the tasks with this app)
 
-    log.info("worker starting", extra={"worker": hostname, "queues": queues, "batch_size": settings.batch_size})
+    pool, concurrency, consumed = "solo", 1, list(queues)
+    if ctx.backend is not None and type(ctx.backend).__name__ == "EngineBackend":
+        # Report tasks wait on the engine in pool threads; dialog turns come through their own consumer.
+        pool, concurrency = "threads", settings.report_tasks
+        others = [q for q in queues if q != "dialog"]
+        if "dialog" in queues and others:
+            from workers.dialog_consumer import DialogConsumer
+
+            DialogConsumer.threads = settings.engine_dialog_slots
+            app.steps["consumer"].add(DialogConsumer)
+            consumed = others
+    log.info("worker starting", extra={"worker": hostname, "queues": queues, "batch_size": settings.batch_size,
+                                       "pool": pool, "concurrency": concurrency})
     try:
         app.worker_main([
-            "worker", "--pool", "solo", "--concurrency", "1", "--queues", ",".join(queues), "--hostname", hostname,
-            "--loglevel", loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "worker", "--pool", pool, "--concurrency", str(concurrency), "--queues", ",".join(consumed),
+            "--hostname", hostname, "--loglevel", loglevel, "--without-gossip", "--without-mingle",
+            "--without-heartbeat",
         ])
     finally:
         if sweeper is not None:

@@ -1,7 +1,9 @@
 """What one worker process holds: settings, registry, the loaded model, and its heartbeats.
 
-A worker runs Celery's ``solo`` pool: the process that loaded the model is the process that runs the
-tasks, so there is exactly one model per GPU and nothing CUDA-related is ever forked. A SIGKILL takes
+A worker is one process (Celery's ``threads`` pool, or ``solo`` without the engine): the process that
+loaded the model runs the tasks, so there is exactly one model per GPU and nothing CUDA-related is ever
+forked. With the engine, the model's work happens in the engine's thread; report tasks and dialog turns
+hand it requests from their own threads (``workers.engine``). A SIGKILL takes
 the whole worker down; its unacknowledged message comes back from Redis after the visibility timeout,
 and sooner through the reconciler, which sees the job's registry lease (``Job.heartbeat_at``) expire.
 
@@ -164,6 +166,8 @@ class WorkerContext:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.withdraw_ready()
+        if self.backend is not None:
+            self.backend.close()
 
 
 _current: WorkerContext | None = None
@@ -192,8 +196,10 @@ def load(
     if with_model:
         from workers.models import load_backend
 
-        backend = load_backend(settings)
-        log.info("model loaded", extra={"provenance": backend.provenance.to_dict()})
+        from workers.engine.backend import with_engine
+
+        backend = with_engine(load_backend(settings), settings)
+        log.info("model loaded", extra={"provenance": backend.provenance.to_dict(), "engine": type(backend).__name__})
     context = WorkerContext(
         settings=settings,
         registry=registry,

@@ -46,6 +46,8 @@ MAX_ATTEMPTS = 5
 #: Jobs are keyed by the configured backend; the exact model version and file hash are recorded in
 #: the Report (and the SR), which ``create_ai_draft`` makes unique per (study, model, version).
 JOB_MODEL_VERSION = "configured"
+#: Entries of a job's timings that are counts, not seconds (kept in the job row, not in the stage metric).
+COUNTS = frozenset({"batch_size", "admitted_together"})
 
 
 class TransientError(RuntimeError):
@@ -154,26 +156,37 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 def run_backend(
     backend: ModelBackend, inputs: list[StudyInput], on_oom: Callable[[int], None] | None = None
 ) -> dict[str, ReportOutput | Exception]:
-    """``backend.report`` over ``inputs``; an error splits the batch so that it stays with its study.
+    """``backend.report_each`` over ``inputs``; every error ends up with its own study.
 
-    Out of GPU memory: ``on_oom(batch size)`` is told, halves are tried in turn, and a single study that
-    still does not fit raises ``TransientError``. Any other error at batch size 1 belongs to that study (the result is the exception).
+    A backend that fails a whole batch (the simple path) has the batch split in halves until the error
+    stays with one study. Out of GPU memory: ``on_oom(batch size)`` is told, and a single study that still
+    does not fit raises ``TransientError`` (the jobs go back to the queue). Any other error at batch size 1
+    belongs to that study (the result is the exception).
     """
     if not inputs:
         return {}
     try:
-        return {out.key: out for out in backend.report(inputs)}
+        outputs = backend.report_each(inputs)
     except Exception as exc:
         if len(inputs) == 1:
-            if _is_out_of_memory(exc):
-                raise TransientError("out of GPU memory with a single study") from exc
-            log.warning("model failed on one study", extra={"job": inputs[0].key}, exc_info=True)
-            return {inputs[0].key: exc}
-        log.warning("batch failed, splitting", extra={"batch_size": len(inputs), "error": type(exc).__name__})
-        if on_oom is not None and _is_out_of_memory(exc):
-            on_oom(len(inputs))
-        half = len(inputs) // 2
-        return {**run_backend(backend, inputs[:half], on_oom), **run_backend(backend, inputs[half:], on_oom)}
+            outputs = [exc]
+        else:
+            log.warning("batch failed, splitting", extra={"batch_size": len(inputs), "error": type(exc).__name__})
+            if on_oom is not None and _is_out_of_memory(exc):
+                on_oom(len(inputs))
+            half = len(inputs) // 2
+            return {**run_backend(backend, inputs[:half], on_oom), **run_backend(backend, inputs[half:], on_oom)}
+    results: dict[str, ReportOutput | Exception] = {}
+    for study, out in zip(inputs, outputs):
+        if isinstance(out, Exception) and _is_out_of_memory(out):
+            if len(inputs) > 1:  # once more alone: the engine's step that failed may have been a big one
+                results.update(run_backend(backend, [study], on_oom))
+                continue
+            raise TransientError("out of GPU memory with a single study") from out
+        if isinstance(out, Exception):
+            log.warning("model failed on one study", extra={"job": study.key}, exc_info=out)
+        results[study.key] = out
+    return results
 
 
 def fail_job(registry: Registry, claim: Claim, reason: str, kind: str) -> None:
@@ -226,7 +239,7 @@ def store_output(
         export_ids = [e.id for e in report.exports if e.state == "PENDING"]
         total = _seconds_between(job.queued_at, job.finished_at)
     for stage, seconds in timings.items():
-        if stage != "batch_size":
+        if stage not in COUNTS:
             metrics.STAGE_SECONDS.labels(stage=stage).observe(float(seconds))
     if total is not None:
         metrics.JOB_SECONDS.observe(total)

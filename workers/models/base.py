@@ -92,6 +92,17 @@ class ModelBackend(abc.ABC):
     def report(self, studies: Sequence[StudyInput]) -> list[ReportOutput]:
         """Draft the findings section for each study; results in input order."""
 
+    def report_each(self, studies: Sequence[StudyInput]) -> list[ReportOutput | Exception]:
+        """Like ``report``, but a study's own failure is returned in its place instead of raised.
+
+        The default runs ``report`` as one batch (an error raises for all); a backend that serves studies
+        independently (the engine) returns per-study errors so that one study never fails its batch.
+        """
+        return list(self.report(studies))
+
+    def close(self) -> None:
+        """Release what the backend holds (threads, memory); the worker calls it when it stops."""
+
     @abc.abstractmethod
     def answer(self, request: DialogRequest, on_token: TokenCallback | None = None) -> str:
         """Answer one dialog turn; ``on_token`` receives text pieces as they are generated."""
