@@ -1,0 +1,64 @@
+"""bench/gpu.py end to end on CPU with the tiny model at tiny sizes: the JSON and table it promises, and
+engine tokens equal to one-at-a-time generation. No timing assertions: figures on a shared CPU are noise."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import gpu
+
+NEW_TOKENS = 5
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, str]:
+    out = tmp_path_factory.mktemp("bench") / "gpu.json"
+    capture = tmp_path_factory.mktemp("stdout") / "stdout.txt"
+    with capture.open("w") as stream, contextlib.redirect_stdout(stream):
+        returned = gpu.main(["--tiny", "--device", "cpu", "--batch-sizes", "1,2", "--new-tokens", str(NEW_TOKENS),
+                             "--naive", "1", "--profile", "--json", str(out)])
+    return returned, json.loads(Path(out).read_text()), capture.read_text()
+
+
+def test_json_holds_every_section(bench_run: tuple[dict, dict, str]) -> None:
+    returned, written, _ = bench_run
+    assert set(written) >= {"build", "naive", "engine", "dialog", "equality", "profile", "targets"}
+    assert written["equality"] == returned["equality"]
+    assert written["build"]["model_bytes"] > 0
+    assert [row["batch"] for row in written["engine"]] == [1, 2]
+
+
+def test_every_request_made_exactly_the_forced_tokens(bench_run: tuple[dict, dict, str]) -> None:
+    _, r, _ = bench_run
+    assert r["naive"]["tokens"] == r["naive"]["studies"] * NEW_TOKENS
+    for row in r["engine"]:
+        assert row["studies"] == max(3, 3 * row["batch"])
+        assert row["tokens"] == row["studies"] * NEW_TOKENS
+        assert row["pools"]["report"]["slots"] == row["batch"]
+        assert row["ratio_to_naive"] > 0
+    assert r["dialog"]["tokens"] == NEW_TOKENS
+    assert r["dialog"]["reports_live"] == 2  # the largest batch was full when the turn came
+
+
+def test_engine_tokens_equal_one_at_a_time_generation(bench_run: tuple[dict, dict, str]) -> None:
+    equality = bench_run[1]["equality"]
+    assert len(set(equality["prompt_tokens"])) == equality["prompts"]  # mixed lengths, batched together
+    assert equality["all_identical"] is True
+    assert equality["identical_prefix"] == equality["tokens"] == [NEW_TOKENS] * equality["prompts"]
+    assert equality["identical_share"] == 1.0
+
+
+def test_table_names_every_path_and_the_targets(bench_run: tuple[dict, dict, str]) -> None:
+    _, r, printed = bench_run
+    lines = printed.splitlines()
+    assert sum(line.startswith("engine ") for line in lines) == 2
+    assert sum(line.startswith("naive ") for line in lines) == 1
+    assert any(line.startswith("dialog turn beside 2 live reports") for line in lines)
+    assert "targets:  [tiny/CPU run: targets do not apply]" in lines
+    assert set(r["targets"]) == {"best_studies_per_s", "dialog_first_token_s", "dialog_tokens_per_s", "model_gb",
+                                 "identical_share"}
+    assert len(r["profile"]["top"]) == 15
