@@ -325,7 +325,7 @@ class Engine:
                 self._admit_report_group([request])
             return
         t_vis = time.perf_counter()
-        timings = [{"classifier": t_cls - started, "vision": t_vis - t_cls, "batch": float(len(requests))}] * len(requests)
+        timings = [{"classifier": t_cls - started, "vision": t_vis - t_cls, "admitted_together": float(len(requests))}] * len(requests)
         self._prefill(self.pools[REPORT], requests, rows, timings, findings, phrases)
 
     @property
