@@ -217,6 +217,9 @@ def test_worker_reports_exports_and_fails_a_poisoned_study(
         for study_id in (poisoned, good):
             enqueue_report(registry, h.settings, study_id)
         h.start_worker("w-flow")
+        ready = json.loads(h.redis.get("radialog:worker:w-flow"))
+        assert ready["tiny"] is True and ready["engine"]["report"]["slots"] == 64
+        assert ready["engine"]["dialog"]["max_len"] == 4096 and ready["engine"]["model_GiB"] > 0
         h.wait_states([poisoned, good], {StudyState.FAILED.value, StudyState.EXPORTED.value}, "both studies settled")
         assert h.states([poisoned, good]) == {poisoned: "FAILED", good: "EXPORTED"}
         with registry.session() as session:
@@ -302,29 +305,34 @@ def test_flushed_broker_is_reconciled_and_every_study_reported(harness: Harness)
     assert h.report_counts(studies) == {s: 1 for s in studies}
 
 
+def add_yes_no_turn(registry: Registry, seeded: int, finding: str) -> int:
+    """A QUEUED yes/no turn in a new conversation about ``seeded``'s report; returns the turn id."""
+    from workers.models.prompts import yes_no_prompt
+
+    with registry.session() as session:
+        report = session.scalars(select(Report).where(Report.study_id == seeded)).one()
+        conversation = Conversation(study_id=seeded, user="rad", seed_report_id=report.id, created_at=utcnow())
+        session.add(conversation)
+        session.flush()
+        turn = DialogTurn(conversation_id=conversation.id, task="yes_no", question=yes_no_prompt(finding),
+                          state="QUEUED", created_at=utcnow())
+        session.add(turn)
+        session.flush()
+        return turn.id
+
+
 @pytest.mark.slow
 def test_dialog_turn_is_served_before_waiting_reports(harness: Harness) -> None:
     """The turn, sent after three report jobs, is answered before the last of them even starts: the
     worker's report threads (RADIALOG_REPORT_TASKS=2) are busy with the first two, and the turn comes
     through its own consumer and goes first in the engine."""
-    from workers.models.prompts import yes_no_prompt
-
     h = harness
     h.settings = h.settings.model_copy(update={"batch_size": 1, "batch_wait_ms": 0})
     seeded = add_reported_study(h.registry, h.settings, index=20)
     waiting = [add_study(h.registry, h.settings, index=21 + i)[0] for i in range(3)]
     for study_id in waiting:
         enqueue_report(h.registry, h.settings, study_id)
-    with h.registry.session() as session:
-        report = session.scalars(select(Report).where(Report.study_id == seeded)).one()
-        conversation = Conversation(study_id=seeded, user="rad", seed_report_id=report.id, created_at=utcnow())
-        session.add(conversation)
-        session.flush()
-        turn = DialogTurn(conversation_id=conversation.id, task="yes_no", question=yes_no_prompt("pleural effusion"),
-                          state="QUEUED", created_at=utcnow())
-        session.add(turn)
-        session.flush()
-        turn_id = turn.id
+    turn_id = add_yes_no_turn(h.registry, seeded, "pleural effusion")
     messages: list[dict[str, Any]] = []
     pubsub = h.redis.pubsub()
     pubsub.subscribe(dialog_channel(REDIS_URL, turn_id))
@@ -438,21 +446,10 @@ def test_dialog_turn_arriving_during_a_report_batch_is_answered_before_the_batch
     """One report thread holds a batch of 16 in the engine; a turn sent once they run is answered (through
     the dialog consumer, admitted ahead of the batch's decoding) before any of the 16 reports is stored.
     With a pool-thread dialog (or the solo pool) the turn would wait for the whole batch."""
-    from workers.models.prompts import yes_no_prompt
-
     h = harness
     h.settings = h.settings.model_copy(update={"batch_size": 16, "batch_wait_ms": 1500})
     seeded = add_reported_study(h.registry, h.settings, index=40)
-    with h.registry.session() as session:
-        report = session.scalars(select(Report).where(Report.study_id == seeded)).one()
-        conversation = Conversation(study_id=seeded, user="rad", seed_report_id=report.id, created_at=utcnow())
-        session.add(conversation)
-        session.flush()
-        turn = DialogTurn(conversation_id=conversation.id, task="yes_no", question=yes_no_prompt("edema"),
-                          state="QUEUED", created_at=utcnow())
-        session.add(turn)
-        session.flush()
-        turn_id = turn.id
+    turn_id = add_yes_no_turn(h.registry, seeded, "edema")
     worker = h.start_worker("w-busy", env_overrides={"report_tasks": 1})
     batch = [add_study(h.registry, h.settings, index=41 + i)[0] for i in range(16)]
     for study_id in batch:

@@ -126,7 +126,8 @@ class WorkerContext:
         """Set the readiness key (only when a model is loaded and the broker is Redis)."""
         if self.backend is None or self.redis is None:
             return
-        info: dict[str, Any] = {**self.backend.provenance.to_dict(), "hostname": self.hostname}
+        info: dict[str, Any] = {**self.backend.provenance.to_dict(), **self.backend.serving_info(),
+                                "hostname": self.hostname}
         self.redis.set(self.ready_key, json.dumps(info), ex=READY_TTL_S)
 
     def withdraw_ready(self) -> None:
@@ -194,12 +195,11 @@ def load(
     backend = None
     _preload_task_modules()
     if with_model:
+        from workers.engine.backend import with_engine
         from workers.models import load_backend
 
-        from workers.engine.backend import with_engine
-
         backend = with_engine(load_backend(settings), settings)
-        log.info("model loaded", extra={"provenance": backend.provenance.to_dict(), "engine": type(backend).__name__})
+        log.info("model loaded", extra={"provenance": backend.provenance.to_dict(), **backend.serving_info()})
     context = WorkerContext(
         settings=settings,
         registry=registry,

@@ -178,6 +178,8 @@ def run_backend(
             return {**run_backend(backend, inputs[:half], on_oom), **run_backend(backend, inputs[half:], on_oom)}
     results: dict[str, ReportOutput | Exception] = {}
     for study, out in zip(inputs, outputs):
+        if type(out).__name__ == "RequestCancelled":  # the engine stopped under it (worker shutting down)
+            raise TransientError("the model engine stopped before the report was finished") from out
         if isinstance(out, Exception) and _is_out_of_memory(out):
             if len(inputs) > 1:  # once more alone: the engine's step that failed may have been a big one
                 results.update(run_backend(backend, [study], on_oom))

@@ -68,6 +68,17 @@ class EngineBackend(ModelBackend):
     def close(self) -> None:
         self.engine.stop()
 
+    def serving_info(self) -> dict[str, object]:
+        """Engine pools and memory (GiB): what a hospital sizes GPUs by."""
+        info: dict[str, object] = {
+            name: {"slots": pool.slots, "max_len": pool.max_len, "kv_GiB": round(pool.nbytes / 2**30, 3)}
+            for name, pool in self.engine.pools.items()
+        }
+        params = sum(p.numel() * p.element_size() for p in self.model.llava.parameters())
+        params += sum(p.numel() * p.element_size() for p in self.model.classifier.parameters())
+        info["model_GiB"] = round(params / 2**30, 3)
+        return {"engine": info}
+
 
 def with_engine(backend: ModelBackend, settings: object) -> ModelBackend:
     """``backend`` served by an engine sized from ``settings`` (``settings.engine`` false: unchanged)."""

@@ -103,6 +103,10 @@ class ModelBackend(abc.ABC):
     def close(self) -> None:
         """Release what the backend holds (threads, memory); the worker calls it when it stops."""
 
+    def serving_info(self) -> dict[str, Any]:
+        """How the model is served (engine slots, memory): shown in the worker's readiness key."""
+        return {}
+
     @abc.abstractmethod
     def answer(self, request: DialogRequest, on_token: TokenCallback | None = None) -> str:
         """Answer one dialog turn; ``on_token`` receives text pieces as they are generated."""
