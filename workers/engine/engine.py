@@ -59,8 +59,9 @@ class EngineConfig:
     #: Tokens per report slot; None = the longest report prompt + the report token limit.
     report_max_len: int | None = None
     dialog_max_len: int = 4096
-    #: Most prompt tokens prefilled for reports in one iteration (bounds a waiting turn's first token).
-    prefill_tokens: int = 8192
+    #: Most prompt tokens prefilled for reports in one iteration: bounds how long a dialog turn that arrives
+    #: meanwhile waits for its first token (~2,048 x 13.5 GFLOP = ~28 TFLOP, tens of ms on an H100).
+    prefill_tokens: int = 2048
     #: Report rows decoded beside a streaming dialog turn (the others pause, keeping their cache).
     reports_beside_dialog: int = 16
     #: Share of the free accelerator memory the pools may take (CUDA only; CPU uses the sizes as given).
