@@ -230,6 +230,38 @@ def test_worker_metrics_endpoint_serves_stage_and_queue_metrics(sqlite_registry:
     assert 'radialog_job_stage_seconds_count{stage="preprocess"}' in text
 
 
+def test_engine_metrics_count_sequences_slots_and_steps(tiny_model) -> None:
+    """The engine collector reads a real engine: two reports decoding then none, slots, decode steps."""
+    import torch
+    from prometheus_client import CollectorRegistry
+
+    from radialog.synthetic import chest_pixels
+    from workers.engine import Engine, EngineConfig
+    from workers.metrics import register_engine
+    from workers.models.radialog_v2.backend import load_radialog_v2
+
+    engine = Engine(load_radialog_v2(*tiny_model, device="cpu"), EngineConfig(report_slots=3, dialog_slots=1))
+    registry = CollectorRegistry()
+    register_engine(engine, registry)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert sample("radialog_engine_slots", kind="report") == 3.0 and sample("radialog_engine_slots", kind="dialog") == 1.0
+    images = [chest_pixels(600, 520, 8, seed=i).astype("uint8") for i in range(2)]
+    handles = engine.submit_reports(images, max_new_tokens=8, min_new_tokens=8)
+    engine._take_inbox()  # the engine thread is not started: step it by hand, deterministically
+    assert sample("radialog_engine_sequences", kind="report", state="waiting") == 2.0
+    with torch.inference_mode():  # as the engine thread runs its loop
+        engine._iteration()
+        assert sample("radialog_engine_sequences", kind="report", state="decoding") == 2.0
+        while engine.busy:
+            engine._iteration()
+    assert [len(h.result(0).tokens) for h in handles] == [8, 8]
+    assert sample("radialog_engine_sequences", kind="report", state="decoding") == 0.0
+    assert sample("radialog_engine_decode_steps_total") == 7.0  # the first token comes from the prefill
+
+
 def test_dialog_history_seeds_the_report_and_keeps_view_turns_apart(sqlite_registry, settings) -> None:
     """Follow-ups see the report turn and earlier answers; the view question is a first turn of its own."""
     from api.testing import add_reported_study

@@ -71,6 +71,11 @@ def run_worker(
         from workers.metrics import start_metrics_server
 
         start_metrics_server(settings, metrics_port)
+        engine = getattr(ctx.backend, "engine", None)
+        if engine is not None:
+            from workers.metrics import register_engine
+
+            register_engine(engine)
     app = app_for(settings)
     import workers.tasks  # noqa: F401  (registers the tasks with this app)
 

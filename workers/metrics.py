@@ -13,7 +13,7 @@ from typing import Any
 
 from kombu.exceptions import ChannelError, KombuError
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from radialog.logging import get_logger
@@ -71,6 +71,32 @@ class QueueDepthCollector(Collector):
             log.warning("queue depth unavailable: broker unreachable")
             return
         yield family
+
+
+class EngineCollector(Collector):
+    """The serving engine's state, read on scrape: sequences decoding and waiting per kind, KV slots,
+    decode steps run. ``engine`` is a ``workers.engine.Engine`` (not imported here: no torch needed)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        sequences = GaugeMetricFamily("radialog_engine_sequences", "Requests in the engine by kind and state.",
+                                      labels=["kind", "state"])
+        slots = GaugeMetricFamily("radialog_engine_slots", "KV-cache slots per pool.", labels=["kind"])
+        for kind, pool in self.engine.pools.items():
+            sequences.add_metric([kind, "decoding"], float(len(self.engine.live[kind])))
+            sequences.add_metric([kind, "waiting"], float(len(self.engine.waiting[kind])))
+            slots.add_metric([kind], float(pool.slots))
+        yield sequences
+        yield slots
+        yield CounterMetricFamily("radialog_engine_decode_steps", "Decode steps the engine has run.",
+                                  value=float(self.engine.step_count))
+
+
+def register_engine(engine: Any, registry: CollectorRegistry = REGISTRY) -> None:
+    """Add the engine's collector to ``registry`` (the worker does it once, after loading the model)."""
+    registry.register(EngineCollector(engine))
 
 
 _registered: weakref.WeakSet[CollectorRegistry] = weakref.WeakSet()
