@@ -218,7 +218,7 @@ def completion_order(handles: dict[str, Handle]) -> list[str]:
     """Names in the order their handles settle (callbacks run in the engine thread as each one ends)."""
     order: list[str] = []
     for name, handle in handles.items():
-        handle._future.add_done_callback(lambda _f, name=name: order.append(name))
+        handle.add_done_callback(lambda _h, name=name: order.append(name))
     return order
 
 
@@ -467,3 +467,12 @@ def test_min_new_tokens_holds_back_eos(backend, seeds, rig) -> None:
         assert len(got.tokens) >= 8
         assert_report_equal(backend, got, seed, n, 8)
     r.assert_idle()
+
+
+def test_a_report_limit_beyond_the_slots_is_refused_up_front(backend, seeds) -> None:
+    """Asking for more new tokens than a report slot holds is an error at submit, not a silently short report."""
+    engine = Engine(backend, EngineConfig(report_slots=1, dialog_slots=1))
+    room = engine.pools["report"].max_len - engine.longest_report_prompt() - 1
+    with pytest.raises(ValueError, match="do not fit the report slots"):
+        engine.submit_reports([image(seeds[0])], max_new_tokens=room + 1)
+    assert engine.busy == 0

@@ -93,6 +93,10 @@ class Handle:
     def done(self) -> bool:
         return self._future.done()
 
+    def add_done_callback(self, callback: Callable[[Handle], None]) -> None:
+        """Call ``callback(handle)`` when the request ends (in the engine thread, or at once if it has)."""
+        self._future.add_done_callback(lambda _future: callback(self))
+
     def cancel(self) -> None:
         """Ask the engine to drop the request at its next step (its slot is freed, others go on)."""
         self._cancel.set()
@@ -207,8 +211,12 @@ class Engine:
         self, images: Sequence[np.ndarray], *, max_new_tokens: int | None = None, min_new_tokens: int = 0
     ) -> list[Handle]:
         """Queue report requests; the images are resized in the caller's thread."""
-        batches = branch_batches(list(images), (CLASSIFIER_CROP, LLM_CROP))
         limit = max_new_tokens or self.backend.report_token_limit()
+        room = self.pools[REPORT].max_len - self.longest_report_prompt_cached - 1
+        if limit > room:  # else a long report would end "length" where the simple path goes on
+            raise ValueError(f"{limit} new tokens do not fit the report slots ({room} after the longest prompt); "
+                             "build the engine with a larger report_max_len")
+        batches = branch_batches(list(images), (CLASSIFIER_CROP, LLM_CROP))
         handles = []
         for i in range(len(images)):
             handle = Handle(self)
