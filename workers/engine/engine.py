@@ -141,6 +141,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.steps = LlamaSteps(backend.llava.language_model)
         self.eos = backend.eos_id
+        #: Model positions of the longest report prompt: sizes the report slots and the prefill budget.
+        self.longest_report = self.longest_report_prompt()
         self.pools = self._make_pools()
         self.live: dict[str, list[_Sequence]] = {REPORT: [], DIALOG: []}
         self.waiting: dict[str, deque[_Request]] = {REPORT: deque(), DIALOG: deque()}
@@ -162,7 +164,7 @@ class Engine:
 
     def _make_pools(self) -> dict[str, KVPool]:
         cfg = self.config
-        report_len = cfg.report_max_len or self.longest_report_prompt() + self.backend.report_token_limit() + 1
+        report_len = cfg.report_max_len or self.longest_report + self.backend.report_token_limit() + 1
         device, dtype, shape = self.steps.device, self.steps.dtype, self.steps.shape
         per_token = shape.bytes_per_token(dtype)
         report_slots = cfg.report_slots
@@ -212,7 +214,7 @@ class Engine:
     ) -> list[Handle]:
         """Queue report requests; the images are resized in the caller's thread."""
         limit = max_new_tokens or self.backend.report_token_limit()
-        room = self.pools[REPORT].max_len - self.longest_report_prompt_cached - 1
+        room = self.pools[REPORT].max_len - self.longest_report - 1
         if limit > room:  # else a long report would end "length" where the simple path goes on
             raise ValueError(f"{limit} new tokens do not fit the report slots ({room} after the longest prompt); "
                              "build the engine with a larger report_max_len")
@@ -295,23 +297,30 @@ class Engine:
     # -- admission ----------------------------------------------------------------------------------
     def _admit_dialogs(self) -> None:
         pool = self.pools[DIALOG]
-        requests = [self.waiting[DIALOG].popleft() for _ in range(min(pool.free, len(self.waiting[DIALOG])))]
+        count = min(pool.free, len(self.waiting[DIALOG]))
+        self._admit_dialog_group([self.waiting[DIALOG].popleft() for _ in range(count)])
+
+    def _admit_dialog_group(self, requests: list[_Request]) -> None:
+        """Vision tower for the turns' images, then their prefill; a failing group goes one by one."""
         started = time.perf_counter()
         try:
             features = self.backend.llava.encode_images(torch.stack([r.llm_pixels for r in requests]))
             rows = self.backend.llava.splice([r.prompt_ids for r in requests], features)
         except Exception as exc:
-            log.warning("dialog admission failed", extra={"error": type(exc).__name__})
-            for r in requests:
-                r.handle._future.set_exception(exc)
+            if len(requests) == 1:
+                requests[0].handle._future.set_exception(exc)
+                return
+            log.warning("dialog admission failed; one by one", extra={"rows": len(requests), "error": type(exc).__name__})
+            for request in requests:
+                self._admit_dialog_group([request])
             return
         vision_s = time.perf_counter() - started
-        self._prefill(pool, requests, rows, [{"vision": vision_s}] * len(requests), [None] * len(requests),
-                      [None] * len(requests))
+        none = [None] * len(requests)
+        self._prefill(self.pools[DIALOG], requests, rows, [{"vision": vision_s}] * len(requests), none, none)
 
     def _admit_reports(self) -> None:
         pool = self.pools[REPORT]
-        per_prompt = self.longest_report_prompt_cached
+        per_prompt = self.longest_report
         count = max(1, min(pool.free, len(self.waiting[REPORT]), self.config.prefill_tokens // per_prompt))
         self._admit_report_group([self.waiting[REPORT].popleft() for _ in range(count)])
 
@@ -336,12 +345,6 @@ class Engine:
         t_vis = time.perf_counter()
         timings = [{"classifier": t_cls - started, "vision": t_vis - t_cls, "admitted_together": float(len(requests))}] * len(requests)
         self._prefill(self.pools[REPORT], requests, rows, timings, findings, phrases)
-
-    @property
-    def longest_report_prompt_cached(self) -> int:
-        if not hasattr(self, "_longest_report"):
-            self._longest_report = self.longest_report_prompt()
-        return self._longest_report
 
     def _prefill(self, pool: KVPool, requests: list[_Request], rows: list[torch.Tensor],
                  timings: list[dict[str, float]], findings: Sequence[Any], phrases: Sequence[Any]) -> None:
