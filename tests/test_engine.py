@@ -1,14 +1,10 @@
 """The serving engine on the tiny model (CPU): same greedy tokens as the simple path, dialog turns first,
 cancel/failure isolation, no growth over many jobs, and the KV pool's slot bookkeeping (issue 9).
 
-The tiny checkpoint as written is too flat to test this: its classifier gives every image the same labels
-(features differ by ~1e-5 between images) and its LLM repeats one token and never says EOS. With that,
-every report prompt has the same length and a mixed-up KV cache could still produce "equal" tokens. The
-module's backend therefore gets livelier weights (same modules, same code paths): the classifier head is
-re-fitted so that images get different labels, the LLM's matrices are scaled so the answer depends on the
-context, and EOS takes the place of one frequent token so sequences end at different lengths (which frees
-slots mid-batch and moves the last sequence down). Images whose labels sit near the 0.5 threshold are left
-out, because batch size changes the classifier's logits by ~1e-2 on CPU.
+The tiny checkpoint as written is too flat to test this (every image gets the same labels, the LLM repeats
+one token without EOS), so the module's backend is livened (:mod:`tests.lively_model`): report prompts
+differ in length and sequences end at different lengths, which frees slots mid-batch and moves the last
+sequence down.
 """
 
 from __future__ import annotations
@@ -18,15 +14,14 @@ import threading
 import tracemalloc
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from functools import cache
+from functools import cache, partial
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from radialog.synthetic import chest_pixels
+from tests.lively_model import clear_seeds, image, liven
 from workers.engine import Engine, EngineConfig, Handle, RequestCancelled
 from workers.engine.decoder import Group, LlamaSteps
 from workers.engine.kv_pool import KVPool, PoolShape
@@ -34,49 +29,8 @@ from workers.models.base import StudyInput, Turn
 from workers.models.conversation import conversation_prompt
 from workers.models.prompts import IMPRESSION, LIST_FINDINGS, VIEW_PROMPT, report_prompt, yes_no_prompt
 from workers.models.radialog_v2.backend import RadialogV2Backend, load_radialog_v2
-from workers.models.radialog_v2.transforms import CLASSIFIER_CROP, batch_tensors
-
-CANDIDATE_SEEDS = range(24)
-#: Smallest |logit - threshold| a test image may have (10x the batch-size noise of the classifier's logits).
-LABEL_MARGIN = 0.1
-#: Token whose lm_head row EOS takes (x1.05): frequent enough that about half the answers end before 32.
-EOS_LIKE_TOKEN, EOS_SCALE = 534, 1.05
-LLM_SCALE = 6.0
-
-
-@cache
-def image(seed: int) -> np.ndarray:
-    """A synthetic chest image (size varies with the seed so resizing differs too); read-only, shared."""
-    return chest_pixels(560 + 40 * (seed % 5), 520 + 30 * (seed % 3), 8, seed=seed).astype(np.uint8)
-
-
-def _pooled_features(backend: RadialogV2Backend, seeds: Sequence[int]) -> torch.Tensor:
-    pixels = batch_tensors([image(s) for s in seeds], CLASSIFIER_CROP)
-    embeddings = backend.classifier.biovil_encoder(pixels).projected_patch_embeddings
-    return torch.nn.functional.avg_pool2d(embeddings, 4).flatten(1).double()
-
-
-@torch.no_grad()
-def liven(backend: RadialogV2Backend) -> None:
-    """Give the tiny model weights under which the engine's mistakes would show (see the module docstring)."""
-    generator = torch.Generator().manual_seed(7)
-    head = backend.classifier
-    features = _pooled_features(backend, CANDIDATE_SEEDS)
-    mean = features.mean(0)
-    w1 = torch.randn(head.fc1.out_features, features.shape[1], generator=generator, dtype=torch.float64)
-    w1 /= ((features - mean) @ w1.T).std()
-    head.fc1.weight.copy_(w1)
-    head.fc1.bias.copy_(-(w1 @ mean))
-    hidden = torch.relu((features - mean) @ w1.T)
-    w2 = torch.randn(head.fc2.out_features, hidden.shape[1], generator=generator, dtype=torch.float64)
-    w2 *= 3 / (hidden @ w2.T).std(0).mean()  # logits of about +-3 around the threshold
-    head.fc2.weight.copy_(w2)
-    head.fc2.bias.copy_(-(w2 @ hidden.mean(0)))
-    llm = backend.llava.language_model
-    for name, param in llm.named_parameters():
-        if param.dim() == 2 and "embed" not in name:
-            param.mul_(LLM_SCALE)
-    llm.lm_head.weight[backend.eos_id] = llm.lm_head.weight[EOS_LIKE_TOKEN] * EOS_SCALE
+from workers.models.radialog_v2.llava import IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS
+from workers.models.radialog_v2.transforms import CLASSIFIER_CROP, LLM_CROP, batch_tensors
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +43,7 @@ def backend(tiny_model: tuple[Path, Path]) -> RadialogV2Backend:
 @pytest.fixture(scope="module")
 def seeds(backend: RadialogV2Backend) -> list[int]:
     """Images whose labels are clear of the threshold when classified alone (at least 12 of them)."""
-    with torch.no_grad():
-        logits = torch.cat([backend.classifier(batch_tensors([image(s)], CLASSIFIER_CROP)) for s in CANDIDATE_SEEDS])
-    chosen = [s for s, row in zip(CANDIDATE_SEEDS, logits) if float(row.abs().min()) > LABEL_MARGIN]
-    assert len(chosen) >= 12, chosen
-    return chosen
+    return clear_seeds(backend)
 
 
 # -- the simple path (references), cached: the backend is module-scoped and deterministic ---------------
@@ -159,17 +109,25 @@ class RecordingSteps(LlamaSteps):
         self.decodes += 1
         self.calls.append(("decode", {g.pool.name: len(g.slots) for g in groups}))
         if self.decodes == self.hold_at:
+            go = self.go
             self.held.set()
-            self.go.wait(120)
+            go.wait(120)
         return super().decode(tokens, groups)
+
+    def hold_again(self, at: int) -> None:
+        """While held (test thread): let the held step go and hold decode step ``at`` next."""
+        go = self.go
+        self.hold_at, self.held, self.go = at, threading.Event(), threading.Event()
+        go.set()
 
 
 class Rig:
     """An engine with recording steps and recorded slot moves; stopped (and never left held) at teardown."""
 
-    def __init__(self, backend: RadialogV2Backend, config: EngineConfig, hold_at: int | None = None) -> None:
+    def __init__(self, backend: RadialogV2Backend, config: EngineConfig, hold_at: int | None = None,
+                 steps: Callable[..., RecordingSteps] = RecordingSteps) -> None:
         self.engine = Engine(backend, config)
-        self.steps = RecordingSteps(backend.llava.language_model, hold_at)
+        self.steps = steps(backend.llava.language_model, hold_at)
         self.engine.steps = self.steps
         self.moves: list[tuple[str, int, int]] = []
         for pool in self.engine.pools.values():
@@ -205,8 +163,9 @@ class Rig:
 def rig(backend: RadialogV2Backend) -> Iterator[Callable[..., Rig]]:
     made: list[Rig] = []
 
-    def make(hold_at: int | None = None, **config) -> Rig:
-        made.append(Rig(backend, EngineConfig(**config), hold_at))
+    def make(hold_at: int | None = None, model: RadialogV2Backend | None = None,
+             steps: Callable[..., RecordingSteps] = RecordingSteps, **config) -> Rig:
+        made.append(Rig(model or backend, EngineConfig(**config), hold_at, steps))
         return made[-1]
 
     yield make
@@ -350,6 +309,152 @@ def test_a_dialog_whose_callback_raises_fails_alone(backend, seeds, rig) -> None
     assert healthy.result(120).tokens == _ref_generate(backend, dialog_prompts()[0], seeds[1], 16)
     for seed, handle in zip(studies, reports):
         assert_report_equal(backend, handle.result(120), seed, 16, 16)
+    r.assert_idle()
+
+
+def test_stop_while_a_batch_decodes_cancels_everything_unfinished(backend, seeds, rig) -> None:
+    """stop() ends the loop after the step in flight: live, waiting and just-submitted requests are
+    cancelled, the slots are freed, the thread ends and new work is refused."""
+    r = rig(hold_at=2, report_slots=2, dialog_slots=1)
+    engine = r.engine
+    reports = engine.submit_reports([image(s) for s in seeds[:4]], max_new_tokens=16, min_new_tokens=16)
+    r.wait_held()
+    assert engine.live["report"] and not any(h.done() for h in reports)
+    dialog = engine.submit_dialog(dialog_prompts()[0], image(seeds[0]), 8)  # still in the inbox at the stop
+    thread = engine._thread
+    assert thread is not None
+    engine.stop(timeout=0)  # ask without waiting: the engine thread is held inside a decode step
+    with pytest.raises(RuntimeError, match="stopping"):
+        engine.submit_dialog(dialog_prompts()[0], image(seeds[0]), 8)
+    r.steps.go.set()
+    thread.join(60)
+
+    assert not thread.is_alive()
+    for handle in [*reports, dialog]:
+        with pytest.raises(RequestCancelled, match="the engine stopped"):
+            handle.result(60)
+    assert r.steps.decodes == 2  # no step after the one in flight
+    with pytest.raises(RuntimeError, match="stopping"):
+        engine.submit_reports([image(seeds[0])], max_new_tokens=4)
+    r.assert_idle()
+
+
+def test_cancelling_a_streaming_dialog_turn_leaves_the_reports_and_the_other_turn_untouched(
+    backend, seeds, rig
+) -> None:
+    r = rig(hold_at=1, report_slots=3, dialog_slots=2)
+    engine = r.engine
+    studies = seeds[6:9]
+    reports = engine.submit_reports([image(s) for s in studies], max_new_tokens=16, min_new_tokens=16)
+    r.wait_held()
+    prompts = dialog_prompts()
+    doomed_prompt, other_prompt = prompts[3], prompts[1]
+    doomed_ref = _ref_generate(backend, doomed_prompt, seeds[0], 24)
+    other_ref = _ref_generate(backend, other_prompt, seeds[1], 24)
+    assert len(doomed_ref) > 4 and len(other_ref) > 4, "a turn ends too early for this test"
+    pieces: list[str] = []
+    doomed = engine.submit_dialog(doomed_prompt, image(seeds[0]), 24, on_token=pieces.append)
+    other = engine.submit_dialog(other_prompt, image(seeds[1]), 24)
+    r.steps.hold_again(r.steps.decodes + 3)  # both turns are admitted together, then decode twice
+    r.wait_held()
+    live = engine.live["dialog"]
+    assert [s.request.handle for s in live] == [doomed, other]
+    assert live[0].tokens == doomed_ref[:3] and live[0].slot == 0  # streaming; cancelling moves slot 1 down
+    assert len(engine.live["report"]) == 3
+    streamed = len(pieces)
+    doomed.cancel()
+    r.steps.go.set()
+
+    with pytest.raises(RequestCancelled, match="while generating"):
+        doomed.result(120)
+    assert len(pieces) <= streamed + 1  # at most the held step's token, nothing after the cancel
+    assert other.result(120).tokens == other_ref
+    for seed, handle in zip(studies, reports):
+        assert_report_equal(backend, handle.result(120), seed, 16, 16)
+    assert ("dialog", 1, 0) in r.moves
+    r.assert_idle()
+
+
+class MarkedStudy(RuntimeError):
+    pass
+
+
+class ClassifierFailsOnMarked(RadialogV2Backend):
+    """The same loaded model (livened modules shared); its classifier fails on any batch holding ``marked``
+    (the image's 488-px pixels)."""
+
+    def __init__(self, backend: RadialogV2Backend, marked: torch.Tensor) -> None:
+        super().__init__(backend.loaded)
+        self.marked = marked
+        self.batches: list[int] = []
+
+    def classify(self, images, pixels=None):
+        self.batches.append(len(pixels) if pixels is not None else len(images))
+        if pixels is not None and any(torch.equal(row, self.marked) for row in pixels):
+            raise MarkedStudy("the classifier failed on the marked study")
+        return super().classify(images, pixels)
+
+
+def _join_a_running_report(r: Rig, backend, first: int, group: Sequence[int]) -> tuple[Handle, list[Handle]]:
+    """One report decoding (held at its first step) and then ``group`` submitted: admitted as one group."""
+    (running,) = r.engine.submit_reports([image(first)], max_new_tokens=16, min_new_tokens=16)
+    r.wait_held()
+    handles = r.engine.submit_reports([image(s) for s in group], max_new_tokens=16, min_new_tokens=16)
+    r.steps.go.set()
+    return running, handles
+
+
+def test_a_report_admission_that_fails_for_one_study_fails_that_study_alone(backend, seeds, rig) -> None:
+    group = seeds[9:13]
+    marked = 2
+    faulty = ClassifierFailsOnMarked(backend, batch_tensors([image(group[marked])], CLASSIFIER_CROP)[0])
+    r = rig(hold_at=1, model=faulty, report_slots=6, dialog_slots=1)
+    running, handles = _join_a_running_report(r, backend, seeds[0], group)
+
+    with pytest.raises(MarkedStudy):
+        handles[marked].result(120)
+    assert_report_equal(backend, running.result(120), seeds[0], 16, 16)
+    for i, (seed, handle) in enumerate(zip(group, handles)):
+        if i != marked:
+            assert_report_equal(backend, handle.result(120), seed, 16, 16)
+    assert faulty.batches == [1, 4, 1, 1, 1, 1]  # the group failed, then one by one
+    r.assert_idle()
+
+
+class PrefillFailsOnMarked(RecordingSteps):
+    """Prefill that fails after writing the cache, for any batch holding a marked row: one whose image
+    features (from position ``at``) are ``marked``'s."""
+
+    def __init__(self, model, hold_at: int | None, marked: torch.Tensor, at: int) -> None:
+        super().__init__(model, hold_at)
+        self.marked, self.at = marked, at
+
+    def prefill(self, embeds, pool: KVPool, slots: Sequence[int]) -> torch.Tensor:
+        logits = super().prefill(embeds, pool, slots)
+        span = slice(self.at, self.at + NUM_IMAGE_TOKENS)
+        if any(torch.allclose(row[span], self.marked, atol=1e-4) for row in embeds):
+            raise MarkedStudy("prefill failed on the marked study")
+        return logits
+
+
+def test_a_prefill_that_fails_for_one_study_fails_that_study_alone(backend, seeds, rig) -> None:
+    group = seeds[9:13]
+    marked = 1
+    with torch.inference_mode():
+        features = backend.llava.encode_images(batch_tensors([image(group[marked])], LLM_CROP))[0]
+    at = backend.prompt_ids(_ref_report(backend, group[marked], 16, 16)[1]).index(IMAGE_TOKEN_INDEX)
+    r = rig(hold_at=1, steps=partial(PrefillFailsOnMarked, marked=features, at=at), report_slots=6, dialog_slots=1)
+    running, handles = _join_a_running_report(r, backend, seeds[0], group)
+
+    with pytest.raises(MarkedStudy):
+        handles[marked].result(120)
+    assert_report_equal(backend, running.result(120), seeds[0], 16, 16)
+    for i, (seed, handle) in enumerate(zip(group, handles)):
+        if i != marked:
+            assert_report_equal(backend, handle.result(120), seed, 16, 16)
+    prefills = [c[2:] for c in r.steps.calls if c[0] == "prefill"]
+    # the group (after the running report) failed, then one by one: the marked row's slot is given back
+    assert prefills == [(1, 0), (4, 1), (1, 1), (1, 2), (1, 2), (1, 3)]
     r.assert_idle()
 
 

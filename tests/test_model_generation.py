@@ -1,4 +1,10 @@
-"""Generation on the tiny model through the real loader: determinism, batching, streaming, context, tokens."""
+"""Generation on the tiny model through the real loader: determinism, batching, streaming, context, tokens.
+
+Batched-vs-alone comparisons run on the livened tiny model (:mod:`tests.lively_model`): on the plain
+checkpoint every image gets the same labels and the LLM repeats one token without EOS, so a padding or
+KV-cache mix-up would still give "equal" tokens. Those tests also assert that their prompts differ in
+length and their answers end at different lengths, so they say when they have become degenerate.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ import pytest
 
 from radialog.settings import Settings
 from radialog.synthetic import chest_pixels
+from tests.lively_model import clear_seeds, liven
+from tests.lively_model import image as lively_image
 from workers.models import load_backend
 from workers.models.base import ContextTooLong, DialogRequest, StudyInput, Turn
 from workers.models.prompts import IMPRESSION, LIST_FINDINGS, SYSTEM, VIEW_PROMPT, report_prompt, yes_no_prompt
@@ -18,7 +26,22 @@ from workers.models.radialog_v2.llava import IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS
 
 @pytest.fixture(scope="module")
 def backend(tiny_model: tuple[Path, Path]) -> RadialogV2Backend:
+    """The published tiny checkpoint, as loaded."""
     return load_radialog_v2(*tiny_model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def lively(tiny_model: tuple[Path, Path]) -> RadialogV2Backend:
+    """The tiny checkpoint with livened weights, for batched-vs-alone comparisons."""
+    model = load_radialog_v2(*tiny_model, device="cpu")
+    liven(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def clear(lively: RadialogV2Backend) -> list[int]:
+    """Seeds of :func:`lively_image` whose labels are clear of the threshold."""
+    return clear_seeds(lively)
 
 
 def image(seed: int, rows: int = 600, cols: int = 520) -> np.ndarray:
@@ -59,7 +82,7 @@ def test_report_is_deterministic_and_complete(backend: RadialogV2Backend, tiny_m
         assert set(out.timings) >= {"classifier", "generate"}
 
 
-def test_batched_generation_equals_one_by_one(backend: RadialogV2Backend) -> None:
+def test_batched_generation_equals_one_by_one(lively: RadialogV2Backend, clear: list[int]) -> None:
     """Left-padded batch with mixed prompt lengths gives exactly the one-at-a-time greedy tokens."""
     history = [Turn(report_prompt("cardiomegaly"), "The heart is enlarged. The lungs are clear.")]
     prompts = [
@@ -68,19 +91,34 @@ def test_batched_generation_equals_one_by_one(backend: RadialogV2Backend) -> Non
         f"{SYSTEM} USER: {history[0].question} ASSISTANT: {history[0].answer}</s>USER: {IMPRESSION} ASSISTANT:",
         f"{SYSTEM} USER: {VIEW_PROMPT} ASSISTANT:",
     ]
-    images = [image(i) for i in range(4)]
-    batched = backend.generate(prompts, images, 24)
-    single = [backend.generate([p], [im], 24)[0] for p, im in zip(prompts, images)]
+    images = [lively_image(s) for s in clear[:4]]
+    batched = lively.generate(prompts, images, 24)
+    single = [lively.generate([p], [im], 24)[0] for p, im in zip(prompts, images)]
     assert batched == single
-    assert len({len(backend.prompt_ids(p)) for p in prompts}) == 4
+    # not degenerate: every prompt is padded differently, some answers end (EOS) while others go on
+    assert len({len(lively.prompt_ids(p)) for p in prompts}) == 4
+    assert len({len(t) for t in single}) >= 3 and min(len(t) for t in single) < 24, single
+    assert len({t[0] for t in single}) >= 2, single
 
 
-def test_report_does_not_depend_on_batch_companions(backend: RadialogV2Backend) -> None:
-    a, b, c = StudyInput("a", image(5)), StudyInput("b", image(6)), StudyInput("c", image(7))
-    with_b = backend.report([a, b], max_new_tokens=40)[0]
-    with_c = backend.report([c, a], max_new_tokens=40)[1]
-    assert with_b.findings_text == with_c.findings_text
-    assert with_b.findings == with_c.findings
+def test_report_does_not_depend_on_batch_companions(lively: RadialogV2Backend, clear: list[int]) -> None:
+    """A study's report is its report alone, beside a study with a longer prompt (it is left-padded) and
+    beside one with a shorter prompt (it pads the other), the companions' answers ending elsewhere."""
+    alone = {s: lively.report([StudyInput(str(s), lively_image(s))], max_new_tokens=40)[0] for s in clear}
+    length = {s: lively.count_tokens(lively.report_prompts([out.findings])[1][0]) for s, out in alone.items()}
+    by_length = sorted(clear, key=length.__getitem__)
+    a = by_length[len(by_length) // 2]
+    others = [s for s in by_length if alone[s].generated_tokens != alone[a].generated_tokens]
+    longest, shortest = others[-1], others[0]
+    assert length[shortest] < length[a] < length[longest], (length, a, shortest, longest)
+    a_, b_, c_ = (StudyInput(str(s), lively_image(s)) for s in (a, longest, shortest))
+    with_b = lively.report([a_, b_], max_new_tokens=40)[0]
+    with_c = lively.report([c_, a_], max_new_tokens=40)[1]
+    for got in (with_b, with_c):
+        assert got.findings_text == alone[a].findings_text
+        assert [(f.label, f.present) for f in got.findings] == [(f.label, f.present) for f in alone[a].findings]
+    assert with_b.findings == with_c.findings  # same batch size: the classifier's figures are equal too
+    assert len({alone[s].findings_phrase for s in (a, longest, shortest)}) == 3
 
 
 def test_streaming_pieces_add_up_to_the_answer(backend: RadialogV2Backend) -> None:
@@ -126,15 +164,16 @@ def test_report_uses_the_reference_conversation_prompt(backend: RadialogV2Backen
     assert forced.generated_tokens == 30
 
 
-def test_static_cache_option_gives_the_same_tokens(backend: RadialogV2Backend) -> None:
+def test_static_cache_option_gives_the_same_tokens(lively: RadialogV2Backend, clear: list[int]) -> None:
     prompts = [f"{SYSTEM} USER: {report_prompt(p)} ASSISTANT:" for p in ("edema", "no common findings")]
-    images = [image(11), image(12)]
-    dynamic = backend.generate(prompts, images, 12)
-    backend.generate_options = {"cache_implementation": "static"}
+    images = [lively_image(s) for s in clear[4:6]]
+    dynamic = lively.generate(prompts, images, 12)
+    assert dynamic[0] != dynamic[1]
+    lively.generate_options = {"cache_implementation": "static"}
     try:
-        assert backend.generate(prompts, images, 12) == dynamic
+        assert lively.generate(prompts, images, 12) == dynamic
     finally:
-        backend.generate_options = {}
+        lively.generate_options = {}
 
 
 def test_tiny_model_answers_are_capped(backend: RadialogV2Backend) -> None:
