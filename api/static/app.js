@@ -4,7 +4,8 @@
 const API = "/api/v1";
 const KEY_STORE = "radialog.apiKey";
 const PAGE_SIZE = 25;
-const state = { offset: 0, total: 0, studyId: null, report: null, shownVersion: null, busy: false };
+const state = { offset: 0, total: 0, studyId: null, report: null, shownVersion: null, busy: false,
+  conversationLoaded: null };
 
 const $ = (id) => document.getElementById(id);
 const el = (tag, props = {}, text) => {
@@ -113,7 +114,10 @@ async function openStudy(id) {
   loadImage(id);
   if (study.latest_report_version) {
     await loadReport();
-    await loadConversation();
+    // ask() waits for this: the chat is redrawn when the conversation arrives, which would wipe a turn
+    // asked in the meantime
+    state.conversationLoaded = loadConversation();
+    await state.conversationLoaded;
   } else {
     showNoReport(study);
   }
@@ -275,6 +279,7 @@ async function ask(path, body, shownQuestion, task) {
   state.busy = true;
   $("chat-send").disabled = true;
   $("chat-error").textContent = "";
+  try { await state.conversationLoaded; } catch { /* its own error is shown; the question still goes */ }
   const question = addMessage("q", shownQuestion);
   const answer = addMessage("a pending", "");
   let turnId = null;
