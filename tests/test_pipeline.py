@@ -388,6 +388,21 @@ def test_run_without_redis_uses_the_embedded_broker(harness: Harness) -> None:
     h.wait_states([study_id], {StudyState.REPORTED.value}, "study reported through the embedded broker")
     assert h.report_counts([study_id]) == {study_id: 1}
     assert (h.settings.data_dir / "broker.sqlite").exists()
+    # a dialog turn through the same embedded broker: taken by the worker's dialog consumer, answered, stored
+    from workers.cli import embedded_broker
+
+    turn_id = add_yes_no_turn(h.registry, study_id, "edema")
+    app_for(embedded_broker(h.settings)).send_task(DIALOG_TASK, args=[turn_id], queue="dialog")
+
+    def answered() -> bool:
+        with h.registry.session() as session:
+            turn = session.get(DialogTurn, turn_id)
+            return turn is not None and turn.state in ("DONE", "FAILED")
+
+    h.wait_for(answered, "dialog turn answered through the embedded broker")
+    with h.registry.session() as session:
+        turn = session.get(DialogTurn, turn_id)
+        assert turn is not None and turn.state == "DONE" and turn.answer is not None, turn.error if turn else None
 
 
 def _store(ae: Any, port: int, ds: Any) -> bool:
