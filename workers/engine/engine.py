@@ -350,7 +350,12 @@ class Engine:
                  timings: list[dict[str, float]], findings: Sequence[Any], phrases: Sequence[Any]) -> None:
         """Prefill ``rows`` into new slots; a group that fails is retried one by one (the fault stays with its request)."""
         started = time.perf_counter()
-        slots = pool.take(len(requests))
+        try:
+            slots = pool.take(len(requests))
+        except RuntimeError as exc:  # admission takes no more than the free slots; never leave a caller waiting
+            for request in requests:
+                request.handle._future.set_exception(exc)
+            return
         try:
             logits = self.steps.prefill(rows, pool, slots)
         except Exception as exc:
