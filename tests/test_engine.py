@@ -16,34 +16,30 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from functools import cache, partial
 from itertools import islice
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.lively_model import clear_seeds, image, liven
+from tests.lively_model import image
 from workers.engine import Engine, EngineConfig, Handle, RequestCancelled
 from workers.engine.decoder import Group, LlamaSteps
 from workers.engine.kv_pool import KVPool, PoolShape
 from workers.models.base import StudyInput, Turn
 from workers.models.conversation import conversation_prompt
 from workers.models.prompts import IMPRESSION, LIST_FINDINGS, VIEW_PROMPT, report_prompt, yes_no_prompt
-from workers.models.radialog_v2.backend import RadialogV2Backend, load_radialog_v2
+from workers.models.radialog_v2.backend import RadialogV2Backend
 from workers.models.radialog_v2.llava import IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS
 from workers.models.radialog_v2.transforms import CLASSIFIER_CROP, LLM_CROP, batch_tensors
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_model: tuple[Path, Path]) -> RadialogV2Backend:
-    model = load_radialog_v2(*tiny_model, device="cpu")
-    liven(model)
-    return model
+def backend(lively: RadialogV2Backend) -> RadialogV2Backend:
+    return lively
 
 
 @pytest.fixture(scope="module")
-def seeds(backend: RadialogV2Backend) -> list[int]:
-    """Images whose labels are clear of the threshold when classified alone (at least 12 of them)."""
-    return clear_seeds(backend)
+def seeds(clear: list[int]) -> list[int]:
+    return clear
 
 
 # -- the simple path (references), cached: the backend is module-scoped and deterministic ---------------
@@ -404,6 +400,17 @@ def _join_a_running_report(r: Rig, backend, first: int, group: Sequence[int]) ->
     return running, handles
 
 
+def assert_only_marked_failed(backend, first: int, running: Handle, group: list[int], handles: list[Handle],
+                              marked: int) -> None:
+    """The marked study's handle raised; the running report and the rest of its group equal their references."""
+    with pytest.raises(MarkedStudy):
+        handles[marked].result(120)
+    assert_report_equal(backend, running.result(120), first, 16, 16)
+    for i, (seed, handle) in enumerate(zip(group, handles)):
+        if i != marked:
+            assert_report_equal(backend, handle.result(120), seed, 16, 16)
+
+
 def test_a_report_admission_that_fails_for_one_study_fails_that_study_alone(backend, seeds, rig) -> None:
     group = seeds[9:13]
     marked = 2
@@ -411,12 +418,7 @@ def test_a_report_admission_that_fails_for_one_study_fails_that_study_alone(back
     r = rig(hold_at=1, model=faulty, report_slots=6, dialog_slots=1)
     running, handles = _join_a_running_report(r, backend, seeds[0], group)
 
-    with pytest.raises(MarkedStudy):
-        handles[marked].result(120)
-    assert_report_equal(backend, running.result(120), seeds[0], 16, 16)
-    for i, (seed, handle) in enumerate(zip(group, handles)):
-        if i != marked:
-            assert_report_equal(backend, handle.result(120), seed, 16, 16)
+    assert_only_marked_failed(backend, seeds[0], running, group, handles, marked)
     assert faulty.batches == [1, 4, 1, 1, 1, 1]  # the group failed, then one by one
     r.assert_idle()
 
@@ -446,12 +448,7 @@ def test_a_prefill_that_fails_for_one_study_fails_that_study_alone(backend, seed
     r = rig(hold_at=1, steps=partial(PrefillFailsOnMarked, marked=features, at=at), report_slots=6, dialog_slots=1)
     running, handles = _join_a_running_report(r, backend, seeds[0], group)
 
-    with pytest.raises(MarkedStudy):
-        handles[marked].result(120)
-    assert_report_equal(backend, running.result(120), seeds[0], 16, 16)
-    for i, (seed, handle) in enumerate(zip(group, handles)):
-        if i != marked:
-            assert_report_equal(backend, handle.result(120), seed, 16, 16)
+    assert_only_marked_failed(backend, seeds[0], running, group, handles, marked)
     prefills = [c[2:] for c in r.steps.calls if c[0] == "prefill"]
     # the group (after the running report) failed, then one by one: the marked row's slot is given back
     assert prefills == [(1, 0), (4, 1), (1, 1), (1, 2), (1, 2), (1, 3)]

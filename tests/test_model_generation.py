@@ -15,7 +15,6 @@ import pytest
 
 from radialog.settings import Settings
 from radialog.synthetic import chest_pixels
-from tests.lively_model import clear_seeds, liven
 from tests.lively_model import image as lively_image
 from workers.models import load_backend
 from workers.models.base import ContextTooLong, DialogRequest, StudyInput, Turn
@@ -30,18 +29,6 @@ def backend(tiny_model: tuple[Path, Path]) -> RadialogV2Backend:
     return load_radialog_v2(*tiny_model, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def lively(tiny_model: tuple[Path, Path]) -> RadialogV2Backend:
-    """The tiny checkpoint with livened weights, for batched-vs-alone comparisons."""
-    model = load_radialog_v2(*tiny_model, device="cpu")
-    liven(model)
-    return model
-
-
-@pytest.fixture(scope="module")
-def clear(lively: RadialogV2Backend) -> list[int]:
-    """Seeds of :func:`lively_image` whose labels are clear of the threshold."""
-    return clear_seeds(lively)
 
 
 def image(seed: int, rows: int = 600, cols: int = 520) -> np.ndarray:
