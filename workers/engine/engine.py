@@ -307,16 +307,22 @@ class Engine:
             features = self.backend.llava.encode_images(torch.stack([r.llm_pixels for r in requests]))
             rows = self.backend.llava.splice([r.prompt_ids for r in requests], features)
         except Exception as exc:
-            if len(requests) == 1:
-                requests[0].handle._future.set_exception(exc)
-                return
-            log.warning("dialog admission failed; one by one", extra={"rows": len(requests), "error": type(exc).__name__})
-            for request in requests:
-                self._admit_dialog_group([request])
+            self._one_by_one(requests, exc, self._admit_dialog_group, "dialog admission")
             return
         vision_s = time.perf_counter() - started
         none = [None] * len(requests)
         self._prefill(self.pools[DIALOG], requests, rows, [{"vision": vision_s}] * len(requests), none, none)
+
+    @staticmethod
+    def _one_by_one(requests: list[_Request], exc: Exception, retry: Callable[[list[_Request]], None],
+                    what: str) -> None:
+        """A group step failed: a single request gets the error, a group is retried request by request."""
+        if len(requests) == 1:
+            requests[0].handle._future.set_exception(exc)
+            return
+        log.warning(f"{what} failed; one by one", extra={"rows": len(requests), "error": type(exc).__name__})
+        for request in requests:
+            retry([request])
 
     def _admit_reports(self) -> None:
         pool = self.pools[REPORT]
@@ -335,12 +341,7 @@ class Engine:
             features = self.backend.llava.encode_images(torch.stack([r.llm_pixels for r in requests]))
             rows = self.backend.llava.splice([self.backend.prompt_ids(p) for p in prompts], features)
         except Exception as exc:
-            if len(requests) == 1:
-                requests[0].handle._future.set_exception(exc)
-                return
-            log.warning("report admission failed; one by one", extra={"rows": len(requests), "error": type(exc).__name__})
-            for request in requests:
-                self._admit_report_group([request])
+            self._one_by_one(requests, exc, self._admit_report_group, "report admission")
             return
         t_vis = time.perf_counter()
         timings = [{"classifier": t_cls - started, "vision": t_vis - t_cls, "admitted_together": float(len(requests))}] * len(requests)
