@@ -45,7 +45,8 @@ class DialogConsumer(bootsteps.ConsumerStep):
         self.executor: ThreadPoolExecutor | None = None
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
-        self.executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="radialog-dialog")
+        if self.executor is None:  # kept across broker reconnects (Celery restarts the consumer steps)
+            self.executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="radialog-dialog")
         queue = self.app_queue(channel)
         return [Consumer(channel, queues=[queue], callbacks=[self.on_message], accept=["json"],
                          prefetch_count=self.threads)]
