@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import threading
@@ -87,14 +88,16 @@ class Worker:
 class Harness:
     """Settings, registry, Redis and worker processes of one test."""
 
-    def __init__(self, tmp: Path, registry: Registry, settings: Settings, tiny: tuple[Path, Path]) -> None:
+    def __init__(self, tmp: Path, registry: Registry, settings: Settings, tiny: tuple[Path, Path],
+                 redis_url: str = REDIS_URL) -> None:
         self.tmp = tmp
         self.registry = registry
+        self.redis_url = redis_url
         self.settings = settings.model_copy(update={
-            "broker_url": REDIS_URL, "model_dir": tiny[0], "base_model_dir": tiny[1], "device": "cpu",
+            "broker_url": redis_url, "model_dir": tiny[0], "base_model_dir": tiny[1], "device": "cpu",
             "database_url": registry.url,
         })
-        self.redis = redis.Redis.from_url(REDIS_URL)
+        self.redis = redis.Redis.from_url(redis_url)
         self.redis.flushdb()
         self.workers: list[Worker] = []
 
@@ -102,7 +105,7 @@ class Harness:
         s = self.settings
         values: dict[str, Any] = {
             "RADIALOG_DATA_DIR": s.data_dir, "RADIALOG_DATABASE_URL": self.registry.url,
-            "RADIALOG_BROKER_URL": REDIS_URL, "RADIALOG_MODEL_DIR": s.model_dir,
+            "RADIALOG_BROKER_URL": self.redis_url, "RADIALOG_MODEL_DIR": s.model_dir,
             "RADIALOG_BASE_MODEL_DIR": s.base_model_dir, "RADIALOG_DEVICE": "cpu",
             "RADIALOG_MIN_FREE_BYTES": 0, "RADIALOG_BATCH_SIZE": s.batch_size,
             "RADIALOG_BATCH_WAIT_MS": s.batch_wait_ms, "RADIALOG_VISIBILITY_TIMEOUT": s.visibility_timeout,
@@ -481,3 +484,59 @@ def test_dialog_turn_arriving_during_a_report_batch_is_answered_before_the_batch
     assert {j.timings.get("batch_size") for j in jobs.values()} == {16}
     assert answered_at < min(j.finished_at for j in jobs.values())  # type: ignore[type-var]
     worker.stop()
+
+
+def start_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
+    """A private redis-server without persistence (a restart comes back empty, as in the platform's default)."""
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(directory)], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if client.ping():
+                return proc
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    proc.kill()
+    pytest.fail("private redis-server did not start")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_worker_serves_reports_and_dialog_after_redis_restarts(
+    tmp_path: Path, settings: Settings, sqlite_registry: Registry, tiny_model: tuple[Path, Path]
+) -> None:
+    """Redis (a private one) is stopped and started again, empty, under a running worker: the same worker
+    process reconnects - its report threads and its dialog consumer bootstep both - and serves a report job
+    and a dialog turn sent afterwards."""
+    port = free_port()
+    server = start_redis(port, tmp_path)
+    h = Harness(tmp_path, sqlite_registry, settings, tiny_model, redis_url=f"redis://127.0.0.1:{port}/0")
+    try:
+        worker = h.start_worker("w-redis-restart")
+        seeded = add_reported_study(h.registry, h.settings, index=60)
+        server.terminate()
+        server.wait(timeout=10)
+        time.sleep(2)  # the worker sees the connection drop
+        server = start_redis(port, tmp_path)
+        study_id = add_study(h.registry, h.settings, index=61)[0]
+        enqueue_report(h.registry, h.settings, study_id)
+        turn_id = add_yes_no_turn(h.registry, seeded, "edema")
+        app_for(h.settings).send_task(DIALOG_TASK, args=[turn_id], queue="dialog")
+        h.wait_states([study_id], {StudyState.REPORTED.value}, "report job served after the Redis restart")
+
+        def answered() -> bool:
+            with h.registry.session() as session:
+                turn = session.get(DialogTurn, turn_id)
+                return turn is not None and turn.state in ("DONE", "FAILED")
+
+        h.wait_for(answered, "dialog turn served after the Redis restart")
+        with h.registry.session() as session:
+            turn = session.get(DialogTurn, turn_id)
+            assert turn is not None and turn.state == "DONE", turn.error if turn else None
+        assert worker.proc.poll() is None  # the same process, not a restarted one
+    finally:
+        h.close()
+        server.terminate()
+        server.wait(timeout=10)
