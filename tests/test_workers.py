@@ -350,3 +350,26 @@ def test_a_dialog_turn_left_running_by_a_dead_worker_fails_with_a_reason(sqlite_
         stuck, running = session.get(DialogTurn, old_id), session.get(DialogTurn, fresh_id)
         assert stuck.state == "FAILED" and "ask again" in (stuck.error or "")
         assert running.state == "RUNNING"  # a turn being answered right now is left alone
+
+
+def test_given_back_jobs_carry_the_id_of_their_new_message(sqlite_registry: Registry, rsettings: Settings) -> None:
+    """After a transient error the jobs go back with new messages; the registry holds those messages' ids,
+    so the reconciler finds them in the broker instead of sending duplicates."""
+    from workers.batching import Claim
+    from workers.context import WorkerContext
+    from workers.pipeline import give_back
+
+    jobs = [enqueue_report(sqlite_registry, rsettings, add_study(sqlite_registry, rsettings, index=i)[0])
+            for i in range(2)]
+    first_ids = {j: _job(sqlite_registry, j).celery_task_id for j in jobs}
+    with sqlite_registry.session() as session:
+        claims: list[Claim] = [c for j in jobs if (c := claim(session, j, "w1", lease_s=30)) is not None]
+    assert len(claims) == 2
+    redis.Redis.from_url(REDIS_URL).flushdb()  # only the new messages are in the broker from here on
+    ctx = WorkerContext(settings=rsettings, registry=sqlite_registry, hostname="w1")
+    give_back(ctx, claims, "registry unavailable", except_job=jobs[0])  # jobs[0]: Celery retries its own
+    second = _job(sqlite_registry, jobs[1])
+    assert second.state == JobState.QUEUED.value and second.celery_task_id != first_ids[jobs[1]]
+    assert second.celery_task_id in (broker_task_ids(rsettings) or set())
+    assert _job(sqlite_registry, jobs[0]).state == JobState.QUEUED.value
+    assert reconcile(sqlite_registry, rsettings, grace_s=0).resent_queued == [jobs[0]]  # only the one Celery owns

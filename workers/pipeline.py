@@ -252,10 +252,16 @@ def give_back(ctx: WorkerContext, claims: Sequence[Claim], reason: str, *, excep
     """Requeue ``claims`` after a transient error; each gets a new message (``except_job`` is retried
     by Celery itself)."""
     for claim in claims:
+        task_id = uuid.uuid4().hex
         with ctx.registry.session() as session:
             moved = requeue(session, claim.job_id, reason)
+            if moved and claim.job_id != except_job:
+                # the reconciler looks this id up in the broker: the new message must be the one it finds
+                job = session.get(Job, claim.job_id)
+                assert job is not None
+                job.celery_task_id = task_id
         if moved and claim.job_id != except_job:
-            send_report_task(ctx.settings, claim.job_id, uuid.uuid4().hex, countdown=5)
+            send_report_task(ctx.settings, claim.job_id, task_id, countdown=5)
 
 
 def run_report_job(ctx: WorkerContext, job_id: int) -> str:
