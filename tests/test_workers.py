@@ -342,14 +342,21 @@ def test_a_dialog_turn_left_running_by_a_dead_worker_fails_with_a_reason(sqlite_
         session.flush()
         old, fresh = (DialogTurn(conversation_id=conversation.id, task="free", question=q, state="RUNNING",
                                  created_at=at) for q, at in (("Any edema?", asked), ("Any effusion?", utcnow())))
-        session.add_all([old, fresh])
+        # asked ten minutes ago and never taken (its message held by a worker that died)
+        never = DialogTurn(conversation_id=conversation.id, task="free", question="Any fracture?", state="QUEUED",
+                           created_at=asked, celery_task_id="held-by-a-dead-worker")
+        session.add_all([old, fresh, never])
         session.flush()
-        old_id, fresh_id = old.id, fresh.id
-    assert reconcile(sqlite_registry, rsettings, grace_s=0).failed_dialog_turns == [old_id]
+        old_id, fresh_id, never_id = old.id, fresh.id, never.id
+    result = reconcile(sqlite_registry, rsettings, grace_s=0)
+    assert sorted(result.failed_dialog_turns) == sorted([old_id, never_id])
+    assert result.resent_dialog_turns == []  # failed, not re-sent to be answered late
     with sqlite_registry.session() as session:
         stuck, running = session.get(DialogTurn, old_id), session.get(DialogTurn, fresh_id)
-        assert stuck.state == "FAILED" and "ask again" in (stuck.error or "")
+        assert stuck.state == "FAILED" and "stopped while answering" in (stuck.error or "")
         assert running.state == "RUNNING"  # a turn being answered right now is left alone
+        waited = session.get(DialogTurn, never_id)
+        assert waited.state == "FAILED" and "ask again" in (waited.error or "")
 
 
 def test_given_back_jobs_carry_the_id_of_their_new_message(sqlite_registry: Registry, rsettings: Settings) -> None:
@@ -373,3 +380,29 @@ def test_given_back_jobs_carry_the_id_of_their_new_message(sqlite_registry: Regi
     assert second.celery_task_id in (broker_task_ids(rsettings) or set())
     assert _job(sqlite_registry, jobs[0]).state == JobState.QUEUED.value
     assert reconcile(sqlite_registry, rsettings, grace_s=0).resent_queued == [jobs[0]]  # only the one Celery owns
+
+
+def test_a_queued_jobs_message_held_by_a_dead_worker_is_sent_again(sqlite_registry: Registry,
+                                                                   rsettings: Settings) -> None:
+    """A worker fetched the message (kombu moved it to the unacked hash) and died before the job started:
+    Redis would restore it only after the visibility timeout (an hour). Delivered long ago -> re-sent;
+    delivered just now (a live worker is about to start it) -> left alone."""
+    import time
+
+    from workers.reconciler import UNACKED_STALE_S
+
+    client = redis.Redis.from_url(REDIS_URL)
+    jobs = [enqueue_report(sqlite_registry, rsettings, add_study(sqlite_registry, rsettings, index=i)[0])
+            for i in range(2)]
+    for tag, delivered in (("tag-old", time.time() - UNACKED_STALE_S - 60), ("tag-new", time.time())):
+        raw = client.rpop("report")  # what kombu's Redis QoS does on delivery: out of the list, into unacked
+        assert raw is not None
+        client.hset("unacked", tag, json.dumps([json.loads(raw), "report", "report"]))
+        client.zadd("unacked_index", {tag: delivered})
+    assert client.llen("report") == 0
+    held = {tag: json.loads(client.hget("unacked", tag))[0]["headers"]["argsrepr"] for tag in ("tag-old", "tag-new")}
+    old_job = next(j for j in jobs if held["tag-old"] == f"[{j}]")
+    assert reconcile(sqlite_registry, rsettings, grace_s=0).resent_queued == [old_job]
+    assert _job(sqlite_registry, old_job).celery_task_id in (broker_task_ids(rsettings) or set())
+    assert reconcile(sqlite_registry, rsettings, grace_s=0).resent_queued == []
+    client.close()

@@ -67,11 +67,11 @@ def run_worker(
     hostname = hostname or default_hostname(settings.device)
     ctx = context.load(settings, hostname=hostname, with_model=bool(MODEL_QUEUES & set(queues)), lease_s=lease_s)
     sweeper = Sweeper(ctx.registry, settings, interval_s=sweep_interval_s, lease_s=lease_s).start() if sweep else None
+    engine = getattr(ctx.backend, "engine", None)  # the serving engine of an EngineBackend, else None
     if metrics_port is not None:
         from workers.metrics import start_metrics_server
 
         start_metrics_server(settings, metrics_port)
-        engine = getattr(ctx.backend, "engine", None)
         if engine is not None:
             from workers.metrics import register_engine
 
@@ -80,7 +80,7 @@ def run_worker(
     import workers.tasks  # noqa: F401  (registers the tasks with this app)
 
     pool, concurrency, consumed = "solo", 1, list(queues)
-    if ctx.backend is not None and type(ctx.backend).__name__ == "EngineBackend":
+    if engine is not None:
         # Report tasks wait on the engine in pool threads; dialog turns come through their own consumer.
         pool, concurrency = "threads", settings.report_tasks
         others = [q for q in queues if q != "dialog"]

@@ -4,11 +4,15 @@ How a vanished task is recognised:
 - RUNNING job: its worker renews ``Job.heartbeat_at`` every few seconds; a heartbeat older than the
   lease means the worker died (SIGKILL, power, an embedded broker that lost the fetched message).
 - QUEUED job: on Redis the broker is asked directly: the job's ``celery_task_id`` must be in a queue
-  list (any priority) or in the unacked hash (delivered, not yet acknowledged). Redis keeps nothing on
-  disk here, so after a restart or FLUSHDB the id is gone and the job is re-sent. On other brokers
+  list (any priority) or in the unacked hash (delivered, not yet acknowledged) for less than
+  ``UNACKED_STALE_S``: a message a worker took and held that long without its job starting belongs to a
+  worker that died (Redis would give it back only after the visibility timeout, an hour). Redis keeps
+  nothing on disk here, so after a restart or FLUSHDB the id is gone and the job is re-sent. On other brokers
   (embedded), where messages cannot be listed, a job waiting longer than ``stale_s`` is re-sent.
 - QUEUED study without a job (the node died between its commit and its enqueue): enqueued.
 - QUEUED dialog turn whose task id is not in the Redis broker: re-sent (the API is still waiting).
+- Dialog turn QUEUED or RUNNING for ``STUCK_DIALOG_TURN_S``: FAILED with a reason (ask again), never
+  answered an hour later into a conversation that moved on.
 A re-sent duplicate is harmless: a job is claimed once (compare-and-set) and its report is unique.
 
 ``Sweeper`` runs ``reconcile`` and sends due exports periodically (a thread in ``radialog worker`` and
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -39,6 +44,11 @@ log = get_logger(__name__)
 #: Redis transport: the priority sub-queues are "<queue>\x06\x16<priority>" (kombu's separator).
 _PRIORITY_SEP = "\x06\x16"
 _UNACKED_KEY = "unacked"
+_UNACKED_INDEX_KEY = "unacked_index"  # delivery tag -> delivery time (kombu's Redis QoS)
+
+#: A message delivered this long ago whose job has not started was taken by a worker that died: longer
+#: than the longest retry countdown (tasks.RETRY_BACKOFF, 300 s) a live worker holds a message for.
+UNACKED_STALE_S = 600.0
 
 
 #: A dialog turn still RUNNING this long after it was asked lost its worker (the longest answer, 600
@@ -71,8 +81,9 @@ def _task_id(raw: bytes | str) -> str | None:
     return headers.get("id") if isinstance(headers, dict) else None
 
 
-def broker_task_ids(settings: Settings, queue: str = "report") -> set[str] | None:
-    """Task ids the Redis broker holds for ``queue`` (waiting or delivered-unacked); None if unknowable."""
+def broker_task_ids(settings: Settings, queue: str = "report", unacked_within_s: float | None = None) -> set[str] | None:
+    """Task ids the Redis broker holds for ``queue`` (waiting, or delivered-unacked, only those delivered
+    within ``unacked_within_s`` when given); None if unknowable (not Redis)."""
     client = redis_client(settings)
     if client is None:
         return None
@@ -81,13 +92,18 @@ def broker_task_ids(settings: Settings, queue: str = "report") -> set[str] | Non
         pipe = client.pipeline(transaction=False)
         for key in keys:
             pipe.lrange(key, 0, -1)
-        pipe.hvals(_UNACKED_KEY)
+        pipe.hgetall(_UNACKED_KEY)
+        pipe.zrange(_UNACKED_INDEX_KEY, 0, -1, withscores=True)
+        *waiting, unacked, delivered = pipe.execute()
+        if unacked_within_s is not None:
+            since = time.time() - unacked_within_s
+            old = {tag for tag, at in delivered if at < since}
+            unacked = {tag: raw for tag, raw in unacked.items() if tag not in old}
         found: set[str] = set()
-        for batch in pipe.execute():
-            for raw in batch:
-                task_id = _task_id(raw)
-                if task_id:
-                    found.add(task_id)
+        for raw in [raw for batch in waiting for raw in batch] + list(unacked.values()):
+            task_id = _task_id(raw)
+            if task_id:
+                found.add(task_id)
         return found
     finally:
         client.close()
@@ -124,8 +140,8 @@ def reconcile(
         send_report_task(settings, job_id, task_id)
         result.requeued_running.append(job_id)
 
-    # 2. QUEUED jobs whose message the broker no longer has.
-    present = broker_task_ids(settings)
+    # 2. QUEUED jobs whose message the broker no longer has (or only a dead worker holds).
+    present = broker_task_ids(settings, unacked_within_s=UNACKED_STALE_S)
     with registry.session() as session:
         cutoff = now - timedelta(seconds=grace_s if present is not None else stale_s)
         waiting = session.execute(
@@ -164,25 +180,28 @@ def reconcile(
         enqueue_report(registry, settings, study_id)
         result.enqueued_studies.append(study_id)
 
-    # 4. Waiting dialog turns whose message the (Redis) broker no longer has.
+    # 4. Dialog turns left RUNNING by a worker that died, or QUEUED that long (held by a dead worker, or
+    #    every worker busy for ten minutes). A turn is interactive: rather than answer it an hour later (when
+    #    the broker gives the message back) into a conversation that moved on, it fails with a reason and
+    #    the radiologist asks again; a late delivery then finds it FAILED.
+    reasons = {"RUNNING": "the worker stopped while answering; please ask again",
+               "QUEUED": "no worker took the question in time; please ask again"}
+    with registry.session() as session:
+        stuck = session.execute(
+            select(DialogTurn.id, DialogTurn.state).where(
+                DialogTurn.state.in_(list(reasons)),
+                DialogTurn.created_at < now - timedelta(seconds=STUCK_DIALOG_TURN_S))
+        ).all()
+        for turn_id, state in stuck:
+            session.execute(
+                update(DialogTurn).where(DialogTurn.id == turn_id, DialogTurn.state == state)
+                .values(state="FAILED", answered_at=now, error=reasons[state])
+            )
+    result.failed_dialog_turns = [turn_id for turn_id, _ in stuck]
+
+    # 5. Waiting dialog turns (younger than that) whose message the (Redis) broker no longer has.
     if present is not None:
         result.resent_dialog_turns = _resend_dialog_turns(registry, settings, now - timedelta(seconds=grace_s))
-
-    # 5. Dialog turns left RUNNING by a worker that died. A turn is interactive: rather than answer it an
-    #    hour later (when the broker gives the message back) into a conversation that moved on, it fails
-    #    with a reason and the radiologist asks again; a late redelivery then finds it FAILED.
-    with registry.session() as session:
-        stuck = session.scalars(
-            select(DialogTurn.id).where(DialogTurn.state == "RUNNING",
-                                        DialogTurn.created_at < now - timedelta(seconds=STUCK_DIALOG_TURN_S))
-        ).all()
-        if stuck:
-            session.execute(
-                update(DialogTurn).where(DialogTurn.id.in_(stuck), DialogTurn.state == "RUNNING")
-                .values(state="FAILED", answered_at=now,
-                        error="the worker stopped while answering; please ask again")
-            )
-    result.failed_dialog_turns = list(stuck)
 
     if result.changed:
         log.warning(

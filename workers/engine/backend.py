@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from workers.engine.engine import Engine, EngineConfig, Generation, Handle
 from workers.models.base import DialogRequest, ModelBackend, ReportOutput, StudyInput, TokenCallback
 from workers.models.radialog_v2.backend import RadialogV2Backend
+
+if TYPE_CHECKING:
+    from radialog.settings import Settings
 
 #: How often a waiting caller checks that the engine thread is still alive.
 _POLL_S = 5.0
@@ -80,13 +84,13 @@ class EngineBackend(ModelBackend):
         return {"engine": info}
 
 
-def with_engine(backend: ModelBackend, settings: object) -> ModelBackend:
+def with_engine(backend: ModelBackend, settings: Settings) -> ModelBackend:
     """``backend`` served by an engine sized from ``settings`` (``settings.engine`` false: unchanged)."""
-    if not getattr(settings, "engine", False) or not isinstance(backend, RadialogV2Backend):
+    if not settings.engine or not isinstance(backend, RadialogV2Backend):
         return backend
     config = EngineConfig(
-        report_slots=settings.engine_report_slots,  # type: ignore[attr-defined]
-        dialog_slots=settings.engine_dialog_slots,  # type: ignore[attr-defined]
-        reports_beside_dialog=settings.engine_reports_beside_dialog,  # type: ignore[attr-defined]
+        report_slots=settings.engine_report_slots,
+        dialog_slots=settings.engine_dialog_slots,
+        reports_beside_dialog=settings.engine_reports_beside_dialog,
     )
     return EngineBackend(backend, config)
