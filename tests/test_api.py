@@ -5,6 +5,8 @@ Reports are made by reporting.versions (the call the workers make); nothing answ
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -213,6 +215,50 @@ def test_dialog_without_worker_is_503_with_retry_after(client: TestClient, keys:
     assert int(response.headers["retry-after"]) > 0
     with registry.session() as s:
         assert s.scalars(select(DialogTurn)).all() == []  # nothing half-created
+
+
+def test_non_streamed_waits_are_bounded_then_answered_202_at_once(client: TestClient, keys: dict[str, str],
+                                                                  registry: Registry, api_settings: Settings,
+                                                                  redis_db: redis.Redis) -> None:
+    """With every blocking-wait slot taken (clients already waiting for answers), a non-streamed question
+    asking to wait 300 s gets 202 + Location at once instead of holding one more of the API's threads.
+    The worker here is a readiness key only (ready, never answering), so the turn stays QUEUED."""
+    from api.routes import dialog as dialog_routes
+    from workers.celery_app import dialog_channel
+
+    study_id = add_reported_study(registry, api_settings)
+    redis_db.set("radialog:worker:busy@test", json.dumps({"name": "RaDialog-LLaVA", "hostname": "busy@test"}), ex=60)
+    answered = threading.Event()
+
+    def answer_later() -> None:
+        """Publish the answer a few seconds after the turn exists: a request that waited would get it (200)."""
+        while not answered.wait(0.05):
+            with registry.session() as session:
+                turn = session.scalars(select(DialogTurn)).first()
+            if turn is not None:
+                answered.wait(3.0)
+                redis_db.publish(dialog_channel(REDIS_URL, turn.id), json.dumps({"type": "done", "answer": "No."}))
+                return
+
+    taken = 0
+    while dialog_routes._blocking_waits.acquire(blocking=False):
+        taken += 1
+    answerer = threading.Thread(target=answer_later, daemon=True)
+    answerer.start()
+    try:
+        assert taken == dialog_routes.MAX_BLOCKING_WAITS
+        response = client.post(f"/api/v1/studies/{study_id}/dialog/questions",
+                                json={"question": "Is the heart enlarged?", "wait_seconds": 300},
+                                headers=auth(keys["rad"]))
+    finally:
+        answered.set()
+        answerer.join(timeout=10)
+        for _ in range(taken):
+            dialog_routes._blocking_waits.release()
+        redis_db.delete("radialog:worker:busy@test", "dialog")
+    assert response.status_code == 202, response.text
+    turn = response.json()
+    assert turn["state"] == "QUEUED" and response.headers["location"] == f"/api/v1/dialog/turns/{turn['id']}"
 
 
 def test_question_too_long_413_and_bad_actions_422(client: TestClient, keys: dict[str, str], registry: Registry,

@@ -3,6 +3,7 @@ one JSON body (waiting up to ``wait_seconds``) or streamed as Server-Sent Events
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from fastapi import APIRouter
@@ -88,12 +89,24 @@ def _ask(
     return _wait(pending, wait_seconds, registry)
 
 
+#: A non-streamed answer is awaited in one of the API's worker threads (anyio's pool, 40): at most this
+#: many at once, so clients waiting for answers cannot starve every other request. Beyond it the turn is
+#: answered at once (202 + Location to poll, or the answer if it is already there).
+MAX_BLOCKING_WAITS = 16
+_blocking_waits = threading.BoundedSemaphore(MAX_BLOCKING_WAITS)
+
+
 def _wait(pending: PendingTurn, wait_seconds: float, registry: Registry) -> Any:
     """The answered turn; the row (written by the worker) wins over the channel's message."""
     final: dict[str, Any] | None = None
-    for message in pending.messages(wait_seconds):
-        if message is not None and message.get("type") in ("done", "error"):
-            final = message
+    waiting = _blocking_waits.acquire(blocking=False)
+    try:
+        for message in pending.messages(wait_seconds if waiting else 0.0):
+            if message is not None and message.get("type") in ("done", "error"):
+                final = message
+    finally:
+        if waiting:
+            _blocking_waits.release()
     with registry.session() as session:
         turn = TurnOut.model_validate(session.get(DialogTurn, pending.turn_id))
     if turn.state == "DONE":
