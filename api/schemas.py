@@ -140,7 +140,10 @@ class Approval(BaseModel):
 
     findings_text: Text | None = Field(None, min_length=1, max_length=MAX_REPORT_CHARS)
     impression_text: Text | None = Field(None, max_length=MAX_REPORT_CHARS)
-    base_version: int | None = Field(None, ge=1)
+    base_version: int = Field(
+        ..., ge=1, description="The version the radiologist read and signs; 409 when it is no longer current "
+        "(nobody signs a text they have not seen).",
+    )
 
 
 class Task(str, enum.Enum):

@@ -163,8 +163,8 @@ def test_report_of_unreported_study_is_409(client: TestClient, keys: dict[str, s
     for path in ("report", "report/versions", "dialog"):
         assert_problem(client.get(f"/api/v1/studies/{study_id}/{path}", headers=auth(keys["rad"])), 409,
                        "not-reported")
-    assert_problem(client.post(f"/api/v1/studies/{study_id}/report/approve", json={}, headers=auth(keys["rad"])),
-                   409, "not-reported")
+    assert_problem(client.post(f"/api/v1/studies/{study_id}/report/approve", json={"base_version": 1},
+                               headers=auth(keys["rad"])), 409, "not-reported")
 
 
 # -- health, metrics, audit, CORS ------------------------------------------------------------------
@@ -325,8 +325,10 @@ def test_reader_cannot_change_or_approve_and_admin_cannot_approve(client: TestCl
                                                                   registry: Registry, api_settings: Settings) -> None:
     study_id = add_reported_study(registry, api_settings)
     url = f"/api/v1/studies/{study_id}/report"
-    assert_problem(client.post(url + "/approve", json={}, headers=auth(keys["reader"])), 403, "forbidden")
-    assert_problem(client.post(url + "/approve", json={}, headers=auth(keys["admin"])), 403, "forbidden")
+    assert_problem(client.post(url + "/approve", json={"base_version": 1}, headers=auth(keys["reader"])), 403,
+                   "forbidden")
+    assert_problem(client.post(url + "/approve", json={"base_version": 1}, headers=auth(keys["admin"])), 403,
+                   "forbidden")
     assert_problem(client.post(url + "/versions", json={"findings_text": "x"}, headers=auth(keys["reader"])), 403)
     assert client.get(url, headers=auth(keys["reader"])).json()["version"] == 1  # nothing changed
     denied = [a for a in audit_actions(registry, study_id) if a[1] == "denied"]
@@ -349,7 +351,11 @@ def test_correction_then_approval_make_new_verified_sr(client: TestClient, keys:
     assert v2.json()["version"] == 2 and v2.json()["verified"] is False and v2.json()["kind"] == "edit"
     stale = client.post(url + "/versions", json={"findings_text": "older edit", "base_version": 1}, headers=h)
     assert_problem(stale, 409, "stale-version")
-    v3 = client.post(url + "/approve", json={"impression_text": "Normal chest."}, headers=h)
+    assert_problem(client.post(url + "/approve", json={"impression_text": "Normal chest."}, headers=h), 422,
+                   "validation-error")  # which version is signed must be said
+    assert_problem(client.post(url + "/approve", json={"impression_text": "Normal chest.", "base_version": 1},
+                               headers=h), 409, "stale-version")  # the radiologist read v1, v2 is current
+    v3 = client.post(url + "/approve", json={"impression_text": "Normal chest.", "base_version": 2}, headers=h)
     assert v3.status_code == 201, v3.text
     body = v3.json()
     assert body["version"] == 3 and body["verified"] is True and body["verifier"] == "rad"
@@ -357,7 +363,7 @@ def test_correction_then_approval_make_new_verified_sr(client: TestClient, keys:
     assert "NOT VERIFIED" not in body["text"]
     sr = pydicom.dcmread(io.BytesIO(client.get(body["sr_url"], headers=h).content))
     assert sr.VerificationFlag == "VERIFIED" and sr.CompletionFlag == "COMPLETE"
-    assert_problem(client.post(url + "/approve", json={}, headers=h), 409, "already-approved")
+    assert_problem(client.post(url + "/approve", json={"base_version": 3}, headers=h), 409, "already-approved")
     versions = client.get(url + "/versions", headers=h).json()
     assert [(v["version"], v["kind"], v["verified"]) for v in versions["versions"]] == [
         (1, "ai_draft", False), (2, "edit", False), (3, "approval", True)]
@@ -404,7 +410,8 @@ def test_approval_sends_the_export_task_for_the_new_sr(registry: Registry, api_s
     keys = make_keys(registry)
     study_id = add_reported_study(registry, with_pacs)
     with TestClient(create_app(with_pacs, registry)) as c:
-        approved = c.post(f"/api/v1/studies/{study_id}/report/approve", json={}, headers=auth(keys["rad"])).json()
+        approved = c.post(f"/api/v1/studies/{study_id}/report/approve", json={"base_version": 1},
+                          headers=auth(keys["rad"])).json()
     [export] = approved["exports"]
     assert export["destination"] == "pacs" and export["state"] == "PENDING"
     messages = [json.loads(raw) for raw in redis_db.lrange("export", 0, -1)]

@@ -115,7 +115,7 @@ def test_dialog_streams_in_order_answers_and_feeds_a_correction(chain) -> None: 
                    json={"kind": "ai_correction", "findings_text": text, "source_turn_id": correction["id"]})
     assert v2.status_code == 201, v2.text
     assert v2.json()["kind"] == "ai_correction" and v2.json()["findings_text"] == text
-    v3 = http.post(f"/api/v1/studies/{study_id}/report/approve", headers=h, json={})
+    v3 = http.post(f"/api/v1/studies/{study_id}/report/approve", headers=h, json={"base_version": 2})
     assert v3.status_code == 201 and v3.json()["verified"] is True
     # a new version seeds a new conversation (the model must see the text now on screen)
     assert http.get(f"/api/v1/studies/{study_id}/dialog", headers=h).json()["turns"] == []
