@@ -140,6 +140,19 @@ class Harness:
         logs = "\n".join(f"--- {w.name}\n{w.tail()}" for w in self.workers)
         pytest.fail(f"gave up waiting for: {what}\n{logs}")
 
+    def wait_answered(self, turn_id: int, what: str) -> None:
+        """Wait until the dialog turn is settled, and check that it was answered (DONE with an answer)."""
+
+        def settled() -> bool:
+            with self.registry.session() as session:
+                turn = session.get(DialogTurn, turn_id)
+                return turn is not None and turn.state in ("DONE", "FAILED")
+
+        self.wait_for(settled, what)
+        with self.registry.session() as session:
+            turn = session.get(DialogTurn, turn_id)
+            assert turn is not None and turn.state == "DONE" and turn.answer is not None, turn.error if turn else None
+
     def states(self, study_ids: list[int]) -> dict[int, str]:
         with self.registry.session() as session:
             rows = session.execute(select(Study.id, Study.state).where(Study.id.in_(study_ids))).all()
@@ -396,16 +409,7 @@ def test_run_without_redis_uses_the_embedded_broker(harness: Harness) -> None:
 
     turn_id = add_yes_no_turn(h.registry, study_id, "edema")
     app_for(embedded_broker(h.settings)).send_task(DIALOG_TASK, args=[turn_id], queue="dialog")
-
-    def answered() -> bool:
-        with h.registry.session() as session:
-            turn = session.get(DialogTurn, turn_id)
-            return turn is not None and turn.state in ("DONE", "FAILED")
-
-    h.wait_for(answered, "dialog turn answered through the embedded broker")
-    with h.registry.session() as session:
-        turn = session.get(DialogTurn, turn_id)
-        assert turn is not None and turn.state == "DONE" and turn.answer is not None, turn.error if turn else None
+    h.wait_answered(turn_id, "dialog turn answered through the embedded broker")
 
 
 def _store(ae: Any, port: int, ds: Any) -> bool:
@@ -525,16 +529,7 @@ def test_worker_serves_reports_and_dialog_after_redis_restarts(
         turn_id = add_yes_no_turn(h.registry, seeded, "edema")
         app_for(h.settings).send_task(DIALOG_TASK, args=[turn_id], queue="dialog")
         h.wait_states([study_id], {StudyState.REPORTED.value}, "report job served after the Redis restart")
-
-        def answered() -> bool:
-            with h.registry.session() as session:
-                turn = session.get(DialogTurn, turn_id)
-                return turn is not None and turn.state in ("DONE", "FAILED")
-
-        h.wait_for(answered, "dialog turn served after the Redis restart")
-        with h.registry.session() as session:
-            turn = session.get(DialogTurn, turn_id)
-            assert turn is not None and turn.state == "DONE", turn.error if turn else None
+        h.wait_answered(turn_id, "dialog turn served after the Redis restart")
         assert worker.proc.poll() is None  # the same process, not a restarted one
     finally:
         h.close()
