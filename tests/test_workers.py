@@ -130,15 +130,21 @@ def test_reconciler_enqueues_a_queued_study_without_a_job(registry: Registry, rs
         assert session.scalars(select(Job).where(Job.study_id == study_id)).one().state == JobState.QUEUED.value
 
 
-def test_rerun_resets_a_failed_job(registry: Registry, rsettings: Settings) -> None:
-    study_id, _ = add_study(registry, rsettings)
-    job_id = enqueue_report(registry, rsettings, study_id)
-    with registry.session() as session:
-        claim(session, job_id, "w1", lease_s=30)
-    from workers.batching import Claim
+def add_failed_job(registry: Registry, settings: Settings) -> tuple[int, int]:
+    """A study whose report job ran once and FAILED (study FAILED too); returns (study id, job id)."""
     from workers.pipeline import fail_job
 
-    fail_job(registry, Claim(job_id, study_id, 1), "unusable image: test", "unusable_image")
+    study_id, _ = add_study(registry, settings)
+    job_id = enqueue_report(registry, settings, study_id)
+    with registry.session() as session:
+        claimed = claim(session, job_id, "w1", lease_s=30)
+    assert claimed is not None
+    fail_job(registry, claimed, "unusable image: test", "unusable_image")
+    return study_id, job_id
+
+
+def test_rerun_resets_a_failed_job(registry: Registry, rsettings: Settings) -> None:
+    study_id, job_id = add_failed_job(registry, rsettings)
     assert enqueue_report(registry, rsettings, study_id) == job_id
     assert _job(registry, job_id).state == JobState.FAILED.value  # not re-run by a stray enqueue
     assert rerun(registry, rsettings, study_id) == job_id
@@ -295,14 +301,7 @@ def test_dialog_history_seeds_the_report_and_keeps_view_turns_apart(sqlite_regis
 
 def test_reconciler_finishes_a_rerun_that_died_half_way(registry: Registry, rsettings: Settings) -> None:
     """The study was moved back to QUEUED, then the process died before its FAILED job was reset."""
-    from workers.batching import Claim
-    from workers.pipeline import fail_job
-
-    study_id, _ = add_study(registry, rsettings)
-    job_id = enqueue_report(registry, rsettings, study_id)
-    with registry.session() as session:
-        claim(session, job_id, "w1", lease_s=30)
-    fail_job(registry, Claim(job_id, study_id, 1), "unusable image: test", "unusable_image")
+    study_id, job_id = add_failed_job(registry, rsettings)
     with registry.session() as session:
         assert transition(session, study_id, StudyState.QUEUED, "re-run requested")  # ... and nothing more
     assert reconcile(registry, rsettings, grace_s=0).enqueued_studies == [study_id]
