@@ -14,12 +14,13 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from tests.support.brokers import redis_url
 from api.app import create_app
 from api.testing import add_reported_study, add_study, make_keys
 from radialog.registry import AuditEntry, Conversation, DialogTurn, Registry, StudyState
 from radialog.settings import Settings
 
-REDIS_URL = "redis://127.0.0.1:6379/14"  # this file's own database; pub/sub is global, ids are per test
+REDIS_URL = redis_url(14)  # this file's own database; pub/sub is global, ids are per test
 
 
 @pytest.fixture

@@ -14,13 +14,14 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from tests.support.brokers import redis_url
 from api.app import create_app
 from api.testing import WorkerProcess, add_reported_study, make_keys
 from radialog.registry import AuditEntry, DialogTurn, Registry
 from radialog.settings import Settings
 from workers.models import prompts
 
-REDIS_URL = "redis://127.0.0.1:6379/14"
+REDIS_URL = redis_url(14)
 
 
 @pytest.fixture

@@ -16,12 +16,13 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
+from tests.support.brokers import redis_url
 from api.app import create_app
 from api.testing import add_reported_study, add_study, make_keys
 from radialog.registry import Registry, StudyState
 from radialog.settings import Settings
 
-REDIS_URL = "redis://127.0.0.1:6379/14"
+REDIS_URL = redis_url(14)
 
 
 @pytest.fixture

@@ -24,13 +24,14 @@ import yaml
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from tests.support.brokers import redis_url
 from radialog.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
 HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
 ENV = {"POSTGRES_PASSWORD": "pw", "ORTHANC_PASSWORD": "pw2", "RADIALOG_MODELS": "/srv/models"}
-TEST_REDIS = "redis://127.0.0.1:6379/9"  # own database (bench/pipeline flushes 13)
+TEST_REDIS = redis_url(9)  # own database (bench/pipeline flushes 13)
 
 
 def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from radialog.chain import orthanc_available
+from tests.support.brokers import redis_url
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -20,8 +21,8 @@ def test_demo_ends_with_reports_in_orthanc(tmp_path: Path, broker: str) -> None:
     """With Redis on 127.0.0.1, and without it (nothing listens on port 1: the embedded broker)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
     env["RADIALOG_DATA_DIR"] = str(tmp_path / "var")
-    if broker == "embedded":
-        env["RADIALOG_BROKER_URL"] = "redis://127.0.0.1:1/0"
+    # the demo uses database 8 of the broker's Redis server: the test server's (tests/support/brokers.py)
+    env["RADIALOG_BROKER_URL"] = "redis://127.0.0.1:1/0" if broker == "embedded" else redis_url(0)
     result = subprocess.run(
         [sys.executable, "-m", "radialog.cli", "demo", "--timeout", "600"],
         env=env, capture_output=True, text=True, timeout=840, check=False,

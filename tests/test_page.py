@@ -17,12 +17,13 @@ import pytest
 import uvicorn
 from sqlalchemy import select
 
+from tests.support.brokers import redis_url
 from api.app import create_app
 from api.testing import WorkerProcess, add_reported_study, make_keys
 from radialog.registry import DialogTurn, Registry
 from radialog.settings import Settings
 
-REDIS_URL = "redis://127.0.0.1:6379/14"
+REDIS_URL = redis_url(14)
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

@@ -26,6 +26,7 @@ import redis
 from pydicom import dcmread
 from sqlalchemy import func, select
 
+from tests.support.brokers import redis_url
 from api.testing import add_reported_study, add_study
 from radialog.registry import (
     Conversation,
@@ -45,7 +46,7 @@ from workers.celery_app import DIALOG_TASK, app_for, dialog_channel
 from workers.pipeline import enqueue_report
 from workers.reconciler import reconcile
 
-REDIS_URL = "redis://127.0.0.1:6379/12"  # this module's own database
+REDIS_URL = redis_url(12)  # this module's own database
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 240.0
 

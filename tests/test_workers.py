@@ -14,6 +14,7 @@ import redis
 from prometheus_client import CollectorRegistry
 from sqlalchemy import select, update
 
+from tests.support.brokers import redis_url
 from api.testing import add_study
 from radialog.registry import Export, Job, JobState, Registry, Study, StudyState, transition, utcnow
 from radialog.settings import Settings
@@ -23,7 +24,7 @@ from workers.metrics import register_queue_depth
 from workers.pipeline import enqueue_report
 from workers.reconciler import broker_task_ids, reconcile, rerun
 
-REDIS_URL = "redis://127.0.0.1:6379/11"  # the workers' tests' own database
+REDIS_URL = redis_url(11)  # the workers' tests' own database
 
 
 @pytest.fixture
