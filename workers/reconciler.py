@@ -3,6 +3,8 @@
 How a vanished task is recognised:
 - RUNNING job: its worker renews ``Job.heartbeat_at`` every few seconds; a heartbeat older than the
   lease means the worker died (SIGKILL, power, an embedded broker that lost the fetched message).
+  ``crashes.recover_lost`` settles it: re-queued (to run alone if it ran with others when the worker
+  died), or FAILED when it has now crashed its worker alone ``crashes.MAX_CRASHES`` times.
 - QUEUED job: on Redis the broker is asked directly: the job's ``celery_task_id`` must be in a queue
   list (any priority) or in the unacked hash (delivered, not yet acknowledged) for less than
   ``UNACKED_STALE_S``: a message a worker took and held that long without its job starting belongs to a
@@ -34,9 +36,10 @@ from sqlalchemy import and_, or_, select, update
 from radialog.logging import get_logger
 from radialog.registry import DialogTurn, Job, JobState, Registry, Study, StudyState, transition, utcnow
 from radialog.settings import Settings
-from workers.batching import requeue
 from workers.celery_app import DIALOG_TASK, app_for
 from workers.context import DEFAULT_LEASE_S, redis_client
+from workers.crashes import FAILED as CRASH_FAILED
+from workers.crashes import REQUEUED, recover_lost
 from workers.pipeline import JOB_MODEL_VERSION, enqueue_report, send_export_tasks, send_report_task
 
 log = get_logger(__name__)
@@ -59,6 +62,7 @@ STUCK_DIALOG_TURN_S = 600.0
 @dataclass
 class ReconcileResult:
     requeued_running: list[int] = field(default_factory=list)
+    failed_crashing: list[int] = field(default_factory=list)  # crashed their worker alone MAX_CRASHES times
     resent_queued: list[int] = field(default_factory=list)
     enqueued_studies: list[int] = field(default_factory=list)
     resent_dialog_turns: list[int] = field(default_factory=list)
@@ -66,7 +70,7 @@ class ReconcileResult:
 
     @property
     def changed(self) -> bool:
-        return bool(self.requeued_running or self.resent_queued or self.enqueued_studies or self.resent_dialog_turns
+        return bool(self.requeued_running or self.failed_crashing or self.resent_queued or self.enqueued_studies or self.resent_dialog_turns
                     or self.failed_dialog_turns)
 
 
@@ -132,8 +136,11 @@ def reconcile(
             )
         ).all()
     for job_id in dead:
-        with registry.session() as session:
-            if not requeue(session, job_id, "worker lost (lease expired); re-queued"):
+        with registry.session() as session:  # who is charged for the lost claim: workers.crashes
+            outcome = recover_lost(session, job_id, lease_s)
+            if outcome == CRASH_FAILED:
+                result.failed_crashing.append(job_id)
+            if outcome != REQUEUED:
                 continue
             task_id = uuid.uuid4().hex
             session.execute(update(Job).where(Job.id == job_id).values(celery_task_id=task_id))
@@ -206,7 +213,8 @@ def reconcile(
     if result.changed:
         log.warning(
             "reconciler restored work",
-            extra={"requeued_running": result.requeued_running, "resent_queued": result.resent_queued,
+            extra={"requeued_running": result.requeued_running, "failed_crashing": result.failed_crashing,
+                   "resent_queued": result.resent_queued,
                    "enqueued_studies": result.enqueued_studies, "resent_dialog_turns": result.resent_dialog_turns,
                    "failed_dialog_turns": result.failed_dialog_turns},
         )
