@@ -406,3 +406,142 @@ def test_a_queued_jobs_message_held_by_a_dead_worker_is_sent_again(sqlite_regist
     assert _job(sqlite_registry, old_job).celery_task_id in (broker_task_ids(rsettings) or set())
     assert reconcile(sqlite_registry, rsettings, grace_s=0).resent_queued == []
     client.close()
+
+
+# -- which study crashed the worker (workers/crashes.py) ------------------------------------------------
+def _lapse(registry: Registry, job_ids: list[int]) -> None:
+    """The worker holding these jobs died: its heartbeats stopped a minute ago."""
+    with registry.session() as session:
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(heartbeat_at=utcnow() - timedelta(seconds=60)))
+
+
+def _claim_alone(registry: Registry, job_id: int) -> Any:
+    from workers.crashes import ALONE, mark_running
+
+    batch = collect_batch(registry, job_id, worker="w1", model_name="radialog-v2", batch_size=8, wait_s=0.0, lease_s=30)
+    assert [c.job_id for c in batch] == [job_id] and batch[0].isolated
+    mark_running(registry, [(job_id, batch[0].attempt)], ALONE)
+    return batch[0]
+
+
+def test_jobs_lost_while_running_together_run_alone_next_and_are_not_charged(registry: Registry,
+                                                                             rsettings: Settings) -> None:
+    from workers.crashes import BATCH, mark_running
+
+    jobs = [enqueue_report(registry, rsettings, add_study(registry, rsettings, index=i)[0]) for i in range(4)]
+    batch = collect_batch(registry, jobs[0], worker="w1", model_name=rsettings.model_backend, batch_size=3,
+                          wait_s=0.0, lease_s=30)
+    mark_running(registry, [(c.job_id, c.attempt) for c in batch], BATCH)
+    ran = [c.job_id for c in batch]
+    _lapse(registry, ran)
+    result = reconcile(registry, rsettings, lease_s=30, grace_s=0)
+    assert sorted(result.requeued_running) == sorted(ran) and result.failed_crashing == []
+    for job_id in ran:
+        job = _job(registry, job_id)
+        assert (job.state, job.isolated, job.crashes, job.lost_claims, job.run_mode) == ("QUEUED", True, 0, 1, None)
+        assert job.celery_task_id in (broker_task_ids(rsettings) or set())
+    # the untouched fourth job batches as usual; it never takes a suspect as a companion
+    rest = collect_batch(registry, jobs[3], worker="w1", model_name=rsettings.model_backend, batch_size=8,
+                         wait_s=0.0, lease_s=30)
+    assert [c.job_id for c in rest] == [jobs[3]] and not rest[0].isolated
+    alone = collect_batch(registry, ran[1], worker="w1", model_name=rsettings.model_backend, batch_size=8,
+                          wait_s=0.0, lease_s=30)
+    assert [c.job_id for c in alone] == [ran[1]]  # a batch of one, though two more suspects wait
+    assert alone[0].isolated and (alone[0].attempt, alone[0].charged) == (2, 1)
+
+
+def test_a_job_that_crashes_its_worker_alone_is_charged_and_fails_at_the_limit(registry: Registry,
+                                                                              rsettings: Settings) -> None:
+    from workers.crashes import MAX_CRASHES
+
+    study_id, _ = add_study(registry, rsettings)
+    job_id = enqueue_report(registry, rsettings, study_id)
+    with registry.session() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(isolated=True))
+    for crash in range(1, MAX_CRASHES + 1):
+        _claim_alone(registry, job_id)
+        _lapse(registry, [job_id])
+        result = reconcile(registry, rsettings, lease_s=30, grace_s=0)
+        job = _job(registry, job_id)
+        assert job.crashes == crash and job.lost_claims == 0
+        if crash < MAX_CRASHES:
+            assert result.requeued_running == [job_id] and job.state == JobState.QUEUED.value
+    assert result.failed_crashing == [job_id] and result.requeued_running == []
+    assert job.state == JobState.FAILED.value and job.error is not None and "alone" in job.error
+    with registry.session() as session:
+        study = session.get(Study, study_id)
+        assert study.state == StudyState.FAILED.value and "worker process died 2 times" in (study.reason or "")
+    # re-run by an admin: fresh counts, and it still runs alone
+    assert rerun(registry, rsettings, study_id) == job_id
+    job = _job(registry, job_id)
+    assert (job.state, job.attempts, job.crashes, job.lost_claims, job.isolated) == ("QUEUED", 0, 0, 0, True)
+
+
+def test_a_claim_lost_before_its_work_started_is_requeued_as_it_was(registry: Registry, rsettings: Settings) -> None:
+    """Claimed, then waiting for the gate (another job ran alone) when the worker died: no evidence."""
+    study_id, _ = add_study(registry, rsettings)
+    job_id = enqueue_report(registry, rsettings, study_id)
+    with registry.session() as session:
+        assert claim(session, job_id, "w1", lease_s=30) is not None
+    _lapse(registry, [job_id])
+    with registry.session() as session:  # its message comes back to a worker before the reconciler sees it
+        again = claim(session, job_id, "w2", lease_s=30)
+    assert again is not None and (again.attempt, again.charged, again.isolated) == (2, 1, False)
+    job = _job(registry, job_id)
+    assert (job.state, job.worker, job.lost_claims, job.crashes) == ("RUNNING", "w2", 1, 0)
+
+
+def test_a_worker_that_receives_the_message_of_a_job_lost_alone_charges_it(registry: Registry,
+                                                                           rsettings: Settings) -> None:
+    study_id, _ = add_study(registry, rsettings)
+    job_id = enqueue_report(registry, rsettings, study_id)
+    with registry.session() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(isolated=True))
+    _claim_alone(registry, job_id)
+    _lapse(registry, [job_id])
+    with registry.session() as session:
+        again = claim(session, job_id, "w2", lease_s=30)
+    assert again is not None and again.isolated and again.charged == 2
+    assert _job(registry, job_id).crashes == 1
+
+
+def test_gate_lets_batches_share_and_a_lone_job_wait_for_them_and_go_first() -> None:
+    import threading
+
+    from workers.crashes import Gate
+
+    gate = Gate()
+    order: list[str] = []
+    lone_waiting = threading.Event()
+    release_first = threading.Event()
+
+    def batch(name: str, hold: threading.Event | None = None) -> None:
+        with gate.shared():
+            order.append(f"{name} in")
+            if hold is not None:
+                hold.wait(10)
+            order.append(f"{name} out")
+
+    def lone() -> None:
+        lone_waiting.set()
+        with gate.exclusive():
+            order.append("lone in")
+            order.append("lone out")
+
+    first = threading.Thread(target=batch, args=("b1", release_first))
+    first.start()
+    while "b1 in" not in order:
+        time.sleep(0.01)
+    second = threading.Thread(target=lone)
+    second.start()
+    lone_waiting.wait(10)
+    while not gate._waiting_exclusive:  # the lone job waits for b1
+        time.sleep(0.01)
+    third = threading.Thread(target=batch, args=("b2",))
+    third.start()
+    time.sleep(0.1)  # b2 must not start while the lone job waits (it could only start wrongly here)
+    assert order == ["b1 in"]
+    release_first.set()
+    for thread in (first, second, third):
+        thread.join(10)
+    assert order == ["b1 in", "b1 out", "lone in", "lone out", "b2 in", "b2 out"]
