@@ -385,27 +385,64 @@ def test_given_back_jobs_carry_the_id_of_their_new_message(sqlite_registry: Regi
 def test_a_queued_jobs_message_held_by_a_dead_worker_is_sent_again(sqlite_registry: Registry,
                                                                    rsettings: Settings) -> None:
     """A worker fetched the message (kombu moved it to the unacked hash) and died before the job started:
-    Redis would restore it only after the visibility timeout (an hour). Delivered long ago -> re-sent;
-    delivered just now (a live worker is about to start it) -> left alone."""
+    Redis would restore it only after the visibility timeout (an hour). Delivered over a minute ago ->
+    re-sent; delivered just now (a live worker is about to start it) -> left alone; a retry's message
+    delivered long ago but due later (its ETA) -> left alone."""
     import time
+    from datetime import UTC, datetime
 
-    from workers.reconciler import UNACKED_STALE_S
+    from workers.broker_state import START_GRACE_S
 
     client = redis.Redis.from_url(REDIS_URL)
     jobs = [enqueue_report(sqlite_registry, rsettings, add_study(sqlite_registry, rsettings, index=i)[0])
-            for i in range(2)]
-    for tag, delivered in (("tag-old", time.time() - UNACKED_STALE_S - 60), ("tag-new", time.time())):
+            for i in range(3)]
+    long_ago = time.time() - START_GRACE_S - 60
+    eta = datetime.fromtimestamp(time.time() + 300, UTC).isoformat()
+    for tag, delivered, due in (("tag-old", long_ago, None), ("tag-new", time.time(), None), ("tag-eta", long_ago, eta)):
         raw = client.rpop("report")  # what kombu's Redis QoS does on delivery: out of the list, into unacked
         assert raw is not None
-        client.hset("unacked", tag, json.dumps([json.loads(raw), "report", "report"]))
+        message = json.loads(raw)
+        message["headers"]["eta"] = due  # as Celery writes a countdown
+        client.hset("unacked", tag, json.dumps([message, "report", "report"]))
         client.zadd("unacked_index", {tag: delivered})
     assert client.llen("report") == 0
-    held = {tag: json.loads(client.hget("unacked", tag))[0]["headers"]["argsrepr"] for tag in ("tag-old", "tag-new")}
+    held = {tag: json.loads(client.hget("unacked", tag))[0]["headers"]["argsrepr"]
+            for tag in ("tag-old", "tag-new", "tag-eta")}
     old_job = next(j for j in jobs if held["tag-old"] == f"[{j}]")
     assert reconcile(sqlite_registry, rsettings, grace_s=0).resent_queued == [old_job]
     assert _job(sqlite_registry, old_job).celery_task_id in (broker_task_ids(rsettings) or set())
     assert reconcile(sqlite_registry, rsettings, grace_s=0).resent_queued == []
     client.close()
+
+
+def test_embedded_broker_message_held_by_a_dead_worker_is_sent_again(sqlite_registry: Registry,
+                                                                      settings: Settings) -> None:
+    """kombu's SQLAlchemy transport (``radialog run`` without Redis) keeps a delivered message as an
+    invisible row stamped with its delivery time: due and unclaimed for over a minute -> re-sent."""
+    from datetime import datetime
+
+    from sqlalchemy import create_engine, text
+
+    from workers.broker_state import START_GRACE_S
+    from workers.cli import embedded_broker
+
+    esettings = embedded_broker(settings)
+    jobs = [enqueue_report(sqlite_registry, esettings, add_study(sqlite_registry, esettings, index=i)[0])
+            for i in range(2)]
+    assert broker_task_ids(esettings) == {_job(sqlite_registry, j).celery_task_id for j in jobs}
+    assert reconcile(sqlite_registry, esettings, grace_s=0).resent_queued == []  # both wait in the queue
+    with app_for(esettings).connection_for_read() as conn:  # a worker takes one message ... and dies (the
+        taken = conn.SimpleQueue("report", no_ack=False).get(timeout=10)  # connection stays open: a clean
+        held_job = taken.headers["argsrepr"]  # close would put the message back, a dead worker cannot)
+        assert reconcile(sqlite_registry, esettings, grace_s=0).resent_queued == []  # just delivered: may start
+        engine = create_engine(esettings.broker_url.removeprefix("sqla+"))
+        with engine.begin() as db:  # delivered over a minute ago, as kombu stamps it (local time)
+            stale = datetime.fromtimestamp(time.time() - START_GRACE_S - 30).isoformat(sep=" ")
+            db.execute(text("UPDATE kombu_message SET timestamp = :t WHERE NOT visible"), {"t": stale})
+        engine.dispose()
+        resent = reconcile(sqlite_registry, esettings, grace_s=0).resent_queued
+        assert [f"[{j}]" for j in resent] == [held_job]
+        assert _job(sqlite_registry, resent[0]).celery_task_id in (broker_task_ids(esettings) or set())
 
 
 # -- which study crashed the worker (workers/crashes.py) ------------------------------------------------
@@ -545,3 +582,24 @@ def test_gate_lets_batches_share_and_a_lone_job_wait_for_them_and_go_first() -> 
     for thread in (first, second, third):
         thread.join(10)
     assert order == ["b1 in", "b1 out", "lone in", "lone out", "b2 in", "b2 out"]
+
+
+def test_a_restarted_workers_first_sweep_ignores_the_dead_workers_lock(sqlite_registry: Registry,
+                                                                      rsettings: Settings) -> None:
+    """The sweep lock a crashed worker took may outlive it: its successor sweeps at start anyway, so the
+    claims it lost come back without waiting for the lock to expire."""
+    from workers.reconciler import Sweeper
+
+    study_id, _ = add_study(sqlite_registry, rsettings)
+    job_id = enqueue_report(sqlite_registry, rsettings, study_id)
+    with sqlite_registry.session() as session:
+        assert claim(session, job_id, "w-dead", lease_s=30) is not None
+    _lapse(sqlite_registry, [job_id])
+    client = redis.Redis.from_url(REDIS_URL)
+    client.set(Sweeper.LOCK_KEY, "1", px=60_000)  # taken by the dead process just before it died
+    sweeper = Sweeper(sqlite_registry, rsettings, interval_s=30, lease_s=30)
+    sweeper._stop.set()  # one pass of the loop, in this thread
+    sweeper._loop()
+    assert _job(sqlite_registry, job_id).state == JobState.QUEUED.value
+    assert not sweeper._my_turn()  # later passes still take turns
+    client.close()
