@@ -11,9 +11,11 @@ empty, as the platform's default) and PostgreSQL (its own schema) or SQLite. Fou
    forwarding the rest), restarted at once; Orthanc's router retries what the node did not acknowledge.
 2. worker: kill -9 of ``radialog worker`` as soon as one of the phase's jobs runs; a new worker starts
    (``--lease-seconds 5``); the lost claims come back through the lease and its sweeper.
-3. redis: Redis stopped and started again (empty) as soon as the phase's first job is queued.
+3. redis: Redis down while the phase's studies arrive (the node's enqueues fail) and ``--outage-s`` more,
+   then started again, empty; the worker reconnects and its sweeper re-sends what the broker lacks.
 4. pacs: Orthanc stopped once the node holds every instance of the phase (reports and SR exports under
-   way), for ``--outage-s`` seconds; the export outbox retries.
+   way), for ``--outage-s`` seconds; the export outbox retries. (Orthanc is the router too: it must
+   forward the images before it can go down, so the fastest studies may be exported already.)
 
 Then every study must be EXPORTED with exactly one AI draft in the registry and exactly one SR in
 Orthanc, and every instance Orthanc acknowledged must be in the node's registry exactly once. Prints one
@@ -159,6 +161,19 @@ class Faults:
             return list(session.scalars(select(Job.state).join(Study, Job.study_id == Study.id)
                                         .where(Study.study_instance_uid.in_(uids))))
 
+    def job_figures(self, uids: list[str]) -> dict[str, int]:
+        """Jobs re-run alone after a lost worker, claims lost with it, exports that needed a retry."""
+        from radialog.registry import Export, Job, Report, Study
+
+        with self.registry.session() as session:
+            jobs = session.scalars(select(Job).join(Study, Job.study_id == Study.id)
+                                   .where(Study.study_instance_uid.in_(uids))).all()
+            retried = session.scalar(select(func.count(Export.id)).join(Report, Export.report_id == Report.id)
+                                     .join(Study, Report.study_id == Study.id)
+                                     .where(Study.study_instance_uid.in_(uids), Export.attempts > 1))
+            return {"jobs_rerun_alone": sum(j.isolated for j in jobs), "claims_lost": sum(j.lost_claims for j in jobs),
+                    "exports_retried": int(retried or 0)}
+
     def study_rows(self, uids: list[str]) -> dict[str, tuple[str, int, int]]:
         """uid -> (state, instances, AI drafts) from the registry."""
         from radialog.registry import Instance, Report, Study
@@ -188,8 +203,10 @@ def run_phase(faults: Faults, phase: str, studies: list[tuple[str, list[Path]]],
     chain = faults.chain
     uids = [uid for uid, _ in studies]
     started = time.monotonic()
-    acknowledged = send(chain, studies)
     detail: dict[str, Any] = {}
+    if phase == "redis":  # down before the studies come: the node's enqueues fail, the queue is lost
+        faults.broker.stop()
+    acknowledged = send(chain, studies)
     if phase == "node":
         wait_until(lambda: faults.stored_instances(uids) >= 1, 120, "the node's first instance", chain.check_alive)
         faults.kill("node")
@@ -202,9 +219,10 @@ def run_phase(faults: Faults, phase: str, studies: list[tuple[str, list[Path]]],
         faults.spawn("worker", "worker", "--queues", "dialog,export,report", "--hostname", chain.worker_name,
                      "--lease-seconds", "5")
     elif phase == "redis":
-        wait_until(lambda: faults.job_states(uids), 120, "the first job queued", chain.check_alive)
-        faults.broker.restart()
-        detail["jobs_when_restarted"] = sorted(faults.job_states(uids))
+        wait_until(lambda: len(faults.job_states(uids)) == len(uids), 300, "every job queued", chain.check_alive)
+        time.sleep(outage_s)
+        detail["jobs_when_redis_came_back"] = sorted(faults.job_states(uids))
+        faults.broker.start()  # empty: nothing of what was sent before it stopped
     elif phase == "pacs":
         wait_until(lambda: faults.stored_instances(uids) == acknowledged, 300, "every instance at the node",
                    chain.check_alive)
@@ -217,6 +235,7 @@ def run_phase(faults: Faults, phase: str, studies: list[tuple[str, list[Path]]],
                chain.check_alive)
     rows = faults.study_rows(uids)
     srs = {uid: len(chain.orthanc_srs(uid)) for uid in uids}
+    detail.update(faults.job_figures(uids))
     return {
         "phase": phase, "studies": len(uids), "instances_acknowledged": acknowledged,
         "instances_stored": sum(i for _s, i, _d in rows.values()),

@@ -603,3 +603,18 @@ def test_a_restarted_workers_first_sweep_ignores_the_dead_workers_lock(sqlite_re
     assert _job(sqlite_registry, job_id).state == JobState.QUEUED.value
     assert not sweeper._my_turn()  # later passes still take turns
     client.close()
+
+
+def test_sending_a_job_while_the_broker_is_down_fails_with_the_brokers_error(settings: Settings) -> None:
+    """The sender does not subscribe to the task's result (outcomes are in the registry): with Redis down
+    the send fails at once with the broker's connection error, so the node's enqueue hands the job to
+    the reconciler, instead of first retrying the result backend for ~19 s and raising RuntimeError."""
+    from kombu.exceptions import OperationalError as BrokerDown
+
+    from workers.pipeline import send_export_tasks, send_report_task
+
+    down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with pytest.raises(BrokerDown):
+        send_report_task(down, 1, "t-broker-down")
+    with pytest.raises(BrokerDown):
+        send_export_tasks(down, [1])

@@ -63,14 +63,18 @@ class JobFailure(RuntimeError):
 
 
 # -- enqueue ------------------------------------------------------------------------------------------
+# ``ignore_result``: outcomes live in the registry. Without it Celery subscribes the sender to the task's
+# result channel before publishing, and while Redis is down that subscription alone retries for ~19 s:
+# the node's assembler (one thread) stalled that long per study instead of failing fast to the reconciler.
 def send_report_task(settings: Settings, job_id: int, task_id: str, countdown: float | None = None) -> None:
-    app_for(settings).send_task(REPORT_TASK, args=[job_id], task_id=task_id, queue="report", countdown=countdown)
+    app_for(settings).send_task(REPORT_TASK, args=[job_id], task_id=task_id, queue="report", countdown=countdown,
+                                ignore_result=True)
 
 
 def send_export_tasks(settings: Settings, export_ids: Sequence[int]) -> None:
     app = app_for(settings)
     for export_id in export_ids:
-        app.send_task(EXPORT_TASK, args=[export_id], queue="export")
+        app.send_task(EXPORT_TASK, args=[export_id], queue="export", ignore_result=True)
 
 
 def enqueue_report(registry: Registry, settings: Settings, study_id: int) -> int:

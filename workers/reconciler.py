@@ -204,7 +204,7 @@ def _resend_dialog_turns(registry: Registry, settings: Settings, cutoff: datetim
                 .values(celery_task_id=task_id)
             ).rowcount  # type: ignore[attr-defined]
         if moved:
-            app.send_task(DIALOG_TASK, args=[turn_id], task_id=task_id, queue="dialog")
+            app.send_task(DIALOG_TASK, args=[turn_id], task_id=task_id, queue="dialog", ignore_result=True)
             resent.append(turn_id)
     return resent
 
