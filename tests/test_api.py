@@ -346,8 +346,8 @@ def test_correction_then_approval_make_new_verified_sr(client: TestClient, keys:
     url = f"/api/v1/studies/{study_id}/report"
     h = auth(keys["rad"])
     corrected = "The heart size is normal. No pleural effusion. No pneumothorax."
-    v2 = client.post(url + "/versions", json={"kind": "edit", "findings_text": corrected, "base_version": 1},
-                     headers=h)
+    v2 = client.post(url + "/versions", json={"kind": "edit", "findings_text": corrected, "base_version": 1,
+                                              "impression_text": "Normal chest."}, headers=h)
     assert v2.status_code == 201, v2.text
     assert v2.json()["version"] == 2 and v2.json()["verified"] is False and v2.json()["kind"] == "edit"
     stale = client.post(url + "/versions", json={"findings_text": "older edit", "base_version": 1}, headers=h)
@@ -356,7 +356,13 @@ def test_correction_then_approval_make_new_verified_sr(client: TestClient, keys:
                    "validation-error")  # which version is signed must be said
     assert_problem(client.post(url + "/approve", json={"impression_text": "Normal chest.", "base_version": 1},
                                headers=h), 409, "stale-version")  # the radiologist read v1, v2 is current
-    v3 = client.post(url + "/approve", json={"impression_text": "Normal chest.", "base_version": 2}, headers=h)
+    # only the text on screen is signed: another findings or impression text under v2's number is refused
+    for other in ({"impression_text": "Normal chest. Old rib fracture."}, {"impression_text": ""},
+                  {"findings_text": "The heart size is normal. There is a small left pleural effusion."}):
+        assert_problem(client.post(url + "/approve", json={**other, "base_version": 2}, headers=h), 409,
+                       "text-mismatch")
+    v3 = client.post(url + "/approve", json={"findings_text": corrected, "impression_text": "Normal chest.",
+                                             "base_version": 2}, headers=h)
     assert v3.status_code == 201, v3.text
     body = v3.json()
     assert body["version"] == 3 and body["verified"] is True and body["verifier"] == "rad"
@@ -500,7 +506,8 @@ def test_two_versions_at_once_one_wins_the_other_is_409(client: TestClient, keys
 
 def test_signing_what_the_radiologist_sees(client: TestClient, keys: dict[str, str], registry: Registry,
                                            api_settings: Settings) -> None:
-    """An emptied impression is signed as none; the signed SR carries no AI-coded findings its text may deny."""
+    """An emptied impression is saved as a version, then signed as none (signing another text than the
+    version's is refused); the signed SR carries no AI-coded findings its text may deny."""
     import io
 
     import pydicom
@@ -511,8 +518,11 @@ def test_signing_what_the_radiologist_sees(client: TestClient, keys: dict[str, s
     v2 = client.post(url + "/versions", json={"kind": "edit", "findings_text": "No effusion.",
                                               "impression_text": "Normal."}, headers=h)
     assert v2.status_code == 201, v2.text
-    signed = client.post(url + "/approve", json={"findings_text": "No effusion.", "impression_text": "",
-                                                 "base_version": 2}, headers=h)
+    emptied = {"findings_text": "No effusion.", "impression_text": ""}
+    assert_problem(client.post(url + "/approve", json={**emptied, "base_version": 2}, headers=h), 409, "text-mismatch")
+    v3 = client.post(url + "/versions", json={"kind": "edit", **emptied, "base_version": 2}, headers=h)
+    assert v3.status_code == 201, v3.text
+    signed = client.post(url + "/approve", json={**emptied, "base_version": 3}, headers=h)
     assert signed.status_code == 201, signed.text
     assert signed.json()["impression_text"] is None  # "" = the radiologist removed the impression
     sr = pydicom.dcmread(io.BytesIO(client.get(signed.json()["sr_url"], headers=h).content))
@@ -538,3 +548,31 @@ def test_control_characters_and_a_lost_source_image_get_clear_errors(client: Tes
     shutil.rmtree(api_settings.spool_dir)  # the source image is gone: no SR can be built
     assert_problem(client.post(url + "/versions", json={"findings_text": "Edited."}, headers=h), 409,
                    "cannot-build-report")
+
+
+# -- who is signed in; what changed between versions (issue 13) -------------------------------------------
+
+def test_me_names_the_keys_user_and_role(client: TestClient, keys: dict[str, str]) -> None:
+    assert client.get("/api/v1/me", headers=auth(keys["rad"])).json() == {"name": "rad", "role": "radiologist"}
+    assert client.get("/api/v1/me", headers=auth(keys["reader"])).json() == {"name": "reader", "role": "reader"}
+    assert_problem(client.get("/api/v1/me"), 401, "unauthenticated")
+
+
+def test_versions_say_what_changed_word_by_word(client: TestClient, keys: dict[str, str], registry: Registry,
+                                                api_settings: Settings) -> None:
+    study_id = add_reported_study(registry, api_settings, findings_text="The heart is normal. Small left effusion.")
+    url = f"/api/v1/studies/{study_id}/report"
+    h = auth(keys["rad"])
+    client.post(url + "/versions", headers=h, json={
+        "findings_text": "The heart is enlarged.\nSmall left effusion. No pneumothorax.", "impression_text": "Cardiomegaly.",
+        "base_version": 1})
+    versions = client.get(url + "/versions", headers=h).json()["versions"]
+    assert versions[0]["changes"] is None
+    changes = versions[1]["changes"]
+    assert changes["predecessor_version"] == 1
+    assert [(p["op"], p["text"]) for p in changes["findings"]] == [
+        ("equal", "The heart is"), ("delete", "normal."), ("insert", "enlarged."), ("equal", "Small left effusion."),
+        ("insert", "No pneumothorax.")]
+    assert changes["impression"] == [{"op": "insert", "text": "Cardiomegaly."}]
+    assert client.get(url + "/versions/2", headers=h).json()["changes"] == changes
+
