@@ -78,12 +78,7 @@ def test_open_ask_stream_approve_in_chromium(served) -> None:  # type: ignore[no
         expect(page.locator("#report-banner")).to_have_text("AI draft — not verified (version 1, ai_draft)")
         expect(page.locator("#report-banner")).to_have_class("banner unverified")
         expect(page.locator("#findings-text")).to_contain_text("small left pleural effusion")
-        # Polled from Python: Playwright's own wait_for_function polls through eval(), which the page's
-        # Content Security Policy (no 'unsafe-eval') rightly refuses once the image is not there at once.
-        deadline = time.monotonic() + 60
-        while page.locator("#preview").evaluate("img => img.naturalWidth") == 0:
-            assert time.monotonic() < deadline, "the image preview did not load"
-            page.wait_for_timeout(100)
+        wait_image(page, study_id)  # the viewer's full frame
         assert page.evaluate("sessionStorage.getItem('radialog.apiKey')") == keys["rad"]
 
         # a yes/no quick action (at most 10 new tokens: quick on a busy CPU); free questions use the same
@@ -325,3 +320,34 @@ def test_viewer_windows_zooms_pans_inverts_and_shows_the_model_view(
         expect(page.locator("#viewer-image")).to_have_attribute("data-window", "model")
         expect(page.locator("#viewer-caption")).to_have_text("The image as the model saw it (windowed, 8-bit)")
         expect(page.locator("#invert")).to_be_disabled()
+
+
+def test_hostile_report_text_is_shown_as_text_and_signed_as_shown(
+        page_settings: Settings, sqlite_registry: Registry) -> None:
+    """Drafts as the model boundary stores hostile model output (tests/test_hostile_text.py): the page shows
+    each exactly as the API gives it, as text (no element, no script), and approving the shown text works."""
+    from playwright.sync_api import expect
+
+    from reporting.text import clean_model_text
+    from tests.test_hostile_text import HOSTILE
+
+    keys = make_keys(sqlite_registry)
+    names = ["html", "rtl", "emoji", "byte_fallback", "tabs_and_breaks", "long"]
+    studies = {name: add_reported_study(sqlite_registry, page_settings, index=20 + i,
+                                        findings_text=clean_model_text(HOSTILE[name])) for i, name in enumerate(names)}
+    with api_server(page_settings, sqlite_registry) as base, signed_in(base, keys["rad"]) as page:
+        for name, study in studies.items():
+            page.locator(f'#worklist tr[data-study-id="{study}"]').click()
+            expect(page.locator("#study-head")).to_have_attribute("data-study-id", str(study))
+            expect(page.locator("#findings-text")).to_have_attribute("data-version", "1")
+            shown = page.locator("#findings-text").evaluate("node => node.textContent")
+            assert shown == clean_model_text(HOSTILE[name]), name
+            assert page.locator("#findings-text").evaluate("node => node.children.length") == 0
+            assert page.evaluate("typeof window.__pwned") == "undefined"
+            if name == "html":
+                page.screenshot(path=str(ARTIFACTS / "page-hostile.png"), full_page=True)
+                page.click("#approve")
+                expect(page.locator("#report-banner")).to_have_text("Verified by rad — version 2")
+    with sqlite_registry.session() as s:
+        signed = s.scalar(select(Report).where(Report.study_id == studies["html"], Report.version == 2))
+        assert signed.verified and signed.findings_text == clean_model_text(HOSTILE["html"])

@@ -128,6 +128,8 @@ function selectStudy(id) {
 function clearStudy() {
   // Nothing of the previous study may stay on screen while this one loads.
   $("study-head").textContent = "Loading…";
+  delete $("study-head").dataset.studyId;
+  delete $("findings-text").dataset.version;
   $("study-reason").hidden = true;
   $("study-reason").textContent = "";
   $("version-note").hidden = true;
