@@ -717,3 +717,31 @@ def test_viewer_bounds_huge_images_concurrent_renders_and_the_audit(client: Test
                    "instance-not-found")
     assert_problem(client.get(f"/api/v1/studies/{study_id}/image/render?w=0", headers=h), 422)
     assert_problem(client.get(f"/api/v1/studies/{study_id}/image/render?out_width=5000", headers=h), 422)
+
+
+def test_viewer_offers_and_applies_the_headers_voi_lut(client: TestClient, keys: dict[str, str],
+                                                       registry: Registry, api_settings: Settings) -> None:
+    """A VOI LUT in the header is the default preset (as for the model) and is applied as a table: inputs
+    below its first entry take entry 0, above its last the last one; a drag from it is a linear window."""
+    import numpy as np
+    from pydicom.dataset import Dataset
+
+    study_id, ds = add_study(registry, api_settings, state=StudyState.QUEUED)
+    ramp = np.arange(0, 2048, 2, dtype=np.uint16).reshape(32, 32)
+    lut = Dataset()
+    lut.add_new("LUTDescriptor", "US", [256, 512, 12])  # 256 entries, first input 512, 12-bit output
+    lut.add_new("LUTData", "OW", np.array([16 * i for i in range(256)], dtype="<u2").tobytes())  # as OW, like most
+    lut.LUTExplanation = "LUNG"
+    _replace_pixels(api_settings, ds, ramp, BitsAllocated=16, BitsStored=12, HighBit=11, PixelRepresentation=0,
+                    VOILUTSequence=[lut])
+    h = auth(keys["reader"])
+    info = client.get(f"/api/v1/studies/{study_id}/image", headers=h).json()
+    assert info["default_preset"] == "lut:0"
+    assert info["presets"][0] == {"id": "lut:0", "label": "LUNG", "center": 640, "width": 256, "function": "LINEAR",
+                                  "lut": True}
+    shown = _png(client.get(f"/api/v1/studies/{study_id}/image/render?out_width=32&out_height=32", headers=h))
+    index = np.clip(ramp.astype(int) - 512, 0, 255)
+    assert np.array_equal(shown, np.rint(16 * index / (16 * 255) * 255).astype(np.uint8))
+    dragged = _png(client.get(f"/api/v1/studies/{study_id}/image/render?out_width=32&out_height=32"
+                              "&preset=lut:0&window_center=640&window_width=256", headers=h))
+    assert np.array_equal(dragged, _linear(ramp, 640, 256))
