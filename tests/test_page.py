@@ -270,8 +270,12 @@ def test_header_names_the_user_and_skipped_or_failed_studies_offer_no_chat(
             expect(page.locator("#chat-box")).to_be_hidden()
             expect(page.locator("#approve")).to_be_disabled()
         page.screenshot(path=str(ARTIFACTS / "page-skipped.png"), full_page=True)
-    with api_server(page_settings, sqlite_registry) as base, signed_in(base, keys["rad"]) as page:
+        # the next person at this screen signs in: the header is theirs, nothing of the last study stays
+        page.click("#sign-out")
+        page.fill("#api-key", keys["rad"])
+        page.click("#key-save")
         expect(page.locator("#who-name")).to_have_text("rad · radiologist")
+        expect(page.locator("#study")).to_be_hidden()
 
 
 def test_viewer_windows_zooms_pans_inverts_and_shows_the_model_view(

@@ -53,6 +53,9 @@ const getJSON = async (path, signal) => (await api(path, { signal })).json();
 // -- sign in -----------------------------------------------------------------------------------------
 function signOut(message) {
   sessionStorage.removeItem(KEY_STORE);
+  selectStudy(null);  // nothing of the last study stays for whoever signs in next
+  clearStudy();
+  $("study").hidden = true;
   state.me = null;
   $("app").hidden = true;
   $("login").hidden = false;
@@ -587,12 +590,15 @@ async function viewerRender() {
   try {
     const blob = await (await api(path, { signal: viewer.signal })).blob();
     if (viewer.token !== token) return;
-    const img = $("viewer-image");
     const url = URL.createObjectURL(blob);
-    await new Promise((resolve) => { img.onload = resolve; img.onerror = resolve; img.src = url; });
+    const probe = new Image();  // decoded off screen, so the shown picture is swapped in one step
+    probe.src = url;
+    await probe.decode().catch(() => {});
+    if (viewer.token !== token) { URL.revokeObjectURL(url); return; }
+    const img = $("viewer-image");
+    img.src = url;
     if (viewer.url) URL.revokeObjectURL(viewer.url);
     viewer.url = url;
-    if (viewer.token !== token) return;
     img.dataset.studyId = viewer.studyId;
     img.dataset.window = windowLabel;
     img.classList.toggle("model", viewer.model);
