@@ -685,7 +685,7 @@ def test_viewer_bounds_huge_images_concurrent_renders_and_the_audit(client: Test
     from api.viewer import Renderer
 
     h = auth(keys["rad"])
-    study_id, ds = add_study(registry, api_settings, state=StudyState.QUEUED)
+    study_id, _ = add_study(registry, api_settings, state=StudyState.QUEUED)
     huge_id, huge = add_study(registry, api_settings, state=StudyState.QUEUED, index=1)
     _replace_pixels(api_settings, huge, np.zeros((4, 4), dtype=np.uint16))
     huge.Rows = huge.Columns = 8000  # the pixel data is tiny: decoding it would fail, so it must not be tried

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +164,7 @@ def test_a_late_answer_for_the_previous_study_never_lands_beside_the_next(
         page_settings: Settings, sqlite_registry: Registry) -> None:
     """Study A's responses are held back (request interception) while the radiologist moves on to B;
     when A's answers finally arrive, nothing of A may appear: header, report, image and Approve are B's."""
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import expect
 
     keys = make_keys(sqlite_registry)
@@ -180,10 +181,8 @@ def test_a_late_answer_for_the_previous_study_never_lands_beside_the_next(
         assert held, "study A's requests were not intercepted"
         page.unroute(study_a)  # whatever the page asks about A from now on is answered at once
         for route in held:  # A's answers arrive now, after B is on screen
-            try:
+            with suppress(PlaywrightError):  # the page aborted that request when B was chosen: the fix itself
                 route.continue_()
-            except Exception:  # noqa: BLE001 - the page aborted that request when B was chosen: the fix itself
-                pass
         page.wait_for_load_state("networkidle")
         page.wait_for_timeout(1000)  # time for any late answer to be applied, if the page would apply it
         page.screenshot(path=str(ARTIFACTS / "page-switch-studies.png"), full_page=True)

@@ -45,7 +45,7 @@ _LOCK = threading.Lock()
 InstanceParam = Annotated[int | None, Query(ge=1, le=MAX_ID, description="An image of the study (default: the "
                                             "reported image, else the one chosen for the model)")]
 Coordinate = Annotated[float | None, Query(ge=-1e6, le=1e6)]
-Extent = Annotated[float | None, Query(gt=0, le=1e6)]
+Extent = Annotated[float | None, Query(ge=0.01, le=1e6, description="At least 1/100 pixel")]
 OutSide = Annotated[int | None, Query(ge=1, le=MAX_OUTPUT_SIDE)]
 
 
