@@ -706,6 +706,8 @@ def test_viewer_bounds_huge_images_concurrent_renders_and_the_audit(client: Test
     busy = client.get(f"/api/v1/studies/{study_id}/image/render", headers=h)
     assert_problem(busy, 503, "viewer-busy")
     assert busy.headers["retry-after"] == "2"
+    assert client.get(f"/api/v1/studies/{study_id}/report/versions", headers=h).status_code == 409  # others served
+    assert client.get("/api/v1/studies", headers=h).status_code == 200
     client.app.state.viewer[0]._slots.release()
     _png(client.get(f"/api/v1/studies/{study_id}/image/render", headers=h))
 
