@@ -398,7 +398,8 @@ def test_a_queued_jobs_message_held_by_a_dead_worker_is_sent_again(sqlite_regist
             for i in range(3)]
     long_ago = time.time() - START_GRACE_S - 60
     eta = datetime.fromtimestamp(time.time() + 300, UTC).isoformat()
-    for tag, delivered, due in (("tag-old", long_ago, None), ("tag-new", time.time(), None), ("tag-eta", long_ago, eta)):
+    cases = (("tag-old", long_ago, None), ("tag-new", time.time(), None), ("tag-eta", long_ago, eta))
+    for tag, delivered, due in cases:
         raw = client.rpop("report")  # what kombu's Redis QoS does on delivery: out of the list, into unacked
         assert raw is not None
         message = json.loads(raw)

@@ -36,8 +36,8 @@ from sqlalchemy import and_, or_, select, update
 from radialog.logging import get_logger
 from radialog.registry import DialogTurn, Job, JobState, Registry, Study, StudyState, transition, utcnow
 from radialog.settings import Settings
-from workers.celery_app import DIALOG_TASK, app_for
 from workers.broker_state import START_GRACE_S, broker_messages
+from workers.celery_app import DIALOG_TASK, app_for
 from workers.context import DEFAULT_LEASE_S, is_redis_url, redis_client
 from workers.crashes import FAILED as CRASH_FAILED
 from workers.crashes import REQUEUED, recover_lost
@@ -61,8 +61,8 @@ class ReconcileResult:
 
     @property
     def changed(self) -> bool:
-        return bool(self.requeued_running or self.failed_crashing or self.resent_queued or self.enqueued_studies or self.resent_dialog_turns
-                    or self.failed_dialog_turns)
+        return bool(self.requeued_running or self.failed_crashing or self.resent_queued or self.enqueued_studies
+                    or self.resent_dialog_turns or self.failed_dialog_turns)
 
 
 def broker_task_ids(settings: Settings, queue: str = "report", held_within_s: float | None = None) -> set[str] | None:
