@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from api.metrics import Metrics, MetricsMiddleware
 from api.problems import install_handlers
-from api.routes import audit, dialog, health, images, me, reports, studies
+from api.routes import audit, dialog, health, images, me, operations, quality, reports, studies
 from api.services import Services
 from radialog import __version__
 from radialog.registry import Registry
@@ -51,7 +51,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.registry = registry
     app.state.services = services
-    app.state.metrics = Metrics(registry)
+    app.state.metrics = Metrics(registry, settings, services)
     install_handlers(app)
 
     v1 = APIRouter(prefix="/api/v1")
@@ -61,6 +61,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     v1.include_router(me.router)
     v1.include_router(dialog.router)
     v1.include_router(audit.router)
+    v1.include_router(quality.router)
+    v1.include_router(operations.router)
     app.include_router(v1)
     app.include_router(health.router)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -13,6 +14,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from radialog.registry import Registry, Study, StudyState
+from radialog.settings import Settings
+
+if TYPE_CHECKING:
+    from api.services import Services
 
 
 class StudyStateCollector:
@@ -34,7 +39,7 @@ class StudyStateCollector:
 
 
 class Metrics:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, settings: Settings | None = None, services: Services | None = None) -> None:
         self.collectors = CollectorRegistry()
         self.requests = Counter(
             "radialog_api_requests", "API requests", ["method", "route", "status"], registry=self.collectors
@@ -44,6 +49,13 @@ class Metrics:
             ["method", "route"], registry=self.collectors,
         )
         self.collectors.register(StudyStateCollector(registry))  # type: ignore[arg-type]
+        from api.ops_metrics import DiskCollector, RegistryCollector, WorkersCollector  # for deploy/grafana
+
+        self.collectors.register(RegistryCollector(registry))  # type: ignore[arg-type]
+        if services is not None:
+            self.collectors.register(WorkersCollector(services))  # type: ignore[arg-type]
+        if settings is not None:
+            self.collectors.register(DiskCollector(settings))  # type: ignore[arg-type]
 
 
 class MetricsMiddleware:

@@ -157,6 +157,14 @@ class NewVersion(BaseModel):
     base_version: int | None = Field(None, ge=1, description="The version this was based on; 409 when it is no longer current.")
 
 
+class FindingVerdictIn(BaseModel):
+    """One line of the approval checklist: the AI's call on a finding as shown, and the radiologist's verdict."""
+
+    label: str = Field(min_length=1, max_length=64, description="A CheXpert label of the AI draft's findings")
+    ai_present: bool = Field(description="The AI's call as displayed (409 when it is not the draft's)")
+    verdict: Literal["agree", "disagree"]
+
+
 class Approval(BaseModel):
     """Sign exactly the version on screen: ``base_version`` and, as a check, the text displayed.
 
@@ -172,6 +180,9 @@ class Approval(BaseModel):
         ..., ge=1, description="The version the radiologist read and signs; 409 when it is no longer current "
         "(nobody signs a text they have not seen).",
     )
+    checklist: list[FindingVerdictIn] | None = Field(
+        None, max_length=64, description="A verdict for every CheXpert finding of the AI draft (GET .../report/"
+        "checklist), stored with this version; left out: none recorded. 422 when incomplete.")
 
 
 class Task(str, enum.Enum):

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
 from api import audit
+from api.approvals import checked_verdicts, store_review
 from api.deps import DB, AnyUser, AppServices, AppSettings, Radiologist
 from api.imaging import preview_png, reported_instance
 from api.lookups import get_study, get_version, latest_report, require_report
@@ -129,10 +130,12 @@ def approve_report(
                       "save a change as a new version, then approve that version")
     if current.verified:
         raise Problem(409, "already-approved", f"version {current.version} is already approved by {current.verifier}")
+    verdicts = checked_verdicts(current, body.checklist)  # before anything is written
     report = new_version(
         session, settings, current, kind="approval", findings_text=findings, impression_text=impression or None,
         author=who.name, approve=True, base_version=body.base_version,
     )
+    store_review(session, report, verdicts)  # the agreement data, in the approval's transaction
     audit.record(session, who, "report.approve", study_id, version=report.version)
     session.commit()
     send_exports(services, report)

@@ -7,11 +7,13 @@ Alembic migrations (``migrations/``). SQLite in WAL mode by default, PostgreSQL 
 from radialog.registry.db import Registry, utcnow
 from radialog.registry.models import (
     ApiKey,
+    ApprovalReview,
     AuditEntry,
     Base,
     Conversation,
     DialogTurn,
     Export,
+    FindingVerdict,
     Instance,
     Job,
     Report,
@@ -21,6 +23,6 @@ from radialog.registry.models import (
 from radialog.registry.states import ExportState, JobState, StudyState, transition
 
 __all__ = [
-    "ApiKey", "AuditEntry", "Base", "Conversation", "DialogTurn", "Export", "ExportState", "Instance",
+    "ApiKey", "ApprovalReview", "AuditEntry", "Base", "Conversation", "DialogTurn", "Export", "ExportState", "FindingVerdict", "Instance",
     "Job", "JobState", "Registry", "Report", "Study", "StudyEvent", "StudyState", "transition", "utcnow",
 ]

@@ -14,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -243,3 +244,46 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(String(64))
     study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class ApprovalReview(Base):
+    """What one approval says about the AI draft it signed off, stored with the approval version in the
+    same transaction: how far the signed text is from the draft, and (when the radiologist filled the
+    checklist) a verdict per CheXpert finding of the draft (``FindingVerdict``). The agreement figures
+    (``reporting.quality``) are computed from these rows only."""
+
+    __tablename__ = "approval_reviews"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), unique=True)  # the approval version
+    draft_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)  # the AI draft it judged
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    model_name: Mapped[str | None] = mapped_column(String(64), index=True)  # the draft's model (backend)
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    approved_at: Mapped[datetime] = mapped_column(index=True)
+    draft_chars: Mapped[int] = mapped_column(Integer)
+    approved_chars: Mapped[int] = mapped_column(Integer)
+    edit_distance: Mapped[int] = mapped_column(Integer)  # Levenshtein, characters, draft -> signed text
+    checklist: Mapped[bool] = mapped_column(Boolean)  # a verdict was given for every finding of the draft
+
+    verdicts: Mapped[list[FindingVerdict]] = relationship(back_populates="review", order_by="FindingVerdict.id")
+
+
+class FindingVerdict(Base):
+    """The radiologist's word on one CheXpert finding of the AI draft: agree or disagree with the
+    classifier, hence whether the finding is present (``radiologist_present``); ``suggested`` is what the
+    page prefilled from the signed text (None: the text did not say)."""
+
+    __tablename__ = "finding_verdicts"
+    __table_args__ = (UniqueConstraint("review_id", "label", name="uq_verdict_review_label"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    review_id: Mapped[int] = mapped_column(ForeignKey("approval_reviews.id"), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    ai_present: Mapped[bool] = mapped_column(Boolean)
+    ai_probability: Mapped[float | None] = mapped_column(Float)
+    radiologist_present: Mapped[bool] = mapped_column(Boolean)
+    agree: Mapped[bool] = mapped_column(Boolean)
+    suggested: Mapped[str | None] = mapped_column(String(8))  # "agree", "disagree" or None
+
+    review: Mapped[ApprovalReview] = relationship(back_populates="verdicts")
