@@ -52,15 +52,16 @@ def users_create(name: str, role: str) -> None:
 
 @users.command("list")
 def users_list() -> None:
-    """List users: name, role, created, revoked."""
+    """List users: name, role, created, revoked (an aligned table)."""
     from api.users import list_users
+    from radialog.console import echo_table
 
     registry = _registry()
     with registry.session() as session:
-        for user in list_users(session):
-            revoked = user.revoked_at.isoformat(timespec="seconds") if user.revoked_at else "-"
-            click.echo(f"{user.name}\t{user.role}\t{user.created_at.isoformat(timespec='seconds')}\trevoked: {revoked}")
+        rows = [(u.name, u.role, u.created_at.isoformat(timespec="seconds"),
+                 u.revoked_at.isoformat(timespec="seconds") if u.revoked_at else None) for u in list_users(session)]
     registry.dispose()
+    echo_table(["name", "role", "created", "revoked"], rows, empty="no users")
 
 
 @users.command("revoke")

@@ -179,6 +179,10 @@ class Chain:
         wait_until(self._worker_ready, worker_timeout, "the worker's model", worker.check)
         return self
 
+    def create_user(self, name: str, role: str) -> str:
+        """A new API user of the chain's registry; returns its key."""
+        return self._radialog("users", "create", name, "--role", role).strip()
+
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()

@@ -66,8 +66,11 @@ def _model(settings: Settings, workdir: Path) -> tuple[Path, Path, bool]:
     )
     complete = tiny / "COMPLETE"  # written last: a half-made model from an interrupted run is remade
     if not complete.exists():
+        from radialog.console import step
+
         shutil.rmtree(tiny, ignore_errors=True)
-        model_dir, base_dir = make_tiny(tiny)
+        with step("making the tiny random model"):
+            model_dir, base_dir = make_tiny(tiny)
         complete.write_text(f"{model_dir.name}\n{base_dir.name}\n")
     model_name, base_name = complete.read_text().split()
     return tiny / model_name, tiny / base_name, True
@@ -158,9 +161,12 @@ def demo(workdir: Path | None, timeout: float, serve: bool) -> None:
         extra_env={} if tiny else {"RADIALOG_DEVICE": settings.device},
     )
     database_url = settings.database_url or chain.env_sqlite_url()
-    click.echo("starting: " + ("Orthanc + " if with_orthanc else "") + "radialog run (node, worker, API) ...")
+    from radialog.console import step
+
     try:
-        chain.start()
+        # the worker loads the model before the chain answers: the longest step
+        with step("starting: " + ("Orthanc + " if with_orthanc else "") + "radialog run (node, worker, API)"):
+            chain.start()
     except (ChainError, TimeoutError) as exc:
         chain.stop()
         raise click.ClickException(f"the chain did not start: {exc}\n{chain.logs()}") from exc
@@ -175,7 +181,9 @@ def demo(workdir: Path | None, timeout: float, serve: bool) -> None:
         _follow(chain, database_url, studies, timeout)
         ok = _print_results(chain, database_url, studies, with_orthanc)
         if serve:
+            admin_key = chain.create_user(f"admin-{chain.user.split('-', 1)[1]}", "admin")
             click.echo(f"\nRadiologist page: {chain.api_url}/   (API key: {chain.api_key})")
+            click.echo(f"Operations page: {chain.api_url}/   (admin API key: {admin_key}; 'Operations' in the header)")
         else:
             click.echo("\nRadiologist page: run `radialog demo --serve` to keep the chain up and open it.")
         click.echo(f"Logs: {chain.workdir}")
@@ -208,7 +216,9 @@ def _follow(chain: Chain, database_url: str, studies: list[DemoStudy], timeout: 
             if seen.get(study.study_uid) != state:
                 seen[study.study_uid] = state
                 suffix = f": {reason}" if reason and state in {"SKIPPED", "FAILED"} else ""
-                click.echo(f"  [{time.strftime('%H:%M:%S')}] {study.label:<18} {state}{suffix}")
+                done = sum(seen.get(s.study_uid) in terminal for s in studies)
+                click.echo(f"  [{time.strftime('%H:%M:%S')}] {study.label:<18} {state}{suffix}"
+                           f"   ({done}/{len(studies)} finished)")
         if all(seen.get(s.study_uid) in terminal for s in studies):
             return
         time.sleep(0.5)

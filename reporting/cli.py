@@ -30,6 +30,7 @@ def export() -> None:
 @click.option("--limit", default=50, show_default=True)
 def list_exports(state: str | None, limit: int) -> None:
     """Show outbox rows, newest first."""
+    from radialog.console import echo_table
     from radialog.registry import Export, Report
 
     registry, _ = _context()
@@ -37,17 +38,14 @@ def list_exports(state: str | None, limit: int) -> None:
         query = select(Export, Report).join(Report, Export.report_id == Report.id).order_by(Export.id.desc())
         if state:
             query = query.where(Export.state == state)
-        rows = session.execute(query.limit(limit)).all()
-        click.echo(f"{'id':>6} {'study':>6} {'ver':>3} {'destination':<16} {'state':<8} {'tries':>5}  next / sent / reason")
-        for export_row, report in rows:
+        rows = []
+        for export_row, report in session.execute(query.limit(limit)).all():
             when = export_row.sent_at or export_row.next_attempt_at
-            tail = f"{when.isoformat(timespec='seconds') if when else '-'}"
-            if export_row.last_error:
-                tail += f"  {export_row.last_error}"
-            click.echo(
-                f"{export_row.id:>6} {report.study_id:>6} {report.version:>3} {export_row.destination:<16} "
-                f"{export_row.state:<8} {export_row.attempts:>5}  {tail}"
-            )
+            rows.append((export_row.id, report.study_id, report.version, export_row.destination, export_row.state,
+                         export_row.attempts, when.isoformat(timespec="seconds") if when else None,
+                         export_row.last_error))
+    echo_table(["id", "study", "version", "destination", "state", "tries", "next / sent", "last error"], rows,
+               right={0, 1, 2, 5}, empty="no exports")
 
 
 @export.command("retry")
@@ -67,8 +65,11 @@ def send_due() -> None:
     """Deliver every row that is due now, one after the other, and print the outcomes."""
     from reporting.export import deliver_due
 
+    from radialog.console import step
+
     registry, settings = _context()
-    outcomes = deliver_due(registry, settings)
+    with step("delivering what is due"):
+        outcomes = deliver_due(registry, settings)
     for export_id, outcome in outcomes.items():
         click.echo(f"export {export_id}: {outcome}")
     click.echo(f"{len(outcomes)} due, {sum(o == 'SENT' for o in outcomes.values())} sent")

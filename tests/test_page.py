@@ -95,6 +95,7 @@ def test_open_ask_stream_approve_in_chromium(served) -> None:  # type: ignore[no
         page.fill("#chat-input", "Is the heart enlarged?")  # typed, ready to send, in the screenshot
         page.screenshot(path=str(ARTIFACTS / "page.png"), full_page=True)
 
+        give_verdicts(page)
         page.click("#approve")
         expect(page.locator("#report-banner")).to_have_text("Verified by rad — version 2")
         expect(page.locator("#versions li")).to_have_count(2)
@@ -142,6 +143,16 @@ def signed_in(base: str, key: str) -> Iterator[Any]:
             assert errors == [], errors
         finally:
             browser.close()
+
+
+def give_verdicts(page: Any) -> None:
+    """What a radiologist does before signing (issue 20): a verdict on each AI finding of the checklist,
+    here "agree" on every one the text did not settle."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("#checklist-note")).not_to_be_empty()
+    if page.locator("#checklist-rest").is_visible():
+        page.click("#checklist-rest")
 
 
 def wait_image(page: Any, study_id: int) -> None:
@@ -192,6 +203,7 @@ def test_a_late_answer_for_the_previous_study_never_lands_beside_the_next(
         assert "Patient1" not in text and "STUDY-A" not in text, text
         expect(page.locator("#findings-text")).to_have_text("STUDY-B text: clear lungs.")
         wait_image(page, b)
+        give_verdicts(page)
         expect(page.locator("#approve")).to_have_text("Approve and sign version 1")
         page.click("#approve")
         expect(page.locator("#report-banner")).to_have_text("Verified by rad — version 2")
@@ -233,6 +245,7 @@ def test_an_older_version_on_screen_cannot_be_signed_as_the_current_one(
                                     data={"base_version": 2, "findings_text": "V1 draft: small left effusion."})
         assert refused.status == 409 and refused.json()["type"].endswith("/text-mismatch")
         page.locator('#versions li[data-version="2"]').click(position={"x": 8, "y": 6})
+        give_verdicts(page)
         expect(page.locator("#approve")).to_have_text("Approve and sign version 2")
         page.click("#approve")
         expect(page.locator("#report-banner")).to_have_text("Verified by rad — version 3")
@@ -349,6 +362,7 @@ def test_hostile_report_text_is_shown_as_text_and_signed_as_shown(
             assert page.evaluate("typeof window.__pwned") == "undefined"
             if name == "html":
                 page.screenshot(path=str(ARTIFACTS / "page-hostile.png"), full_page=True)
+                give_verdicts(page)
                 page.click("#approve")
                 expect(page.locator("#report-banner")).to_have_text("Verified by rad — version 2")
     with sqlite_registry.session() as s:

@@ -57,6 +57,7 @@ function signOut(message) {
   clearStudy();
   $("study").hidden = true;
   state.me = null;
+  opsEnable(false);
   $("app").hidden = true;
   $("login").hidden = false;
   $("who").replaceChildren();
@@ -83,6 +84,7 @@ async function start() {
   out.addEventListener("click", () => signOut());
   // who is signed in, by name and role: nobody works under a colleague's key unawares
   $("who").replaceChildren(el("span", { id: "who-name" }, `${state.me.name} · ${state.me.role}`), out);
+  opsEnable(state.me.role === "admin");  // the operations page (ops.js) is for admins
 }
 
 // -- worklist ----------------------------------------------------------------------------------------
@@ -152,6 +154,7 @@ function clearStudy() {
   $("rerun").hidden = true;
   $("report-error").textContent = "";
   $("chat-error").textContent = "";
+  checklistClear();
   updateApprove();
   viewerClear();
 }
@@ -222,6 +225,7 @@ function showVersion(report) {
   $("classifier").replaceChildren(...findings.map((f) => el("li", { className: f.present ? "present" : "absent" },
     `${f.label}: ${f.present ? "present" : "absent"} (${Number(f.probability).toFixed(2)})`)));
   for (const li of $("versions").children) li.classList.toggle("shown", Number(li.dataset.version) === report.version);
+  if (checklist.version !== null) $("checklist-box").hidden = report.version !== checklist.version;
   updateApprove();
 }
 
@@ -272,6 +276,7 @@ async function loadReport(token, signal) {
   $("edit-impression").value = state.report.impression_text || "";
   $("edit-box").hidden = !isRadiologist();
   showVersion(state.report);
+  checklistLoad(token, signal, state.report);  // the AI findings to judge before signing this version
 }
 
 // -- versions and approval ---------------------------------------------------------------------------
@@ -287,8 +292,9 @@ function updateApprove() {
     note = `Version ${shown.version} is not the current version: show version ${current.version} to approve it.`;
   } else if (current.verified) note = "";
   else if (editDirty()) note = "The edit box holds unsaved changes: save them as a new version, then approve that version.";
+  else if (!checklistReady(current.version)) note = "Give your verdict on each AI finding (checklist above) to sign.";
   const signable = Boolean(shown && current) && shown.version === current.version && !current.verified &&
-    isRadiologist() && !editDirty() && !state.writing;
+    isRadiologist() && !editDirty() && !state.writing && checklistReady(current.version);
   $("approve").disabled = !signable;
   $("approve").textContent = signable ? `Approve and sign version ${current.version}` : "Approve and sign";
   $("approve-note").textContent = note;
@@ -333,8 +339,9 @@ $("approve").addEventListener("click", () => {
   // Exactly the version on screen, with its text as displayed; the server checks both (409 otherwise).
   const shown = state.shown;
   if ($("approve").disabled || !shown || !state.report || shown.version !== state.report.version) return;
+  if (!checklistReady(shown.version)) return;  // the verdicts belong to the version signed
   newVersion({ base_version: shown.version, findings_text: shown.findings_text,
-    impression_text: shown.impression_text || "" }, "/report/approve");
+    impression_text: shown.impression_text || "", checklist: checklistBody() }, "/report/approve");
 });
 $("rerun").addEventListener("click", async () => {
   const token = state.selection, id = state.studyId;

@@ -50,13 +50,16 @@ def check_command(model_dir: Path | None, base_dir: Path | None, device: str | N
     model_dir = model_dir or settings.model_dir
     base_dir = base_dir or settings.base_model_dir
     device = device or settings.device
+    from radialog.console import step, table
+
     try:
         files = locate(model_dir, base_dir)
         click.echo("files:")
-        for path in files.all_files():
-            click.echo(f"  {path}  {path.stat().st_size / 1e6:,.1f} MB")
+        sizes = [(f"  {path}", f"{path.stat().st_size / 1e6:,.1f} MB") for path in files.all_files()]
+        click.echo(table(["  file", "size"], sizes, right={1}))
         started = time.perf_counter()
-        loaded = load_radialog(model_dir, base_dir, device)
+        with step(f"loading as a worker does (device {device})"):
+            loaded = load_radialog(model_dir, base_dir, device)
     except ModelFileError as error:
         click.echo(f"MODEL CHECK FAILED: {error}", err=True)
         sys.exit(1)
