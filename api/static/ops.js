@@ -135,9 +135,9 @@ function latencyChart(latency) {
   return chart;
 }
 
-function barsChart(rows, label, emptyText) {
+function barsChart(rows, label, emptyText, W = 620) {
   // rows: [{name, value, cls, attrs}]
-  const W = 620, row = 22;
+  const row = 22;
   const chart = canvas(W, Math.max(1, rows.length) * row + 8, label);
   if (!rows.length) { chart.append(svg("text", { x: 0, y: 16, class: "empty" }, emptyText)); return chart; }
   const max = Math.max(1, ...rows.map((r) => r.value));
@@ -176,7 +176,7 @@ function workersChart(workers) {
     for (const [kind, slots] of kinds) rows.push({ name: `${w.name} · ${kind}`, value: slots, text: `${slots} ${kind} slots · ${model}`,
       cls: "slots", attrs: { "data-worker": w.name, "data-kind": kind } });
   }
-  const chart = barsChart(rows, "Workers ready and their engines' slots", "");
+  const chart = barsChart(rows, "Workers ready and their engines' slots", "", 840);
   if (!workers.ready.length) chart.append(svg("text", { x: 0, y: 16, class: "empty bad", "data-workers": 0 }, "No worker ready"));
   else chart.dataset.workers = workers.ready.length;
   return chart;
