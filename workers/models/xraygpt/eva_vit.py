@@ -77,61 +77,66 @@ _TOP = {
 }
 
 
-def from_published(state: Mapping[str, torch.Tensor], depth: int) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
-    """``eva_vit_g.pth`` keys -> ``EvaViT.tower`` keys. Returns (renamed, ignored by name, unknown).
+def published_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Names and shapes the ``eva_vit_g.pth`` layout has for ``EvaViT.tower``'s state dict."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key, value in state.items():
+        if key.endswith("self_attn.qkv.bias"):
+            index = key.split(".")[2]
+            third = (value.shape[0] // 3,)
+            shapes[f"blocks.{index}.attn.q_bias"] = shapes[f"blocks.{index}.attn.v_bias"] = third
+        else:
+            shapes[_published_name(key)] = tuple(value.shape)
+    return shapes
 
-    Ignored: blocks at index ``depth`` and beyond (EVA-CLIP-g has 40; the reference builds 39 and loads the
-    file with strict=False, so a 40th block in the file is unused). Unknown keys are the caller's to refuse.
-    A block whose q_bias or v_bias is absent gets no fused bias, so the mismatch shows as a missing key.
-    """
+
+def _published_name(key: str) -> str:
+    top = {ours: theirs for theirs, ours in _TOP.items()}
+    if key in top:
+        return top[key]
+    match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key)
+    parts = {ours: theirs for theirs, ours in _BLOCK_PARTS.items()}
+    if match is None or match.group(2) not in parts:
+        raise ValueError(f"not an EVA ViT key: {key}")
+    return f"blocks.{match.group(1)}.{parts[match.group(2)]}"
+
+
+def from_published(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``eva_vit_g.pth`` tensors (already checked against :func:`published_shapes`) -> ``EvaViT.tower`` keys;
+    each block's q_bias and v_bias become the fused qkv bias cat(q_bias, 0, v_bias)."""
     renamed: dict[str, torch.Tensor] = {}
-    ignored: list[str] = []
-    unknown: list[str] = []
-    biases: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         if key in _TOP:
             renamed[_TOP[key]] = value
             continue
         match = _BLOCK.fullmatch(key)
         if match is None:
-            unknown.append(key)
-            continue
-        index, part = int(match.group(1)), match.group(2)
-        if index >= depth:
-            ignored.append(key)
-        elif part in _BLOCK_PARTS:
+            raise ValueError(f"not an EVA ViT key: {key}")
+        index, part = match.group(1), match.group(2)
+        if part == "attn.q_bias":
+            v = state[f"blocks.{index}.attn.v_bias"]
+            renamed[f"encoder.layers.{index}.self_attn.qkv.bias"] = torch.cat([value, torch.zeros_like(value), v])
+        elif part != "attn.v_bias":
             renamed[f"encoder.layers.{index}.{_BLOCK_PARTS[part]}"] = value
-        elif part in ("attn.q_bias", "attn.v_bias"):
-            biases.setdefault(index, {})[part] = value
-        else:
-            unknown.append(key)
-    for index, parts in biases.items():
-        q, v = parts.get("attn.q_bias"), parts.get("attn.v_bias")
-        if q is None or v is None:
-            unknown += [f"blocks.{index}.{p}" for p in parts]  # one bias without the other: not the layout
-            continue
-        renamed[f"encoder.layers.{index}.self_attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
-    return renamed, sorted(ignored), sorted(unknown)
+    return renamed
+
+
+def block_index(key: str) -> int | None:
+    """The block a published key belongs to (None for the embeddings)."""
+    match = _BLOCK.fullmatch(key)
+    return int(match.group(1)) if match else None
 
 
 def to_published(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``EvaViT.tower`` keys -> the ``eva_vit_g.pth`` layout (for test checkpoints). The k bias must be zero."""
-    top = {ours: theirs for theirs, ours in _TOP.items()}
-    parts = {ours: theirs for theirs, ours in _BLOCK_PARTS.items()}
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        if key in top:
-            out[top[key]] = value
-            continue
-        match = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key)
-        if match is None:
-            raise ValueError(f"not an EVA ViT key: {key}")
-        index, part = match.group(1), match.group(2)
-        if part == "self_attn.qkv.bias":
+        if key.endswith("self_attn.qkv.bias"):
+            index = key.split(".")[2]
             q, k, v = value.chunk(3)
             if torch.any(k != 0):
                 raise ValueError(f"{key}: EVA has no k bias; its middle third must be zero")
             out[f"blocks.{index}.attn.q_bias"], out[f"blocks.{index}.attn.v_bias"] = q.clone(), v.clone()
         else:
-            out[f"blocks.{index}.{parts[part]}"] = value
+            out[_published_name(key)] = value
     return out

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 
 from workers.models.common.llama import load_llama, load_tokenizer
-from workers.models.common.qformer import QFormerSize, from_lavis
+from workers.models.common.layout import check_layout
+from workers.models.common.qformer import LAVIS_UNUSED, QFormerSize, from_lavis, to_lavis
 from workers.models.radialog_v2.checkpoint_io import ModelFileError, torch_load_checked
 from workers.models.radialog_v2.loader import resolve_device
-from workers.models.radialog_v2.state_dicts import StateDictMismatch, check_state_dict
+from workers.models.radialog_v2.state_dicts import StateDictMismatch
 from workers.models.xraygpt import eva_vit
 from workers.models.xraygpt.eva_vit import EvaSize
 from workers.models.xraygpt.files import XrayGPTFiles, locate, sha256
@@ -100,67 +101,43 @@ def model_dict(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
 
 
 def load_eva(model: XrayGPT, path: Path) -> list[str]:
-    """``eva_vit_g.pth`` (raw dict) -> the vision tower, every tensor checked."""
+    """``eva_vit_g.pth`` (raw dict) -> the vision tower, every tensor checked in the file's names."""
     state = torch_load_checked(path)
     if not isinstance(state, dict):
         raise ModelFileError(f"{path.name} is not a state dict")
-    renamed, ignored, unknown = eva_vit.from_published(state, model.visual_encoder.size.depth)
+    depth = model.visual_encoder.size.depth
     tower = model.visual_encoder.tower
-    try:
-        check_state_dict(tower, renamed, source=path.name)
-    except StateDictMismatch as error:
-        raise StateDictMismatch(path.name, _published_eva_names(error.missing), error.unexpected + unknown,
-                                error.mismatched) from None
-    if unknown:
-        raise StateDictMismatch(path.name, [], unknown, [])
-    tower.load_state_dict(renamed)
-    return [f"{path.name}: ignored {len(ignored)} tensors of blocks beyond {model.visual_encoder.size.depth} "
-            "(the reference builds 39 of EVA-CLIP-g's 40)"] if ignored else []
-
-
-def _published_eva_names(ours: list[str]) -> list[str]:
-    """Missing keys named as the file would hold them (so the message points at the file's layout)."""
-    names = []
-    for key in ours:
-        try:
-            names += list(eva_vit.to_published({key: torch.zeros(3)}))
-        except (ValueError, KeyError):
-            names.append(key)
-    return names
+    beyond = lambda key: (eva_vit.block_index(key) or 0) >= depth  # noqa: E731
+    ignored = check_layout(path.name, eva_vit.published_shapes(tower.state_dict()), state, ignored=beyond)
+    tower.load_state_dict(eva_vit.from_published({k: v for k, v in state.items() if k not in ignored}))
+    return [f"{path.name}: ignored {len(ignored)} tensors of blocks beyond {depth} "
+            "(the reference builds 39 of EVA-CLIP-g's 40 blocks)"] if ignored else []
 
 
 def load_bridge(model: XrayGPT, path: Path) -> list[str]:
     """``blip2_pretrained_flant5xxl.pth["model"]`` -> query_tokens, ln_vision and the Q-Former."""
     state, notes = model_dict(path)
-    bridge, rest, unused = from_lavis(state)
-    try:
-        check_state_dict(model.bridge, bridge, source=path.name)
-    except StateDictMismatch as error:
-        raise StateDictMismatch(path.name, error.missing, error.unexpected + sorted(rest), error.mismatched) from None
-    if rest:
-        raise StateDictMismatch(path.name, [], sorted(rest), [])
+    expected = {k: tuple(v.shape) for k, v in to_lavis(model.bridge.state_dict()).items()}
+    unused = lambda key: any(p.fullmatch(key) for p in LAVIS_UNUSED)  # noqa: E731
+    ignored = check_layout(path.name, expected, state, ignored=unused)
+    bridge, _rest, _unused = from_lavis({k: v for k, v in state.items() if k not in ignored})
     model.bridge.load_state_dict(bridge)
-    if unused:
-        notes.append(f"{path.name}: ignored {len(unused)} tensors the query path does not use "
-                     "(text embeddings and FFNs, LM head, vision/text projections, ITM head, temp)")
+    if ignored:
+        notes.append(f"{path.name}: ignored {len(ignored)} tensors the query path does not use "
+                     "(text embeddings and FFNs, LM head, vision/text projections, ITM head, temp, position_ids)")
     return notes
 
 
 def load_projection(model: XrayGPT, path: Path) -> list[str]:
-    """The XrayGPT checkpoint: ``llama_proj`` (the trained part); known buffers ignored by name."""
+    """The XrayGPT checkpoint: ``llama_proj`` (the trained part); known buffers ignored by name. Anything
+    else (MedCLIP/Swin or Q-Former weights) would mean that code and weights do not match: refused."""
     state, notes = model_dict(path)
-    buffers = [k for k in state if any(p.fullmatch(k) for p in CHECKPOINT_BUFFERS)]
-    proj = {k.removeprefix("llama_proj."): v for k, v in state.items() if k.startswith("llama_proj.")}
-    others = sorted(k for k in state if k not in buffers and not k.startswith("llama_proj."))
-    try:
-        check_state_dict(model.llama_proj, proj, source=path.name, key_prefix="llama_proj.")
-    except StateDictMismatch as error:
-        raise StateDictMismatch(path.name, error.missing, error.unexpected + others, error.mismatched) from None
-    if others:  # e.g. MedCLIP/Swin or Q-Former weights: the code and the weights would not match
-        raise StateDictMismatch(path.name, [], others, [])
-    model.llama_proj.load_state_dict(proj)
-    if buffers:
-        notes.append(f"{path.name}: ignored {len(buffers)} buffers (position_ids, rotary inv_freq)")
+    expected = {f"llama_proj.{k}": tuple(v.shape) for k, v in model.llama_proj.state_dict().items()}
+    buffer = lambda key: any(p.fullmatch(key) for p in CHECKPOINT_BUFFERS)  # noqa: E731
+    ignored = check_layout(path.name, expected, state, ignored=buffer)
+    model.llama_proj.load_state_dict({k.removeprefix("llama_proj."): state[k] for k in expected})
+    if ignored:
+        notes.append(f"{path.name}: ignored {len(ignored)} buffers (position_ids, rotary inv_freq)")
     return notes
 
 
