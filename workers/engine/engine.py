@@ -12,7 +12,7 @@ While a dialog turn streams, only ``reports_beside_dialog`` report rows decode b
 prefill runs, so the turn's tokens come at close to the single-stream pace.
 
 Greedy decoding, per sequence (a dialog turn may ask for sampling instead: its own seeded generator, so
-its draws do not depend on its batch companions): EOS is suppressed until ``min_new_tokens``; a sequence
+its draws do not depend on its batch companions): no ending (EOS, stop sequence) before ``min_new_tokens``; a sequence
 ends at EOS (not returned), after one of the model's stop sequences (kept), at its ``max_new_tokens`` or
 when its slot is full. Results are those of the same prompt run alone (:mod:`workers.engine.decoder`); the
 vision towers process each image by itself, so nothing about a study depends on the others in its batch.
@@ -427,7 +427,7 @@ class Engine:
                 except Exception as exc:  # the caller's callback failed: that request alone ends
                     finished.append((seq, "error", exc))
                     continue
-            if self.stops and _ends_with_stop(seq.tokens, self.stops):
+            if self.stops and len(seq.tokens) >= seq.request.min_new_tokens and _ends_with_stop(seq.tokens, self.stops):
                 finished.append((seq, "stop", None))
             elif len(seq.tokens) >= seq.request.max_new_tokens or seq.length >= seq.pool.max_len:
                 finished.append((seq, "length", None))

@@ -61,24 +61,26 @@ def stop_sequences(tokenizer: Any) -> tuple[tuple[int, ...], ...]:
 
 
 class _StopOnSequences(StoppingCriteria):
-    """Per row: done once its new tokens end with a stop sequence (the reference checks row 0 only)."""
+    """Per row: done once its new tokens end with a stop sequence (the reference checks row 0 only), never
+    before ``min_new_tokens`` (benchmarks force lengths; min_new_tokens holds back EOS likewise)."""
 
-    def __init__(self, stops: Sequence[Sequence[int]]) -> None:
-        self.stops = stops
+    def __init__(self, stops: Sequence[Sequence[int]], min_new_tokens: int = 0) -> None:
+        self.stops, self.min_new_tokens = stops, min_new_tokens
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        done = [ends_with_any(row, self.stops) for row in input_ids.tolist()]
+        done = [len(row) >= self.min_new_tokens and ends_with_any(row, self.stops) for row in input_ids.tolist()]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
-def trim(tokens: Sequence[int], eos: int, stops: Sequence[Sequence[int]]) -> list[int]:
-    """New tokens up to (excluding) EOS or up to (including) the first stop sequence, whichever is first."""
+def trim(tokens: Sequence[int], eos: int, stops: Sequence[Sequence[int]], min_new_tokens: int = 0) -> list[int]:
+    """New tokens up to (excluding) EOS or up to (including) the first stop sequence, whichever is first
+    (a stop sequence ending before ``min_new_tokens`` does not count)."""
     out: list[int] = []
     for token in tokens:
         if token == eos:
             break
         out.append(token)
-        if ends_with_any(out, stops):
+        if len(out) >= min_new_tokens and ends_with_any(out, stops):
             break
     return out
 
@@ -225,9 +227,9 @@ class XrayGPTBackend(ModelBackend):
         out = self.model.llama_model.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=1,
             eos_token_id=self.eos_id, pad_token_id=self.eos_id, stopping_criteria=StoppingCriteriaList(
-                [_StopOnSequences(self.stops)]), streamer=streamer, use_cache=True, **options,
+                [_StopOnSequences(self.stops, min_new_tokens or 0)]), streamer=streamer, use_cache=True, **options,
         )
-        return [trim(row, self.eos_id, self.stops) for row in out.tolist()]
+        return [trim(row, self.eos_id, self.stops, min_new_tokens or 0) for row in out.tolist()]
 
     def report(self, studies: Sequence[StudyInput], *, max_new_tokens: int | None = None,
                min_new_tokens: int | None = None) -> list[ReportOutput]:
