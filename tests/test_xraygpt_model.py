@@ -246,3 +246,25 @@ def test_preprocessing_is_224_bicubic_with_clip_mean_and_std() -> None:
     assert np.abs(bilinear - rgb[..., 0]).max() > 0.05
     with pytest.raises(ValueError, match="2-D uint8"):
         to_tensor(np.zeros((4, 4, 3), dtype=np.uint8))
+
+
+def test_model_and_bench_modules_import_without_celery_dicom_or_web_packages() -> None:
+    """The GPU machine has only torch, transformers, peft, numpy and pillow: bench/gpu.py --backend xraygpt
+    must import there (a module-level Celery/DICOM/web import in workers.models or workers.engine breaks it)."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"celery", "kombu", "redis", "pydicom", "highdicom", "pynetdicom", "fastapi",
+                                  "starlette", "sqlalchemy", "pydantic_settings"}:
+            raise ImportError("not on the GPU machine: " + name)
+sys.meta_path.insert(0, Block())
+import bench.gpu, bench.gpu_xraygpt, bench.model_size, workers.engine.backend
+import workers.models.xraygpt.backend, workers.models.xraygpt.serving, workers.models.xraygpt.tiny
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1], check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
