@@ -78,8 +78,12 @@ def test_ids_and_splice_follow_get_context_emb(backend: XrayGPTBackend, tiny: Ti
     assert torch.equal(row[:cut], embeds(torch.tensor(before)))
     assert torch.equal(row[cut:cut + 32], image_rows)
     assert torch.equal(row[cut + 32:], embeds(torch.tensor(after)))
-    with pytest.raises(ValueError, match="exactly once"):
+    with pytest.raises(ValueError, match="must hold <ImageHere>"):
         backend.prompt_segments(SYSTEM + "###Patient: no image###Doctor:")
+    # a user's "<ImageHere>" (a question, an edited report) stays text: the image goes at the first one
+    typed = prompts.conversation_prompt([Turn(prompts.REPORT_QUESTION, "See <ImageHere> here.")], "And <ImageHere>?")
+    before_typed, after_typed = backend.prompt_segments(typed)
+    assert before_typed == before and after_typed == sp.encode(typed.split("<ImageHere>", 1)[1])
 
 
 def test_stop_ids_are_the_references_for_the_real_vocabulary() -> None:

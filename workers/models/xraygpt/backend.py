@@ -153,12 +153,17 @@ class XrayGPTBackend(ModelBackend):
 
     # -- text ------------------------------------------------------------------------------------
     def prompt_segments(self, prompt: str) -> tuple[list[int], list[int]]:
-        """(ids before <ImageHere> with <s>, ids after it without special tokens)."""
-        parts = prompt.split(prompts.IMAGE_PLACEHOLDER)
-        if len(parts) != 2:
-            raise ValueError(f"a prompt must hold {prompts.IMAGE_PLACEHOLDER} exactly once (found {len(parts) - 1})")
-        before = self.tokenizer(parts[0], add_special_tokens=True).input_ids
-        after = self.tokenizer(parts[1], add_special_tokens=False).input_ids
+        """(ids before <ImageHere> with <s>, ids after it without special tokens).
+
+        The image goes where the first <ImageHere> is: the image message opens the first Patient turn and
+        the system text holds none. The reference splits at every one and fails when a user's text (a
+        question, an edited report) contains the string; here such text stays text.
+        """
+        before_text, placeholder, after_text = prompt.partition(prompts.IMAGE_PLACEHOLDER)
+        if not placeholder:
+            raise ValueError(f"a prompt must hold {prompts.IMAGE_PLACEHOLDER} (the image message opens the first turn)")
+        before = self.tokenizer(before_text, add_special_tokens=True).input_ids
+        after = self.tokenizer(after_text, add_special_tokens=False).input_ids
         return list(before), list(after)
 
     def count_tokens(self, prompt: str) -> int:

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from workers.engine.model import EngineModel, ReportRows
-from workers.models.xraygpt import prompts
 from workers.models.xraygpt.preprocess import to_tensor
 
 if TYPE_CHECKING:
@@ -53,9 +52,7 @@ class XrayGPTServed(EngineModel):
         return ReportRows(rows, [None] * len(rows), [None] * len(rows), {"vision": time.perf_counter() - started})
 
     def prepare_dialog(self, prompt: str, image: np.ndarray) -> tuple[Any, int]:
-        if prompt.count(prompts.IMAGE_PLACEHOLDER) != 1:
-            raise ValueError(f"a prompt must hold {prompts.IMAGE_PLACEHOLDER} exactly once")
-        return _Input(prompt, to_tensor(image)), self.backend.count_tokens(prompt)
+        return _Input(prompt, to_tensor(image)), self.backend.count_tokens(prompt)  # count_tokens checks it
 
     def embed_dialogs(self, inputs: list[Any]) -> list[torch.Tensor]:
         return self.backend.embed([i.prompt for i in inputs], torch.stack([i.pixels for i in inputs]))
