@@ -40,6 +40,7 @@ from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu import A_ASSOCIATE_RQ as A_ASSOCIATE_RQ_PDU
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node import policy
@@ -70,6 +71,11 @@ class PDUTooLong(PeerRefused):
 
 class NotAnAssociationRequest(PeerRefused):
     """The first PDU of a connection was not an A-ASSOCIATE-RQ."""
+
+
+class MalformedAssociationRequest(PeerRefused):
+    """The A-ASSOCIATE-RQ cannot be decoded (pynetdicom would abort it, then hold an association
+    thread, counted against ``maximum_associations``, for the whole ACSE timeout)."""
 
 
 class PeerClosed(PeerRefused):
@@ -154,7 +160,13 @@ def read_first_pdu(sock: socket.socket, deadline: float, evicted: threading.Even
     body = read_exact(sock, length, deadline, evicted=evicted)
     if len(body) < length:
         raise PeerClosed("closed before an A-ASSOCIATE-RQ")
-    return bytes(header + body)
+    first = bytes(header + body)
+    try:
+        A_ASSOCIATE_RQ_PDU().decode(first)
+    except Exception:  # noqa: BLE001 - any decoding failure: pynetdicom would abort and linger acse_timeout
+        send_abort(sock)
+        raise MalformedAssociationRequest("A-ASSOCIATE-RQ cannot be decoded") from None
+    return first
 
 
 def tls_handshake(context: ssl.SSLContext, sock: socket.socket, deadline: float) -> ssl.SSLSocket:
@@ -244,6 +256,10 @@ class NodeAssociationServer(ThreadedAssociationServer):
     NodeRequestHandler, limits=..., networks=..., tls=...)``; pynetdicom's own ``ssl_context`` stays
     None because the handshake happens in the connection's thread (it used to block the accept loop).
     """
+
+    #: listen() backlog: socketserver's default of 5 drops SYNs during a burst of connections, and a
+    #: dropped SYN is retried after 1, 3, 7 ... s: a modality would wait out the attacker's burst.
+    request_queue_size = 128
 
     def __init__(self, *args: Any, limits: Limits, networks: list[policy.Network],
                  tls: ssl.SSLContext | None = None, **kwargs: Any) -> None:

@@ -83,7 +83,7 @@ class Settings(BaseSettings):
         "longer one is aborted before anything is read.",
     )
     max_instance_bytes: int = Field(
-        256 * 1024**2, ge=1024, description="Largest dataset one C-STORE may carry; beyond it the data are dropped as "
+        128 * 1024**2, ge=1024, description="Largest dataset one C-STORE may carry; beyond it the data are dropped as "
         "they arrive and the answer is 0xA700 (out of resources).",
     )
     tls: TLSSettings | None = None
