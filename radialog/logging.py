@@ -11,7 +11,8 @@ record safe where it is created, whatever handler writes it:
 * pydicom and highdicom messages are withheld entirely (they quote header values, e.g. pydicom's
   "Invalid value for VR UI: '<240 bytes of the header>'");
 * Python warnings are logged as category and location only (highdicom warns with the patient name,
-  pydicom with the value it rejects), instead of going to stderr;
+  pydicom with the value it rejects), instead of going to stderr, also when a library routes them
+  through ``logging.captureWarnings`` (Celery's worker does);
 * uncaught exceptions in threads and the main thread are logged the same way (the default hooks print
   the message to stderr);
 * extra keys that name patient data are dropped (``PHIFilter``).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -40,6 +42,9 @@ PHI_KEYS = frozenset(
 #: Loggers whose message text is withheld: their messages quote DICOM values.
 WITHHELD_LOGGERS = ("pydicom", "highdicom")
 WITHHELD = "message withheld: this library's messages can quote DICOM header values"
+WARNING_WITHHELD = "warning (text withheld)"
+#: The head of a warning as ``warnings.formatwarning`` writes it: "<file>:<line>: <Category>: <text>".
+_WARNING_PREFIX = re.compile(r"(?P<where>\S.*?:\d+): (?P<category>\w+): ")
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 _EXC_TEXTS = "_radialog_exc_texts"
 
@@ -124,6 +129,12 @@ def scrub(record: logging.LogRecord) -> logging.LogRecord:
     if record.name.split(".", 1)[0] in WITHHELD_LOGGERS:
         record.msg, record.args = WITHHELD, None
         return record
+    if record.name == "py.warnings" and record.msg != WARNING_WITHHELD:  # logging.captureWarnings (Celery)
+        where = _WARNING_PREFIX.match(str(record.msg if not record.args else record.args[0]))
+        record.msg, record.args = WARNING_WITHHELD, None
+        if where:
+            record.where, record.category = where.group("where"), where.group("category")
+        return record
     record.msg = _redact(record.msg, texts)
     if record.args:
         record.args = _redact(record.args, texts)
@@ -178,7 +189,7 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
                   file: Any = None, line: str | None = None) -> None:
     """``warnings.showwarning``: category and location only (warning texts quote values)."""
     logging.getLogger("py.warnings").warning(
-        "warning (text withheld)", extra={"category": category.__name__, "where": f"{filename}:{lineno}"})
+        WARNING_WITHHELD, extra={"category": category.__name__, "where": f"{filename}:{lineno}"})
 
 
 def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
