@@ -258,9 +258,11 @@ def test_nul_and_control_characters_in_header_text(settings: Settings, registry:
 def test_values_the_database_refuses_leave_no_file(settings: Settings) -> None:
     """A DataError (here: a column narrowed below the value) is 0xC000, not 0xA700 forever, and the
     renamed spool file is removed again so spool and registry agree."""
+    from contextlib import contextmanager
+
     from tests.conftest import _pg_schema_registry
 
-    for registry in _pg_schema_registry():
+    with contextmanager(_pg_schema_registry)() as registry:
         with registry.engine.begin() as conn:
             conn.exec_driver_sql("ALTER TABLE studies ALTER COLUMN patient_id TYPE varchar(2)")
         with running_node(settings, registry) as node:

@@ -122,16 +122,17 @@ def test_model_error_registry_error_and_celery_failure_lines(logged: io.StringIO
         except ValueError as orig:
             raise IntegrityError("INSERT INTO studies ...", {"patient_name": NAME}, orig) from orig
     except IntegrityError:
-        logging.getLogger("sqlalchemy.pool").error("Exception during reset or similar", exc_info=True)
+        logging.getLogger("sqlalchemy.pool").error("Exception during reset or similar", exc_info=True)  # noqa: G201
         logging.getLogger("dicom_node.store").exception("store failed")
     try:
         raise ValueError(f"cannot build SR for {NAME}")
     except ValueError as exc:
         context = {"id": "abc", "name": "radialog.report", "exc": repr(exc), "traceback": traceback.format_exc(),
                    "description": "raised unexpected"}
-        logging.getLogger("celery.app.trace").error("Task %(name)s[%(id)s] %(description)s: %(exc)s", context,
-                                                    exc_info=True, extra={"data": context})
-        logging.getLogger("pynetdicom.events").exception(exc)  # pynetdicom: LOGGER.exception(exc)
+        celery = logging.getLogger("celery.app.trace")  # as celery.app.trace._log_error does
+        celery.error("Task %(name)s[%(id)s] %(description)s: %(exc)s", context, exc_info=True,
+                     extra={"data": context})
+        logging.getLogger("pynetdicom.events").exception(exc)  # noqa: TRY401 - as pynetdicom does
     assert "RuntimeError (message withheld)" in logged.getvalue()
 
 
@@ -155,6 +156,8 @@ def test_no_marker_in_the_logs_of_node_and_worker(tmp_path: Path, settings: Sett
     patient goes through: a corrupted header (the node refuses it), a registry error (a CHECK constraint
     whose message is "Failing row contains (<the row>)"), an image that cannot be decoded (the worker
     fails the study), a report whose SR names the patient, and its export refused by the PACS."""
+    from contextlib import contextmanager
+
     from pynetdicom import AE, evt
     from sqlalchemy import select
 
@@ -171,7 +174,7 @@ def test_no_marker_in_the_logs_of_node_and_worker(tmp_path: Path, settings: Sett
                                  evt_handlers=[(evt.EVT_C_STORE, lambda event: 0xA700)])
     settings = settings.model_copy(update={"destinations": [
         Destination(name="pacs", ae_title="TESTPACS", host="127.0.0.1", port=refusing.server_address[1])]})
-    for registry in _pg_schema_registry():
+    with contextmanager(_pg_schema_registry)() as registry:
         with registry.engine.begin() as conn:
             conn.exec_driver_sql("ALTER TABLE studies ADD CONSTRAINT refuse_marked "
                                  "CHECK (study_description IS DISTINCT FROM 'REFUSE ME')")
