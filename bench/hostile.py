@@ -18,10 +18,10 @@ Scenarios:
 * ``partial``   50 connections that send 3 bytes of an A-ASSOCIATE-RQ and stall;
 * ``slow``      8 associations that trickle a P-DATA-TF one byte every 0.5 s;
 * ``oversized`` 20 connections declaring a 300 MB A-ASSOCIATE-RQ and 8 associations declaring a
-  300 MB P-DATA-TF, each sending 32 MB of it and then stalling;
+  300 MB P-DATA-TF, each sending 16 MB of it and then stalling;
 * ``stalled``   4 associations that each send 64 MB of one C-STORE data set in 1 MB PDUs and stall
   (the node runs with ``RADIALOG_MAX_INSTANCE_BYTES`` = 32 MiB here, to show the bound);
-* ``flood``     320 connections one after another, each a different malformed opening.
+* ``flood``     ``--flood`` (320) connections one after another, each a different malformed opening.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def partial(node: Node, legit: Legit, n_legit: int) -> str:
 
 def slow(node: Node, legit: Legit, n_legit: int) -> str:
     peers = _associated(node.port, 8)
-    data = p_data(1, (0x03, b"\x00" * 400))
+    data = p_data(1, (0x03, b"\x00" * 110))
     sent: list[int] = []
     threads = [threading.Thread(target=lambda p=p: sent.append(trickle(p.sock, data, 0.5))) for p in peers]
     for thread in threads:
@@ -186,13 +186,13 @@ def oversized(node: Node, legit: Legit, n_legit: int) -> str:
     for sock in unassociated + [p.sock for p in peers]:
         try:
             sock.settimeout(5)
-            for _ in range(32):
+            for _ in range(16):
                 sock.sendall(chunk)
         except OSError:
             pass
     legit.send(node.port, n_legit)
     closed = _closed(unassociated + [p.sock for p in peers], wait=15)
-    return f"20 + {len(peers)} connections declaring 300 MB PDUs, 32 MB sent each: {closed} aborted/closed"
+    return f"20 + {len(peers)} connections declaring 300 MB PDUs, 16 MB sent each: {closed} aborted/closed"
 
 
 def stalled(node: Node, legit: Legit, n_legit: int) -> str:
@@ -211,6 +211,9 @@ def stalled(node: Node, legit: Legit, n_legit: int) -> str:
     return f"{len(peers)} C-STOREs stalled after 64 MB each (max_instance_bytes 32 MiB): {closed} closed so far"
 
 
+FLOOD = [320]
+
+
 def flood(node: Node, legit: Legit, n_legit: int) -> str:
     good = associate_rq()
     openings = [b"GET / HTTP/1.1\r\n\r\n", pdu(0x04, b"\x00" * 64), pdu(0x01, b"\x00" * 10),
@@ -220,7 +223,7 @@ def flood(node: Node, legit: Legit, n_legit: int) -> str:
     sender = threading.Thread(target=legit.send, args=(node.port, n_legit))
     sender.start()
     closed = 0
-    for index in range(320):
+    for index in range(FLOOD[0]):
         with socket.create_connection(("127.0.0.1", node.port), timeout=60) as sock:
             try:
                 sock.sendall(openings[index % len(openings)])
@@ -229,7 +232,7 @@ def flood(node: Node, legit: Legit, n_legit: int) -> str:
             closed += closed_by_peer(sock, wait=20)
     sender.join()
     time.sleep(1)
-    return (f"320 malformed openings in a row: {closed} closed by the node; node threads "
+    return (f"{FLOOD[0]} malformed openings in a row: {closed} closed by the node; node threads "
             f"{threads_before} before, {node.status('Threads')} after")
 
 
@@ -262,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--radialog", type=Path, default=Path(sys.executable).with_name("radialog"),
                         help="the radialog CLI to attack (default: this checkout's)")
     parser.add_argument("--legit", type=int, default=10, help="legitimate stores per scenario")
+    parser.add_argument("--flood", type=int, default=320, help="malformed connections in the flood scenario")
     args = parser.parse_args(argv)
+    FLOOD[0] = args.flood
     print(f"node: {args.radialog}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     for name in [s.strip() for s in args.scenarios.split(",") if s.strip()]:
         run(name, args.radialog, args.legit)
