@@ -18,7 +18,8 @@ Contract of :func:`handle_store` (bound to ``evt.EVT_C_STORE`` with a :class:`St
    commit (study upsert / re-open, instance row, ``last_instance_at``) -> Success;
 6. any registry error -> ``0xA700``. A file renamed but not committed (crash or registry error) got no
    Success; start-up recovery records it, and the sender's retry is then a duplicate;
-7. values the database refuses for good (``DataError``, or a driver's ``ValueError``) -> ``0xC000``
+7. values the database refuses for good (``DataError``, a CHECK / NOT NULL violation, or a driver's
+   ``ValueError``) -> ``0xC000``
    and the file just renamed is removed again, so no spool file is left without its registry row.
    Header text is cleaned before (``header``: NUL and control characters), so this is a last resort;
 8. a C-STORE request without SOP Instance UID (or SOP Class UID, Priority), which pynetdicom would
@@ -88,6 +89,25 @@ def db_error_kind(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None)
     code = getattr(orig, "pgcode", None) or getattr(orig, "sqlite_errorname", None)
     return ":".join(str(p) for p in (type(exc).__name__, type(orig).__name__ if orig else None, code) if p)
+
+
+def _refused_values(ctx: StoreContext, renamed: str | None, ref: str | None, exc: BaseException) -> Dataset:
+    """Not an outage: these values will never be recorded. Answer so, and leave no file behind."""
+    if renamed is not None:
+        (ctx.settings.spool_dir / renamed).unlink(missing_ok=True)
+    log.error("store refused: values cannot be recorded", extra={"sop": ref, "error": db_error_kind(exc)})
+    return _status(CANNOT_UNDERSTAND, "instance values cannot be recorded")
+
+
+def is_race(exc: IntegrityError) -> bool:
+    """A unique-key collision (another association inserted the same study or instance first), as
+    opposed to a CHECK or NOT NULL violation, which the same values will hit again."""
+    orig = exc.orig
+    code = getattr(orig, "pgcode", None)
+    if code is not None:
+        return bool(code == "23505")  # unique_violation
+    name = getattr(orig, "sqlite_errorname", None)
+    return name is None or name in ("SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY")
 
 
 def refused_for_good(exc: BaseException) -> bool:
@@ -251,18 +271,16 @@ def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: st
                     calling_ae_title=calling, now=utcnow(),
                 )
         except IntegrityError as exc:
-            # A concurrent association recorded the same study or instance first: look again.
-            log.info("registry race, retrying", extra={"sop": ref, "attempt": attempt, "error": db_error_kind(exc)})
-            continue
+            if is_race(exc):  # a concurrent association recorded the same study or instance first: look again
+                log.info("registry race, retrying", extra={"sop": ref, "attempt": attempt,
+                                                           "error": db_error_kind(exc)})
+                continue
+            return _refused_values(ctx, rel_path if renamed else None, ref, exc)
         except (SQLAlchemyError, ValueError) as exc:
             if not refused_for_good(exc):
                 log.error("store refused: registry error", extra={"sop": ref, "error": db_error_kind(exc)})
                 return OUT_OF_RESOURCES
-            # Not an outage: these values will never be recorded. Answer so, and leave no file behind.
-            if renamed:
-                (ctx.settings.spool_dir / rel_path).unlink(missing_ok=True)
-            log.error("store refused: values cannot be recorded", extra={"sop": ref, "error": db_error_kind(exc)})
-            return _status(CANNOT_UNDERSTAND, "instance values cannot be recorded")
+            return _refused_values(ctx, rel_path if renamed else None, ref, exc)
         except OSError as exc:
             log.error("store refused: cannot commit spool file", extra={"sop": ref, "error": type(exc).__name__})
             return OUT_OF_RESOURCES

@@ -256,8 +256,8 @@ def test_nul_and_control_characters_in_header_text(settings: Settings, registry:
 
 
 def test_values_the_database_refuses_leave_no_file(settings: Settings) -> None:
-    """A DataError (here: a column narrowed below the value) is 0xC000, not 0xA700 forever, and the
-    renamed spool file is removed again so spool and registry agree."""
+    """A DataError (a column narrowed below the value) or a CHECK violation is 0xC000, not 0xA700 on
+    every retry, and the renamed spool file is removed again so spool and registry agree."""
     from contextlib import contextmanager
 
     from tests.conftest import _pg_schema_registry
@@ -265,8 +265,12 @@ def test_values_the_database_refuses_leave_no_file(settings: Settings) -> None:
     with contextmanager(_pg_schema_registry)() as registry:
         with registry.engine.begin() as conn:
             conn.exec_driver_sql("ALTER TABLE studies ALTER COLUMN patient_id TYPE varchar(2)")
+            conn.exec_driver_sql("ALTER TABLE studies ADD CONSTRAINT no_refuse "
+                                 "CHECK (study_description IS DISTINCT FROM 'REFUSE ME')")
+        checked = make_cxr(rows=64, cols=64)
+        checked.PatientID, checked.StudyDescription = "A", "REFUSE ME"
         with running_node(settings, registry) as node:
-            assert store_all(node.port, [make_cxr(rows=64, cols=64)]) == [0xC000]
+            assert store_all(node.port, [make_cxr(rows=64, cols=64), checked]) == [0xC000, 0xC000]
             assert echo(node.port)
         with registry.session() as session:
             assert session.scalar(select(func.count()).select_from(Instance)) == 0

@@ -154,7 +154,7 @@ def test_no_marker_in_the_logs_of_node_and_worker(tmp_path: Path, settings: Sett
                                                    tiny_model: tuple[Path, Path]) -> None:
     """``radialog node`` and ``radialog worker`` at DEBUG, PostgreSQL registry, real Redis; the marker
     patient goes through: a corrupted header (the node refuses it), a registry error (a CHECK constraint
-    whose message is "Failing row contains (<the row>)"), an image that cannot be decoded (the worker
+    whose message is "Failing row contains (<the row>)": refused 0xC000), an image that cannot be decoded (the worker
     fails the study), a report whose SR names the patient, and its export refused by the PACS."""
     from contextlib import contextmanager
 
@@ -197,7 +197,7 @@ def test_no_marker_in_the_logs_of_node_and_worker(tmp_path: Path, settings: Sett
             undecodable = marker_patient(seed=3)
             undecodable.PixelData = undecodable.PixelData[:1000]
             reported = marker_patient(seed=4)
-            assert store_all(port, [refused, undecodable, reported]) == [0xA700, 0, 0]
+            assert store_all(port, [refused, undecodable, reported]) == [0xC000, 0, 0]
 
             def settled() -> bool:
                 with registry.session() as session:
