@@ -24,6 +24,7 @@ closed transport); they carry no peer data.
 
 from __future__ import annotations
 
+import errno
 import select
 import socket
 import ssl
@@ -273,9 +274,19 @@ class NodeAssociationServer(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        """Accept only; TLS and everything else happen in the connection's thread."""
+        """Accept only; TLS and everything else happen in the connection's thread.
+
+        Out of file descriptors (the process shares them with the API in ``radialog run``) the
+        pending connection stays in the backlog; pause briefly instead of spinning on it.
+        """
         assert self.socket is not None
-        return self.socket.accept()
+        try:
+            return self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.refusals.warning("cannot accept: out of file descriptors or memory", error=exc.errno)
+                time.sleep(0.1)
+            raise  # socketserver drops this attempt and goes on serving
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Address allow-list, then register the connection as pending (closing the oldest at the cap)."""

@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     )
     pdu_timeout: float = Field(
         30.0, gt=0, description="Seconds a PDU may take from its first to its last byte; a partial PDU closes the "
-        "connection.",
+        "connection (so a sender needs max_pdu_bytes / pdu_timeout, 35 KB/s with the defaults).",
     )
     max_pdu_bytes: int = Field(
         1024 * 1024, ge=4096, le=2**31, description="Largest PDU received (our Maximum Length); a peer declaring a "
