@@ -87,15 +87,22 @@ def safe_traceback(exc: BaseException) -> str:
     return "\n".join(parts)
 
 
-def _exception_texts(exc: BaseException | None) -> list[tuple[str, str]]:
-    """(text, replacement) for every message/representation of the chain, longest first."""
+def _exception_texts(*excs: BaseException | None) -> list[tuple[str, str]]:
+    """(text, replacement) for every message/representation of the chains, longest first."""
     texts: dict[str, str] = {}
-    for link in _chain(exc):
-        label = f"<{_type_name(link)}>"
-        for text in (repr(link), str(link), *(str(arg) for arg in link.args)):
-            if len(text) >= 4:
-                texts.setdefault(text, label)
+    for exc in excs:
+        for link in _chain(exc):
+            label = f"<{_type_name(link)}>"
+            for text in (repr(link), str(link), *(str(arg) for arg in link.args)):
+                if len(text) >= 4:
+                    texts.setdefault(text, label)
     return sorted(texts.items(), key=lambda item: -len(item[0]))
+
+
+def _exceptions_in(args: Any) -> list[BaseException]:
+    """Exceptions passed as logging arguments (``log.error("failed: %s", exc)``)."""
+    values = args.values() if isinstance(args, dict) else args if isinstance(args, tuple) else ()
+    return [value for value in values if isinstance(value, BaseException)]
 
 
 def _redact(value: Any, texts: list[tuple[str, str]], depth: int = 0) -> Any:
@@ -109,9 +116,9 @@ def _redact(value: Any, texts: list[tuple[str, str]], depth: int = 0) -> Any:
         return value
     if depth > 3:
         return value
-    if isinstance(value, dict):
+    if type(value) is dict:  # exact types only: rebuilding a subclass (a namedtuple ...) could fail
         return {key: _redact(item, texts, depth + 1) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):
         return type(value)(_redact(item, texts, depth + 1) for item in value)
     return value
 
@@ -121,7 +128,7 @@ def scrub(record: logging.LogRecord) -> logging.LogRecord:
     exc = record.exc_info[1] if record.exc_info else None
     if isinstance(record.msg, BaseException):
         exc = exc or record.msg
-    texts = _exception_texts(exc)
+    texts = _exception_texts(exc, *_exceptions_in(record.args))
     setattr(record, _EXC_TEXTS, texts)
     if exc is not None:
         record.exc_text = safe_traceback(exc)
@@ -135,15 +142,20 @@ def scrub(record: logging.LogRecord) -> logging.LogRecord:
         if where:
             record.where, record.category = where.group("where"), where.group("category")
         return record
-    record.msg = _redact(record.msg, texts)
-    if record.args:
-        record.args = _redact(record.args, texts)
+    if texts:  # the formatted line, with every exception text cut out (whatever type carried it)
+        record.msg, record.args = _redact(record.getMessage(), texts), None
     return record
 
 
 def _scrubbing_factory(base: Any) -> Any:
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        return scrub(base(*args, **kwargs))
+        record = base(*args, **kwargs)
+        try:
+            return scrub(record)
+        except Exception:  # noqa: BLE001 - a log call must never raise; keep nothing that could leak
+            record.msg, record.args, record.exc_info, record.exc_text = "message withheld (scrub failed)", None, None, None
+            setattr(record, _EXC_TEXTS, [])
+            return record
 
     factory._radialog = True  # type: ignore[attr-defined]
     return factory

@@ -116,6 +116,7 @@ def test_model_error_registry_error_and_celery_failure_lines(logged: io.StringIO
 
     model_error = RuntimeError(f"prompt for {NAME} ({PATIENT_ID}) too long")
     pipeline_log.warning("model failed on one study", extra={"job": 1}, exc_info=model_error)
+    pipeline_log.error("model failed: %s", model_error)  # an exception as an argument, without exc_info
     try:
         try:
             raise ValueError(f"Failing row contains (7, {NAME}, {PATIENT_ID}, {ACCESSION}, {BIRTH_DATE})")
