@@ -10,7 +10,7 @@ instances one association each with pynetdicom, as a modality would. It prints, 
 hostile connections and what the node did with them, the legitimate stores acknowledged (Success) and
 the instances in the registry afterwards, the slowest legitimate store, and the node's RSS before and
 at its peak (VmHWM). ``--radialog`` runs another checkout's CLI (e.g. main before a change), for a
-before/after table.
+before/after table. Exits 1 unless every legitimate store was acknowledged and stored (.ci/run runs it).
 
 Scenarios:
 
@@ -242,7 +242,7 @@ SCENARIOS: dict[str, tuple[Callable[[Node, Legit, int], str], dict[str, Any]]] =
 }
 
 
-def run(name: str, radialog: Path, n_legit: int) -> None:
+def run(name: str, radialog: Path, n_legit: int) -> bool:
     scenario, env = SCENARIOS[name]
     with tempfile.TemporaryDirectory(prefix="radialog-hostile-") as tmp, \
             node_process(radialog, Path(tmp), **env) as node:
@@ -257,6 +257,7 @@ def run(name: str, radialog: Path, n_legit: int) -> None:
         print(f"{'':9s} | legitimate: {ok}/{len(legit.statuses)} Success, {node.instances()} in the registry, "
               f"slowest {max(legit.seconds, default=0):.2f} s | RSS {rss_before / 1024:.0f} MB before, peak "
               f"{node.status('VmHWM') / 1024:.0f} MB | scenario {elapsed:.0f} s", flush=True)
+        return ok == n_legit == node.instances()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,8 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     FLOOD[0] = args.flood
     print(f"node: {args.radialog}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-    for name in [s.strip() for s in args.scenarios.split(",") if s.strip()]:
-        run(name, args.radialog, args.legit)
+    served = [run(name.strip(), args.radialog, args.legit) for name in args.scenarios.split(",") if name.strip()]
+    if not all(served):
+        print("FAILED: legitimate stores were refused or lost during an attack")
+        return 1
     return 0
 
 
