@@ -71,13 +71,13 @@ def _sync_file_range() -> Any:
 
 
 _SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
 
 
 def _free(fd: int) -> int:
-    """Free bytes (for unprivileged users) on the file system of an open file: one cheap call."""
+    """Free bytes (as ``shutil.disk_usage`` counts them) on the file system of an open file: one call."""
     stat = os.fstatvfs(fd)
     return stat.f_bavail * stat.f_frsize
-_SYNC_FILE_RANGE_WRITE = 2
 
 
 @dataclass
@@ -194,7 +194,11 @@ class IncomingStreams:
                 if self._refused[(key, message_id, reason)] > 0:
                     self._refused[(key, message_id, reason)] -= 1
                     self._refused += Counter()  # drop zero counts
-                    stream = self._streams.pop(key, None)
+                    stream = self._streams.get(key)
+                    if stream is not None and stream.refused and stream.message_id == message_id:
+                        del self._streams[key]  # this message's stream (not a next one already arriving)
+                    else:
+                        stream = None
                     break
             else:
                 return None
