@@ -134,6 +134,12 @@ class Peer:
               sop_class: str = CR_STORAGE) -> int:
         """Send one C-STORE-RQ on context 1 (dataset None = "no data set" in the command) and return
         the response status; raises TimeoutError when no response comes."""
+        self.send_store(message_id, sop_instance, dataset, sop_class=sop_class)
+        return self.response_status()
+
+    def send_store(self, message_id: int, sop_instance: str | None, dataset: bytes | None, *,
+                   sop_class: str = CR_STORAGE) -> None:
+        """Send a C-STORE-RQ without waiting for its response (a peer that pipelines its requests)."""
         command = c_store_rq(message_id, sop_instance, sop_class=sop_class, with_dataset=dataset is not None)
         self.send(p_data(1, (0x03, command)))
         if dataset is not None:
@@ -141,7 +147,6 @@ class Peer:
             chunks = [dataset[i:i + step] for i in range(0, len(dataset), step)] or [b""]
             for index, chunk in enumerate(chunks):
                 self.send(p_data(1, (0x02 if index == len(chunks) - 1 else 0x00, chunk)))
-        return self.response_status()
 
     def response_status(self) -> int:
         command = bytearray()

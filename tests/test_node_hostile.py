@@ -178,6 +178,24 @@ def quiet_disk(tmp_path: Path) -> Iterator[Path]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def test_oversized_request_followed_at_once_by_a_good_one(settings: Settings, sqlite_registry: Registry) -> None:
+    """A peer that sends its next C-STORE before the answer to an oversized one: the cut data set is
+    refused (0xA700), the whole one stored; a refusal belongs to its Message ID, not to whatever the
+    association receives next."""
+    small = settings.model_copy(update={"max_instance_bytes": 1024 * 1024})
+    big, good = make_cxr(rows=1536, cols=1536), make_cxr(rows=256, cols=256)
+    with running_node(small, sqlite_registry) as node:
+        peer = Peer.associate(node.port)
+        try:
+            peer.send_store(1, big.SOPInstanceUID, _dataset_bytes(big))
+            peer.send_store(2, good.SOPInstanceUID, _dataset_bytes(good))
+            assert [peer.response_status(), peer.response_status()] == [0xA700, 0]
+        finally:
+            peer.release()
+    with sqlite_registry.session() as session:
+        assert list(session.scalars(select(Instance.sop_instance_uid))) == [good.SOPInstanceUID]
+
+
 def test_disk_floor_holds_while_data_arrive(settings: Settings, quiet_disk: Path) -> None:
     """The floor is checked for every fragment: a 40 MB instance with 24 MB above the floor is refused
     before its spool file passes the headroom (before: written whole, then refused); a 16 MB one is
