@@ -63,9 +63,8 @@ def retry(export_id: int) -> None:
 @export.command("send-due")
 def send_due() -> None:
     """Deliver every row that is due now, one after the other, and print the outcomes."""
-    from reporting.export import deliver_due
-
     from radialog.console import step
+    from reporting.export import deliver_due
 
     registry, settings = _context()
     with step("delivering what is due"):

@@ -151,14 +151,14 @@ def _families(text: str) -> dict[str, tuple[set[str], set[str]]]:
 @pytest.fixture
 def exposition(sqlite_registry: Registry, settings: Settings, tiny_model: tuple[Path, Path]) -> dict:
     """The metric families the API and a worker really export."""
-    import workers.metrics  # noqa: F401  (the worker's histograms and counters live in the default registry)
     from prometheus_client import REGISTRY
 
+    import workers.metrics  # noqa: F401  (the worker's histograms and counters live in the default registry)
     from workers.engine import Engine, EngineConfig
     from workers.metrics import QueueDepthCollector, register_engine
     from workers.models.radialog_v2.backend import load_radialog_v2
 
-    api_settings = settings.model_copy(update={"broker_url": redis_url(10)})
+    api_settings = settings.model_copy(update={"broker_url": redis_url(5)})
     with TestClient(create_app(api_settings, sqlite_registry)) as client:
         api_text = client.get("/metrics").text
     worker = CollectorRegistry()

@@ -10,14 +10,21 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import select
 
 from api.testing import add_reported_study, add_study, make_keys
 from radialog.registry import ApprovalReview, Export, FindingVerdict, Registry, Report, StudyState, utcnow
 from radialog.settings import Settings
-from tests.test_page import ARTIFACTS, api_server, give_verdicts, page_settings, signed_in  # noqa: F401  (fixture)
+from tests.support.brokers import redis_url
+from tests.test_page import ARTIFACTS, api_server, give_verdicts, signed_in
 
 EFFUSION = "Pleural Effusion"
+
+
+@pytest.fixture
+def page_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"broker_url": redis_url(4)})
 
 
 def test_checklist_prefills_from_the_text_and_the_stored_verdicts_are_those_on_screen(
@@ -160,7 +167,7 @@ def check_ops_page(page: Any, base: str, admin_key: str, screenshot: str) -> dic
 def _iso(value: str) -> str:
     from datetime import datetime
 
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).isoformat()
+    return datetime.fromisoformat(value).isoformat()
 
 
 def _js_number(value: float) -> str:
@@ -174,9 +181,9 @@ def test_operations_page_draws_the_apis_figures(page_settings: Settings, sqlite_
 
     import redis
     from fastapi.testclient import TestClient
+    from playwright.sync_api import expect
 
     from api.app import create_app
-    from playwright.sync_api import expect
 
     keys = make_keys(sqlite_registry)
     reported = [add_reported_study(sqlite_registry, page_settings, index=i,

@@ -77,7 +77,7 @@ def test_edit_distance_counts_characters() -> None:
 # -- the API --------------------------------------------------------------------------------------------
 @pytest.fixture
 def client(registry: Registry, settings: Settings) -> Iterator[tuple[TestClient, dict[str, str], Settings]]:
-    api_settings = settings.model_copy(update={"broker_url": redis_url(11)})
+    api_settings = settings.model_copy(update={"broker_url": redis_url(3)})
     with TestClient(create_app(api_settings, registry)) as test_client:
         yield test_client, make_keys(registry), api_settings
 

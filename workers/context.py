@@ -130,7 +130,7 @@ class WorkerContext:
         if self.backend is None or self.redis is None:
             return
         info: dict[str, Any] = {**self.backend.provenance.to_dict(), **self.backend.serving_info(),
-                                "hostname": self.hostname}
+                                "backend": self.backend.capabilities.backend, "hostname": self.hostname}
         self.redis.set(self.ready_key, json.dumps(info), ex=READY_TTL_S)
 
     def withdraw_ready(self) -> None:
