@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
+from api.limits import BodyGate
 from api.metrics import Metrics, MetricsMiddleware
 from api.problems import install_handlers
 from api.routes import audit, dialog, health, reports, studies
@@ -68,6 +69,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     def page() -> RedirectResponse:
         return RedirectResponse("/static/index.html")
 
+    # the key before the body, then its size (innermost: CORS, metrics and the headers below see its answers)
+    app.add_middleware(BodyGate, registry=registry, max_body_bytes=settings.api_max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"])
