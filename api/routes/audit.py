@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from api import audit
 from api.deps import DB, Admin
 from api.problems import problem_responses
-from api.schemas import MAX_ID, AuditOut, AuditPage
+from api.schemas import MAX_ID, NO_CONTROL_CHARACTERS, AuditOut, AuditPage
 from radialog.registry import AuditEntry
 
 router = APIRouter(tags=["audit"])
@@ -22,8 +22,8 @@ def read_audit(
     session: DB,
     who: Admin,
     study_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
-    actor: Annotated[str | None, Query(max_length=128)] = None,
-    action: Annotated[str | None, Query(max_length=64)] = None,
+    actor: Annotated[str | None, Query(max_length=128, pattern=NO_CONTROL_CHARACTERS)] = None,
+    action: Annotated[str | None, Query(max_length=64, pattern=NO_CONTROL_CHARACTERS)] = None,
     since: Annotated[datetime | None, Query()] = None,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,

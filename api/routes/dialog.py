@@ -84,7 +84,7 @@ def _ask(
     if stream:
         return StreamingResponse(
             stream_events(pending, STREAM_TIMEOUT_S), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
     return _wait(pending, wait_seconds, registry)
 
