@@ -80,7 +80,7 @@ def _ask(
     check_context(report, question, task)
     require_worker(services)
     audit.record(session, who, "dialog.ask", study_id, conversation=conversation.id, task=task)
-    pending = send_turn(session, services, conversation.id, task, question)
+    pending = send_turn(session, services, conversation.id, task, question, registry)
     if stream:
         return StreamingResponse(
             stream_events(pending, STREAM_TIMEOUT_S), media_type="text/event-stream",
