@@ -115,6 +115,14 @@ async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
 async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
+    if status == 400 and isinstance(exc.__cause__, Exception):
+        # FastAPI's answer to a body it could not parse for a reason other than JSON syntax (bytes that are
+        # not UTF-8, nesting too deep): invalid input like any other, so 422 as the document says.
+        errors = [{"loc": ["body"], "msg": f"the body could not be read as JSON ({type(exc.__cause__).__name__})",
+                   "type": "body_unreadable"}]
+        await _audit_refusal(request, 422, "validation-error")
+        return problem_response(request, 422, "validation-error", "Unprocessable Content", errors[0]["msg"],
+                                extra={"errors": errors})
     slug = {404: "not-found", 405: "method-not-allowed", 413: "content-too-large"}.get(status)
     await _audit_refusal(request, status, slug)
     return problem_response(request, status, slug, HTTPStatus(status).phrase, str(exc.detail), exc.headers)

@@ -153,3 +153,16 @@ def test_docs_page_loads_nothing_from_elsewhere(client: TestClient) -> None:
     assert "http" not in response.text
     document = client.get("/api/v1/openapi.json")
     assert document.status_code == 200 and document.json()["info"]["title"]
+
+
+@pytest.mark.parametrize("body", [b'{"kind": "edit", "findings_text": "\xff\xfe"}', b"[" * 100_000 + b"]" * 100_000])
+def test_a_body_that_cannot_be_read_as_json_is_a_documented_422(client: TestClient, keys: dict[str, str],
+                                                               registry: Registry, api_settings: Settings,
+                                                               body: bytes) -> None:
+    """Bytes that are not UTF-8, or nesting too deep for the parser: FastAPI answered an undocumented 400."""
+    study_id = add_reported_study(registry, api_settings)
+    response = client.post(f"/api/v1/studies/{study_id}/report/versions", content=body,
+                           headers={**auth(keys["rad"]), "Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["loc"] == ["body"]
+    assert [e.detail["status"] for e in entries(registry, "rad")] == [422]
