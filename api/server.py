@@ -10,7 +10,8 @@ and in ``radialog run`` that takes the DICOM node and the worker down with the A
   once the client sends again, the whole request (head and body) must arrive within
   ``api_request_timeout`` seconds; otherwise the connection gets 408 (before a head) and is closed;
 - a connection cap below the file-descriptor limit (``api_max_connections``, with ``FD_RESERVE``
-  descriptors kept for the rest of the process, after the soft limit is raised to the hard one): a new
+  descriptors kept for the rest of the process and room for the accepts in flight, after the soft limit is
+  raised to the hard one; a small listen backlog bounds how many asyncio accepts at once): a new
   connection beyond it closes the oldest connection that is idle or still sending its request, or, when
   every connection has a request in progress, is answered 503 and closed itself. A client that sends its
   request promptly therefore always gets in, however many half-sent requests are open;
@@ -38,6 +39,12 @@ log = get_logger(__name__)
 
 #: File descriptors kept free for everything else in the process (registry, broker, DICOM node, model files).
 FD_RESERVE = 256
+#: The listen backlog is also how many connections asyncio accepts in one go (one descriptor each) before
+#: any protocol runs: a new connection is capped only a few loop turns after its accept(), so up to
+#: ACCEPT_TURNS backlogs of descriptors can be open beyond the cap for a moment. The backlog is therefore
+#: sized from the descriptors left (uvicorn's default, 2,048, would overrun a 1,024 limit by itself).
+ACCEPT_TURNS = 4
+MIN_BACKLOG, MAX_BACKLOG = 64, 1024
 #: Highest soft RLIMIT_NOFILE we ask for (the hard limit may be in the millions; this is plenty).
 FD_WANTED = 65536
 SUMMARY_INTERVAL_S = 60.0
@@ -59,9 +66,12 @@ def raise_fd_limit(wanted: int = FD_WANTED) -> int:
     return soft
 
 
-def connection_cap(configured: int, fd_soft_limit: int) -> int:
-    """``configured``, or fewer when the descriptor limit minus ``FD_RESERVE`` is lower (at least 16)."""
-    return max(16, min(configured, fd_soft_limit - FD_RESERVE))
+def connection_limits(configured: int, fd_soft_limit: int) -> tuple[int, int]:
+    """(connection cap, listen backlog): the cap is ``configured`` or fewer (at least 16), so that the cap,
+    the accepts in flight (``ACCEPT_TURNS`` x backlog) and ``FD_RESERVE`` fit in the descriptor limit."""
+    spare = fd_soft_limit - FD_RESERVE - configured
+    backlog = max(MIN_BACKLOG, min(MAX_BACKLOG, spare // ACCEPT_TURNS))
+    return max(16, min(configured, fd_soft_limit - FD_RESERVE - ACCEPT_TURNS * backlog)), backlog
 
 
 @dataclass
@@ -223,18 +233,19 @@ class GuardedServer(uvicorn.Server):
         await super().shutdown(sockets)
 
     def limits(self) -> dict[str, Any]:
-        return {"max_connections": self.guard.max_connections, "request_timeout_s": self.guard.request_timeout}
+        return {"max_connections": self.guard.max_connections, "request_timeout_s": self.guard.request_timeout,
+                "backlog": self.config.backlog}
 
 
 def build_server(app: Any, settings: Settings, *, host: str | None = None, port: int | None = None) -> GuardedServer:
     """A server for ``app`` with the settings' limits; raises the descriptor limit first."""
-    soft = raise_fd_limit()
-    guard = Guard(request_timeout=settings.api_request_timeout,
-                  max_connections=connection_cap(settings.api_max_connections, soft))
+    cap, backlog = connection_limits(settings.api_max_connections, raise_fd_limit())
+    guard = Guard(request_timeout=settings.api_request_timeout, max_connections=cap)
     config = uvicorn.Config(
         app, host=host or settings.api_host, port=port if port is not None else settings.api_port,
         log_config=None, access_log=False,  # access logs would carry ids in paths only, but stay off
         timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024,  # a request head over 16 KiB: 400
+        backlog=backlog,
     )
     return GuardedServer(config, guard)
 
