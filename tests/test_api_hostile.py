@@ -265,3 +265,52 @@ def test_radialog_api_under_a_small_fd_limit_keeps_serving_through_many_half_sen
         api.wait(timeout=30)
     text = log_path.read_text()
     assert "max_connections" in text and '"max_connections": 16' in text  # 256 - the reserve: the floor of 16
+
+
+@pytest.mark.slow
+def test_radialog_run_survives_1100_half_sent_requests_during_worker_start_up(tmp_path: Path,
+                                                                            tiny_model: tuple[Path, Path]) -> None:
+    """The probe's worst case: a hard 1,024-descriptor limit and 1,100 half-sent requests arriving while the
+    worker is still loading (importing torch, opening the model's files). Before, the API's accept loop took
+    every descriptor, the worker's import failed with EMFILE and the whole process exited."""
+    from bench.hostile_http import Target
+
+    target = Target(REPO, tmp_path, 1024, True, tiny_model)
+    socks: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not _healthy(target.url):
+            assert target.proc.poll() is None and time.monotonic() < deadline, target.log_path.read_text()[-3000:]
+            time.sleep(0.05)
+        for _ in range(1100):
+            sock = socket.create_connection(("127.0.0.1", target.api_port), timeout=30)
+            try:
+                sock.sendall(HALF_SENT)
+            except OSError:  # closed by the server already (the cap)
+                pass
+            socks.append(sock)
+        deadline = time.monotonic() + 300
+        while not _ready(target.url):
+            assert target.proc.poll() is None, target.log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "worker never ready"
+            time.sleep(0.5)
+        assert target.api_call() and target.echo()
+    finally:
+        for sock in socks:
+            sock.close()
+        code = target.stop()
+    assert code == 0, target.log_path.read_text()[-3000:]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+    except httpx.TransportError:
+        return False
