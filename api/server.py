@@ -15,14 +15,17 @@ and in ``radialog run`` that takes the DICOM node and the worker down with the A
   connection beyond it closes the oldest connection that is idle or still sending its request, or, when
   every connection has a request in progress, is answered 503 and closed itself. A client that sends its
   request promptly therefore always gets in, however many half-sent requests are open;
-- no log flood: closed and refused connections are counted and logged as one summary line a minute,
-  and asyncio's "accept() out of system resource" errors (EMFILE) are logged once a minute, not once a
-  second with a stack trace.
+- no log flood: closed and refused connections are counted and logged as one summary line a minute;
+  asyncio's "accept() out of system resource" (EMFILE: one per failed accept of a backlog, with a stack
+  trace) once a minute; uvicorn's and asyncio's own warnings (a malformed request is one line each) at
+  most once a minute per message, with the count of those dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import resource
 import threading
 import time
@@ -189,18 +192,23 @@ def guarded_protocol(base: type[asyncio.Protocol], guard: Guard) -> type[asyncio
     return type(f"Guarded{base.__name__}", (GuardMixin, base), {"guard": guard})
 
 
+#: What accept() fails with when the process (or the system) is out of descriptors or memory.
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
 class _QuietAcceptErrors:
-    """The event loop's exception handler: "accept() out of system resource" (EMFILE, ENFILE) at most once
-    a minute; asyncio already pauses accepting for a second after each and carries on serving."""
+    """The event loop's exception handler: accept() out of descriptors or memory at most once a minute
+    (asyncio calls it for every failed accept of a backlog, then pauses accepting for a second and carries
+    on serving); anything else goes to asyncio's default handler."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.suppressed = 0
-        self.last = 0.0
+        self.last = -SUMMARY_INTERVAL_S
 
     def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        if isinstance(exc, OSError) and "accept" in str(context.get("message", "")):
+        if isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES:
             now = time.monotonic()
             if now - self.last < SUMMARY_INTERVAL_S:
                 self.suppressed += 1
@@ -210,6 +218,47 @@ class _QuietAcceptErrors:
             self.last, self.suppressed = now, 0
             return
         loop.default_exception_handler(context)
+
+
+class RepeatLimiter(logging.Filter):
+    """A filter for the server's own loggers (uvicorn's "Invalid HTTP request received.", asyncio's socket
+    warnings): each message template at most once a minute, the next one saying how many were dropped.
+    A client can make those lines as fast as it can send bytes; the log must not be its amplifier."""
+
+    def __init__(self, interval_s: float = SUMMARY_INTERVAL_S) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._last: dict[tuple[str, str], float] = {}
+        self._dropped: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -self.interval_s) < self.interval_s:
+                self._dropped[key] = self._dropped.get(key, 0) + 1
+                return False
+            self._last[key] = now
+            dropped = self._dropped.pop(key, 0)
+        if dropped:
+            record.dropped_repeats = dropped
+        return True
+
+
+#: Loggers a client can make write a line per connection or per request.
+CLIENT_DRIVEN_LOGGERS = ("uvicorn.error", "asyncio")
+_limiter = RepeatLimiter()
+
+
+def limit_client_driven_logs() -> None:
+    """Install ``RepeatLimiter`` on ``CLIENT_DRIVEN_LOGGERS`` (once per process)."""
+    for name in CLIENT_DRIVEN_LOGGERS:
+        logger = logging.getLogger(name)
+        if _limiter not in logger.filters:
+            logger.addFilter(_limiter)
 
 
 class GuardedServer(uvicorn.Server):
@@ -239,6 +288,7 @@ class GuardedServer(uvicorn.Server):
 
 def build_server(app: Any, settings: Settings, *, host: str | None = None, port: int | None = None) -> GuardedServer:
     """A server for ``app`` with the settings' limits; raises the descriptor limit first."""
+    limit_client_driven_logs()
     cap, backlog = connection_limits(settings.api_max_connections, raise_fd_limit())
     guard = Guard(request_timeout=settings.api_request_timeout, max_connections=cap)
     config = uvicorn.Config(

@@ -7,6 +7,8 @@ file-descriptor limit. Waits have generous deadlines; nothing asserts how long a
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
 import socket
 import subprocess
@@ -166,6 +168,37 @@ def test_a_prompt_client_gets_in_past_more_half_sent_connections_than_the_cap(
             s.close()
     assert still_open[-15:] == [True] * 15  # the 15 newest half-sent ones keep their place
     assert len(oldest) >= 48 and set(oldest) == {BUSY_RESPONSE}
+
+
+def test_malformed_requests_do_not_flood_the_log(app_and_keys: Any, api_settings: Settings,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """uvicorn logs a warning per malformed request: a client sending garbage in a loop would write the log
+    as fast as it sends. One line a minute per message, the next one counting those dropped."""
+    app, _, _ = app_and_keys
+    with caplog.at_level(logging.INFO), running(app, api_settings) as port:
+        answers = [read_until_closed(connect(port, b"NOT HTTP AT ALL\r\n\r\n")) for _ in range(200)]
+    assert all(a.startswith(b"HTTP/1.1 400") for a in answers)
+    warnings = [r for r in caplog.records if r.name == "uvicorn.error" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings[:5]]
+
+
+def test_running_out_of_descriptors_at_accept_is_logged_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    """asyncio reports EMFILE once per failed accept (up to a whole backlog in one loop turn)."""
+    from api.server import _QuietAcceptErrors
+
+    loop = asyncio.new_event_loop()
+    try:
+        handler = _QuietAcceptErrors(loop)
+        with caplog.at_level(logging.INFO):
+            for _ in range(500):
+                handler(loop, {"message": "socket.accept() out of system resource",
+                               "exception": OSError(errno.EMFILE, "Too many open files")})
+            handler(loop, {"message": "something else", "exception": RuntimeError("kept")})
+    finally:
+        loop.close()
+    accept_lines = [r for r in caplog.records if r.name == "api.server"]
+    assert len(accept_lines) == 1 and accept_lines[0].errno == errno.EMFILE
+    assert any("something else" in r.getMessage() for r in caplog.records if r.name == "asyncio")
 
 
 def test_slow_but_complete_requests_and_long_responses_are_not_cut(api_settings: Settings) -> None:
