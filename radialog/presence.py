@@ -33,6 +33,8 @@ READY_KEY_PREFIX = "radialog:worker:"
 #: A worker's announcement lives this long unless refreshed (workers refresh every READY_REFRESH_S).
 READY_TTL_S = 30
 READY_REFRESH_S = 10
+#: A readiness file expired this long ago is removed (each start of a worker leaves one: its pid is in the name).
+PRUNE_AFTER_S = 3600
 
 
 class BrokerUnavailable(Exception):
@@ -158,6 +160,8 @@ class FilePresence:
                 continue  # removed meanwhile, or not ours
             if expires_at > now:
                 workers.append({"worker": path.stem, **_info(json.dumps(record.get("info")))})
+            elif expires_at < now - PRUNE_AFTER_S:
+                path.unlink(missing_ok=True)  # its worker is long gone; a live one would have refreshed it
         return workers
 
     def ping(self) -> None:

@@ -54,6 +54,10 @@ def test_file_presence_announces_expires_and_withdraws(tmp_path: Path, monkeypat
     later = time.time() + 31  # past the TTL without a refresh: the worker is taken as gone
     monkeypatch.setattr("radialog.presence.time.time", lambda: later)
     assert presence.ready() == []
+    assert (tmp_path / "workers" / "w1@test.json").exists()
+    much_later = later + 3600  # an hour past its expiry: removed (each worker start leaves one)
+    monkeypatch.setattr("radialog.presence.time.time", lambda: much_later)
+    assert presence.ready() == [] and list((tmp_path / "workers").iterdir()) == []
 
 
 def test_redis_presence_uses_the_keys_compose_and_the_tests_read() -> None:
