@@ -15,8 +15,10 @@ import pytest
 import redis
 import schemathesis
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from api.app import create_app
 from api.testing import USERS, WorkerProcess
@@ -28,6 +30,9 @@ from tests.test_api_schema import AuditedRefusals, seed
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REDIS_URL = redis_url(15)  # its own database: the worker here consumes its dialog queue
+#: Left to tests/test_api_schema.py: "schema-valid data is accepted" cannot hold where the state decides (a
+#: viewer region beyond this image's size is schema-valid and 422); here the point is no 5xx and audits.
+EXCLUDED = [not_a_server_error, positive_data_acceptance]
 
 
 @pytest.fixture
@@ -72,7 +77,7 @@ def test_fuzz_with_every_role_answers_no_5xx_and_audits_every_refusal(served: An
 
     class Audited(machine):  # type: ignore[misc, valid-type]
         def validate_response(self, response: Any, case: Any, additional_checks: Any = None, **kwargs: Any) -> None:
-            case.validate_response(response, excluded_checks=[not_a_server_error], additional_checks=[check])
+            case.validate_response(response, excluded_checks=EXCLUDED, additional_checks=[check])
 
     Audited.run(settings=settings(max_examples=25, stateful_step_count=8, deadline=None, database=None,
                                   suppress_health_check=list(HealthCheck), derandomize=True))
@@ -83,7 +88,7 @@ def test_fuzz_with_every_role_answers_no_5xx_and_audits_every_refusal(served: An
         @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
                   database=None)
         def run(case: schemathesis.Case) -> None:
-            case.call_and_validate(excluded_checks=[not_a_server_error], additional_checks=[check])
+            case.call_and_validate(excluded_checks=EXCLUDED, additional_checks=[check])
 
         run()
 
