@@ -177,7 +177,9 @@ class GuardMixin:
             return False
         victim = min(victims, key=lambda c: c._waiting_since)
         self.guard.note("evicted")
-        victim._refuse(BUSY_RESPONSE if victim._awaiting_head() else None)
+        # 503 to one that is sending (or has yet to send) a request; an idle kept-alive one is just closed
+        half_sent = victim._deadline is not None and victim._awaiting_head()
+        victim._refuse(BUSY_RESPONSE if half_sent else None)
         return True
 
     def _refuse(self, response: bytes | None) -> None:
