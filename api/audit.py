@@ -13,10 +13,9 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.deps_types import Principal
+from api.schemas import MAX_ID  # the largest id a registry row can have (PostgreSQL INTEGER)
 from radialog.registry import AuditEntry, Study, utcnow
 
-#: The largest id a registry row can have (PostgreSQL INTEGER); larger ones name no study.
-MAX_ID = 2_147_483_647
 #: A requested id kept in an entry's detail is cut to this many characters.
 MAX_REQUESTED_CHARS = 32
 
