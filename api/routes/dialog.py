@@ -39,7 +39,12 @@ _ANSWER_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The answered turn (JSON), or with stream=true a text/event-stream of events "
         "turn, token (in generation order), then done or error",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        # one schema per event (as OpenAPI 3.2's itemSchema): its name and its JSON data
+        "content": {"text/event-stream": {"schema": {
+            "type": "object", "required": ["event", "data"],
+            "properties": {"event": {"type": "string", "enum": ["turn", "token", "done", "error"]},
+                           "data": {"type": "string", "contentMediaType": "application/json"}},
+        }}},
     },
     202: {"description": "Not answered within wait_seconds; poll GET /api/v1/dialog/turns/{turn_id}",
           "model": TurnOut},
