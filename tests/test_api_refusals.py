@@ -166,3 +166,12 @@ def test_a_body_that_cannot_be_read_as_json_is_a_documented_422(client: TestClie
     assert response.status_code == 422, response.text
     assert response.json()["errors"][0]["loc"] == ["body"]
     assert [e.detail["status"] for e in entries(registry, "rad")] == [422]
+
+
+@pytest.mark.parametrize(("since", "status"), [("2000-01-01T00:00:01+23:00", 200), ("2000-01-01T00:00:01", 200),
+                                               ("0001-01-01T00:00:00+23:00", 422), ("9999-12-31T23:59:59-23:00", 422)])
+def test_audit_since_with_any_iso_offset_is_answered(client: TestClient, keys: dict[str, str], since: str,
+                                                     status: int) -> None:
+    """ISO 8601 allows offsets to +-23:59, PostgreSQL only to +-15:59 (found by tests/test_api_fuzz.py)."""
+    response = client.get("/api/v1/audit", params={"since": since}, headers=auth(keys["admin"]))
+    assert response.status_code == status, response.text
