@@ -50,6 +50,10 @@ ACCEPT_TURNS = 4
 MIN_BACKLOG, MAX_BACKLOG = 64, 1024
 #: Highest soft RLIMIT_NOFILE we ask for (the hard limit may be in the millions; this is plenty).
 FD_WANTED = 65536
+#: select() cannot watch a descriptor numbered FD_SETSIZE (1,024 on Linux) or above. pynetdicom watches its
+#: sockets with select(), so in a process that also runs the DICOM node or the exporter (``radialog run``)
+#: every descriptor must stay below it: the cap is sized from this ceiling there, whatever the rlimit.
+SELECT_FD_LIMIT = 1024
 SUMMARY_INTERVAL_S = 60.0
 TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
 BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\nretry-after: 1\r\n"
@@ -288,10 +292,14 @@ class GuardedServer(uvicorn.Server):
                 "backlog": self.config.backlog}
 
 
-def build_server(app: Any, settings: Settings, *, host: str | None = None, port: int | None = None) -> GuardedServer:
-    """A server for ``app`` with the settings' limits; raises the descriptor limit first."""
+def build_server(app: Any, settings: Settings, *, host: str | None = None, port: int | None = None,
+                 fd_ceiling: int | None = None) -> GuardedServer:
+    """A server for ``app`` with the settings' limits; raises the descriptor limit first. ``fd_ceiling``:
+    size the cap as if the limit were at most this (``SELECT_FD_LIMIT`` beside select() users)."""
     limit_client_driven_logs()
-    cap, backlog = connection_limits(settings.api_max_connections, raise_fd_limit())
+    descriptors = raise_fd_limit()
+    cap, backlog = connection_limits(settings.api_max_connections,
+                                     descriptors if fd_ceiling is None else min(descriptors, fd_ceiling))
     guard = Guard(request_timeout=settings.api_request_timeout, max_connections=cap)
     config = uvicorn.Config(
         app, host=host or settings.api_host, port=port if port is not None else settings.api_port,
@@ -307,9 +315,9 @@ def serve(app: Any, settings: Settings, *, host: str | None = None, port: int | 
     build_server(app, settings, host=host, port=port).run()
 
 
-def serve_in_thread(app: Any, settings: Settings) -> Callable[[], None]:
+def serve_in_thread(app: Any, settings: Settings, *, fd_ceiling: int | None = None) -> Callable[[], None]:
     """Serve ``app`` in a daemon thread (``radialog run``); returns the function that stops it."""
-    server = build_server(app, settings)
+    server = build_server(app, settings, fd_ceiling=fd_ceiling)
     thread = threading.Thread(target=server.run, name="radialog-api", daemon=True)
     thread.start()
 

@@ -347,6 +347,34 @@ def test_radialog_run_survives_1100_half_sent_requests_during_worker_start_up(tm
     assert code == 0, target.log_path.read_text()[-3000:]
 
 
+@pytest.mark.slow
+def test_radialog_run_keeps_its_dicom_node_below_the_select_limit(tmp_path: Path,
+                                                                 tiny_model: tuple[Path, Path]) -> None:
+    """A raised descriptor limit and a generous cap (2,000): 1,300 half-sent requests must not push the
+    process past descriptor 1,023, where pynetdicom's select() takes every new association for closed."""
+    from bench.hostile_http import Target
+
+    target = Target(REPO, tmp_path, 1024, False, tiny_model,
+                    {"RADIALOG_API_MAX_CONNECTIONS": "2000", "RADIALOG_API_REQUEST_TIMEOUT": "120"})
+    socks: list[socket.socket] = []
+    try:
+        target.wait_ready()
+        for _ in range(1300):
+            sock = socket.create_connection(("127.0.0.1", target.api_port), timeout=30)
+            try:
+                sock.sendall(HALF_SENT)
+            except OSError:  # closed by the server already (the cap)
+                pass
+            socks.append(sock)
+        time.sleep(1.0)
+        assert target.echo() and target.store() and target.api_call(), target.log_path.read_text()[-3000:]
+    finally:
+        for sock in socks:
+            sock.close()
+        code = target.stop()
+    assert code == 0, target.log_path.read_text()[-3000:]
+
+
 def _healthy(url: str) -> bool:
     try:
         return httpx.get(f"{url}/healthz", timeout=2).status_code == 200

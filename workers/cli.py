@@ -193,10 +193,11 @@ def run_all(settings: Settings, *, with_api: bool = True, lease_s: float = DEFAU
 def _start_api(settings: Settings) -> Any:
     try:
         from api.app import create_app
-        from api.server import serve_in_thread
+        from api.server import SELECT_FD_LIMIT, serve_in_thread
     except ImportError:
         log.warning("api is not installed: no reporting API")
         return lambda: None
-    stop = serve_in_thread(create_app(settings), settings)
+    # the node and the exporter in this process watch their sockets with select(): none may pass 1,023
+    stop = serve_in_thread(create_app(settings), settings, fd_ceiling=SELECT_FD_LIMIT)
     log.info("api started", extra={"port": settings.api_port})
     return stop
