@@ -57,7 +57,8 @@ def timed(fn: Any) -> tuple[bool, float]:
 
 
 class Target:
-    def __init__(self, tree: Path, workdir: Path, nofile: int, hard: bool, model: tuple[Path, Path]) -> None:
+    def __init__(self, tree: Path, workdir: Path, nofile: int, hard: bool, model: tuple[Path, Path],
+                 extra_env: dict[str, str] | None = None) -> None:
         self.tree = tree
         self.api_port, self.dicom_port = free_port(), free_port()
         self.log_path = workdir / "run.log"
@@ -69,6 +70,7 @@ class Target:
             "RADIALOG_DICOM_HOST": "127.0.0.1", "RADIALOG_DICOM_PORT": str(self.dicom_port),
             "RADIALOG_MIN_FREE_BYTES": "0", "RADIALOG_MODEL_DIR": str(model[0]),
             "RADIALOG_BASE_MODEL_DIR": str(model[1]), "RADIALOG_DEVICE": "cpu", "RADIALOG_STABLE_AFTER": "1",
+            **(extra_env or {}),
         })
         self.key = self._radialog("users", "create", "bench", "--role", "reader").strip()
         with self.log_path.open("wb") as log:
@@ -222,17 +224,20 @@ def main() -> None:
     parser.add_argument("--nofile", type=int, default=1024, help="soft RLIMIT_NOFILE of the server process")
     parser.add_argument("--hard", action="store_true", help="make --nofile the hard limit too (no raising it)")
     parser.add_argument("--tree", type=Path, default=ROOT, help="source tree to run the server from")
+    parser.add_argument("--env", action="append", default=[], metavar="RADIALOG_X=VALUE",
+                        help="a setting for the server (repeatable)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from workers.models.radialog_v2.tiny import make_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        target = Target(args.tree.resolve(), work, args.nofile, args.hard, make_tiny(work / "tiny"))
+        extra = dict(item.split("=", 1) for item in args.env)
+        target = Target(args.tree.resolve(), work, args.nofile, args.hard, make_tiny(work / "tiny"), extra)
         try:
             target.wait_ready()
             result: dict[str, Any] = {"target": "radialog run (embedded broker, tiny model)", "nofile": args.nofile,
-                                      "hard": args.hard,
+                                      "hard": args.hard, "env": extra,
                                       "baseline": proc_stats(target.proc.pid)}
             result["half_sent"] = half_sent(target, args.connections, args.hold)
             if target.proc.poll() is None:
