@@ -5,6 +5,9 @@ The channel is subscribed BEFORE the task is sent, so no token can be published 
 The worker stores the answer in the DialogTurn row too, so a client that lost the stream can poll.
 With the embedded broker (``radialog run`` without Redis) there is no channel: the relay polls that row
 and delivers the stored answer as one ``done`` message (answers are stored, not streamed).
+What may be asked, in which phrasing, and how long a conversation may grow come from the configured
+backend's :class:`~workers.models.capabilities.Capabilities` (``RADIALOG_MODEL_BACKEND``): a quick action
+the model was not trained for is refused (422) before anything is sent.
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ from radialog.presence import BrokerUnavailable
 from radialog.registry import Conversation, DialogTurn, Registry, Report, Study, utcnow
 from workers.celery_app import dialog_channel
 from workers.models import prompts
+from workers.models.capabilities import RADIALOG_V2, Capabilities
 
 log = get_logger(__name__)
 
-#: RaDialog splices 196 projected image embeddings in place of ``<image>``.
-IMAGE_TOKENS = 196
+#: RaDialog splices 196 projected image embeddings in place of ``<image>`` (other backends: their capabilities).
+IMAGE_TOKENS = RADIALOG_V2.image_tokens
 #: Llama-2 tokenizers give roughly one token per ~4 characters of English prose (not measured here on
 #: radiology text); dividing by 3 errs towards refusing rather than overflowing the context.
 CHARS_PER_TOKEN = 3.0
@@ -49,18 +53,19 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
-def seed_question(report: Report) -> str:
-    """The first turn the worker replays: the report prompt with the seed's present findings."""
+def seed_question(report: Report, capabilities: Capabilities = RADIALOG_V2) -> str:
+    """The first turn the worker replays: the backend's report question (RaDialog: the report prompt with
+    the seed's present findings)."""
     present = [f["label"] for f in (report.findings or []) if f.get("present")]
-    return prompts.report_prompt(prompts.findings_phrase(present))
+    return capabilities.report_question(present)
 
 
-def conversation_tokens(conversation: Conversation, seed: Report | None) -> int:
+def conversation_tokens(conversation: Conversation, seed: Report | None, capabilities: Capabilities = RADIALOG_V2) -> int:
     """Estimated prompt size of the whole conversation so far (system, image, seed turn, answered
     turns); past the model's limit the worker drops the oldest follow-up turns."""
-    total = estimate_tokens(prompts.SYSTEM) + IMAGE_TOKENS
+    total = estimate_tokens(capabilities.system_text) + capabilities.image_tokens
     if seed is not None:
-        total += estimate_tokens(seed_question(seed)) + estimate_tokens(seed.findings_text)
+        total += estimate_tokens(seed_question(seed, capabilities)) + estimate_tokens(seed.findings_text)
     for turn in conversation.turns:
         if turn.state == "DONE":
             total += estimate_tokens(turn.question) + estimate_tokens(turn.answer or "") + 8
@@ -83,8 +88,16 @@ def current_conversation(session: Session, study: Study, user: str, report: Repo
     return conversation
 
 
-def action_question(action: QuickAction) -> tuple[str, str]:
+def check_task(task: str, capabilities: Capabilities) -> None:
+    """422 for a dialog task the configured model was not trained for (free questions always pass)."""
+    if not capabilities.supports(task):
+        raise Problem(422, "task-not-supported",
+                      f"{capabilities.model_name} was not trained for the '{task}' action; ask a free question")
+
+
+def action_question(action: QuickAction, capabilities: Capabilities = RADIALOG_V2) -> tuple[str, str]:
     """(task, exact prompt) for a quick action, in the phrasing the model was instruction-tuned on."""
+    check_task(action.action, capabilities)
     if isinstance(action, CorrectionAction):
         try:
             return "correction", prompts.correction_prompt(action.add, action.remove)
@@ -92,15 +105,9 @@ def action_question(action: QuickAction) -> tuple[str, str]:
             raise Problem(422, "empty-correction", str(exc)) from exc
     if isinstance(action, YesNoAction):
         return "yes_no", prompts.yes_no_prompt(action.finding)
-    fixed = {
-        "list": prompts.LIST_FINDINGS,
-        "impression": prompts.IMPRESSION,
-        "easy_language": prompts.EASY_LANGUAGE,
-        "summary": prompts.SUMMARY,
-        # Trained as the first turn of a conversation, with the image: the worker asks it so (no history).
-        "view": prompts.VIEW_PROMPT,
-    }
-    return action.action, fixed[action.action]
+    # the fixed prompts (RaDialog's view question is asked as a first turn, with the image: the worker
+    # asks it with no history)
+    return action.action, capabilities.tasks[action.action]
 
 
 def check_question(question: str) -> None:
@@ -108,17 +115,18 @@ def check_question(question: str) -> None:
         raise Problem(413, "question-too-long", f"a question may have at most {MAX_QUESTION_CHARS} characters")
 
 
-def check_context(seed: Report, question: str, task: str) -> None:
+def check_context(seed: Report, question: str, task: str, capabilities: Capabilities = RADIALOG_V2) -> None:
     """Refuse what the worker would refuse: even with only the report turn kept, the prompt and the
     task's new tokens do not fit. (Longer conversations are fine: the worker drops the oldest
     follow-up turns first, ``workers.models.conversation.fit_history``.)"""
-    needed = (estimate_tokens(prompts.SYSTEM) + IMAGE_TOKENS + estimate_tokens(seed_question(seed))
-              + estimate_tokens(seed.findings_text) + estimate_tokens(question) + prompts.TASK_MAX_NEW_TOKENS[task])
-    if needed > prompts.MAX_CONTEXT_TOKENS:
+    needed = (estimate_tokens(capabilities.system_text) + capabilities.image_tokens
+              + estimate_tokens(seed_question(seed, capabilities)) + estimate_tokens(seed.findings_text)
+              + estimate_tokens(question) + capabilities.task_max_new_tokens[task])
+    if needed > capabilities.context_tokens:
         raise Problem(
             422, "context-too-long",
             f"the report and the question need about {needed} tokens with the answer, over the model's "
-            f"{prompts.MAX_CONTEXT_TOKENS}; shorten the report or the question",
+            f"{capabilities.context_tokens}; shorten the report or the question",
         )
 
 

@@ -261,6 +261,22 @@ class ConversationOut(BaseModel):
     max_context_tokens: int
 
 
+class ModelTask(BaseModel):
+    prompt: str | None = Field(description="The exact question sent; null when built from the request.")
+    max_new_tokens: int
+
+
+class ModelOut(BaseModel):
+    """What the configured model can do (workers.models.capabilities): the page hides the rest."""
+
+    backend: str
+    model_name: str
+    findings_classifier: bool = Field(description="False: no coded findings in its SRs, no finding actions.")
+    tasks: dict[str, ModelTask] = Field(description="Dialog tasks it was trained for; 'free' is always there.")
+    context_tokens: int
+    image_tokens: int
+
+
 class AuditOut(_Out):
     id: int
     at: UTCDateTime

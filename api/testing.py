@@ -77,7 +77,8 @@ def add_reported_study(registry: Registry, settings: Settings, *, index: int = 0
                 for label in CHEXPERT_LABELS]
     output = ReportOutput(key=str(study_id), findings_text=findings_text, findings=findings,
                           findings_phrase=findings_phrase(present), generated_tokens=20, timings={"generate": 0.1})
-    provenance = Provenance(name="RaDialog-LLaVA", version="2.0-test", files_sha256="0" * 64, tiny=True)
+    provenance = Provenance(name="RaDialog-LLaVA", version="2.0-test", files_sha256="0" * 64, tiny=True,
+                            display_name="RaDialog")
     with registry.session() as session:
         create_ai_draft(session, settings, study_id, output, provenance)
     return study_id

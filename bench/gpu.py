@@ -3,6 +3,7 @@
     python -m bench.gpu --json gpu.json          # FULL-size RaDialog v2, random weights, bf16 on CUDA
     python -m bench.gpu --tiny --json tiny.json  # tiny random checkpoint through the real loader, CPU
     python -m bench.gpu --profile                # also: where the time goes at the largest batch
+    python -m bench.gpu --backend xraygpt        # the same for XrayGPT (bench/gpu_xraygpt.py)
 
 One command prints a table and writes JSON with (1) the model build: seconds and model memory; (2) the
 naive path: one study at a time through ``backend.report`` (plain transformers generate); (3) the engine
@@ -36,9 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workers.engine import Engine, EngineConfig
-from workers.models.base import ClassifierFinding, StudyInput, Turn
+from workers.engine.engine import served_model
+from workers.models.base import StudyInput, Turn
 from workers.models.conversation import conversation_prompt
-from workers.models.prompts import CHEXPERT_LABELS, IMPRESSION, report_prompt, yes_no_prompt
+from workers.models.prompts import IMPRESSION, report_prompt, yes_no_prompt
 from workers.models.radialog_v2.backend import RadialogV2Backend, load_radialog_v2
 
 #: llava-v1.5-7b's Llama fields (config.json of the published base).
@@ -96,12 +98,18 @@ def build_full_size(device: torch.device) -> RadialogV2Backend:
     return RadialogV2Backend(loaded)
 
 
-def build(tiny: bool, device: torch.device) -> tuple[RadialogV2Backend, str, dict[str, Any]]:
+def build(tiny: bool, device: torch.device, backend_name: str = "radialog-v2") -> tuple[Any, str, dict[str, Any]]:
     """The model and its build figures: seconds, and model memory (allocated on CUDA, parameter bytes on CPU)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    if tiny:
+    if backend_name == "xraygpt":
+        from bench import gpu_xraygpt
+
+        backend = gpu_xraygpt.build_tiny(device) if tiny else gpu_xraygpt.build_full_size(device)
+        label = ("tiny random XrayGPT (make_tiny + real loader)" if tiny
+                 else "full-size XrayGPT architecture, random weights")
+    elif tiny:
         from workers.models.radialog_v2.tiny import make_tiny
 
         model_dir, base_dir = make_tiny(tempfile.mkdtemp(prefix="bench-tiny-"))
@@ -112,8 +120,9 @@ def build(tiny: bool, device: torch.device) -> tuple[RadialogV2Backend, str, dic
         label = "full-size RaDialog v2 architecture, random weights"
     sync(device)
     seconds = time.perf_counter() - started
-    params = sum(p.numel() * p.element_size() for m in (backend.llava, backend.classifier) for p in m.parameters())
-    buffers = sum(b.numel() * b.element_size() for m in (backend.llava, backend.classifier) for b in m.buffers())
+    modules = [backend.model] if backend_name == "xraygpt" else [backend.llava, backend.classifier]
+    params = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    buffers = sum(b.numel() * b.element_size() for m in modules for b in m.buffers())
     figures: dict[str, Any] = {"build_s": seconds, "parameter_bytes": params + buffers}
     if device.type == "cuda":
         figures["model_bytes"] = torch.cuda.memory_allocated(device)
@@ -159,9 +168,7 @@ def report_slot_len(backend: RadialogV2Backend, new_tokens: int) -> int:
 
     The engine's default uses the backend's report limit, which a random-weights model caps at 32.
     """
-    everything = [[ClassifierFinding(label, 1.0, True) for label in CHEXPERT_LABELS]]
-    _, (prompt,) = backend.report_prompts(everything)
-    return backend.count_tokens(prompt) + new_tokens + 1
+    return served_model(backend).longest_report_positions() + new_tokens + 1
 
 
 def make_engine(backend: RadialogV2Backend, report_slots: int, new_tokens: int, dialog_slots: int = 4) -> Engine:
@@ -175,7 +182,7 @@ def warm_up(engine: Engine, image: np.ndarray, dialog: bool = False) -> None:
     for handle in engine.submit_reports([image], max_new_tokens=2, min_new_tokens=2):
         handle.result(600)
     if dialog:
-        engine.submit_dialog(dialog_prompt(), image, 2, min_new_tokens=2).result(600)
+        engine.submit_dialog(dialog_prompt_for(engine.backend), image, 2, min_new_tokens=2).result(600)
 
 
 def submit_stream(engine: Engine, images: list[np.ndarray], count: int, chunk: int, new_tokens: int) -> list:
@@ -235,6 +242,14 @@ def dialog_prompt() -> str:
     return conversation_prompt(history, IMPRESSION)
 
 
+def dialog_prompt_for(backend: Any) -> str:
+    if backend.capabilities.backend == "xraygpt":
+        from bench import gpu_xraygpt
+
+        return gpu_xraygpt.dialog_prompt()
+    return dialog_prompt()
+
+
 def wait_until_full(engine: Engine, since_step: int, timeout: float) -> int:
     """Until every report slot is live and two decode steps ran after ``since_step``; the live reports seen."""
     pool = engine.pools["report"]
@@ -259,7 +274,7 @@ def time_dialog_under_load(backend: RadialogV2Backend, images: list[np.ndarray],
         since = engine.step_count
         reports = submit_stream(engine, images, max(3, 3 * batch), batch, new_tokens)
         live_reports = wait_until_full(engine, since, 600)
-        prompt = dialog_prompt()
+        prompt = dialog_prompt_for(backend)
         submitted = time.perf_counter()
         handle = engine.submit_dialog(prompt, images[1], new_tokens, on_token=lambda _t: callbacks.append(time.perf_counter()),
                                       min_new_tokens=new_tokens)
@@ -305,7 +320,12 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
 def check_equality(backend: RadialogV2Backend, images: list[np.ndarray], new_tokens: int) -> dict[str, Any]:
     """Engine tokens (the prompts batched together, mixed lengths) against ``backend.generate`` one at a time."""
     device = backend.loaded.device
-    prompts = equality_prompts()
+    if backend.capabilities.backend == "xraygpt":
+        from bench import gpu_xraygpt
+
+        prompts = gpu_xraygpt.equality_prompts()
+    else:
+        prompts = equality_prompts()
     pictures = [images[i % len(images)] for i in range(len(prompts))]
     naive = [backend.generate([p], [img], new_tokens, min_new_tokens=new_tokens)[0] for p, img in zip(prompts, pictures)]
     free_memory(device)
@@ -432,6 +452,7 @@ def print_results(r: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny random checkpoint through the real loader")
+    parser.add_argument("--backend", choices=["radialog-v2", "xraygpt"], default="radialog-v2")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--batch-sizes", default=None, help="default 1,8,16,32,64 (tiny: 1,4,8)")
     parser.add_argument("--new-tokens", type=int, default=100)
@@ -451,10 +472,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backend, label, build_figures = build(args.tiny, device)
+    backend, label, build_figures = build(args.tiny, device, args.backend)
     images = synthetic_images(8)
     results: dict[str, Any] = {
-        "model": label, "tiny": args.tiny, "device": str(device), "dtype": str(backend.loaded.dtype),
+        "model": label, "backend": args.backend, "tiny": args.tiny, "device": str(device), "dtype": str(backend.loaded.dtype),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0],
         "threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "build": build_figures,

@@ -97,8 +97,8 @@ class Chain:
         *,
         database_url: str | None,
         redis_url: str,
-        model_dir: Path,
-        base_model_dir: Path,
+        model_dir: Path | None = None,
+        base_model_dir: Path | None = None,
         orthanc_stable_age: int = 1,
         stable_after: float = 0.5,
         extra_env: dict[str, str] | None = None,
@@ -109,7 +109,8 @@ class Chain:
         """``single_process`` runs `radialog run` (node + worker + API in one process, embedded broker
         when Redis does not answer) instead of three processes; ``with_orthanc=False`` leaves the PACS out
         (studies go straight to the node, SRs stay in the spool); ``flush_redis`` empties the Redis
-        database first (tests own theirs; the demo never flushes)."""
+        database first (tests own theirs; the demo never flushes). ``model_dir`` / ``base_model_dir`` are
+        RaDialog v2's; another backend's settings come in ``extra_env`` (e.g. XrayGPT's ``TinyPaths.env()``)."""
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.redis_url = redis_url
@@ -144,8 +145,8 @@ class Chain:
             ),
             "RADIALOG_EXPORT_BACKOFF_INITIAL": "0.5",
             "RADIALOG_EXPORT_BACKOFF_MAX": "2",
-            "RADIALOG_MODEL_DIR": str(model_dir),
-            "RADIALOG_BASE_MODEL_DIR": str(base_model_dir),
+            **({"RADIALOG_MODEL_DIR": str(model_dir)} if model_dir else {}),
+            **({"RADIALOG_BASE_MODEL_DIR": str(base_model_dir)} if base_model_dir else {}),
             "RADIALOG_DEVICE": "cpu",
             "RADIALOG_BATCH_WAIT_MS": "50",
             "RADIALOG_API_HOST": "127.0.0.1",

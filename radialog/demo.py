@@ -6,12 +6,14 @@ exporter, API in one process) reports them and sends the SRs back into Orthanc. 
 studies go straight to the node and the SRs stay in our spool. The demo then prints each report, where
 its SR is in Orthanc, and the URL of the radiologist page.
 
-With no real model configured (RADIALOG_MODEL_DIR / RADIALOG_BASE_MODEL_DIR) it makes a tiny random
-model and says so loudly: its reports are random text, not a clinical model.
+With no real model configured (RADIALOG_MODEL_DIR / RADIALOG_BASE_MODEL_DIR, or XrayGPT's three
+RADIALOG_XRAYGPT_* settings with ``--backend xraygpt``) it makes a tiny random model and says so loudly:
+its reports are random text, not a clinical model.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import sys
@@ -54,24 +56,43 @@ def _demo_broker(settings: Settings) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{DEMO_REDIS_DB}", parts.query, parts.fragment))
 
 
-def _model(settings: Settings, workdir: Path) -> tuple[Path, Path, bool]:
-    if settings.model_dir and settings.base_model_dir:
-        return settings.model_dir, settings.base_model_dir, False
-    from workers.models.radialog_v2.tiny import make_tiny
-
-    tiny = workdir / "tiny-model"
+def _model(settings: Settings, workdir: Path, backend: str) -> tuple[dict[str, str], bool]:
+    """The worker's model settings (environment) and whether they are a tiny random model."""
+    if backend == "xraygpt":
+        real = (settings.xraygpt_vision_dir, settings.xraygpt_llm_dir, settings.xraygpt_checkpoint)
+        if all(real):
+            return {"RADIALOG_MODEL_BACKEND": "xraygpt", "RADIALOG_XRAYGPT_VISION_DIR": str(real[0]),
+                    "RADIALOG_XRAYGPT_LLM_DIR": str(real[1]), "RADIALOG_XRAYGPT_CHECKPOINT": str(real[2])}, False
+        names = "RADIALOG_XRAYGPT_VISION_DIR, RADIALOG_XRAYGPT_LLM_DIR, RADIALOG_XRAYGPT_CHECKPOINT"
+    else:
+        if settings.model_dir and settings.base_model_dir:
+            return {"RADIALOG_MODEL_BACKEND": backend, "RADIALOG_MODEL_DIR": str(settings.model_dir),
+                    "RADIALOG_BASE_MODEL_DIR": str(settings.base_model_dir)}, False
+        names = "RADIALOG_MODEL_DIR, RADIALOG_BASE_MODEL_DIR"
     _banner(
-        "No real model is configured (RADIALOG_MODEL_DIR, RADIALOG_BASE_MODEL_DIR).\n"
+        f"No real model is configured ({names}).\n"
         "This demo uses a TINY RANDOM-WEIGHT model in the published file layout: its reports are\n"
         "random words, NOT a clinical model. See README 'Installing the real model'."
     )
+    tiny = workdir / f"tiny-model-{backend}"
     complete = tiny / "COMPLETE"  # written last: a half-made model from an interrupted run is remade
     if not complete.exists():
         shutil.rmtree(tiny, ignore_errors=True)
-        model_dir, base_dir = make_tiny(tiny)
-        complete.write_text(f"{model_dir.name}\n{base_dir.name}\n")
-    model_name, base_name = complete.read_text().split()
-    return tiny / model_name, tiny / base_name, True
+        complete.parent.mkdir(parents=True, exist_ok=True)
+        complete.write_text(json.dumps(_make_tiny(tiny, backend)))
+    return json.loads(complete.read_text()), True
+
+
+def _make_tiny(directory: Path, backend: str) -> dict[str, str]:
+    if backend == "xraygpt":
+        from workers.models.xraygpt.tiny import make_tiny as make_tiny_xraygpt
+
+        return make_tiny_xraygpt(directory).env()
+    from workers.models.radialog_v2.tiny import make_tiny
+
+    model_dir, base_dir = make_tiny(directory)
+    return {"RADIALOG_MODEL_BACKEND": backend, "RADIALOG_MODEL_DIR": str(model_dir.resolve()),
+            "RADIALOG_BASE_MODEL_DIR": str(base_dir.resolve())}
 
 
 def _write_studies(directory: Path) -> list[DemoStudy]:
@@ -139,14 +160,16 @@ def _reports(database_url: str, study_uid: str) -> list[str]:
 @click.option("--timeout", type=float, default=900, show_default=True, help="Seconds to wait for the reports.")
 @click.option("--serve/--no-serve", default=False, show_default=True,
               help="Keep everything running afterwards (for the radiologist page) until Ctrl-C.")
-def demo(workdir: Path | None, timeout: float, serve: bool) -> None:
+@click.option("--backend", type=click.Choice(["radialog-v2", "xraygpt"]), default=None,
+              help="Model backend (default: RADIALOG_MODEL_BACKEND).")
+def demo(workdir: Path | None, timeout: float, serve: bool, backend: str | None) -> None:
     """Send generated chest X-rays through the whole chain and print the reports."""
     from radialog.chain import Chain, ChainError, orthanc_available
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not for this audience
     settings = get_settings()
     workdir = (workdir or settings.data_dir / "demo").resolve()
-    model_dir, base_dir, tiny = _model(settings, workdir)
+    model_env, tiny = _model(settings, workdir, backend or settings.model_backend)
     with_orthanc = orthanc_available()
     if not with_orthanc:
         click.echo("Orthanc (+ orthanc-python) is not installed: the studies go straight to our node and the "
@@ -154,9 +177,8 @@ def demo(workdir: Path | None, timeout: float, serve: bool) -> None:
     shutil.rmtree(workdir / "chain", ignore_errors=True)
     chain = Chain(
         workdir / "chain", database_url=settings.database_url, redis_url=_demo_broker(settings),
-        model_dir=model_dir, base_model_dir=base_dir, orthanc_stable_age=1, stable_after=1.0,
-        single_process=True, with_orthanc=with_orthanc, flush_redis=True,
-        extra_env={} if tiny else {"RADIALOG_DEVICE": settings.device},
+        orthanc_stable_age=1, stable_after=1.0, single_process=True, with_orthanc=with_orthanc, flush_redis=True,
+        extra_env={**model_env, **({} if tiny else {"RADIALOG_DEVICE": settings.device})},
     )
     database_url = settings.database_url or chain.env_sqlite_url()
     click.echo("starting: " + ("Orthanc + " if with_orthanc else "") + "radialog run (node, worker, API) ...")

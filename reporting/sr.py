@@ -8,9 +8,9 @@ new series of its own. Content tree::
       CONTAINS CONTAINER "Findings"
         TEXT Comment   status line: unverified AI output until approved / who verified it
         TEXT Finding   the findings text
-        CONTAINER "CAD Processing and Findings Summary"  (the classifier's output)
+        CONTAINER "CAD Processing and Findings Summary"  (the AI's own versions)
           HAS CONCEPT MOD  TID 4019 algorithm name, version, parameters (model files' SHA-256), family
-          CODE Finding = <CheXpert label code>
+          CODE Finding = <CheXpert label code>   (only a model with a findings classifier: RaDialog)
             HAS CONCEPT MOD  Presence of property = Present | Absent
             HAS PROPERTIES   NUM Probability (no units, 0..1)
       CONTAINS CONTAINER "Impressions"   (when there is an impression)
@@ -54,7 +54,8 @@ from reporting.text import require_valid
 #: Root of our UUID5 namespace for derived UIDs (the UIDs themselves are 2.25.<uuid int>).
 _UID_NAMESPACE = uuid.UUID("6f1d3b8e-5a0c-4c5e-9a47-2d1b7e0c9f10")
 
-AI_SERIES_DESCRIPTION = "AI draft report (RaDialog) - not verified"
+AI_SERIES_DESCRIPTION_TEMPLATE = "AI draft report ({model}) - not verified"
+AI_SERIES_DESCRIPTION = AI_SERIES_DESCRIPTION_TEMPLATE.format(model="RaDialog")  # RaDialog's drafts
 EDITED_SERIES_DESCRIPTION = "Edited AI-assisted report - not verified"
 APPROVED_SERIES_DESCRIPTION = "Radiologist-approved report (AI-assisted)"
 MANUFACTURER = "radialog-node"
@@ -95,6 +96,7 @@ class Algorithm:
     files_sha256: str
     manufacturer: str = MANUFACTURER
     test_model: bool = False  # a tiny random-weight checkpoint: said in the document, never clinical
+    display_name: str = ""  # the name readers know the model by ("RaDialog", "XrayGPT"); default: ``name``
 
     @property
     def device_uid(self) -> str:
@@ -194,9 +196,13 @@ def status_line(spec: SRSpec) -> str:
 
 
 def series_description(spec: SRSpec) -> str:
+    """Says what the version is; an AI draft also names the model that wrote it."""
     if spec.verified:
         return APPROVED_SERIES_DESCRIPTION
-    return EDITED_SERIES_DESCRIPTION if spec.author else AI_SERIES_DESCRIPTION
+    if spec.author:
+        return EDITED_SERIES_DESCRIPTION
+    model = (spec.algorithm.display_name or spec.algorithm.name) if spec.algorithm else "AI"
+    return AI_SERIES_DESCRIPTION_TEMPLATE.format(model=model)[:64]
 
 
 def _observer_context(spec: SRSpec) -> list[hd.sr.ContentItem]:
@@ -283,6 +289,10 @@ def content_tree(spec: SRSpec) -> ContainerContentItem:
     ]
     if spec.findings:
         findings_items.append(_classifier_container(spec.findings, spec.algorithm))
+    elif spec.algorithm and not spec.author and not spec.verified:
+        # the AI's own draft from a model without a findings classifier (XrayGPT): no coded findings, but
+        # the algorithm that wrote the text is still identified (TID 4019)
+        findings_items.append(_classifier_container((), spec.algorithm))
     findings.ContentSequence = hd.sr.ContentSequence(findings_items)
     sections: list[hd.sr.ContentItem] = [*_observer_context(spec), findings]
     if spec.impression_text and spec.impression_text.strip():

@@ -177,6 +177,7 @@ def create_ai_draft(
         algorithm=srmod.Algorithm(
             provenance.name, provenance.version, provenance.files_sha256,
             test_model=bool(getattr(provenance, "tiny", False)),
+            display_name=getattr(provenance, "display_name", ""),
         ),
         predecessors=_predecessors(study.study_instance_uid, previous),
         institution_name=settings.institution_name,

@@ -26,7 +26,7 @@ LABELS = [
     "Fracture", "Support Devices",
 ]
 FINDINGS_TEXT = "The cardiac silhouette is enlarged. There is a small left pleural effusion. No pneumothorax."
-PROVENANCE = Provenance(name="RaDialog-LLaVA", version="2.0", files_sha256="5e" * 32)
+PROVENANCE = Provenance(name="RaDialog-LLaVA", version="2.0", files_sha256="5e" * 32, display_name="RaDialog")
 
 
 def add_study(registry: Registry, settings: Settings, *, state: StudyState = StudyState.RUNNING) -> tuple[int, Dataset]:

@@ -550,6 +550,49 @@ def test_control_characters_and_a_lost_source_image_get_clear_errors(client: Tes
                    "cannot-build-report")
 
 
+def test_model_capabilities_and_actions_a_model_was_not_trained_for(registry: Registry, api_settings: Settings,
+                                                                     keys: dict[str, str], redis_db: redis.Redis) -> None:
+    """Issue 16: GET /model says what the configured backend can do; XrayGPT's API refuses RaDialog's quick
+    actions (422, nothing queued) and sizes conversations to its 2,000 positions."""
+    with TestClient(create_app(api_settings, registry)) as c:  # RaDialog v2: everything, 4,000 tokens
+        model = c.get("/api/v1/model", headers=auth(keys["reader"])).json()
+        assert model["backend"] == "radialog-v2" and model["findings_classifier"] is True
+        assert set(model["tasks"]) == {"free", "correction", "yes_no", "list", "impression", "easy_language",
+                                       "summary", "view"}
+        assert model["tasks"]["list"]["prompt"] == "List all the findings in this report."
+        assert model["tasks"]["yes_no"]["prompt"] is None and model["context_tokens"] == 4000
+    assert_problem(TestClient(create_app(api_settings, registry)).get("/api/v1/model"), 401, "unauthenticated")
+
+    xraygpt = api_settings.model_copy(update={"model_backend": "xraygpt"})
+    study_id = add_reported_study(registry, xraygpt)
+    url = f"/api/v1/studies/{study_id}/dialog"
+    h = auth(keys["rad"])
+    with TestClient(create_app(xraygpt, registry)) as c:
+        model = c.get("/api/v1/model", headers=h).json()
+        assert model == {"backend": "xraygpt", "model_name": "XrayGPT", "findings_classifier": False,
+                         "tasks": {"free": {"prompt": None, "max_new_tokens": 300},
+                                   "list": {"prompt": "What are the key findings in this chest x-ray image?",
+                                            "max_new_tokens": 300},
+                                   "impression": {"prompt": "Based on the findings in this chest x-ray image, what "
+                                                            "is the overall impression?", "max_new_tokens": 300}},
+                         "context_tokens": 2000, "image_tokens": 32}
+        for action in ({"action": "yes_no", "finding": "Edema"}, {"action": "correction", "add": ["Edema"]},
+                       {"action": "easy_language"}, {"action": "summary"}, {"action": "view"}):
+            body = assert_problem(c.post(url + "/actions", json=action, headers=h), 422, "task-not-supported")
+            assert "XrayGPT was not trained for" in body["detail"]
+        conversation = c.get(url, headers=h).json()
+        assert conversation["max_context_tokens"] == 2000
+        # a report that fits RaDialog's 4,000 tokens but not XrayGPT's 2,000 with the answer
+        long_text = "The cardiomediastinal silhouette is within normal limits. " * 100
+        assert c.post(f"/api/v1/studies/{study_id}/report/versions", json={"findings_text": long_text},
+                      headers=h).status_code == 201
+        body = assert_problem(c.post(url + "/questions", json={"question": "And the lungs?"}, headers=h), 422,
+                              "context-too-long")
+        assert "2000" in body["detail"]
+    with registry.session() as s:
+        assert s.scalars(select(DialogTurn)).all() == []
+
+
 # -- who is signed in; what changed between versions (issue 13) -------------------------------------------
 
 def test_me_names_the_keys_user_and_role(client: TestClient, keys: dict[str, str]) -> None:

@@ -62,3 +62,19 @@ def test_table_names_every_path_and_the_targets(bench_run: tuple[dict, dict, str
     assert set(r["targets"]) == {"best_studies_per_s", "dialog_first_token_s", "dialog_tokens_per_s", "model_gb",
                                  "identical_share"}
     assert len(r["profile"]["top"]) == 15
+
+
+def test_xraygpt_backend_runs_the_same_benchmark(tmp_path: Path) -> None:
+    """`--backend xraygpt` (issue 16): same sections, forced token counts, engine == one at a time."""
+    out = tmp_path / "xraygpt.json"
+    with (tmp_path / "stdout.txt").open("w") as stream, contextlib.redirect_stdout(stream):
+        gpu.main(["--tiny", "--backend", "xraygpt", "--device", "cpu", "--batch-sizes", "2", "--new-tokens",
+                  str(NEW_TOKENS), "--naive", "1", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["backend"] == "xraygpt" and "XrayGPT" in r["model"]
+    assert r["naive"]["tokens"] == NEW_TOKENS
+    assert r["engine"][0]["tokens"] == r["engine"][0]["studies"] * NEW_TOKENS
+    assert r["dialog"]["tokens"] == NEW_TOKENS and r["dialog"]["reports_live"] == 2
+    assert r["engine"][0]["pools"]["dialog"]["max_len"] == 2048  # never more than Vicuna-7B v1's positions
+    equality = r["equality"]
+    assert len(set(equality["prompt_tokens"])) == equality["prompts"] and equality["all_identical"] is True

@@ -354,3 +354,45 @@ def test_hostile_report_text_is_shown_as_text_and_signed_as_shown(
     with sqlite_registry.session() as s:
         signed = s.scalar(select(Report).where(Report.study_id == studies["html"], Report.version == 2))
         assert signed.verified and signed.findings_text == clean_model_text(HOSTILE["html"])
+
+
+def test_the_page_offers_only_what_the_configured_model_was_trained_for(
+        page_settings: Settings, sqlite_registry: Registry) -> None:
+    """Issue 16: with XrayGPT configured, RaDialog's quick actions (easy language, summary, view, yes/no and
+    corrections by finding) and the empty classifier list are hidden; free questions, key findings and
+    impression stay. With RaDialog everything is there."""
+    from playwright.sync_api import expect
+
+    from api.testing import add_study
+    from radialog.registry import StudyState
+    from reporting.versions import create_ai_draft
+    from workers.models.base import Provenance, ReportOutput
+
+    keys = make_keys(sqlite_registry)
+    xraygpt = page_settings.model_copy(update={"model_backend": "xraygpt"})
+    study_id, _ = add_study(sqlite_registry, xraygpt, state=StudyState.RUNNING, index=3)
+    with sqlite_registry.session() as session:
+        create_ai_draft(session, xraygpt, study_id, ReportOutput(
+            key=str(study_id), findings_text="The heart size is normal. No effusion.", findings=[],
+            findings_phrase="", generated_tokens=9), Provenance("XrayGPT", "1.0", "1" * 64, display_name="XrayGPT"))
+    hidden = ["easy_language", "summary", "view"]
+    with api_server(xraygpt, sqlite_registry) as base, signed_in(base, keys["rad"]) as page:
+        page.locator(f'#worklist tr[data-study-id="{study_id}"]').click()
+        expect(page.locator("#findings-text")).to_have_text("The heart size is normal. No effusion.")
+        expect(page.locator("#chat-box")).to_be_visible()
+        for action in ("list", "impression"):
+            expect(page.locator(f'[data-action="{action}"]')).to_be_visible()
+        for action in hidden:
+            expect(page.locator(f'[data-action="{action}"]')).to_be_hidden()
+        expect(page.locator("#finding-actions")).to_be_hidden()
+        expect(page.locator("#classifier-block")).to_be_hidden()
+        expect(page.locator("#chat-input")).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "page-xraygpt.png"), full_page=True)
+    radialog_study = add_reported_study(sqlite_registry, page_settings, index=4)
+    with api_server(page_settings, sqlite_registry) as base, signed_in(base, keys["rad"]) as page:
+        page.locator(f'#worklist tr[data-study-id="{radialog_study}"]').click()
+        expect(page.locator("#chat-box")).to_be_visible()
+        for action in ("list", "impression", *hidden):
+            expect(page.locator(f'[data-action="{action}"]')).to_be_visible()
+        expect(page.locator("#finding-actions")).to_be_visible()
+        expect(page.locator("#classifier li")).to_have_count(14)

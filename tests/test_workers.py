@@ -416,6 +416,31 @@ def test_a_queued_jobs_message_held_by_a_dead_worker_is_sent_again(sqlite_regist
     client.close()
 
 
+def test_dialog_history_of_an_xraygpt_conversation_opens_with_its_report_question(sqlite_registry, settings) -> None:
+    """Issue 16: the seed turn is the question XrayGPT wrote the report for (not RaDialog's findings prompt),
+    and nothing is a first-turn task there."""
+    from api.testing import add_reported_study
+    from radialog.registry import Conversation, DialogTurn, utcnow
+    from workers.dialog import build_history
+    from workers.models.capabilities import XRAYGPT
+    from workers.models.xraygpt.prompts import IMPRESSION, REPORT_QUESTION
+
+    study_id = add_reported_study(sqlite_registry, settings, findings_text="Mild cardiomegaly.")
+    with sqlite_registry.session() as session:
+        conversation = Conversation(study_id=study_id, user="rad", created_at=utcnow())
+        session.add(conversation)
+        session.flush()
+        turns = [DialogTurn(conversation_id=conversation.id, task="impression", question=IMPRESSION,
+                            answer="Cardiomegaly.", state="DONE", created_at=utcnow()),
+                 DialogTurn(conversation_id=conversation.id, task="free", question="Any devices?", state="QUEUED",
+                            created_at=utcnow())]
+        session.add_all(turns)
+        session.flush()
+        history = build_history(session, turns[1], XRAYGPT)
+        assert [(t.question, t.answer) for t in history] == [(REPORT_QUESTION, "Mild cardiomegaly."),
+                                                             (IMPRESSION, "Cardiomegaly.")]
+
+
 def test_embedded_broker_message_held_by_a_dead_worker_is_sent_again(sqlite_registry: Registry,
                                                                       settings: Settings) -> None:
     """kombu's SQLAlchemy transport (``radialog run`` without Redis) keeps a delivered message as an

@@ -130,7 +130,7 @@ class WorkerContext:
         if self.backend is None:
             return
         info: dict[str, Any] = {**self.backend.provenance.to_dict(), **self.backend.serving_info(),
-                                "hostname": self.hostname}
+                                "backend": self.backend.capabilities.backend, "hostname": self.hostname}
         self.presence.announce(self.hostname, info)
 
     def withdraw_ready(self) -> None:

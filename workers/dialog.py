@@ -1,7 +1,8 @@
 """The worker side of a dialog turn: history from the registry, tokens streamed to Redis, answer stored.
 
-History: the seed report as the first exchange (the v2 report prompt with the seed report's present
-classifier labels, answered by its findings text), then the conversation's earlier DONE turns in order.
+History: the seed report as the first exchange (the backend's report question, for RaDialog the v2 report
+prompt with the seed report's present classifier labels, answered by its findings text), then the
+conversation's earlier DONE turns in order.
 Streaming: JSON messages on ``celery_app.dialog_channel`` (``radialog:<broker db>:dialog:<turn_id>``): {"type": "token", "text"}, then
 {"type": "done", "answer"} or {"type": "error", "error"}. With an embedded (non-Redis) broker nothing is
 streamed; the API reads the stored answer. A redelivered DONE turn only repeats its "done" message.
@@ -28,6 +29,7 @@ from workers.pipeline import JobFailure, load_image
 if TYPE_CHECKING:
     from workers.context import WorkerContext
     from workers.models.base import Turn
+    from workers.models.capabilities import Capabilities
 
 log = get_logger(__name__)
 
@@ -60,33 +62,36 @@ def seed_report(session: Any, conversation: Conversation) -> Report | None:
     ).first()
 
 
-def build_history(session: Any, turn: DialogTurn) -> list[Turn]:
+def build_history(session: Any, turn: DialogTurn, capabilities: Capabilities | None = None) -> list[Turn]:
     """The exchanges before ``turn``: seed report first, then earlier answered turns.
 
-    The view question is the exception: RaDialog was trained to answer it as the first turn, with the
-    image in the question itself, so it is asked with no history at all.
+    A first-turn task is the exception: RaDialog was trained to answer the view question as the first turn,
+    with the image in the question itself, so it is asked with no history at all. ``capabilities``: the
+    serving backend's (default RaDialog v2's); its report question opens the history.
     """
     from workers.models.base import Turn
-    from workers.models.prompts import findings_phrase, report_prompt
+    from workers.models.capabilities import RADIALOG_V2
 
-    if turn.task == "view":
+    capabilities = capabilities or RADIALOG_V2
+    if turn.task in capabilities.first_turn_tasks:
         return []
     conversation = turn.conversation
     report = seed_report(session, conversation)
     if report is None:
         raise JobFailure("the study has no report to talk about yet")
     labels = [f["label"] for f in report.findings or [] if f.get("present")]
-    history = [Turn(question=report_prompt(findings_phrase(labels)), answer=report.findings_text)]
+    history = [Turn(question=capabilities.report_question(labels), answer=report.findings_text)]
     for earlier in conversation.turns:
-        # a view turn was its own one-turn conversation (it holds the image): not part of this history
-        if earlier.id < turn.id and earlier.state == DONE and earlier.answer is not None and earlier.task != "view":
+        # a first-turn (view) turn was its own one-turn conversation (it holds the image): not part of this one
+        if (earlier.id < turn.id and earlier.state == DONE and earlier.answer is not None
+                and earlier.task not in capabilities.first_turn_tasks):
             history.append(Turn(question=earlier.question, answer=earlier.answer))
     return history
 
 
 def run_dialog_turn(ctx: WorkerContext, turn_id: int) -> str:
     """Answer one turn; the outcome (DONE with the answer, FAILED with a reason) is stored in its row."""
-    from workers.models.base import ContextTooLong, DialogRequest
+    from workers.models.base import ContextTooLong, DialogRequest, UnsupportedTask
 
     publisher = Publisher(ctx.redis, ctx.settings.broker_url, turn_id)
     started = time.perf_counter()
@@ -106,7 +111,7 @@ def run_dialog_turn(ctx: WorkerContext, turn_id: int) -> str:
         question, task = turn.question, turn.task
         failure = ""
         try:
-            history = build_history(session, turn)
+            history = build_history(session, turn, ctx.backend.capabilities if ctx.backend else None)
         except JobFailure as exc:
             history, failure = None, str(exc)
     try:
@@ -124,7 +129,7 @@ def run_dialog_turn(ctx: WorkerContext, turn_id: int) -> str:
         request = DialogRequest(image=image, history=history, question=question, task=task)
         # the model boundary: the answer is stored, shown and possibly made a report version as cleaned
         answer = clean_model_text(ctx.require_backend().answer(request, on_token=on_token))
-    except (JobFailure, ContextTooLong) as exc:
+    except (JobFailure, ContextTooLong, UnsupportedTask) as exc:
         return _fail(ctx, publisher, turn_id, str(exc))
     except Exception as exc:  # the turn fails, the worker keeps serving
         log.warning("dialog turn failed", extra={"turn": turn_id}, exc_info=True)

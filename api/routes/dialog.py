@@ -1,17 +1,18 @@
 """Dialog: the caller's conversation about a study, free questions and quick actions, answered as
-one JSON body (waiting up to ``wait_seconds``) or streamed as Server-Sent Events."""
+one JSON body (waiting up to ``wait_seconds``) or streamed as Server-Sent Events; and what the configured
+model can do (``GET /model``), so that the page offers only the actions it was trained for."""
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
 from api import audit
-from api.deps import DB, AnyUser, AppRegistry, AppServices
+from api.deps import DB, AnyUser, AppRegistry, AppServices, AppSettings
 from api.deps_types import Principal
 from api.dialog import (
     PendingTurn,
@@ -19,6 +20,7 @@ from api.dialog import (
     check_context,
     check_no_pending_turn,
     check_question,
+    check_task,
     conversation_tokens,
     current_conversation,
     is_context_error,
@@ -28,10 +30,10 @@ from api.dialog import (
 )
 from api.lookups import get_study, require_report
 from api.problems import Problem, problem_responses
-from api.schemas import ConversationOut, Question, QuickAction, StudyId, TurnId, TurnOut
+from api.schemas import ConversationOut, ModelOut, Question, QuickAction, StudyId, TurnId, TurnOut
 from api.services import Services
 from radialog.registry import DialogTurn, Registry
-from workers.models import prompts
+from workers.models.capabilities import Capabilities, UnknownBackend, capabilities_for
 
 router = APIRouter(tags=["dialog"])
 _ERRORS = problem_responses(401, 403, 404, 409, 413, 422, 502, 503, 504)
@@ -53,36 +55,56 @@ _ANSWER_RESPONSES: dict[int | str, dict[str, Any]] = {
 STREAM_TIMEOUT_S = 300.0
 
 
-def _conversation_out(conversation: Any, seed: Any) -> ConversationOut:
+def model_capabilities(settings: AppSettings) -> Capabilities:
+    """The configured backend's capabilities (RADIALOG_MODEL_BACKEND, shared with the workers)."""
+    try:
+        return capabilities_for(settings.model_backend)
+    except UnknownBackend as exc:
+        raise Problem(503, "model-backend-unknown", str(exc)) from exc
+
+
+ModelCapabilities = Annotated[Capabilities, Depends(model_capabilities)]
+
+
+@router.get("/model", response_model=ModelOut, responses=problem_responses(401, 403, 503))
+def read_model(who: AnyUser, capabilities: ModelCapabilities) -> ModelOut:
+    """What the configured model can do: a findings classifier or not, the dialog tasks it was trained for
+    (with the exact prompt sent, null when built from the request) and its context length."""
+    return ModelOut.model_validate(capabilities.to_dict())
+
+
+def _conversation_out(conversation: Any, seed: Any, capabilities: Capabilities) -> ConversationOut:
     return ConversationOut(
         id=conversation.id, study_id=conversation.study_id, user=conversation.user,
         seed_report_id=conversation.seed_report_id, seed_report_version=seed.version if seed else None,
         created_at=conversation.created_at, turns=[TurnOut.model_validate(t) for t in conversation.turns],
-        estimated_tokens=conversation_tokens(conversation, seed), max_context_tokens=prompts.MAX_CONTEXT_TOKENS,
+        estimated_tokens=conversation_tokens(conversation, seed, capabilities),
+        max_context_tokens=capabilities.context_tokens,
     )
 
 
 @router.get("/studies/{study_id}/dialog", response_model=ConversationOut, responses=_ERRORS)
-def read_conversation(study_id: StudyId, session: DB, who: AnyUser) -> ConversationOut:
+def read_conversation(study_id: StudyId, session: DB, who: AnyUser, capabilities: ModelCapabilities) -> ConversationOut:
     """The caller's conversation about the study's current report (created empty when new)."""
     study = get_study(session, study_id)
     report = require_report(session, study)
     conversation = current_conversation(session, study, who.name, report)
     audit.record(session, who, "dialog.read", study_id, conversation=conversation.id)
     session.commit()
-    return _conversation_out(conversation, report)
+    return _conversation_out(conversation, report, capabilities)
 
 
 def _ask(
     study_id: StudyId, task: str, question: str, stream: bool, wait_seconds: float,
-    session: Session, who: Principal, registry: Registry, services: Services,
+    session: Session, who: Principal, registry: Registry, services: Services, capabilities: Capabilities,
 ) -> Any:
     check_question(question)
+    check_task(task, capabilities)
     study = get_study(session, study_id)
     report = require_report(session, study)
     conversation = current_conversation(session, study, who.name, report)
     check_no_pending_turn(conversation)
-    check_context(report, question, task)
+    check_context(report, question, task, capabilities)
     require_worker(services)
     audit.record(session, who, "dialog.ask", study_id, conversation=conversation.id, task=task)
     pending = send_turn(session, services, conversation.id, task, question, registry)
@@ -131,20 +153,25 @@ def _wait(pending: PendingTurn, wait_seconds: float, registry: Registry) -> Any:
 
 @router.post("/studies/{study_id}/dialog/questions", response_model=TurnOut, responses=_ANSWER_RESPONSES)
 def ask_question(
-    study_id: StudyId, body: Question, session: DB, who: AnyUser, registry: AppRegistry, services: AppServices
+    study_id: StudyId, body: Question, session: DB, who: AnyUser, registry: AppRegistry, services: AppServices,
+    capabilities: ModelCapabilities,
 ) -> Any:
     """Ask a free question about the study (the model sees the image, its report and the turns so far)."""
-    return _ask(study_id, "free", body.question, body.stream, body.wait_seconds, session, who, registry, services)
+    return _ask(study_id, "free", body.question, body.stream, body.wait_seconds, session, who, registry, services,
+                capabilities)
 
 
 @router.post("/studies/{study_id}/dialog/actions", response_model=TurnOut, responses=_ANSWER_RESPONSES)
 def quick_action(
-    study_id: StudyId, body: QuickAction, session: DB, who: AnyUser, registry: AppRegistry, services: AppServices
+    study_id: StudyId, body: QuickAction, session: DB, who: AnyUser, registry: AppRegistry, services: AppServices,
+    capabilities: ModelCapabilities,
 ) -> Any:
-    """A quick action (correction, yes/no, list, impression, easy language, summary, view) sent with
-    the exact phrasing the model was instruction-tuned on."""
-    task, question = action_question(body)
-    return _ask(study_id, task, question, body.stream, body.wait_seconds, session, who, registry, services)
+    """A quick action (RaDialog: correction, yes/no, list, impression, easy language, summary, view; XrayGPT:
+    list, impression) sent with the exact phrasing the model was trained on; others are refused with 422
+    (``GET /model`` lists them)."""
+    task, question = action_question(body, capabilities)
+    return _ask(study_id, task, question, body.stream, body.wait_seconds, session, who, registry, services,
+                capabilities)
 
 
 @router.get("/dialog/turns/{turn_id}", response_model=TurnOut, responses=problem_responses(401, 403, 404, 422))

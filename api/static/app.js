@@ -11,6 +11,7 @@ const KEY_STORE = "radialog.apiKey";
 const PAGE_SIZE = 25;
 const state = {
   offset: 0, total: 0, me: null,
+  model: null,         // GET /model: what the configured model can do (actions it was not trained for are hidden)
   selection: 0,        // bumped by every study selection
   controller: null,    // aborts the requests of the previous selection
   studyId: null, study: null,
@@ -77,12 +78,24 @@ async function start() {
   } catch (error) {
     return;
   }
+  try { state.model = await getJSON("/model"); } catch (_) { state.model = null; }  // unknown: show all, the API decides
+  applyModel();
   $("login").hidden = true;
   $("app").hidden = false;
   const out = el("button", { type: "button", id: "sign-out" }, "Sign out");
   out.addEventListener("click", () => signOut());
   // who is signed in, by name and role: nobody works under a colleague's key unawares
   $("who").replaceChildren(el("span", { id: "who-name" }, `${state.me.name} · ${state.me.role}`), out);
+}
+
+// Quick actions the model was not trained for are hidden (the API refuses them too); a model without a
+// findings classifier (XrayGPT) has no classifier list and no per-finding actions.
+const supports = (task) => !state.model || Object.prototype.hasOwnProperty.call(state.model.tasks, task);
+function applyModel() {
+  for (const button of document.querySelectorAll("[data-action]")) button.hidden = !supports(button.dataset.action);
+  $("ask-yes-no").hidden = !supports("yes_no");
+  $("add-finding").hidden = $("remove-finding").hidden = !supports("correction");
+  $("finding-actions").hidden = !supports("yes_no") && !supports("correction");
 }
 
 // -- worklist ----------------------------------------------------------------------------------------
@@ -221,6 +234,8 @@ function showVersion(report) {
   const findings = (report.document && report.document.findings) || [];
   $("classifier").replaceChildren(...findings.map((f) => el("li", { className: f.present ? "present" : "absent" },
     `${f.label}: ${f.present ? "present" : "absent"} (${Number(f.probability).toFixed(2)})`)));
+  // a model without a classifier writes no coded findings: no empty "Classifier findings" heading then
+  $("classifier-block").hidden = !findings.length && Boolean(state.model) && !state.model.findings_classifier;
   for (const li of $("versions").children) li.classList.toggle("shown", Number(li.dataset.version) === report.version);
   updateApprove();
 }

@@ -1,5 +1,6 @@
 """The worker's model backend on top of the engine: the same interface as the simple path, served by one
-engine thread that batches whatever the worker's report tasks and dialog turns hand it at the same time."""
+engine thread that batches whatever the worker's report tasks and dialog turns hand it at the same time.
+Any backend whose ``engine_model()`` gives an :class:`~workers.engine.model.EngineModel` can be served."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from typing import TYPE_CHECKING
 
 from workers.engine.engine import Engine, EngineConfig, Generation, Handle
 from workers.models.base import DialogRequest, ModelBackend, ReportOutput, StudyInput, TokenCallback
-from workers.models.radialog_v2.backend import RadialogV2Backend
 
 if TYPE_CHECKING:
     from radialog.settings import Settings
@@ -21,10 +21,12 @@ _POLL_S = 5.0
 class EngineBackend(ModelBackend):
     """``report``/``answer`` submit to the engine and wait; safe to call from several threads at once."""
 
-    def __init__(self, model: RadialogV2Backend, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: ModelBackend, config: EngineConfig | None = None) -> None:
         self.model = model
         self.provenance = model.provenance
+        self.capabilities = model.capabilities
         self.engine = Engine(model, config).start()
+        self.served = self.engine.model
 
     def _wait(self, handle: Handle) -> Generation:
         while True:
@@ -52,7 +54,7 @@ class EngineBackend(ModelBackend):
                 continue
             timings = {"preprocess": preprocess_s, **generation.timings}
             results.append(ReportOutput(
-                key=study.key, findings_text=self.model.decode(generation.tokens), findings=generation.findings or [],
+                key=study.key, findings_text=self.served.text(generation.tokens), findings=generation.findings or [],
                 findings_phrase=generation.phrase or "", generated_tokens=len(generation.tokens), timings=timings,
             ))
         return results
@@ -65,9 +67,10 @@ class EngineBackend(ModelBackend):
         return outputs  # type: ignore[return-value]
 
     def answer(self, request: DialogRequest, on_token: TokenCallback | None = None) -> str:
-        prompt, limit = self.model.dialog_prompt(request)
-        generation = self._wait(self.engine.submit_dialog(prompt, request.image, limit, on_token=on_token))
-        return self.model.decode(generation.tokens)
+        prompt, limit = self.served.dialog_input(request)
+        generation = self._wait(self.engine.submit_dialog(prompt, request.image, limit, on_token=on_token,
+                                                          sampling=request.sampling))
+        return self.served.text(generation.tokens)
 
     def close(self) -> None:
         self.engine.stop()
@@ -78,15 +81,14 @@ class EngineBackend(ModelBackend):
             name: {"slots": pool.slots, "max_len": pool.max_len, "kv_GiB": round(pool.nbytes / 2**30, 3)}
             for name, pool in self.engine.pools.items()
         }
-        params = sum(p.numel() * p.element_size() for p in self.model.llava.parameters())
-        params += sum(p.numel() * p.element_size() for p in self.model.classifier.parameters())
-        info["model_GiB"] = round(params / 2**30, 3)
+        info["model_GiB"] = round(self.model.parameter_bytes() / 2**30, 3)
         return {"engine": info}
 
 
 def with_engine(backend: ModelBackend, settings: Settings) -> ModelBackend:
-    """``backend`` served by an engine sized from ``settings`` (``settings.engine`` false: unchanged)."""
-    if not settings.engine or not isinstance(backend, RadialogV2Backend):
+    """``backend`` served by an engine sized from ``settings`` (``settings.engine`` false, or a backend the
+    engine cannot serve: unchanged)."""
+    if not settings.engine or backend.engine_model() is None:
         return backend
     config = EngineConfig(
         report_slots=settings.engine_report_slots,

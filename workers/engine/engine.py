@@ -1,16 +1,21 @@
 """The engine thread: admits requests between decode steps, dialog first, and decodes every live sequence.
 
+The model is any backend's :class:`~workers.engine.model.EngineModel`: it turns requests into rows of
+Llama input embeddings (RaDialog v2: classifier, BioViL-T, LLaVA splice; XrayGPT: EVA ViT-g, Q-Former,
+``<ImageHere>`` splice) and says when a sequence ends; the engine only runs the Llama.
+
 One loop iteration: take what was submitted; drop what was cancelled; admit waiting dialog turns (their
-image through the vision tower, prompt prefilled into the dialog pool); else, when no turn streams, admit
-waiting reports up to the free report slots and a prompt-token budget (classifier at 488 px and vision
-tower at 448 px for the whole group, then one prefill); then one decode step over all live sequences.
+input rows from the model, prompt prefilled into the dialog pool); else, when no turn streams, admit
+waiting reports up to the free report slots and a prompt-token budget (the model embeds the whole group,
+then one prefill); then one decode step over all live sequences.
 While a dialog turn streams, only ``reports_beside_dialog`` report rows decode beside it and no report
 prefill runs, so the turn's tokens come at close to the single-stream pace.
 
-Greedy decoding, per sequence: EOS is suppressed until ``min_new_tokens``; a sequence ends at EOS (not
-returned), at its ``max_new_tokens`` or when its slot is full. Results are those of the same prompt run
-alone (:mod:`workers.engine.decoder`); the vision tower normalises each image by itself, so nothing about
-a study depends on the others in its batch.
+Greedy decoding, per sequence (a dialog turn may ask for sampling instead: its own seeded generator, so
+its draws do not depend on its batch companions): no ending (EOS, stop sequence) before ``min_new_tokens``; a sequence
+ends at EOS (not returned), after one of the model's stop sequences (kept), at its ``max_new_tokens`` or
+when its slot is full. Results are those of the same prompt run alone (:mod:`workers.engine.decoder`); the
+vision towers process each image by itself, so nothing about a study depends on the others in its batch.
 
 Callers submit from any thread and wait on a :class:`Handle`; ``on_token`` callbacks run in the engine
 thread and must be quick (a Redis publish is). An error in one request's callback fails that request only;
@@ -34,12 +39,10 @@ import torch
 from radialog.logging import get_logger
 from workers.engine.decoder import Group, LlamaSteps
 from workers.engine.kv_pool import KVPool
-from workers.models.radialog_v2.llava import CallbackStreamer
-from workers.models.radialog_v2.transforms import CLASSIFIER_CROP, LLM_CROP, branch_batches
+from workers.engine.model import EngineModel, Streamer
 
 if TYPE_CHECKING:
-    from workers.models.base import ClassifierFinding
-    from workers.models.radialog_v2.backend import RadialogV2Backend
+    from workers.models.base import ClassifierFinding, ModelBackend, Sampling
 
 log = get_logger(__name__)
 
@@ -73,7 +76,7 @@ class Generation:
     """What a request produced: new tokens (EOS excluded), why it stopped, and timings in seconds."""
 
     tokens: list[int]
-    finish: str  # "eos", "length" (token limit or slot full)
+    finish: str  # "eos", "stop" (a stop sequence, kept in tokens), "length" (token limit or slot full)
     timings: dict[str, float]
     findings: list[ClassifierFinding] | None = None  # reports: the classifier's labels
     phrase: str | None = None  # reports: the findings phrase given to the LLM
@@ -111,12 +114,11 @@ class Handle:
 class _Request:
     kind: str
     handle: Handle
-    llm_pixels: torch.Tensor  # [3, 448, 448]
+    inputs: Any  # what the model's embed_reports / embed_dialogs need (prepared in the caller's thread)
     max_new_tokens: int
     min_new_tokens: int = 0
-    classifier_pixels: torch.Tensor | None = None  # reports: [3, 488, 488]
-    prompt_ids: list[int] | None = None  # dialog: the whole prompt; reports: built after the classifier
     on_token: Callable[[str], None] | None = None
+    sampling: Sampling | None = None  # None: greedy
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -128,19 +130,22 @@ class _Sequence:
     length: int  # tokens in the cache
     tokens: list[int]
     timings: dict[str, float]
-    streamer: CallbackStreamer | None = None
+    streamer: Streamer | None = None
     findings: list[ClassifierFinding] | None = None
     phrase: str | None = None
+    generator: torch.Generator | None = None  # sampling requests: their own random stream
 
 
 class Engine:
     """Owns the model's GPU work in one thread; submit from anywhere."""
 
-    def __init__(self, backend: RadialogV2Backend, config: EngineConfig | None = None) -> None:
+    def __init__(self, backend: ModelBackend | EngineModel, config: EngineConfig | None = None) -> None:
         self.backend = backend
+        self.model = served_model(backend)
         self.config = config or EngineConfig()
-        self.steps = LlamaSteps(backend.llava.language_model)
-        self.eos = backend.eos_id
+        self.steps = LlamaSteps(self.model.language_model)
+        self.eos = self.model.eos_id
+        self.stops = tuple(tuple(s) for s in self.model.stop_sequences if s)
         #: Model positions of the longest report prompt: sizes the report slots and the prefill budget.
         self.longest_report = self.longest_report_prompt()
         self.pools = self._make_pools()
@@ -154,30 +159,29 @@ class Engine:
 
     # -- sizing -------------------------------------------------------------------------------------
     def longest_report_prompt(self) -> int:
-        """Model positions of the longest report prompt (every CheXpert label predicted)."""
-        from workers.models.base import ClassifierFinding
-        from workers.models.prompts import CHEXPERT_LABELS
-
-        everything = [[ClassifierFinding(label, 1.0, True) for label in CHEXPERT_LABELS]]
-        _, (prompt,) = self.backend.report_prompts(everything)
-        return self.backend.count_tokens(prompt)
+        """Model positions of the longest report prompt (RaDialog: every CheXpert label predicted)."""
+        return self.model.longest_report_positions()
 
     def _make_pools(self) -> dict[str, KVPool]:
         cfg = self.config
-        report_len = cfg.report_max_len or self.longest_report + self.backend.report_token_limit() + 1
+        report_len = cfg.report_max_len or self.longest_report + self.model.report_token_limit() + 1
+        dialog_len = cfg.dialog_max_len
+        if self.model.max_positions is not None:  # never more positions than the model was trained for
+            report_len = min(report_len, self.model.max_positions)
+            dialog_len = min(dialog_len, self.model.max_positions)
         device, dtype, shape = self.steps.device, self.steps.dtype, self.steps.shape
         per_token = shape.bytes_per_token(dtype)
         report_slots = cfg.report_slots
         if device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(device)
-            budget = int(free * cfg.memory_fraction) - cfg.dialog_slots * cfg.dialog_max_len * per_token
+            budget = int(free * cfg.memory_fraction) - cfg.dialog_slots * dialog_len * per_token
             fits = max(1, budget // (report_len * per_token))
             if fits < report_slots:
                 log.warning("KV memory limits the report batch", extra={"asked": report_slots, "fits": int(fits)})
                 report_slots = int(fits)
         pools = {
             REPORT: KVPool(REPORT, shape, report_slots, report_len, dtype, device),
-            DIALOG: KVPool(DIALOG, shape, cfg.dialog_slots, cfg.dialog_max_len, dtype, device),
+            DIALOG: KVPool(DIALOG, shape, cfg.dialog_slots, dialog_len, dtype, device),
         }
         log.info("engine pools", extra={
             name: {"slots": p.slots, "max_len": p.max_len, "GiB": round(p.nbytes / 2**30, 2)} for name, p in pools.items()
@@ -212,33 +216,30 @@ class Engine:
     def submit_reports(
         self, images: Sequence[np.ndarray], *, max_new_tokens: int | None = None, min_new_tokens: int = 0
     ) -> list[Handle]:
-        """Queue report requests; the images are resized in the caller's thread."""
-        limit = max_new_tokens or self.backend.report_token_limit()
+        """Queue report requests (greedy); the images are prepared in the caller's thread."""
+        limit = max_new_tokens or self.model.report_token_limit()
         room = self.pools[REPORT].max_len - self.longest_report - 1
         if limit > room:  # else a long report would end "length" where the simple path goes on
             raise ValueError(f"{limit} new tokens do not fit the report slots ({room} after the longest prompt); "
                              "build the engine with a larger report_max_len")
-        batches = branch_batches(list(images), (CLASSIFIER_CROP, LLM_CROP))
         handles = []
-        for i in range(len(images)):
+        for inputs in self.model.prepare_reports(images):
             handle = Handle(self)
-            self._put(_Request(REPORT, handle, batches[LLM_CROP][i], limit, min_new_tokens,
-                               classifier_pixels=batches[CLASSIFIER_CROP][i]))
+            self._put(_Request(REPORT, handle, inputs, limit, min_new_tokens))
             handles.append(handle)
         return handles
 
     def submit_dialog(
         self, prompt: str, image: np.ndarray, max_new_tokens: int, on_token: Callable[[str], None] | None = None,
-        min_new_tokens: int = 0,
+        min_new_tokens: int = 0, sampling: Sampling | None = None,
     ) -> Handle:
-        """Queue a dialog turn (the whole prompt, its ``<image>`` included); served before reports."""
-        ids = self.backend.prompt_ids(prompt)
-        needed = self.backend.count_tokens(prompt) + 1
-        if needed > self.pools[DIALOG].max_len:
-            raise ValueError(f"the prompt takes {needed - 1} positions; the dialog slots hold {self.pools[DIALOG].max_len}")
-        pixels = branch_batches([image], (LLM_CROP,))[LLM_CROP][0]
+        """Queue a dialog turn (the whole prompt, its image placeholder included); served before reports."""
+        inputs, positions = self.model.prepare_dialog(prompt, image)
+        if positions + 1 > self.pools[DIALOG].max_len:
+            raise ValueError(f"the prompt takes {positions} positions; the dialog slots hold {self.pools[DIALOG].max_len}")
         handle = Handle(self)
-        self._put(_Request(DIALOG, handle, pixels, max_new_tokens, min_new_tokens, prompt_ids=ids, on_token=on_token))
+        self._put(_Request(DIALOG, handle, inputs, max_new_tokens, min_new_tokens, on_token=on_token,
+                           sampling=sampling))
         return handle
 
     def _put(self, request: _Request) -> None:
@@ -301,11 +302,11 @@ class Engine:
         self._admit_dialog_group([self.waiting[DIALOG].popleft() for _ in range(count)])
 
     def _admit_dialog_group(self, requests: list[_Request]) -> None:
-        """Vision tower for the turns' images, then their prefill; a failing group goes one by one."""
+        """The model's input rows for the turns (their images through its vision tower), then their prefill;
+        a failing group goes one by one."""
         started = time.perf_counter()
         try:
-            features = self.backend.llava.encode_images(torch.stack([r.llm_pixels for r in requests]))
-            rows = self.backend.llava.splice([r.prompt_ids for r in requests], features)
+            rows = self.model.embed_dialogs([r.inputs for r in requests])
         except Exception as exc:
             self._one_by_one(requests, exc, self._admit_dialog_group, "dialog admission")
             return
@@ -331,21 +332,15 @@ class Engine:
         self._admit_report_group([self.waiting[REPORT].popleft() for _ in range(count)])
 
     def _admit_report_group(self, requests: list[_Request]) -> None:
-        """Classifier (488 px) and vision tower (448 px) for the group, then its prefill; a failing group
-        is admitted one by one so that the fault stays with its study."""
-        started = time.perf_counter()
+        """The model's input rows for the group (RaDialog: classifier, then vision tower), then its prefill;
+        a failing group is admitted one by one so that the fault stays with its study."""
         try:
-            findings = self.backend.classify([], torch.stack([r.classifier_pixels for r in requests]))  # type: ignore[misc]
-            t_cls = time.perf_counter()
-            phrases, prompts = self.backend.report_prompts(findings)
-            features = self.backend.llava.encode_images(torch.stack([r.llm_pixels for r in requests]))
-            rows = self.backend.llava.splice([self.backend.prompt_ids(p) for p in prompts], features)
+            embedded = self.model.embed_reports([r.inputs for r in requests])
         except Exception as exc:
             self._one_by_one(requests, exc, self._admit_report_group, "report admission")
             return
-        t_vis = time.perf_counter()
-        timings = [{"classifier": t_cls - started, "vision": t_vis - t_cls, "admitted_together": float(len(requests))}] * len(requests)
-        self._prefill(self.pools[REPORT], requests, rows, timings, findings, phrases)
+        timings = [{**embedded.timings, "admitted_together": float(len(requests))}] * len(requests)
+        self._prefill(self.pools[REPORT], requests, embedded.rows, timings, embedded.findings, embedded.phrases)
 
     def _prefill(self, pool: KVPool, requests: list[_Request], rows: list[torch.Tensor],
                  timings: list[dict[str, float]], findings: Sequence[Any], phrases: Sequence[Any]) -> None:
@@ -372,11 +367,10 @@ class Engine:
         now = time.perf_counter()
         fresh = []
         for i, request in enumerate(requests):
-            streamer = (CallbackStreamer(self.backend.tokenizer.decode, request.on_token, self.eos)
-                        if request.on_token else None)
+            streamer = self.model.streamer(request.on_token) if request.on_token else None
             seq = _Sequence(request, pool, slots[i], len(rows[i]), [], {
                 **timings[i], "queued": started - request.submitted, "prefill": prefill_s, "decode_started": now,
-            }, streamer, findings[i], phrases[i])
+            }, streamer, findings[i], phrases[i], _generator(request.sampling, logits.device))
             self.live[request.kind].append(seq)
             fresh.append(seq)
         self._advance(fresh, logits)
@@ -409,11 +403,15 @@ class Engine:
         self._advance(rows, logits)
 
     def _advance(self, rows: list[_Sequence], logits: torch.Tensor) -> None:
-        """Pick each row's next token (greedy, EOS held back until min_new_tokens) and end what is finished."""
+        """Pick each row's next token (greedy unless the request samples; EOS held back until
+        min_new_tokens) and end what is finished."""
         eos_blocked = [i for i, s in enumerate(rows) if len(s.tokens) < s.request.min_new_tokens]
         if eos_blocked:
             logits[eos_blocked, self.eos] = float("-inf")
         picked = logits.argmax(dim=-1).tolist()
+        for i, seq in enumerate(rows):
+            if seq.request.sampling is not None and seq.generator is not None:
+                picked[i] = sample(logits[i], seq.request.sampling, seq.generator)
         finished: list[tuple[_Sequence, str, BaseException | None]] = []
         now = time.perf_counter()
         for seq, token in zip(rows, picked):
@@ -429,7 +427,9 @@ class Engine:
                 except Exception as exc:  # the caller's callback failed: that request alone ends
                     finished.append((seq, "error", exc))
                     continue
-            if len(seq.tokens) >= seq.request.max_new_tokens or seq.length >= seq.pool.max_len:
+            if self.stops and len(seq.tokens) >= seq.request.min_new_tokens and _ends_with_stop(seq.tokens, self.stops):
+                finished.append((seq, "stop", None))
+            elif len(seq.tokens) >= seq.request.max_new_tokens or seq.length >= seq.pool.max_len:
                 finished.append((seq, "length", None))
         for seq, reason, error in sorted(finished, key=lambda f: (f[0].request.kind, -f[0].slot)):
             self._end(seq, finish=reason, error=error)
@@ -478,3 +478,47 @@ class Engine:
         for kind in (DIALOG, REPORT):
             for seq in sorted(self.live[kind], key=lambda s: -s.slot):
                 self._end(seq, error=RequestCancelled("the engine stopped"))
+
+
+def served_model(backend: ModelBackend | EngineModel) -> EngineModel:
+    """The engine's view of ``backend`` (its ``engine_model()``), or ``backend`` itself when it is one."""
+    if isinstance(backend, EngineModel):
+        return backend
+    model = backend.engine_model()
+    if model is None:
+        raise TypeError(f"{type(backend).__name__} cannot be served by the engine")
+    return model
+
+
+def _ends_with_stop(tokens: list[int], stops: tuple[tuple[int, ...], ...]) -> bool:
+    return any(len(tokens) >= len(stop) and tuple(tokens[-len(stop):]) == stop for stop in stops)
+
+
+def _generator(sampling: Sampling | None, device: torch.device) -> torch.Generator | None:
+    """A request's own random stream (seeded when asked), on the device its logits are on."""
+    if sampling is None:
+        return None
+    generator = torch.Generator(device=device)
+    if sampling.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(sampling.seed)
+    return generator
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    """One token from ``logits`` [vocab] with temperature, top-k and nucleus (top-p) filtering, in the order
+    and manner of transformers' warpers (top-p keeps the smallest set of tokens whose probability reaches
+    ``top_p``, at least one)."""
+    scores = logits.float() / max(sampling.temperature, 1e-5)
+    if 0 < sampling.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, sampling.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=False)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - sampling.top_p)
+        drop[-1] = False
+        scores = scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    probabilities = scores.softmax(dim=-1)
+    return int(torch.multinomial(probabilities, 1, generator=generator).item())

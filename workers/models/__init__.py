@@ -8,18 +8,24 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from workers.models.base import ModelBackend
 
-BACKENDS = ("radialog-v2",)
+BACKENDS = ("radialog-v2", "xraygpt")
 
 
 def load_backend(settings: Any) -> ModelBackend:
-    """The configured backend, loaded once (minutes for the 7B model): call it at worker start.
+    """The configured backend, loaded once (minutes for a 7B model): call it at worker start.
 
-    Reads ``settings.model_backend``, ``settings.model_dir``, ``settings.base_model_dir`` and
-    ``settings.device``. Raises ``ModelFileError`` (a RuntimeError) naming missing files or keys.
+    Reads ``settings.model_backend``, ``settings.device`` and the backend's files: ``model_dir`` and
+    ``base_model_dir`` (radialog-v2), ``xraygpt_vision_dir``, ``xraygpt_llm_dir`` and ``xraygpt_checkpoint``
+    (xraygpt). Raises ``ModelFileError`` (a RuntimeError) naming missing files or keys.
     """
     name = settings.model_backend
     if name == "radialog-v2":
         from workers.models.radialog_v2.backend import load_radialog_v2
 
         return load_radialog_v2(settings.model_dir, settings.base_model_dir, settings.device)
+    if name == "xraygpt":
+        from workers.models.xraygpt.backend import load_xraygpt_backend
+
+        return load_xraygpt_backend(settings.xraygpt_vision_dir, settings.xraygpt_llm_dir,
+                                    settings.xraygpt_checkpoint, settings.device)
     raise ValueError(f"unknown model backend {name!r}; available: {', '.join(BACKENDS)}")

@@ -1,8 +1,9 @@
-"""The model-backend interface every report model implements (RaDialog v2 now; v1, XrayGPT later).
+"""The model-backend interface every report model implements (RaDialog v2, XrayGPT; RaDialog v1 next).
 
 A backend is loaded once per worker process and then serves batches of report jobs and single dialog
 turns. Inputs are 8-bit grayscale images already windowed from DICOM (``workers.imaging``), so backends
-never see DICOM. Everything here is plain data: the API and the Celery tasks pass these around.
+never see DICOM. Everything here is plain data: the API and the Celery tasks pass these around. What a
+backend can do (classifier, dialog tasks, context) is declared in :mod:`workers.models.capabilities`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+from workers.models.capabilities import Capabilities
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class Provenance:
     device: str = "cpu"
     dtype: str = "float32"
     tiny: bool = False  # True for a random-initialised test checkpoint: never a clinical model
+    display_name: str = ""  # the short name readers know it by ("RaDialog", "XrayGPT"): SR series description
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,14 +70,31 @@ class Turn:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """Sampled instead of greedy decoding, asked for explicitly per dialog turn (XrayGPT's demo samples with
+    temperature 1.0, top_p 0.9 and transformers' default top_k 50). Reports are always greedy; ``seed``
+    makes a draw repeatable."""
+
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 50
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
 class DialogRequest:
-    """One dialog turn. ``history`` starts with the report turn (its question holds ``<image>``)."""
+    """One dialog turn. ``history`` starts with the report turn (the turn that carries the image)."""
 
     image: np.ndarray
     history: Sequence[Turn]
     question: str
-    task: str = "free"  # decides the token limit, see prompts.TASK_MAX_NEW_TOKENS
+    task: str = "free"  # decides the token limit, see Capabilities.task_max_new_tokens
     max_new_tokens: int | None = None
+    sampling: Sampling | None = None  # None: greedy (the default, and always for reports)
+
+
+class UnsupportedTask(ValueError):
+    """The backend was not trained for this dialog task (see its Capabilities)."""
 
 
 TokenCallback = Callable[[str], None]
@@ -87,6 +108,7 @@ class ModelBackend(abc.ABC):
     """Load once, then ``report`` batches and ``answer`` dialog turns."""
 
     provenance: Provenance
+    capabilities: Capabilities
 
     @abc.abstractmethod
     def report(self, studies: Sequence[StudyInput]) -> list[ReportOutput]:
@@ -106,6 +128,15 @@ class ModelBackend(abc.ABC):
     def serving_info(self) -> dict[str, Any]:
         """How the model is served (engine slots, memory): shown in the worker's readiness key."""
         return {}
+
+    def engine_model(self) -> Any:
+        """This backend as the serving engine runs it (a ``workers.engine.model.EngineModel``), or None when
+        it can only run through its own ``report`` / ``answer``."""
+        return None
+
+    def parameter_bytes(self) -> int:
+        """Bytes of the loaded weights (readiness key, `radialog model check`); 0 when not known."""
+        return 0
 
     @abc.abstractmethod
     def answer(self, request: DialogRequest, on_token: TokenCallback | None = None) -> str:

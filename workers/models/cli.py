@@ -8,21 +8,41 @@ from pathlib import Path
 
 import click
 
+BACKEND_OPTION = click.option(
+    "--backend", type=click.Choice(["radialog-v2", "xraygpt"]), default=None,
+    help="Model backend (default: RADIALOG_MODEL_BACKEND, else radialog-v2).",
+)
+
+
+def _backend(backend: str | None) -> str:
+    if backend:
+        return backend
+    from radialog.settings import get_settings
+
+    return get_settings().model_backend
+
 
 @click.group()
 def model() -> None:
-    """The report model (RaDialog v2): test checkpoints and load checks."""
+    """The report model (RaDialog v2 or XrayGPT): test checkpoints and load checks."""
 
 
 @model.command("make-tiny")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True)
-def make_tiny_command(directory: Path, seed: int) -> None:
-    """Write a tiny RANDOM RaDialog v2 + llava pair in the published layout (tests and demo only)."""
+@BACKEND_OPTION
+def make_tiny_command(directory: Path, seed: int, backend: str | None) -> None:
+    """Write a tiny RANDOM checkpoint set in the backend's published layout (tests and demo only)."""
+    click.echo("TINY RANDOM MODEL - NOT CLINICAL (random weights, generates nonsense)")
+    if _backend(backend) == "xraygpt":
+        from workers.models.xraygpt.tiny import make_tiny as make_tiny_xraygpt
+
+        for name, value in make_tiny_xraygpt(directory, seed=seed).env().items():
+            click.echo(f"{name}={value}")
+        return
     from workers.models.radialog_v2.tiny import make_tiny
 
     model_dir, base_dir = make_tiny(directory, seed=seed)
-    click.echo("TINY RANDOM MODEL - NOT CLINICAL (random weights, generates nonsense)")
     click.echo(f"RADIALOG_MODEL_DIR={model_dir.resolve()}")
     click.echo(f"RADIALOG_BASE_MODEL_DIR={base_dir.resolve()}")
 
@@ -37,8 +57,15 @@ def _count(module) -> int:
 @click.option("--base-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="llava-v1.5-7b directory (default: RADIALOG_BASE_MODEL_DIR).")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N (default: RADIALOG_DEVICE).")
-def check_command(model_dir: Path | None, base_dir: Path | None, device: str | None) -> None:
-    """Load every model file exactly as a worker does and print what was found; exit 1 on any problem."""
+@BACKEND_OPTION
+def check_command(model_dir: Path | None, base_dir: Path | None, device: str | None, backend: str | None) -> None:
+    """Load every model file exactly as a worker does and print what was found; exit 1 on any problem.
+
+    XrayGPT reads RADIALOG_XRAYGPT_VISION_DIR, RADIALOG_XRAYGPT_LLM_DIR and RADIALOG_XRAYGPT_CHECKPOINT.
+    """
+    if _backend(backend) == "xraygpt":
+        _check_xraygpt(device)
+        return
     import torch
 
     from radialog.settings import get_settings
@@ -77,4 +104,43 @@ def check_command(model_dir: Path | None, base_dir: Path | None, device: str | N
     for note in loaded.notes:
         click.echo(f"note: {note}")
     if loaded.files.tiny:
+        click.echo("TINY RANDOM MODEL - NOT CLINICAL")
+
+
+def _check_xraygpt(device: str | None) -> None:
+    import torch
+
+    from radialog.settings import get_settings
+    from workers.models.radialog_v2.checkpoint_io import ModelFileError
+    from workers.models.xraygpt.files import locate
+    from workers.models.xraygpt.loader import load_xraygpt
+
+    settings = get_settings()
+    device = device or settings.device
+    try:
+        files = locate(settings.xraygpt_vision_dir, settings.xraygpt_llm_dir, settings.xraygpt_checkpoint)
+        click.echo("files:")
+        for path in files.all_files():
+            click.echo(f"  {path}  {path.stat().st_size / 1e6:,.1f} MB")
+        started = time.perf_counter()
+        loaded = load_xraygpt(files.vision_dir, files.llm_dir, files.checkpoint, device)
+    except ModelFileError as error:
+        click.echo(f"MODEL CHECK FAILED: {error}", err=True)
+        sys.exit(1)
+    model = loaded.model
+    assert model.llama_model is not None
+    click.echo(f"loaded in {time.perf_counter() - started:.1f} s  ({', '.join(f'{k} {v:.1f}s' for k, v in loaded.seconds.items())})")
+    parts = [("vision tower (EVA ViT-g)", model.visual_encoder), ("ln_vision + Q-Former", model.bridge),
+             ("llama_proj", model.llama_proj), ("language model (Vicuna)", model.llama_model)]
+    click.echo("parameters:")
+    for name, part in parts:
+        size = sum(p.numel() * p.element_size() for p in part.parameters())
+        click.echo(f"  {name:<29} {_count(part):>15,}  {size / 2**30:6.2f} GiB")
+    click.echo(f"device {loaded.device}, dtype {loaded.dtype} (ln_vision, Q-Former, llama_proj float32)")
+    if loaded.device.type == "cuda":
+        click.echo(f"GPU memory allocated {torch.cuda.memory_allocated(loaded.device) / 2**30:.2f} GiB")
+    click.echo(f"files sha256 {loaded.sha256}")
+    for note in loaded.notes:
+        click.echo(f"note: {note}")
+    if files.tiny:
         click.echo("TINY RANDOM MODEL - NOT CLINICAL")

@@ -28,16 +28,17 @@ def fit_history(
     count_tokens: Callable[[str], int],
     max_new_tokens: int,
     limit: int = MAX_CONTEXT_TOKENS,
+    build: Callable[[Sequence[Turn], str], str] = conversation_prompt,
 ) -> tuple[list[Turn], int]:
     """Drop the oldest follow-up turns until prompt + ``max_new_tokens`` fits ``limit``.
 
     Returns the kept history and the number of dropped turns. ``count_tokens`` counts a prompt's model
-    tokens (image embeddings included).
+    tokens (image embeddings included); ``build`` writes the prompt (another backend's format).
     """
     kept = list(history)
     dropped = 0
     while True:
-        needed = count_tokens(conversation_prompt(kept, question)) + max_new_tokens
+        needed = count_tokens(build(kept, question)) + max_new_tokens
         if needed <= limit:
             return kept, dropped
         if len(kept) <= 1:

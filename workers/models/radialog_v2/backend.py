@@ -17,6 +17,7 @@ from workers.models.base import (
     StudyInput,
     TokenCallback,
 )
+from workers.models.capabilities import RADIALOG_V2
 from workers.models.conversation import conversation_prompt, fit_history
 from workers.models.prompts import (
     IMAGE_PLACEHOLDER,
@@ -38,6 +39,8 @@ TINY_MAX_NEW_TOKENS = 32
 class RadialogV2Backend(ModelBackend):
     """Loaded once per worker; ``report`` takes a batch, ``answer`` one dialog turn."""
 
+    capabilities = RADIALOG_V2
+
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
         self.llava = loaded.llava
@@ -54,6 +57,7 @@ class RadialogV2Backend(ModelBackend):
             device=str(loaded.device),
             dtype=str(loaded.dtype).removeprefix("torch."),
             tiny=loaded.files.tiny if loaded.files is not None else True,  # no files: random weights
+            display_name=RADIALOG_V2.model_name,
         )
 
     # -- text ------------------------------------------------------------------------------------
@@ -158,6 +162,14 @@ class RadialogV2Backend(ModelBackend):
 
     def report_token_limit(self) -> int:
         return self._limit(TASK_MAX_NEW_TOKENS["report"])
+
+    def engine_model(self):  # -> RadialogV2Served
+        from workers.models.radialog_v2.serving import RadialogV2Served
+
+        return RadialogV2Served(self)
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for m in (self.llava, self.classifier) for p in m.parameters())
 
     def answer(self, request: DialogRequest, on_token: TokenCallback | None = None) -> str:
         prompt, limit = self.dialog_prompt(request)
