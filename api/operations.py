@@ -132,11 +132,14 @@ def queue_depths(services: Services) -> dict[str, Any]:
 
 
 def workers(services: Services) -> dict[str, Any]:
-    """Workers whose readiness key is alive (model loaded), with their engines' slots per kind."""
+    """Workers whose readiness announcement is alive (model loaded; ``radialog.presence``: Redis keys or the
+    embedded broker's files), with their engines' slots per kind."""
+    from radialog.presence import BrokerUnavailable
+
     try:
         ready = services.ready_workers()
-    except redis.RedisError as exc:
-        return {"available": False, "ready": [], "error": type(exc).__name__}
+    except (BrokerUnavailable, redis.RedisError) as exc:
+        return {"available": False, "ready": [], "error": str(exc) or type(exc).__name__}
     out = []
     for info in sorted(ready, key=lambda w: str(w.get("worker"))):
         engine = info.get("engine") if isinstance(info.get("engine"), dict) else {}

@@ -64,9 +64,11 @@ class WorkersCollector:
         self.services = services
 
     def collect(self) -> Iterator[Metric]:
+        from radialog.presence import BrokerUnavailable
+
         try:
             ready = self.services.ready_workers()
-        except redis.RedisError:  # the broker is down: unknown, not zero
+        except (BrokerUnavailable, redis.RedisError):  # the broker is down: unknown, not zero
             return
         yield GaugeMetricFamily("radialog_workers_ready", "Workers with their model loaded (readiness keys).",
                                 value=float(len(ready)))
