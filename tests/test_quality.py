@@ -257,15 +257,22 @@ def test_an_approval_without_checklist_still_records_the_edit_distance(client, r
         assert session.scalar(select(func.count()).select_from(FindingVerdict)) == 0
 
 
-def test_agreement_refuses_a_bad_period_and_other_roles(client) -> None:
-    test_client, keys, _ = client
+def test_agreement_bounds_the_period_and_refuses_other_roles(client, registry: Registry) -> None:
+    """At most 366 days back from 'to' (said in the body); 'from' after 'to' is an empty period."""
+    test_client, keys, settings = client
     assert test_client.get("/api/v1/quality/agreement", headers=_auth(keys["reader"])).status_code == 403
-    bad = test_client.get("/api/v1/quality/agreement", params={"from": "2026-02-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"},
-                          headers=_auth(keys["admin"]))
-    assert bad.status_code == 422
-    long = test_client.get("/api/v1/quality/agreement", params={"from": "2020-01-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"},
-                           headers=_auth(keys["admin"]))
-    assert long.status_code == 422
+    study = add_reported_study(registry, settings)
+    _approve(test_client, keys["rad"], study, None)
+    backwards = test_client.get("/api/v1/quality/agreement", params={"from": "2999-02-01T00:00:00Z",
+                                "to": "2000-01-01T00:00:00Z"}, headers=_auth(keys["admin"]))
+    assert backwards.status_code == 200 and backwards.json()["from"] == backwards.json()["to"]
+    assert backwards.json()["drafts"]["approved"] == 0
+    long = test_client.get("/api/v1/quality/agreement", params={"from": "0001-01-01T00:00:00Z", "to": "9999-01-01T00:00:00Z"},
+                           headers=_auth(keys["admin"])).json()
+    assert long["from"] == "9997-12-31T00:00:00Z" and long["drafts"]["approved"] == 0  # 366 days before 'to' only
+    recent = test_client.get("/api/v1/quality/agreement", params={"from": "2000-01-01T00:00:00Z"},
+                             headers=_auth(keys["admin"])).json()
+    assert recent["drafts"]["approved"] == 1  # within 366 days of now
 
 
 def test_operations_overview_counts_what_the_registry_holds(client, registry: Registry, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from api import audit
 from api.deps import DB, AnyUser, Operator
 from api.lookups import get_study, get_version, require_report
-from api.problems import Problem, problem_responses
+from api.problems import problem_responses
 from api.quality_schemas import AgreementOut, ChecklistItemOut, ChecklistOut
 from api.schemas import MAX_ID, StudyId
 from radialog.registry import utcnow
@@ -36,15 +36,17 @@ def read_agreement(
     bucket: Annotated[Literal["day", "week"], Query(description="Period of the timeline")] = "day",
 ) -> AgreementOut:
     """Per CheXpert finding: AI-present and radiologist-present counts, sensitivity, specificity and PPV
-    with 95% intervals; the share of drafts approved unchanged vs edited; agreement per finding over time."""
+    with 95% intervals; the share of drafts approved unchanged vs edited; agreement per finding over time.
+    The period answered is at most 366 days, ending at ``to``; ``from`` after ``to`` is an empty period."""
     from reporting.quality import agreement, backends
 
     end = _aware(to) if to else utcnow()
     start = _aware(from_) if from_ else end - timedelta(days=30)
-    if start >= end:
-        raise Problem(422, "invalid-period", "'from' must be before 'to'")
+    # The period answered is in the body ("from", "to"): at most MAX_PERIOD back from "to" (the work per
+    # request stays bounded), and empty when "from" is not before "to".
     if end - start > MAX_PERIOD:
-        raise Problem(422, "invalid-period", f"a period covers at most {MAX_PERIOD.days} days")
+        start = end - MAX_PERIOD
+    start = min(start, end)
     figures = agreement(session, start, end, model_name=backend or None, bucket=bucket)
     figures["backends"] = backends(session)
     figures["method"] = METHOD
