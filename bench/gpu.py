@@ -70,8 +70,9 @@ def synthetic_images(n: int, seed: int = 0) -> list[np.ndarray]:
 
 def build_full_size(device: torch.device) -> RadialogV2Backend:
     """The 7B model's architecture with random weights, bf16 LLM + vision tower, fp16 classifier."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
+    from workers.models.llama_tokenizer import SlowLlamaEncoder, decoding_tokenizer
     from workers.models.radialog_v2.classifier import ChexpertClassifier
     from workers.models.radialog_v2.llava import RadialogLlava
     from workers.models.radialog_v2.loader import LoadedModel
@@ -92,9 +93,10 @@ def build_full_size(device: torch.device) -> RadialogV2Backend:
     classifier.to(torch.float16 if device.type == "cuda" else torch.float32)
     token_dir = Path(tempfile.mkdtemp(prefix="bench-tokenizer-"))
     write_tokenizer(token_dir)  # a Llama-style sentencepiece tokenizer (ids < 32000): only lengths matter here
-    tokenizer = AutoTokenizer.from_pretrained(str(token_dir), local_files_only=True)
-    loaded = LoadedModel(llava, classifier, tokenizer, None, device, dtype,
-                         torch.float16 if device.type == "cuda" else torch.float32, "random-full-size")
+    encoder = SlowLlamaEncoder.from_directory(token_dir)
+    loaded = LoadedModel(llava, classifier, decoding_tokenizer(token_dir, encoder), None, device, dtype,
+                         torch.float16 if device.type == "cuda" else torch.float32, "random-full-size",
+                         encoder=encoder)
     return RadialogV2Backend(loaded)
 
 

@@ -1,9 +1,8 @@
 """The serving engine on the tiny model (CPU): same greedy tokens as the simple path, dialog turns first,
 cancel/failure isolation, no growth over many jobs, and the KV pool's slot bookkeeping (issue 9).
 
-The tiny checkpoint as written is too flat to test this (every image gets the same labels, the LLM repeats
-one token without EOS), so the module's backend is livened (:mod:`tests.lively_model`): report prompts
-differ in length and sequences end at different lengths, which frees slots mid-batch and moves the last
+The tiny checkpoint is lively (``radialog model make-tiny``): report prompts differ in length (labels vary
+with the image) and sequences end at different lengths, which frees slots mid-batch and moves the last
 sequence down.
 """
 
@@ -33,8 +32,8 @@ from workers.models.radialog_v2.transforms import CLASSIFIER_CROP, LLM_CROP, bat
 
 
 @pytest.fixture(scope="module")
-def backend(lively: RadialogV2Backend) -> RadialogV2Backend:
-    return lively
+def backend(tiny_backend: RadialogV2Backend) -> RadialogV2Backend:
+    return tiny_backend
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +375,7 @@ class MarkedStudy(RuntimeError):
 
 
 class ClassifierFailsOnMarked(RadialogV2Backend):
-    """The same loaded model (livened modules shared); its classifier fails on any batch holding ``marked``
+    """The same loaded model (modules shared); its classifier fails on any batch holding ``marked``
     (the image's 488-px pixels)."""
 
     def __init__(self, backend: RadialogV2Backend, marked: torch.Tensor) -> None:
