@@ -166,22 +166,6 @@ def create_ai_draft(
     findings = [
         {"label": f.label, "probability": float(f.probability), "present": bool(f.present)} for f in output.findings
     ]
-    now = utcnow()
-    report_id = _insert_once(
-        session,
-        {
-            "study_id": study_id, "version": version, "kind": "ai_draft",
-            "predecessor_id": previous.id if previous else None, "sop_instance_uid": sop_uid,
-            "series_instance_uid": series_uid, "source_instance_uid": instance.sop_instance_uid,
-            "findings_text": output.findings_text, "impression_text": getattr(output, "impression_text", None),
-            "findings": findings, "author": provenance.name, "verified": False, "model_name": provenance.name,
-            "model_version": provenance.version, "model_hash": provenance.files_sha256[:64],
-            "timings": dict(output.timings), "created_at": now,
-        },
-    )
-    if report_id is None:  # another process made this draft first: its row and file stand
-        return session.scalars(select(Report).where(Report.sop_instance_uid == sop_uid)).one()
-
     spec = srmod.SRSpec(
         sop_instance_uid=sop_uid,
         series_instance_uid=series_uid,
@@ -198,6 +182,23 @@ def create_ai_draft(
         predecessors=_predecessors(study.study_instance_uid, previous),
         institution_name=settings.institution_name,
     )
+    srmod.validate_spec(spec)  # invalid text is refused before anything is stored (workers clean model text)
+    now = utcnow()
+    report_id = _insert_once(
+        session,
+        {
+            "study_id": study_id, "version": version, "kind": "ai_draft",
+            "predecessor_id": previous.id if previous else None, "sop_instance_uid": sop_uid,
+            "series_instance_uid": series_uid, "source_instance_uid": instance.sop_instance_uid,
+            "findings_text": output.findings_text, "impression_text": getattr(output, "impression_text", None),
+            "findings": findings, "author": provenance.name, "verified": False, "model_name": provenance.name,
+            "model_version": provenance.version, "model_hash": provenance.files_sha256[:64],
+            "timings": dict(output.timings), "created_at": now,
+        },
+    )
+    if report_id is None:  # another process made this draft first: its row and file stand
+        return session.scalars(select(Report).where(Report.sop_instance_uid == sop_uid)).one()
+
     sr_path = _write_sr(settings, study.study_instance_uid, srmod.build_sr(source, spec))
     report = session.get(Report, report_id)
     assert report is not None
@@ -262,6 +263,7 @@ def create_version(
         predecessors=_predecessors(study.study_instance_uid, previous),
         institution_name=settings.institution_name,
     )
+    srmod.validate_spec(spec)  # refused before the row exists: the text stored is the text written
     report = Report(
         study_id=study_id, version=previous.version + 1, kind=kind, predecessor_id=previous.id,
         sop_instance_uid=spec.sop_instance_uid, series_instance_uid=spec.series_instance_uid,
