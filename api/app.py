@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from api.metrics import Metrics, MetricsMiddleware
 from api.problems import install_handlers
-from api.routes import audit, dialog, health, reports, studies
+from api.routes import audit, dialog, health, images, me, reports, studies
 from api.services import Services
 from radialog import __version__
 from radialog.registry import Registry
@@ -57,6 +57,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     v1 = APIRouter(prefix="/api/v1")
     v1.include_router(studies.router)
     v1.include_router(reports.router)
+    v1.include_router(images.router)
+    v1.include_router(me.router)
     v1.include_router(dialog.router)
     v1.include_router(audit.router)
     app.include_router(v1)

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.problems import Problem
-from api.schemas import ExportOut, ReportOut
+from api.schemas import DiffPart, ExportOut, ReportOut, VersionChanges
 from api.services import Services
 from radialog.logging import get_logger
 from radialog.registry import ExportState, Report
@@ -19,7 +19,26 @@ from radialog.settings import Settings
 log = get_logger(__name__)
 
 
-def report_out(report: Report) -> ReportOut:
+def changes_from_predecessor(report: Report) -> VersionChanges | None:
+    """Word-level changes of findings and impression from the version this one replaced."""
+    from reporting.diff import word_diff
+    from reporting.text import clean_text
+
+    previous = report.predecessor
+    if previous is None:
+        return None
+
+    def parts(old: str | None, new: str | None) -> list[DiffPart]:
+        return [DiffPart(op=op, text=text) for op, text in word_diff(clean_text(old or ""), clean_text(new or ""))]
+
+    return VersionChanges(
+        predecessor_version=previous.version,
+        findings=parts(previous.findings_text, report.findings_text),
+        impression=parts(previous.impression_text, report.impression_text),
+    )
+
+
+def report_out(report: Report, *, with_changes: bool = False) -> ReportOut:
     from reporting.render import report_json, report_text
 
     sr_url = (
@@ -41,6 +60,7 @@ def report_out(report: Report) -> ReportOut:
         document=report_json(report),
         sr_url=sr_url,
         exports=[ExportOut.model_validate(e) for e in report.exports],
+        changes=changes_from_predecessor(report) if with_changes else None,
     )
 
 
@@ -56,7 +76,9 @@ def new_version(
     approve: bool,
     base_version: int | None,
 ) -> Report:
-    """A new version after ``current``; 409 when the client edited an older version."""
+    """A new version after ``current``; 409 when the client edited an older version, 422 when the text
+    cannot be written into an SR (``reporting.text``; the schemas refuse such text earlier)."""
+    from reporting.text import InvalidReportText
     from reporting.versions import ReportingError, create_version
 
     if base_version is not None and base_version != current.version:
@@ -69,6 +91,9 @@ def new_version(
     except IntegrityError as exc:  # another version of this study was created at the same moment
         session.rollback()
         raise Problem(409, "stale-version", "another version was saved meanwhile; reload and retry") from exc
+    except InvalidReportText as exc:  # e.g. a user name with a backslash cannot be the SR's observer
+        session.rollback()
+        raise Problem(422, "invalid-report-text", str(exc)) from exc
     except ReportingError as exc:  # e.g. the source image is gone from the spool: no SR can be built
         session.rollback()
         raise Problem(409, "cannot-build-report", str(exc)) from exc

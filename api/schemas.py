@@ -13,11 +13,11 @@ from typing import Annotated, Any, Literal
 from fastapi import Path
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from reporting.text import MAX_REPORT_CHARS, TEXT_PATTERN, clean_text
 from workers.models.prompts import CHEXPERT_LABELS
 
 #: Longest question accepted, in characters (a long question is almost always a pasted report).
 MAX_QUESTION_CHARS = 2000
-MAX_REPORT_CHARS = 20000
 
 
 def _utc(value: datetime) -> datetime:
@@ -27,11 +27,16 @@ def _utc(value: datetime) -> datetime:
 
 UTCDateTime = Annotated[datetime, AfterValidator(_utc)]
 
-#: Free text from a user (a report, an impression, a question): no NUL or other control characters
-#: (tab and newlines allowed). They have no place in a report, break PostgreSQL text columns and would
-#: travel into the SR. A pattern, so that the OpenAPI document states the rule too.
-NO_CONTROL_CHARACTERS = r"^[^\x00-\x08\x0B\x0C\x0E-\x1F\x7F]*$"
+#: Free text from a user (a report, an impression, a question): only what ``reporting.text`` keeps, i.e.
+#: what a DICOM text value may hold (CR, LF, FF and every printable character; no TAB, NUL, other C0 or
+#: C1 controls, DEL). Such characters have no place in a report, break PostgreSQL text columns and would
+#: make the SR invalid. A pattern, so that the OpenAPI document states the rule too; lone surrogates are
+#: refused by pydantic as invalid strings.
+NO_CONTROL_CHARACTERS = TEXT_PATTERN
 Text = Annotated[str, Field(pattern=NO_CONTROL_CHARACTERS)]
+#: Text read back from the registry, shown as the rule cleans it (rows stored before the rule existed
+#: may hold control bytes from the model): what the API shows is what can be approved.
+ShownText = Annotated[str, AfterValidator(clean_text)]
 
 
 class _Out(BaseModel):
@@ -101,6 +106,21 @@ class ExportOut(_Out):
     sent_at: UTCDateTime | None
 
 
+class DiffPart(BaseModel):
+    """A run of words: the same in both versions, inserted by this version, or deleted by it."""
+
+    op: Literal["equal", "insert", "delete"]
+    text: str
+
+
+class VersionChanges(BaseModel):
+    """Word-level changes from the predecessor (whitespace-only changes are not shown)."""
+
+    predecessor_version: int
+    findings: list[DiffPart]
+    impression: list[DiffPart]
+
+
 class ReportOut(BaseModel):
     id: int
     study_id: int
@@ -111,12 +131,14 @@ class ReportOut(BaseModel):
     verifier: str | None
     verified_at: UTCDateTime | None
     created_at: UTCDateTime
-    findings_text: str
-    impression_text: str | None
+    findings_text: ShownText
+    impression_text: ShownText | None
     text: str = Field(description="The report as plain text (reporting.render.report_text).")
     document: dict[str, Any] = Field(description="The report as JSON (reporting.render.report_json).")
     sr_url: str | None
     exports: list[ExportOut]
+    changes: VersionChanges | None = Field(
+        None, description="What changed from the predecessor version, word by word (none for the first version).")
 
 
 class ReportVersions(BaseModel):
@@ -136,10 +158,16 @@ class NewVersion(BaseModel):
 
 
 class Approval(BaseModel):
-    """Approve the current version as is, or with a final text (then that text is what is signed)."""
+    """Sign exactly the version on screen: ``base_version`` and, as a check, the text displayed.
 
-    findings_text: Text | None = Field(None, min_length=1, max_length=MAX_REPORT_CHARS)
-    impression_text: Text | None = Field(None, max_length=MAX_REPORT_CHARS)
+    A text that is not the text of ``base_version`` (as the API shows it) is refused with 409: a change
+    is saved as a new version first, displayed, and that version is approved.
+    """
+
+    findings_text: Text | None = Field(None, max_length=MAX_REPORT_CHARS, description="The findings as displayed; "
+                                       "409 when they are not the text of base_version. Left out: not checked.")
+    impression_text: Text | None = Field(None, max_length=MAX_REPORT_CHARS, description="The impression as "
+                                         "displayed (\"\" = none); 409 when it differs. Left out: not checked.")
     base_version: int = Field(
         ..., ge=1, description="The version the radiologist read and signs; 409 when it is no longer current "
         "(nobody signs a text they have not seen).",
@@ -213,8 +241,8 @@ class TurnOut(_Out):
     id: int
     conversation_id: int
     task: str
-    question: str
-    answer: str | None
+    question: ShownText
+    answer: ShownText | None
     state: str
     error: str | None
     created_at: UTCDateTime
@@ -248,6 +276,47 @@ class AuditPage(BaseModel):
     total: int
     offset: int
     limit: int
+
+
+class Me(BaseModel):
+    """Who the key belongs to: the page shows it, so nobody works under a colleague's key unawares."""
+
+    name: str
+    role: str
+
+
+class WindowPreset(BaseModel):
+    id: str = Field(description="'lut:N' (a VOI LUT of the header), 'window:N' (a header window) or 'full'")
+    label: str
+    center: float = Field(description="Window centre in modality units (for a LUT: the middle of its input range)")
+    width: float
+    function: str = Field(description="LINEAR, LINEAR_EXACT or SIGMOID (the header's VOI LUT Function)")
+    lut: bool = Field(description="True when this preset is a VOI LUT (not a linear window)")
+
+
+class ImageRef(BaseModel):
+    id: int
+    label: str
+    reported: bool = Field(description="The image the report was made from")
+
+
+class ImageInfo(BaseModel):
+    """What the viewer needs to show one image: size, value range, window presets, and the other
+    images of the study."""
+
+    instance_id: int
+    rows: int
+    columns: int
+    frames: int = Field(description="Frames in the file; the viewer shows the first")
+    photometric_interpretation: str
+    inverse_display: bool = Field(description="Shown inverted (MONOCHROME1): the lowest value is white")
+    bits_stored: int | None
+    pixel_spacing: list[float] | None
+    value_min: float
+    value_max: float
+    presets: list[WindowPreset]
+    default_preset: str
+    images: list[ImageRef]
 
 
 class Health(BaseModel):

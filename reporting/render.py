@@ -3,6 +3,7 @@
 Both say plainly whether a radiologist verified the text: until then the heading is
 "AI DRAFT - NOT VERIFIED" and the flags are those written into the SR (PRELIMINARY / UNVERIFIED).
 Call inside an open session: the predecessor and the exports are loaded from the registry.
+Texts go out under ``reporting.text``'s rule (rows stored before it may hold model control bytes).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from radialog.registry import Report
+from reporting.text import clean_text
 
 UNVERIFIED_HEADING = "AI DRAFT - NOT VERIFIED"
 VERIFIED_HEADING = "VERIFIED REPORT"
@@ -53,9 +55,9 @@ def report_text(report: Report) -> str:
     lines.append(_provenance_line(report))
     if report.verified:
         lines.append(f"Verified by {report.verifier} on {_iso(report.verified_at)}")
-    lines += ["", "FINDINGS:", report.findings_text.strip()]
-    if report.impression_text and report.impression_text.strip():
-        lines += ["", "IMPRESSION:", report.impression_text.strip()]
+    lines += ["", "FINDINGS:", clean_text(report.findings_text).strip()]
+    if report.impression_text and clean_text(report.impression_text).strip():
+        lines += ["", "IMPRESSION:", clean_text(report.impression_text).strip()]
     if report.findings:
         lines += ["", "CLASSIFIER FINDINGS (CheXpert labels, AI):"]
         for finding in report.findings:
@@ -76,8 +78,8 @@ def report_json(report: Report) -> dict[str, Any]:
         "kind": report.kind,
         "status": status(report),
         "flags": flags(report),
-        "findings_text": report.findings_text,
-        "impression_text": report.impression_text,
+        "findings_text": clean_text(report.findings_text),
+        "impression_text": clean_text(report.impression_text) if report.impression_text is not None else None,
         "findings": [
             {"label": f.get("label"), "probability": f.get("probability"), "present": f.get("present")}
             for f in (report.findings or [])

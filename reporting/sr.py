@@ -20,6 +20,9 @@ Flags: an unverified version is COMPLETE / UNVERIFIED / PRELIMINARY; an approved
 VERIFIED / FINAL with the radiologist as verifying observer. The algorithm is also named in the
 Contributing Equipment Sequence (IHE AI Results). The source image is the evidence (Current Requested
 Procedure Evidence Sequence); earlier versions are listed in the Predecessor Documents Sequence.
+
+Text: Specific Character Set ISO_IR 192 (UTF-8); every text must already follow ``reporting.text``'s
+rule, or ``build_sr`` refuses it (``InvalidReportText``) rather than write an invalid SR.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from pydicom.uid import ComprehensiveSRStorage
 from pydicom.valuerep import DT
 
 from reporting import codes
+from reporting.text import require_valid
 
 #: Root of our UUID5 namespace for derived UIDs (the UIDs themselves are 2.25.<uuid int>).
 _UID_NAMESPACE = uuid.UUID("6f1d3b8e-5a0c-4c5e-9a47-2d1b7e0c9f10")
@@ -325,8 +329,36 @@ def _contributing_equipment(algorithm: Algorithm) -> hd.ContributingEquipment:
     )
 
 
+def validate_spec(spec: SRSpec) -> None:
+    """Refuse (``InvalidReportText``) any text of ``spec`` that is not valid for the VR it goes into.
+
+    The builder never alters text: what was stored and shown must be what is written, so text that
+    breaks the rule (``reporting.text``) is an error of whoever made it, told apart by its type.
+    """
+    require_valid(spec.findings_text, "findings text")
+    if spec.impression_text is not None:
+        require_valid(spec.impression_text, "impression text")
+    people = [("author", spec.author)]
+    if spec.verification is not None:
+        people.append(("verifying observer", spec.verification.observer))
+        require_valid(spec.verification.organization, "verifying organization", "LO")
+    for field_name, name in people:
+        if name is not None:  # login name (LO), person name (PN) and the status line (UT)
+            require_valid(name, field_name, "LO")
+    if spec.institution_name is not None:
+        require_valid(spec.institution_name, "institution name", "LO")
+    if spec.algorithm is not None:  # TEXT items (UT) and, cut to 64, Contributing Equipment (LO)
+        for field_name, value in (("algorithm name", spec.algorithm.name), ("algorithm version", spec.algorithm.version)):
+            require_valid(value, field_name)
+            require_valid(value[:64], field_name, "LO")
+
+
 def build_sr(source: Dataset, spec: SRSpec) -> ComprehensiveSR:
-    """The SR document for ``spec``, in ``source``'s study, referencing ``source`` as evidence."""
+    """The SR document for ``spec``, in ``source``'s study, referencing ``source`` as evidence.
+
+    Raises ``InvalidReportText`` for text no DICOM text VR may hold (``validate_spec``).
+    """
+    validate_spec(spec)
     for p in spec.predecessors:
         if p.study_instance_uid != source.StudyInstanceUID:
             raise ValueError("a predecessor version belongs to another study")

@@ -166,6 +166,22 @@ def create_ai_draft(
     findings = [
         {"label": f.label, "probability": float(f.probability), "present": bool(f.present)} for f in output.findings
     ]
+    spec = srmod.SRSpec(
+        sop_instance_uid=sop_uid,
+        series_instance_uid=series_uid,
+        series_number=SERIES_BASE + version,
+        instance_number=1,
+        findings_text=output.findings_text,
+        impression_text=getattr(output, "impression_text", None),
+        findings=_coded(findings),
+        algorithm=srmod.Algorithm(
+            provenance.name, provenance.version, provenance.files_sha256,
+            test_model=bool(getattr(provenance, "tiny", False)),
+        ),
+        predecessors=_predecessors(study.study_instance_uid, previous),
+        institution_name=settings.institution_name,
+    )
+    srmod.validate_spec(spec)  # invalid text is refused before anything is stored (workers clean model text)
     now = utcnow()
     report_id = _insert_once(
         session,
@@ -182,21 +198,6 @@ def create_ai_draft(
     if report_id is None:  # another process made this draft first: its row and file stand
         return session.scalars(select(Report).where(Report.sop_instance_uid == sop_uid)).one()
 
-    spec = srmod.SRSpec(
-        sop_instance_uid=sop_uid,
-        series_instance_uid=series_uid,
-        series_number=SERIES_BASE + version,
-        instance_number=1,
-        findings_text=output.findings_text,
-        impression_text=getattr(output, "impression_text", None),
-        findings=_coded(findings),
-        algorithm=srmod.Algorithm(
-            provenance.name, provenance.version, provenance.files_sha256,
-            test_model=bool(getattr(provenance, "tiny", False)),
-        ),
-        predecessors=_predecessors(study.study_instance_uid, previous),
-        institution_name=settings.institution_name,
-    )
     sr_path = _write_sr(settings, study.study_instance_uid, srmod.build_sr(source, spec))
     report = session.get(Report, report_id)
     assert report is not None
@@ -261,6 +262,7 @@ def create_version(
         predecessors=_predecessors(study.study_instance_uid, previous),
         institution_name=settings.institution_name,
     )
+    srmod.validate_spec(spec)  # refused before the row exists: the text stored is the text written
     report = Report(
         study_id=study_id, version=previous.version + 1, kind=kind, predecessor_id=previous.id,
         sop_instance_uid=spec.sop_instance_uid, series_instance_uid=spec.series_instance_uid,

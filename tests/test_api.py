@@ -346,8 +346,8 @@ def test_correction_then_approval_make_new_verified_sr(client: TestClient, keys:
     url = f"/api/v1/studies/{study_id}/report"
     h = auth(keys["rad"])
     corrected = "The heart size is normal. No pleural effusion. No pneumothorax."
-    v2 = client.post(url + "/versions", json={"kind": "edit", "findings_text": corrected, "base_version": 1},
-                     headers=h)
+    v2 = client.post(url + "/versions", json={"kind": "edit", "findings_text": corrected, "base_version": 1,
+                                              "impression_text": "Normal chest."}, headers=h)
     assert v2.status_code == 201, v2.text
     assert v2.json()["version"] == 2 and v2.json()["verified"] is False and v2.json()["kind"] == "edit"
     stale = client.post(url + "/versions", json={"findings_text": "older edit", "base_version": 1}, headers=h)
@@ -356,7 +356,13 @@ def test_correction_then_approval_make_new_verified_sr(client: TestClient, keys:
                    "validation-error")  # which version is signed must be said
     assert_problem(client.post(url + "/approve", json={"impression_text": "Normal chest.", "base_version": 1},
                                headers=h), 409, "stale-version")  # the radiologist read v1, v2 is current
-    v3 = client.post(url + "/approve", json={"impression_text": "Normal chest.", "base_version": 2}, headers=h)
+    # only the text on screen is signed: another findings or impression text under v2's number is refused
+    for other in ({"impression_text": "Normal chest. Old rib fracture."}, {"impression_text": ""},
+                  {"findings_text": "The heart size is normal. There is a small left pleural effusion."}):
+        assert_problem(client.post(url + "/approve", json={**other, "base_version": 2}, headers=h), 409,
+                       "text-mismatch")
+    v3 = client.post(url + "/approve", json={"findings_text": corrected, "impression_text": "Normal chest.",
+                                             "base_version": 2}, headers=h)
     assert v3.status_code == 201, v3.text
     body = v3.json()
     assert body["version"] == 3 and body["verified"] is True and body["verifier"] == "rad"
@@ -500,7 +506,8 @@ def test_two_versions_at_once_one_wins_the_other_is_409(client: TestClient, keys
 
 def test_signing_what_the_radiologist_sees(client: TestClient, keys: dict[str, str], registry: Registry,
                                            api_settings: Settings) -> None:
-    """An emptied impression is signed as none; the signed SR carries no AI-coded findings its text may deny."""
+    """An emptied impression is saved as a version, then signed as none (signing another text than the
+    version's is refused); the signed SR carries no AI-coded findings its text may deny."""
     import io
 
     import pydicom
@@ -511,8 +518,11 @@ def test_signing_what_the_radiologist_sees(client: TestClient, keys: dict[str, s
     v2 = client.post(url + "/versions", json={"kind": "edit", "findings_text": "No effusion.",
                                               "impression_text": "Normal."}, headers=h)
     assert v2.status_code == 201, v2.text
-    signed = client.post(url + "/approve", json={"findings_text": "No effusion.", "impression_text": "",
-                                                 "base_version": 2}, headers=h)
+    emptied = {"findings_text": "No effusion.", "impression_text": ""}
+    assert_problem(client.post(url + "/approve", json={**emptied, "base_version": 2}, headers=h), 409, "text-mismatch")
+    v3 = client.post(url + "/versions", json={"kind": "edit", **emptied, "base_version": 2}, headers=h)
+    assert v3.status_code == 201, v3.text
+    signed = client.post(url + "/approve", json={**emptied, "base_version": 3}, headers=h)
     assert signed.status_code == 201, signed.text
     assert signed.json()["impression_text"] is None  # "" = the radiologist removed the impression
     sr = pydicom.dcmread(io.BytesIO(client.get(signed.json()["sr_url"], headers=h).content))
@@ -538,3 +548,202 @@ def test_control_characters_and_a_lost_source_image_get_clear_errors(client: Tes
     shutil.rmtree(api_settings.spool_dir)  # the source image is gone: no SR can be built
     assert_problem(client.post(url + "/versions", json={"findings_text": "Edited."}, headers=h), 409,
                    "cannot-build-report")
+
+
+# -- who is signed in; what changed between versions (issue 13) -------------------------------------------
+
+def test_me_names_the_keys_user_and_role(client: TestClient, keys: dict[str, str]) -> None:
+    assert client.get("/api/v1/me", headers=auth(keys["rad"])).json() == {"name": "rad", "role": "radiologist"}
+    assert client.get("/api/v1/me", headers=auth(keys["reader"])).json() == {"name": "reader", "role": "reader"}
+    assert_problem(client.get("/api/v1/me"), 401, "unauthenticated")
+
+
+def test_versions_say_what_changed_word_by_word(client: TestClient, keys: dict[str, str], registry: Registry,
+                                                api_settings: Settings) -> None:
+    study_id = add_reported_study(registry, api_settings, findings_text="The heart is normal. Small left effusion.")
+    url = f"/api/v1/studies/{study_id}/report"
+    h = auth(keys["rad"])
+    client.post(url + "/versions", headers=h, json={
+        "findings_text": "The heart is enlarged.\nSmall left effusion. No pneumothorax.", "impression_text": "Cardiomegaly.",
+        "base_version": 1})
+    versions = client.get(url + "/versions", headers=h).json()["versions"]
+    assert versions[0]["changes"] is None
+    changes = versions[1]["changes"]
+    assert changes["predecessor_version"] == 1
+    assert [(p["op"], p["text"]) for p in changes["findings"]] == [
+        ("equal", "The heart is"), ("delete", "normal."), ("insert", "enlarged."), ("equal", "Small left effusion."),
+        ("insert", "No pneumothorax.")]
+    assert changes["impression"] == [{"op": "insert", "text": "Cardiomegaly."}]
+    assert client.get(url + "/versions/2", headers=h).json()["changes"] == changes
+
+
+# -- the image viewer: full frame, window, MONOCHROME1, 16-bit, bounds (issue 13) -------------------------
+
+def _linear(x, center: float, width: float):  # type: ignore[no-untyped-def]
+    """PS3.3 C.11.2.1.2.1 (LINEAR) into 0..255, written out here independently of the code under test."""
+    import numpy as np
+
+    x = np.asarray(x, dtype=np.float64)
+    y = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0
+    y = np.where(x <= center - 0.5 - (width - 1) / 2, 0.0, y)
+    y = np.where(x > center - 0.5 + (width - 1) / 2, 255.0, y)
+    return np.rint(y).astype(np.uint8)
+
+
+def _replace_pixels(api_settings: Settings, ds, pixels, **attributes) -> None:  # type: ignore[no-untyped-def]
+    """Rewrite the study's spooled image with ``pixels`` and header ``attributes`` (same UIDs)."""
+    import numpy as np
+
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    ds.save_as(api_settings.spool_dir / ds.StudyInstanceUID / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+
+
+def _png(response):  # type: ignore[no-untyped-def]
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(response.content)))
+
+
+def test_viewer_renders_a_monochrome1_image_with_its_header_window(client: TestClient, keys: dict[str, str],
+                                                                   registry: Registry, api_settings: Settings) -> None:
+    """MONOCHROME1, 12 bits stored in 16: the header window (centre 2048, width 1024) on a 0..4095 ramp,
+    shown inverted (the lowest value white); ``invert`` flips it back; a region outside the image is black."""
+    import numpy as np
+
+    study_id, ds = add_study(registry, api_settings, state=StudyState.QUEUED)
+    ramp = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    _replace_pixels(api_settings, ds, ramp, PhotometricInterpretation="MONOCHROME1", BitsAllocated=16,
+                    BitsStored=12, HighBit=11, PixelRepresentation=0, RescaleSlope=1, RescaleIntercept=0,
+                    WindowCenter=2048, WindowWidth=1024, WindowCenterWidthExplanation="SOFT")
+    h = auth(keys["reader"])
+    info = client.get(f"/api/v1/studies/{study_id}/image", headers=h).json()
+    assert (info["rows"], info["columns"], info["photometric_interpretation"]) == (64, 64, "MONOCHROME1")
+    assert info["inverse_display"] is True and info["default_preset"] == "window:0"
+    assert (info["value_min"], info["value_max"]) == (0, 4095)
+    assert info["presets"][0] == {"id": "window:0", "label": "SOFT", "center": 2048, "width": 1024,
+                                  "function": "LINEAR", "lut": False}
+    url = f"/api/v1/studies/{study_id}/image/render?out_width=64&out_height=64"
+    shown = _png(client.get(url, headers=h))
+    expected = 255 - _linear(ramp, 2048, 1024)
+    assert np.array_equal(shown, expected)
+    assert shown[0, 0] == 255 and shown[-1, -1] == 0  # low values white, high values black
+    assert np.array_equal(_png(client.get(url + "&invert=true", headers=h)), _linear(ramp, 2048, 1024))
+    # a custom window, and a region half outside the image (panned left, 1:1): outside is black
+    custom = _png(client.get(url + "&window_center=1000&window_width=200", headers=h))
+    assert np.array_equal(custom, 255 - _linear(ramp, 1000, 200))
+    half = _png(client.get(f"/api/v1/studies/{study_id}/image/render?x=-16&y=16&w=32&h=32&out_width=32"
+                           "&out_height=32", headers=h))
+    assert (half[:, :16] == 0).all() and np.array_equal(half[:, 16:], expected[16:48, 0:16])
+    zoomed = _png(client.get(f"/api/v1/studies/{study_id}/image/render?x=0&y=0&w=32&h=32&out_width=256"
+                             "&out_height=256", headers=h))  # 8x: bilinear between the same pixels
+    assert zoomed.shape == (256, 256)
+    assert np.abs(zoomed[4::8, 4::8].astype(int) - expected[:32, :32]).max() <= 2
+
+
+def test_viewer_renders_16_bit_signed_values_through_the_modality_lut(client: TestClient, keys: dict[str, str],
+                                                                      registry: Registry,
+                                                                      api_settings: Settings) -> None:
+    """16 bits stored, signed, Rescale Slope 2 and Intercept -1024: the window applies to modality values."""
+    import numpy as np
+
+    study_id, ds = add_study(registry, api_settings, state=StudyState.QUEUED)
+    stored = np.linspace(-32768, 32767, 128 * 96).round().astype(np.int16).reshape(96, 128)
+    _replace_pixels(api_settings, ds, stored, PhotometricInterpretation="MONOCHROME2", BitsAllocated=16,
+                    BitsStored=16, HighBit=15, PixelRepresentation=1, RescaleSlope=2, RescaleIntercept=-1024,
+                    WindowCenter=[0, 20000], WindowWidth=[4000, 60000])
+    h = auth(keys["reader"])
+    info = client.get(f"/api/v1/studies/{study_id}/image", headers=h).json()
+    modality = stored.astype(np.float64) * 2 - 1024
+    assert (info["value_min"], info["value_max"]) == (modality.min(), modality.max())
+    assert [p["id"] for p in info["presets"]] == ["window:0", "window:1", "full"]
+    base = f"/api/v1/studies/{study_id}/image/render?out_width=128&out_height=96"
+    assert np.array_equal(_png(client.get(base, headers=h)), _linear(modality, 0, 4000))
+    assert np.array_equal(_png(client.get(base + "&preset=window:1", headers=h)), _linear(modality, 20000, 60000))
+    assert np.array_equal(_png(client.get(base + "&window_center=-5000&window_width=9000", headers=h)),
+                          _linear(modality, -5000, 9000))
+    full = _png(client.get(base + "&preset=full", headers=h))
+    assert full.min() == 0 and full.max() == 255  # the full range spans the whole grey scale
+    assert_problem(client.get(base + "&preset=lut:0", headers=h), 422, "unknown-preset")
+
+
+def test_viewer_bounds_huge_images_concurrent_renders_and_the_audit(client: TestClient, keys: dict[str, str],
+                                                                    registry: Registry,
+                                                                    api_settings: Settings) -> None:
+    """A header announcing 8000 x 8000 pixels is refused before anything is decoded; a second window costs no
+    second decode; with every render slot busy the answer is 503 + Retry-After; a drag's many renders are one
+    audit entry; the other images of the study can be shown, other studies' images cannot."""
+    import numpy as np
+
+    from api.viewer import Renderer
+
+    h = auth(keys["rad"])
+    study_id, _ = add_study(registry, api_settings, state=StudyState.QUEUED)
+    huge_id, huge = add_study(registry, api_settings, state=StudyState.QUEUED, index=1)
+    _replace_pixels(api_settings, huge, np.zeros((4, 4), dtype=np.uint16))
+    huge.Rows = huge.Columns = 8000  # the pixel data is tiny: decoding it would fail, so it must not be tried
+    huge.save_as(api_settings.spool_dir / huge.StudyInstanceUID / f"{huge.SOPInstanceUID}.dcm", enforce_file_format=True)
+    assert_problem(client.get(f"/api/v1/studies/{huge_id}/image/render", headers=h), 409, "image-too-large")
+
+    client.get(f"/api/v1/studies/{study_id}/image", headers=h)
+    renderer = client.app.state.viewer[0]
+    decodes = renderer.decodes
+    for center in (1000, 1500, 2000):
+        _png(client.get(f"/api/v1/studies/{study_id}/image/render?window_center={center}&window_width=800",
+                        headers=h))
+    assert renderer.decodes == decodes
+    assert [a for a in audit_actions(registry, study_id) if a[1] == "image.read"] == [("rad", "image.read")]
+
+    client.app.state.viewer = (Renderer(slots=1, wait_s=0.05), client.app.state.viewer[1])
+    client.app.state.viewer[0]._slots.acquire()  # a render that takes forever holds the only slot
+    busy = client.get(f"/api/v1/studies/{study_id}/image/render", headers=h)
+    assert_problem(busy, 503, "viewer-busy")
+    assert busy.headers["retry-after"] == "2"
+    assert client.get(f"/api/v1/studies/{study_id}/report/versions", headers=h).status_code == 409  # others served
+    assert client.get("/api/v1/studies", headers=h).status_code == 200
+    client.app.state.viewer[0]._slots.release()
+    _png(client.get(f"/api/v1/studies/{study_id}/image/render", headers=h))
+
+    with registry.session() as s:
+        from radialog.registry import Study
+
+        other_instance = s.get(Study, huge_id).selected_instance_id
+    assert_problem(client.get(f"/api/v1/studies/{study_id}/image?instance={other_instance}", headers=h), 404,
+                   "instance-not-found")
+    assert_problem(client.get(f"/api/v1/studies/{study_id}/image/render?w=0", headers=h), 422)
+    assert_problem(client.get(f"/api/v1/studies/{study_id}/image/render?out_width=5000", headers=h), 422)
+
+
+def test_viewer_offers_and_applies_the_headers_voi_lut(client: TestClient, keys: dict[str, str],
+                                                       registry: Registry, api_settings: Settings) -> None:
+    """A VOI LUT in the header is the default preset (as for the model) and is applied as a table: inputs
+    below its first entry take entry 0, above its last the last one; a drag from it is a linear window."""
+    import numpy as np
+    from pydicom.dataset import Dataset
+
+    study_id, ds = add_study(registry, api_settings, state=StudyState.QUEUED)
+    ramp = np.arange(0, 2048, 2, dtype=np.uint16).reshape(32, 32)
+    lut = Dataset()
+    lut.add_new("LUTDescriptor", "US", [256, 512, 12])  # 256 entries, first input 512, 12-bit output
+    lut.add_new("LUTData", "OW", np.array([16 * i for i in range(256)], dtype="<u2").tobytes())  # as OW, like most
+    lut.LUTExplanation = "LUNG"
+    _replace_pixels(api_settings, ds, ramp, BitsAllocated=16, BitsStored=12, HighBit=11, PixelRepresentation=0,
+                    VOILUTSequence=[lut])
+    h = auth(keys["reader"])
+    info = client.get(f"/api/v1/studies/{study_id}/image", headers=h).json()
+    assert info["default_preset"] == "lut:0"
+    assert info["presets"][0] == {"id": "lut:0", "label": "LUNG", "center": 640, "width": 256, "function": "LINEAR",
+                                  "lut": True}
+    shown = _png(client.get(f"/api/v1/studies/{study_id}/image/render?out_width=32&out_height=32", headers=h))
+    index = np.clip(ramp.astype(int) - 512, 0, 255)
+    assert np.array_equal(shown, np.rint(16 * index / (16 * 255) * 255).astype(np.uint8))
+    dragged = _png(client.get(f"/api/v1/studies/{study_id}/image/render?out_width=32&out_height=32"
+                              "&preset=lut:0&window_center=640&window_width=256", headers=h))
+    assert np.array_equal(dragged, _linear(ramp, 640, 256))

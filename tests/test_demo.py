@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from radialog.chain import orthanc_available
+from tests.reporting_support import dciodvfy_errors
 from tests.support.brokers import redis_url
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -33,5 +34,8 @@ def test_demo_ends_with_reports_in_orthanc(tmp_path: Path, broker: str) -> None:
     assert out.count("SR in Orthanc: http://127.0.0.1:") == 2  # both chest studies, in the PACS
     assert out.count("AI DRAFT - NOT VERIFIED") == 2
     assert "DX lateral only: SKIPPED" in out and "reason: lateral view only" in out
+    # every SR the demo wrote (the tiny model's drafts, whatever it says) is valid DICOM for dicom3tools
+    srs = sorted((tmp_path / "var" / "demo" / "chain" / "var" / "sr").rglob("*.dcm"))
+    assert len(srs) == 2 and all(dciodvfy_errors(path) == [] for path in srs)
     run_log = (tmp_path / "var" / "demo" / "chain" / "run.log").read_text()
     assert ("using the embedded SQLite broker" in run_log) == (broker == "embedded")

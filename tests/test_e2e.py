@@ -101,11 +101,12 @@ def test_chest_study_comes_back_as_sr_then_dialog_and_approval(chain: Chain, tmp
     assert turn.status_code == 200, turn.text
     assert turn.json()["state"] == "DONE" and turn.json()["answer"] is not None
 
-    # the radiologist approves: a VERIFIED version that references the draft, also delivered to Orthanc
+    # the radiologist approves the draft as shown: a VERIFIED version that references it, also in Orthanc
     approved = chain.api(
         "POST",
         f"/api/v1/studies/{study['id']}/report/approve",
-        json={"findings_text": "No acute cardiopulmonary process.", "base_version": 1},
+        json={"findings_text": report["findings_text"], "impression_text": report["impression_text"] or "",
+              "base_version": 1},
     )
     assert approved.status_code == 201, approved.text
     assert approved.json()["verified"] and approved.json()["version"] == 2

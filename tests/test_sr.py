@@ -153,3 +153,51 @@ def test_a_source_without_optional_patient_attributes_still_gives_a_valid_sr(tmp
     sr.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
     assert sr.PatientID == source.PatientID and sr.AccessionNumber == ""
+
+
+@pytest.mark.parametrize("bad", ["\x00", "\x0f", "\t", "\x0b", "\x1b", "\x7f", "\x85", "\ud800"])
+def test_the_builder_refuses_text_no_dicom_text_value_may_hold(bad: str, tmp_path: Path) -> None:
+    """The SR builder never writes what dciodvfy calls "Character invalid for this VR": it refuses with a
+    typed error naming the field and the character, for every text it writes (findings, impression, people)."""
+    from dataclasses import replace
+
+    from radialog.synthetic import make_cxr
+    from reporting.sr import Algorithm, SRSpec, Verification, build_sr, new_uid
+    from reporting.text import InvalidReportText
+
+    source = make_cxr(rows=32, cols=32)
+    spec = SRSpec(new_uid(), new_uid(), 901, 1, "Heart normal.", impression_text="Normal.", author="anna",
+                  algorithm=Algorithm("RaDialog", "2.0", "0" * 64))
+    build_sr(source, spec)  # the clean spec builds
+    for field, changed in (("findings text", replace(spec, findings_text=f"Small{bad} effusion.")),
+                           ("impression text", replace(spec, impression_text=f"Normal{bad}.")),
+                           ("author", replace(spec, author=f"an{bad}na")),
+                           ("algorithm version", replace(spec, algorithm=Algorithm("RaDialog", f"2{bad}0", "0" * 64)))):
+        with pytest.raises(InvalidReportText, match=f"^{field}: ") as refused:
+            build_sr(source, changed)
+        assert refused.value.character == bad
+    # short VRs (LO / PN of the observer) refuse the value delimiter too, and their length limit
+    with pytest.raises(InvalidReportText, match="verifying observer"):
+        build_sr(source, replace(spec, verification=Verification("Smith\\Anna", "Hospital")))
+    with pytest.raises(InvalidReportText, match="longer than the 64"):
+        build_sr(source, replace(spec, author="x" * 65))
+
+
+def test_a_version_with_invalid_text_is_refused_before_anything_is_stored(sqlite_registry: Registry,
+                                                                           settings: Settings) -> None:
+    from sqlalchemy import func, select
+
+    from radialog.registry import Report
+    from reporting.text import InvalidReportText
+
+    study_id, _ = add_study(sqlite_registry, settings)
+    with pytest.raises(InvalidReportText), sqlite_registry.session() as session:
+        create_ai_draft(session, settings, study_id, model_output(study_id, "om0vi\x0fgaly"), PROVENANCE)
+    with sqlite_registry.session() as session:
+        create_ai_draft(session, settings, study_id, model_output(study_id), PROVENANCE)
+    with pytest.raises(InvalidReportText), sqlite_registry.session() as session:
+        create_version(session, settings, study_id, kind="edit", findings_text="Edited\x00.", impression_text=None,
+                       author="anna")
+    with sqlite_registry.session() as session:
+        assert session.scalar(select(func.count()).select_from(Report)) == 1
+    assert len(list(settings.sr_dir.rglob("*.dcm"))) == 1

@@ -5,6 +5,8 @@ classifier labels, answered by its findings text), then the conversation's earli
 Streaming: JSON messages on ``celery_app.dialog_channel`` (``radialog:<broker db>:dialog:<turn_id>``): {"type": "token", "text"}, then
 {"type": "done", "answer"} or {"type": "error", "error"}. With an embedded (non-Redis) broker nothing is
 streamed; the API reads the stored answer. A redelivered DONE turn only repeats its "done" message.
+Tokens and the answer are cleaned with ``reporting.text`` (the model boundary): an answer accepted as
+the report is valid SR text and passes the API's check as shown.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sqlalchemy import select
 
 from radialog.logging import get_logger
 from radialog.registry import Conversation, DialogTurn, Report, utcnow
+from reporting.text import clean_model_text, clean_text
 from workers import metrics
 from workers.celery_app import dialog_channel
 from workers.pipeline import JobFailure, load_image
@@ -115,10 +118,12 @@ def run_dialog_turn(ctx: WorkerContext, turn_id: int) -> str:
         def on_token(text: str) -> None:
             if not first_token:
                 first_token.append(time.perf_counter() - started)
-            publisher.send({"type": "token", "text": text})
+            # cleaning is per character, so cleaned pieces join up to the cleaned answer (cut aside)
+            publisher.send({"type": "token", "text": clean_text(text)})
 
         request = DialogRequest(image=image, history=history, question=question, task=task)
-        answer = ctx.require_backend().answer(request, on_token=on_token)
+        # the model boundary: the answer is stored, shown and possibly made a report version as cleaned
+        answer = clean_model_text(ctx.require_backend().answer(request, on_token=on_token))
     except (JobFailure, ContextTooLong) as exc:
         return _fail(ctx, publisher, turn_id, str(exc))
     except Exception as exc:  # the turn fails, the worker keeps serving

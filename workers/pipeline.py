@@ -14,6 +14,7 @@ Idempotent: a redelivered message finds its job DONE (or running elsewhere) and 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -216,13 +217,33 @@ def _seconds_between(start: datetime | None, end: datetime | None) -> float | No
     return (end - start).total_seconds()
 
 
+def clean_output(output: ReportOutput) -> ReportOutput:
+    """The model boundary: ``output`` with its texts under ``reporting.text``'s rule (invalid characters
+    such as byte-fallback control bytes removed, length capped, never empty), so the stored draft, the
+    text the API shows, the text a radiologist signs and the SR's Text Value are one and the same."""
+    from reporting.text import clean_model_text
+
+    changes: dict[str, str] = {"findings_text": clean_model_text(output.findings_text)}
+    impression = getattr(output, "impression_text", None)
+    if impression is not None:
+        changes["impression_text"] = clean_model_text(impression)
+    if all(getattr(output, name) == value for name, value in changes.items()):
+        return output
+    log.info("model text cleaned", extra={"job": output.key})
+    return dataclasses.replace(output, **changes)
+
+
 def store_output(
     ctx: WorkerContext, prepared: Prepared, output: ReportOutput, batch_size: int, batch_wait_s: float = 0.0
 ) -> list[int]:
-    """Report + SR + outbox via ``create_ai_draft``, Job DONE with timings; returns the export ids."""
+    """Report + SR + outbox via ``create_ai_draft``, Job DONE with timings; returns the export ids.
+
+    The model's text is cleaned here (``clean_output``), before anything is stored.
+    """
     from reporting.versions import create_ai_draft
 
     backend = ctx.require_backend()
+    output = clean_output(output)
     started = time.perf_counter()
     with ctx.registry.session() as session:
         job = session.get(Job, prepared.claim.job_id)

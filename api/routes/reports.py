@@ -31,10 +31,11 @@ def current_report(study_id: StudyId, session: DB, who: AnyUser) -> ReportOut:
 
 @router.get("/report/versions", response_model=ReportVersions, responses=_READ)
 def report_versions(study_id: StudyId, session: DB, who: AnyUser) -> ReportVersions:
-    """Every version, oldest first (each SR references its predecessor)."""
+    """Every version, oldest first (each SR references its predecessor), each with its word-level
+    ``changes`` from that predecessor."""
     study = get_study(session, study_id)
     current = require_report(session, study)
-    versions = [report_out(r) for r in study.reports]
+    versions = [report_out(r, with_changes=True) for r in study.reports]
     audit.record(session, who, "report.versions", study_id)
     session.commit()
     return ReportVersions(study_id=study_id, current_version=current.version, versions=versions)
@@ -46,7 +47,7 @@ def report_version(study_id: StudyId, version: Version, session: DB, who: AnyUse
     report = get_version(session, study_id, version)
     audit.record(session, who, "report.read", study_id, version=version)
     session.commit()
-    return report_out(report)
+    return report_out(report, with_changes=True)
 
 
 _DICOM = {200: {"description": "The DICOM SR (Part 10 file)", "content": {"application/dicom": {}}}}
@@ -108,16 +109,28 @@ def create_report_version(
 def approve_report(
     study_id: StudyId, body: Approval, session: DB, who: Radiologist, settings: AppSettings, services: AppServices
 ) -> ReportOut:
-    """Sign the report (radiologists only): a VERIFIED/FINAL version with the radiologist as
-    verifying observer; its SR is queued for export."""
+    """Sign the version on screen (radiologists only): a VERIFIED/FINAL version with the text of
+    ``base_version`` exactly as the API shows it and the radiologist as verifying observer; its SR is
+    queued for export. 409 when ``base_version`` is not current, when the findings or impression sent
+    are not that version's text (nothing that was not displayed gets signed), or when it is signed."""
+    from reporting.text import clean_text
+
     current = require_report(session, get_study(session, study_id))
-    findings = body.findings_text if body.findings_text is not None else current.findings_text
-    # null keeps the current impression; "" means "no impression" (what an emptied edit box sends)
-    impression = (body.impression_text if body.impression_text is not None else current.impression_text) or None
-    if current.verified and findings == current.findings_text and impression == current.impression_text:
+    if body.base_version != current.version:
+        raise Problem(409, "stale-version",
+                      f"version {body.base_version} is not the current version ({current.version}); show it first")
+    findings = clean_text(current.findings_text)  # the text as every channel shows it (rows before the rule)
+    impression = clean_text(current.impression_text) if current.impression_text else None
+    sent_impression = None if body.impression_text is None else (body.impression_text or None)
+    if (body.findings_text is not None and body.findings_text != findings) or (
+        body.impression_text is not None and sent_impression != (impression or None)
+    ):
+        raise Problem(409, "text-mismatch", f"the text sent is not the text of version {current.version}; "
+                      "save a change as a new version, then approve that version")
+    if current.verified:
         raise Problem(409, "already-approved", f"version {current.version} is already approved by {current.verifier}")
     report = new_version(
-        session, settings, current, kind="approval", findings_text=findings, impression_text=impression,
+        session, settings, current, kind="approval", findings_text=findings, impression_text=impression or None,
         author=who.name, approve=True, base_version=body.base_version,
     )
     audit.record(session, who, "report.approve", study_id, version=report.version)
