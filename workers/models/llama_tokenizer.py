@@ -20,6 +20,9 @@ the model's own ``tokenizer.model``:
 
 :func:`image_prompt_ids` is LLaVA's ``tokenizer_image_token``: the prompt is cut at ``<image>``, each
 chunk encoded with its own ``<s>``, which is kept only for the first chunk; the image index in between.
+Generated ids are decoded by transformers' tokenizer (:func:`decoding_tokenizer`): the same text as the
+slow one, except for how invalid UTF-8 byte sequences become U+FFFD. ``bench/slow_tokenizer.py`` checks
+all this against the real transformers 4.31.
 """
 
 from __future__ import annotations
