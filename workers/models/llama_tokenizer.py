@@ -87,11 +87,13 @@ class SlowLlamaEncoder:
         self._split = re.compile("(" + "|".join(re.escape(s) for s in longest_first) + ")")
 
     @classmethod
-    def from_directory(cls, directory: Path | str) -> SlowLlamaEncoder:
+    def from_directory(cls, directory: Path | str, *, legacy: bool | None = None) -> SlowLlamaEncoder:
         """From a Hugging Face tokenizer directory: ``tokenizer.model`` + ``tokenizer_config.json``.
 
-        Refuses (TokenizerFileError) what we could not tokenise as the reference does: no
-        ``tokenizer.model``, extra added tokens, ``add_eos_token: true``, another tokenizer class.
+        ``legacy``: None = as tokenizer_config.json says (transformers 4.31's rules); True for code that ran
+        transformers 4.28, whose LlamaTokenizer had no such option and always behaved as ``legacy: true``
+        whatever the file says (RaDialog v1). Refuses (TokenizerFileError) what we could not tokenise as the
+        reference does: no ``tokenizer.model``, extra added tokens, ``add_eos_token: true``, another class.
         """
         directory = Path(directory)
         model = directory / "tokenizer.model"
@@ -111,7 +113,8 @@ class SlowLlamaEncoder:
             raise TokenizerFileError(
                 f"{directory}: the tokenizer has added tokens beyond <unk>/<s>/</s>; this encoder does not handle them"
             )
-        legacy = config.get("legacy", True)  # transformers 4.31's LlamaTokenizer default
+        if legacy is None:
+            legacy = config.get("legacy", True)  # transformers 4.31's LlamaTokenizer default
         if not isinstance(legacy, bool):
             raise TokenizerFileError(f"tokenizer_config.json: legacy must be true or false, not {legacy!r}")
         add_bos = config.get("add_bos_token", True)
