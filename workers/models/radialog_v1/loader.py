@@ -186,6 +186,13 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
     return {"r": r, "lora_alpha": alpha, "lora_dropout": float(dropout), "target_modules": list(targets)}
 
 
+def adapter_layout(peft_model: Any, img_proj: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """``adapter_model.bin``'s expected names and shapes: the LoRA tensors in old peft names (no adapter name)
+    and the reference's ``img_proj_layer``."""
+    expected = {k.replace(".default.", "."): tuple(v.shape) for k, v in peft_model.state_dict().items() if "lora_" in k}
+    return expected | {IMG_PROJ_KEYS[k]: tuple(v.shape) for k, v in img_proj.state_dict().items()}
+
+
 def apply_adapter(model: RadialogV1, files: RadialogV1Files) -> list[str]:
     """img_proj and the LoRA from the adapter directory, every tensor checked by name and shape; merged."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
@@ -193,8 +200,7 @@ def apply_adapter(model: RadialogV1, files: RadialogV1Files) -> list[str]:
     settings = read_adapter_config(files.adapter_config)
     lora = LoraConfig(**settings, bias="none", task_type="CAUSAL_LM", inference_mode=True)
     peft_model = get_peft_model(model.llama_model, lora)
-    expected = {k.replace(".default.", "."): tuple(v.shape) for k, v in peft_model.state_dict().items() if "lora_" in k}
-    expected |= {IMG_PROJ_KEYS[k]: tuple(v.shape) for k, v in model.img_proj.state_dict().items()}
+    expected = adapter_layout(peft_model, model.img_proj)
     state = torch_load_checked(files.adapter_weights)
     if not isinstance(state, dict):
         raise ModelFileError(f"{files.adapter_weights.name} is not a state dict")
