@@ -68,9 +68,16 @@ class RadialogV1(nn.Module):
         return grid.reshape(grid.shape[0], -1, self.bridge.size.vision_width)  # no permute: see the module doc
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, 3, 448, 448] pixels -> [B, 32, hidden] image embeddings in the LLM's dtype."""
-        queries = self.bridge(self.image_features(pixels))
-        return self.img_proj(queries.to(self.img_proj.weight.dtype)).to(self.dtype)
+        """[B, 3, 448, 448] pixels -> [B, 32, hidden] image embeddings in the LLM's dtype, one image at a time.
+
+        Batched convolutions and matmuls round differently with the batch size (~1e-6 here), and greedy
+        decoding can turn such a difference into another report; one image at a time, a study's embeddings
+        are bit for bit those it gets alone, whatever shares its batch. The vision path is a small part of a
+        report's cost (300 decode steps of a 7B model).
+        """
+        rows = [self.img_proj(self.bridge(self.image_features(one[None])).to(self.img_proj.weight.dtype))
+                for one in pixels]
+        return torch.cat(rows).to(self.dtype)
 
     def splice(self, prompts: Sequence[Sequence[int]], images: torch.Tensor) -> list[torch.Tensor]:
         """Prompt ids holding the 32 image ids + [B, 32, hidden] -> one [T_i, hidden] row per prompt (the

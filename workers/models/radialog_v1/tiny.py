@@ -49,6 +49,9 @@ TINY_RESNET_WIDTH = 8  # trunk output 256 channels instead of 2,048; everything 
 TINY_QFORMER = QFormerSize(vision_width=1408, hidden_size=768, layers=2, heads=12, intermediate_size=256, queries=32)
 LLM_DIR_NAME = "vicuna-7b-v1.3"
 EOS_ID = 2
+#: Spread of the tiny image embeddings across images: enough to change answers, not so much that float noise
+#: between batch sizes in the vision tower (~1e-6 at the Q-Former output) flips a greedy token.
+IMAGE_SPREAD = 0.25
 VOCAB = 32000
 MARKER_TEXT = "TINY RANDOM MODEL - NOT CLINICAL. Random weights written by `radialog model make-tiny --backend radialog-v1`.\n"
 
@@ -138,6 +141,26 @@ def _biovil_file(model: RadialogV1, generator: torch.Generator) -> dict[str, tor
     _randomise_bn(published.projector, generator)
     published.encoder.load_state_dict(model.visual_encoder.encoder.state_dict())
     return {k: v.clone() for k, v in published.state_dict().items()}
+
+
+@torch.no_grad()
+def liven_img_proj(model: RadialogV1, generator: torch.Generator) -> None:
+    """Fit ``img_proj`` so that the image matters to the LLM: a random BioViL-T gives nearly equal features for
+    similar radiographs, so the Q-Former outputs differ by little around a large common part (one per query
+    position). The projection ignores that common part (its rows are made orthogonal to the 32 mean outputs
+    over the calibration images) and is scaled to unit spread of what is left, as :func:`liven_classifier`
+    does for the classifier's head; output channel 0 stays zero (the free channel, see tiny_llama)."""
+    from workers.models.radialog_v2.transforms import LLM_CROP, batch_tensors
+
+    queries = model.bridge(model.image_features(batch_tensors(calibration_images(), LLM_CROP))).double()
+    mean = queries.mean(0)  # [32, 768]: per query position
+    basis, _ = torch.linalg.qr(mean.T)  # [768, 32]: the common part's directions
+    weight = torch.randn(model.img_proj.out_features, queries.shape[-1], generator=generator, dtype=torch.float64)
+    weight -= (weight @ basis) @ basis.T
+    weight *= IMAGE_SPREAD / (queries @ weight.T).std()
+    weight[0] = 0
+    model.img_proj.weight.copy_(weight)
+    model.img_proj.bias.zero_()
 
 
 def _adapter_config() -> dict[str, Any]:
@@ -236,12 +259,8 @@ def make_tiny(directory: Path | str, seed: int = 0) -> TinyPaths:
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:  # peft initialises B to zero; a non-zero B makes the merge observable
                 param.normal_(0, 0.05, generator=generator)
-        model.img_proj.weight.normal_(0, 768 ** -0.5, generator=generator)
-        model.img_proj.bias.normal_(0, 0.02, generator=generator)
     keep_channel_free_in_lora(peft_model)
-    with torch.no_grad():
-        model.img_proj.weight[0] = 0  # the image must not write the free channel either (see tiny_llama)
-        model.img_proj.bias[0] = 0
+    liven_img_proj(model, generator)
     adapter = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
     adapter |= {"base_model.model.model.img_proj_layer.weight": model.img_proj.weight.detach().clone(),
                 "base_model.model.model.img_proj_layer.bias": model.img_proj.bias.detach().clone()}
