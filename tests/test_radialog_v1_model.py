@@ -254,11 +254,13 @@ def test_reshape_without_permute_and_the_vision_path_equal_the_reference_math(ti
         assert features.shape == (2, 196, 1408)
         assert torch.equal(features, expected)
         assert not torch.allclose(features, grid.flatten(2).transpose(1, 2))  # the permuted reading differs
-        queries = reference_qformer(features, lavis, model.bridge.size.layers, model.bridge.size.heads)
-        embeds = model.encode_images(pixels)
+        expected_queries = reference_qformer(features, lavis, model.bridge.size.layers, model.bridge.size.heads)
+        queries = torch.cat([model.bridge(model.image_features(pixels[i:i + 1])) for i in range(2)])
+        torch.testing.assert_close(queries, expected_queries, atol=1e-5, rtol=1e-4)
+        embeds = model.encode_images(pixels)  # one image at a time, as above
         weight = adapter["base_model.model.model.img_proj_layer.weight"]
         bias = adapter["base_model.model.model.img_proj_layer.bias"]
-        torch.testing.assert_close(embeds, queries @ weight.T + bias, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(embeds, queries @ weight.T + bias, atol=1e-5, rtol=1e-5)
     assert embeds.shape == (2, 32, 64)
     assert not torch.allclose(embeds[0], embeds[1], atol=1e-4), "the two images gave the same embeddings"
 
