@@ -289,3 +289,25 @@ def test_classifier_reads_488_pixels(tiny: TinyPaths) -> None:
     assert seen == [(1, 3, 488, 488)] and len(out.findings) == 14
     with pytest.raises(RuntimeError):  # at 448 the pooled grid is 3 x 3: fc1's 2,048 inputs do not fit
         backend.classifier(torch.rand(1, 3, 448, 448))
+
+
+def test_model_and_bench_modules_import_without_celery_dicom_or_web_packages() -> None:
+    """The GPU machine has only torch, transformers, peft, numpy and pillow: bench/gpu.py --backend radialog-v1
+    must import there (a module-level Celery/DICOM/web import in workers.models or workers.engine breaks it)."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {"celery", "kombu", "redis", "pydicom", "highdicom", "pynetdicom", "fastapi",
+                                  "starlette", "sqlalchemy", "pydantic_settings"}:
+            raise ImportError("not on the GPU machine: " + name)
+sys.meta_path.insert(0, Block())
+import bench.gpu, bench.gpu_radialog_v1, bench.model_size, workers.engine.backend, workers.models.capabilities
+import workers.models.radialog_v1.backend, workers.models.radialog_v1.serving, workers.models.radialog_v1.tiny
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1], check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
