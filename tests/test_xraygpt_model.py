@@ -152,7 +152,7 @@ def _layer_norm(x: torch.Tensor, state: dict, prefix: str, eps: float) -> torch.
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     b, n, width = q.shape
-    split = lambda t: t.reshape(b, t.shape[1], heads, width // heads).transpose(1, 2)  # noqa: E731
+    split = lambda t: t.reshape(b, t.shape[1], heads, width // heads).transpose(1, 2)
     q, k, v = split(q), split(k), split(v)
     weights = ((q * (width // heads) ** -0.5) @ k.transpose(-1, -2)).softmax(-1)
     return (weights @ v).transpose(1, 2).reshape(b, n, width)

@@ -4,8 +4,6 @@ post-processing, streaming, and the context rule."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import sentencepiece as spm

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-
 BACKEND_OPTION = click.option(
     "--backend", type=click.Choice(["radialog-v2", "radialog-v1", "xraygpt"]), default=None,
     help="Model backend (default: RADIALOG_MODEL_BACKEND, else radialog-v2).",

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from workers.models.common.llama import load_llama, load_tokenizer
 from workers.models.common.layout import check_layout
+from workers.models.common.llama import load_llama, load_tokenizer
 from workers.models.common.qformer import LAVIS_UNUSED, QFormerSize, from_lavis, to_lavis
 from workers.models.radialog_v2.checkpoint_io import ModelFileError, torch_load_checked
 from workers.models.radialog_v2.loader import resolve_device
@@ -50,8 +50,8 @@ CHECKPOINT_BUFFERS = (
 
 @dataclass(frozen=True)
 class Sizes:
-    eva: EvaSize = EvaSize()
-    qformer: QFormerSize = QFormerSize()
+    eva: EvaSize = field(default_factory=EvaSize)
+    qformer: QFormerSize = field(default_factory=QFormerSize)
 
     def to_json(self) -> str:
         return json.dumps({"eva": asdict(self.eva), "qformer": asdict(self.qformer)}, indent=2)
@@ -107,18 +107,19 @@ def load_eva(model: XrayGPT, path: Path) -> list[str]:
         raise ModelFileError(f"{path.name} is not a state dict")
     depth = model.visual_encoder.size.depth
     tower = model.visual_encoder.tower
-    beyond = lambda key: (eva_vit.block_index(key) or 0) >= depth  # noqa: E731
+    beyond = lambda key: (eva_vit.block_index(key) or 0) >= depth
     ignored = check_layout(path.name, eva_vit.published_shapes(tower.state_dict()), state, ignored=beyond)
     tower.load_state_dict(eva_vit.from_published({k: v for k, v in state.items() if k not in ignored}))
-    return [f"{path.name}: ignored {len(ignored)} tensors of blocks beyond {depth} "
-            "(the reference builds 39 of EVA-CLIP-g's 40 blocks)"] if ignored else []
+    note = (f"{path.name}: ignored {len(ignored)} tensors of blocks beyond {depth} "
+            "(the reference builds 39 of EVA-CLIP-g's 40 blocks)")
+    return [note] if ignored else []
 
 
 def load_bridge(model: XrayGPT, path: Path) -> list[str]:
     """``blip2_pretrained_flant5xxl.pth["model"]`` -> query_tokens, ln_vision and the Q-Former."""
     state, notes = model_dict(path)
     expected = {k: tuple(v.shape) for k, v in to_lavis(model.bridge.state_dict()).items()}
-    unused = lambda key: any(p.fullmatch(key) for p in LAVIS_UNUSED)  # noqa: E731
+    unused = lambda key: any(p.fullmatch(key) for p in LAVIS_UNUSED)
     ignored = check_layout(path.name, expected, state, ignored=unused)
     bridge, _rest, _unused = from_lavis({k: v for k, v in state.items() if k not in ignored})
     model.bridge.load_state_dict(bridge)
@@ -133,7 +134,7 @@ def load_projection(model: XrayGPT, path: Path) -> list[str]:
     else (MedCLIP/Swin or Q-Former weights) would mean that code and weights do not match: refused."""
     state, notes = model_dict(path)
     expected = {f"llama_proj.{k}": tuple(v.shape) for k, v in model.llama_proj.state_dict().items()}
-    buffer = lambda key: any(p.fullmatch(key) for p in CHECKPOINT_BUFFERS)  # noqa: E731
+    buffer = lambda key: any(p.fullmatch(key) for p in CHECKPOINT_BUFFERS)
     ignored = check_layout(path.name, expected, state, ignored=buffer)
     model.llama_proj.load_state_dict({k.removeprefix("llama_proj."): state[k] for k in expected})
     if ignored:

@@ -23,9 +23,10 @@ class XrayGPT(nn.Module):
     """Vision tower, bridge and projection; the ``LlamaForCausalLM`` is attached once loaded (reference order:
     vision files first, then the LLM, then the projection)."""
 
-    def __init__(self, llm_hidden: int, eva: EvaSize = EvaSize(), qformer: QFormerSize | None = None,
+    def __init__(self, llm_hidden: int, eva: EvaSize | None = None, qformer: QFormerSize | None = None,
                  llama_model: LlamaForCausalLM | None = None):
         super().__init__()
+        eva = eva or EvaSize()
         qformer = qformer or QFormerSize(vision_width=eva.width)
         if qformer.vision_width != eva.width:
             raise ValueError(f"the Q-Former reads {qformer.vision_width} features, the ViT gives {eva.width}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from workers.models.common.qformer import QFormerSize, QueryBridge, to_lavis
-from workers.models.xraygpt import eva_vit, prompts
+from workers.models.xraygpt import eva_vit
 from workers.models.xraygpt.eva_vit import EvaSize, EvaViT
 from workers.models.xraygpt.files import EVA_FILE, QFORMER_FILE, TINY_MARKER
 from workers.models.xraygpt.loader import SIZES_FILE, Sizes
@@ -49,16 +49,6 @@ class TinyPaths:
                 "RADIALOG_XRAYGPT_CHECKPOINT": str(self.checkpoint.resolve())}
 
 
-def corpus() -> list[str]:
-    """Text to train the tiny tokenizer on: XrayGPT's prompts and some radiology phrasing."""
-    lines = [prompts.SYSTEM, prompts.REPORT_QUESTION, prompts.KEY_FINDINGS, prompts.IMPRESSION,
-             f"###Patient: {prompts.IMAGE_MESSAGE} {prompts.REPORT_QUESTION}###Doctor: ",
-             "The heart size is normal. The lungs are clear. No pleural effusion or pneumothorax.###",
-             "There is mild cardiomegaly with small bilateral pleural effusions and bibasilar atelectasis.###",
-             "Impression: no acute cardiopulmonary process. ChatDoctor Chat Doctor###"]
-    return lines * 4
-
-
 def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
     """Weights of a plausible scale (transformers' inits for BLIP-2 are ~1e-10: a flat model)."""
     with torch.no_grad():
@@ -86,7 +76,7 @@ def _write_qformer(path: Path, size: QFormerSize, generator: torch.Generator) ->
     _randomise(bridge, generator)
     state = to_lavis(bridge.state_dict())
     h, f = size.hidden_size, size.intermediate_size
-    rand = lambda *shape: torch.randn(*shape, generator=generator) * 0.02  # noqa: E731
+    rand = lambda *shape: torch.randn(*shape, generator=generator) * 0.02
     state |= {"Qformer.bert.embeddings.word_embeddings.weight": rand(BERT_VOCAB, h),
               "Qformer.bert.embeddings.position_embeddings.weight": rand(512, h),
               "Qformer.bert.embeddings.position_ids": torch.arange(512).expand(1, -1).clone(),
@@ -149,7 +139,8 @@ def _write_llm(llm_dir: Path, generator: torch.Generator) -> int:
 
 
 def write_tokenizer(llm_dir: Path) -> int:
-    """A Llama-like sentencepiece tokenizer trained on :func:`corpus`; returns the vocabulary size."""
+    """A Llama-like sentencepiece tokenizer (the one the RaDialog test set uses); returns the vocabulary size.
+    Its vocabulary spells "###" in bytes, so the stop sequence is derived from the tokenizer (three ids)."""
     from workers.models.radialog_v2.tiny import write_tokenizer as write_llama_tokenizer
 
     return write_llama_tokenizer(llm_dir)
