@@ -26,7 +26,8 @@ NOTES: dict[str, str] = {
     "dicom_host": "Listen address of the DICOM node.",
     "dicom_port": "DICOM port of the node.",
     "max_associations": "Most simultaneous DICOM associations.",
-    "acse_timeout": "Seconds for association negotiation.",
+    "acse_timeout": "Seconds for association negotiation; a connection must deliver its A-ASSOCIATE-RQ (TLS "
+                    "handshake included) within this time of being accepted.",
     "dimse_timeout": "Seconds to wait for a DIMSE message.",
     "network_timeout": "Seconds of network silence before an association is aborted.",
     "tls": 'DICOM TLS for the node, JSON: {"certfile", "keyfile", "ca_file", "require_client_cert"}; none = plain.',

@@ -29,11 +29,25 @@ class Header:
     attributes: dict[str, Any] = field(default_factory=dict)
 
 
+#: C0 control characters and DEL: no DICOM text VR the registry keeps may hold them (ESC sequences are
+#: decoded by pydicom before this point), and PostgreSQL refuses NUL in text and JSON.
+_CONTROL = dict.fromkeys([*range(0x20), 0x7F])
+
+
+def clean_text(text: str) -> str:
+    """Text as the registry can hold it: control characters dropped (NUL padding is common from
+    modalities), unencodable code points (lone surrogates) replaced, surrounding spaces stripped."""
+    text = text.translate(_CONTROL)
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text.strip()
+
+
 def _text(ds: Dataset, keyword: str, limit: int = 256) -> str | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
-    text = str(value).strip()
+    text = clean_text(str(value))
     return text[:limit] or None
 
 
@@ -42,8 +56,8 @@ def _multi(ds: Dataset, keyword: str) -> list[str] | None:
     if value is None or value == "":
         return None
     if isinstance(value, str):
-        return [value.strip()]
-    return [str(v).strip() for v in value]
+        return [clean_text(value)]
+    return [clean_text(str(v)) for v in value]
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:

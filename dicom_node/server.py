@@ -7,18 +7,18 @@ call; it returns a :class:`RunningNode` with the bound ``port`` and ``stop()``.
 from __future__ import annotations
 
 import ssl
+import threading
 from dataclasses import dataclass
-from socket import socket
 from typing import Any
 
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import policy
 from dicom_node.assembly import Enqueue, StudyAssembler
+from dicom_node.guard import Limits, NodeAssociationServer, NodeRequestHandler
 from dicom_node.recovery import recover_spool
-from dicom_node.store import StoreContext, handle_store
+from dicom_node.store import StoreContext, answer_unusable_store, handle_store
 from dicom_node.streaming import IncomingStreams
 from radialog.logging import get_logger
 from radialog.registry import Registry
@@ -29,6 +29,9 @@ log = get_logger(__name__)
 
 def build_ae(settings: Settings) -> AE:
     """The application entity: contexts, AE title checks, association limit and timeouts."""
+    # pynetdicom's standard handlers format every PDU and DIMSE message for DEBUG lines we never write
+    # (and would print datasets if we did): off, which also saves their cost on every PDU.
+    _config.LOG_HANDLER_LEVEL = "none"
     ae = AE(ae_title=settings.ae_title)
     for sop_class in policy.STORAGE_CLASSES:
         ae.add_supported_context(sop_class, list(policy.TRANSFER_SYNTAXES))
@@ -39,7 +42,7 @@ def build_ae(settings: Settings) -> AE:
     ae.acse_timeout = settings.acse_timeout
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
-    ae.maximum_pdu_size = 0  # no limit: fewer, larger P-DATA PDUs from senders that allow it
+    ae.maximum_pdu_size = settings.max_pdu_bytes  # our Maximum Length; the guard refuses longer PDUs
     return ae
 
 
@@ -61,7 +64,7 @@ class RunningNode:
     """A started node: the association server, the assembler, and how to stop both."""
 
     ae: AE
-    server: ThreadedAssociationServer
+    server: NodeAssociationServer
     assembler: StudyAssembler
     store: StoreContext
 
@@ -76,36 +79,16 @@ class RunningNode:
         self.ae.shutdown()
 
 
-def _install_connection_gate(server: ThreadedAssociationServer, settings: Settings,
-                             ssl_context: ssl.SSLContext | None) -> None:
-    """Check the source address, then do the TLS handshake with a timeout, before any PDU.
-
-    Replaces pynetdicom's ``get_request``, which handshakes in the single accept thread on a blocking
-    socket: one client that opens TCP and says nothing would stop all ingest, and the address
-    allow-list would run only after the handshake. An OSError here makes socketserver drop just this
-    connection.
-    """
-    networks = policy.parse_networks(settings.allowed_addresses)
-
-    def get_request() -> tuple[socket, Any]:
-        client, address = server.socket.accept()  # type: ignore[union-attr]
-        host = address[0] if isinstance(address, tuple) else str(address)
-        if networks and not policy.address_allowed(host, networks):
-            client.close()
-            log.warning("connection refused: address not allowed", extra={"address": host})
-            raise ConnectionRefusedError("address not allowed")
-        if ssl_context is not None:
-            client.settimeout(settings.acse_timeout)
-            try:
-                client = ssl_context.wrap_socket(client, server_side=True)
-            except OSError as exc:  # ssl.SSLError and timeouts included
-                client.close()
-                log.warning("TLS handshake failed", extra={"address": host, "error": type(exc).__name__})
-                raise
-            client.settimeout(None)
-        return client, address
-
-    server.get_request = get_request  # type: ignore[method-assign]
+def _start_server(ae: AE, settings: Settings, handlers: list[Any], ssl_context: ssl.SSLContext | None,
+                  ) -> NodeAssociationServer:
+    """``AE.start_server(block=False)`` with the guarded server class and request handler (dicom_node.guard)."""
+    server = ae.make_server((settings.dicom_host, settings.dicom_port), evt_handlers=handlers,
+                            server_class=NodeAssociationServer, request_handler=NodeRequestHandler,
+                            limits=Limits.from_settings(settings),
+                            networks=policy.parse_networks(settings.allowed_addresses), tls=ssl_context)
+    threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
+    ae._servers.append(server)  # as start_server does: server.shutdown() and ae.shutdown() expect it there
+    return server
 
 
 def start_node(settings: Settings, registry: Registry, enqueue: Enqueue | None = None, *,
@@ -115,19 +98,18 @@ def start_node(settings: Settings, registry: Registry, enqueue: Enqueue | None =
     settings.spool_dir.mkdir(parents=True, exist_ok=True)
     recover_spool(settings, registry)
     ae = build_ae(settings)
-    streams = IncomingStreams(settings.spool_dir, settings.min_free_bytes)
+    streams = IncomingStreams(settings.spool_dir, settings.min_free_bytes, settings.max_instance_bytes)
     store = StoreContext(settings=settings, registry=registry, streams=streams)
     handlers = [
         (evt.EVT_PDU_RECV, streams.on_pdu_recv),
         (evt.EVT_CONN_CLOSE, streams.on_conn_close),
         (evt.EVT_C_STORE, handle_store, [store]),
+        (evt.EVT_DIMSE_RECV, answer_unusable_store),
         (evt.EVT_REJECTED, _on_rejected),
         (evt.EVT_ABORTED, _on_aborted),
     ]
     ssl_context = policy.server_ssl_context(settings.tls) if settings.tls else None
-    server = ae.start_server((settings.dicom_host, settings.dicom_port), block=False,
-                             evt_handlers=handlers, ssl_context=ssl_context)
-    _install_connection_gate(server, settings, ssl_context)
+    server = _start_server(ae, settings, handlers, ssl_context)
     assembler = StudyAssembler(registry, settings, enqueue=enqueue, interval=assembler_interval)
     assembler.start()
     node = RunningNode(ae=ae, server=server, assembler=assembler, store=store)

@@ -2,7 +2,10 @@
 
 Contract of :func:`handle_store` (bound to ``evt.EVT_C_STORE`` with a :class:`StoreContext`):
 
-1. free space below ``settings.min_free_bytes`` (after this instance) -> ``0xA700`` out of resources;
+1. a dataset larger than ``settings.max_instance_bytes``, or free space below
+   ``settings.min_free_bytes`` (checked for every fragment while it arrives, and before a dataset
+   held in memory is written) -> ``0xA700`` out of resources, the standard's status for an SCP that
+   cannot take the instance; the data beyond the limit were dropped as they arrived (``streaming``);
 2. the bytes as received (file meta + the encoded dataset, pixel data never decoded) are in a fsynced
    temp file (streamed there while they arrived, see ``streaming``, or written from memory now), and
    the header is read from it without the pixel data;
@@ -14,7 +17,15 @@ Contract of :func:`handle_store` (bound to ``evt.EVT_C_STORE`` with a :class:`St
 5. otherwise: atomic rename into ``<spool>/<study>/<sop>.dcm`` + directory fsync, then the registry
    commit (study upsert / re-open, instance row, ``last_instance_at``) -> Success;
 6. any registry error -> ``0xA700``. A file renamed but not committed (crash or registry error) got no
-   Success; start-up recovery records it, and the sender's retry is then a duplicate.
+   Success; start-up recovery records it, and the sender's retry is then a duplicate;
+7. values the database refuses for good (``DataError``, a CHECK / NOT NULL violation, or a driver's
+   ``ValueError``) -> ``0xC000``
+   and the file just renamed is removed again, so no spool file is left without its registry row.
+   Header text is cleaned before (``header``: NUL and control characters), so this is a last resort;
+8. a C-STORE request without SOP Instance UID (or SOP Class UID, Priority), which pynetdicom would
+   leave unanswered, is answered ``0xC000`` by :func:`answer_unusable_store`; an empty data set
+   reaches the handler and is answered ``0xC000`` by step 3; the handler never raises
+   (pynetdicom's 0xC211 path logs the exception with its message).
 """
 
 from __future__ import annotations
@@ -27,10 +38,12 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 
-from dicom_node import spool
+from dicom_node import spool, streaming
 from dicom_node.header import Header, read_header
 from dicom_node.records import Seen, record_instance, seen_before
 from dicom_node.streaming import IncomingStreams
@@ -47,6 +60,8 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
 _RECORD_ATTEMPTS = 3
+#: Command elements pynetdicom requires of a C-STORE-RQ besides the Message ID (``is_valid_request``).
+_REQUIRED = ("AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority")
 
 
 @dataclass
@@ -76,6 +91,33 @@ def db_error_kind(exc: BaseException) -> str:
     return ":".join(str(p) for p in (type(exc).__name__, type(orig).__name__ if orig else None, code) if p)
 
 
+def _refused_values(ctx: StoreContext, renamed: str | None, ref: str | None, exc: BaseException) -> Dataset:
+    """Not an outage: these values will never be recorded. Answer so, and leave no file behind."""
+    if renamed is not None:
+        (ctx.settings.spool_dir / renamed).unlink(missing_ok=True)
+    log.error("store refused: values cannot be recorded", extra={"sop": ref, "error": db_error_kind(exc)})
+    return _status(CANNOT_UNDERSTAND, "instance values cannot be recorded")
+
+
+def is_race(exc: IntegrityError) -> bool:
+    """A unique-key collision (another association inserted the same study or instance first), as
+    opposed to a CHECK or NOT NULL violation, which the same values will hit again."""
+    orig = exc.orig
+    code = getattr(orig, "pgcode", None)
+    if code is not None:
+        return bool(code == "23505")  # unique_violation
+    name = getattr(orig, "sqlite_errorname", None)
+    return name is None or name in ("SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY")
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """True when the database refuses the values themselves (a retry cannot succeed): ``DataError``, a
+    statement that failed before reaching the database, or a driver's ``ValueError`` (psycopg2: NUL)."""
+    if isinstance(exc, (DataError, ValueError)):
+        return True
+    return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)
+
+
 def _part10_chunks(event: Event) -> list[Any]:
     """Preamble, file meta and the received dataset bytes (a view, not a copy)."""
     meta = event.file_meta
@@ -89,29 +131,51 @@ def _part10_chunks(event: Event) -> list[Any]:
 
 
 def handle_store(event: Event, ctx: StoreContext) -> int | Dataset:
-    """``evt.EVT_C_STORE`` handler; see the module docstring for the contract."""
+    """``evt.EVT_C_STORE`` handler; see the module docstring for the contract.
+
+    Never raises: pynetdicom would answer 0xC211 and log the exception with its message (which can
+    quote the data). Anything unforeseen is answered 0xA700 and logged by type.
+    """
+    try:
+        return _store(event, ctx)
+    except Exception:  # a bug must not become a 0xC211 with a traceback quoting the data
+        log.exception("store failed")  # the traceback is logged without messages
+        return _status(OUT_OF_RESOURCES, "the node could not process this instance")
+
+
+def _store(event: Event, ctx: StoreContext) -> int | Dataset:
     started = time.perf_counter()
     request = event.request
     sop_uid = request.AffectedSOPInstanceUID
     ref = uid_ref(str(sop_uid)) if sop_uid else None
+    refused = ctx.streams.refusal(event) if ctx.streams else None
+    size = request.DataSet.getbuffer().nbytes
+    limit = ctx.settings.max_instance_bytes
+    if refused == streaming.SIZE or size > limit:
+        log.warning("store refused: instance larger than max_instance_bytes",
+                    extra={"sop": ref, "max_instance_bytes": limit})
+        return _status(OUT_OF_RESOURCES, f"instance larger than {limit} bytes")
+    if refused == streaming.DISK:
+        log.error("store refused: spool disk below min_free_bytes while receiving",
+                  extra={"sop": ref, "min_free_bytes": ctx.settings.min_free_bytes})
+        return _status(OUT_OF_RESOURCES, "spool disk full")
     if not is_valid_uid(sop_uid):
         log.warning("store refused: invalid SOP Instance UID", extra={"status": "0xC000"})
         return _status(CANNOT_UNDERSTAND, "invalid SOP Instance UID")
     spool_dir = ctx.settings.spool_dir
-    size = request.DataSet.getbuffer().nbytes
-    try:
-        free = spool.free_bytes(spool_dir)
-    except OSError as exc:
-        log.error("store refused: spool not usable", extra={"sop": ref, "error": type(exc).__name__})
-        return OUT_OF_RESOURCES
-    if free - size < ctx.settings.min_free_bytes:
-        log.error("store refused: spool disk below min_free_bytes",
-                  extra={"sop": ref, "free_bytes": free, "min_free_bytes": ctx.settings.min_free_bytes})
-        return OUT_OF_RESOURCES
-
     try:
         temp = ctx.streams.take(event, sop_uid, request.DataSet.getbuffer()) if ctx.streams else None
         streamed = temp is not None
+        # A streamed file is on the disk already (each fragment was checked against the floor); a
+        # dataset still in memory must leave the floor intact once written.
+        needed = 0 if streamed else size
+        free = spool.free_bytes(spool_dir)
+        if free - needed < ctx.settings.min_free_bytes:
+            log.error("store refused: spool disk below min_free_bytes",
+                      extra={"sop": ref, "free_bytes": free, "min_free_bytes": ctx.settings.min_free_bytes})
+            if temp is not None:
+                temp.unlink(missing_ok=True)
+            return _status(OUT_OF_RESOURCES, "spool disk full")
         if temp is None:
             temp = spool.write_temp(spool_dir, _part10_chunks(event))
         ctx_timing = {"write_ms": round((time.perf_counter() - started) * 1000, 1), "streamed": streamed}
@@ -122,6 +186,32 @@ def handle_store(event: Event, ctx: StoreContext) -> int | Dataset:
         return _validate_and_commit(event, ctx, temp, sop_uid, ref, size, started, ctx_timing)
     finally:
         temp.unlink(missing_ok=True)  # gone already after a successful rename
+
+
+def answer_unusable_store(event: Event) -> None:
+    """``evt.EVT_DIMSE_RECV``: answer the C-STORE requests pynetdicom would drop without a response.
+
+    pynetdicom serves only requests with every required command element present and not empty; one
+    without Affected SOP Instance UID, SOP Class UID or Priority is dropped with a warning, so the
+    sender waits for its DIMSE timeout and retries the same. A request without data set reaches
+    :func:`handle_store` (with an empty one) and is refused there. Called in
+    the association's reader thread; ``send_msg`` only queues the response.
+    """
+    message = event.message  # type: ignore[attr-defined]
+    if not isinstance(message, C_STORE_RQ):
+        return
+    command = message.command_set
+    missing = [keyword for keyword in _REQUIRED if command.get(keyword) in (None, "")]
+    if not missing or "MessageID" not in command:
+        return  # served by handle_store, or nothing to answer to (the idle timer ends the association)
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = command.MessageID
+    response.AffectedSOPClassUID = command.get("AffectedSOPClassUID") or None
+    response.Status = CANNOT_UNDERSTAND
+    response.ErrorComment = f"no {missing[0]}"
+    log.warning("store refused: request without a required element", extra={"missing": missing,
+                                                                              "status": "0xC000"})
+    event.assoc.dimse.send_msg(response, message.context_id)
 
 
 def _validate_and_commit(
@@ -155,6 +245,7 @@ def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: st
     rel_path = spool.relative_path(header.study_instance_uid, header.sop_instance_uid)
     calling = event.assoc.requestor.ae_title
     for attempt in range(1, _RECORD_ATTEMPTS + 1):
+        renamed = False
         try:
             with ctx.registry.session() as session:
                 seen = seen_before(session, header.sop_instance_uid, header.study_instance_uid)
@@ -171,20 +262,25 @@ def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: st
                                 extra={"sop": ref, "study": uid_ref(header.study_instance_uid)})
                     return _status(CANNOT_UNDERSTAND, "SOP Instance UID already stored in another study")
                 if temp.exists():
-                    renamed = time.perf_counter()
+                    rename_started = time.perf_counter()
                     spool.commit_file(ctx.settings.spool_dir, temp, rel_path)
-                    timing["rename_ms"] = round((time.perf_counter() - renamed) * 1000, 1)
+                    renamed = True
+                    timing["rename_ms"] = round((time.perf_counter() - rename_started) * 1000, 1)
                 study_id, instance_id = record_instance(
                     session, header, rel_path=rel_path, size_bytes=temp_size(ctx, rel_path, size),
                     calling_ae_title=calling, now=utcnow(),
                 )
         except IntegrityError as exc:
-            # A concurrent association recorded the same study or instance first: look again.
-            log.info("registry race, retrying", extra={"sop": ref, "attempt": attempt, "error": db_error_kind(exc)})
-            continue
-        except SQLAlchemyError as exc:
-            log.error("store refused: registry error", extra={"sop": ref, "error": db_error_kind(exc)})
-            return OUT_OF_RESOURCES
+            if is_race(exc):  # a concurrent association recorded the same study or instance first: look again
+                log.info("registry race, retrying", extra={"sop": ref, "attempt": attempt,
+                                                           "error": db_error_kind(exc)})
+                continue
+            return _refused_values(ctx, rel_path if renamed else None, ref, exc)
+        except (SQLAlchemyError, ValueError) as exc:
+            if not refused_for_good(exc):
+                log.error("store refused: registry error", extra={"sop": ref, "error": db_error_kind(exc)})
+                return OUT_OF_RESOURCES
+            return _refused_values(ctx, rel_path if renamed else None, ref, exc)
         except OSError as exc:
             log.error("store refused: cannot commit spool file", extra={"sop": ref, "error": type(exc).__name__})
             return OUT_OF_RESOURCES

@@ -11,6 +11,17 @@ C-STORE handler only when it is complete, belongs to the request's SOP Instance 
 has the length of the bytes pynetdicom assembled in memory and equals them at 64 evenly spaced 4 KB
 windows (first and last included); anything else (an error here, an unusual
 PDU order) discards the file and the handler writes from memory as before.
+
+Limits, enforced here because this is the one place that sees each fragment before pynetdicom keeps it:
+
+* ``max_instance_bytes``: once a message's dataset passes it, the file is discarded and every further
+  dataset fragment is cut to its control byte before pynetdicom assembles it, so the association's
+  memory stays bounded however much the peer sends; the C-STORE handler then answers 0xA700.
+* ``min_free_bytes``: no fragment is written if the spool's free space would fall below the floor; the
+  rest of the message is dropped the same way and the handler answers 0xA700.
+
+A refusal is recorded per association *and* Message ID (:meth:`IncomingStreams.refusal`), so a peer
+that sends its next request before our answer cannot make the handler take a cut dataset for a whole one.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import ctypes.util
 import os
 import tempfile
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -62,11 +74,20 @@ _SYNC_FILE_RANGE = _sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+def _free(fd: int) -> int:
+    """Free bytes (as ``shutil.disk_usage`` counts them) on the file system of an open file: one call."""
+    stat = os.fstatvfs(fd)
+    return stat.f_bavail * stat.f_frsize
+
+
 @dataclass
 class _Stream:
     """One association's dataset in progress."""
 
     command: bytearray = field(default_factory=bytearray)
+    message_id: int | None = None
+    dataset_bytes: int = 0  # of the current message, written or not
+    refused: str | None = None  # SIZE or DISK once the current message's data are being dropped
     sop_instance_uid: str | None = None
     fd: int | None = None
     path: Path | None = None
@@ -86,13 +107,20 @@ class _Stream:
         self.sop_instance_uid = None
 
 
+#: Why a message's data are dropped (see :meth:`IncomingStreams.refusal`).
+SIZE = "size"
+DISK = "disk"
+
+
 class IncomingStreams:
     """Per-association spool writers fed by ``on_pdu_recv`` and taken by the C-STORE handler."""
 
-    def __init__(self, spool_dir: Path, min_free_bytes: int = 0) -> None:
+    def __init__(self, spool_dir: Path, min_free_bytes: int = 0, max_instance_bytes: int | None = None) -> None:
         self.spool_dir = spool_dir
         self.min_free_bytes = min_free_bytes
+        self.max_instance_bytes = max_instance_bytes
         self._streams: dict[int, _Stream] = {}
+        self._refused: Counter[tuple[int, int | None, str]] = Counter()
         self._lock = threading.Lock()
 
     # -- evt.EVT_PDU_RECV -----------------------------------------------------------------------
@@ -104,24 +132,39 @@ class IncomingStreams:
         key = id(event.assoc)
         with self._lock:
             stream = self._streams.setdefault(key, _Stream())
-        try:
-            for item in pdu.presentation_data_value_items:
-                self._fragment(event, stream, item.presentation_context_id, item.presentation_data_value)
-        except Exception as exc:  # noqa: BLE001 - the memory path still has the data
-            log.warning("streaming to spool failed; storing from memory", extra={"error": type(exc).__name__})
-            stream.discard()
-            stream.command.clear()
+        for item in pdu.presentation_data_value_items:
+            value = item.presentation_data_value
+            if not value:
+                continue
+            try:
+                self._fragment(event, stream, item.presentation_context_id, value)
+            except Exception as exc:  # noqa: BLE001 - the memory path still has the data
+                log.warning("streaming to spool failed; storing from memory", extra={"error": type(exc).__name__})
+                stream.discard()
+                stream.command.clear()
+            if stream.refused and not value[0] & 1:
+                item.presentation_data_value = value[:1]  # keep the control byte: the message still ends
 
     def _fragment(self, event: Event, stream: _Stream, context_id: int, value: bytes) -> None:
         control, data = value[0], memoryview(value)[1:]
         if control & 1:  # command fragment
-            if stream.complete or stream.fd is not None:
+            if stream.complete or stream.fd is not None or stream.dataset_bytes or stream.refused:
                 stream.discard()  # a new message while the last one was not taken
+                stream.dataset_bytes, stream.refused, stream.message_id = 0, None, None
             stream.command.extend(data)
             if control & 2:
                 self._open(event, stream, context_id)
             return
+        stream.dataset_bytes += len(data)
+        if stream.refused:
+            return
+        if self.max_instance_bytes is not None and stream.dataset_bytes > self.max_instance_bytes:
+            self._refuse(event, stream, SIZE)
+            return
         if stream.fd is None:
+            return
+        if self.min_free_bytes and _free(stream.fd) - len(data) < self.min_free_bytes:
+            self._refuse(event, stream, DISK)
             return
         view = data
         while view:
@@ -134,11 +177,43 @@ class IncomingStreams:
         if control & 2:
             stream.complete = True
 
+    def _refuse(self, event: Event, stream: _Stream, reason: str) -> None:
+        """Drop the rest of this message's data (see the module docstring); the handler answers 0xA700."""
+        stream.discard()
+        stream.refused = reason
+        with self._lock:
+            self._refused[(id(event.assoc), stream.message_id, reason)] += 1
+
+    def refusal(self, event: Event) -> str | None:
+        """SIZE or DISK when this request's data were dropped while they arrived (then the stream is
+        discarded), else None. Called by the C-STORE handler before anything else."""
+        key = id(event.assoc)
+        message_id = event.request.MessageID
+        with self._lock:
+            for reason in (SIZE, DISK):
+                if self._refused[(key, message_id, reason)] > 0:
+                    self._refused[(key, message_id, reason)] -= 1
+                    self._refused += Counter()  # drop zero counts
+                    stream = self._streams.get(key)
+                    if stream is not None and stream.refused and stream.message_id == message_id:
+                        del self._streams[key]  # this message's stream (not a next one already arriving)
+                    else:
+                        stream = None
+                    break
+            else:
+                return None
+        if stream is not None:
+            stream.discard()
+        return reason
+
     def _open(self, event: Event, stream: _Stream, context_id: int) -> None:
         command = decode(BytesIO(stream.command), True, True)
         stream.command.clear()
+        stream.message_id = command.get("MessageID")
         if command.get("CommandField") != _C_STORE_RQ or command.get("CommandDataSetType") == _NO_DATASET:
             return
+        if not command.get("AffectedSOPInstanceUID") or not command.get("AffectedSOPClassUID"):
+            return  # answered by store.answer_unusable_store (or refused by the handler)
         contexts = {cx.context_id: cx for cx in event.assoc.accepted_contexts}
         if context_id not in contexts:
             return
@@ -152,7 +227,8 @@ class IncomingStreams:
         if calling:
             meta.SourceApplicationEntityTitle = calling
         if spool.free_bytes(self.spool_dir) < self.min_free_bytes:
-            return  # the C-STORE handler answers 0xA700; do not fill the disk further meanwhile
+            self._refuse(event, stream, DISK)
+            return
         incoming = self.spool_dir / spool.INCOMING
         incoming.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=incoming, suffix=".part")
@@ -208,7 +284,10 @@ class IncomingStreams:
     # -- evt.EVT_CONN_CLOSE ---------------------------------------------------------------------
     def on_conn_close(self, event: Event) -> None:
         """Drop whatever the association left unfinished (an aborted send)."""
+        key = id(event.assoc)
         with self._lock:
-            stream = self._streams.pop(id(event.assoc), None)
+            stream = self._streams.pop(key, None)
+            for refused in [k for k in self._refused if k[0] == key]:
+                del self._refused[refused]
         if stream is not None:
             stream.discard()

@@ -70,6 +70,22 @@ class Settings(BaseSettings):
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    max_pending_connections: int = Field(
+        100, ge=1, description="Connections that have not yet sent their A-ASSOCIATE-RQ (they hold no association "
+        "slot); at this many the oldest is closed.",
+    )
+    pdu_timeout: float = Field(
+        30.0, gt=0, description="Seconds a PDU may take from its first to its last byte; a partial PDU closes the "
+        "connection (so a sender needs max_pdu_bytes / pdu_timeout, 35 KB/s with the defaults).",
+    )
+    max_pdu_bytes: int = Field(
+        1024 * 1024, ge=4096, le=2**31, description="Largest PDU received (our Maximum Length); a peer declaring a "
+        "longer one is aborted before anything is read.",
+    )
+    max_instance_bytes: int = Field(
+        128 * 1024**2, ge=1024, description="Largest dataset one C-STORE may carry; beyond it the data are dropped as "
+        "they arrive and the answer is 0xA700 (out of resources).",
+    )
     tls: TLSSettings | None = None
     stable_after: float = Field(3.0, description="Seconds without a new instance before a study is STABLE.")
 

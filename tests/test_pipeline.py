@@ -60,12 +60,13 @@ def free_port() -> int:
 class Worker:
     """One ``radialog worker`` process with its log file."""
 
-    def __init__(self, harness: Harness, name: str, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, harness: Harness, name: str, args: list[str], env: dict[str, str],
+                 module: str = "radialog.cli") -> None:
         self.name = name
         self.log = harness.tmp / f"{name}.log"
         self._log_file = self.log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "radialog.cli", *args], cwd=REPO, env=env,
+            [sys.executable, "-m", module, *args], cwd=REPO, env=env,
             stdout=self._log_file, stderr=subprocess.STDOUT,
         )
 

@@ -385,24 +385,237 @@ def test_given_back_jobs_carry_the_id_of_their_new_message(sqlite_registry: Regi
 def test_a_queued_jobs_message_held_by_a_dead_worker_is_sent_again(sqlite_registry: Registry,
                                                                    rsettings: Settings) -> None:
     """A worker fetched the message (kombu moved it to the unacked hash) and died before the job started:
-    Redis would restore it only after the visibility timeout (an hour). Delivered long ago -> re-sent;
-    delivered just now (a live worker is about to start it) -> left alone."""
+    Redis would restore it only after the visibility timeout (an hour). Delivered over a minute ago ->
+    re-sent; delivered just now (a live worker is about to start it) -> left alone; a retry's message
+    delivered long ago but due later (its ETA) -> left alone."""
     import time
+    from datetime import UTC, datetime
 
-    from workers.reconciler import UNACKED_STALE_S
+    from workers.broker_state import START_GRACE_S
 
     client = redis.Redis.from_url(REDIS_URL)
     jobs = [enqueue_report(sqlite_registry, rsettings, add_study(sqlite_registry, rsettings, index=i)[0])
-            for i in range(2)]
-    for tag, delivered in (("tag-old", time.time() - UNACKED_STALE_S - 60), ("tag-new", time.time())):
+            for i in range(3)]
+    long_ago = time.time() - START_GRACE_S - 60
+    eta = datetime.fromtimestamp(time.time() + 300, UTC).isoformat()
+    cases = (("tag-old", long_ago, None), ("tag-new", time.time(), None), ("tag-eta", long_ago, eta))
+    for tag, delivered, due in cases:
         raw = client.rpop("report")  # what kombu's Redis QoS does on delivery: out of the list, into unacked
         assert raw is not None
-        client.hset("unacked", tag, json.dumps([json.loads(raw), "report", "report"]))
+        message = json.loads(raw)
+        message["headers"]["eta"] = due  # as Celery writes a countdown
+        client.hset("unacked", tag, json.dumps([message, "report", "report"]))
         client.zadd("unacked_index", {tag: delivered})
     assert client.llen("report") == 0
-    held = {tag: json.loads(client.hget("unacked", tag))[0]["headers"]["argsrepr"] for tag in ("tag-old", "tag-new")}
+    held = {tag: json.loads(client.hget("unacked", tag))[0]["headers"]["argsrepr"]
+            for tag in ("tag-old", "tag-new", "tag-eta")}
     old_job = next(j for j in jobs if held["tag-old"] == f"[{j}]")
     assert reconcile(sqlite_registry, rsettings, grace_s=0).resent_queued == [old_job]
     assert _job(sqlite_registry, old_job).celery_task_id in (broker_task_ids(rsettings) or set())
     assert reconcile(sqlite_registry, rsettings, grace_s=0).resent_queued == []
     client.close()
+
+
+def test_embedded_broker_message_held_by_a_dead_worker_is_sent_again(sqlite_registry: Registry,
+                                                                      settings: Settings) -> None:
+    """kombu's SQLAlchemy transport (``radialog run`` without Redis) keeps a delivered message as an
+    invisible row stamped with its delivery time: due and unclaimed for over a minute -> re-sent."""
+    from datetime import datetime
+
+    from sqlalchemy import create_engine, text
+
+    from workers.broker_state import START_GRACE_S
+    from workers.cli import embedded_broker
+
+    esettings = embedded_broker(settings)
+    jobs = [enqueue_report(sqlite_registry, esettings, add_study(sqlite_registry, esettings, index=i)[0])
+            for i in range(2)]
+    assert broker_task_ids(esettings) == {_job(sqlite_registry, j).celery_task_id for j in jobs}
+    assert reconcile(sqlite_registry, esettings, grace_s=0).resent_queued == []  # both wait in the queue
+    with app_for(esettings).connection_for_read() as conn:  # a worker takes one message ... and dies (the
+        taken = conn.SimpleQueue("report", no_ack=False).get(timeout=10)  # connection stays open: a clean
+        held_job = taken.headers["argsrepr"]  # close would put the message back, a dead worker cannot)
+        assert reconcile(sqlite_registry, esettings, grace_s=0).resent_queued == []  # just delivered: may start
+        engine = create_engine(esettings.broker_url.removeprefix("sqla+"))
+        with engine.begin() as db:  # delivered over a minute ago, as kombu stamps it (local time)
+            stale = datetime.fromtimestamp(time.time() - START_GRACE_S - 30).isoformat(sep=" ")
+            db.execute(text("UPDATE kombu_message SET timestamp = :t WHERE NOT visible"), {"t": stale})
+        engine.dispose()
+        resent = reconcile(sqlite_registry, esettings, grace_s=0).resent_queued
+        assert [f"[{j}]" for j in resent] == [held_job]
+        assert _job(sqlite_registry, resent[0]).celery_task_id in (broker_task_ids(esettings) or set())
+
+
+# -- which study crashed the worker (workers/crashes.py) ------------------------------------------------
+def _lapse(registry: Registry, job_ids: list[int]) -> None:
+    """The worker holding these jobs died: its heartbeats stopped a minute ago."""
+    with registry.session() as session:
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(heartbeat_at=utcnow() - timedelta(seconds=60)))
+
+
+def _claim_alone(registry: Registry, job_id: int) -> Any:
+    from workers.crashes import ALONE, mark_running
+
+    batch = collect_batch(registry, job_id, worker="w1", model_name="radialog-v2", batch_size=8, wait_s=0.0, lease_s=30)
+    assert [c.job_id for c in batch] == [job_id] and batch[0].isolated
+    mark_running(registry, [(job_id, batch[0].attempt)], ALONE)
+    return batch[0]
+
+
+def test_jobs_lost_while_running_together_run_alone_next_and_are_not_charged(registry: Registry,
+                                                                             rsettings: Settings) -> None:
+    from workers.crashes import BATCH, mark_running
+
+    jobs = [enqueue_report(registry, rsettings, add_study(registry, rsettings, index=i)[0]) for i in range(4)]
+    batch = collect_batch(registry, jobs[0], worker="w1", model_name=rsettings.model_backend, batch_size=3,
+                          wait_s=0.0, lease_s=30)
+    mark_running(registry, [(c.job_id, c.attempt) for c in batch], BATCH)
+    ran = [c.job_id for c in batch]
+    _lapse(registry, ran)
+    result = reconcile(registry, rsettings, lease_s=30, grace_s=0)
+    assert sorted(result.requeued_running) == sorted(ran) and result.failed_crashing == []
+    for job_id in ran:
+        job = _job(registry, job_id)
+        assert (job.state, job.isolated, job.crashes, job.lost_claims, job.run_mode) == ("QUEUED", True, 0, 1, None)
+        assert job.celery_task_id in (broker_task_ids(rsettings) or set())
+    # the untouched fourth job batches as usual; it never takes a suspect as a companion
+    rest = collect_batch(registry, jobs[3], worker="w1", model_name=rsettings.model_backend, batch_size=8,
+                         wait_s=0.0, lease_s=30)
+    assert [c.job_id for c in rest] == [jobs[3]] and not rest[0].isolated
+    alone = collect_batch(registry, ran[1], worker="w1", model_name=rsettings.model_backend, batch_size=8,
+                          wait_s=0.0, lease_s=30)
+    assert [c.job_id for c in alone] == [ran[1]]  # a batch of one, though two more suspects wait
+    assert alone[0].isolated and (alone[0].attempt, alone[0].charged) == (2, 1)
+
+
+def test_a_job_that_crashes_its_worker_alone_is_charged_and_fails_at_the_limit(registry: Registry,
+                                                                              rsettings: Settings) -> None:
+    from workers.crashes import MAX_CRASHES
+
+    study_id, _ = add_study(registry, rsettings)
+    job_id = enqueue_report(registry, rsettings, study_id)
+    with registry.session() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(isolated=True))
+    for crash in range(1, MAX_CRASHES + 1):
+        _claim_alone(registry, job_id)
+        _lapse(registry, [job_id])
+        result = reconcile(registry, rsettings, lease_s=30, grace_s=0)
+        job = _job(registry, job_id)
+        assert job.crashes == crash and job.lost_claims == 0
+        if crash < MAX_CRASHES:
+            assert result.requeued_running == [job_id] and job.state == JobState.QUEUED.value
+    assert result.failed_crashing == [job_id] and result.requeued_running == []
+    assert job.state == JobState.FAILED.value and job.error is not None and "alone" in job.error
+    with registry.session() as session:
+        study = session.get(Study, study_id)
+        assert study.state == StudyState.FAILED.value and "worker process died 2 times" in (study.reason or "")
+    # re-run by an admin: fresh counts, and it still runs alone
+    assert rerun(registry, rsettings, study_id) == job_id
+    job = _job(registry, job_id)
+    assert (job.state, job.attempts, job.crashes, job.lost_claims, job.isolated) == ("QUEUED", 0, 0, 0, True)
+
+
+def test_a_claim_lost_before_its_work_started_is_requeued_as_it_was(registry: Registry, rsettings: Settings) -> None:
+    """Claimed, then waiting for the gate (another job ran alone) when the worker died: no evidence."""
+    study_id, _ = add_study(registry, rsettings)
+    job_id = enqueue_report(registry, rsettings, study_id)
+    with registry.session() as session:
+        assert claim(session, job_id, "w1", lease_s=30) is not None
+    _lapse(registry, [job_id])
+    with registry.session() as session:  # its message comes back to a worker before the reconciler sees it
+        again = claim(session, job_id, "w2", lease_s=30)
+    assert again is not None and (again.attempt, again.charged, again.isolated) == (2, 1, False)
+    job = _job(registry, job_id)
+    assert (job.state, job.worker, job.lost_claims, job.crashes) == ("RUNNING", "w2", 1, 0)
+
+
+def test_a_worker_that_receives_the_message_of_a_job_lost_alone_charges_it(registry: Registry,
+                                                                           rsettings: Settings) -> None:
+    study_id, _ = add_study(registry, rsettings)
+    job_id = enqueue_report(registry, rsettings, study_id)
+    with registry.session() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(isolated=True))
+    _claim_alone(registry, job_id)
+    _lapse(registry, [job_id])
+    with registry.session() as session:
+        again = claim(session, job_id, "w2", lease_s=30)
+    assert again is not None and again.isolated and again.charged == 2
+    assert _job(registry, job_id).crashes == 1
+
+
+def test_gate_lets_batches_share_and_a_lone_job_wait_for_them_and_go_first() -> None:
+    import threading
+
+    from workers.crashes import Gate
+
+    gate = Gate()
+    order: list[str] = []
+    lone_waiting = threading.Event()
+    release_first = threading.Event()
+
+    def batch(name: str, hold: threading.Event | None = None) -> None:
+        with gate.shared():
+            order.append(f"{name} in")
+            if hold is not None:
+                hold.wait(10)
+            order.append(f"{name} out")
+
+    def lone() -> None:
+        lone_waiting.set()
+        with gate.exclusive():
+            order.append("lone in")
+            order.append("lone out")
+
+    first = threading.Thread(target=batch, args=("b1", release_first))
+    first.start()
+    while "b1 in" not in order:
+        time.sleep(0.01)
+    second = threading.Thread(target=lone)
+    second.start()
+    lone_waiting.wait(10)
+    while not gate._waiting_exclusive:  # the lone job waits for b1
+        time.sleep(0.01)
+    third = threading.Thread(target=batch, args=("b2",))
+    third.start()
+    time.sleep(0.1)  # b2 must not start while the lone job waits (it could only start wrongly here)
+    assert order == ["b1 in"]
+    release_first.set()
+    for thread in (first, second, third):
+        thread.join(10)
+    assert order == ["b1 in", "b1 out", "lone in", "lone out", "b2 in", "b2 out"]
+
+
+def test_a_restarted_workers_first_sweep_ignores_the_dead_workers_lock(sqlite_registry: Registry,
+                                                                      rsettings: Settings) -> None:
+    """The sweep lock a crashed worker took may outlive it: its successor sweeps at start anyway, so the
+    claims it lost come back without waiting for the lock to expire."""
+    from workers.reconciler import Sweeper
+
+    study_id, _ = add_study(sqlite_registry, rsettings)
+    job_id = enqueue_report(sqlite_registry, rsettings, study_id)
+    with sqlite_registry.session() as session:
+        assert claim(session, job_id, "w-dead", lease_s=30) is not None
+    _lapse(sqlite_registry, [job_id])
+    client = redis.Redis.from_url(REDIS_URL)
+    client.set(Sweeper.LOCK_KEY, "1", px=60_000)  # taken by the dead process just before it died
+    sweeper = Sweeper(sqlite_registry, rsettings, interval_s=30, lease_s=30)
+    sweeper._stop.set()  # one pass of the loop, in this thread
+    sweeper._loop()
+    assert _job(sqlite_registry, job_id).state == JobState.QUEUED.value
+    assert not sweeper._my_turn()  # later passes still take turns
+    client.close()
+
+
+def test_sending_a_job_while_the_broker_is_down_fails_with_the_brokers_error(settings: Settings) -> None:
+    """The sender does not subscribe to the task's result (outcomes are in the registry): with Redis down
+    the send fails at once with the broker's connection error, so the node's enqueue hands the job to
+    the reconciler, instead of first retrying the result backend for ~19 s and raising RuntimeError."""
+    from kombu.exceptions import OperationalError as BrokerDown
+
+    from workers.pipeline import send_export_tasks, send_report_task
+
+    down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with pytest.raises(BrokerDown):
+        send_report_task(down, 1, "t-broker-down")
+    with pytest.raises(BrokerDown):
+        send_export_tasks(down, [1])

@@ -10,51 +10,55 @@ Why this keeps the acks_late guarantees: the claiming message is acknowledged on
 is stored; a job claimed by a worker that then dies keeps its own unacknowledged (or still waiting)
 message, and its lease (``Job.heartbeat_at``) expires, so either its message or the reconciler runs it
 again. Celery's batches contrib, by contrast, acknowledges messages as it buffers them.
+
+A job caught in a worker's death while it ran with others is ``isolated`` (``workers.crashes``): it is
+never taken as a companion, and its own message runs it in a batch of one, alone in the process.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from radialog.registry import Job, JobState, Registry, StudyState, transition, utcnow
+from workers.crashes import recover_lost
 
 
 @dataclass(frozen=True)
 class Claim:
-    """A job this worker now runs: ``attempt`` counts every claim, the current one included."""
+    """A job this worker now runs: ``attempt`` counts every claim, the current one included (it fences
+    a worker whose claim was taken over); ``charged`` leaves out the claims lost with a worker that died
+    while the job waited or ran in company; ``isolated`` jobs run alone."""
 
     job_id: int
     study_id: int
     attempt: int
+    charged: int = 0
+    isolated: bool = False
 
 
-def claim(session: Session, job_id: int, worker: str, lease_s: float) -> Claim | None:
-    """Take ``job_id`` if it is waiting, or running under an expired lease (its worker died)."""
+def claim(session: Session, job_id: int, worker: str, lease_s: float, *, companion: bool = False) -> Claim | None:
+    """Take ``job_id`` if it is waiting, or after its last claim was lost with its worker (lease expired:
+    settled first by ``crashes.recover_lost``, which decides who is charged). A ``companion`` (joining
+    another job's batch) is never an isolated job."""
+    recover_lost(session, job_id, lease_s)
     now = utcnow()
-    stale = now - timedelta(seconds=lease_s)
+    conditions = [Job.id == job_id, Job.state == JobState.QUEUED.value]
+    if companion:
+        conditions.append(Job.isolated.is_(False))
     result = session.execute(
         update(Job)
-        .where(
-            Job.id == job_id,
-            or_(
-                Job.state == JobState.QUEUED.value,
-                and_(
-                    Job.state == JobState.RUNNING.value,
-                    or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale),
-                ),
-            ),
-        )
+        .where(*conditions)
         .values(
             state=JobState.RUNNING.value,
             worker=worker,
             started_at=now,
             heartbeat_at=now,
             attempts=Job.attempts + 1,
+            run_mode=None,
             error=None,
         )
         .execution_options(synchronize_session=False)
@@ -64,18 +68,18 @@ def claim(session: Session, job_id: int, worker: str, lease_s: float) -> Claim |
     job = session.get(Job, job_id)
     assert job is not None
     session.refresh(job)
-    # QUEUED -> RUNNING; a taken-over job's study is RUNNING already and stays so.
     transition(session, job.study_id, StudyState.RUNNING, only_from=[StudyState.QUEUED])
-    return Claim(job_id=job.id, study_id=job.study_id, attempt=job.attempts)
+    return Claim(job_id=job.id, study_id=job.study_id, attempt=job.attempts,
+                 charged=job.attempts - job.lost_claims, isolated=job.isolated)
 
 
 def waiting_jobs(session: Session, model_name: str, limit: int, exclude: set[int]) -> list[int]:
-    """Oldest waiting jobs of ``model_name`` first."""
+    """Oldest waiting jobs of ``model_name`` first, isolated ones left out (they run alone)."""
     if limit <= 0:
         return []
     query = (
         select(Job.id)
-        .where(Job.state == JobState.QUEUED.value, Job.model_name == model_name)
+        .where(Job.state == JobState.QUEUED.value, Job.model_name == model_name, Job.isolated.is_(False))
         .order_by(Job.queued_at, Job.id)
         .limit(limit + len(exclude))
     )
@@ -93,7 +97,8 @@ def collect_batch(
     lease_s: float,
     poll_s: float = 0.02,
 ) -> list[Claim]:
-    """Claim ``first_job_id`` and then more waiting jobs until ``batch_size`` or ``wait_s`` has passed.
+    """Claim ``first_job_id`` and then more waiting jobs until ``batch_size`` or ``wait_s`` has passed; an
+    isolated first job makes a batch of one.
 
     Returns [] when the first job is not claimable (done, failed, or running elsewhere): the message
     that asked for it was a duplicate and nothing is to be done.
@@ -102,13 +107,15 @@ def collect_batch(
         first = claim(session, first_job_id, worker, lease_s)
     if first is None:
         return []
+    if first.isolated:
+        return [first]
     batch = [first]
     deadline = time.monotonic() + wait_s
     while len(batch) < batch_size:
         taken = {c.job_id for c in batch}
         with registry.session() as session:
             for job_id in waiting_jobs(session, model_name, batch_size - len(batch), taken):
-                claimed = claim(session, job_id, worker, lease_s)
+                claimed = claim(session, job_id, worker, lease_s, companion=True)
                 if claimed is not None:
                     batch.append(claimed)
         remaining = deadline - time.monotonic()
@@ -124,7 +131,7 @@ def requeue(session: Session, job_id: int, reason: str) -> bool:
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
-        .values(state=JobState.QUEUED.value, heartbeat_at=None, queued_at=now, error=reason)
+        .values(state=JobState.QUEUED.value, heartbeat_at=None, queued_at=now, error=reason, run_mode=None)
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]

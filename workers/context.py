@@ -27,6 +27,7 @@ from sqlalchemy import update
 from radialog.logging import get_logger
 from radialog.registry import Job, JobState, Registry, utcnow
 from radialog.settings import Settings, get_settings
+from workers.crashes import Gate
 
 if TYPE_CHECKING:
     from workers.models.base import ModelBackend
@@ -66,6 +67,8 @@ class WorkerContext:
     lease_s: float = DEFAULT_LEASE_S
     active_jobs: set[int] = field(default_factory=set)
     oom_batch_cap: int | None = None
+    #: Report batches share the process; a suspect job (see ``workers.crashes``) runs with it to itself.
+    gate: Gate = field(default_factory=Gate)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None

@@ -34,7 +34,7 @@ JOB_SECONDS = Histogram(
 )
 FAILURES = Counter(
     "radialog_job_failures",
-    "Report jobs that failed (kind: unusable_image, model_error, store_error, gave_up, transient).",
+    "Report jobs that failed (kind: unusable_image, model_error, store_error, gave_up, crashed, transient).",
     ["kind"],
 )
 BATCH_SIZE = Histogram(

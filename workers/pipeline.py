@@ -7,7 +7,9 @@ Outcomes (all written to the registry, the source of truth):
   Unusable pixels fail the study rather than skip it: the node already skipped what the headers rule
   out, and a pixel problem (a missing codec, a truncated file) is an operational fault worth a re-run.
 - transient (GPU out of memory at batch size 1, a registry hiccup): the jobs go back to QUEUED and are
-  retried with backoff; after ``MAX_ATTEMPTS`` claims a job fails for good.
+  retried with backoff; after ``MAX_ATTEMPTS`` charged claims a job fails for good.
+- the worker process dies (a crash, a kill): ``workers.crashes`` re-runs the jobs it held one by one, each
+  alone in its process, and charges a crash only to a job that was alone (FAILED at ``MAX_CRASHES``).
 Idempotent: a redelivered message finds its job DONE (or running elsewhere) and does nothing, and
 ``create_ai_draft`` returns the existing report for (study, model, version).
 """
@@ -33,6 +35,7 @@ from radialog.settings import Settings
 from workers import metrics
 from workers.batching import Claim, collect_batch, requeue
 from workers.celery_app import EXPORT_TASK, REPORT_TASK, app_for
+from workers.crashes import ALONE, BATCH, mark_running
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,7 +45,8 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-#: A job claimed this many times (crashes, transient errors) is failed for good.
+#: A job claimed this many times (transient errors, crashes alone) is failed for good; claims lost with a
+#: worker that died while the job waited or ran with others are not counted (``Claim.charged``).
 MAX_ATTEMPTS = 5
 #: Jobs are keyed by the configured backend; the exact model version and file hash are recorded in
 #: the Report (and the SR), which ``create_ai_draft`` makes unique per (study, model, version).
@@ -60,14 +64,18 @@ class JobFailure(RuntimeError):
 
 
 # -- enqueue ------------------------------------------------------------------------------------------
+# ``ignore_result``: outcomes live in the registry. Without it Celery subscribes the sender to the task's
+# result channel before publishing, and while Redis is down that subscription alone retries for ~19 s:
+# the node's assembler (one thread) stalled that long per study instead of failing fast to the reconciler.
 def send_report_task(settings: Settings, job_id: int, task_id: str, countdown: float | None = None) -> None:
-    app_for(settings).send_task(REPORT_TASK, args=[job_id], task_id=task_id, queue="report", countdown=countdown)
+    app_for(settings).send_task(REPORT_TASK, args=[job_id], task_id=task_id, queue="report", countdown=countdown,
+                                ignore_result=True)
 
 
 def send_export_tasks(settings: Settings, export_ids: Sequence[int]) -> None:
     app = app_for(settings)
     for export_id in export_ids:
-        app.send_task(EXPORT_TASK, args=[export_id], queue="export")
+        app.send_task(EXPORT_TASK, args=[export_id], queue="export", ignore_result=True)
 
 
 def enqueue_report(registry: Registry, settings: Settings, study_id: int) -> int:
@@ -107,6 +115,8 @@ def enqueue_report(registry: Registry, settings: Settings, study_id: int) -> int
             if study is None or study.state != StudyState.QUEUED.value:
                 return job.id
             job.state, job.error, job.attempts, job.queued_at = JobState.QUEUED.value, None, 0, utcnow()
+            # A study that crashed the worker gets its tries again, and still runs alone (``isolated`` stays).
+            job.crashes, job.lost_claims, job.run_mode = 0, 0, None
         if job.state != JobState.QUEUED.value:
             return job.id
         job.celery_task_id = task_id = uuid.uuid4().hex
@@ -308,8 +318,13 @@ def run_report_job(ctx: WorkerContext, job_id: int) -> str:
         return "noop"
     batch_wait_s = time.perf_counter() - collect_started
     ctx.hold([c.job_id for c in claims])
+    alone = claims[0].isolated  # a suspect of a crash: the only job in the process while it runs
     try:
-        return _run_claims(ctx, backend, claims, job_id, batch_wait_s)
+        with ctx.gate.hold(alone):
+            mark_running(ctx.registry, [(c.job_id, c.attempt) for c in claims], ALONE if alone else BATCH)
+            if alone:
+                log.info("running a job alone (its worker died while it ran with others)", extra={"job": job_id})
+            return _run_claims(ctx, backend, claims, job_id, batch_wait_s)
     except (OperationalError, PoolTimeout) as exc:  # registry hiccup: give back what is not finished
         metrics.FAILURES.labels(kind="transient").inc()
         try:
@@ -328,7 +343,7 @@ def _run_claims(
 
     prepared: list[Prepared] = []
     for claim in claims:
-        if claim.attempt > MAX_ATTEMPTS:
+        if claim.charged > MAX_ATTEMPTS:
             fail_job(ctx.registry, claim, f"gave up after {MAX_ATTEMPTS} attempts", "gave_up")
             continue
         started = time.perf_counter()

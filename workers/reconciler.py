@@ -3,12 +3,15 @@
 How a vanished task is recognised:
 - RUNNING job: its worker renews ``Job.heartbeat_at`` every few seconds; a heartbeat older than the
   lease means the worker died (SIGKILL, power, an embedded broker that lost the fetched message).
-- QUEUED job: on Redis the broker is asked directly: the job's ``celery_task_id`` must be in a queue
-  list (any priority) or in the unacked hash (delivered, not yet acknowledged) for less than
-  ``UNACKED_STALE_S``: a message a worker took and held that long without its job starting belongs to a
-  worker that died (Redis would give it back only after the visibility timeout, an hour). Redis keeps
-  nothing on disk here, so after a restart or FLUSHDB the id is gone and the job is re-sent. On other brokers
-  (embedded), where messages cannot be listed, a job waiting longer than ``stale_s`` is re-sent.
+  ``crashes.recover_lost`` settles it: re-queued (to run alone if it ran with others when the worker
+  died), or FAILED when it has now crashed its worker alone ``crashes.MAX_CRASHES`` times.
+- QUEUED job: the broker is asked directly (``broker_state``: Redis, or the embedded broker's table):
+  the job's ``celery_task_id`` must be waiting in the queue, or delivered and not overdue by more than
+  ``START_GRACE_S`` (a retry's message is due at its ETA): a due message a worker took and held that
+  long without its job starting belongs to a worker that died (Redis would give it back only after the
+  visibility timeout, an hour; the embedded broker never). Redis keeps nothing on disk here, so after a
+  restart or FLUSHDB the id is gone and the job is re-sent. On a broker that cannot be read, a job
+  waiting longer than ``stale_s`` is re-sent.
 - QUEUED study without a job (the node died between its commit and its enqueue): enqueued.
 - QUEUED dialog turn whose task id is not in the Redis broker: re-sent (the API is still waiting).
 - Dialog turn QUEUED or RUNNING for ``STUCK_DIALOG_TURN_S``: FAILED with a reason (ask again), never
@@ -21,7 +24,6 @@ A re-sent duplicate is harmless: a job is claimed once (compare-and-set) and its
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -34,22 +36,14 @@ from sqlalchemy import and_, or_, select, update
 from radialog.logging import get_logger
 from radialog.registry import DialogTurn, Job, JobState, Registry, Study, StudyState, transition, utcnow
 from radialog.settings import Settings
-from workers.batching import requeue
+from workers.broker_state import START_GRACE_S, broker_messages
 from workers.celery_app import DIALOG_TASK, app_for
-from workers.context import DEFAULT_LEASE_S, redis_client
+from workers.context import DEFAULT_LEASE_S, is_redis_url, redis_client
+from workers.crashes import FAILED as CRASH_FAILED
+from workers.crashes import REQUEUED, recover_lost
 from workers.pipeline import JOB_MODEL_VERSION, enqueue_report, send_export_tasks, send_report_task
 
 log = get_logger(__name__)
-
-#: Redis transport: the priority sub-queues are "<queue>\x06\x16<priority>" (kombu's separator).
-_PRIORITY_SEP = "\x06\x16"
-_UNACKED_KEY = "unacked"
-_UNACKED_INDEX_KEY = "unacked_index"  # delivery tag -> delivery time (kombu's Redis QoS)
-
-#: A message delivered this long ago whose job has not started was taken by a worker that died: longer
-#: than the longest retry countdown (tasks.RETRY_BACKOFF, 300 s) a live worker holds a message for.
-UNACKED_STALE_S = 600.0
-
 
 #: A dialog turn still RUNNING this long after it was asked lost its worker (the longest answer, 600
 #: tokens, takes seconds on a GPU).
@@ -59,6 +53,7 @@ STUCK_DIALOG_TURN_S = 600.0
 @dataclass
 class ReconcileResult:
     requeued_running: list[int] = field(default_factory=list)
+    failed_crashing: list[int] = field(default_factory=list)  # crashed their worker alone MAX_CRASHES times
     resent_queued: list[int] = field(default_factory=list)
     enqueued_studies: list[int] = field(default_factory=list)
     resent_dialog_turns: list[int] = field(default_factory=list)
@@ -66,47 +61,18 @@ class ReconcileResult:
 
     @property
     def changed(self) -> bool:
-        return bool(self.requeued_running or self.resent_queued or self.enqueued_studies or self.resent_dialog_turns
-                    or self.failed_dialog_turns)
+        return bool(self.requeued_running or self.failed_crashing or self.resent_queued or self.enqueued_studies
+                    or self.resent_dialog_turns or self.failed_dialog_turns)
 
 
-def _task_id(raw: bytes | str) -> str | None:
-    try:
-        message = json.loads(raw)
-    except ValueError:
+def broker_task_ids(settings: Settings, queue: str = "report", held_within_s: float | None = None) -> set[str] | None:
+    """Task ids the broker holds for ``queue``: waiting, or delivered (with ``held_within_s``, only those
+    not overdue by more than that: see ``broker_state``); None if unknowable."""
+    messages = broker_messages(settings, queue)
+    if messages is None:
         return None
-    if isinstance(message, list):  # unacked entries are [message, exchange, routing_key]
-        message = message[0] if message else {}
-    headers = message.get("headers") if isinstance(message, dict) else None
-    return headers.get("id") if isinstance(headers, dict) else None
-
-
-def broker_task_ids(settings: Settings, queue: str = "report", unacked_within_s: float | None = None) -> set[str] | None:
-    """Task ids the Redis broker holds for ``queue`` (waiting, or delivered-unacked, only those delivered
-    within ``unacked_within_s`` when given); None if unknowable (not Redis)."""
-    client = redis_client(settings)
-    if client is None:
-        return None
-    try:
-        keys = [queue] + [f"{queue}{_PRIORITY_SEP}{p}" for p in range(1, 10)]
-        pipe = client.pipeline(transaction=False)
-        for key in keys:
-            pipe.lrange(key, 0, -1)
-        pipe.hgetall(_UNACKED_KEY)
-        pipe.zrange(_UNACKED_INDEX_KEY, 0, -1, withscores=True)
-        *waiting, unacked, delivered = pipe.execute()
-        if unacked_within_s is not None:
-            since = time.time() - unacked_within_s
-            old = {tag for tag, at in delivered if at < since}
-            unacked = {tag: raw for tag, raw in unacked.items() if tag not in old}
-        found: set[str] = set()
-        for raw in [raw for batch in waiting for raw in batch] + list(unacked.values()):
-            task_id = _task_id(raw)
-            if task_id:
-                found.add(task_id)
-        return found
-    finally:
-        client.close()
+    now = time.time()
+    return {m.task_id for m in messages if held_within_s is None or m.held_by_a_live_worker(now, held_within_s)}
 
 
 def reconcile(
@@ -132,8 +98,11 @@ def reconcile(
             )
         ).all()
     for job_id in dead:
-        with registry.session() as session:
-            if not requeue(session, job_id, "worker lost (lease expired); re-queued"):
+        with registry.session() as session:  # who is charged for the lost claim: workers.crashes
+            outcome = recover_lost(session, job_id, lease_s)
+            if outcome == CRASH_FAILED:
+                result.failed_crashing.append(job_id)
+            if outcome != REQUEUED:
                 continue
             task_id = uuid.uuid4().hex
             session.execute(update(Job).where(Job.id == job_id).values(celery_task_id=task_id))
@@ -141,7 +110,7 @@ def reconcile(
         result.requeued_running.append(job_id)
 
     # 2. QUEUED jobs whose message the broker no longer has (or only a dead worker holds).
-    present = broker_task_ids(settings, unacked_within_s=UNACKED_STALE_S)
+    present = broker_task_ids(settings, held_within_s=START_GRACE_S)
     with registry.session() as session:
         cutoff = now - timedelta(seconds=grace_s if present is not None else stale_s)
         waiting = session.execute(
@@ -200,13 +169,14 @@ def reconcile(
     result.failed_dialog_turns = [turn_id for turn_id, _ in stuck]
 
     # 5. Waiting dialog turns (younger than that) whose message the (Redis) broker no longer has.
-    if present is not None:
+    if is_redis_url(settings.broker_url):
         result.resent_dialog_turns = _resend_dialog_turns(registry, settings, now - timedelta(seconds=grace_s))
 
     if result.changed:
         log.warning(
             "reconciler restored work",
-            extra={"requeued_running": result.requeued_running, "resent_queued": result.resent_queued,
+            extra={"requeued_running": result.requeued_running, "failed_crashing": result.failed_crashing,
+                   "resent_queued": result.resent_queued,
                    "enqueued_studies": result.enqueued_studies, "resent_dialog_turns": result.resent_dialog_turns,
                    "failed_dialog_turns": result.failed_dialog_turns},
         )
@@ -234,7 +204,7 @@ def _resend_dialog_turns(registry: Registry, settings: Settings, cutoff: datetim
                 .values(celery_task_id=task_id)
             ).rowcount  # type: ignore[attr-defined]
         if moved:
-            app.send_task(DIALOG_TASK, args=[turn_id], task_id=task_id, queue="dialog")
+            app.send_task(DIALOG_TASK, args=[turn_id], task_id=task_id, queue="dialog", ignore_result=True)
             resent.append(turn_id)
     return resent
 
@@ -305,9 +275,14 @@ class Sweeper:
             log.warning("export sweep failed", exc_info=True)
 
     def _loop(self) -> None:
-        while True:  # a first pass at start: a restarted process picks up what it left
-            if self._my_turn():
+        first = True
+        while True:
+            # A first pass at start whatever the lock says: a worker restarted after a crash picks up what
+            # it left at once, not after the dead process's lock expires (every step is a compare-and-set,
+            # so a pass beside another sweeper only repeats work).
+            if first or self._my_turn():
                 self.sweep_once()
+            first = False
             if self._stop.wait(self.interval_s):
                 return
 

@@ -19,6 +19,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -116,6 +118,14 @@ class Job(Base):
     # job whose heartbeat is older than the lease (its worker died), whatever the broker remembers.
     heartbeat_at: Mapped[datetime | None] = mapped_column(index=True)
     timings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Which study crashed the worker (workers/crashes.py): how the current claim runs (None = not started,
+    # "batch", "alone"); whether the job runs alone from now on (its worker died while it ran with others);
+    # worker deaths while it ran alone (charged); claims lost with a worker that died while the job waited
+    # or ran in company (not charged: ``attempts - lost_claims`` is what counts against the retry limit).
+    run_mode: Mapped[str | None] = mapped_column(String(8))
+    isolated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    crashes: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    lost_claims: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
 
 class Report(Base):
