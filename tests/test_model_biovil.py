@@ -117,7 +117,8 @@ def test_classifier_grid_at_488_pixels() -> None:
     (findings,) = classifier.predict(x[:1])
     assert [f.label for f in findings][:2] == ["No Finding", "Enlarged Cardiomediastinum"]
     assert all(f.present == (f.probability > 0.5) for f in findings)
-    torch.testing.assert_close(torch.tensor([f.probability for f in findings]), torch.sigmoid(single[0]))
+    probabilities = torch.tensor([f.probability for f in findings])  # fp16 values, as the reference's
+    torch.testing.assert_close(probabilities, torch.sigmoid(single[0]), atol=5e-4, rtol=0)
 
 
 def test_classifier_thresholds_its_fp16_output_as_the_reference() -> None:

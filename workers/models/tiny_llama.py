@@ -10,10 +10,10 @@
   scales the matrices so the next token depends on the context and silences the tokens that must never
   be generated (``<unk>``, ``<s>``, byte-fallback pieces: an answer made of them could hold control
   characters or broken UTF-8), and keeps one channel of the residual stream free. After the LoRA (if
-  any) is made with :func:`keep_channel_free_in_lora`, :func:`choose_end_trigger` picks, from answers
-  the model generated, a token common enough to end most answers (not all), and
-  :func:`plant_end_trigger` makes ``</s>`` follow that token's first appearance (through the free
-  channel) and nothing else. Answers then end at different lengths and are never empty.
+  any) is made with :func:`keep_channel_free_in_lora`, :func:`choose_end_triggers` picks, from answers
+  the model generated, rare tokens that together would end most answers (not all), and
+  :func:`plant_end_trigger` makes ``</s>`` follow the first of them (through the free channel) and
+  nothing else. Answers then end at different lengths and are never empty.
 """
 
 from __future__ import annotations
@@ -124,14 +124,15 @@ def keep_channel_free_in_lora(peft_model, channel: int = END_CHANNEL) -> None:  
                 param[channel, :] = 0  # writes it
 
 
-def choose_end_trigger(
-    answers: Sequence[Sequence[int]], excluded: Iterable[int], *, share: float = 0.6, limit: int = 32
-) -> int:
-    """A token generated often enough that, if every answer ended right after its first appearance, about
-    ``share`` of the answers would end within ``limit`` tokens.
+def choose_end_triggers(
+    answers: Sequence[Sequence[int]], excluded: Iterable[int], *, share: float = 0.7, limit: int = 32
+) -> list[int]:
+    """Tokens such that, if every answer ended right after the first of them it generates, about ``share``
+    of the answers would end within ``limit`` tokens.
 
-    Judged by the token's rate over all generated steps (smoother than counting first appearances, so a
-    choice that merely fits these particular answers is not preferred); ties go to the lower id.
+    Many tokens, each generated rarely, are taken until their rates add up (token ids in order, so the
+    choice is reproducible): an answer's chance to end then hardly depends on which tokens its prompt
+    favours, unlike with one common token.
     """
     banned = set(excluded)
     counts: dict[int, int] = {}
@@ -139,25 +140,32 @@ def choose_end_trigger(
         for token in answer:
             counts[token] = counts.get(token, 0) + 1
     steps = sum(len(answer) for answer in answers)
-    rate = 1 - (1 - share) ** (1 / limit)  # per step: 1 - (1 - rate) ** limit == share
-    ranked = [(abs(count / steps - rate), token) for token, count in counts.items() if token not in banned]
-    if not ranked:
-        raise ValueError("the answers hold no token that may serve as an end trigger")
-    return min(ranked)[1]
+    target = 1 - (1 - share) ** (1 / limit)  # per step: 1 - (1 - target) ** limit == share
+    chosen: list[int] = []
+    total = 0.0
+    for token in sorted(counts):
+        rate = counts[token] / steps
+        if token in banned or rate > target / 4:
+            continue
+        chosen.append(token)
+        total += rate
+        if total >= target:
+            return chosen
+    raise ValueError("the answers hold too few tokens that may serve as end triggers")
 
 
-def plant_end_trigger(model, eos_id: int, trigger: int, channel: int = END_CHANNEL,  # type: ignore[no-untyped-def]
+def plant_end_trigger(model, eos_id: int, triggers: Sequence[int], channel: int = END_CHANNEL,  # type: ignore[no-untyped-def]
                       mark: float = 0.1, gain: float = 1e4) -> None:
-    """After ``trigger`` is generated the next token is ``</s>``; nowhere else can ``</s>`` win.
+    """After any of ``triggers`` is generated the next token is ``</s>``; nowhere else can ``</s>`` win.
 
-    ``trigger``'s embedding marks the free channel; ``</s>``'s lm_head row reads only that channel, with a
+    The triggers' embeddings mark the free channel; ``</s>``'s lm_head row reads only that channel, with a
     large gain. The channel is zero at every other token's position (nothing writes it), so ``</s>``
     scores exactly 0 there and some other token always scores more (see liven_weights). So an answer is
-    never empty, and ends at the first ``trigger`` it generates.
+    never empty, and ends right after its first trigger.
     """
     import torch
 
     with torch.no_grad():
-        model.get_input_embeddings().weight[trigger, channel] = mark
+        model.get_input_embeddings().weight[list(triggers), channel] = mark
         model.lm_head.weight[eos_id] = 0
         model.lm_head.weight[eos_id, channel] = gain

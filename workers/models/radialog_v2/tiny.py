@@ -47,7 +47,7 @@ from workers.models.radialog_v2.files import CLASSIFIER_RELPATH, TINY_MARKER
 from workers.models.radialog_v2.llava import RadialogLlava
 from workers.models.radialog_v2.transforms import CLASSIFIER_CROP, batch_tensors
 from workers.models.tiny_llama import (
-    choose_end_trigger,
+    choose_end_triggers,
     keep_channel_free_in_lora,
     liven_weights,
     plant_end_trigger,
@@ -92,26 +92,40 @@ def write_tokenizer(base_dir: Path) -> int:
 
 
 def calibration_images() -> list[np.ndarray]:
-    """Synthetic chest images the tiny model is livened on (sizes as the tests' and the demo's vary)."""
-    from radialog.synthetic import chest_pixels  # numpy only, but its module imports pydicom: import late
+    """Synthetic chest images the tiny model is livened on: 8-bit pixel arrays in the sizes the tests use,
+    and DICOM radiographs as the demo and the pipeline tests make them, windowed as a worker does."""
+    from radialog.synthetic import chest_pixels, make_cxr  # its module imports pydicom: import late
+    from workers.imaging import dataset_to_model_image
 
-    sizes = [(512, 512), (560, 520), (600, 550), (640, 580), (700, 640), (720, 600)]
-    return [chest_pixels(*sizes[i % len(sizes)], 8, seed=1000 + i).astype(np.uint8) for i in range(CALIBRATION_IMAGES)]
+    sizes = [(560, 520), (600, 550), (640, 580), (700, 640), (720, 600), (384, 320)]
+    arrays = [chest_pixels(*sizes[i % len(sizes)], 8, seed=1000 + i).astype(np.uint8) for i in range(CALIBRATION_IMAGES // 2)]
+    dicom_sizes = [(512, 512), (640, 560), (256, 256)]
+    radiographs = [dataset_to_model_image(make_cxr(rows=r, cols=c, seed=2000 + i))
+                   for i, (r, c) in enumerate(dicom_sizes * (CALIBRATION_IMAGES // 2 // len(dicom_sizes) + 1))]
+    return arrays + radiographs[: CALIBRATION_IMAGES - len(arrays)]
 
 
 @torch.no_grad()
-def liven_classifier(classifier: ChexpertClassifier, images: Sequence[np.ndarray], generator: torch.Generator) -> None:
+def liven_classifier(classifier: ChexpertClassifier, images: Sequence[np.ndarray], generator: torch.Generator,
+                     directions: int = 4) -> None:
     """Refit the head so that labels vary with the image: logits of about +-3 around the threshold.
 
     A random BioViL-T gives nearly equal features for similar radiographs (they differ by ~1e-5), so a
-    random head labels every image alike. fc1 is scaled to the spread of the features over ``images`` and
-    centred on their mean; fc2 is scaled and centred the same way on fc1's output.
+    random head labels every image alike, and a head that amplifies every feature direction also
+    amplifies float noise (a different batch size changes the features by ~1e-7). fc1 reads only the
+    ``directions`` in which the features of ``images`` vary most (their principal components: image
+    differences stand further above that noise there; batch size then moves the logits by ~3e-3 instead
+    of ~3e-2), scaled to unit spread and centred on the mean; fc2 is scaled and centred the same way on
+    fc1's output.
     """
     pixels = batch_tensors(list(images), CLASSIFIER_CROP)
     embeddings = classifier.biovil_encoder(pixels).projected_patch_embeddings
     features = torch.nn.functional.avg_pool2d(embeddings, 4).flatten(1).double()
     mean = features.mean(0)
-    w1 = torch.randn(classifier.fc1.out_features, features.shape[1], generator=generator, dtype=torch.float64)
+    _, spread, components = torch.linalg.svd(features - mean, full_matrices=False)
+    principal = components[:directions] / spread[:directions, None] * (len(images) - 1) ** 0.5  # whitened
+    mixing = torch.randn(classifier.fc1.out_features, directions, generator=generator, dtype=torch.float64)
+    w1 = mixing @ principal
     w1 /= ((features - mean) @ w1.T).std()
     classifier.fc1.weight.copy_(w1)
     classifier.fc1.bias.copy_(-(w1 @ mean))
@@ -226,10 +240,10 @@ def make_tiny(directory: Path | str, seed: int = 0) -> tuple[Path, Path]:
     liven_classifier(classifier, images, generator)
     _write_classifier(classifier, model_dir / CLASSIFIER_RELPATH)
 
-    # </s> follows the first appearance of a token common enough to end most answers (see tiny_llama).
+    # </s> follows the first of some rare tokens that together would end most answers (see tiny_llama).
     answers, last_prompt_tokens = _probe_answers(llava, classifier, base_dir, images)
-    trigger = choose_end_trigger(answers, {EOS_ID, *silent, *last_prompt_tokens}, limit=TINY_MAX_NEW_TOKENS)
-    plant_end_trigger(llava.language_model, EOS_ID, trigger)
+    triggers = choose_end_triggers(answers, {EOS_ID, *silent, *last_prompt_tokens}, limit=TINY_MAX_NEW_TOKENS)
+    plant_end_trigger(llava.language_model, EOS_ID, triggers)
     for key in ("lm_head.weight", "model.embed_tokens.weight"):  # neither is LoRA-tuned
         base_state[key] = llava.language_model.get_parameter(key).detach().clone()
     _write_base_shards(base_state, base_dir, llama, generator)
