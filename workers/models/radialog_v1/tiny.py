@@ -37,7 +37,7 @@ from workers.models.radialog_v2.biovil import BioViLT
 from workers.models.radialog_v2.classifier import ChexpertClassifier
 from workers.models.radialog_v2.tiny import _randomise_bn, _write_classifier, calibration_images, liven_classifier
 from workers.models.tiny_llama import (
-    choose_end_trigger,
+    choose_end_triggers,
     keep_channel_free_in_lora,
     liven_weights,
     plant_end_trigger,
@@ -273,11 +273,11 @@ def make_tiny(directory: Path | str, seed: int = 0) -> TinyPaths:
     liven_classifier(classifier, calibration_images(), generator)
     _write_classifier(classifier, paths.root / CLASSIFIER_RELPATH)
 
-    # </s> follows the first appearance of a token common enough to end most answers (see tiny_llama).
+    # </s> follows the first of some rare tokens that together would end most answers (see tiny_llama).
     model.eval()
     answers, last_prompt_tokens = _probe_answers(model, classifier, paths.llm_dir)
-    trigger = choose_end_trigger(answers, {EOS_ID, *silent, *last_prompt_tokens}, limit=32)
-    plant_end_trigger(model.llama_model, EOS_ID, trigger)
+    triggers = choose_end_triggers(answers, {EOS_ID, *silent, *last_prompt_tokens}, limit=32)
+    plant_end_trigger(model.llama_model, EOS_ID, triggers)
     for key in ("lm_head.weight", "model.embed_tokens.weight"):  # neither is LoRA-tuned
         base_state[key] = model.llama_model.get_parameter(key).detach().clone()
     _write_llm(paths.llm_dir, base_state, fields)
