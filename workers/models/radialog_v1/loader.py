@@ -98,8 +98,8 @@ def load_biovil(model: RadialogV1, path: Path, state: dict[str, torch.Tensor] | 
     expected = {k: tuple(v.shape) for k, v in tower.state_dict().items() if not k.startswith("projector.")}
     ignored = check_layout(path.name, expected, state, ignored=lambda key: key.startswith("projector."))
     tower.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
-    return [f"{path.name}: ignored {len(ignored)} tensors of BioViL-T's own 128-channel projector "
-            "(the reference drops them and builds a 1408-channel one)"] if ignored else []
+    return [(f"{path.name}: ignored {len(ignored)} tensors of BioViL-T's own 128-channel projector "
+             "(the reference drops them and builds a 1408-channel one)")] if ignored else []
 
 
 def model_dict(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -124,7 +124,7 @@ def load_qformer_checkpoint(model: RadialogV1, path: Path) -> tuple[str, list[st
     expected = {k: tuple(v.shape) for k, v in to_lavis(model.bridge.state_dict()).items()}
     visual = {k: v for k, v in state.items() if k in visual_expected}
     expected |= {k: visual_expected[k] for k in visual}  # whatever visual-encoder tensors it holds, shape-checked
-    unused = lambda key: any(p.fullmatch(key) for p in LAVIS_UNUSED)  # noqa: E731
+    unused = lambda key: any(p.fullmatch(key) for p in LAVIS_UNUSED)
     ignored = check_layout(path.name, expected, state, ignored=unused)
     drawn = [projector_replay.PROJECTOR_PREFIX + k for k in projector_replay.DRAWN]
     present = [k for k in drawn if k in visual]
@@ -209,8 +209,8 @@ def apply_adapter(model: RadialogV1, files: RadialogV1Files) -> list[str]:
     set_peft_model_state_dict(peft_model, lora_state)
     model.llama_model = peft_model.merge_and_unload().eval()
     model.img_proj.load_state_dict({k: state[v] for k, v in IMG_PROJ_KEYS.items()})
-    return [f"{files.adapter_dir.name}: LoRA r={settings['r']} alpha={settings['lora_alpha']} on "
-            f"{', '.join(settings['target_modules'])} ({len(lora_state)} tensors) merged; img_proj loaded"]
+    return [(f"{files.adapter_dir.name}: LoRA r={settings['r']} alpha={settings['lora_alpha']} on "
+             f"{', '.join(settings['target_modules'])} ({len(lora_state)} tensors) merged; img_proj loaded")]
 
 
 def load_tokenizer(directory: Path) -> tuple[Any, SlowLlamaEncoder]:

@@ -30,9 +30,10 @@ from workers.models.radialog_v2.biovil import BioViLT
 class RadialogV1(nn.Module):
     """Vision tower, bridge and ``img_proj``; the ``LlamaForCausalLM`` is attached once loaded."""
 
-    def __init__(self, llm_hidden: int, qformer: QFormerSize = QFormerSize(), resnet_width: int = 64,
+    def __init__(self, llm_hidden: int, qformer: QFormerSize | None = None, resnet_width: int = 64,
                  llama_model: LlamaForCausalLM | None = None) -> None:
         super().__init__()
+        qformer = qformer or QFormerSize()
         if qformer.queries != IMAGE_TOKENS:
             raise ValueError(f"RaDialog v1 splices {IMAGE_TOKENS} query outputs, not {qformer.queries}")
         self.visual_encoder = BioViLT(joint_feature_size=qformer.vision_width, per_image_norm=False,

@@ -29,7 +29,13 @@ from workers.models.base import Turn
 from workers.models.common.qformer import QFormerSize, to_lavis
 from workers.models.conversation import conversation_prompt
 from workers.models.radialog_v1 import prompts
-from workers.models.radialog_v1.files import BIOVIL_FILE, CLASSIFIER_RELPATH, INSTRUCT_ADAPTER, QFORMER_RELPATHS, TINY_MARKER
+from workers.models.radialog_v1.files import (
+    BIOVIL_FILE,
+    CLASSIFIER_RELPATH,
+    INSTRUCT_ADAPTER,
+    QFORMER_RELPATHS,
+    TINY_MARKER,
+)
 from workers.models.radialog_v1.loader import LoadedRadialogV1, load_tokenizer, write_sizes
 from workers.models.radialog_v1.model import RadialogV1
 from workers.models.radialog_v1.projector import replay
@@ -108,7 +114,7 @@ def _qformer_checkpoint(model: RadialogV1, generator: torch.Generator) -> dict[s
     encoder's BatchNorm statistics, not its frozen weights and not the projector's convolutions)."""
     state = to_lavis(model.bridge.state_dict())
     h, f = model.bridge.size.hidden_size, model.bridge.size.intermediate_size
-    rand = lambda *shape: torch.randn(*shape, generator=generator) * 0.02  # noqa: E731
+    rand = lambda *shape: torch.randn(*shape, generator=generator) * 0.02
     bert_vocab = 64  # the real one has 30,523 rows; the loader ignores these by name, shapes unchecked
     state |= {"Qformer.bert.embeddings.word_embeddings.weight": rand(bert_vocab, h),
               "Qformer.bert.embeddings.position_embeddings.weight": rand(512, h),
