@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
+from api.limits import BodyGate
 from api.metrics import Metrics, MetricsMiddleware
 from api.problems import install_handlers
 from api.routes import audit, dialog, health, images, me, reports, studies
@@ -23,6 +24,7 @@ from radialog.registry import Registry
 from radialog.settings import Settings
 
 STATIC_DIR = Path(__file__).parent / "static"
+OPENAPI_URL = "/api/v1/openapi.json"
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob:; style-src 'self'; script-src 'self'; "
             "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 
@@ -46,8 +48,11 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         if owns_registry:
             registry.dispose()
 
+    # No HTML docs page: Swagger UI / ReDoc would be third-party script running at the API's origin (where
+    # keys are typed and patient data is read), loaded from a CDN or from a pip bundle that lags its
+    # security releases. The OpenAPI document stays; any local viewer reads it.
     app = FastAPI(title="radialog-node reporting API", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan, docs_url="/api/docs", redoc_url=None, openapi_url="/api/v1/openapi.json")
+                  lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=OPENAPI_URL)
     app.state.settings = settings
     app.state.registry = registry
     app.state.services = services
@@ -70,6 +75,12 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     def page() -> RedirectResponse:
         return RedirectResponse("/static/index.html")
 
+    @app.get("/api/docs", include_in_schema=False)
+    def docs() -> RedirectResponse:
+        return RedirectResponse(OPENAPI_URL)
+
+    # the key before the body, then its size (innermost: CORS, metrics and the headers below see its answers)
+    app.add_middleware(BodyGate, registry=registry, max_body_bytes=settings.api_max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"])
@@ -81,6 +92,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
         response = await call_next(request)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
+        if request.url.path.startswith("/api/"):  # patient data (reports, images, answers): never cached
+            response.headers["Cache-Control"] = "no-store"
         if request.url.path.startswith("/static/"):
             response.headers["Content-Security-Policy"] = PAGE_CSP
         return response

@@ -10,14 +10,12 @@ import click
 @click.option("--port", type=int, default=None, help="Default: settings.api_port.")
 def api(host: str | None, port: int | None) -> None:
     """Serve the reporting API and the radiologist's page."""
-    import uvicorn
-
     from api.app import create_app
+    from api.server import serve
     from radialog.settings import get_settings
 
     settings = get_settings()
-    uvicorn.run(create_app(settings), host=host or settings.api_host, port=port or settings.api_port,
-                log_config=None, access_log=False)  # access logs would carry ids in paths only, but stay off
+    serve(create_app(settings), settings, host=host, port=port)
 
 
 @click.group()

@@ -13,7 +13,6 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from api import audit
 from api.deps_types import Principal
 from api.problems import Problem
 from api.services import Services
@@ -60,23 +59,17 @@ def current_user(
         user = authenticate(session, key)
         if user is None:
             raise Problem(401, "unauthenticated", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
-        return Principal(name=user.name, role=user.role)
+        principal = Principal(name=user.name, role=user.role)
+        request.state.principal = principal  # whoever is refused from here on is audited (api.problems)
+        return principal
 
 
 def require(*roles: Role) -> Callable[..., Principal]:
-    """A dependency that admits only ``roles`` and audits every refusal."""
+    """A dependency that admits only ``roles``; a refusal (403) is audited by the problem handler."""
     allowed = {r.value for r in roles}
 
-    def dependency(
-        request: Request,
-        who: Annotated[Principal, Depends(current_user)],
-        registry: Annotated[Registry, Depends(get_registry)],
-    ) -> Principal:
+    def dependency(who: Annotated[Principal, Depends(current_user)]) -> Principal:
         if who.role not in allowed:
-            study_id = request.path_params.get("study_id")
-            with registry.session() as session:
-                audit.record(session, who, "denied", int(study_id) if str(study_id or "").isdigit() else None,
-                             method=request.method, route=request.scope.get("route").path)  # type: ignore[union-attr]
             raise Problem(403, "forbidden", f"role {who.role!r} may not do this; needs one of {sorted(allowed)}")
         return who
 

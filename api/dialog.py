@@ -3,6 +3,8 @@ answers relayed from the Redis channel ``workers.celery_app.dialog_channel`` (JS
 
 The channel is subscribed BEFORE the task is sent, so no token can be published before we listen.
 The worker stores the answer in the DialogTurn row too, so a client that lost the stream can poll.
+With the embedded broker (``radialog run`` without Redis) there is no channel: the relay polls that row
+and delivers the stored answer as one ``done`` message (answers are stored, not streamed).
 What may be asked, in which phrasing, and how long a conversation may grow come from the configured
 backend's :class:`~workers.models.capabilities.Capabilities` (``RADIALOG_MODEL_BACKEND``): a quick action
 the model was not trained for is refused (422) before anything is sent.
@@ -27,7 +29,8 @@ from api.problems import Problem
 from api.schemas import MAX_QUESTION_CHARS, CorrectionAction, QuickAction, YesNoAction
 from api.services import Services
 from radialog.logging import get_logger
-from radialog.registry import Conversation, DialogTurn, Report, Study, utcnow
+from radialog.presence import BrokerUnavailable
+from radialog.registry import Conversation, DialogTurn, Registry, Report, Study, utcnow
 from workers.celery_app import dialog_channel
 from workers.models import prompts
 from workers.models.capabilities import RADIALOG_V2, Capabilities
@@ -42,6 +45,8 @@ CHARS_PER_TOKEN = 3.0
 #: A turn still pending after this long is taken as lost (its worker died) and no longer blocks.
 PENDING_TURN_GRACE = timedelta(minutes=5)
 RETRY_AFTER_S = 30
+#: Without Redis, how often the relay reads the turn's row for the stored answer.
+POLL_INTERVAL_S = 0.25
 
 
 def estimate_tokens(text: str) -> int:
@@ -136,8 +141,8 @@ def check_no_pending_turn(conversation: Conversation) -> None:
 def require_worker(services: Services) -> None:
     try:
         workers = services.ready_workers()
-    except redis.RedisError as exc:
-        raise Problem(503, "broker-unavailable", "the broker (Redis) cannot be reached",
+    except BrokerUnavailable as exc:
+        raise Problem(503, "broker-unavailable", "the broker cannot be reached",
                       headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
     if not workers:
         raise Problem(503, "no-worker", "no worker with a loaded model is running",
@@ -146,16 +151,21 @@ def require_worker(services: Services) -> None:
 
 @dataclass
 class PendingTurn:
-    """A sent turn whose answer is still to come, with the subscription that will deliver it."""
+    """A sent turn whose answer is still to come, with the subscription that will deliver it (Redis), or
+    the registry whose row will hold it (embedded broker: ``pubsub`` is None)."""
 
     turn_id: int
     conversation_id: int
     question: str
     pubsub: Any
+    registry: Registry | None = None
 
     def messages(self, timeout: float) -> Iterator[dict[str, Any] | None]:
         """Yield parsed messages; ``None`` about once a second while nothing arrives (for keep-alives
         and deadline checks); stops after done/error or at ``timeout``."""
+        if self.pubsub is None:
+            yield from self._stored(timeout)
+            return
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -176,16 +186,42 @@ class PendingTurn:
         finally:
             self.close()
 
+    def _stored(self, timeout: float) -> Iterator[dict[str, Any] | None]:
+        """The answer as the worker stored it: the row read every POLL_INTERVAL_S until DONE or FAILED."""
+        assert self.registry is not None
+        deadline = time.monotonic() + timeout
+        last_idle = time.monotonic()
+        while True:
+            with self.registry.session() as session:
+                turn = session.get(DialogTurn, self.turn_id)
+                state, answer, error = (turn.state, turn.answer, turn.error) if turn else ("FAILED", None, "turn gone")
+            if state == "DONE":
+                yield {"type": "done", "answer": answer or ""}
+                return
+            if state == "FAILED":
+                yield {"type": "error", "error": error or "error"}
+                return
+            now = time.monotonic()
+            if now >= deadline:
+                return
+            if now - last_idle >= 1.0:
+                last_idle = now
+                yield None
+            time.sleep(min(POLL_INTERVAL_S, deadline - now))
+
     def close(self) -> None:
+        if self.pubsub is None:
+            return
         try:
             self.pubsub.close()
         except redis.RedisError:
             pass
 
 
-def send_turn(session: Session, services: Services, conversation_id: int, task: str, question: str) -> PendingTurn:
+def send_turn(session: Session, services: Services, conversation_id: int, task: str, question: str,
+              registry: Registry) -> PendingTurn:
     """Create the turn (one commit, with whatever the caller added, e.g. its audit entry), subscribe
-    to its channel, then send the "radialog.dialog_turn" task under the id stored in the row."""
+    to its channel (Redis only), then send the "radialog.dialog_turn" task under the id stored in the row."""
     task_id = str(uuid.uuid4())
     turn = DialogTurn(conversation_id=conversation_id, task=task, question=question, state="QUEUED",
                       celery_task_id=task_id, created_at=utcnow())
@@ -193,8 +229,9 @@ def send_turn(session: Session, services: Services, conversation_id: int, task: 
     session.commit()
     pubsub = None
     try:
-        pubsub = services.redis.pubsub()
-        pubsub.subscribe(dialog_channel(services.settings.broker_url, turn.id))
+        if services.redis_url is not None:
+            pubsub = services.redis.pubsub()
+            pubsub.subscribe(dialog_channel(services.settings.broker_url, turn.id))
         services.send_task("radialog.dialog_turn", [turn.id], queue="dialog", task_id=task_id)
     except Exception as exc:
         if pubsub is not None:
@@ -205,7 +242,8 @@ def send_turn(session: Session, services: Services, conversation_id: int, task: 
         raise Problem(503, "broker-unavailable", "the dialog task could not be sent",
                       headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
     log.info("dialog turn sent", extra={"turn": turn.id, "task": task})
-    return PendingTurn(turn_id=turn.id, conversation_id=conversation_id, question=question, pubsub=pubsub)
+    return PendingTurn(turn_id=turn.id, conversation_id=conversation_id, question=question, pubsub=pubsub,
+                       registry=registry)
 
 
 def is_context_error(error: str) -> bool:

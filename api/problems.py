@@ -3,6 +3,10 @@
 Routes raise ``Problem``; the handlers installed by ``install_handlers`` also turn FastAPI's
 validation errors, Starlette's HTTP errors and unexpected exceptions into the same shape, so a
 client needs one error parser. ``problem_responses`` documents them in the OpenAPI document.
+
+Every refusal of an authenticated caller (a 4xx after the key was accepted: 403, 404, 409, 413, 422...)
+is audited here, in one place, as ``denied`` (403) or ``refused`` with the status and the route, so
+no route can forget it; the study id is taken as sent (``api.audit.record_refusal``).
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import audit
 from radialog.logging import get_logger
 
 log = get_logger(__name__)
@@ -79,15 +86,45 @@ def problem_response(
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
+def _write_refusal(request: Request, status: int, slug: str | None) -> None:
+    who = getattr(request.state, "principal", None)
+    if who is None or status < 400 or status >= 500:
+        return
+    route = getattr(request.scope.get("route"), "path", None)
+    study_id = request.scope.get("path_params", {}).get("study_id")
+    try:
+        with request.app.state.registry.session() as session:
+            audit.record_refusal(session, who, "denied" if status == 403 else "refused",
+                                 None if study_id is None else str(study_id),
+                                 status=status, problem=slug, method=request.method, route=route)
+    except SQLAlchemyError:  # the refusal is still answered; the log says the entry is missing
+        log.warning("refusal not audited: registry error", extra={"route": route, "status": status})
+
+
+async def _audit_refusal(request: Request, status: int, slug: str | None) -> None:
+    if getattr(request.state, "principal", None) is not None:
+        await run_in_threadpool(_write_refusal, request, status, slug)
+
+
 async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Problem)
+    await _audit_refusal(request, exc.status, exc.slug)
     return problem_response(request, exc.status, exc.slug, exc.title, exc.detail, exc.headers, exc.extra)
 
 
 async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
-    slug = {404: "not-found", 405: "method-not-allowed"}.get(status)
+    if status == 400 and isinstance(exc.__cause__, Exception):
+        # FastAPI's answer to a body it could not parse for a reason other than JSON syntax (bytes that are
+        # not UTF-8, nesting too deep): invalid input like any other, so 422 as the document says.
+        errors = [{"loc": ["body"], "msg": f"the body could not be read as JSON ({type(exc.__cause__).__name__})",
+                   "type": "body_unreadable"}]
+        await _audit_refusal(request, 422, "validation-error")
+        return problem_response(request, 422, "validation-error", "Unprocessable Content", errors[0]["msg"],
+                                extra={"errors": errors})
+    slug = {404: "not-found", 405: "method-not-allowed", 413: "content-too-large"}.get(status)
+    await _audit_refusal(request, status, slug)
     return problem_response(request, status, slug, HTTPStatus(status).phrase, str(exc.detail), exc.headers)
 
 
@@ -98,6 +135,7 @@ async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
         for e in exc.errors()
     ]
     detail = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors)[:500]
+    await _audit_refusal(request, 422, "validation-error")
     return problem_response(request, 422, "validation-error", "Unprocessable Content", detail, extra={"errors": errors})
 
 

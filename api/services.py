@@ -1,4 +1,5 @@
-"""The API's links to the broker: Redis (pub/sub for streamed answers, worker heartbeats) and Celery.
+"""The API's links to the broker: Redis (pub/sub for streamed answers), worker readiness
+(``radialog.presence``: Redis keys, or files beside the embedded broker) and Celery.
 
 Tasks are sent by name ("radialog.dialog_turn", "radialog.export") through the workers' Celery app
 (``workers.celery_app.app_for(settings)``) when it is importable, else through a bare Celery client on the same broker; the API never imports
@@ -7,17 +8,15 @@ model code. Redis is reached lazily so the API starts (and serves reads) while t
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import redis
 
 from radialog.logging import get_logger
+from radialog.presence import Presence, is_redis_url, presence_for
 from radialog.settings import Settings
 
 log = get_logger(__name__)
-
-WORKER_KEY_PATTERN = "radialog:worker:*"
 
 
 class Services:
@@ -27,11 +26,13 @@ class Services:
         self.settings = settings
         self._redis: redis.Redis | None = None
         self._celery: Any = None
+        self.presence: Presence = presence_for(settings)
 
     @property
     def redis_url(self) -> str | None:
+        """The broker's Redis URL; None with the embedded broker (answers are then polled, not streamed)."""
         url = self.settings.broker_url
-        return url if url.startswith(("redis://", "rediss://", "unix://")) else None
+        return url if is_redis_url(url) else None
 
     @property
     def redis(self) -> redis.Redis:
@@ -42,18 +43,9 @@ class Services:
         return self._redis
 
     def ready_workers(self) -> list[dict[str, Any]]:
-        """Provenance of every worker whose heartbeat key is alive (empty when none)."""
-        workers = []
-        for key in self.redis.scan_iter(match=WORKER_KEY_PATTERN, count=100):
-            raw = self.redis.get(key)
-            if raw is None:
-                continue
-            try:
-                info = json.loads(raw)
-            except ValueError:
-                info = {}
-            workers.append({"worker": key.decode().split(":", 2)[-1], **(info if isinstance(info, dict) else {})})
-        return workers
+        """Provenance of every worker with its model loaded (empty when none); BrokerUnavailable when the
+        broker cannot be reached."""
+        return self.presence.ready()
 
     @property
     def celery(self) -> Any:
@@ -76,6 +68,7 @@ class Services:
         return str(result.id)
 
     def close(self) -> None:
+        self.presence.close()
         if self._redis is not None:
             self._redis.close()
             self._redis = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -192,12 +193,14 @@ def demo(workdir: Path | None, timeout: float, serve: bool, backend: str | None)
     )
     database_url = settings.database_url or chain.env_sqlite_url()
     click.echo("starting: " + ("Orthanc + " if with_orthanc else "") + "radialog run (node, worker, API) ...")
+    # Orthanc and `radialog run` run in sessions of their own (a Ctrl-C in the terminal reaches only us):
+    # whatever ends the demo - Ctrl-C, SIGTERM from a service manager, an error - must stop them.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        chain.start()
-    except (ChainError, TimeoutError) as exc:
-        chain.stop()
-        raise click.ClickException(f"the chain did not start: {exc}\n{chain.logs()}") from exc
-    try:
+        try:
+            chain.start()
+        except (ChainError, TimeoutError) as exc:
+            raise click.ClickException(f"the chain did not start: {exc}\n{chain.logs()}") from exc
         studies = _write_studies(workdir / "chain" / "studies")
         target = "Orthanc" if with_orthanc else "the node"
         for study in studies:
@@ -224,7 +227,14 @@ def demo(workdir: Path | None, timeout: float, serve: bool, backend: str | None)
     except KeyboardInterrupt:
         pass
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the stop short
+            signal.signal(signum, signal.SIG_IGN)
         chain.stop()
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    """SIGTERM ends the demo exactly as Ctrl-C does (its ``finally`` stops Orthanc and `radialog run`)."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _follow(chain: Chain, database_url: str, studies: list[DemoStudy], timeout: float) -> None:

@@ -147,6 +147,17 @@ class Settings(BaseSettings):
     api_port: int = 8000
     institution_name: str = "radialog-node"
     cors_origins: list[str] = Field(default_factory=list, description="Empty = CORS off.")
+    api_request_timeout: float = Field(
+        15.0, gt=0, description="Seconds a client has to send a whole request (head and body); a half-sent "
+        "or silent connection is then closed (408).",
+    )
+    api_max_connections: int = Field(
+        1000, ge=16, description="Most open HTTP connections (lowered to fit the file-descriptor limit); a new "
+        "one beyond it closes the oldest idle or half-sent one.",
+    )
+    api_max_body_bytes: int = Field(
+        1024**2, ge=1024, description="Largest request body; a larger one is refused (413) before it is read.",
+    )
 
     @field_validator("ae_title")
     @classmethod

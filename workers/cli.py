@@ -10,7 +10,6 @@ without it, Celery's solo pool runs one task at a time. Start one per GPU with `
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import click
@@ -193,20 +192,12 @@ def run_all(settings: Settings, *, with_api: bool = True, lease_s: float = DEFAU
 
 def _start_api(settings: Settings) -> Any:
     try:
-        import uvicorn
-
         from api.app import create_app
+        from api.server import SELECT_FD_LIMIT, serve_in_thread
     except ImportError:
         log.warning("api is not installed: no reporting API")
         return lambda: None
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.api_host, port=settings.api_port,
-                                           log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, name="radialog-api", daemon=True)
-    thread.start()
+    # the node and the exporter in this process watch their sockets with select(): none may pass 1,023
+    stop = serve_in_thread(create_app(settings), settings, fd_ceiling=SELECT_FD_LIMIT)
     log.info("api started", extra={"port": settings.api_port})
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(timeout=10)
-
     return stop

@@ -7,14 +7,13 @@ hand it requests from their own threads (``workers.engine``). A SIGKILL takes
 the whole worker down; its unacknowledged message comes back from Redis after the visibility timeout,
 and sooner through the reconciler, which sees the job's registry lease (``Job.heartbeat_at``) expire.
 
-Two heartbeats run in a thread: the lease of the jobs being run (registry) and the readiness key
-``radialog:worker:<hostname>`` (Redis, JSON provenance, TTL 30 s, refreshed every 10 s), written only
-once the model is loaded.
+Two heartbeats run in a thread: the lease of the jobs being run (registry) and the worker's readiness
+(``radialog.presence``: the Redis key ``radialog:worker:<hostname>``, or a file beside the embedded broker;
+JSON provenance, TTL 30 s, refreshed every 10 s), written only once the model is loaded.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -25,6 +24,7 @@ import redis
 from sqlalchemy import update
 
 from radialog.logging import get_logger
+from radialog.presence import READY_KEY_PREFIX, READY_REFRESH_S, BrokerUnavailable, Presence, is_redis_url, presence_for
 from radialog.registry import Job, JobState, Registry, utcnow
 from radialog.settings import Settings, get_settings
 from workers.crashes import Gate
@@ -34,15 +34,8 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-READY_KEY_PREFIX = "radialog:worker:"
-READY_TTL_S = 30
-READY_REFRESH_S = 10
 #: A RUNNING job whose heartbeat is older than this is taken to have lost its worker.
 DEFAULT_LEASE_S = 30.0
-
-
-def is_redis_url(url: str) -> bool:
-    return url.startswith(("redis://", "rediss://", "unix://"))
 
 
 def redis_client(settings: Settings) -> redis.Redis | None:
@@ -73,6 +66,7 @@ class WorkerContext:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _redis: redis.Redis | None = None
+    _presence: Presence | None = None
 
     @property
     def redis(self) -> redis.Redis | None:
@@ -125,20 +119,25 @@ class WorkerContext:
     def ready_key(self) -> str:
         return READY_KEY_PREFIX + self.hostname
 
+    @property
+    def presence(self) -> Presence:
+        if self._presence is None:
+            self._presence = presence_for(self.settings)
+        return self._presence
+
     def announce_ready(self) -> None:
-        """Set the readiness key (only when a model is loaded and the broker is Redis)."""
-        if self.backend is None or self.redis is None:
+        """Announce this worker ready (only when a model is loaded), wherever the broker keeps readiness."""
+        if self.backend is None:
             return
         info: dict[str, Any] = {**self.backend.provenance.to_dict(), **self.backend.serving_info(),
                                 "backend": self.backend.capabilities.backend, "hostname": self.hostname}
-        self.redis.set(self.ready_key, json.dumps(info), ex=READY_TTL_S)
+        self.presence.announce(self.hostname, info)
 
     def withdraw_ready(self) -> None:
-        if self.redis is not None:
-            try:
-                self.redis.delete(self.ready_key)
-            except redis.RedisError:
-                pass
+        try:
+            self.presence.withdraw(self.hostname)
+        except BrokerUnavailable:
+            pass
 
     def start_heartbeats(self) -> None:
         """Start the thread that renews leases and the readiness key until ``stop``."""
@@ -159,8 +158,8 @@ class WorkerContext:
             if elapsed >= next_ready:
                 try:
                     self.announce_ready()
-                except redis.RedisError:
-                    log.warning("readiness key could not be written", extra={"worker": self.hostname})
+                except BrokerUnavailable:
+                    log.warning("readiness could not be announced", extra={"worker": self.hostname})
                 next_ready = elapsed + READY_REFRESH_S
             self._stop.wait(period)
             elapsed += period
@@ -170,6 +169,8 @@ class WorkerContext:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.withdraw_ready()
+        if self._presence is not None:
+            self._presence.close()
         if self.backend is not None:
             self.backend.close()
 
@@ -212,8 +213,8 @@ def load(
     )
     try:
         context.announce_ready()
-    except redis.RedisError:
-        log.warning("readiness key could not be written", extra={"worker": context.hostname})
+    except BrokerUnavailable:
+        log.warning("readiness could not be announced", extra={"worker": context.hostname})
     context.start_heartbeats()
     return install(context)
 

@@ -41,7 +41,12 @@ _ANSWER_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The answered turn (JSON), or with stream=true a text/event-stream of events "
         "turn, token (in generation order), then done or error",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        # one schema per event (as OpenAPI 3.2's itemSchema): its name and its JSON data
+        "content": {"text/event-stream": {"schema": {
+            "type": "object", "required": ["event", "data"],
+            "properties": {"event": {"type": "string", "enum": ["turn", "token", "done", "error"]},
+                           "data": {"type": "string", "contentMediaType": "application/json"}},
+        }}},
     },
     202: {"description": "Not answered within wait_seconds; poll GET /api/v1/dialog/turns/{turn_id}",
           "model": TurnOut},
@@ -102,11 +107,11 @@ def _ask(
     check_context(report, question, task, capabilities)
     require_worker(services)
     audit.record(session, who, "dialog.ask", study_id, conversation=conversation.id, task=task)
-    pending = send_turn(session, services, conversation.id, task, question)
+    pending = send_turn(session, services, conversation.id, task, question, registry)
     if stream:
         return StreamingResponse(
             stream_events(pending, STREAM_TIMEOUT_S), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
     return _wait(pending, wait_seconds, registry)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import redis
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -11,6 +10,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from api.deps import AppRegistry, AppServices
 from api.problems import PROBLEM_MEDIA_TYPE, TYPE_BASE, problem_responses
 from api.schemas import Health
+from radialog.presence import BrokerUnavailable
 
 router = APIRouter(tags=["health"])
 
@@ -32,12 +32,12 @@ def readyz(request: Request, registry: AppRegistry, services: AppServices) -> Re
     except SQLAlchemyError as exc:
         checks["registry"] = f"unavailable: {type(exc).__name__}"
     try:
-        services.redis.ping()
+        services.presence.ping()
         checks["broker"] = "ok"
         workers = services.ready_workers()
         checks["workers"] = f"{len(workers)} ready" if workers else "none ready"
-    except redis.RedisError as exc:
-        checks["broker"] = f"unavailable: {type(exc).__name__}"
+    except BrokerUnavailable as exc:
+        checks["broker"] = f"unavailable: {exc}"
         checks["workers"] = "unknown"
     if checks["registry"] == "ok" and checks["broker"] == "ok" and workers:
         return JSONResponse(Health(status="ok", checks=checks, workers=workers).model_dump(mode="json"))

@@ -187,4 +187,4 @@ def image_render(
     if reads.due((who.name, study_id, chosen.id)):
         audit.record(session, who, "image.read", study_id, instance=chosen.id)
     session.commit()
-    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})  # patient data

@@ -77,7 +77,7 @@ def image_preview(study_id: StudyId, session: DB, who: AnyUser, settings: AppSet
     png = preview_png(settings, instance)
     audit.record(session, who, "image.read", study_id, instance=instance.id)
     session.commit()
-    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})  # patient data
 
 
 _WRITE = problem_responses(401, 403, 404, 409, 422)
@@ -91,9 +91,9 @@ def create_report_version(
     still unverified version with a new SR queued for export."""
     current = require_report(session, get_study(session, study_id))
     if body.source_turn_id is not None:
-        turn = session.get(DialogTurn, body.source_turn_id)
-        if turn is None or turn.conversation.study_id != study_id:
-            raise Problem(404, "turn-not-found", f"no dialog turn {body.source_turn_id} for this study")
+        turn = session.get(DialogTurn, body.source_turn_id)  # only the caller's own answer can become a version
+        if turn is None or turn.conversation.study_id != study_id or turn.conversation.user != who.name:
+            raise Problem(404, "turn-not-found", f"no dialog turn {body.source_turn_id} of yours for this study")
     report = new_version(
         session, settings, current, kind=body.kind, findings_text=body.findings_text,
         impression_text=body.impression_text, author=who.name, approve=False, base_version=body.base_version,

@@ -12,7 +12,16 @@ from api import audit
 from api.deps import DB, AnyUser, AppRegistry, AppSettings, Operator
 from api.lookups import get_study
 from api.problems import Problem, problem_responses
-from api.schemas import EventOut, InstanceOut, RerunOut, StudyDetail, StudyId, StudyPage, StudySummary
+from api.schemas import (
+    NO_CONTROL_CHARACTERS,
+    EventOut,
+    InstanceOut,
+    RerunOut,
+    StudyDetail,
+    StudyId,
+    StudyPage,
+    StudySummary,
+)
 from radialog.logging import get_logger
 from radialog.registry import Report, Study, StudyState, transition
 
@@ -51,7 +60,7 @@ def list_studies(
     state: Annotated[list[StudyState] | None, Query(description="One or more states")] = None,
     date_from: Annotated[date | None, Query(description="Study date on or after (YYYY-MM-DD)")] = None,
     date_to: Annotated[date | None, Query(description="Study date on or before (YYYY-MM-DD)")] = None,
-    accession: Annotated[str | None, Query(max_length=64)] = None,
+    accession: Annotated[str | None, Query(max_length=64, pattern=NO_CONTROL_CHARACTERS)] = None,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> StudyPage:
