@@ -4,6 +4,7 @@
     python -m bench.gpu --tiny --json tiny.json  # tiny random checkpoint through the real loader, CPU
     python -m bench.gpu --profile                # also: where the time goes at the largest batch
     python -m bench.gpu --backend xraygpt        # the same for XrayGPT (bench/gpu_xraygpt.py)
+    python -m bench.gpu --backend radialog-v1    # the same for RaDialog v1 (bench/gpu_radialog_v1.py)
 
 One command prints a table and writes JSON with (1) the model build: seconds and model memory; (2) the
 naive path: one study at a time through ``backend.report`` (plain transformers generate); (3) the engine
@@ -70,8 +71,9 @@ def synthetic_images(n: int, seed: int = 0) -> list[np.ndarray]:
 
 def build_full_size(device: torch.device) -> RadialogV2Backend:
     """The 7B model's architecture with random weights, bf16 LLM + vision tower, fp16 classifier."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
+    from workers.models.llama_tokenizer import SlowLlamaEncoder, decoding_tokenizer
     from workers.models.radialog_v2.classifier import ChexpertClassifier
     from workers.models.radialog_v2.llava import RadialogLlava
     from workers.models.radialog_v2.loader import LoadedModel
@@ -92,9 +94,10 @@ def build_full_size(device: torch.device) -> RadialogV2Backend:
     classifier.to(torch.float16 if device.type == "cuda" else torch.float32)
     token_dir = Path(tempfile.mkdtemp(prefix="bench-tokenizer-"))
     write_tokenizer(token_dir)  # a Llama-style sentencepiece tokenizer (ids < 32000): only lengths matter here
-    tokenizer = AutoTokenizer.from_pretrained(str(token_dir), local_files_only=True)
-    loaded = LoadedModel(llava, classifier, tokenizer, None, device, dtype,
-                         torch.float16 if device.type == "cuda" else torch.float32, "random-full-size")
+    encoder = SlowLlamaEncoder.from_directory(token_dir)
+    loaded = LoadedModel(llava, classifier, decoding_tokenizer(token_dir, encoder), None, device, dtype,
+                         torch.float16 if device.type == "cuda" else torch.float32, "random-full-size",
+                         encoder=encoder)
     return RadialogV2Backend(loaded)
 
 
@@ -103,7 +106,13 @@ def build(tiny: bool, device: torch.device, backend_name: str = "radialog-v2") -
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    if backend_name == "xraygpt":
+    if backend_name == "radialog-v1":
+        from bench import gpu_radialog_v1
+
+        backend = gpu_radialog_v1.build_tiny(device) if tiny else gpu_radialog_v1.build_full_size(device)
+        label = ("tiny random RaDialog v1 (make_tiny + real loader)" if tiny
+                 else "full-size RaDialog v1 architecture, random weights")
+    elif backend_name == "xraygpt":
         from bench import gpu_xraygpt
 
         backend = gpu_xraygpt.build_tiny(device) if tiny else gpu_xraygpt.build_full_size(device)
@@ -120,7 +129,12 @@ def build(tiny: bool, device: torch.device, backend_name: str = "radialog-v2") -
         label = "full-size RaDialog v2 architecture, random weights"
     sync(device)
     seconds = time.perf_counter() - started
-    modules = [backend.model] if backend_name == "xraygpt" else [backend.llava, backend.classifier]
+    if backend_name == "xraygpt":
+        modules = [backend.model]
+    elif backend_name == "radialog-v1":
+        modules = [backend.model, backend.classifier]
+    else:
+        modules = [backend.llava, backend.classifier]
     params = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
     buffers = sum(b.numel() * b.element_size() for m in modules for b in m.buffers())
     figures: dict[str, Any] = {"build_s": seconds, "parameter_bytes": params + buffers}
@@ -243,6 +257,10 @@ def dialog_prompt() -> str:
 
 
 def dialog_prompt_for(backend: Any) -> str:
+    if backend.capabilities.backend == "radialog-v1":
+        from bench import gpu_radialog_v1
+
+        return gpu_radialog_v1.dialog_prompt()
     if backend.capabilities.backend == "xraygpt":
         from bench import gpu_xraygpt
 
@@ -320,7 +338,11 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
 def check_equality(backend: RadialogV2Backend, images: list[np.ndarray], new_tokens: int) -> dict[str, Any]:
     """Engine tokens (the prompts batched together, mixed lengths) against ``backend.generate`` one at a time."""
     device = backend.loaded.device
-    if backend.capabilities.backend == "xraygpt":
+    if backend.capabilities.backend == "radialog-v1":
+        from bench import gpu_radialog_v1
+
+        prompts = gpu_radialog_v1.equality_prompts()
+    elif backend.capabilities.backend == "xraygpt":
         from bench import gpu_xraygpt
 
         prompts = gpu_xraygpt.equality_prompts()
@@ -452,7 +474,7 @@ def print_results(r: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny random checkpoint through the real loader")
-    parser.add_argument("--backend", choices=["radialog-v2", "xraygpt"], default="radialog-v2")
+    parser.add_argument("--backend", choices=["radialog-v2", "radialog-v1", "xraygpt"], default="radialog-v2")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--batch-sizes", default=None, help="default 1,8,16,32,64 (tiny: 1,4,8)")
     parser.add_argument("--new-tokens", type=int, default=100)

@@ -33,7 +33,7 @@ NOTES: dict[str, str] = {
     "tls": 'DICOM TLS for the node, JSON: {"certfile", "keyfile", "ca_file", "require_client_cert"}; none = plain.',
     "broker_url": "Celery broker (Redis). Without Redis, `radialog run` uses an embedded broker.",
     "result_backend": "Celery result backend; none = the broker URL.",
-    "model_backend": "Model backend: radialog-v2 or xraygpt.",
+    "model_backend": "Model backend: radialog-v2, radialog-v1 or xraygpt.",
     "destinations": 'Where SRs go, JSON list: {"name", "kind": "dimse"|"stow", "ae_title", "host", "port", "url", "tls"}.',
     "export_max_attempts": "Tries per SR and destination before the export is DEAD.",
     "export_backoff_initial": "Seconds before the first export retry (doubles each time).",

@@ -6,9 +6,9 @@ exporter, API in one process) reports them and sends the SRs back into Orthanc. 
 studies go straight to the node and the SRs stay in our spool. The demo then prints each report, where
 its SR is in Orthanc, and the URL of the radiologist page.
 
-With no real model configured (RADIALOG_MODEL_DIR / RADIALOG_BASE_MODEL_DIR, or XrayGPT's three
-RADIALOG_XRAYGPT_* settings with ``--backend xraygpt``) it makes a tiny random model and says so loudly:
-its reports are random text, not a clinical model.
+With no real model configured (RADIALOG_MODEL_DIR / RADIALOG_BASE_MODEL_DIR, RaDialog v1's RADIALOG_V1_* settings
+with ``--backend radialog-v1``, or XrayGPT's three RADIALOG_XRAYGPT_* settings with ``--backend xraygpt``) it
+makes a tiny random model and says so loudly: its reports are random text, not a clinical model.
 """
 
 from __future__ import annotations
@@ -58,7 +58,14 @@ def _demo_broker(settings: Settings) -> str:
 
 def _model(settings: Settings, workdir: Path, backend: str) -> tuple[dict[str, str], bool]:
     """The worker's model settings (environment) and whether they are a tiny random model."""
-    if backend == "xraygpt":
+    if backend == "radialog-v1":
+        real = (settings.v1_dir, settings.v1_llm_dir, settings.v1_biovil_file)
+        if all(real):
+            return {"RADIALOG_MODEL_BACKEND": backend, "RADIALOG_V1_DIR": str(real[0]),
+                    "RADIALOG_V1_ADAPTER": settings.v1_adapter, "RADIALOG_V1_LLM_DIR": str(real[1]),
+                    "RADIALOG_V1_BIOVIL_FILE": str(real[2])}, False
+        names = "RADIALOG_V1_DIR, RADIALOG_V1_LLM_DIR, RADIALOG_V1_BIOVIL_FILE"
+    elif backend == "xraygpt":
         real = (settings.xraygpt_vision_dir, settings.xraygpt_llm_dir, settings.xraygpt_checkpoint)
         if all(real):
             return {"RADIALOG_MODEL_BACKEND": "xraygpt", "RADIALOG_XRAYGPT_VISION_DIR": str(real[0]),
@@ -88,6 +95,10 @@ def _model(settings: Settings, workdir: Path, backend: str) -> tuple[dict[str, s
 
 
 def _make_tiny(directory: Path, backend: str) -> dict[str, str]:
+    if backend == "radialog-v1":
+        from workers.models.radialog_v1.tiny import make_tiny as make_tiny_v1
+
+        return make_tiny_v1(directory).env()
     if backend == "xraygpt":
         from workers.models.xraygpt.tiny import make_tiny as make_tiny_xraygpt
 
@@ -164,7 +175,7 @@ def _reports(database_url: str, study_uid: str) -> list[str]:
 @click.option("--timeout", type=float, default=900, show_default=True, help="Seconds to wait for the reports.")
 @click.option("--serve/--no-serve", default=False, show_default=True,
               help="Keep everything running afterwards (for the radiologist page) until Ctrl-C.")
-@click.option("--backend", type=click.Choice(["radialog-v2", "xraygpt"]), default=None,
+@click.option("--backend", type=click.Choice(["radialog-v2", "radialog-v1", "xraygpt"]), default=None,
               help="Model backend (default: RADIALOG_MODEL_BACKEND).")
 def demo(workdir: Path | None, timeout: float, serve: bool, backend: str | None) -> None:
     """Send generated chest X-rays through the whole chain and print the reports."""

@@ -122,6 +122,19 @@ class Settings(BaseSettings):
         None, description="XrayGPT: the radiology-tuned Vicuna-7B directory (Vicuna_Radiology_fp16).",
     )
     xraygpt_checkpoint: Path | None = Field(None, description="XrayGPT: its checkpoint file (llama_proj).")
+    v1_dir: Path | None = Field(
+        None, description="RaDialog v1: its release files unpacked in the reference repository's layout "
+        "(checkpoint_4.pth, checkpoints/vicuna-7b-img-*, the findings classifier).",
+    )
+    v1_adapter: str = Field(
+        "checkpoints/vicuna-7b-img-instruct/checkpoint-4800",
+        description="RaDialog v1: the LoRA adapter directory, relative to RADIALOG_V1_DIR or absolute (default "
+        "RaDialog-INS; checkpoints/vicuna-7b-img-report/checkpoint-11200 is RaDialog-RG, reports only).",
+    )
+    v1_llm_dir: Path | None = Field(None, description="RaDialog v1: the lmsys/vicuna-7b-v1.3 directory.")
+    v1_biovil_file: Path | None = Field(
+        None, description="RaDialog v1: BioViL-T's image model file (biovil_t_image_model_proj_size_128.pt).",
+    )
 
     # -- export ----------------------------------------------------------------------------------
     destinations: list[Destination] = Field(default_factory=list)

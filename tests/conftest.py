@@ -62,20 +62,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def lively(tiny_model: tuple[Path, Path]):  # -> RadialogV2Backend (torch imported lazily)
-    """The tiny checkpoint with livened weights (tests/lively_model.py), for batched-vs-alone comparisons:
-    the plain one labels every image alike and never says EOS, so such comparisons could not fail on it."""
-    from tests.lively_model import liven
+def tiny_backend(tiny_model: tuple[Path, Path]):  # -> RadialogV2Backend (torch imported lazily)
+    """The tiny checkpoint loaded on CPU, once per module. make-tiny's model is lively (labels vary with the
+    image, answers end at different lengths), so batched-vs-alone comparisons on it can fail."""
     from workers.models.radialog_v2.backend import load_radialog_v2
 
-    model = load_radialog_v2(*tiny_model, device="cpu")
-    liven(model)
-    return model
+    return load_radialog_v2(*tiny_model, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def clear(lively) -> list[int]:  # type: ignore[no-untyped-def]
+def clear(tiny_backend) -> list[int]:  # type: ignore[no-untyped-def]
     """Seeds of ``tests.lively_model.image`` whose labels are clear of the threshold (at least 12)."""
     from tests.lively_model import clear_seeds
 
-    return clear_seeds(lively)
+    return clear_seeds(tiny_backend)

@@ -596,6 +596,34 @@ def test_model_capabilities_and_actions_a_model_was_not_trained_for(registry: Re
         assert s.scalars(select(DialogTurn)).all() == []
 
 
+def test_radialog_v1_capabilities_and_refused_actions(registry: Registry, api_settings: Settings,
+                                                     keys: dict[str, str], redis_db: redis.Redis) -> None:
+    """Issue 17: GET /model for RaDialog v1 lists the tasks RaDialog-INS was trained for with its limits and
+    2,048 positions; v2's impression and view question are refused (422, nothing queued)."""
+    v1 = api_settings.model_copy(update={"model_backend": "radialog-v1"})
+    study_id = add_reported_study(registry, v1)
+    url = f"/api/v1/studies/{study_id}/dialog"
+    h = auth(keys["rad"])
+    with TestClient(create_app(v1, registry)) as c:
+        model = c.get("/api/v1/model", headers=h).json()
+        assert model == {"backend": "radialog-v1", "model_name": "RaDialog v1", "findings_classifier": True,
+                         "tasks": {"free": {"prompt": None, "max_new_tokens": 300},
+                                   "correction": {"prompt": None, "max_new_tokens": 256},
+                                   "yes_no": {"prompt": None, "max_new_tokens": 10},
+                                   "list": {"prompt": "List all the findings in this report.", "max_new_tokens": 30},
+                                   "easy_language": {"prompt": "Translate this report to easy language for a patient "
+                                                               "to understand.", "max_new_tokens": 300},
+                                   "summary": {"prompt": "Please summarize the given report in maximum two "
+                                                         "sentences.", "max_new_tokens": 300}},
+                         "context_tokens": 2048, "image_tokens": 32}
+        for action in ({"action": "impression"}, {"action": "view"}):
+            body = assert_problem(c.post(url + "/actions", json=action, headers=h), 422, "task-not-supported")
+            assert "RaDialog v1 was not trained for" in body["detail"]
+        assert c.get(url, headers=h).json()["max_context_tokens"] == 2048
+    with registry.session() as s:
+        assert s.scalars(select(DialogTurn)).all() == []
+
+
 # -- who is signed in; what changed between versions (issue 13) -------------------------------------------
 
 def test_me_names_the_keys_user_and_role(client: TestClient, keys: dict[str, str]) -> None:

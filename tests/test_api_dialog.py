@@ -95,7 +95,7 @@ def test_dialog_streams_in_order_answers_and_feeds_a_correction(chain) -> None: 
                          json={"action": "yes_no", "finding": "Pneumothorax", "wait_seconds": 0})
     assert accepted.status_code in (200, 202), accepted.text
     polled = accepted.json()
-    assert polled["question"] == "Is there any pneumothorax?"
+    assert polled["question"] == "Is there any Pneumothorax?"  # the CheXpert label as written, as trained
     deadline = time.monotonic() + 120
     while polled["state"] not in ("DONE", "FAILED") and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -78,3 +78,19 @@ def test_xraygpt_backend_runs_the_same_benchmark(tmp_path: Path) -> None:
     assert r["engine"][0]["pools"]["dialog"]["max_len"] == 2048  # never more than Vicuna-7B v1's positions
     equality = r["equality"]
     assert len(set(equality["prompt_tokens"])) == equality["prompts"] and equality["all_identical"] is True
+
+
+def test_radialog_v1_backend_runs_the_same_benchmark(tmp_path: Path) -> None:
+    """`--backend radialog-v1` (issue 17): same sections, forced token counts, engine == one at a time."""
+    out = tmp_path / "radialog-v1.json"
+    with (tmp_path / "stdout.txt").open("w") as stream, contextlib.redirect_stdout(stream):
+        gpu.main(["--tiny", "--backend", "radialog-v1", "--device", "cpu", "--batch-sizes", "2", "--new-tokens",
+                  str(NEW_TOKENS), "--naive", "1", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["backend"] == "radialog-v1" and "RaDialog v1" in r["model"]
+    assert r["naive"]["tokens"] == NEW_TOKENS
+    assert r["engine"][0]["tokens"] == r["engine"][0]["studies"] * NEW_TOKENS
+    assert r["dialog"]["tokens"] == NEW_TOKENS and r["dialog"]["reports_live"] == 2
+    assert r["engine"][0]["pools"]["dialog"]["max_len"] == 2048  # never more than Vicuna-7B v1.3's positions
+    equality = r["equality"]
+    assert len(set(equality["prompt_tokens"])) == equality["prompts"] and equality["all_identical"] is True

@@ -117,4 +117,26 @@ def test_classifier_grid_at_488_pixels() -> None:
     (findings,) = classifier.predict(x[:1])
     assert [f.label for f in findings][:2] == ["No Finding", "Enlarged Cardiomediastinum"]
     assert all(f.present == (f.probability > 0.5) for f in findings)
-    torch.testing.assert_close(torch.tensor([f.probability for f in findings]), torch.sigmoid(single[0]))
+    probabilities = torch.tensor([f.probability for f in findings])  # fp16 values, as the reference's
+    torch.testing.assert_close(probabilities, torch.sigmoid(single[0]), atol=5e-4, rtol=0)
+
+
+def test_classifier_thresholds_its_fp16_output_as_the_reference() -> None:
+    """The reference classifies in half precision: ``sigmoid(fp16 logits) > 0.5`` in fp16. Just above 0,
+    a logit's fp16 probability rounds to exactly 0.5 (absent) while float32 says 0.5001 (present)."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    classifier = ChexpertClassifier(resnet_width=8).eval()
+    logits = [0.0004, 0.0009, 0.00098, 0.001, 0.0011, 0.002, -0.0004, 0.0, 3.0, -3.0, 0.5, 0.25, 0.0005, 0.004]
+    with torch.no_grad():
+        classifier.fc2.weight.zero_()
+        classifier.fc2.bias.copy_(torch.tensor(logits))
+    (row,) = classifier.predict(torch.rand(1, 3, 488, 488))
+    # numpy's float16: logits rounded to fp16, the sigmoid computed in float32, its result rounded to fp16
+    half = np.asarray(logits, np.float32).astype(np.float16).astype(np.float32)
+    reference = (1 / (1 + np.exp(-half))).astype(np.float16)
+    assert [f.present for f in row] == [bool(p > 0.5) for p in reference]
+    assert [f.probability for f in row] == [float(p) for p in reference]
+    assert not row[0].present and row[0].probability == 0.5  # float32 would call it present
+    assert row[5].present

@@ -57,3 +57,39 @@ def test_make_tiny_then_check_xraygpt(tmp_path: Path, monkeypatch) -> None:
         assert "llama_proj.weight" in failed.output
     finally:
         get_settings.cache_clear()
+
+
+def test_make_tiny_then_check_radialog_v1(tmp_path: Path, monkeypatch) -> None:
+    """Issue 17: the RaDialog v1 set is written in its published formats and loaded as a worker loads it; the check
+    says that the projector is replayed (the released checkpoint lacks it) and the version the SR carries; a broken
+    adapter is named and the check fails."""
+    from radialog.settings import get_settings
+
+    runner = CliRunner()
+    made = runner.invoke(main, ["model", "make-tiny", "--backend", "radialog-v1", str(tmp_path / "tiny")])
+    assert made.exit_code == 0, made.output
+    assert "NOT CLINICAL" in made.output
+    env = dict(line.split("=", 1) for line in made.output.splitlines() if line.startswith("RADIALOG_"))
+    assert set(env) == {"RADIALOG_MODEL_BACKEND", "RADIALOG_V1_DIR", "RADIALOG_V1_LLM_DIR", "RADIALOG_V1_BIOVIL_FILE"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        checked = runner.invoke(main, ["model", "check", "--device", "cpu"])
+        assert checked.exit_code == 0, checked.output
+        for part in ("vision tower (BioViL-T, 1408)", "ln_vision + Q-Former", "img_proj", "language model (LoRA merged)",
+                     "findings classifier", "projector: REPLAYED - checkpoint_4.pth holds no BioViL-T projector",
+                     "algorithm version (SR) 1.0+projector-replay-seed42", "files sha256", "checkpoint_4.pth",
+                     "adapter_model.bin", "TINY RANDOM MODEL"):
+            assert part in checked.output, part
+        import torch
+
+        adapter = Path(env["RADIALOG_V1_DIR"]) / "checkpoints/vicuna-7b-img-instruct/checkpoint-4800/adapter_model.bin"
+        state = torch.load(adapter, weights_only=True)
+        state.pop("base_model.model.model.img_proj_layer.bias")
+        torch.save(state, adapter)
+        failed = runner.invoke(main, ["model", "check", "--device", "cpu"])
+        assert failed.exit_code == 1
+        assert "img_proj_layer.bias" in failed.output
+    finally:
+        get_settings.cache_clear()

@@ -1,9 +1,9 @@
 """Generation on the tiny model through the real loader: determinism, batching, streaming, context, tokens.
 
-Batched-vs-alone comparisons run on the livened tiny model (:mod:`tests.lively_model`): on the plain
-checkpoint every image gets the same labels and the LLM repeats one token without EOS, so a padding or
-KV-cache mix-up would still give "equal" tokens. Those tests also assert that their prompts differ in
-length and their answers end at different lengths, so they say when they have become degenerate.
+Batched-vs-alone comparisons need a lively model (make-tiny's is: labels vary with the image, answers end
+at different lengths); on a flat one a padding or KV-cache mix-up would still give "equal" tokens. Those
+tests also assert that their prompts differ in length and their answers end at different lengths, so they
+say when they have become degenerate.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from workers.models.radialog_v2.llava import IMAGE_TOKEN_INDEX, NUM_IMAGE_TOKENS
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_model: tuple[Path, Path]) -> RadialogV2Backend:
-    """The published tiny checkpoint, as loaded."""
-    return load_radialog_v2(*tiny_model, device="cpu")
+def backend(tiny_backend: RadialogV2Backend) -> RadialogV2Backend:
+    """The tiny checkpoint, as loaded."""
+    return tiny_backend
 
 
 
@@ -69,7 +69,7 @@ def test_report_is_deterministic_and_complete(backend: RadialogV2Backend, tiny_m
         assert set(out.timings) >= {"classifier", "generate"}
 
 
-def test_batched_generation_equals_one_by_one(lively: RadialogV2Backend, clear: list[int]) -> None:
+def test_batched_generation_equals_one_by_one(backend: RadialogV2Backend, clear: list[int]) -> None:
     """Left-padded batch with mixed prompt lengths gives exactly the one-at-a-time greedy tokens."""
     history = [Turn(report_prompt("cardiomegaly"), "The heart is enlarged. The lungs are clear.")]
     prompts = [
@@ -79,28 +79,28 @@ def test_batched_generation_equals_one_by_one(lively: RadialogV2Backend, clear: 
         f"{SYSTEM} USER: {VIEW_PROMPT} ASSISTANT:",
     ]
     images = [lively_image(s) for s in clear[:4]]
-    batched = lively.generate(prompts, images, 24)
-    single = [lively.generate([p], [im], 24)[0] for p, im in zip(prompts, images)]
+    batched = backend.generate(prompts, images, 24)
+    single = [backend.generate([p], [im], 24)[0] for p, im in zip(prompts, images)]
     assert batched == single
     # not degenerate: every prompt is padded differently, some answers end (EOS) while others go on
-    assert len({len(lively.prompt_ids(p)) for p in prompts}) == 4
+    assert len({len(backend.prompt_ids(p)) for p in prompts}) == 4
     assert len({len(t) for t in single}) >= 3 and min(len(t) for t in single) < 24, single
     assert len({t[0] for t in single}) >= 2, single
 
 
-def test_report_does_not_depend_on_batch_companions(lively: RadialogV2Backend, clear: list[int]) -> None:
+def test_report_does_not_depend_on_batch_companions(backend: RadialogV2Backend, clear: list[int]) -> None:
     """A study's report is its report alone, beside a study with a longer prompt (it is left-padded) and
     beside one with a shorter prompt (it pads the other), the companions' answers ending elsewhere."""
-    alone = {s: lively.report([StudyInput(str(s), lively_image(s))], max_new_tokens=40)[0] for s in clear}
-    length = {s: lively.count_tokens(lively.report_prompts([out.findings])[1][0]) for s, out in alone.items()}
+    alone = {s: backend.report([StudyInput(str(s), lively_image(s))], max_new_tokens=40)[0] for s in clear}
+    length = {s: backend.count_tokens(backend.report_prompts([out.findings])[1][0]) for s, out in alone.items()}
     by_length = sorted(clear, key=length.__getitem__)
     a = by_length[len(by_length) // 2]
     others = [s for s in by_length if alone[s].generated_tokens != alone[a].generated_tokens]
     longest, shortest = others[-1], others[0]
     assert length[shortest] < length[a] < length[longest], (length, a, shortest, longest)
     a_, b_, c_ = (StudyInput(str(s), lively_image(s)) for s in (a, longest, shortest))
-    with_b = lively.report([a_, b_], max_new_tokens=40)[0]
-    with_c = lively.report([c_, a_], max_new_tokens=40)[1]
+    with_b = backend.report([a_, b_], max_new_tokens=40)[0]
+    with_c = backend.report([c_, a_], max_new_tokens=40)[1]
     for got in (with_b, with_c):
         assert got.findings_text == alone[a].findings_text
         assert [(f.label, f.present) for f in got.findings] == [(f.label, f.present) for f in alone[a].findings]
@@ -151,16 +151,16 @@ def test_report_uses_the_reference_conversation_prompt(backend: RadialogV2Backen
     assert forced.generated_tokens == 30
 
 
-def test_static_cache_option_gives_the_same_tokens(lively: RadialogV2Backend, clear: list[int]) -> None:
+def test_static_cache_option_gives_the_same_tokens(backend: RadialogV2Backend, clear: list[int]) -> None:
     prompts = [f"{SYSTEM} USER: {report_prompt(p)} ASSISTANT:" for p in ("edema", "no common findings")]
     images = [lively_image(s) for s in clear[4:6]]
-    dynamic = lively.generate(prompts, images, 12)
+    dynamic = backend.generate(prompts, images, 12)
     assert dynamic[0] != dynamic[1]
-    lively.generate_options = {"cache_implementation": "static"}
+    backend.generate_options = {"cache_implementation": "static"}
     try:
-        assert lively.generate(prompts, images, 12) == dynamic
+        assert backend.generate(prompts, images, 12) == dynamic
     finally:
-        lively.generate_options = {}
+        backend.generate_options = {}
 
 
 def test_tiny_model_answers_are_capped(backend: RadialogV2Backend) -> None:
@@ -168,3 +168,33 @@ def test_tiny_model_answers_are_capped(backend: RadialogV2Backend) -> None:
 
     (out,) = backend.report([StudyInput("a", image(13))])
     assert 0 < out.generated_tokens <= TINY_MAX_NEW_TOKENS
+
+
+def test_tiny_model_is_lively(backend: RadialogV2Backend, clear: list[int], tiny_model) -> None:
+    """make-tiny's model can catch slips: labels vary with the image; answers are varied tokens that end
+    (</s>) at different lengths, are never empty, and hold no <unk>, <s>, byte-fallback piece or control
+    character (the demo prints them)."""
+    import re
+
+    from workers.models.radialog_v2.backend import TINY_MAX_NEW_TOKENS
+    from workers.models.tiny_llama import silent_token_ids
+
+    images = [lively_image(s) for s in clear]
+    phrases, prompts = backend.report_prompts(backend.classify(images))
+    assert len(set(phrases)) >= len(clear) // 2, phrases
+    follow_ups = [
+        f"{prompt} The heart is normal.</s>USER: {question} ASSISTANT:"
+        for prompt, question in zip(prompts, [LIST_FINDINGS, IMPRESSION, yes_no_prompt("Edema"), " Why?"] * 9)
+    ]
+    answers = backend.generate(prompts + follow_ups, images + images, TINY_MAX_NEW_TOKENS)
+    lengths = [len(a) for a in answers]
+    assert min(lengths) >= 1 and max(lengths) == TINY_MAX_NEW_TOKENS, lengths
+    assert sum(n < TINY_MAX_NEW_TOKENS for n in lengths) >= len(answers) // 4, lengths
+    assert len(set(lengths)) >= 6, lengths
+    assert all(len(set(a)) >= len(a) // 3 for a in answers), answers  # no single token repeated throughout
+    assert len({a[0] for a in answers}) >= 4
+    silent = set(silent_token_ids(tiny_model[1] / "tokenizer.model"))
+    assert not silent & {t for a in answers for t in a}
+    for answer in answers:
+        text = backend.decode(answer)
+        assert text and not re.search(r"[\x00-\x1f\x7f\ufffd]", text), text

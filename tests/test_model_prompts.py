@@ -29,11 +29,33 @@ def test_fixed_task_prompts() -> None:
     assert prompts.LIST_FINDINGS == "List all the findings in this report."
     assert prompts.IMPRESSION == "Write the impression section corresponding to this radiology report."
     assert prompts.VIEW_PROMPT == "<image> From what view was this image taken?"
-    assert prompts.yes_no_prompt("Pleural Effusion") == "Is there any pleural effusion?"
     assert set(prompts.TASK_MAX_NEW_TOKENS) == {
         "report", "correction", "yes_no", "list", "impression", "easy_language", "summary", "view", "free"
     }
     assert prompts.MAX_CONTEXT_TOKENS == 4000
+
+
+def test_yes_no_question_names_the_chexpert_label_as_written() -> None:
+    """The reference's training template and evaluation ask "Is there any Pleural Effusion?" (the label
+    as written; lower case gives other token ids)."""
+    assert prompts.yes_no_prompt("Pleural Effusion") == "Is there any Pleural Effusion?"
+    assert prompts.yes_no_prompt("pleural effusion") == "Is there any Pleural Effusion?"
+    assert prompts.yes_no_prompt("Enlarged Cardiomediastinum") == "Is there any Enlarged Cardiomediastinum?"
+    with pytest.raises(ValueError):
+        prompts.yes_no_prompt("pleural effusions")
+
+
+#: The reference's generation limits: v2's evaluation (test.py) uses max_new_tokens=300 for every task it
+#: evaluates; its demo uses 600 for whatever is asked in the chat.
+REFERENCE_MAX_NEW_TOKENS = {
+    "report": 300, "correction": 300, "yes_no": 300, "list": 300, "impression": 300, "view": 300,
+    "easy_language": 600, "summary": 600, "free": 600,
+}
+
+
+def test_answer_limits_are_the_reference_values() -> None:
+    """A lower cap cuts answers mid-sentence (the reference's view answers are sentences, not a word)."""
+    assert prompts.TASK_MAX_NEW_TOKENS == REFERENCE_MAX_NEW_TOKENS
 
 
 @pytest.mark.parametrize(
@@ -63,6 +85,19 @@ def test_correction_prompts_follow_the_three_reference_forms() -> None:
     )
     with pytest.raises(ValueError):
         prompts.correction_prompt([], ["No Finding"])
+
+
+def test_correction_findings_are_in_chexpert_order() -> None:
+    """The reference lists false negatives / positives from the label vector, i.e. in CheXpert order."""
+    assert prompts.correction_prompt(["Fracture", "Edema", "Pneumonia"], ["Support Devices", "Cardiomegaly"]) == (
+        "Please adapt the report with the following corrections: Include edema, pneumonia and fracture and "
+        "remove cardiomegaly and support devices. Don't make other changes."
+    )
+    assert prompts.correction_prompt([], ["Pleural Effusion", "Lung Opacity", "pleural effusion"]) == (
+        "The patient does not have lung opacity and pleural effusion. Update the report. Don't make other changes."
+    )
+    with pytest.raises(ValueError):
+        prompts.correction_prompt(["Heart failure"], [])
 
 
 def test_conversation_is_vicuna_v1_1() -> None:

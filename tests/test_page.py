@@ -81,7 +81,7 @@ def test_open_ask_stream_approve_in_chromium(served) -> None:  # type: ignore[no
         wait_image(page, study_id)  # the viewer's full frame
         assert page.evaluate("sessionStorage.getItem('radialog.apiKey')") == keys["rad"]
 
-        # a yes/no quick action (at most 10 new tokens: quick on a busy CPU); free questions use the same
+        # a yes/no quick action (the tiny model answers in at most 32 tokens); free questions use the same
         # streaming code and are covered through the API in test_api_dialog.py
         page.select_option("#finding-select", "Cardiomegaly")
         page.click("#ask-yes-no")
@@ -91,7 +91,7 @@ def test_open_ask_stream_approve_in_chromium(served) -> None:  # type: ignore[no
             turn = s.scalars(select(DialogTurn).order_by(DialogTurn.id.desc())).first()
         assert turn is not None and turn.state == "DONE" and turn.task == "yes_no"
         expect(answer).to_have_text(turn.answer)
-        expect(page.locator("#chat .msg.q").last).to_have_text("Is there any cardiomegaly?")
+        expect(page.locator("#chat .msg.q").last).to_have_text("Is there any Cardiomegaly?")  # the label as asked
         page.fill("#chat-input", "Is the heart enlarged?")  # typed, ready to send, in the screenshot
         page.screenshot(path=str(ARTIFACTS / "page.png"), full_page=True)
 

@@ -286,8 +286,10 @@ def test_ten_studies_are_batched_and_match_one_by_one(harness: Harness) -> None:
             (alone,) = backend.report([StudyInput(key="alone", image=image)])
             assert report.findings_text == clean_output(alone).findings_text  # as stored at the model boundary
             assert [f["present"] for f in report.findings] == [f.present for f in alone.findings]
+            # the tiny classifier's head amplifies its features' small differences (so labels vary with the
+            # image): batch size moves its logits by ~1e-3 on CPU; probabilities are fp16 values (steps of 5e-4)
             assert [f["probability"] for f in report.findings] == pytest.approx(
-                [f.probability for f in alone.findings], abs=1e-4)
+                [f.probability for f in alone.findings], abs=1e-3)
 
 
 @pytest.mark.slow

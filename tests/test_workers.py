@@ -644,3 +644,26 @@ def test_sending_a_job_while_the_broker_is_down_fails_with_the_brokers_error(set
         send_report_task(down, 1, "t-broker-down")
     with pytest.raises(BrokerDown):
         send_export_tasks(down, [1])
+
+
+def test_dialog_history_of_a_radialog_v1_conversation_opens_with_its_report_prompt(sqlite_registry, settings) -> None:
+    """Issue 17: the seed turn is v1's report prompt (32 <IMG> and the seed's findings), not v2's <image> one."""
+    from api.testing import add_reported_study
+    from radialog.registry import Conversation, DialogTurn, utcnow
+    from workers.dialog import build_history
+    from workers.models.capabilities import RADIALOG_V1
+    from workers.models.radialog_v1.prompts import report_prompt
+
+    study_id = add_reported_study(sqlite_registry, settings, findings_text="Small left effusion.",
+                                  present=("No Finding", "Pleural Effusion"))
+    with sqlite_registry.session() as session:
+        conversation = Conversation(study_id=study_id, user="rad", created_at=utcnow())
+        session.add(conversation)
+        session.flush()
+        turn = DialogTurn(conversation_id=conversation.id, task="yes_no", question="Is there any Edema?",
+                          state="QUEUED", created_at=utcnow())
+        session.add(turn)
+        session.flush()
+        history = build_history(session, turn, RADIALOG_V1)
+    assert [(t.question, t.answer) for t in history] == [(report_prompt("pleural effusion"), "Small left effusion.")]
+    assert history[0].question.count("<IMG>") == 32 and "<image>" not in history[0].question

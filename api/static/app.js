@@ -484,7 +484,7 @@ for (const button of document.querySelectorAll("[data-action]")) {
 }
 $("ask-yes-no").addEventListener("click", () => {
   const finding = $("finding-select").value;
-  if (finding) ask("actions", { action: "yes_no", finding }, `Is there any ${finding.toLowerCase()}?`, "yes_no");
+  if (finding) ask("actions", { action: "yes_no", finding }, `Is there any ${finding}?`, "yes_no");  // as asked
 });
 $("add-finding").addEventListener("click", () => {
   const finding = $("finding-select").value;

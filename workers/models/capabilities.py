@@ -1,6 +1,6 @@
 """What each model backend can do, declared (torch-free: the API reads it to adapt routes and the page).
 
-A backend declares whether it has a findings classifier (RaDialog: 14 CheXpert labels coded in the SR;
+A backend declares whether it has a findings classifier (RaDialog v2 and v1: 14 CheXpert labels coded in the SR;
 XrayGPT: none, its SR carries the text only), the dialog tasks it was trained for with the exact phrasing
 it was trained on, per-task new-token limits, its context window and how many positions the image takes.
 Quick actions a model was not trained for are hidden and refused; free questions are always offered.
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.models import prompts as v2
+from workers.models.radialog_v1 import prompts as v1
 from workers.models.xraygpt import prompts as xraygpt
 
 #: Dialog tasks whose question is built per request (free text, correction and yes/no from findings).
@@ -59,6 +60,20 @@ RADIALOG_V2 = Capabilities(
     system_text=v2.SYSTEM, first_turn_tasks=frozenset({"view"}), report_question=_v2_report_question,
 )
 
+def _v1_report_question(labels: Sequence[str]) -> str:
+    return v1.report_prompt(v1.findings_phrase(tuple(labels)))
+
+
+#: RaDialog-INS's tasks (the default adapter; RaDialog-RG was trained for reports only). No impression and no
+#: view question: v1 was not trained for them. The 32 <IMG> placeholders are in the report question's text.
+RADIALOG_V1 = Capabilities(
+    backend="radialog-v1", model_name="RaDialog v1", findings_classifier=True,
+    tasks={"free": PER_REQUEST, "correction": PER_REQUEST, "yes_no": PER_REQUEST, "list": v1.LIST_FINDINGS,
+           "easy_language": v1.EASY_LANGUAGE, "summary": v1.SUMMARY},
+    task_max_new_tokens=v1.TASK_MAX_NEW_TOKENS, context_tokens=v1.MAX_CONTEXT_TOKENS, image_tokens=v1.IMAGE_TOKENS,
+    system_text=v1.SYSTEM, report_question=_v1_report_question,
+)
+
 XRAYGPT = Capabilities(
     backend="xraygpt", model_name="XrayGPT", findings_classifier=False,
     tasks={"free": PER_REQUEST, **xraygpt.TASK_PROMPTS},
@@ -67,7 +82,7 @@ XRAYGPT = Capabilities(
     report_question=lambda labels: xraygpt.REPORT_QUESTION,
 )
 
-CAPABILITIES: dict[str, Capabilities] = {c.backend: c for c in (RADIALOG_V2, XRAYGPT)}
+CAPABILITIES: dict[str, Capabilities] = {c.backend: c for c in (RADIALOG_V2, RADIALOG_V1, XRAYGPT)}
 
 
 class UnknownBackend(ValueError):

@@ -44,19 +44,23 @@ SUMMARY = "Summarize this radiology report in one or two sentences."
 #: Asked as the FIRST turn instead of the report prompt, hence it carries the image.
 VIEW_PROMPT = "<image> From what view was this image taken?"
 
-#: Per-task generation limits (v1's evaluation limits; v2's demo allows 600 for free questions).
+#: New tokens per answer, per task: the reference's own values. Its v2 evaluation (test.py) generates up
+#: to 300 new tokens for every task it evaluates (report, correction, yes/no, list, impression, view);
+#: its demo allows 600 for everything else asked in a chat (easy language, summary, free questions).
+#: An answer that reaches the limit is cut mid-sentence, so a lower cap is never a silent default.
 TASK_MAX_NEW_TOKENS: dict[str, int] = {
     "report": 300,
     "correction": 300,
-    "yes_no": 10,
-    "list": 60,
-    "impression": 150,
-    "easy_language": 300,
-    "summary": 150,
-    "view": 10,
+    "yes_no": 300,
+    "list": 300,
+    "impression": 300,
+    "view": 300,
+    "easy_language": 600,
+    "summary": 600,
     "free": 600,
 }
-#: The reference demo refuses conversations longer than this (prompt + generated tokens).
+#: The reference demo refuses conversations longer than this (it counts prompt and answers). Dropping the
+#: oldest follow-up turns to fit (workers.models.conversation.fit_history) is our rule, not the reference's.
 MAX_CONTEXT_TOKENS = 4000
 
 
@@ -90,13 +94,28 @@ def _join_and(items: Sequence[str]) -> str:
     return " and ".join(", ".join(items).rsplit(", ", 1)).lower()
 
 
-def correction_prompt(missing: Sequence[str], wrong: Sequence[str]) -> str:
+def chexpert_label(finding: str) -> str:
+    """The CheXpert label as written ("Pleural Effusion") for any capitalisation of it; ValueError otherwise."""
+    for label in CHEXPERT_LABELS:
+        if label.lower() == finding.strip().lower():
+            return label
+    raise ValueError(f"{finding!r} is not a CheXpert finding")
+
+
+def _in_chexpert_order(findings: Iterable[str]) -> list[str]:
+    """Known labels, each once, in CheXpert order (the reference builds its lists from the label vector)."""
+    present = {chexpert_label(f) for f in findings}
+    return [label for label in CHEXPERT_LABELS if label in present and label != "No Finding"]
+
+
+def correction_prompt(missing: Iterable[str], wrong: Iterable[str]) -> str:
     """Correction instruction: ``missing`` findings to include, ``wrong`` ones to remove.
 
-    Raises ValueError when both are empty (nothing to correct).
+    Findings are CheXpert labels in any capitalisation; they are put in CheXpert order and lower-cased,
+    as in the reference (which lists false negatives / positives from the label vector). "No Finding" is
+    ignored. Raises ValueError when nothing is left to correct or a finding is not a CheXpert label.
     """
-    missing = [m for m in missing if m != "No Finding"]
-    wrong = [w for w in wrong if w != "No Finding"]
+    missing, wrong = _in_chexpert_order(missing), _in_chexpert_order(wrong)
     if missing and wrong:
         return (
             f"Please adapt the report with the following corrections: Include {_join_and(missing)} and "
@@ -110,5 +129,6 @@ def correction_prompt(missing: Sequence[str], wrong: Sequence[str]) -> str:
 
 
 def yes_no_prompt(finding: str) -> str:
-    """Yes/no question about one finding, asked after the report."""
-    return f"Is there any {finding.lower()}?"
+    """Yes/no question about one finding, asked after the report, with the CheXpert label as written:
+    "Is there any Pleural Effusion?" (the reference's training template and evaluation both do so)."""
+    return f"Is there any {chexpert_label(finding)}?"

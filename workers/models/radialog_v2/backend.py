@@ -19,6 +19,7 @@ from workers.models.base import (
 )
 from workers.models.capabilities import RADIALOG_V2
 from workers.models.conversation import conversation_prompt, fit_history
+from workers.models.llama_tokenizer import image_prompt_ids
 from workers.models.prompts import (
     IMAGE_PLACEHOLDER,
     MAX_CONTEXT_TOKENS,
@@ -45,7 +46,10 @@ class RadialogV2Backend(ModelBackend):
         self.loaded = loaded
         self.llava = loaded.llava
         self.classifier = loaded.classifier
-        self.tokenizer = loaded.tokenizer
+        self.tokenizer = loaded.tokenizer  # decodes; prompts are encoded by ``encoder`` (reference ids)
+        if loaded.encoder is None:
+            raise ValueError("LoadedModel.encoder is required (SlowLlamaEncoder.from_directory(tokenizer dir))")
+        self.encoder = loaded.encoder
         #: Extra transformers generate options (e.g. {"cache_implementation": "static"}); empty = dynamic cache.
         self.generate_options: dict[str, object] = {}
         self.eos_id = int(self.tokenizer.eos_token_id)
@@ -62,16 +66,8 @@ class RadialogV2Backend(ModelBackend):
 
     # -- text ------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str) -> list[int]:
-        """LLaVA's tokenizer_image_token: chunks around <image> tokenised separately, one <s> at the start."""
-        chunks = [self.tokenizer(chunk).input_ids for chunk in prompt.split(IMAGE_PLACEHOLDER)]
-        bos = self.tokenizer.bos_token_id
-        offset = 1 if chunks and chunks[0] and chunks[0][0] == bos else 0
-        ids: list[int] = [bos] if offset else []
-        for i, chunk in enumerate(chunks):
-            if i:
-                ids.append(IMAGE_TOKEN_INDEX)
-            ids.extend(chunk[offset:])
-        return ids
+        """The reference's ids: LLaVA's tokenizer_image_token over the slow sentencepiece tokenizer's ids."""
+        return image_prompt_ids(prompt, self.encoder, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX)
 
     def count_tokens(self, prompt: str) -> int:
         """Model positions a prompt takes (the placeholder becomes 196 image embeddings)."""

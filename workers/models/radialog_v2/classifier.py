@@ -1,7 +1,7 @@
 """RaDialog's CheXpert findings classifier: its own BioViL-T (eval mode) + a two-layer head.
 
 Projected patch embeddings [B,128,16,16] at 488 px -> avg_pool2d(4) -> 2048 -> fc1 512 -> ReLU -> fc2 14;
-sigmoid > 0.5 marks a label present. Weights come from the published Lightning checkpoint
+sigmoid > 0.5 (on fp16, as the reference) marks a label present. Weights come from the published Lightning checkpoint
 (``state_dict`` keys ``model.biovil_encoder.*``, ``model.fc1.*``, ``model.fc2.*``).
 """
 
@@ -38,8 +38,15 @@ class ChexpertClassifier(nn.Module):
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, threshold: float = 0.5) -> list[list[ClassifierFinding]]:
-        """Per image, all 14 labels with probability and presence (sigmoid > threshold)."""
-        probs = torch.sigmoid(self(images).float()).cpu()
+        """Per image, all 14 labels with probability and presence, decided as the reference does.
+
+        The reference runs the classifier in half precision and thresholds ``sigmoid(logits) > 0.5`` on
+        the fp16 result. fp16 has no value between 0.5 and 0.5 + 2**-11, so a logit in (0, ~0.001) is
+        "absent" there although its float32 probability is above 0.5: the logits are rounded to fp16 and
+        the sigmoid's result too (computed in float32, as CUDA's half sigmoid does) on every device.
+        """
+        logits16 = self(images).to(torch.float16)
+        probs = torch.sigmoid(logits16.float()).to(torch.float16).cpu()
         return [
             [ClassifierFinding(label, float(p), bool(p > threshold)) for label, p in zip(CHEXPERT_LABELS, row.tolist())]
             for row in probs

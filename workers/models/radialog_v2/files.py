@@ -67,10 +67,10 @@ def locate(model_dir: Path | None, base_dir: Path | None) -> ModelFiles:
     classifier = need(model_dir / CLASSIFIER_RELPATH)
     base_config = need(base_dir / "config.json")
     weights = _base_weights(base_dir, missing)
-    tokenizer = [p for p in (base_dir / "tokenizer.model", base_dir / "tokenizer.json") if p.is_file()]
-    if not tokenizer:
-        missing.append(f"{base_dir / 'tokenizer.model'} or {base_dir / 'tokenizer.json'}")
-    tokenizer += [p for p in (base_dir / "tokenizer_config.json", base_dir / "special_tokens_map.json") if p.is_file()]
+    # tokenizer.model is required: prompt ids come from it as in the reference (tokenizer.json cannot
+    # reproduce the slow tokenizer's ids); tokenizer_config.json says legacy / add_bos_token.
+    tokenizer = [need(base_dir / "tokenizer.model"), need(base_dir / "tokenizer_config.json")]
+    tokenizer += [p for p in (base_dir / "tokenizer.json", base_dir / "special_tokens_map.json") if p.is_file()]
     if missing:
         raise ModelFileError("missing model files: " + ", ".join(missing))
     return ModelFiles(

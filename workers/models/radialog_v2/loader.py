@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from workers.models.llama_tokenizer import SlowLlamaEncoder, TokenizerFileError, decoding_tokenizer
 from workers.models.radialog_v2.checkpoint_io import ModelFileError, torch_load_checked
 from workers.models.radialog_v2.classifier import ChexpertClassifier, load_classifier
 from workers.models.radialog_v2.files import ModelFiles, files_sha256, locate
@@ -45,6 +46,8 @@ class LoadedModel:
     sha256: str
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    #: Prompt text -> ids as the reference's slow tokenizer makes them (``tokenizer`` is used to decode).
+    encoder: SlowLlamaEncoder | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -180,20 +183,27 @@ def apply_lora(language_model: Any, files: ModelFiles) -> tuple[Any, list[str]]:
     return merged.eval(), [f"LoRA r={config.r} alpha={config.lora_alpha}: {len(state) // 2} layers merged"]
 
 
-def load_tokenizer(files: ModelFiles) -> Any:
-    from transformers import AutoTokenizer
+def load_tokenizer(files: ModelFiles) -> tuple[Any, SlowLlamaEncoder]:
+    """The decoding tokenizer (transformers) and the encoder that gives the reference's prompt ids.
 
+    The encoder reads tokenizer.model and tokenizer_config.json (``legacy``, ``add_bos_token``, the special
+    tokens) and refuses a configuration whose ids it could not reproduce.
+    """
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(files.base_dir), local_files_only=True)
+        encoder = SlowLlamaEncoder.from_directory(files.base_dir)
+    except TokenizerFileError as error:
+        raise ModelFileError(f"tokenizer in {files.base_dir}: {error}") from error
+    try:
+        tokenizer = decoding_tokenizer(files.base_dir, encoder)
     except Exception as error:
         raise ModelFileError(f"cannot load the tokenizer from {files.base_dir}: {error}") from error
-    if tokenizer.bos_token_id != 1 or tokenizer.eos_token_id != 2:
+    if (tokenizer.bos_token_id, tokenizer.eos_token_id) != (1, 2) or (encoder.bos_id, encoder.eos_id) != (1, 2):
         raise ModelFileError(
             f"tokenizer in {files.base_dir} is not Llama's (bos {tokenizer.bos_token_id}, eos {tokenizer.eos_token_id})"
         )
-    if tokenizer("x").input_ids[:1] != [tokenizer.bos_token_id]:
+    if not encoder.add_bos_token:
         raise ModelFileError(f"tokenizer in {files.base_dir} does not add <s> (set add_bos_token in tokenizer_config.json)")
-    return tokenizer
+    return tokenizer, encoder
 
 
 def load_radialog(model_dir: Path | None, base_dir: Path | None, device_name: str = "auto") -> LoadedModel:
@@ -237,7 +247,7 @@ def load_radialog(model_dir: Path | None, base_dir: Path | None, device_name: st
 
     t = time.perf_counter()
     classifier = load_classifier(files.classifier, device, classifier_dtype)
-    tokenizer = load_tokenizer(files)
+    tokenizer, encoder = load_tokenizer(files)
     seconds["classifier_tokenizer"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -245,4 +255,5 @@ def load_radialog(model_dir: Path | None, base_dir: Path | None, device_name: st
     seconds["sha256"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
     log.info("model loaded", extra={"device": str(device), "dtype": str(dtype), "tiny": files.tiny, "seconds": seconds})
-    return LoadedModel(llava, classifier, tokenizer, files, device, dtype, classifier_dtype, sha, notes, seconds)
+    notes.append(f"tokenizer: sentencepiece, legacy={str(encoder.legacy).lower()} (as tokenizer_config.json says)")
+    return LoadedModel(llava, classifier, tokenizer, files, device, dtype, classifier_dtype, sha, notes, seconds, encoder)
