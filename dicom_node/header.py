@@ -9,6 +9,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from radialog.routing import age_in_years, is_stat
 from radialog.uids import is_valid_uid
 
 
@@ -76,8 +77,35 @@ def _view_code_meaning(ds: Dataset) -> str | None:
     return _text(item, "CodeMeaning") or _text(item, "CodeValue")
 
 
+def _request_attribute(ds: Dataset, keyword: str) -> str | None:
+    """An order attribute at the top level, else in the first Request Attributes Sequence item that has it."""
+    value = _text(ds, keyword)
+    if value:
+        return value
+    for item in ds.get("RequestAttributesSequence") or []:
+        value = _text(item, keyword)
+        if value:
+            return value
+    return None
+
+
+def routing_attributes(ds: Dataset) -> dict[str, Any]:
+    """What the routing rules read (``radialog.routing``). The age is kept in years, never the birth date."""
+    requested_priority = _request_attribute(ds, "RequestedProcedurePriority")
+    reason = _request_attribute(ds, "ReasonForTheRequestedProcedure")
+    return {
+        "station_name": _text(ds, "StationName"),
+        "institution_name": _text(ds, "InstitutionName"),
+        "study_description": _text(ds, "StudyDescription"),
+        "patient_age_years": age_in_years(_text(ds, "PatientAge", 8), _text(ds, "PatientBirthDate", 8),
+                                          _text(ds, "StudyDate", 8)),
+        "requested_priority": requested_priority,
+        "stat": is_stat(requested_priority, reason),
+    }
+
+
 def attributes_of(ds: Dataset) -> dict[str, Any]:
-    """``Instance.attributes``: the header fields the image choice uses (see the node contract)."""
+    """``Instance.attributes``: the header fields the image choice and the routing rules use."""
     attributes = {
         "modality": _text(ds, "Modality"),
         "sop_class_uid": _text(ds, "SOPClassUID"),
@@ -94,6 +122,7 @@ def attributes_of(ds: Dataset) -> dict[str, Any]:
         "photometric_interpretation": _text(ds, "PhotometricInterpretation"),
         "rows": _int(ds, "Rows"),
         "columns": _int(ds, "Columns"),
+        **routing_attributes(ds),
     }
     return attributes
 

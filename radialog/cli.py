@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "api": "api.cli:api",
     "users": "api.cli:users",
     "export": "reporting.cli:export",
+    "rules": "dicom_node.rules_cli:rules",
     "demo": "radialog.demo:demo",
     "bench": "bench.cli:bench",
 }

@@ -12,13 +12,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from radialog.routing import RoutingRule, default_rules, validate_rules
 
 
 class TLSSettings(BaseModel):
@@ -30,16 +32,38 @@ class TLSSettings(BaseModel):
     require_client_cert: bool = False
 
 
+#: Webhook events a destination of kind "webhook" may subscribe to.
+WEBHOOK_EVENTS = ("study.reported", "study.failed", "report.approved", "export.dead")
+
+
 class Destination(BaseModel):
-    """A PACS (C-STORE SCP) or a DICOMweb endpoint that receives our SRs."""
+    """An output channel: a PACS (C-STORE SCP), a DICOMweb endpoint (STOW-RS), a RIS (HL7 v2 ORU^R01 over
+    MLLP), a FHIR R4 server, or a webhook receiver. Every kind is driven by the same outbox."""
 
     name: str
-    kind: Literal["dimse", "stow"] = "dimse"
+    kind: Literal["dimse", "stow", "hl7", "fhir", "webhook"] = "dimse"
     ae_title: str = "ORTHANC"
     host: str = "127.0.0.1"
-    port: int = 4242
-    url: str | None = None  # STOW-RS base URL when kind == "stow"
+    port: int = 4242  # DICOM port (dimse) or MLLP port (hl7)
+    url: str | None = None  # STOW-RS base URL (stow), FHIR base URL (fhir), receiver URL (webhook)
     tls: TLSSettings | None = None
+    receiving_application: str = "RIS"  # hl7: MSH-5
+    receiving_facility: str = ""  # hl7: MSH-6
+    secret: str | None = Field(None, repr=False)  # webhook: HMAC-SHA256 key; fhir: bearer token
+    events: list[str] = Field(default_factory=lambda: list(WEBHOOK_EVENTS))  # webhook: subscribed events
+
+    @model_validator(mode="after")
+    def _complete(self) -> Destination:
+        if self.kind in ("stow", "fhir", "webhook") and not self.url:
+            raise ValueError(f"destination {self.name!r} ({self.kind}) needs a url")
+        if self.kind == "webhook":
+            if not self.secret or len(self.secret) < 16:
+                raise ValueError(f"webhook destination {self.name!r} needs a secret of at least 16 characters")
+            unknown = sorted(set(self.events) - set(WEBHOOK_EVENTS))
+            if unknown:
+                raise ValueError(f"webhook destination {self.name!r}: unknown events {unknown}; "
+                                 f"known: {list(WEBHOOK_EVENTS)}")
+        return self
 
 
 class Settings(BaseSettings):
@@ -88,6 +112,16 @@ class Settings(BaseSettings):
     )
     tls: TLSSettings | None = None
     stable_after: float = Field(3.0, description="Seconds without a new instance before a study is STABLE.")
+    trusted_routers: list[str] = Field(
+        default_factory=list, description="Calling AE titles that send whole studies in one association (the "
+        "Orthanc router plugin): their studies are complete when the association is released, without waiting "
+        "stable_after. Empty = none.",
+    )
+    routing_rules: list[RoutingRule] = Field(
+        default_factory=default_rules, description="Which studies get a pre-read and at what priority; first "
+        "match decides (README: routing rules). Default: under 18 skipped, C-STORE HIGH or STAT order HIGH, "
+        "the rest ROUTINE.",
+    )
 
     # -- queue / workers -------------------------------------------------------------------------
     broker_url: str = "redis://127.0.0.1:6379/0"
@@ -158,6 +192,19 @@ class Settings(BaseSettings):
     api_max_body_bytes: int = Field(
         1024**2, ge=1024, description="Largest request body; a larger one is refused (413) before it is read.",
     )
+
+    @field_validator("routing_rules")
+    @classmethod
+    def _rules(cls, value: list[RoutingRule]) -> list[RoutingRule]:
+        return validate_rules(value)
+
+    @field_validator("destinations")
+    @classmethod
+    def _destination_names(cls, value: list[Destination]) -> list[Destination]:
+        names = [d.name for d in value]
+        if len(names) != len(set(names)):
+            raise ValueError("destination names must be unique (the outbox keys rows by name)")
+        return value
 
     @field_validator("ae_title")
     @classmethod
