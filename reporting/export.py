@@ -1,4 +1,10 @@
-"""The export outbox: deliver each SR version to every destination, retrying with backoff, at least once.
+"""The export outbox: deliver each report version to every destination, retrying with backoff, at least once.
+
+A destination is one output channel (``settings.Destination.kind``): a PACS by C-STORE (``dimse``) or
+STOW-RS (``stow``) gets the SR; a RIS (``hl7``) an ORU^R01 over MLLP, a FHIR server (``fhir``) the
+DiagnosticReport, a webhook receiver (``webhook``) a signed event (``reporting.channels``). Which rows a
+version makes is ``reporting.channels.outbox``'s rule; retries, DEAD and ``radialog export`` are the same
+for every kind.
 
 Rows are Export records (one per SR x destination), created PENDING together with the version. A
 delivery claims its row with a compare-and-set UPDATE (attempts + 1, next attempt pushed past the
@@ -30,14 +36,14 @@ from sqlalchemy.orm import Session
 from radialog.logging import get_logger
 from radialog.registry import Export, ExportState, Registry, Report, Study, StudyState, transition, utcnow
 from radialog.settings import Destination, Settings
+from reporting.channels import outbox
+from reporting.channels.base import Delivery, DeliveryError
 
 log = get_logger(__name__)
 
 PENDING, SENT, DEAD = ExportState.PENDING.value, ExportState.SENT.value, ExportState.DEAD.value
 
-
-class DeliveryError(RuntimeError):
-    """One failed attempt, with a reason an operator can act on."""
+__all__ = ["DeliveryError", "backoff_seconds", "deliver", "deliver_due", "due_exports", "rearm"]
 
 
 @dataclass(frozen=True)
@@ -45,9 +51,10 @@ class _Claim:
     export_id: int
     attempt: int
     destination: str
-    sr_file: Path
-    study_id: int
-    report_id: int
+    sr_file: Path | None
+    study_id: int | None
+    report_id: int | None
+    delivery: Delivery | str  # what a non-DICOM channel sends, or why it cannot be read
 
 
 def due_exports(session: Session, now: datetime) -> list[int]:
@@ -93,6 +100,9 @@ def _claim(registry: Registry, settings: Settings, export_id: int) -> _Claim | s
             .execution_options(synchronize_session=False)
         ).rowcount
         if exhausted == 1:
+            row = session.get(Export, export_id)
+            if row is not None:
+                outbox.export_dead(session, settings, row, str(row.last_error), now)
             return DEAD
         claimed = session.execute(
             update(Export)
@@ -110,13 +120,19 @@ def _claim(registry: Registry, settings: Settings, export_id: int) -> _Claim | s
         if claimed != 1:
             return f"skipped: {export.state.lower()}" if export.state != PENDING else "skipped: not due or in flight"
         report = export.report
+        delivery: Delivery | str
+        try:
+            delivery = outbox.delivery_of(session, settings, export)
+        except (OSError, ValueError) as exc:  # the SR file of the version is unreadable: a reason, not a crash
+            delivery = f"the report version cannot be read ({type(exc).__name__})"
         return _Claim(
             export_id=export.id,
             attempt=export.attempts,
             destination=export.destination,
-            sr_file=settings.sr_dir / (report.sr_path or ""),
-            study_id=report.study_id,
-            report_id=report.id,
+            sr_file=settings.sr_dir / (report.sr_path or "") if report is not None else None,
+            study_id=report.study_id if report is not None else export.study_id,
+            report_id=report.id if report is not None else None,
+            delivery=delivery,
         )
 
 
@@ -206,12 +222,36 @@ def send_stow(settings: Settings, destination: Destination, dataset: Dataset) ->
 
 def _send(settings: Settings, claim: _Claim) -> str:
     destination = _destination(settings, claim.destination)
-    if not claim.sr_file.is_file():
-        raise DeliveryError(f"SR file of report {claim.report_id} is missing")
-    dataset = dcmread(claim.sr_file)
-    if destination.kind == "stow":
-        return send_stow(settings, destination, dataset)
-    return send_dimse(settings, destination, dataset)
+    if destination.kind in ("dimse", "stow"):
+        if claim.sr_file is None or not claim.sr_file.is_file():
+            raise DeliveryError(f"SR file of report {claim.report_id} is missing")
+        dataset = dcmread(claim.sr_file)
+        if destination.kind == "stow":
+            return send_stow(settings, destination, dataset)
+        return send_dimse(settings, destination, dataset)
+    if isinstance(claim.delivery, str):
+        raise DeliveryError(claim.delivery)
+    return send_channel(settings, destination, claim.delivery)
+
+
+def send_channel(settings: Settings, destination: Destination, delivery: Delivery) -> str:
+    """Send one row to an HL7, FHIR or webhook destination (``reporting.channels``)."""
+    from reporting.channels import fhir, hl7v2, webhook
+
+    timeout_s = settings.network_timeout
+    if destination.kind == "webhook":
+        assert destination.url and destination.secret
+        return webhook.send(delivery, destination.url, destination.secret, timeout_s)
+    if delivery.version is None:
+        raise DeliveryError(f"{destination.kind} destination {destination.name!r} got a row without a version")
+    if destination.kind == "fhir":
+        assert destination.url
+        return fhir.send(delivery, destination.url, destination.secret, timeout_s)
+    message = hl7v2.build_oru(delivery, sending_application=settings.ae_title,
+                              sending_facility=settings.institution_name,
+                              receiving_application=destination.receiving_application,
+                              receiving_facility=destination.receiving_facility)
+    return hl7v2.send_oru(destination.host, destination.port, message, f"RL{delivery.export_id}", timeout_s)
 
 
 def _study_exported(session: Session, study_id: int) -> bool:
@@ -236,11 +276,12 @@ def _record_success(registry: Registry, claim: _Claim, detail: str) -> str:
             .values(state=SENT, sent_at=now, last_error=None, next_attempt_at=None)
             .execution_options(synchronize_session=False)
         )
-        session.execute(select(Study.id).where(Study.id == claim.study_id).with_for_update())
-        if _study_exported(session, claim.study_id):
-            transition(session, claim.study_id, StudyState.EXPORTED, "SR accepted by every destination")
+        if claim.report_id is not None and claim.study_id is not None:  # event rows move no study
+            session.execute(select(Study.id).where(Study.id == claim.study_id).with_for_update())
+            if _study_exported(session, claim.study_id):
+                transition(session, claim.study_id, StudyState.EXPORTED, "report accepted by every destination")
     log.info("export sent", extra={"export": claim.export_id, "report": claim.report_id, "attempt": claim.attempt,
-                                   "status": detail})
+                                   "destination": claim.destination, "status": detail})
     return SENT
 
 
@@ -253,12 +294,16 @@ def _record_failure(registry: Registry, settings: Settings, claim: _Claim, reaso
     else:
         values["next_attempt_at"] = now + timedelta(seconds=backoff_seconds(settings, claim.attempt))
     with registry.session() as session:
-        session.execute(
+        changed = session.execute(
             update(Export)
             .where(Export.id == claim.export_id, Export.state == PENDING)
             .values(**values)
             .execution_options(synchronize_session=False)
-        )
+        ).rowcount
+        if dead and changed == 1:
+            row = session.get(Export, claim.export_id)
+            if row is not None:
+                outbox.export_dead(session, settings, row, reason, now)
     state = DEAD if dead else PENDING
     log.warning("export attempt failed", extra={"export": claim.export_id, "attempt": claim.attempt,
                                                 "state": state, "reason": reason[:500]})

@@ -147,6 +147,7 @@ class SRSpec:
     verification: Verification | None = None
     predecessors: Sequence[Predecessor] = ()
     institution_name: str | None = None
+    notes: Sequence[str] = ()  # said after the status line (routing: "patient age unknown: ...")
 
     @property
     def verified(self) -> bool:
@@ -178,7 +179,24 @@ def read_source_header(path: Path) -> Dataset:
 
 
 def status_line(spec: SRSpec) -> str:
-    """The sentence that tells a reader whether the text is verified."""
+    """The sentence that tells a reader whether the text is verified, then the routing notes if any."""
+    line = _verification_sentence(spec)
+    notes = [n.strip().rstrip(".") for n in spec.notes if n.strip()]
+    return " ".join([line, *(f"Note: {n[:1].upper()}{n[1:]}." for n in notes)])
+
+
+def read_status_line(path: Path) -> str:
+    """The status line of a written SR (its first Comment in Findings), as the document says it."""
+    ds = dcmread(path)
+    for section in ds.ContentSequence:
+        for item in section.get("ContentSequence") or []:
+            name = item.ConceptNameCodeSequence[0]
+            if item.ValueType == "TEXT" and name.CodeValue == codes.COMMENT.value:
+                return str(item.TextValue)
+    raise ValueError("the SR has no status line")
+
+
+def _verification_sentence(spec: SRSpec) -> str:
     if spec.verification is not None:
         when = spec.verification.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
         return (
@@ -355,6 +373,8 @@ def validate_spec(spec: SRSpec) -> None:
     for field_name, name in people:
         if name is not None:  # login name (LO), person name (PN) and the status line (UT)
             require_valid(name, field_name, "LO")
+    for note in spec.notes:
+        require_valid(note, "routing note")
     if spec.institution_name is not None:
         require_valid(spec.institution_name, "institution name", "LO")
     if spec.algorithm is not None:  # TEXT items (UT) and, cut to 64, Contributing Equipment (LO)

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from radialog.logging import get_logger, uid_ref
-from radialog.registry import Export, ExportState, Instance, Report, Study, StudyState, transition, utcnow
+from radialog.registry import Instance, Report, Study, StudyState, transition, utcnow
 from radialog.settings import Settings
 from reporting import sr as srmod
 
@@ -95,18 +95,17 @@ def _write_sr(settings: Settings, study_uid: str, dataset: Any) -> str:
     return relative.as_posix()
 
 
-def _add_exports(session: Session, settings: Settings, report_id: int, now: datetime) -> None:
-    for destination in settings.destinations:
-        session.add(
-            Export(
-                report_id=report_id,
-                destination=destination.name,
-                state=ExportState.PENDING.value,
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-            )
-        )
+def _add_exports(session: Session, settings: Settings, report: Report, now: datetime) -> None:
+    """The version's outbox rows, one per destination that takes it (``reporting.channels.outbox``)."""
+    from reporting.channels.outbox import add_version_rows
+
+    session.flush()
+    add_version_rows(session, settings, report, now)
+
+
+def routing_notes(study: Study) -> tuple[str, ...]:
+    """What the routing decision asks every unverified version to say (e.g. the patient's age is unknown)."""
+    return tuple(str(n) for n in ((study.routing or {}).get("notes") or []))
 
 
 def _predecessors(study_uid: str, report: Report | None) -> list[srmod.Predecessor]:
@@ -181,6 +180,7 @@ def create_ai_draft(
         ),
         predecessors=_predecessors(study.study_instance_uid, previous),
         institution_name=settings.institution_name,
+        notes=routing_notes(study),
     )
     srmod.validate_spec(spec)  # invalid text is refused before anything is stored (workers clean model text)
     now = utcnow()
@@ -203,7 +203,7 @@ def create_ai_draft(
     report = session.get(Report, report_id)
     assert report is not None
     report.sr_path = sr_path
-    _add_exports(session, settings, report_id, now)
+    _add_exports(session, settings, report, now)
     _move_to_reported(session, study_id, f"AI draft version {version} by {provenance.name} {provenance.version}")
     session.flush()
     log.info(
@@ -262,6 +262,7 @@ def create_version(
         verification=srmod.Verification(author, settings.institution_name, now) if approve else None,
         predecessors=_predecessors(study.study_instance_uid, previous),
         institution_name=settings.institution_name,
+        notes=() if approve else routing_notes(study),
     )
     srmod.validate_spec(spec)  # refused before the row exists: the text stored is the text written
     report = Report(
@@ -276,7 +277,7 @@ def create_version(
     session.add(report)
     session.flush()  # the (study, version) unique key stops two concurrent versions here, before any file
     report.sr_path = _write_sr(settings, study.study_instance_uid, srmod.build_sr(source, spec))
-    _add_exports(session, settings, report.id, now)
+    _add_exports(session, settings, report, now)
     _move_to_reported(session, study_id, f"report version {report.version} ({kind}) by {author}")
     session.flush()
     log.info(

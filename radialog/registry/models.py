@@ -52,6 +52,10 @@ class Study(Base):
     selected_instance_id: Mapped[int | None] = mapped_column(
         ForeignKey("instances.id", use_alter=True, name="fk_studies_selected_instance")
     )
+    # Routing (radialog.routing): HIGH, ROUTINE or LOW, and the decision {"rule", "action", "priority",
+    # "reason", "notes"} taken when the study was assembled (notes: e.g. "patient age unknown", said in the SR).
+    priority: Mapped[str] = mapped_column(String(8), default="ROUTINE", server_default="ROUTINE", index=True)
+    routing: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     instances: Mapped[list[Instance]] = relationship(
         back_populates="study", foreign_keys="Instance.study_id", order_by="Instance.id"
@@ -119,6 +123,8 @@ class Job(Base):
     # job whose heartbeat is older than the lease (its worker died), whatever the broker remembers.
     heartbeat_at: Mapped[datetime | None] = mapped_column(index=True)
     timings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The study's priority as a rank (0 HIGH, 1 ROUTINE, 2 LOW): batches take waiting jobs in this order.
+    priority: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"), index=True)
     # Which study crashed the worker (workers/crashes.py): how the current claim runs (None = not started,
     # "batch", "alone"); whether the job runs alone from now on (its worker died while it ran with others);
     # worker deaths while it ran alone (charged); claims lost with a worker that died while the job waited
@@ -168,13 +174,20 @@ class Report(Base):
 
 
 class Export(Base):
-    """Outbox row: one SR for one destination, retried with backoff until sent or dead."""
+    """Outbox row: one report version (or one event) for one destination, retried with backoff until sent
+    or dead. Report versions go to every channel kind (SR to a PACS, ORU to a RIS, DiagnosticReport to a
+    FHIR server, a webhook event); ``event`` and ``payload`` are set for webhook rows, whose body is frozen
+    when the row is made (its id is the receiver's idempotency key). Events that are not about one version
+    (study.failed, export.dead) have no ``report_id``."""
 
     __tablename__ = "exports"
     __table_args__ = (UniqueConstraint("report_id", "destination", name="uq_export_report_destination"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
+    report_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id"), index=True)
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    event: Mapped[str | None] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     destination: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -183,7 +196,7 @@ class Export(Base):
     created_at: Mapped[datetime]
     sent_at: Mapped[datetime | None]
 
-    report: Mapped[Report] = relationship(back_populates="exports")
+    report: Mapped[Report | None] = relationship(back_populates="exports")
 
 
 class Conversation(Base):
