@@ -192,8 +192,8 @@ def _tests(match: RuleMatch, facts: StudyFacts) -> list[tuple[bool, str]]:
         out.append((facts.store_priority in match.store_priorities,
                     f"C-STORE priority {facts.store_priority or 'unknown'} in {match.store_priorities}"))
     if match.stat is not None:
-        out.append((facts.stat == match.stat, f"STAT marker {'present' if facts.stat else 'absent'}"
-                                              f" (rule wants {'present' if match.stat else 'absent'})"))
+        out.append((facts.stat == match.stat, (f"STAT marker {'present' if facts.stat else 'absent'}"
+                                              f" (rule wants {'present' if match.stat else 'absent'})")))
     return out
 
 
