@@ -54,9 +54,24 @@ def _on_rejected(event: Event) -> None:
         "address": requestor.address})
 
 
-def _on_aborted(event: Event) -> None:
+def _on_aborted(event: Event, store: StoreContext) -> None:
+    store.take_studies(event.assoc)  # an aborted send is not a complete study: the quiet window decides
     log.info("association aborted", extra={"calling_ae": event.assoc.requestor.ae_title,
                                            "address": event.assoc.requestor.address})
+
+
+def _on_released(event: Event, store: StoreContext, assembler: StudyAssembler) -> None:
+    """A trusted router released its association: the studies it stored into are complete."""
+    studies = store.take_studies(event.assoc)
+    calling = (event.assoc.requestor.ae_title or "").strip()
+    if studies and calling in {t.strip() for t in store.settings.trusted_routers}:
+        log.info("trusted router released: studies complete", extra={"calling_ae": calling,
+                                                                     "studies": sorted(studies)})
+        assembler.complete(studies)
+
+
+def _on_closed(event: Event, store: StoreContext) -> None:
+    store.take_studies(event.assoc)
 
 
 @dataclass
@@ -100,17 +115,19 @@ def start_node(settings: Settings, registry: Registry, enqueue: Enqueue | None =
     ae = build_ae(settings)
     streams = IncomingStreams(settings.spool_dir, settings.min_free_bytes, settings.max_instance_bytes)
     store = StoreContext(settings=settings, registry=registry, streams=streams)
+    assembler = StudyAssembler(registry, settings, enqueue=enqueue, interval=assembler_interval)
     handlers = [
         (evt.EVT_PDU_RECV, streams.on_pdu_recv),
         (evt.EVT_CONN_CLOSE, streams.on_conn_close),
+        (evt.EVT_CONN_CLOSE, _on_closed, [store]),
         (evt.EVT_C_STORE, handle_store, [store]),
         (evt.EVT_DIMSE_RECV, answer_unusable_store),
         (evt.EVT_REJECTED, _on_rejected),
-        (evt.EVT_ABORTED, _on_aborted),
+        (evt.EVT_ABORTED, _on_aborted, [store]),
+        (evt.EVT_RELEASED, _on_released, [store, assembler]),
     ]
     ssl_context = policy.server_ssl_context(settings.tls) if settings.tls else None
     server = _start_server(ae, settings, handlers, ssl_context)
-    assembler = StudyAssembler(registry, settings, enqueue=enqueue, interval=assembler_interval)
     assembler.start()
     node = RunningNode(ae=ae, server=server, assembler=assembler, store=store)
     log.info("node listening", extra={"port": node.port, "ae_title": settings.ae_title,

@@ -30,6 +30,7 @@ Contract of :func:`handle_store` (bound to ``evt.EVT_C_STORE`` with a :class:`St
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from dicom_node.records import Seen, record_instance, seen_before
 from dicom_node.streaming import IncomingStreams
 from radialog.logging import get_logger, uid_ref
 from radialog.registry import Registry, utcnow
+from radialog.routing import STORE_PRIORITIES
 from radialog.settings import Settings
 from radialog.uids import is_valid_uid
 
@@ -73,6 +75,12 @@ class StoreContext:
     streams: IncomingStreams | None = None
     stored: int = field(default=0)
     streamed: int = field(default=0)  # of those, written while they arrived (see ``streaming``)
+    #: Studies each association stored into (by association id), for trusted-router completion on release.
+    studies_by_association: dict[int, set[int]] = field(default_factory=dict)
+
+    def take_studies(self, association: object) -> set[int]:
+        """The studies ``association`` stored into (forgotten once taken)."""
+        return self.studies_by_association.pop(id(association), set())
 
 
 def _status(code: int, comment: str | None = None) -> Dataset:
@@ -244,12 +252,16 @@ def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: st
     assert header.study_instance_uid is not None and header.sop_instance_uid is not None
     rel_path = spool.relative_path(header.study_instance_uid, header.sop_instance_uid)
     calling = event.assoc.requestor.ae_title
+    # The request's Priority (0000,0700), kept with the instance for the routing rules.
+    store_priority = STORE_PRIORITIES.get(int(event.request.Priority or 0), "MEDIUM")
+    header = dataclasses.replace(header, attributes={**header.attributes, "store_priority": store_priority})
     for attempt in range(1, _RECORD_ATTEMPTS + 1):
         renamed = False
         try:
             with ctx.registry.session() as session:
                 seen = seen_before(session, header.sop_instance_uid, header.study_instance_uid)
                 if seen is Seen.DUPLICATE:
+                    _remember(ctx, event, session, header.study_instance_uid)
                     if not (ctx.settings.spool_dir / rel_path).is_file() and temp.exists():
                         # Recorded, but the file is gone (deleted by hand, or a lost rename): restore it.
                         spool.commit_file(ctx.settings.spool_dir, temp, rel_path)
@@ -286,6 +298,7 @@ def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: st
             return OUT_OF_RESOURCES
         ctx.stored += 1
         ctx.streamed += bool(timing.get("streamed"))
+        ctx.studies_by_association.setdefault(id(event.assoc), set()).add(study_id)
         log.info("instance stored", extra={
             "sop": ref, "study_id": study_id, "instance_id": instance_id, "bytes": size,
             "ms": round((time.perf_counter() - started) * 1000, 1), **timing,
@@ -293,6 +306,17 @@ def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: st
         return SUCCESS
     log.error("store refused: registry kept conflicting", extra={"sop": ref})
     return OUT_OF_RESOURCES
+
+
+def _remember(ctx: StoreContext, event: Event, session: Any, study_uid: str) -> None:
+    """A duplicate still belongs to the association's studies (a router resending a whole study)."""
+    from sqlalchemy import select
+
+    from radialog.registry import Study
+
+    study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
+    if study_id is not None:
+        ctx.studies_by_association.setdefault(id(event.assoc), set()).add(study_id)
 
 
 def temp_size(ctx: StoreContext, rel_path: str, dataset_size: int) -> int:
