@@ -588,3 +588,27 @@ def test_a_report_limit_beyond_the_slots_is_refused_up_front(backend, seeds) -> 
     with pytest.raises(ValueError, match="do not fit the report slots"):
         engine.submit_reports([image(seeds[0])], max_new_tokens=room + 1)
     assert engine.busy == 0
+
+
+# -- 7. priority ----------------------------------------------------------------------------------------
+def test_an_urgent_report_is_admitted_before_waiting_routine_ones(backend, seeds, rig) -> None:
+    """Two routine reports fill the slots; four more routine ones wait, then one HIGH (rank 0) arrives: it is
+    admitted at the first free slot, ahead of every routine one that had not started (issue 19)."""
+    r = rig(hold_at=2, report_slots=2, dialog_slots=1)
+    engine = r.engine
+    running = engine.submit_reports([image(s) for s in seeds[:2]], max_new_tokens=12, min_new_tokens=12)
+    r.wait_held()
+    waiting = engine.submit_reports([image(s) for s in seeds[2:6]], max_new_tokens=12, min_new_tokens=12,
+                                    priorities=[1, 1, 1, 1])
+    urgent = engine.submit_reports([image(seeds[6])], max_new_tokens=12, min_new_tokens=12, priorities=[0])
+    order = completion_order({"run0": running[0], "run1": running[1], "urgent": urgent[0]}
+                             | {f"wait{i}": h for i, h in enumerate(waiting)})
+    r.steps.go.set()
+    for handle in running + waiting + urgent:
+        assert len(handle.result(120).tokens) == 12
+    assert set(order[:2]) == {"run0", "run1"}, order
+    assert order.index("urgent") < min(order.index(f"wait{i}") for i in (1, 2, 3)), order
+    assert order.index("urgent") <= 3, order
+    # the HIGH study's report is the one it would be alone
+    assert_report_equal(backend, urgent[0].result(), seeds[6], 12, 12)
+    r.assert_idle()

@@ -38,6 +38,7 @@ class Claim:
     attempt: int
     charged: int = 0
     isolated: bool = False
+    priority: int = 1  # the study's rank: 0 HIGH, 1 ROUTINE, 2 LOW
 
 
 def claim(session: Session, job_id: int, worker: str, lease_s: float, *, companion: bool = False) -> Claim | None:
@@ -70,17 +71,17 @@ def claim(session: Session, job_id: int, worker: str, lease_s: float, *, compani
     session.refresh(job)
     transition(session, job.study_id, StudyState.RUNNING, only_from=[StudyState.QUEUED])
     return Claim(job_id=job.id, study_id=job.study_id, attempt=job.attempts,
-                 charged=job.attempts - job.lost_claims, isolated=job.isolated)
+                 charged=job.attempts - job.lost_claims, isolated=job.isolated, priority=job.priority)
 
 
 def waiting_jobs(session: Session, model_name: str, limit: int, exclude: set[int]) -> list[int]:
-    """Oldest waiting jobs of ``model_name`` first, isolated ones left out (they run alone)."""
+    """Waiting jobs of ``model_name``, most urgent first, then oldest; isolated ones left out (they run alone)."""
     if limit <= 0:
         return []
     query = (
         select(Job.id)
         .where(Job.state == JobState.QUEUED.value, Job.model_name == model_name, Job.isolated.is_(False))
-        .order_by(Job.queued_at, Job.id)
+        .order_by(Job.priority, Job.queued_at, Job.id)
         .limit(limit + len(exclude))
     )
     return [job_id for job_id in session.scalars(query) if job_id not in exclude][:limit]
@@ -122,7 +123,8 @@ def collect_batch(
         if len(batch) >= batch_size or remaining <= 0:
             break
         time.sleep(min(poll_s, remaining))
-    return batch
+    # most urgent first: the engine admits, and the worker stores, in this order
+    return sorted(batch, key=lambda c: c.priority)
 
 
 def requeue(session: Session, job_id: int, reason: str) -> bool:

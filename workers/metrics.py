@@ -29,7 +29,8 @@ STAGE_SECONDS = Histogram(
 )
 JOB_SECONDS = Histogram(
     "radialog_job_seconds",
-    "Seconds from a job being queued to its report being stored.",
+    "Seconds from a job being queued to its report being stored, per study priority (HIGH, ROUTINE, LOW).",
+    ["priority"],
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
 )
 FAILURES = Counter(

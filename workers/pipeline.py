@@ -31,6 +31,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from radialog.logging import get_logger
 from radialog.registry import Job, JobState, Registry, Study, StudyState, transition, utcnow
+from radialog.routing import Priority
 from radialog.settings import Settings
 from workers import metrics
 from workers.batching import Claim, collect_batch, requeue
@@ -67,9 +68,16 @@ class JobFailure(RuntimeError):
 # ``ignore_result``: outcomes live in the registry. Without it Celery subscribes the sender to the task's
 # result channel before publishing, and while Redis is down that subscription alone retries for ~19 s:
 # the node's assembler (one thread) stalled that long per study instead of failing fast to the reconciler.
-def send_report_task(settings: Settings, job_id: int, task_id: str, countdown: float | None = None) -> None:
+#: Study priority rank (``Job.priority``: 0 HIGH, 1 ROUTINE, 2 LOW) -> Celery message priority. On Redis 0 is
+#: served first, and a message without a priority also counts as 0: so every report message carries one,
+#: and ROUTINE is not 0 (kombu's default priority steps are 0, 3, 6, 9).
+CELERY_PRIORITY = {0: 0, 1: 3, 2: 6}
+
+
+def send_report_task(settings: Settings, job_id: int, task_id: str, countdown: float | None = None,
+                     priority: int = 1) -> None:
     app_for(settings).send_task(REPORT_TASK, args=[job_id], task_id=task_id, queue="report", countdown=countdown,
-                                ignore_result=True)
+                                ignore_result=True, priority=CELERY_PRIORITY.get(priority, 3))
 
 
 def send_export_tasks(settings: Settings, export_ids: Sequence[int]) -> None:
@@ -87,6 +95,8 @@ def enqueue_report(registry: Registry, settings: Settings, study_id: int) -> int
     """
     model_name = settings.model_backend
     with registry.session() as session:
+        study_priority = session.scalar(select(Study.priority).where(Study.id == study_id))
+        rank = Priority(study_priority).rank if study_priority in Priority.__members__ else 1
         job = session.scalar(
             select(Job).where(
                 Job.study_id == study_id, Job.model_name == model_name, Job.model_version == JOB_MODEL_VERSION
@@ -101,6 +111,7 @@ def enqueue_report(registry: Registry, settings: Settings, study_id: int) -> int
                 attempts=0,
                 queued_at=utcnow(),
                 timings={},
+                priority=rank,
             )
             try:
                 with session.begin_nested():
@@ -119,10 +130,11 @@ def enqueue_report(registry: Registry, settings: Settings, study_id: int) -> int
             job.crashes, job.lost_claims, job.run_mode = 0, 0, None
         if job.state != JobState.QUEUED.value:
             return job.id
+        job.priority = rank  # a re-run takes the study's priority as it is now
         job.celery_task_id = task_id = uuid.uuid4().hex
         job_id = job.id
-    send_report_task(settings, job_id, task_id)
-    log.info("report job queued", extra={"job": job_id, "study": study_id})
+    send_report_task(settings, job_id, task_id, priority=rank)
+    log.info("report job queued", extra={"job": job_id, "study": study_id, "priority": Priority.from_rank(rank).value})
     return job_id
 
 
@@ -202,8 +214,9 @@ def run_backend(
     return results
 
 
-def fail_job(registry: Registry, claim: Claim, reason: str, kind: str) -> None:
-    """Job and study FAILED with ``reason`` (shown in the API)."""
+def fail_job(registry: Registry, claim: Claim, reason: str, kind: str, settings: Settings | None = None) -> None:
+    """Job and study FAILED with ``reason`` (shown in the API); with ``settings``, the ``study.failed`` webhook
+    rows are written in the same transaction."""
     with registry.session() as session:
         job = session.get(Job, claim.job_id)
         # Only while this claim still holds the job: a worker whose lease lapsed and was taken over (the
@@ -214,7 +227,17 @@ def fail_job(registry: Registry, claim: Claim, reason: str, kind: str) -> None:
         job.error = reason
         job.finished_at = utcnow()
         job.heartbeat_at = None
-        transition(session, claim.study_id, StudyState.FAILED, reason)
+        failed = transition(session, claim.study_id, StudyState.FAILED, reason)
+        if failed and settings is not None:
+            from reporting.channels.outbox import study_failed
+
+            rows = study_failed(session, settings, claim.study_id, reason, utcnow())
+            session.flush()
+            export_ids = [row.id for row in rows]
+        else:
+            export_ids = []
+    if export_ids and settings is not None:
+        send_export_tasks(settings, export_ids)
     metrics.FAILURES.labels(kind=kind).inc()
     log.warning("report job failed", extra={"job": claim.job_id, "study": claim.study_id, "kind": kind})
 
@@ -275,7 +298,7 @@ def store_output(
         if stage not in COUNTS:
             metrics.STAGE_SECONDS.labels(stage=stage).observe(float(seconds))
     if total is not None:
-        metrics.JOB_SECONDS.observe(total)
+        metrics.JOB_SECONDS.labels(priority=Priority.from_rank(prepared.claim.priority).value).observe(total)
     return export_ids
 
 
@@ -292,7 +315,7 @@ def give_back(ctx: WorkerContext, claims: Sequence[Claim], reason: str, *, excep
                 assert job is not None
                 job.celery_task_id = task_id
         if moved and claim.job_id != except_job:
-            send_report_task(ctx.settings, claim.job_id, task_id, countdown=5)
+            send_report_task(ctx.settings, claim.job_id, task_id, countdown=5, priority=claim.priority)
 
 
 def run_report_job(ctx: WorkerContext, job_id: int) -> str:
@@ -344,13 +367,13 @@ def _run_claims(
     prepared: list[Prepared] = []
     for claim in claims:
         if claim.charged > MAX_ATTEMPTS:
-            fail_job(ctx.registry, claim, f"gave up after {MAX_ATTEMPTS} attempts", "gave_up")
+            fail_job(ctx.registry, claim, f"gave up after {MAX_ATTEMPTS} attempts", "gave_up", ctx.settings)
             continue
         started = time.perf_counter()
         try:
             image = load_image(ctx.registry, ctx.settings, claim.study_id)
         except JobFailure as exc:
-            fail_job(ctx.registry, claim, str(exc), "unusable_image")
+            fail_job(ctx.registry, claim, str(exc), "unusable_image", ctx.settings)
             continue
         prepared.append(Prepared(claim, image, time.perf_counter() - started))
     if not prepared:
@@ -359,7 +382,7 @@ def _run_claims(
     log.info("running batch", extra={"jobs": [p.claim.job_id for p in prepared], "worker": ctx.hostname})
     try:
         results = run_backend(
-            backend, [StudyInput(key=str(p.claim.job_id), image=p.image) for p in prepared], ctx.out_of_memory_at
+            backend, [StudyInput(key=str(p.claim.job_id), image=p.image, priority=p.claim.priority) for p in prepared], ctx.out_of_memory_at
         )
     except TransientError as exc:
         metrics.FAILURES.labels(kind="transient").inc()
@@ -371,7 +394,7 @@ def _run_claims(
             result = results.get(str(item.claim.job_id))
             if isinstance(result, Exception) or result is None:
                 reason = f"model error: {type(result).__name__}: {result}" if result else "model returned nothing"
-                fail_job(ctx.registry, item.claim, reason[:500], "model_error")
+                fail_job(ctx.registry, item.claim, reason[:500], "model_error", ctx.settings)
                 continue
             try:
                 export_ids += store_output(ctx, item, result, len(prepared), batch_wait_s)
@@ -380,7 +403,7 @@ def _run_claims(
             except Exception as exc:  # the report cannot be stored (SR building, a bad header): say why
                 log.warning("storing the report failed", extra={"job": item.claim.job_id}, exc_info=True)
                 fail_job(ctx.registry, item.claim, f"storing the report failed: {type(exc).__name__}: {exc}"[:500],
-                         "store_error")
+                         "store_error", ctx.settings)
     finally:
         if export_ids:
             send_export_tasks(ctx.settings, export_ids)

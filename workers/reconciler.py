@@ -106,7 +106,8 @@ def reconcile(
                 continue
             task_id = uuid.uuid4().hex
             session.execute(update(Job).where(Job.id == job_id).values(celery_task_id=task_id))
-        send_report_task(settings, job_id, task_id)
+            priority = session.scalar(select(Job.priority).where(Job.id == job_id))
+        send_report_task(settings, job_id, task_id, priority=priority if priority is not None else 1)
         result.requeued_running.append(job_id)
 
     # 2. QUEUED jobs whose message the broker no longer has (or only a dead worker holds).
@@ -114,11 +115,11 @@ def reconcile(
     with registry.session() as session:
         cutoff = now - timedelta(seconds=grace_s if present is not None else stale_s)
         waiting = session.execute(
-            select(Job.id, Job.celery_task_id).where(
+            select(Job.id, Job.celery_task_id, Job.priority).where(
                 Job.state == JobState.QUEUED.value, Job.model_name == model_name, Job.queued_at < cutoff
             )
         ).all()
-    for job_id, old_task_id in waiting:
+    for job_id, old_task_id, priority in waiting:
         if present is not None and old_task_id in present:
             continue
         task_id = uuid.uuid4().hex
@@ -129,7 +130,7 @@ def reconcile(
                 .values(celery_task_id=task_id, queued_at=utcnow())
             ).rowcount  # type: ignore[attr-defined]
         if moved:
-            send_report_task(settings, job_id, task_id)
+            send_report_task(settings, job_id, task_id, priority=priority)
             result.resent_queued.append(job_id)
 
     # 3. QUEUED studies whose job is missing, or still FAILED (a re-run that died between moving the

@@ -43,7 +43,7 @@ class EngineBackend(ModelBackend):
         if not studies:
             return []
         started = time.perf_counter()
-        handles = self.engine.submit_reports([s.image for s in studies])
+        handles = self.engine.submit_reports([s.image for s in studies], priorities=[s.priority for s in studies])
         preprocess_s = time.perf_counter() - started
         results: list[ReportOutput | Exception] = []
         for study, handle in zip(studies, handles):

@@ -6,8 +6,9 @@ Llama input embeddings (RaDialog v2: classifier, BioViL-T, LLaVA splice; XrayGPT
 
 One loop iteration: take what was submitted; drop what was cancelled; admit waiting dialog turns (their
 input rows from the model, prompt prefilled into the dialog pool); else, when no turn streams, admit
-waiting reports up to the free report slots and a prompt-token budget (the model embeds the whole group,
-then one prefill); then one decode step over all live sequences.
+waiting reports, most urgent study first (``priority`` rank, then arrival), up to the free report slots and
+a prompt-token budget (the model embeds the whole group, then one prefill); then one decode step over all
+live sequences.
 While a dialog turn streams, only ``reports_beside_dialog`` report rows decode beside it and no report
 prefill runs, so the turn's tokens come at close to the single-stream pace.
 
@@ -120,6 +121,7 @@ class _Request:
     on_token: Callable[[str], None] | None = None
     sampling: Sampling | None = None  # None: greedy
     submitted: float = field(default_factory=time.perf_counter)
+    priority: int = 1  # reports: the study's rank (0 HIGH first); dialog turns are always admitted first
 
 
 @dataclass
@@ -214,18 +216,21 @@ class Engine:
 
     # -- submit (any thread) ------------------------------------------------------------------------
     def submit_reports(
-        self, images: Sequence[np.ndarray], *, max_new_tokens: int | None = None, min_new_tokens: int = 0
+        self, images: Sequence[np.ndarray], *, max_new_tokens: int | None = None, min_new_tokens: int = 0,
+        priorities: Sequence[int] | None = None,
     ) -> list[Handle]:
-        """Queue report requests (greedy); the images are prepared in the caller's thread."""
+        """Queue report requests (greedy); the images are prepared in the caller's thread. ``priorities``:
+        each study's rank (0 HIGH, 1 ROUTINE, 2 LOW), admitted in that order, then by arrival."""
         limit = max_new_tokens or self.model.report_token_limit()
         room = self.pools[REPORT].max_len - self.longest_report - 1
         if limit > room:  # else a long report would end "length" where the simple path goes on
             raise ValueError(f"{limit} new tokens do not fit the report slots ({room} after the longest prompt); "
                              "build the engine with a larger report_max_len")
         handles = []
-        for inputs in self.model.prepare_reports(images):
+        ranks = list(priorities) if priorities is not None else [1] * len(images)
+        for inputs, rank in zip(self.model.prepare_reports(images), ranks, strict=True):
             handle = Handle(self)
-            self._put(_Request(REPORT, handle, inputs, limit, min_new_tokens))
+            self._put(_Request(REPORT, handle, inputs, limit, min_new_tokens, priority=rank))
             handles.append(handle)
         return handles
 
@@ -265,14 +270,19 @@ class Engine:
         if not self.busy:
             self._wake.wait(timeout=1.0)
         self._wake.clear()
-        while True:
-            try:
-                request = self._inbox.get_nowait()
-            except queue.Empty:
-                return not self._stopping
-            if request is None:
-                return False
-            self.waiting[request.kind].append(request)
+        reports = len(self.waiting[REPORT])
+        try:
+            while True:
+                try:
+                    request = self._inbox.get_nowait()
+                except queue.Empty:
+                    return not self._stopping
+                if request is None:
+                    return False
+                self.waiting[request.kind].append(request)
+        finally:
+            if len(self.waiting[REPORT]) != reports:  # urgent studies first; arrival order within a rank
+                self.waiting[REPORT] = deque(sorted(self.waiting[REPORT], key=lambda r: r.priority))
 
     def _iteration(self) -> None:
         self._drop_cancelled()

@@ -49,6 +49,7 @@ class StudyInput:
 
     key: str
     image: np.ndarray  # 2-D uint8, white bones (MONOCHROME2 after windowing)
+    priority: int = 1  # the study's rank (0 HIGH, 1 ROUTINE, 2 LOW): the engine admits lower ranks first
 
 
 @dataclass
