@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Path
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from radialog.routing import Priority
 from reporting.text import MAX_REPORT_CHARS, TEXT_PATTERN, clean_text
 from workers.models.prompts import CHEXPERT_LABELS
 
@@ -57,6 +58,9 @@ class StudySummary(_Out):
     updated_at: UTCDateTime
     latest_report_version: int | None = None
     verified: bool | None = None
+    priority: Priority = Field(Priority.ROUTINE, description="From the routing rules: HIGH is read first.")
+    routing_rule: str | None = Field(None, description="The routing rule that decided (None: no rule matched "
+                                     "or not assembled yet).")
 
 
 class StudyPage(BaseModel):
@@ -100,6 +104,7 @@ class RerunOut(BaseModel):
 class ExportOut(_Out):
     id: int
     destination: str
+    event: str | None = None
     state: str
     attempts: int
     last_error: str | None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fastapi import APIRouter, Response
@@ -28,6 +29,29 @@ def current_report(study_id: StudyId, session: DB, who: AnyUser) -> ReportOut:
     audit.record(session, who, "report.read", study_id, version=report.version)
     session.commit()
     return report_out(report)
+
+
+_FHIR = {200: {"description": "FHIR R4 DiagnosticReport (contained Device and Observations)",
+               "content": {"application/fhir+json": {}}}}
+
+
+@router.get("/report/fhir", responses={**_FHIR, **_READ})
+def fhir_report(study_id: StudyId, session: DB, who: AnyUser, settings: AppSettings) -> Response:
+    """The report as a FHIR R4 DiagnosticReport: the newest version a RIS or FHIR server is given
+    (preliminary, final or amended; an unverified edit after an approval is not one of them)."""
+    from reporting.channels.fhir import diagnostic_report
+    from reporting.channels.outbox import study_view, version_view
+
+    study = get_study(session, study_id)
+    require_report(session, study)
+    version = next((v for r in reversed(study.reports) if (v := version_view(session, settings, r)) is not None),
+                   None)
+    if version is None:  # pragma: no cover - the first version is always sendable
+        raise Problem(404, "no-report", "This study has no report version to show as FHIR.")
+    resource = diagnostic_report(study_view(study), version)
+    audit.record(session, who, "report.fhir", study_id, version=version.version)
+    session.commit()
+    return Response(json.dumps(resource), media_type="application/fhir+json")
 
 
 @router.get("/report/versions", response_model=ReportVersions, responses=_READ)

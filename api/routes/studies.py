@@ -24,6 +24,7 @@ from api.schemas import (
 )
 from radialog.logging import get_logger
 from radialog.registry import Report, Study, StudyState, transition
+from radialog.routing import Priority
 
 log = get_logger(__name__)
 router = APIRouter(prefix="/studies", tags=["studies"])
@@ -47,6 +48,7 @@ def _summaries(session: DB, studies: list[Study]) -> list[StudySummary]:
     out = []
     for study in studies:
         summary = StudySummary.model_validate(study)
+        summary.routing_rule = (study.routing or {}).get("rule")
         if study.id in latest:
             summary.latest_report_version, summary.verified = latest[study.id]
         out.append(summary)
@@ -61,6 +63,7 @@ def list_studies(
     date_from: Annotated[date | None, Query(description="Study date on or after (YYYY-MM-DD)")] = None,
     date_to: Annotated[date | None, Query(description="Study date on or before (YYYY-MM-DD)")] = None,
     accession: Annotated[str | None, Query(max_length=64, pattern=NO_CONTROL_CHARACTERS)] = None,
+    priority: Annotated[list[Priority] | None, Query(description="One or more priorities (HIGH, ROUTINE, LOW)")] = None,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> StudyPage:
@@ -74,6 +77,8 @@ def list_studies(
         query = query.where(Study.study_date <= date_to.strftime("%Y%m%d"))
     if accession:
         query = query.where(Study.accession_number == accession)
+    if priority:
+        query = query.where(Study.priority.in_([p.value for p in priority]))
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.scalars(query.order_by(Study.created_at.desc(), Study.id.desc()).offset(offset).limit(limit))
     items = _summaries(session, list(rows))

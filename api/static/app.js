@@ -104,6 +104,7 @@ function applyModel() {
 async function loadWorklist() {
   const params = new URLSearchParams({ offset: state.offset, limit: PAGE_SIZE });
   if ($("state-filter").value) params.append("state", $("state-filter").value);
+  if ($("priority-filter").value) params.append("priority", $("priority-filter").value);
   if ($("accession-filter").value.trim()) params.append("accession", $("accession-filter").value.trim());
   const page = await getJSON(`/studies?${params}`);
   state.total = page.total;
@@ -116,6 +117,7 @@ async function loadWorklist() {
     row.append(el("td", {}, date), el("td", {}, s.patient_name || ""), el("td", {}, s.accession_number || ""));
     const st = el("td");
     st.append(el("span", { className: `state ${s.state}` }, s.state));
+    if (s.priority && s.priority !== "ROUTINE") st.append(" ", el("span", { className: `priority ${s.priority}` }, s.priority));
     row.append(st, el("td", {}, report));
     row.addEventListener("click", () => openStudy(s.id));
     return row;
@@ -129,6 +131,7 @@ async function loadWorklist() {
 
 $("refresh").addEventListener("click", () => loadWorklist());
 $("state-filter").addEventListener("change", () => { state.offset = 0; loadWorklist(); });
+$("priority-filter").addEventListener("change", () => { state.offset = 0; loadWorklist(); });
 $("accession-filter").addEventListener("change", () => { state.offset = 0; loadWorklist(); });
 $("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - PAGE_SIZE); loadWorklist(); });
 $("next").addEventListener("click", () => { state.offset += PAGE_SIZE; loadWorklist(); });
