@@ -285,7 +285,8 @@ def _record_success(registry: Registry, claim: _Claim, detail: str) -> str:
     return SENT
 
 
-def _record_failure(registry: Registry, settings: Settings, claim: _Claim, reason: str) -> str:
+def _record_failure(registry: Registry, settings: Settings, claim: _Claim, reason: str,
+                    loggable: str | None = None) -> str:
     now = utcnow()
     dead = claim.attempt >= settings.export_max_attempts
     values: dict[str, object] = {"last_error": reason[:2000]}
@@ -306,7 +307,8 @@ def _record_failure(registry: Registry, settings: Settings, claim: _Claim, reaso
                 outbox.export_dead(session, settings, row, reason, now)
     state = DEAD if dead else PENDING
     log.warning("export attempt failed", extra={"export": claim.export_id, "attempt": claim.attempt,
-                                                "state": state, "reason": reason[:500]})
+                                                "destination": claim.destination, "state": state,
+                                                "reason": (loggable if loggable is not None else reason)[:500]})
     return state
 
 
@@ -321,7 +323,7 @@ def deliver(registry: Registry, settings: Settings, export_id: int) -> str:
     try:
         detail = _send(settings, claim)
     except DeliveryError as exc:
-        return _record_failure(registry, settings, claim, str(exc))
+        return _record_failure(registry, settings, claim, str(exc), exc.loggable)
     except Exception as exc:  # noqa: BLE001 - an unexpected error must not leave the row claimed for nothing
         return _record_failure(registry, settings, claim, f"{type(exc).__name__}: {exc}")
     return _record_success(registry, claim, detail)

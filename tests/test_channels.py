@@ -96,8 +96,10 @@ def test_ris_gets_p_then_f_then_c_with_the_text_as_stored(sqlite_registry: Regis
 
 @pytest.mark.parametrize("code", ["AE", "AR"])
 def test_refusing_ris_is_retried_then_dead_with_its_reason_and_retry_rearms(
-    sqlite_registry: Registry, settings: Settings, code: str, monkeypatch: pytest.MonkeyPatch
+    sqlite_registry: Registry, settings: Settings, code: str, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level("DEBUG")
     ris = MLLPListener(code, text="unknown accession")
     hooks = WebhookReceiver(SECRET)
     try:
@@ -113,6 +115,8 @@ def test_refusing_ris_is_retried_then_dead_with_its_reason_and_retry_rearms(
         [row] = _rows(sqlite_registry, "ris")
         assert row.state == "DEAD" and row.attempts == 3 and len(ris.messages) == 3
         assert code in row.last_error and "unknown accession" in row.last_error
+        assert "unknown accession" not in caplog.text  # what a peer says may quote patient data: not logged
+        assert f"the RIS answered {code}" in caplog.text
 
         # export.dead told to the webhook, once, with the reason
         assert set(deliver_due(sqlite_registry, settings).values()) == {"SENT"}

@@ -26,7 +26,15 @@ def utc(moment: datetime) -> datetime:
 
 
 class DeliveryError(RuntimeError):
-    """One failed attempt, with a reason an operator can act on (the outbox retries, then DEAD)."""
+    """One failed attempt, with a reason an operator can act on (the outbox retries, then DEAD).
+
+    ``peer_text`` is what the other side said (a RIS's MSA-3, an OperationOutcome, a response body): kept
+    with the row for the operator, never logged, since a peer may quote patient data back.
+    """
+
+    def __init__(self, reason: str, peer_text: str | None = None) -> None:
+        super().__init__(f"{reason}: {peer_text}" if peer_text else reason)
+        self.loggable = reason
 
 
 def result_status(verified: bool, approved_before: bool) -> ResultStatus | None:

@@ -153,8 +153,8 @@ def push(base_url: str, resource: dict[str, Any], *, token: str | None, timeout_
     except httpx.HTTPError as exc:
         raise DeliveryError(f"FHIR PUT to {url} failed: {type(exc).__name__}: {exc}") from exc
     if response.status_code not in (200, 201):
-        raise DeliveryError(f"FHIR server answered {response.status_code} to PUT DiagnosticReport: "
-                            f"{_outcome(response)}")
+        raise DeliveryError(f"FHIR server answered {response.status_code} to PUT DiagnosticReport",
+                            _outcome(response))
     return f"{response.status_code} (FHIR DiagnosticReport {resource['status']})"
 
 

@@ -148,10 +148,9 @@ def judge_ack(ack_text: str, control_id: str) -> str:
     if acked != control_id:
         raise DeliveryError(f"the RIS acknowledged message {acked!r}, not {control_id!r}")
     if code in ("AA", "CA"):
-        return f"{code} (accepted by the RIS)" + (f": {text}" if text else "")
+        return f"{code} (accepted by the RIS)"
     meaning = {"AE": "application error", "AR": "application reject", "CE": "commit error", "CR": "commit reject"}
-    raise DeliveryError(f"the RIS answered {code} ({meaning.get(code, 'not an acceptance')})"
-                        + (f": {text[:500]}" if text else ""))
+    raise DeliveryError(f"the RIS answered {code} ({meaning.get(code, 'not an acceptance')})", text[:500] or None)
 
 
 def send_oru(host: str, port: int, message: str, control_id: str, timeout_s: float) -> str:

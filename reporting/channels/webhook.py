@@ -80,5 +80,5 @@ def send(delivery: Delivery, url: str, secret: str, timeout_s: float) -> str:
     except httpx.HTTPError as exc:
         raise DeliveryError(f"webhook POST to {url} failed: {type(exc).__name__}: {exc}") from exc
     if not 200 <= response.status_code < 300:
-        raise DeliveryError(f"webhook receiver {url} answered {response.status_code}: {response.text[:200]}")
+        raise DeliveryError(f"webhook receiver {url} answered {response.status_code}", response.text[:200] or None)
     return f"{response.status_code} (webhook {delivery.payload.get('type')})"
