@@ -7,6 +7,12 @@ database number) and PostgreSQL (its own schema) or SQLite. tests/test_e2e.py dr
 benchmark:
 
     .venv/bin/python -m bench.e2e [--n 50] [--sequential] [--redis-db 15] [--sqlite] [--keep]
+                                  [--stable-after 0.5] [--trusted-router] [--redis HOST:PORT]
+
+``--trusted-router`` marks Orthanc (the router plugin, which forwards whole studies in one association) as a
+trusted router (``RADIALOG_TRUSTED_ROUTERS``): the node completes its studies when the association is
+released instead of after ``--stable-after`` seconds without a new instance. Run the same command with and
+without it to see what the quiet window costs.
 
 It sends N single-image chest studies into Orthanc with storescu (all at once, or with --sequential one
 after the other's SR) and measures, per study, from storescu's end until Orthanc accepted the SR (the
@@ -65,7 +71,9 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def run_benchmark(n: int, redis_db: int, use_sqlite: bool, keep: bool, sequential: bool = False) -> dict[str, Any]:
+def run_benchmark(n: int, redis_db: int, use_sqlite: bool, keep: bool, sequential: bool = False, *,
+                  stable_after: float = 0.5, trusted_router: bool = False,
+                  redis: str = "127.0.0.1:6379") -> dict[str, Any]:
     from workers.models.radialog_v2.tiny import make_tiny
 
     workdir = Path(tempfile.mkdtemp(prefix="radialog-e2e-bench-"))
@@ -77,9 +85,11 @@ def run_benchmark(n: int, redis_db: int, use_sqlite: bool, keep: bool, sequentia
             Chain(
                 workdir / "chain",
                 database_url=database_url,
-                redis_url=f"redis://127.0.0.1:6379/{redis_db}",
+                redis_url=f"redis://{redis}/{redis_db}",
                 model_dir=model_dir,
                 base_model_dir=base_dir,
+                stable_after=stable_after,
+                extra_env={"RADIALOG_TRUSTED_ROUTERS": json.dumps(["ORTHANC"])} if trusted_router else None,
             )
         )
         sent_at: dict[str, float] = {}
@@ -101,6 +111,8 @@ def run_benchmark(n: int, redis_db: int, use_sqlite: bool, keep: bool, sequentia
     summary.update(
         n=n,
         mode="sequential" if sequential else "all at once",
+        stable_after_s=stable_after,
+        trusted_router=trusted_router,
         wall_s=round(wall, 1),
         registry="sqlite" if use_sqlite else "postgresql",
     )
@@ -136,6 +148,7 @@ def _stage_rows(database_url: str, studies: list[tuple[str, str, Path]], sent_at
                     {
                         "orthanc_to_node": received - sent_at[accession],
                         "node_to_queued": events["QUEUED"] - received,
+                        "last_image_to_sr_in_orthanc": accepted - max(_ts(i.received_at) for i in study.instances),
                         "queue_wait": events["RUNNING"] - events["QUEUED"],
                         "worker": events["REPORTED"] - events["RUNNING"],
                         "preprocess": float(timings.get("preprocess", 0.0)),
@@ -177,8 +190,14 @@ def main() -> None:
     parser.add_argument("--sqlite", action="store_true", help="SQLite registry instead of PostgreSQL")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--sequential", action="store_true", help="send the next study only after the last SR")
+    parser.add_argument("--stable-after", type=float, default=0.5, help="the node's quiet window (s)")
+    parser.add_argument("--trusted-router", action="store_true",
+                        help="Orthanc's router is trusted: complete on association release")
+    parser.add_argument("--redis", default=os.environ.get("RADIALOG_TEST_REDIS", "127.0.0.1:6379"),
+                        help="Redis host:port (default RADIALOG_TEST_REDIS, else 127.0.0.1:6379)")
     args = parser.parse_args()
-    result = run_benchmark(args.n, args.redis_db, args.sqlite, args.keep, args.sequential)
+    result = run_benchmark(args.n, args.redis_db, args.sqlite, args.keep, args.sequential,
+                           stable_after=args.stable_after, trusted_router=args.trusted_router, redis=args.redis)
     print(json.dumps(result, indent=2, default=str))
 
 
