@@ -34,7 +34,9 @@ NOTES: dict[str, str] = {
     "broker_url": "Celery broker (Redis). Without Redis, `radialog run` uses an embedded broker.",
     "result_backend": "Celery result backend; none = the broker URL.",
     "model_backend": "Model backend: radialog-v2, radialog-v1 or xraygpt.",
-    "destinations": 'Where SRs go, JSON list: {"name", "kind": "dimse"|"stow", "ae_title", "host", "port", "url", "tls"}.',
+    "destinations": 'Output channels, JSON list: {"name", "kind": "dimse"|"stow"|"hl7"|"fhir"|"webhook", "ae_title", '
+                    '"host", "port", "url", "tls", "receiving_application", "receiving_facility", "secret", "events"} '
+                    '(README: Output channels).',
     "export_max_attempts": "Tries per SR and destination before the export is DEAD.",
     "export_backoff_initial": "Seconds before the first export retry (doubles each time).",
     "export_backoff_max": "Longest wait between export retries, seconds.",
@@ -56,6 +58,8 @@ def _default(name: str) -> str:
     value = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
     if value is None:
         return "none"
+    if name == "routing_rules":
+        return "under-18 skip, store-priority-high, stat-order, routine (README: Routing rules)"
     if isinstance(value, Path):
         return f"`{value}`"
     return f"`{value!r}`" if isinstance(value, str) else f"`{value}`"
