@@ -283,3 +283,30 @@ def test_destination_settings_are_checked(tmp_path: Path) -> None:
         Destination(name="f", kind="fhir")
     with pytest.raises(ValidationError, match="unique"):
         Settings(data_dir=tmp_path, destinations=[Destination(name="a"), Destination(name="a", port=1)])
+
+
+def test_a_study_that_crashed_its_worker_twice_raises_study_failed(sqlite_registry: Registry,
+                                                                  settings: Settings) -> None:
+    """The other way a study fails for good (workers.crashes): its webhook row comes with the failure."""
+    from datetime import timedelta
+
+    from radialog.registry import Job, StudyState
+    from workers.crashes import ALONE, FAILED, MAX_CRASHES, recover_lost
+
+    hooks = WebhookReceiver(SECRET)
+    try:
+        settings = _settings(settings, [Destination(name="hooks", kind="webhook", url=hooks.url, secret=SECRET)])
+        study_id, _ = add_study(sqlite_registry, settings, state=StudyState.RUNNING)
+        long_ago = utcnow() - timedelta(hours=1)
+        with sqlite_registry.session() as session:
+            job = Job(study_id=study_id, model_name="radialog-v2", model_version="configured", state="RUNNING",
+                      attempts=2, run_mode=ALONE, crashes=MAX_CRASHES - 1, started_at=long_ago,
+                      heartbeat_at=long_ago, queued_at=long_ago, timings={})
+            session.add(job)
+            session.flush()
+            assert recover_lost(session, job.id, 60.0, settings) == FAILED
+        assert set(deliver_due(sqlite_registry, settings).values()) == {"SENT"}
+        [event] = hooks.events().values()
+        assert event["type"] == "study.failed" and "died 2 times" in event["data"]["reason"]
+    finally:
+        hooks.stop()

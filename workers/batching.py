@@ -24,6 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from radialog.registry import Job, JobState, Registry, StudyState, transition, utcnow
+from radialog.settings import Settings
 from workers.crashes import recover_lost
 
 
@@ -41,11 +42,12 @@ class Claim:
     priority: int = 1  # the study's rank: 0 HIGH, 1 ROUTINE, 2 LOW
 
 
-def claim(session: Session, job_id: int, worker: str, lease_s: float, *, companion: bool = False) -> Claim | None:
+def claim(session: Session, job_id: int, worker: str, lease_s: float, *, companion: bool = False,
+          settings: Settings | None = None) -> Claim | None:
     """Take ``job_id`` if it is waiting, or after its last claim was lost with its worker (lease expired:
     settled first by ``crashes.recover_lost``, which decides who is charged). A ``companion`` (joining
     another job's batch) is never an isolated job."""
-    recover_lost(session, job_id, lease_s)
+    recover_lost(session, job_id, lease_s, settings)
     now = utcnow()
     conditions = [Job.id == job_id, Job.state == JobState.QUEUED.value]
     if companion:
@@ -97,6 +99,7 @@ def collect_batch(
     wait_s: float,
     lease_s: float,
     poll_s: float = 0.02,
+    settings: Settings | None = None,
 ) -> list[Claim]:
     """Claim ``first_job_id`` and then more waiting jobs until ``batch_size`` or ``wait_s`` has passed; an
     isolated first job makes a batch of one.
@@ -105,7 +108,7 @@ def collect_batch(
     that asked for it was a duplicate and nothing is to be done.
     """
     with registry.session() as session:
-        first = claim(session, first_job_id, worker, lease_s)
+        first = claim(session, first_job_id, worker, lease_s, settings=settings)
     if first is None:
         return []
     if first.isolated:
@@ -116,7 +119,7 @@ def collect_batch(
         taken = {c.job_id for c in batch}
         with registry.session() as session:
             for job_id in waiting_jobs(session, model_name, batch_size - len(batch), taken):
-                claimed = claim(session, job_id, worker, lease_s, companion=True)
+                claimed = claim(session, job_id, worker, lease_s, companion=True, settings=settings)
                 if claimed is not None:
                     batch.append(claimed)
         remaining = deadline - time.monotonic()

@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from radialog.logging import get_logger
 from radialog.registry import Job, JobState, StudyState, transition, utcnow
+from radialog.settings import Settings
 from workers import metrics
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def crash_reason(crashes: int) -> str:
             "model crash on this image); not retried automatically")
 
 
-def recover_lost(session: Session, job_id: int, lease_s: float) -> str | None:
+def recover_lost(session: Session, job_id: int, lease_s: float, settings: Settings | None = None) -> str | None:
     """Settle a RUNNING job whose lease lapsed (its worker died), charging the crash only if it ran alone.
 
     Returns ``REQUEUED`` (QUEUED again; the caller sends or runs its message), ``FAILED`` (it crashed the
@@ -113,6 +114,10 @@ def recover_lost(session: Session, job_id: int, lease_s: float) -> str | None:
                                                    "outcome": outcome, "crashes": crashes})
     if outcome == FAILED:
         metrics.FAILURES.labels(kind="crashed").inc()
+        if settings is not None:  # the study.failed webhook rows, in this transaction (sent by the sweep)
+            from reporting.channels.outbox import study_failed
+
+            study_failed(session, settings, study_id, reason, now)
     return outcome
 
 

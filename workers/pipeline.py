@@ -332,6 +332,7 @@ def run_report_job(ctx: WorkerContext, job_id: int) -> str:
             batch_size=ctx.batch_limit(settings.batch_size),
             wait_s=settings.batch_wait_ms / 1000,
             lease_s=ctx.lease_s,
+            settings=settings,
         )
     except (OperationalError, PoolTimeout) as exc:  # jobs claimed before the error come back by lease
         metrics.FAILURES.labels(kind="transient").inc()

@@ -99,7 +99,7 @@ def reconcile(
         ).all()
     for job_id in dead:
         with registry.session() as session:  # who is charged for the lost claim: workers.crashes
-            outcome = recover_lost(session, job_id, lease_s)
+            outcome = recover_lost(session, job_id, lease_s, settings)
             if outcome == CRASH_FAILED:
                 result.failed_crashing.append(job_id)
             if outcome != REQUEUED:
