@@ -35,17 +35,20 @@ def list_exports(state: str | None, limit: int) -> None:
 
     registry, _ = _context()
     with registry.session() as session:
-        query = select(Export, Report).join(Report, Export.report_id == Report.id).order_by(Export.id.desc())
+        # outer join: event rows (study.failed, export.dead webhooks) have no report version
+        query = select(Export, Report).outerjoin(Report, Export.report_id == Report.id).order_by(Export.id.desc())
         if state:
             query = query.where(Export.state == state)
         rows = []
         for export_row, report in session.execute(query.limit(limit)).all():
             when = export_row.sent_at or export_row.next_attempt_at
-            rows.append((export_row.id, report.study_id, report.version, export_row.destination, export_row.state,
+            study = report.study_id if report is not None else export_row.study_id
+            what = export_row.event or (f"v{report.version}" if report is not None else None)
+            rows.append((export_row.id, study, what, export_row.destination, export_row.state,
                          export_row.attempts, when.isoformat(timespec="seconds") if when else None,
                          export_row.last_error))
-    echo_table(["id", "study", "version", "destination", "state", "tries", "next / sent", "last error"], rows,
-               right={0, 1, 2, 5}, empty="no exports")
+    echo_table(["id", "study", "carries", "destination", "state", "tries", "next / sent", "last error"], rows,
+               right={0, 1, 5}, empty="no exports")
 
 
 @export.command("retry")

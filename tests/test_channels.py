@@ -136,6 +136,8 @@ def test_refusing_ris_is_retried_then_dead_with_its_reason_and_retry_rearms(
         try:
             listing = CliRunner().invoke(main, ["export", "list", "--state", "DEAD"])
             assert "ris" in listing.output and "unknown accession" in listing.output
+            events = CliRunner().invoke(main, ["export", "list", "--state", "SENT"])
+            assert "export.dead" in events.output and "hooks" in events.output  # event rows are listed too
             ris.answer = "AA"
             assert CliRunner().invoke(main, ["export", "retry", str(row.id)]).exit_code == 0
         finally:
