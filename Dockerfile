@@ -34,6 +34,7 @@ COPY dicom_node ./dicom_node
 COPY workers ./workers
 COPY reporting ./reporting
 COPY api ./api
+COPY composition ./composition
 COPY deploy ./deploy
 RUN pip install .
 

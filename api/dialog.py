@@ -1,5 +1,5 @@
 """The follow-up dialog: conversations seeded with the current report, turns sent to the workers,
-answers relayed from the Redis channel ``workers.celery_app.dialog_channel`` (JSON token/done/error messages).
+answers relayed from the Redis channel ``radialog.messaging.dialog_channel`` (JSON token/done/error messages).
 
 The channel is subscribed BEFORE the task is sent, so no token can be published before we listen.
 The worker stores the answer in the DialogTurn row too, so a client that lost the stream can poll.
@@ -29,9 +29,9 @@ from api.problems import Problem
 from api.schemas import MAX_QUESTION_CHARS, CorrectionAction, QuickAction, YesNoAction
 from api.services import Services
 from radialog.logging import get_logger
+from radialog.messaging import dialog_channel
 from radialog.presence import BrokerUnavailable
 from radialog.registry import Conversation, DialogTurn, Registry, Report, Study, utcnow
-from workers.celery_app import dialog_channel
 from workers.models import prompts
 from workers.models.capabilities import RADIALOG_V2, Capabilities
 
@@ -232,7 +232,7 @@ def send_turn(session: Session, services: Services, conversation_id: int, task: 
         if services.redis_url is not None:
             pubsub = services.redis.pubsub()
             pubsub.subscribe(dialog_channel(services.settings.broker_url, turn.id))
-        services.send_task("radialog.dialog_turn", [turn.id], queue="dialog", task_id=task_id)
+        services.send_dialog_turn(turn.id, task_id)
     except Exception as exc:
         if pubsub is not None:
             pubsub.close()

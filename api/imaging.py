@@ -1,4 +1,4 @@
-"""The PNG preview: exactly the 8-bit image the model saw (``workers.imaging.load_model_image``)."""
+"""The PNG preview: exactly the 8-bit image the model saw (``radialog.imaging.load_model_image``)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def reported_instance(session: Session, study: Study, report: Report | None) -> 
 
 
 def preview_png(settings: Settings, instance: Instance, max_side: int = 1024) -> bytes:
-    from workers.imaging import UnusableImage, load_model_image
+    from radialog.imaging import UnusableImage, load_model_image
 
     path = Path(settings.spool_dir) / instance.path
     try:

@@ -109,26 +109,15 @@ def exports(session: Session) -> tuple[dict[str, int], list[dict[str, Any]]]:
 
 
 def queue_depths(services: Services) -> dict[str, Any]:
-    """Messages waiting per queue, read from the broker (kombu's passive declare counts every priority
-    sub-queue on Redis); unavailable, with the reason, when the broker does not answer."""
-    from kombu.exceptions import ChannelError, KombuError, OperationalError
+    """Messages waiting per queue (``radialog.messaging.queue_depths``); unavailable, with the reason, when
+    the broker does not answer."""
+    from radialog.messaging import BrokerUnavailable, queue_depths
 
     try:
-        app = services.celery
-        names = [q.name for q in (app.conf.task_queues or [])]
-        depths: dict[str, int] = {}
-        with app.connection_for_read() as conn:
-            conn.ensure_connection(max_retries=1, timeout=3)
-            channel: Any = conn.default_channel
-            for name in names:
-                try:
-                    depths[name] = int(channel.queue_declare(queue=name, passive=True).message_count)
-                except ChannelError:  # never declared: nobody sent to it, nothing waits
-                    depths[name] = 0
-        return {"available": True, "depths": depths, "error": None}
-    except (OSError, KombuError, OperationalError, redis.RedisError) as exc:
+        return {"available": True, "depths": queue_depths(services.settings), "error": None}
+    except BrokerUnavailable as exc:
         log.warning("queue depths unavailable: broker unreachable")
-        return {"available": False, "depths": {}, "error": type(exc).__name__}
+        return {"available": False, "depths": {}, "error": str(exc)}
 
 
 def workers(services: Services) -> dict[str, Any]:

@@ -107,7 +107,7 @@ def send_exports(services: Services, report: Report) -> int:
         if export.state != ExportState.PENDING.value:
             continue
         try:
-            services.send_task("radialog.export", [export.id], queue="export")
+            services.send_exports([export.id])
             sent += 1
         except Exception:
             log.exception("export task not sent; the outbox sweeper will retry", extra={"export": export.id})

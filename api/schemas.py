@@ -13,9 +13,9 @@ from typing import Annotated, Any, Literal
 from fastapi import Path
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from radialog.chexpert import CHEXPERT_LABELS, NO_FINDING
 from radialog.routing import Priority
 from reporting.text import MAX_REPORT_CHARS, TEXT_PATTERN, clean_text
-from workers.models.prompts import CHEXPERT_LABELS
 
 #: Longest question accepted, in characters (a long question is almost always a pasted report).
 MAX_QUESTION_CHARS = 2000
@@ -210,7 +210,7 @@ class Question(BaseModel):
 
 
 #: The CheXpert findings the model was instruction-tuned to correct and to answer yes/no about.
-FindingLabel = Literal[tuple(label for label in CHEXPERT_LABELS if label != "No Finding")]  # type: ignore[valid-type]
+FindingLabel = Literal[tuple(label for label in CHEXPERT_LABELS if label != NO_FINDING)]  # type: ignore[valid-type]
 
 
 class _Action(BaseModel):

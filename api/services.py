@@ -1,9 +1,9 @@
 """The API's links to the broker: Redis (pub/sub for streamed answers), worker readiness
-(``radialog.presence``: Redis keys, or files beside the embedded broker) and Celery.
+(``radialog.presence``: Redis keys, or files beside the embedded broker) and the task senders.
 
-Tasks are sent by name ("radialog.dialog_turn", "radialog.export") through the workers' Celery app
-(``workers.celery_app.app_for(settings)``) when it is importable, else through a bare Celery client on the same broker; the API never imports
-model code. Redis is reached lazily so the API starts (and serves reads) while the broker is down.
+Tasks are sent through ``radialog.messaging`` (the same Celery app and names the workers consume); the API
+never imports worker or model code. Redis is reached lazily so the API starts (and serves reads) while the
+broker is down.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from typing import Any
 
 import redis
 
+from radialog import messaging
 from radialog.logging import get_logger
-from radialog.presence import Presence, is_redis_url, presence_for
+from radialog.presence import Presence, presence_for
 from radialog.settings import Settings
 
 log = get_logger(__name__)
@@ -25,21 +26,20 @@ class Services:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._redis: redis.Redis | None = None
-        self._celery: Any = None
         self.presence: Presence = presence_for(settings)
 
     @property
     def redis_url(self) -> str | None:
         """The broker's Redis URL; None with the embedded broker (answers are then polled, not streamed)."""
         url = self.settings.broker_url
-        return url if is_redis_url(url) else None
+        return url if messaging.is_redis_url(url) else None
 
     @property
     def redis(self) -> redis.Redis:
         if self._redis is None:
             if self.redis_url is None:
                 raise redis.ConnectionError("the broker is not Redis: dialog streaming needs Redis")
-            self._redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=5)
+            self._redis = messaging.connect_redis(self.redis_url)
         return self._redis
 
     def ready_workers(self) -> list[dict[str, Any]]:
@@ -47,25 +47,11 @@ class Services:
         broker cannot be reached."""
         return self.presence.ready()
 
-    @property
-    def celery(self) -> Any:
-        if self._celery is None:
-            try:
-                from workers.celery_app import app_for
+    def send_dialog_turn(self, turn_id: int, task_id: str) -> None:
+        messaging.send_dialog_turn(self.settings, turn_id, task_id)
 
-                celery_app = app_for(self.settings)  # the workers' app, for this app's broker
-            except ImportError:
-                from celery import Celery
-
-                celery_app = Celery("radialog-api", broker=self.settings.broker_url)
-                celery_app.conf.update(task_serializer="json", accept_content=["json"])
-            self._celery = celery_app
-        return self._celery
-
-    def send_task(self, name: str, args: list[Any], queue: str, task_id: str | None = None) -> str:
-        """Send a task by name to ``queue``; returns the Celery task id."""
-        result = self.celery.send_task(name, args=args, queue=queue, task_id=task_id)
-        return str(result.id)
+    def send_exports(self, export_ids: list[int]) -> None:
+        messaging.send_export_tasks(self.settings, export_ids)
 
     def close(self) -> None:
         self.presence.close()

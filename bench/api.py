@@ -23,7 +23,7 @@ import httpx
 import uvicorn
 
 from api.app import create_app
-from api.testing import WorkerProcess, add_reported_study, add_study, make_keys
+from tests.support.seeding import WorkerProcess, add_reported_study, add_study, make_keys
 from radialog.registry import Registry, StudyState
 from radialog.settings import Settings
 

@@ -1,6 +1,6 @@
 """The whole chain as real processes, and its end-to-end benchmark.
 
-``radialog.chain.Chain`` starts, on free ports: Debian's Orthanc with the deployment's router (deploy/orthanc/), then
+``composition.chain.Chain`` starts, on free ports: Debian's Orthanc with the deployment's router (deploy/orthanc/), then
 ``radialog db upgrade``, ``radialog node``, ``radialog worker`` (tiny model unless told otherwise) and
 ``radialog api`` as subprocesses configured only through RADIALOG_* variables, on the real Redis (its own
 database number) and PostgreSQL (its own schema) or SQLite. tests/test_e2e.py drives it; so does this
@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from radialog.chain import Chain, ChainError, wait_until
+from composition.chain import Chain, ChainError, wait_until
 
 PG_URL = os.environ.get("RADIALOG_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.faults [--per-phase 6] [--sqlite] [--keep] [--json out.json]
 
-``radialog.chain.Chain`` runs Orthanc (the PACS, with our router), ``radialog node``, ``radialog worker``
+``composition.chain.Chain`` runs Orthanc (the PACS, with our router), ``radialog node``, ``radialog worker``
 (tiny model, CPU) and ``radialog api`` on a private ``redis-server`` (no persistence: a restart comes back
 empty, as the platform's default) and PostgreSQL (its own schema) or SQLite. Four phases, each sending
 ``--per-phase`` new studies (PA + lateral CR, two instances) into Orthanc with storescu:
@@ -41,7 +41,7 @@ import httpx
 import redis
 from sqlalchemy import func, select
 
-from radialog.chain import ORTHANC, Chain, ChainError, Process, free_port, wait_until
+from composition.chain import ORTHANC, Chain, ChainError, Process, free_port, wait_until
 
 PG_URL = os.environ.get("RADIALOG_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 PHASES = ("node", "worker", "redis", "pacs")
@@ -125,7 +125,7 @@ class Faults:
         self.chain.processes.remove(proc)
 
     def spawn(self, name: str, *args: str) -> Process:
-        proc = Process(name, [sys.executable, "-m", "radialog.cli", *args], self.chain.env, self.chain.workdir)
+        proc = Process(name, [sys.executable, "-m", "composition.cli", *args], self.chain.env, self.chain.workdir)
         self.chain.processes.append(proc)
         return proc
 

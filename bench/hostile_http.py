@@ -75,12 +75,12 @@ class Target:
         self.key = self._radialog("users", "create", "bench", "--role", "reader").strip()
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                ["bash", "-c", f'ulimit {"-n" if hard else "-Sn"} {nofile} && exec "$@"', "bash", sys.executable, "-m", "radialog.cli",
+                ["bash", "-c", f'ulimit {"-n" if hard else "-Sn"} {nofile} && exec "$@"', "bash", sys.executable, "-m", "composition.cli",
                  "run"], cwd=tree, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.api_port}"
 
     def _radialog(self, *args: str) -> str:
-        return subprocess.run([sys.executable, "-m", "radialog.cli", *args], cwd=self.tree, env=self.env,
+        return subprocess.run([sys.executable, "-m", "composition.cli", *args], cwd=self.tree, env=self.env,
                               capture_output=True, text=True, check=True, timeout=300).stdout
 
     def wait_ready(self, timeout: float = 300) -> None:

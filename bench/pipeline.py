@@ -138,7 +138,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from radialog.registry import Registry
     from radialog.settings import Destination, Settings
     from workers.models.radialog_v2.tiny import make_tiny
-    from workers.pipeline import enqueue_report
+    from radialog.messaging import enqueue_report
+    from radialog.presence import ready_key
 
     tmp = Path(tempfile.mkdtemp(prefix="radialog-bench-pipeline-"))
     model_dir, base_dir = make_tiny(tmp / "tiny")
@@ -163,12 +164,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     })
     log = tmp / "worker.log"
     with log.open("wb") as log_file:
-        worker = subprocess.Popen([sys.executable, "-m", "radialog.cli", "worker", "--hostname", "bench-worker",
+        worker = subprocess.Popen([sys.executable, "-m", "composition.cli", "worker", "--hostname", "bench-worker",
                                    "--no-sweep"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     node = start_node(settings, registry, lambda study_id: enqueue_report(registry, settings, study_id))
     figures: list[dict[str, float]] = []
     try:
-        wait_for(lambda: client.exists("radialog:worker:bench-worker"), 300, "worker ready", worker, log)
+        wait_for(lambda: client.exists(ready_key("bench-worker")), 300, "worker ready", worker, log)
         time.sleep(1.0)  # the Celery consumer starts just after the readiness key
         started = time.monotonic()
         if args.mode == "sequential":

@@ -67,12 +67,13 @@ def worker(hostname: str) -> None:
     """The worker's readiness key exists in Redis (its model is loaded and it is alive)."""
     import redis
 
+    from radialog.presence import ready_key
     from radialog.settings import Settings
 
     settings = Settings()
     try:
         client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=5)
-        alive = client.exists(f"radialog:worker:{hostname}")
+        alive = client.exists(ready_key(hostname))
     except (redis.RedisError, OSError) as exc:
         _fail(f"broker unavailable: {type(exc).__name__}")
     if not alive:

@@ -10,19 +10,9 @@ from typing import Any
 import click
 
 from radialog.logging import get_logger
+from radialog.messaging import enqueue_report
 
 log = get_logger(__name__)
-
-
-def default_enqueue(registry: Any, settings: Any) -> Any:
-    """``workers.pipeline.enqueue_report`` bound to this process's registry and settings, when the
-    workers package is installed; otherwise None (QUEUED in the registry is the contract)."""
-    try:
-        from workers.pipeline import enqueue_report
-    except ImportError:
-        log.info("workers.pipeline not importable: studies stay QUEUED for the reconciler")
-        return None
-    return partial(enqueue_report, registry, settings)
 
 
 @click.command("node")
@@ -42,7 +32,7 @@ def node(host: str | None, port: int | None, ae_title: str | None, no_enqueue: b
     if overrides:
         settings = settings.model_copy(update=overrides)
     registry = Registry.from_settings(settings)
-    enqueue = None if no_enqueue else default_enqueue(registry, settings)
+    enqueue = None if no_enqueue else partial(enqueue_report, registry, settings)
     stop = threading.Event()
 
     def _stop(signum: int, _frame: Any) -> None:

@@ -27,6 +27,7 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 
+from radialog.messaging import BrokerUnavailable, connect_redis, is_redis_url
 from radialog.settings import Settings
 
 READY_KEY_PREFIX = "radialog:worker:"
@@ -37,10 +38,6 @@ READY_REFRESH_S = 10
 PRUNE_AFTER_S = 3600
 
 
-class BrokerUnavailable(Exception):
-    """The broker (Redis, or the embedded broker's file) cannot be reached."""
-
-
 class Presence(Protocol):
     def announce(self, hostname: str, info: dict[str, Any]) -> None: ...
     def withdraw(self, hostname: str) -> None: ...
@@ -49,8 +46,9 @@ class Presence(Protocol):
     def close(self) -> None: ...
 
 
-def is_redis_url(url: str) -> bool:
-    return url.startswith(("redis://", "rediss://", "unix://"))
+def ready_key(hostname: str) -> str:
+    """The Redis key a worker keeps alive while its model is loaded (compose's health check reads it too)."""
+    return READY_KEY_PREFIX + hostname
 
 
 def presence_for(settings: Settings) -> Presence:
@@ -79,25 +77,25 @@ class RedisPresence:
     @property
     def client(self) -> redis.Redis:
         if self._client is None:
-            self._client = redis.Redis.from_url(self.url, socket_connect_timeout=2, socket_timeout=5)
+            self._client = connect_redis(self.url)
         return self._client
 
     def announce(self, hostname: str, info: dict[str, Any]) -> None:
         try:
-            self.client.set(READY_KEY_PREFIX + hostname, json.dumps(info), ex=READY_TTL_S)
+            self.client.set(ready_key(hostname), json.dumps(info), ex=READY_TTL_S)
         except redis.RedisError as exc:
             raise BrokerUnavailable(type(exc).__name__) from exc
 
     def withdraw(self, hostname: str) -> None:
         try:
-            self.client.delete(READY_KEY_PREFIX + hostname)
+            self.client.delete(ready_key(hostname))
         except redis.RedisError as exc:
             raise BrokerUnavailable(type(exc).__name__) from exc
 
     def ready(self) -> list[dict[str, Any]]:
         workers = []
         try:
-            for key in self.client.scan_iter(match=READY_KEY_PREFIX + "*", count=100):
+            for key in self.client.scan_iter(match=ready_key("*"), count=100):
                 raw = self.client.get(key)
                 if raw is not None:
                     workers.append({"worker": key.decode().removeprefix(READY_KEY_PREFIX), **_info(raw)})

@@ -20,14 +20,14 @@ from typing import Any, Literal
 from rapidfuzz.distance import Levenshtein
 from sqlalchemy.orm import Session
 
+from radialog.chexpert import NO_FINDING
 from radialog.registry import ApprovalReview, FindingVerdict, Report
 from reporting.text import clean_text
 
 Stated = Literal["present", "absent"]
 Suggestion = Literal["agree", "disagree"]
 
-#: CheXpert's catch-all label has no phrase of its own in a report: never proposed from the text.
-NO_FINDING = "No Finding"
+# CheXpert's catch-all label (NO_FINDING) has no phrase of its own in a report: never proposed from the text.
 #: Words before a finding, in the same clause, that deny it ("no pleural effusion", "without edema").
 _NEGATION_BEFORE = re.compile(
     r"\b(no|not|without|negative for|free of|absence of|absent|resolved|resolution of|ruled out|rules out|"

@@ -26,7 +26,7 @@ from radialog.settings import Settings
 from reporting import sr as srmod
 
 if TYPE_CHECKING:
-    from workers.models.base import Provenance, ReportOutput
+    from radialog.model_output import Provenance, ReportOutput
 
 log = get_logger(__name__)
 

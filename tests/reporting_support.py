@@ -18,7 +18,7 @@ from pynetdicom.sop_class import ComprehensiveSRStorage as SRStorage
 from radialog.registry import Instance, Registry, Study, StudyState, utcnow
 from radialog.settings import Destination, Settings
 from radialog.synthetic import make_cxr
-from workers.models.base import ClassifierFinding, Provenance, ReportOutput
+from radialog.model_output import ClassifierFinding, Provenance, ReportOutput
 
 LABELS = [
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",

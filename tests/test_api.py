@@ -17,7 +17,8 @@ from sqlalchemy import select
 
 from tests.support.brokers import redis_url
 from api.app import create_app
-from api.testing import add_reported_study, add_study, make_keys
+from tests.support.seeding import add_reported_study, add_study, make_keys
+from radialog.presence import ready_key
 from radialog.registry import AuditEntry, Conversation, DialogTurn, Registry, StudyState
 from radialog.settings import Settings
 
@@ -32,7 +33,7 @@ def api_settings(settings: Settings) -> Settings:
 @pytest.fixture
 def redis_db() -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter("radialog:worker:*"):
+    for key in client.scan_iter(ready_key("*")):
         client.delete(key)
     yield client
     client.close()
@@ -226,10 +227,10 @@ def test_non_streamed_waits_are_bounded_then_answered_202_at_once(client: TestCl
     asking to wait 300 s gets 202 + Location at once instead of holding one more of the API's threads.
     The worker here is a readiness key only (ready, never answering), so the turn stays QUEUED."""
     from api.routes import dialog as dialog_routes
-    from workers.celery_app import dialog_channel
+    from radialog.messaging import dialog_channel
 
     study_id = add_reported_study(registry, api_settings)
-    redis_db.set("radialog:worker:busy@test", json.dumps({"name": "RaDialog-LLaVA", "hostname": "busy@test"}), ex=60)
+    redis_db.set(ready_key("busy@test"), json.dumps({"name": "RaDialog-LLaVA", "hostname": "busy@test"}), ex=60)
     answered = threading.Event()
 
     def answer_later() -> None:
@@ -257,7 +258,7 @@ def test_non_streamed_waits_are_bounded_then_answered_202_at_once(client: TestCl
         answerer.join(timeout=10)
         for _ in range(taken):
             dialog_routes._blocking_waits.release()
-        redis_db.delete("radialog:worker:busy@test", "dialog")
+        redis_db.delete(ready_key("busy@test"), "dialog")
     assert response.status_code == 202, response.text
     turn = response.json()
     assert turn["state"] == "QUEUED" and response.headers["location"] == f"/api/v1/dialog/turns/{turn['id']}"
@@ -390,7 +391,7 @@ def test_image_preview_is_the_model_image(client: TestClient, keys: dict[str, st
     import numpy as np
     from PIL import Image
 
-    from workers.imaging import load_model_image
+    from radialog.imaging import load_model_image
 
     study_id, ds = add_study(registry, api_settings, state=StudyState.QUEUED)
     response = client.get(f"/api/v1/studies/{study_id}/image.png", headers=auth(keys["reader"]))
@@ -431,7 +432,7 @@ def test_approval_sends_the_export_task_for_the_new_sr(registry: Registry, api_s
 def test_users_cli_creates_lists_and_revokes(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     from click.testing import CliRunner
 
-    from radialog.cli import main
+    from composition.cli import main
     from radialog.settings import get_settings
 
     monkeypatch.setenv("RADIALOG_DATA_DIR", str(tmp_path / "var"))

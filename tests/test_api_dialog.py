@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from tests.support.brokers import redis_url
 from api.app import create_app
-from api.testing import WorkerProcess, add_reported_study, make_keys
+from tests.support.seeding import WorkerProcess, add_reported_study, make_keys
 from radialog.registry import AuditEntry, DialogTurn, Registry
 from radialog.settings import Settings
 from workers.models import prompts

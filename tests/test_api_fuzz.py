@@ -21,7 +21,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from api.app import create_app
-from api.testing import USERS, WorkerProcess
+from tests.support.seeding import USERS, WorkerProcess
 from radialog.registry import Registry
 from radialog.settings import Settings
 from tests.support.brokers import redis_url

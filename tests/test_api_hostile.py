@@ -25,7 +25,7 @@ import pytest
 
 from api.app import create_app
 from api.server import BUSY_RESPONSE, TIMEOUT_RESPONSE, build_server
-from api.testing import add_reported_study, make_keys
+from tests.support.seeding import add_reported_study, make_keys
 from radialog.registry import Registry
 from radialog.settings import Settings
 from tests.support.brokers import redis_url
@@ -279,7 +279,7 @@ def test_radialog_api_under_a_small_fd_limit_keeps_serving_through_many_half_sen
     log_path = tmp_path / "api.log"
     with log_path.open("wb") as log:
         api = subprocess.Popen(["bash", "-c", 'ulimit -n 256 && exec "$@"', "bash", sys.executable, "-m",
-                                "radialog.cli", "api"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+                                "composition.cli", "api"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     socks: list[socket.socket] = []
     try:
         deadline = time.monotonic() + 60

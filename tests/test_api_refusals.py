@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.app import create_app
-from api.testing import add_reported_study, add_study, make_keys
+from tests.support.seeding import add_reported_study, add_study, make_keys
 from api.users import create_user
 from radialog.registry import AuditEntry, Conversation, DialogTurn, Registry, Report, StudyState, utcnow
 from radialog.settings import Settings

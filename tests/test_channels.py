@@ -129,7 +129,7 @@ def test_refusing_ris_is_retried_then_dead_with_its_reason_and_retry_rearms(
         monkeypatch.setenv("RADIALOG_DATA_DIR", str(settings.data_dir))
         monkeypatch.setenv("RADIALOG_DESTINATIONS", json.dumps([d.model_dump(mode="json")
                                                                 for d in settings.destinations]))
-        from radialog.cli import main
+        from composition.cli import main
         from radialog.settings import get_settings
 
         get_settings.cache_clear()

@@ -25,6 +25,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from tests.support.brokers import redis_url
+from radialog.presence import ready_key
 from radialog.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +117,16 @@ def test_dockerfile_copies_only_what_exists() -> None:
     assert {"app", "orthanc"} <= targets
 
 
+def test_the_image_holds_every_package_of_the_wheel() -> None:
+    """The image installs the project from its copied sources: a package the wheel ships (pyproject) but the
+    Dockerfile does not copy is missing there (the `radialog` entry point lives in ``composition``)."""
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    copied = set(re.findall(r"^COPY\s+(\w+)\s+\./\1$", (ROOT / "Dockerfile").read_text(), re.MULTILINE))
+    assert {pattern.rstrip("*") for pattern in packages} <= copied
+
+
 # -- the health-check commands, against real peers -------------------------------------------------
 def healthcheck(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -150,10 +161,10 @@ def test_worker_check_sees_the_readiness_key() -> None:
     try:
         missing = healthcheck("worker", hostname, env=env)
         assert missing.returncode == 1 and "not announced" in missing.stderr
-        client.set(f"radialog:worker:{hostname}", '{"model": "test"}', ex=30)
+        client.set(ready_key(hostname), '{"model": "test"}', ex=30)
         assert healthcheck("worker", hostname, env=env).returncode == 0
     finally:
-        client.delete(f"radialog:worker:{hostname}")
+        client.delete(ready_key(hostname))
         client.close()
 
 

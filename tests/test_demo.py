@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from radialog.chain import orthanc_available
+from composition.chain import orthanc_available
 from tests.reporting_support import dciodvfy_errors
 from tests.support.brokers import redis_url
 
@@ -25,7 +25,7 @@ def test_demo_ends_with_reports_in_orthanc(tmp_path: Path, broker: str) -> None:
     # the demo uses database 8 of the broker's Redis server: the test server's (tests/support/brokers.py)
     env["RADIALOG_BROKER_URL"] = "redis://127.0.0.1:1/0" if broker == "embedded" else redis_url(0)
     result = subprocess.run(
-        [sys.executable, "-m", "radialog.cli", "demo", "--timeout", "600"],
+        [sys.executable, "-m", "composition.cli", "demo", "--timeout", "600"],
         env=env, capture_output=True, text=True, timeout=840, check=False,
     )
     out = result.stdout
@@ -48,7 +48,7 @@ def test_demo_with_xraygpt_ends_with_its_reports_in_orthanc(tmp_path: Path) -> N
     env["RADIALOG_DATA_DIR"] = str(tmp_path / "var")
     env["RADIALOG_BROKER_URL"] = redis_url(0)
     result = subprocess.run(
-        [sys.executable, "-m", "radialog.cli", "demo", "--backend", "xraygpt", "--timeout", "600"],
+        [sys.executable, "-m", "composition.cli", "demo", "--backend", "xraygpt", "--timeout", "600"],
         env=env, capture_output=True, text=True, timeout=840, check=False,
     )
     out = result.stdout
@@ -66,7 +66,7 @@ def test_demo_with_radialog_v1_ends_with_its_reports_in_orthanc(tmp_path: Path) 
     env["RADIALOG_DATA_DIR"] = str(tmp_path / "var")
     env["RADIALOG_BROKER_URL"] = redis_url(0)
     result = subprocess.run(
-        [sys.executable, "-m", "radialog.cli", "demo", "--backend", "radialog-v1", "--timeout", "600"],
+        [sys.executable, "-m", "composition.cli", "demo", "--backend", "radialog-v1", "--timeout", "600"],
         env=env, capture_output=True, text=True, timeout=840, check=False,
     )
     out = result.stdout
@@ -113,7 +113,7 @@ def test_demo_serve_stopped_by_sigterm_stops_orthanc_and_radialog_run(tmp_path: 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
     env["RADIALOG_DATA_DIR"] = str(tmp_path / "var")
     env["RADIALOG_BROKER_URL"] = "redis://127.0.0.1:1/0"  # the embedded broker: nothing to share with others
-    demo = subprocess.Popen([sys.executable, "-m", "radialog.cli", "demo", "--serve", "--timeout", "600"],
+    demo = subprocess.Popen([sys.executable, "-m", "composition.cli", "demo", "--serve", "--timeout", "600"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = ""
     try:

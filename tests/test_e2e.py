@@ -19,7 +19,7 @@ from pydicom.uid import CTImageStorage
 
 from bench.e2e import pg_schema
 from tests.support.brokers import redis_url
-from radialog.chain import ORTHANC, PYTHON_PLUGIN, Chain, wait_until
+from composition.chain import ORTHANC, PYTHON_PLUGIN, Chain, wait_until
 from radialog.synthetic import make_cxr
 
 pytestmark = [

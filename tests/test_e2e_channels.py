@@ -17,7 +17,7 @@ import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
-from radialog.chain import ORTHANC, PYTHON_PLUGIN, ROOT, Chain, wait_until
+from composition.chain import ORTHANC, PYTHON_PLUGIN, ROOT, Chain, wait_until
 from radialog.registry import Export, Registry
 from radialog.routing import PEDIATRIC_REASON
 from radialog.synthetic import make_cxr
@@ -106,11 +106,11 @@ def test_stat_child_and_every_channel_through_the_chain(tmp_path: Path, peers) -
             # the RIS is fixed; the operator re-arms its rows and sends what is due
             ris.answer = "AA"
             for row in dead:
-                retried = subprocess.run([sys.executable, "-m", "radialog.cli", "export", "retry", str(row.id)],
+                retried = subprocess.run([sys.executable, "-m", "composition.cli", "export", "retry", str(row.id)],
                                          env=chain.env, cwd=ROOT, capture_output=True, text=True, timeout=120,
                                          check=False)
                 assert retried.returncode == 0, retried.stderr
-            subprocess.run([sys.executable, "-m", "radialog.cli", "export", "send-due"], env=chain.env, cwd=ROOT,
+            subprocess.run([sys.executable, "-m", "composition.cli", "export", "send-due"], env=chain.env, cwd=ROOT,
                            capture_output=True, text=True, timeout=120, check=True)
             assert all(r.state == "SENT" for r in ris_rows())
         finally:

@@ -14,7 +14,7 @@ import pytest
 from pydicom import dcmread
 
 from bench.e2e import pg_schema
-from radialog.chain import ORTHANC, PYTHON_PLUGIN, Chain, wait_until
+from composition.chain import ORTHANC, PYTHON_PLUGIN, Chain, wait_until
 from radialog.synthetic import make_cxr
 from tests.support.brokers import redis_url
 from tests.test_e2e import dciodvfy_errors, write

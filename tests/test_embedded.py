@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from radialog.chain import Chain, wait_until
+from composition.chain import Chain, wait_until
 from radialog.synthetic import make_cxr
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

@@ -25,7 +25,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from api.app import create_app
-from api.testing import add_study, make_keys
+from tests.support.seeding import add_study, make_keys
 from radialog.registry import Conversation, DialogTurn, Job, Registry, Report, StudyState, utcnow
 from radialog.settings import Settings
 from reporting.text import MAX_REPORT_CHARS, clean_model_text, is_clean
@@ -94,7 +94,7 @@ def world(registry: Registry, settings: Settings, tiny_model: tuple[Path, Path],
 
 def enqueue(registry: Registry, settings: Settings, study_ids: list[int]) -> dict[int, int]:
     """``enqueue_report`` for each study (a real message on this module's Redis): job id -> study id."""
-    from workers.pipeline import enqueue_report
+    from radialog.messaging import enqueue_report
 
     return {enqueue_report(registry, settings, study_id): study_id for study_id in study_ids}
 
@@ -252,7 +252,7 @@ def test_rows_stored_before_the_rule_are_shown_clean_and_can_be_signed_as_shown(
         sqlite_registry: Registry, settings: Settings) -> None:
     """A draft stored with a control byte (before the model boundary cleaned it) is shown without it in
     every channel, and approving the shown text signs exactly that (no 422, no control byte in the SR)."""
-    from api.testing import add_reported_study
+    from tests.support.seeding import add_reported_study
 
     study_id = add_reported_study(sqlite_registry, settings, findings_text="Mild cardiomegaly.")
     with sqlite_registry.session() as s:  # as the tiny model's draft used to be stored

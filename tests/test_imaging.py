@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from radialog.synthetic import make_cxr, to_jpeg_baseline
-from workers.imaging import UnusableImage, load_model_image
+from radialog.imaging import UnusableImage, load_model_image
 from workers.models.radialog_v2.transforms import (
     batch_tensors,
     branch_batches,
@@ -175,7 +175,7 @@ def test_shared_resize_gives_each_branch_exactly_its_own_pipeline() -> None:
 def test_a_malformed_header_value_is_an_unusable_image_not_a_crash(tmp_path) -> None:
     """RescaleSlope with a decimal comma breaks the modality LUT: the study fails alone, with a reason."""
     from radialog.synthetic import make_cxr
-    from workers.imaging import UnusableImage, load_model_image
+    from radialog.imaging import UnusableImage, load_model_image
 
     ds = make_cxr(rows=64, cols=64)
     ds.RescaleSlope, ds.RescaleIntercept = "1.25", "0"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from radialog.cli import main
+from composition.cli import main
 
 
 def test_make_tiny_then_check(tmp_path: Path) -> None:

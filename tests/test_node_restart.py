@@ -54,7 +54,7 @@ def node_process(settings: Settings, log: Path) -> Iterator[tuple[subprocess.Pop
     env = dict(os.environ, RADIALOG_DATA_DIR=str(settings.data_dir), RADIALOG_MIN_FREE_BYTES="0",
                RADIALOG_STABLE_AFTER="3600", RADIALOG_DICOM_HOST="127.0.0.1")
     with open(log, "ab") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "radialog.cli", "node", "--port", "0", "--no-enqueue"],
+        proc = subprocess.Popen([sys.executable, "-m", "composition.cli", "node", "--port", "0", "--no-enqueue"],
                                 env=env, stdout=sink, stderr=sink)
     try:
         deadline = time.monotonic() + 60

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from radialog.chain import orthanc_available
+from composition.chain import orthanc_available
 from tests.support.brokers import redis_url
 from tests.test_ops_page import check_ops_page
 from tests.test_page import give_verdicts, signed_in
@@ -35,7 +35,7 @@ class Demo:
         env["RADIALOG_DATA_DIR"] = str(tmp_path / "var")
         env["RADIALOG_BROKER_URL"] = redis_url(0)  # the demo uses database 8 of this server
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "radialog.cli", "demo", "--serve", "--timeout", "600"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "composition.cli", "demo", "--serve", "--timeout", "600"],
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()

@@ -13,7 +13,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from api.testing import add_reported_study, add_study, make_keys
+from tests.support.seeding import add_reported_study, add_study, make_keys
+from radialog.presence import ready_key
 from radialog.registry import ApprovalReview, Export, FindingVerdict, Registry, Report, StudyState, utcnow
 from radialog.settings import Settings
 from tests.support.brokers import redis_url
@@ -73,7 +74,7 @@ def test_a_model_without_classifier_is_signed_on_its_text(page_settings: Setting
     from playwright.sync_api import expect
 
     from reporting.versions import create_ai_draft
-    from workers.models.base import Provenance, ReportOutput
+    from radialog.model_output import Provenance, ReportOutput
 
     keys = make_keys(sqlite_registry)
     study, _ = add_study(sqlite_registry, page_settings, state=StudyState.RUNNING)
@@ -209,7 +210,7 @@ def test_operations_page_draws_the_apis_figures(page_settings: Settings, sqlite_
             "base_version": current["version"], "findings_text": current["findings_text"], "checklist": verdicts},
         ).status_code == 201
     broker = redis.Redis.from_url(page_settings.broker_url)
-    worker_key = "radialog:worker:ops-test@host"
+    worker_key = ready_key("ops-test@host")
     broker.set(worker_key, json.dumps({"name": "RaDialog-LLaVA", "version": "2.0", "device": "cuda:0", "tiny": False,
                                        "engine": {"report": {"slots": 64}, "dialog": {"slots": 4}}}), ex=120)
     try:

@@ -22,7 +22,7 @@ import uvicorn
 from sqlalchemy import func, select
 
 from api.app import create_app
-from api.testing import WorkerProcess, add_reported_study, add_study, make_keys
+from tests.support.seeding import WorkerProcess, add_reported_study, add_study, make_keys
 from radialog.registry import DialogTurn, Registry, Report, StudyState
 from radialog.settings import Settings
 from tests.support.brokers import redis_url
@@ -377,10 +377,10 @@ def test_the_page_offers_only_what_the_configured_model_was_trained_for(
     impression stay. With RaDialog everything is there."""
     from playwright.sync_api import expect
 
-    from api.testing import add_study
+    from tests.support.seeding import add_study
     from radialog.registry import StudyState
     from reporting.versions import create_ai_draft
-    from workers.models.base import Provenance, ReportOutput
+    from radialog.model_output import Provenance, ReportOutput
 
     keys = make_keys(sqlite_registry)
     xraygpt = page_settings.model_copy(update={"model_backend": "xraygpt"})

@@ -27,7 +27,8 @@ from pydicom import dcmread
 from sqlalchemy import func, select
 
 from tests.support.brokers import redis_url
-from api.testing import add_reported_study, add_study
+from tests.support.seeding import add_reported_study, add_study
+from radialog.presence import ready_key
 from radialog.registry import (
     Conversation,
     DialogTurn,
@@ -42,8 +43,8 @@ from radialog.registry import (
     utcnow,
 )
 from radialog.settings import Destination, Settings
-from workers.celery_app import DIALOG_TASK, app_for, dialog_channel
-from workers.pipeline import enqueue_report
+from radialog.messaging import DIALOG_TASK, app_for, dialog_channel
+from radialog.messaging import enqueue_report
 from workers.reconciler import reconcile
 
 REDIS_URL = redis_url(12)  # this module's own database
@@ -61,7 +62,7 @@ class Worker:
     """One ``radialog worker`` process with its log file."""
 
     def __init__(self, harness: Harness, name: str, args: list[str], env: dict[str, str],
-                 module: str = "radialog.cli") -> None:
+                 module: str = "composition.cli") -> None:
         self.name = name
         self.log = harness.tmp / f"{name}.log"
         self._log_file = self.log.open("wb")
@@ -126,7 +127,7 @@ class Harness:
         worker = Worker(self, name, args, self.env(**(env_overrides or {})))
         self.workers.append(worker)
         if wait_ready:
-            self.wait_for(lambda: self.redis.exists(f"radialog:worker:{name}") == 1, f"{name} ready")
+            self.wait_for(lambda: self.redis.exists(ready_key(name)) == 1, f"{name} ready")
         return worker
 
     def wait_for(self, condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
@@ -235,7 +236,7 @@ def test_worker_reports_exports_and_fails_a_poisoned_study(
         for study_id in (poisoned, good):
             enqueue_report(registry, h.settings, study_id)
         h.start_worker("w-flow")
-        ready = json.loads(h.redis.get("radialog:worker:w-flow"))
+        ready = json.loads(h.redis.get(ready_key("w-flow")))
         assert ready["tiny"] is True and ready["engine"]["report"]["slots"] == 64
         assert ready["engine"]["dialog"]["max_len"] == 4096 and ready["engine"]["model_GiB"] > 0
         h.wait_states([poisoned, good], {StudyState.FAILED.value, StudyState.EXPORTED.value}, "both studies settled")
@@ -260,7 +261,7 @@ def test_worker_reports_exports_and_fails_a_poisoned_study(
 
 @pytest.mark.slow
 def test_ten_studies_are_batched_and_match_one_by_one(harness: Harness) -> None:
-    from workers.imaging import load_model_image
+    from radialog.imaging import load_model_image
     from workers.models import load_backend
     from workers.models.base import StudyInput
     from workers.pipeline import clean_output
@@ -410,7 +411,7 @@ def test_run_without_redis_uses_the_embedded_broker(harness: Harness) -> None:
     assert h.report_counts([study_id]) == {study_id: 1}
     assert (h.settings.data_dir / "broker.sqlite").exists()
     # a dialog turn through the same embedded broker: taken by the worker's dialog consumer, answered, stored
-    from workers.cli import embedded_broker
+    from composition.run import embedded_broker
 
     turn_id = add_yes_no_turn(h.registry, study_id, "edema")
     app_for(embedded_broker(h.settings)).send_task(DIALOG_TASK, args=[turn_id], queue="dialog")

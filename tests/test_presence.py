@@ -18,12 +18,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.app import create_app
-from api.testing import add_reported_study, make_keys
-from radialog.presence import BrokerUnavailable, FilePresence, RedisPresence, presence_for
+from tests.support.seeding import add_reported_study, make_keys
+from radialog.presence import BrokerUnavailable, FilePresence, RedisPresence, presence_for, ready_key
 from radialog.registry import DialogTurn, Registry, utcnow
 from radialog.settings import Settings
 from tests.support.brokers import redis_url
-from workers.cli import embedded_broker
+from composition.run import embedded_broker
 
 REDIS_URL = redis_url(13)
 INFO = {"name": "RaDialog-LLaVA", "version": "2.0-test", "hostname": "w1@test"}
@@ -61,17 +61,18 @@ def test_file_presence_announces_expires_and_withdraws(tmp_path: Path, monkeypat
 
 
 def test_redis_presence_uses_the_keys_compose_and_the_tests_read() -> None:
+    assert ready_key("w1@test") == "radialog:worker:w1@test"  # the wire name compose's health check reads
     presence = RedisPresence(REDIS_URL)
     client = redis.Redis.from_url(REDIS_URL)
     try:
         presence.announce("w1@test", INFO)
-        assert json.loads(client.get("radialog:worker:w1@test")) == INFO
-        assert 0 < client.ttl("radialog:worker:w1@test") <= 30
+        assert json.loads(client.get(ready_key("w1@test"))) == INFO
+        assert 0 < client.ttl(ready_key("w1@test")) <= 30
         assert {"worker": "w1@test", **INFO} in presence.ready()
         presence.withdraw("w1@test")
-        assert not client.exists("radialog:worker:w1@test")
+        assert not client.exists(ready_key("w1@test"))
     finally:
-        client.delete("radialog:worker:w1@test")
+        client.delete(ready_key("w1@test"))
         client.close()
         presence.close()
     with pytest.raises(BrokerUnavailable):

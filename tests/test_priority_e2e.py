@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from radialog.messaging import enqueue_report
 from radialog.registry import Job, Registry, Report, Study
 from radialog.settings import Settings
 from radialog.synthetic import make_cxr
 from tests.node_support import running_node, store_all
 from tests.test_node_routing import _send
 from tests.test_pipeline import Harness
-from workers.pipeline import enqueue_report
 
 ROUTINE_STUDIES = 50
 

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.app import create_app
-from api.testing import add_reported_study, add_study, make_keys
+from tests.support.seeding import add_reported_study, add_study, make_keys
 from radialog.registry import ApprovalReview, FindingVerdict, Registry, Report, StudyState
 from radialog.settings import Settings
 from reporting.agreement import edit_distance, stated
@@ -108,7 +108,7 @@ def _approve(client: TestClient, key: str, study_id: int, checklist: list[dict] 
 def _xraygpt_draft(registry: Registry, settings: Settings, index: int) -> int:
     """A draft by a model without a findings classifier (XrayGPT): text only."""
     from reporting.versions import create_ai_draft
-    from workers.models.base import Provenance, ReportOutput
+    from radialog.model_output import Provenance, ReportOutput
 
     study_id, _ = add_study(registry, settings, state=StudyState.RUNNING, index=index)
     output = ReportOutput(key=str(study_id), findings_text="The lungs are clear.", findings=[], findings_phrase="",

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from pydantic import ValidationError
 from pydicom.dataset import Dataset
 
+from composition.cli import main
 from dicom_node.header import header_of
-from radialog.cli import main
 from radialog.routing import (
     AGE_UNKNOWN_NOTE,
     PEDIATRIC_REASON,

@@ -160,7 +160,7 @@ def test_draft_of_a_model_without_classifier_names_the_model_and_carries_no_code
 ) -> None:
     """XrayGPT (issue 16): the text and the algorithm identification, no CheXpert codes; the series
     description, the algorithm and the hash are XrayGPT's."""
-    from workers.models.base import Provenance, ReportOutput
+    from radialog.model_output import Provenance, ReportOutput
 
     xraygpt = Provenance(name="XrayGPT", version="1.0", files_sha256="7a" * 32, display_name="XrayGPT")
     study_id, _source = add_study(sqlite_registry, settings)

@@ -20,14 +20,15 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from api.testing import add_study
+from tests.support.seeding import add_study
 from radialog.registry import Registry, StudyEvent, StudyState
 from radialog.settings import Settings
 from tests.support.brokers import redis_url
 from tests.support.crashing_worker import CRASH_IMAGES_ENV, image_key
 from tests.test_pipeline import Harness, Worker
-from workers.cli import embedded_broker
-from workers.pipeline import enqueue_report, load_image
+from composition.run import embedded_broker
+from radialog.messaging import enqueue_report
+from workers.pipeline import load_image
 
 REDIS_URL = redis_url(8)  # this module's own database
 WAIT_S = 900.0

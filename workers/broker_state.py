@@ -25,8 +25,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
+from radialog.messaging import redis_client
 from radialog.settings import Settings
-from workers.context import redis_client
 
 #: Seconds a live worker may hold a due message before its job is claimed; beyond, its holder died.
 START_GRACE_S = 60.0

@@ -24,7 +24,8 @@ import redis
 from sqlalchemy import update
 
 from radialog.logging import get_logger
-from radialog.presence import READY_KEY_PREFIX, READY_REFRESH_S, BrokerUnavailable, Presence, is_redis_url, presence_for
+from radialog.messaging import redis_client
+from radialog.presence import READY_REFRESH_S, BrokerUnavailable, Presence, presence_for
 from radialog.registry import Job, JobState, Registry, utcnow
 from radialog.settings import Settings, get_settings
 from workers.crashes import Gate
@@ -36,13 +37,6 @@ log = get_logger(__name__)
 
 #: A RUNNING job whose heartbeat is older than this is taken to have lost its worker.
 DEFAULT_LEASE_S = 30.0
-
-
-def redis_client(settings: Settings) -> redis.Redis | None:
-    """A client for the broker's Redis, or None when the broker is an embedded one."""
-    if not is_redis_url(settings.broker_url):
-        return None
-    return redis.Redis.from_url(settings.broker_url, socket_connect_timeout=2, socket_timeout=5)
 
 
 def default_hostname(device: str = "cpu") -> str:
@@ -115,10 +109,6 @@ class WorkerContext:
             )
 
     # -- readiness -------------------------------------------------------------------------------
-    @property
-    def ready_key(self) -> str:
-        return READY_KEY_PREFIX + self.hostname
-
     @property
     def presence(self) -> Presence:
         if self._presence is None:
@@ -223,11 +213,8 @@ def _preload_task_modules() -> None:
     """Import what the tasks use now, so that the first job does not pay for it."""
     import importlib
 
-    for name in ("workers.imaging", "reporting.versions", "reporting.export", "workers.dialog"):
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            log.warning("module not installed", extra={"package": name})
+    for name in ("radialog.imaging", "reporting.versions", "reporting.export", "workers.dialog"):
+        importlib.import_module(name)
 
 
 def current() -> WorkerContext:

@@ -17,8 +17,8 @@ from celery import bootsteps
 from kombu import Consumer, Message
 
 from radialog.logging import get_logger
+from radialog.messaging import DIALOG_QUEUE, DIALOG_TASK, app_for
 from workers import context
-from workers.celery_app import DIALOG_TASK
 
 log = get_logger(__name__)
 
@@ -52,9 +52,7 @@ class DialogConsumer(bootsteps.ConsumerStep):
                          prefetch_count=self.threads)]
 
     def app_queue(self, channel: Any) -> Any:
-        from workers.celery_app import app_for
-
-        return app_for(context.current().settings).amqp.queues["dialog"]
+        return app_for(context.current().settings).amqp.queues[DIALOG_QUEUE]
 
     def on_message(self, body: Any, message: Message) -> None:
         try:

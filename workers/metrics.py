@@ -11,7 +11,6 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from kombu.exceptions import ChannelError, KombuError
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -56,21 +55,16 @@ class QueueDepthCollector(Collector):
         self.settings = settings
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from workers.celery_app import QUEUES, app_for
+        from radialog.messaging import BrokerUnavailable, queue_depths
 
         family = GaugeMetricFamily("radialog_queue_depth", "Messages waiting per queue.", labels=["queue"])
         try:
-            with app_for(self.settings).connection_for_read() as conn:
-                channel: Any = conn.default_channel
-                for queue in QUEUES:
-                    try:
-                        count = channel.queue_declare(queue=queue, passive=True).message_count
-                    except ChannelError:  # not declared yet: nobody sent to it, nothing waits
-                        count = 0
-                    family.add_metric([queue], float(count))
-        except (OSError, KombuError):  # the broker is down: no depth this scrape, the scrape still works
+            depths = queue_depths(self.settings)
+        except BrokerUnavailable:  # no depth this scrape, the scrape still works
             log.warning("queue depth unavailable: broker unreachable")
             return
+        for queue, count in depths.items():
+            family.add_metric([queue], float(count))
         yield family
 
 

@@ -1,9 +1,11 @@
-"""A report job from the registry to a stored report: enqueue, batch, run the model, store, export.
+"""A report job from the registry to a stored report: batch, run the model, store, export.
+
+Jobs are created and sent by ``radialog.messaging.enqueue_report`` (the node, the API's re-run, the reconciler).
 
 Outcomes (all written to the registry, the source of truth):
 - done: the model's output went through ``reporting.versions.create_ai_draft`` (report + SR + outbox
   rows, study REPORTED), Job DONE with per-stage timings and the worker's name; export tasks are sent.
-- failed: Job FAILED and study FAILED with a readable reason, retryable from the API (``reconciler.rerun``).
+- failed: Job FAILED and study FAILED with a readable reason, retryable from the API (``radialog.messaging.rerun``).
   Unusable pixels fail the study rather than skip it: the node already skipped what the headers rule
   out, and a pixel problem (a missing codec, a truncated file) is an operational fault worth a re-run.
 - transient (GPU out of memory at batch size 1, a registry hiccup): the jobs go back to QUEUED and are
@@ -25,17 +27,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from radialog.imaging import UnusableImage, load_model_image
 from radialog.logging import get_logger
+from radialog.messaging import send_export_tasks, send_report_task
 from radialog.registry import Job, JobState, Registry, Study, StudyState, transition, utcnow
 from radialog.routing import Priority
 from radialog.settings import Settings
 from workers import metrics
 from workers.batching import Claim, collect_batch, requeue
-from workers.celery_app import EXPORT_TASK, REPORT_TASK, app_for
 from workers.crashes import ALONE, BATCH, mark_running
 
 if TYPE_CHECKING:
@@ -49,9 +51,6 @@ log = get_logger(__name__)
 #: A job claimed this many times (transient errors, crashes alone) is failed for good; claims lost with a
 #: worker that died while the job waited or ran with others are not counted (``Claim.charged``).
 MAX_ATTEMPTS = 5
-#: Jobs are keyed by the configured backend; the exact model version and file hash are recorded in
-#: the Report (and the SR), which ``create_ai_draft`` makes unique per (study, model, version).
-JOB_MODEL_VERSION = "configured"
 #: Entries of a job's timings that are counts, not seconds (kept in the job row, not in the stage metric).
 COUNTS = frozenset({"batch_size", "admitted_together"})
 
@@ -62,80 +61,6 @@ class TransientError(RuntimeError):
 
 class JobFailure(RuntimeError):
     """A job that cannot succeed as it is; the message is the reason shown to users."""
-
-
-# -- enqueue ------------------------------------------------------------------------------------------
-# ``ignore_result``: outcomes live in the registry. Without it Celery subscribes the sender to the task's
-# result channel before publishing, and while Redis is down that subscription alone retries for ~19 s:
-# the node's assembler (one thread) stalled that long per study instead of failing fast to the reconciler.
-#: Study priority rank (``Job.priority``: 0 HIGH, 1 ROUTINE, 2 LOW) -> Celery message priority. On Redis 0 is
-#: served first, and a message without a priority also counts as 0: so every report message carries one,
-#: and ROUTINE is not 0 (kombu's default priority steps are 0, 3, 6, 9).
-CELERY_PRIORITY = {0: 0, 1: 3, 2: 6}
-
-
-def send_report_task(settings: Settings, job_id: int, task_id: str, countdown: float | None = None,
-                     priority: int = 1) -> None:
-    app_for(settings).send_task(REPORT_TASK, args=[job_id], task_id=task_id, queue="report", countdown=countdown,
-                                ignore_result=True, priority=CELERY_PRIORITY.get(priority, 3))
-
-
-def send_export_tasks(settings: Settings, export_ids: Sequence[int]) -> None:
-    app = app_for(settings)
-    for export_id in export_ids:
-        app.send_task(EXPORT_TASK, args=[export_id], queue="export", ignore_result=True)
-
-
-def enqueue_report(registry: Registry, settings: Settings, study_id: int) -> int:
-    """Create (or find) the study's report job and send its task; returns the job id.
-
-    Safe to repeat: a job that is DONE or RUNNING is left alone, a FAILED one is reset only when its
-    study is QUEUED again (the API's re-run, ``reconciler.rerun``); a QUEUED one gets one more
-    message, which is harmless.
-    """
-    model_name = settings.model_backend
-    with registry.session() as session:
-        study_priority = session.scalar(select(Study.priority).where(Study.id == study_id))
-        rank = Priority(study_priority).rank if study_priority in Priority.__members__ else 1
-        job = session.scalar(
-            select(Job).where(
-                Job.study_id == study_id, Job.model_name == model_name, Job.model_version == JOB_MODEL_VERSION
-            )
-        )
-        if job is None:
-            job = Job(
-                study_id=study_id,
-                model_name=model_name,
-                model_version=JOB_MODEL_VERSION,
-                state=JobState.QUEUED.value,
-                attempts=0,
-                queued_at=utcnow(),
-                timings={},
-                priority=rank,
-            )
-            try:
-                with session.begin_nested():
-                    session.add(job)
-            except IntegrityError:  # another process created it at the same moment
-                job = session.scalars(
-                    select(Job).where(Job.study_id == study_id, Job.model_name == model_name)
-                ).one()
-        if job.state == JobState.FAILED.value:
-            # A FAILED job runs again only once its study was deliberately queued again (re-run).
-            study = session.get(Study, study_id)
-            if study is None or study.state != StudyState.QUEUED.value:
-                return job.id
-            job.state, job.error, job.attempts, job.queued_at = JobState.QUEUED.value, None, 0, utcnow()
-            # A study that crashed the worker gets its tries again, and still runs alone (``isolated`` stays).
-            job.crashes, job.lost_claims, job.run_mode = 0, 0, None
-        if job.state != JobState.QUEUED.value:
-            return job.id
-        job.priority = rank  # a re-run takes the study's priority as it is now
-        job.celery_task_id = task_id = uuid.uuid4().hex
-        job_id = job.id
-    send_report_task(settings, job_id, task_id, priority=rank)
-    log.info("report job queued", extra={"job": job_id, "study": study_id, "priority": Priority.from_rank(rank).value})
-    return job_id
 
 
 # -- run ------------------------------------------------------------------------------------------------
@@ -159,8 +84,6 @@ def _image_path(registry: Registry, settings: Settings, study_id: int) -> Path:
 
 def load_image(registry: Registry, settings: Settings, study_id: int) -> np.ndarray:
     """The selected instance as the model's 8-bit image; unusable pixels raise JobFailure."""
-    from workers.imaging import UnusableImage, load_model_image
-
     path = _image_path(registry, settings, study_id)
     try:
         return load_model_image(path)

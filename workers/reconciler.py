@@ -34,14 +34,23 @@ import redis
 from sqlalchemy import and_, or_, select, update
 
 from radialog.logging import get_logger
-from radialog.registry import DialogTurn, Job, JobState, Registry, Study, StudyState, transition, utcnow
+from radialog.messaging import (
+    DIALOG_QUEUE,
+    JOB_MODEL_VERSION,
+    enqueue_report,
+    is_redis_url,
+    redis_client,
+    send_dialog_turn,
+    send_export_tasks,
+    send_report_task,
+)
+from radialog.registry import DialogTurn, Job, JobState, Registry, Study, StudyState, utcnow
 from radialog.settings import Settings
+from reporting.export import due_exports
 from workers.broker_state import START_GRACE_S, broker_messages
-from workers.celery_app import DIALOG_TASK, app_for
-from workers.context import DEFAULT_LEASE_S, is_redis_url, redis_client
+from workers.context import DEFAULT_LEASE_S
 from workers.crashes import FAILED as CRASH_FAILED
 from workers.crashes import REQUEUED, recover_lost
-from workers.pipeline import JOB_MODEL_VERSION, enqueue_report, send_export_tasks, send_report_task
 
 log = get_logger(__name__)
 
@@ -185,7 +194,7 @@ def reconcile(
 
 
 def _resend_dialog_turns(registry: Registry, settings: Settings, cutoff: datetime) -> list[int]:
-    present = broker_task_ids(settings, "dialog") or set()
+    present = broker_task_ids(settings, DIALOG_QUEUE) or set()
     with registry.session() as session:
         waiting = session.execute(
             select(DialogTurn.id, DialogTurn.celery_task_id).where(
@@ -193,7 +202,6 @@ def _resend_dialog_turns(registry: Registry, settings: Settings, cutoff: datetim
             )
         ).all()
     resent = []
-    app = app_for(settings)
     for turn_id, old_task_id in waiting:
         if old_task_id in present:
             continue
@@ -205,27 +213,13 @@ def _resend_dialog_turns(registry: Registry, settings: Settings, cutoff: datetim
                 .values(celery_task_id=task_id)
             ).rowcount  # type: ignore[attr-defined]
         if moved:
-            app.send_task(DIALOG_TASK, args=[turn_id], task_id=task_id, queue="dialog", ignore_result=True)
+            send_dialog_turn(settings, turn_id, task_id)
             resent.append(turn_id)
     return resent
 
 
-def rerun(registry: Registry, settings: Settings, study_id: int, reason: str = "re-run requested") -> int | None:
-    """Queue a FAILED or SKIPPED study again (what the API's re-run does); returns the job id or None
-    when the study was in another state."""
-    with registry.session() as session:
-        moved = transition(
-            session, study_id, StudyState.QUEUED, reason, only_from=[StudyState.FAILED, StudyState.SKIPPED]
-        )
-    if not moved:
-        return None
-    return enqueue_report(registry, settings, study_id)
-
-
 def send_due_exports(registry: Registry, settings: Settings) -> list[int]:
     """Send an export task for every outbox row whose next attempt is due."""
-    from reporting.export import due_exports
-
     with registry.session() as session:
         export_ids = list(due_exports(session, utcnow()))
     if export_ids:
@@ -270,8 +264,6 @@ class Sweeper:
             log.warning("reconcile pass failed", exc_info=True)
         try:
             send_due_exports(self.registry, self.settings)
-        except ImportError:
-            pass  # reporting not installed: nothing to export
         except Exception:
             log.warning("export sweep failed", exc_info=True)
 

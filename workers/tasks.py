@@ -12,8 +12,8 @@ from typing import Any
 from celery import shared_task
 
 from radialog.logging import get_logger
+from radialog.messaging import DIALOG_TASK, EXPORT_TASK, REPORT_TASK
 from workers import context
-from workers.celery_app import DIALOG_TASK, EXPORT_TASK, REPORT_TASK
 from workers.pipeline import TransientError
 
 log = get_logger(__name__)

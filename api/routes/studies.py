@@ -23,7 +23,8 @@ from api.schemas import (
     StudySummary,
 )
 from radialog.logging import get_logger
-from radialog.registry import Report, Study, StudyState, transition
+from radialog.messaging import RERUNNABLE, enqueue_report, queue_again
+from radialog.registry import Report, Study, StudyState
 from radialog.routing import Priority
 
 log = get_logger(__name__)
@@ -115,25 +116,16 @@ def read_study(study_id: StudyId, session: DB, who: AnyUser) -> StudyDetail:
 def rerun_study(study_id: StudyId, session: DB, who: Operator, registry: AppRegistry, settings: AppSettings) -> RerunOut:
     """Queue a FAILED or SKIPPED study again (radiologist or admin)."""
     study = get_study(session, study_id)
-    if study.state not in (StudyState.FAILED.value, StudyState.SKIPPED.value):
+    if study.state not in {s.value for s in RERUNNABLE}:
         raise Problem(409, "not-rerunnable", f"only FAILED or SKIPPED studies can be re-run; this one is {study.state}")
-    moved = transition(
-        session, study.id, StudyState.QUEUED, f"re-run requested by {who.name}",
-        only_from=[StudyState.FAILED, StudyState.SKIPPED],
-    )
-    if not moved:
+    if not queue_again(session, study.id, f"re-run requested by {who.name}"):
         raise Problem(409, "not-rerunnable", "the study changed state meanwhile")
     audit.record(session, who, "study.rerun", study.id)
     session.commit()
     enqueued = False
     try:
-        from workers.pipeline import enqueue_report
-    except ImportError:
-        log.warning("workers.pipeline not installed; the reconciler will pick the study up", extra={"study": study.id})
-    else:
-        try:
-            enqueue_report(registry, settings, study.id)
-            enqueued = True
-        except Exception:  # the study is QUEUED in the registry: the reconciler re-sends it
-            log.exception("enqueue failed; left QUEUED for the reconciler", extra={"study": study.id})
+        enqueue_report(registry, settings, study.id)
+        enqueued = True
+    except Exception:  # the study is QUEUED in the registry: the reconciler re-sends it
+        log.exception("enqueue failed; left QUEUED for the reconciler", extra={"study": study.id})
     return RerunOut(study_id=study.id, state=StudyState.QUEUED.value, enqueued=enqueued)

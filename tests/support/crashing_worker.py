@@ -67,7 +67,7 @@ def install(crash_keys: set[str]) -> None:
 def main() -> None:
     keys = {key for key in os.environ.get(CRASH_IMAGES_ENV, "").split(",") if key}
     install(keys)
-    from radialog.cli import main as radialog_main
+    from composition.cli import main as radialog_main
 
     radialog_main(prog_name="radialog")
 

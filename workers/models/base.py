@@ -1,7 +1,7 @@
 """The model-backend interface every report model implements (RaDialog v2, XrayGPT; RaDialog v1 next).
 
 A backend is loaded once per worker process and then serves batches of report jobs and single dialog
-turns. Inputs are 8-bit grayscale images already windowed from DICOM (``workers.imaging``), so backends
+turns. Inputs are 8-bit grayscale images already windowed from DICOM (``radialog.imaging``), so backends
 never see DICOM. Everything here is plain data: the API and the Celery tasks pass these around. What a
 backend can do (classifier, dialog tasks, context) is declared in :mod:`workers.models.capabilities`.
 """
@@ -10,37 +10,20 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from radialog.model_output import ClassifierFinding, Provenance, ReportOutput
 from workers.models.capabilities import Capabilities
 
-
-@dataclass(frozen=True)
-class Provenance:
-    """What produced a report: written into the SR (algorithm identification) and the registry."""
-
-    name: str  # e.g. "RaDialog-LLaVA"
-    version: str  # e.g. "2.0"
-    files_sha256: str  # hash over the loaded model files (names + contents)
-    device: str = "cpu"
-    dtype: str = "float32"
-    tiny: bool = False  # True for a random-initialised test checkpoint: never a clinical model
-    display_name: str = ""  # the short name readers know it by ("RaDialog", "XrayGPT"): SR series description
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class ClassifierFinding:
-    """One CheXpert label from the findings classifier."""
-
-    label: str
-    probability: float
-    present: bool
+#: The model's output types live in the kernel (``radialog.model_output``: reporting and the tests use them
+#: without model code); the backend interface names them too.
+__all__ = [
+    "ClassifierFinding", "ContextTooLong", "DialogRequest", "ModelBackend", "Provenance", "ReportOutput", "Sampling",
+    "StudyInput", "TokenCallback", "Turn", "UnsupportedTask",
+]
 
 
 @dataclass(frozen=True)
@@ -50,16 +33,6 @@ class StudyInput:
     key: str
     image: np.ndarray  # 2-D uint8, white bones (MONOCHROME2 after windowing)
     priority: int = 1  # the study's rank (0 HIGH, 1 ROUTINE, 2 LOW): the engine admits lower ranks first
-
-
-@dataclass
-class ReportOutput:
-    key: str
-    findings_text: str
-    findings: list[ClassifierFinding]
-    findings_phrase: str  # the "Predicted Findings: ..." text given to the LLM
-    generated_tokens: int
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ RADIALOG_V2 = Capabilities(
     tasks={"free": PER_REQUEST, "correction": PER_REQUEST, "yes_no": PER_REQUEST, "list": v2.LIST_FINDINGS,
            "impression": v2.IMPRESSION, "easy_language": v2.EASY_LANGUAGE, "summary": v2.SUMMARY,
            "view": v2.VIEW_PROMPT},
-    task_max_new_tokens=v2.TASK_MAX_NEW_TOKENS, context_tokens=v2.MAX_CONTEXT_TOKENS, image_tokens=196,
+    task_max_new_tokens=v2.TASK_MAX_NEW_TOKENS, context_tokens=v2.MAX_CONTEXT_TOKENS, image_tokens=v2.IMAGE_TOKENS,
     system_text=v2.SYSTEM, first_turn_tasks=frozenset({"view"}), report_question=_v2_report_question,
 )
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from radialog.chexpert import CHEXPERT_LABELS
+
 #: Vicuna v1.1 system text with RaDialog's radiologist persona.
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant acting as an experienced "
@@ -17,24 +19,9 @@ ROLES = ("USER", "ASSISTANT")
 SEP = " "  # after the system text and after each user turn
 SEP2 = "</s>"  # after each assistant answer
 IMAGE_PLACEHOLDER = "<image>"
+#: Projected image embeddings spliced in place of the placeholder (14 x 14 patch grid at 448 px).
+IMAGE_TOKENS = 196
 
-#: CheXpert label order of the findings classifier's outputs.
-CHEXPERT_LABELS: tuple[str, ...] = (
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-)
 NO_COMMON_FINDINGS = "no common findings"
 
 LIST_FINDINGS = "List all the findings in this report."

@@ -15,10 +15,11 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
+from workers.models.prompts import IMAGE_TOKENS
 from workers.models.radialog_v2.biovil import BioViLT
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's in-sequence marker for the image embeddings
-NUM_IMAGE_TOKENS = 196  # 14 x 14 patch grid at 448 px
+NUM_IMAGE_TOKENS = IMAGE_TOKENS  # 14 x 14 patch grid at 448 px
 
 #: LLaVA config fields that are not Llama's (dropped before building a LlamaConfig).
 _NON_LLAMA_PREFIXES = ("mm_", "freeze_", "tune_", "image_", "unfreeze_")

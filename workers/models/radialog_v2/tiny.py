@@ -95,7 +95,7 @@ def calibration_images() -> list[np.ndarray]:
     """Synthetic chest images the tiny model is livened on: 8-bit pixel arrays in the sizes the tests use,
     and DICOM radiographs as the demo and the pipeline tests make them, windowed as a worker does."""
     from radialog.synthetic import chest_pixels, make_cxr  # its module imports pydicom: import late
-    from workers.imaging import dataset_to_model_image
+    from radialog.imaging import dataset_to_model_image
 
     sizes = [(560, 520), (600, 550), (640, 580), (700, 640), (720, 600), (384, 320)]
     arrays = [chest_pixels(*sizes[i % len(sizes)], 8, seed=1000 + i).astype(np.uint8) for i in range(CALIBRATION_IMAGES // 2)]

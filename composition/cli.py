@@ -13,41 +13,49 @@ import click
 
 from radialog import __version__
 
-#: Subcommands owned by the packages: name -> "module:attribute" of a click command or group.
-#: Listed only when their module exists, so the CLI never shows a command that cannot run.
+#: Subcommands owned by the packages: name -> "module:attribute" of a click command or group. Every one ships
+#: in the wheel: a module that fails to import fails its command loudly.
 COMMANDS: dict[str, str] = {
     "node": "dicom_node.cli:node",
     "worker": "workers.cli:worker",
-    "run": "workers.cli:run",
+    "run": "composition.run:run",
     "model": "workers.models.cli:model",
     "api": "api.cli:api",
     "users": "api.cli:users",
     "export": "reporting.cli:export",
     "rules": "dicom_node.rules_cli:rules",
-    "demo": "radialog.demo:demo",
-    "bench": "bench.cli:bench",
+    "demo": "composition.demo:demo",
 }
+#: Commands of the source tree only (not in the wheel): listed when their package is there.
+SOURCE_TREE_COMMANDS: dict[str, str] = {"bench": "bench.cli:bench"}
 
 
-def _module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
+def _in_source_tree(target: str) -> bool:
+    module = target.split(":")[0]
+    package = module.split(".")[0]
+    return importlib.util.find_spec(package) is not None and importlib.util.find_spec(module) is not None
+
+
+def _target(name: str) -> str | None:
+    if name in COMMANDS:
+        return COMMANDS[name]
+    target = SOURCE_TREE_COMMANDS.get(name)
+    return target if target and _in_source_tree(target) else None
 
 
 class LazyGroup(click.Group):
     """Imports a package's command only when it is invoked (keeps `--help` and the node light)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        lazy = [name for name, target in COMMANDS.items() if _module_exists(target.split(":")[0])]
-        return sorted(set(super().list_commands(ctx)) | set(lazy))
+        names = [name for name in [*COMMANDS, *SOURCE_TREE_COMMANDS] if _target(name)]
+        return sorted(set(super().list_commands(ctx)) | set(names))
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = COMMANDS.get(cmd_name)
-        if target and _module_exists(target.split(":")[0]):
+        target = _target(cmd_name)
+        if target:
             module_name, attribute = target.split(":")
-            return getattr(importlib.import_module(module_name), attribute)
+            command: click.Command = getattr(importlib.import_module(module_name), attribute)
+            return command
         return super().get_command(ctx, cmd_name)
 
 

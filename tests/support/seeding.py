@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from radialog.presence import ready_key
 from radialog.registry import Instance, Registry, Study, StudyState, transition, utcnow
 from radialog.settings import Settings
 from radialog.synthetic import make_cxr
@@ -68,9 +69,10 @@ def add_reported_study(registry: Registry, settings: Settings, *, index: int = 0
                        findings_text: str = "The heart size is normal. There is a small left pleural effusion.",
                        present: tuple[str, ...] = ("Pleural Effusion",)) -> int:
     """A study with an AI draft (version 1) written by reporting.versions.create_ai_draft."""
+    from radialog.chexpert import CHEXPERT_LABELS
+    from radialog.model_output import ClassifierFinding, Provenance, ReportOutput
     from reporting.versions import create_ai_draft
-    from workers.models.base import ClassifierFinding, Provenance, ReportOutput
-    from workers.models.prompts import CHEXPERT_LABELS, findings_phrase
+    from workers.models.prompts import findings_phrase
 
     study_id, _ = add_study(registry, settings, state=StudyState.RUNNING, index=index)
     findings = [ClassifierFinding(label, 0.9 if label in present else 0.1, label in present)
@@ -99,12 +101,12 @@ class WorkerProcess:
             "RADIALOG_DATA_DIR": str(settings.data_dir), "RADIALOG_DATABASE_URL": database_url,
             "RADIALOG_BROKER_URL": settings.broker_url, "RADIALOG_MODEL_DIR": str(settings.model_dir),
             "RADIALOG_BASE_MODEL_DIR": str(settings.base_model_dir), "RADIALOG_DEVICE": "cpu",
-            "RADIALOG_MIN_FREE_BYTES": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+            "RADIALOG_MIN_FREE_BYTES": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
         })
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "radialog.cli", "worker", "--hostname", name, "--queues", "dialog,export",
+            [sys.executable, "-m", "composition.cli", "worker", "--hostname", name, "--queues", "dialog,export",
              "--no-sweep"], env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )
 
@@ -118,7 +120,7 @@ class WorkerProcess:
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                if client.exists(f"radialog:worker:{self.name}"):
+                if client.exists(ready_key(self.name)):
                     return
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"worker exited ({self.proc.returncode}):\n{self.tail()}")
@@ -147,6 +149,6 @@ class WorkerProcess:
 
         client = redis.Redis.from_url(self.settings.broker_url)
         try:
-            client.delete(f"radialog:worker:{self.name}")
+            client.delete(ready_key(self.name))
         finally:
             client.close()

@@ -29,7 +29,7 @@ import click
 from radialog.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from radialog.chain import Chain
+    from composition.chain import Chain
 
 DEMO_REDIS_DB = 8  # the demo's own Redis database: it is emptied at each start
 
@@ -179,7 +179,7 @@ def _reports(database_url: str, study_uid: str) -> list[str]:
               help="Model backend (default: RADIALOG_MODEL_BACKEND).")
 def demo(workdir: Path | None, timeout: float, serve: bool, backend: str | None) -> None:
     """Send generated chest X-rays through the whole chain and print the reports."""
-    from radialog.chain import Chain, ChainError, orthanc_available
+    from composition.chain import Chain, ChainError, orthanc_available
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not for this audience
     settings = get_settings()

@@ -211,13 +211,13 @@ class Chain:
         return f"sqlite:///{(Path(self.env['RADIALOG_DATA_DIR']) / 'registry.sqlite').resolve()}"
 
     def _spawn(self, name: str, *args: str) -> Process:
-        process = Process(name, [sys.executable, "-m", "radialog.cli", *args], self.env, self.workdir)
+        process = Process(name, [sys.executable, "-m", "composition.cli", *args], self.env, self.workdir)
         self.processes.append(process)
         return process
 
     def _radialog(self, *args: str) -> str:
         result = subprocess.run(
-            [sys.executable, "-m", "radialog.cli", *args],
+            [sys.executable, "-m", "composition.cli", *args],
             env=self.env,
             cwd=ROOT,
             capture_output=True,
@@ -302,22 +302,17 @@ class Chain:
             return False
 
     def _redis_answers(self) -> bool:
-        import redis
+        from radialog.messaging import redis_answers
 
-        client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=1, socket_timeout=1)
-        try:
-            return bool(client.ping())
-        except (redis.RedisError, OSError):
-            return False
-        finally:
-            client.close()
+        return redis_answers(self.redis_url)
 
     def _worker_ready(self) -> bool:
-        import redis
+        from radialog.messaging import connect_redis
+        from radialog.presence import ready_key
 
-        client = redis.Redis.from_url(self.redis_url)
+        client = connect_redis(self.redis_url)
         try:
-            return bool(client.exists(f"radialog:worker:{self.worker_name}"))
+            return bool(client.exists(ready_key(self.worker_name)))
         finally:
             client.close()
 
