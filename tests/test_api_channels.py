@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from api.app import create_app
-from api.testing import add_reported_study, make_keys
+from tests.support.seeding import add_reported_study, make_keys
 from radialog.registry import AuditEntry, Registry, Study
 from radialog.settings import Settings
 from reporting.channels import fhir
