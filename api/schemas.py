@@ -28,6 +28,27 @@ def _utc(value: datetime) -> datetime:
 
 UTCDateTime = Annotated[datetime, AfterValidator(_utc)]
 
+#: The instants a query may name: the registry's dates are all after 1900, and a bound near year 1 or
+#: 9999 would overflow the period arithmetic (a 500) instead of answering.
+_EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+_LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def _query_instant(value: datetime) -> datetime:
+    """A query bound in UTC: PostgreSQL refuses offsets beyond +-15:59 that ISO 8601 (and Python) allow."""
+    aware = value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        utc = aware.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError("a date between 1900 and 9000") from exc
+    if not _EARLIEST <= utc < _LATEST:
+        raise ValueError("a date between 1900 and 9000")
+    return utc
+
+
+#: A date-time in a query string, converted to UTC and kept within the registry's range.
+QueryInstant = Annotated[datetime, AfterValidator(_query_instant)]
+
 #: Free text from a user (a report, an impression, a question): only what ``reporting.text`` keeps, i.e.
 #: what a DICOM text value may hold (CR, LF, FF and every printable character; no TAB, NUL, other C0 or
 #: C1 controls, DEL). Such characters have no place in a report, break PostgreSQL text columns and would

@@ -9,7 +9,9 @@ sequence down.
 from __future__ import annotations
 
 import gc
+import sys
 import threading
+import time
 import tracemalloc
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -488,6 +490,23 @@ def _wave(engine: Engine, seeds: Sequence[int], wave: int) -> int:
     return len(handles)
 
 
+def _until_engine_idle(engine: Engine) -> None:
+    """Wait until the engine thread sleeps for work: a handle is settled while the thread still runs the
+    rest of its step, whose locals (the finished batch, its findings) would otherwise count as growth."""
+    thread = engine._thread
+    assert thread is not None and thread.ident is not None
+    for _ in range(1000):
+        frame = sys._current_frames().get(thread.ident)
+        names = set()
+        while frame is not None:
+            names.add(frame.f_code.co_name)
+            frame = frame.f_back
+        if "_take_inbox" in names and engine.busy == 0:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the engine did not go idle")
+
+
 def _object_counts() -> Counter[str]:
     gc.collect()
     return Counter(type(o).__qualname__ for o in gc.get_objects())
@@ -498,6 +517,7 @@ def test_memory_does_not_grow_over_200_jobs(backend, seeds) -> None:
     try:
         jobs = sum(_wave(engine, seeds, wave) for wave in range(5))
         assert jobs == 50
+        _until_engine_idle(engine)
         _object_counts()  # the first scan itself leaves ~60 objects behind (lazy attributes it touches)
         objects_at_50 = _object_counts()
         tracemalloc.start()
@@ -505,6 +525,7 @@ def test_memory_does_not_grow_over_200_jobs(backend, seeds) -> None:
             gc.collect()
             at_50 = tracemalloc.get_traced_memory()[0]
             jobs += sum(_wave(engine, seeds, wave) for wave in range(5, 20))
+            _until_engine_idle(engine)
             gc.collect()
             at_200 = tracemalloc.get_traced_memory()[0]
         finally:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -12,7 +12,7 @@ from api.deps import DB, AnyUser, Operator
 from api.lookups import get_study, get_version, require_report
 from api.problems import problem_responses
 from api.quality_schemas import AgreementOut, ChecklistItemOut, ChecklistOut
-from api.schemas import MAX_ID, StudyId
+from api.schemas import MAX_ID, QueryInstant, StudyId
 from radialog.registry import utcnow
 
 router = APIRouter(tags=["quality"])
@@ -22,16 +22,12 @@ METHOD = ("Radiologist's verdict as reference; sensitivity TP/(TP+FN), specifici
           "95% Wilson score intervals; each AI draft counted once (its latest approval in the period).")
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 @router.get("/quality/agreement", response_model=AgreementOut, responses=problem_responses(401, 403, 422))
 def read_agreement(
     session: DB,
     who: Operator,
-    from_: Annotated[datetime | None, Query(alias="from", description="Approved on or after (default: 30 days ago)")] = None,
-    to: Annotated[datetime | None, Query(description="Approved before (default: now)")] = None,
+    from_: Annotated[QueryInstant | None, Query(alias="from", description="Approved on or after (default: 30 days ago)")] = None,
+    to: Annotated[QueryInstant | None, Query(description="Approved before (default: now)")] = None,
     backend: Annotated[str | None, Query(max_length=64, description="The draft's model name, e.g. RaDialog-LLaVA, XrayGPT")] = None,
     bucket: Annotated[Literal["day", "week"], Query(description="Period of the timeline")] = "day",
 ) -> AgreementOut:
@@ -40,8 +36,8 @@ def read_agreement(
     The period answered is at most 366 days, ending at ``to``; ``from`` after ``to`` is an empty period."""
     from reporting.quality import agreement, backends
 
-    end = _aware(to) if to else utcnow()
-    start = _aware(from_) if from_ else end - timedelta(days=30)
+    end = to or utcnow()
+    start = from_ or end - timedelta(days=30)
     # The period answered is in the body ("from", "to"): at most MAX_PERIOD back from "to" (the work per
     # request stays bounded), and empty when "from" is not before "to".
     if end - start > MAX_PERIOD:
