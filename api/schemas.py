@@ -28,25 +28,25 @@ def _utc(value: datetime) -> datetime:
 
 UTCDateTime = Annotated[datetime, AfterValidator(_utc)]
 
-#: The instants a query may name: the registry's dates are all after 1900, and a bound near year 1 or
-#: 9999 would overflow the period arithmetic (a 500) instead of answering.
-_EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
-_LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+#: The instants a query bound is kept within: a bound in year 1 would overflow the period arithmetic (a 500;
+#: the longest period, 366 days, is subtracted from it). A schema-valid bound is never refused: it is clamped,
+#: which changes no answer (the registry holds nothing from those years).
+_EARLIEST = datetime(2, 1, 3, tzinfo=UTC)
+_LATEST = datetime.max.replace(tzinfo=UTC)
 
 
 def _query_instant(value: datetime) -> datetime:
-    """A query bound in UTC: PostgreSQL refuses offsets beyond +-15:59 that ISO 8601 (and Python) allow."""
+    """A query bound in UTC (PostgreSQL refuses offsets beyond +-15:59 that ISO 8601 and Python allow),
+    clamped to [0002-01-03, 9999-12-31]."""
     aware = value if value.tzinfo else value.replace(tzinfo=UTC)
     try:
         utc = aware.astimezone(UTC)
-    except OverflowError as exc:
-        raise ValueError("a date between 1900 and 9000") from exc
-    if not _EARLIEST <= utc < _LATEST:
-        raise ValueError("a date between 1900 and 9000")
-    return utc
+    except OverflowError:  # 0001-01-01T00:00+01:00 is before year 1 in UTC, 9999-12-31T23:00-02:00 after 9999
+        utc = _EARLIEST if aware.year < 5000 else _LATEST
+    return min(max(utc, _EARLIEST), _LATEST)
 
 
-#: A date-time in a query string, converted to UTC and kept within the registry's range.
+#: A date-time in a query string, converted to UTC and clamped (see ``_EARLIEST``).
 QueryInstant = Annotated[datetime, AfterValidator(_query_instant)]
 
 #: Free text from a user (a report, an impression, a question): only what ``reporting.text`` keeps, i.e.

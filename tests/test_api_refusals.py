@@ -172,12 +172,12 @@ def test_a_body_that_cannot_be_read_as_json_is_a_documented_422(client: TestClie
                                            ("/api/v1/quality/agreement", "to")])
 @pytest.mark.parametrize(("since", "status"), [("2000-01-01T00:00:01+23:00", 200), ("2000-01-01T00:00:01", 200),
                                                ("1999-12-02T00:00:00+16:00", 200),
-                                               ("0001-01-01T00:00:00+23:00", 422), ("9999-12-31T23:59:59-23:00", 422),
-                                               ("0001-01-03T00:00:00Z", 422)])
+                                               ("0001-01-01T00:00:00+23:00", 200), ("9999-12-31T23:59:59-23:00", 200),
+                                               ("0001-01-03T00:00:00Z", 200), ("9999-12-31T23:59:59Z", 200)])
 def test_query_times_with_any_iso_offset_are_answered(client: TestClient, keys: dict[str, str], path: str, name: str,
                                                       since: str, status: int) -> None:
     """ISO 8601 allows offsets to +-23:59, PostgreSQL only to +-15:59 (found by tests/test_api_fuzz.py, first
     for the audit log, then in CI for the agreement figures); a bound near year 1 overflowed the period
-    arithmetic."""
+    arithmetic. A schema-valid bound is answered (clamped)."""
     response = client.get(path, params={name: since}, headers=auth(keys["admin"]))
     assert response.status_code == status, response.text
