@@ -483,6 +483,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="torch.profiler over a few iterations at the largest batch")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.new_tokens < 5:  # the dialog-under-load step needs reports still decoding when it submits the turn
+        parser.error("--new-tokens: at least 5")
     args.batch_sizes = [int(x) for x in (args.batch_sizes or ("1,4,8" if args.tiny else "1,8,16,32,64")).split(",")]
     args.naive = args.naive or (3 if args.tiny else 4)
     args.equality_tokens = args.equality_tokens or args.new_tokens

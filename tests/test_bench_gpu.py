@@ -94,3 +94,29 @@ def test_radialog_v1_backend_runs_the_same_benchmark(tmp_path: Path) -> None:
     assert r["engine"][0]["pools"]["dialog"]["max_len"] == 2048  # never more than Vicuna-7B v1.3's positions
     equality = r["equality"]
     assert len(set(equality["prompt_tokens"])) == equality["prompts"] and equality["all_identical"] is True
+
+
+# -- bench/gpu_suite.py: every backend in one device call -------------------------------------------------
+@pytest.mark.slow
+def test_suite_runs_every_backend_and_summarises(tmp_path: Path) -> None:
+    """The script a GPU session runs once: each backend's JSON, log and one summary line with its figures."""
+    from bench import gpu_suite
+
+    lines = gpu_suite.main(["--out", str(tmp_path), "--tiny", "--budget", "900", "--",
+                            "--device", "cpu", "--batch-sizes", "1,2", "--new-tokens", "5", "--naive", "1"])
+    assert [line["backend"] for line in lines] == list(gpu_suite.BACKENDS)
+    for line in lines:
+        assert line["outcome"] == "ok", (line, (tmp_path / f"{line['backend']}.log").read_text()[-2000:])
+        assert line["best_batch"] in (1, 2) and line["model_gib"] > 0 and line["identical_share"] == 1.0
+        assert json.loads((tmp_path / f"{line['backend']}.json").read_text())["backend"] == line["backend"]
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert [s.split(" on ")[0] for s in summary] == list(gpu_suite.BACKENDS)
+    assert json.loads((tmp_path / "summary.json").read_text()) == lines
+
+
+def test_suite_reports_a_backend_out_of_time_and_goes_on(tmp_path: Path) -> None:
+    from bench import gpu_suite
+
+    line = gpu_suite.run_one("radialog-v2", tmp_path, 0.5, ["--device", "cpu"], tiny=True)
+    assert line["outcome"].startswith("ran out of its 0 s") and "model_gib" not in line
+    assert gpu_suite.format_line(line) == f"radialog-v2: {line['outcome']} after {line['seconds']:.0f} s"
