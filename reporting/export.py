@@ -222,7 +222,7 @@ def send_stow(settings: Settings, destination: Destination, dataset: Dataset) ->
 
 def _send(settings: Settings, claim: _Claim) -> str:
     destination = _destination(settings, claim.destination)
-    if destination.kind in ("dimse", "stow"):
+    if destination.carries_sr:
         if claim.sr_file is None or not claim.sr_file.is_file():
             raise DeliveryError(f"SR file of report {claim.report_id} is missing")
         dataset = dcmread(claim.sr_file)
