@@ -17,11 +17,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import redis
-from sqlalchemy import select
 
 from radialog.logging import get_logger
 from radialog.messaging import dialog_channel
 from radialog.registry import Conversation, DialogTurn, Report, utcnow
+from radialog.registry.queries import latest_report
 from reporting.text import clean_model_text, clean_text
 from workers import metrics
 from workers.pipeline import JobFailure, load_image
@@ -57,9 +57,7 @@ class Publisher:
 def seed_report(session: Any, conversation: Conversation) -> Report | None:
     if conversation.seed_report_id is not None:
         return session.get(Report, conversation.seed_report_id)
-    return session.scalars(
-        select(Report).where(Report.study_id == conversation.study_id).order_by(Report.version.desc())
-    ).first()
+    return latest_report(session, conversation.study_id)
 
 
 def build_history(session: Any, turn: DialogTurn, capabilities: Capabilities | None = None) -> list[Turn]:
