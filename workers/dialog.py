@@ -77,8 +77,7 @@ def build_history(session: Any, turn: DialogTurn, capabilities: Capabilities | N
     report = seed_report(session, conversation)
     if report is None:
         raise JobFailure("the study has no report to talk about yet")
-    labels = [f["label"] for f in report.findings or [] if f.get("present")]
-    history = [Turn(question=capabilities.report_question(labels), answer=report.findings_text)]
+    history = [Turn(question=capabilities.seed_question(report.findings), answer=report.findings_text)]
     for earlier in conversation.turns:
         # a first-turn (view) turn was its own one-turn conversation (it holds the image): not part of this one
         if (earlier.id < turn.id and earlier.state == DONE and earlier.answer is not None
