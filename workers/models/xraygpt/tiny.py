@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from workers.models.base import Turn
 from workers.models.common.qformer import QFormerSize, QueryBridge, to_lavis
 from workers.models.tiny_llama import write_llama_tokenizer
 from workers.models.xraygpt import eva_vit, prompts
@@ -143,9 +142,8 @@ def _write_llm(llm_dir: Path, generator: torch.Generator) -> int:
 def corpus() -> list[str]:
     """Text to train the tiny tokenizer on: XrayGPT's system text, questions and conversation markers."""
     report = prompts.conversation_prompt([], prompts.REPORT_QUESTION)
-    follow_up = prompts.conversation_prompt([Turn(prompts.REPORT_QUESTION, "The heart size is normal.")],
-                                            prompts.IMPRESSION)
-    return [report, follow_up, prompts.KEY_FINDINGS, "</s>"]
+    roles = prompts.SEP.join(f"{role}: " for role in prompts.ROLES)
+    return [report, roles + prompts.IMPRESSION + prompts.SEP, prompts.KEY_FINDINGS, "</s>"]
 
 
 def write_tokenizer(llm_dir: Path) -> int:
