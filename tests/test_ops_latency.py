@@ -13,13 +13,13 @@ from radialog.registry import Export, ExportState, Registry, Report, Study, utcn
 from radialog.settings import Destination, Settings
 from tests.support.seeding import add_reported_study
 
-DESTINATIONS = [
-    Destination(name="pacs", kind="dimse"),
-    Destination(name="web-pacs", kind="stow", url="http://pacs.invalid/dicom-web"),
-    Destination(name="ris", kind="hl7", port=2575),
-    Destination(name="fhir", kind="fhir", url="http://fhir.invalid/r4"),
-    Destination(name="hook", kind="webhook", url="http://hook.invalid/in", secret="s" * 16),
-]
+DESTINATIONS = [Destination.model_validate(d) for d in (
+    {"name": "pacs", "kind": "dimse"},
+    {"name": "web-pacs", "kind": "stow", "url": "http://pacs.invalid/dicom-web"},
+    {"name": "ris", "kind": "hl7", "port": 2575},
+    {"name": "fhir", "kind": "fhir", "url": "http://fhir.invalid/r4"},
+    {"name": "hook", "kind": "webhook", "url": "http://hook.invalid/in", "secret": "s" * 16},
+)]
 
 
 def test_image_to_pacs_counts_sr_destinations_only(registry: Registry, settings: Settings) -> None:
@@ -29,7 +29,7 @@ def test_image_to_pacs_counts_sr_destinations_only(registry: Registry, settings:
     # study 0: the webhook, RIS and FHIR answered in 1-3 s, the PACS after 7 s, the DICOMweb store after 9 s
     # study 1: only the non-SR channels answered (the PACS row still pending)
     # study 2: the DICOMweb store answered after 4 s
-    sent_after = [{"hook": 1, "ris": 2, "fhir": 3, "pacs": 7, "web-pacs": 9},
+    sent_after: list[dict[str, int | None]] = [{"hook": 1, "ris": 2, "fhir": 3, "pacs": 7, "web-pacs": 9},
                   {"hook": 1, "ris": 2, "fhir": 3, "pacs": None},
                   {"web-pacs": 4}]
     with registry.session() as session:
