@@ -37,8 +37,6 @@ from workers.models.capabilities import RADIALOG_V2, Capabilities
 
 log = get_logger(__name__)
 
-#: RaDialog splices 196 projected image embeddings in place of ``<image>`` (other backends: their capabilities).
-IMAGE_TOKENS = RADIALOG_V2.image_tokens
 #: Llama-2 tokenizers give roughly one token per ~4 characters of English prose (not measured here on
 #: radiology text); dividing by 3 errs towards refusing rather than overflowing the context.
 CHARS_PER_TOKEN = 3.0
@@ -53,19 +51,12 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
-def seed_question(report: Report, capabilities: Capabilities = RADIALOG_V2) -> str:
-    """The first turn the worker replays: the backend's report question (RaDialog: the report prompt with
-    the seed's present findings)."""
-    present = [f["label"] for f in (report.findings or []) if f.get("present")]
-    return capabilities.report_question(present)
-
-
 def conversation_tokens(conversation: Conversation, seed: Report | None, capabilities: Capabilities = RADIALOG_V2) -> int:
     """Estimated prompt size of the whole conversation so far (system, image, seed turn, answered
     turns); past the model's limit the worker drops the oldest follow-up turns."""
     total = estimate_tokens(capabilities.system_text) + capabilities.image_tokens
     if seed is not None:
-        total += estimate_tokens(seed_question(seed, capabilities)) + estimate_tokens(seed.findings_text)
+        total += estimate_tokens(capabilities.seed_question(seed.findings)) + estimate_tokens(seed.findings_text)
     for turn in conversation.turns:
         if turn.state == "DONE":
             total += estimate_tokens(turn.question) + estimate_tokens(turn.answer or "") + 8
@@ -120,7 +111,7 @@ def check_context(seed: Report, question: str, task: str, capabilities: Capabili
     task's new tokens do not fit. (Longer conversations are fine: the worker drops the oldest
     follow-up turns first, ``workers.models.conversation.fit_history``.)"""
     needed = (estimate_tokens(capabilities.system_text) + capabilities.image_tokens
-              + estimate_tokens(seed_question(seed, capabilities)) + estimate_tokens(seed.findings_text)
+              + estimate_tokens(capabilities.seed_question(seed.findings)) + estimate_tokens(seed.findings_text)
               + estimate_tokens(question) + capabilities.task_max_new_tokens[task])
     if needed > capabilities.context_tokens:
         raise Problem(

@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from api.problems import Problem
 from radialog.registry import Report, Study
+from radialog.registry.queries import latest_report
 
 
 def get_study(session: Session, study_id: int) -> Study:
@@ -14,10 +15,6 @@ def get_study(session: Session, study_id: int) -> Study:
     if study is None:
         raise Problem(404, "study-not-found", f"no study with id {study_id}")
     return study
-
-
-def latest_report(session: Session, study_id: int) -> Report | None:
-    return session.scalar(select(Report).where(Report.study_id == study_id).order_by(Report.version.desc()).limit(1))
 
 
 def require_report(session: Session, study: Study) -> Report:

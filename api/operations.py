@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from api.services import Services
 from radialog.logging import get_logger
 from radialog.registry import Export, ExportState, Report, Study, StudyState, utcnow
+from radialog.settings import Settings
 
 log = get_logger(__name__)
 
@@ -57,14 +58,17 @@ def studies_per_hour(session: Session, start: datetime, end: datetime) -> list[d
     return [{"hour": h, "counts": dict(c)} for h, c in sorted(hours.items())]
 
 
-def latency(session: Session, start: datetime, end: datetime) -> dict[str, Any]:
-    """Seconds from each study's last image to its AI draft (SR written), and to the first destination
-    that accepted that SR, over the drafts made in [start, end)."""
+def latency(session: Session, settings: Settings, start: datetime, end: datetime) -> dict[str, Any]:
+    """Seconds from each study's last image to its AI draft (SR written), and to the first SR destination
+    (``Destination.carries_sr``: PACS, DICOMweb) that accepted that SR, over the drafts made in [start, end).
+    Webhook, HL7 and FHIR rows share the exports table; they carry no SR, so they do not count as "PACS"."""
     to_sr: list[float] = []
     to_pacs: list[float] = []
+    sr_destinations = [d.name for d in settings.destinations if d.carries_sr]
     sent = (
         select(Export.report_id, func.min(Export.sent_at).label("sent_at"))
-        .where(Export.state == ExportState.SENT.value).group_by(Export.report_id).subquery()
+        .where(Export.state == ExportState.SENT.value, Export.destination.in_(sr_destinations))
+        .group_by(Export.report_id).subquery()
     )
     rows = session.execute(
         select(Study.last_instance_at, Report.created_at, sent.c.sent_at)
@@ -147,7 +151,7 @@ def overview(session: Session, services: Services, hours: int) -> dict[str, Any]
     return {
         "generated_at": end, "hours": hours, "from": start, "states": [s.value for s in StudyState],
         "studies_per_hour": studies_per_hour(session, start, end + timedelta(microseconds=1)),
-        "latency": latency(session, start, end + timedelta(microseconds=1)),
+        "latency": latency(session, services.settings, start, end + timedelta(microseconds=1)),
         "queues": queue_depths(services), "workers": workers(services),
         "not_reported": not_reported(session, start, end + timedelta(microseconds=1)),
         "exports": by_state, "dead_exports": dead,

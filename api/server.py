@@ -315,14 +315,48 @@ def serve(app: Any, settings: Settings, *, host: str | None = None, port: int | 
     build_server(app, settings, host=host, port=port).run()
 
 
-def serve_in_thread(app: Any, settings: Settings, *, fd_ceiling: int | None = None) -> Callable[[], None]:
-    """Serve ``app`` in a daemon thread (``radialog run``); returns the function that stops it."""
+class ServerDidNotStart(RuntimeError):
+    """The API's server thread ended, or was still not listening, before it served: its port was taken, the
+    app's startup failed. The cause (the bind's ``OSError``) is chained when uvicorn gave one."""
+
+
+#: How long ``serve_in_thread`` waits for the server to listen (app startup included).
+START_TIMEOUT_S = 60.0
+
+
+def serve_in_thread(app: Any, settings: Settings, *, fd_ceiling: int | None = None,
+                    start_timeout_s: float = START_TIMEOUT_S) -> Callable[[], None]:
+    """Serve ``app`` in a daemon thread (``radialog run``) and return, once it listens, the function that
+    stops it; ``ServerDidNotStart`` when it does not. In a thread, uvicorn's ``sys.exit`` on a port in use
+    would only end that thread: the caller would carry on without an API."""
     server = build_server(app, settings, fd_ceiling=fd_ceiling)
-    thread = threading.Thread(target=server.run, name="radialog-api", daemon=True)
+    ended: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.run()
+        except SystemExit as exc:  # uvicorn exits from inside ``except OSError`` (the bind): keep that error
+            ended.append(exc.__context__ if isinstance(exc.__context__, Exception) else exc)
+        except Exception as exc:
+            ended.append(exc)
+            if server.started:  # while serving: the thread's excepthook logs it
+                raise
+
+    thread = threading.Thread(target=run, name="radialog-api", daemon=True)
     thread.start()
 
     def stop() -> None:
         server.should_exit = True
         thread.join(timeout=10)
 
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        where = f"{server.config.host}:{server.config.port}"
+        if not thread.is_alive():
+            raise ServerDidNotStart(f"the API server on {where} ended before it listened") from (
+                ended[0] if ended else None)
+        if time.monotonic() > deadline:
+            stop()
+            raise ServerDidNotStart(f"the API server on {where} was not listening after {start_timeout_s:.0f} s")
+        time.sleep(0.05)
     return stop

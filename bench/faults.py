@@ -42,6 +42,7 @@ import redis
 from sqlalchemy import func, select
 
 from composition.chain import ORTHANC, Chain, ChainError, Process, free_port, wait_until
+from radialog.messaging import QUEUES
 
 PG_URL = os.environ.get("RADIALOG_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 PHASES = ("node", "worker", "redis", "pacs")
@@ -224,7 +225,7 @@ def run_phase(faults: Faults, phase: str, studies: list[tuple[str, list[Path]]],
         wait_until(lambda: "batch" in faults.run_modes(uids), 300, "a batch running", chain.check_alive)
         faults.kill("worker")
         detail["jobs_when_killed"] = sorted(faults.job_states(uids))
-        faults.spawn("worker", "worker", "--queues", "dialog,export,report", "--hostname", chain.worker_name,
+        faults.spawn("worker", "worker", "--queues", ",".join(QUEUES), "--hostname", chain.worker_name,
                      "--lease-seconds", "5")
     elif phase == "redis":
         wait_until(lambda: len(faults.job_states(uids)) == len(uids), 300, "every job queued", chain.check_alive)

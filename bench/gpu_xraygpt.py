@@ -29,9 +29,10 @@ VICUNA_7B_V1: dict[str, Any] = {
 def build_full_size(device: torch.device) -> XrayGPTBackend:
     """Random weights in the real sizes: ViT and LLM in bf16 on CUDA (float32 on CPU), ln_vision, Q-Former and
     llama_proj in float32, as the loader places them."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from workers.models.xraygpt.loader import LoadedXrayGPT
+    from workers.models.common.llama import load_tokenizer
+    from workers.models.xraygpt.loader import REFERENCE_LEGACY, LoadedXrayGPT
     from workers.models.xraygpt.model import XrayGPT
     from workers.models.xraygpt.tiny import write_tokenizer
 
@@ -49,8 +50,8 @@ def build_full_size(device: torch.device) -> XrayGPTBackend:
     model.eval()
     token_dir = Path(tempfile.mkdtemp(prefix="bench-tokenizer-"))
     write_tokenizer(token_dir)  # a Llama-like sentencepiece tokenizer (ids < 32000): only lengths matter here
-    tokenizer = AutoTokenizer.from_pretrained(str(token_dir), local_files_only=True)
-    return XrayGPTBackend(LoadedXrayGPT(model, tokenizer, None, device, dtype, "random-full-size"))
+    tokenizer, encoder = load_tokenizer(token_dir, legacy=REFERENCE_LEGACY)
+    return XrayGPTBackend(LoadedXrayGPT(model, tokenizer, encoder, None, device, dtype, "random-full-size"))
 
 
 def build_tiny(device: torch.device) -> XrayGPTBackend:

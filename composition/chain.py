@@ -172,9 +172,11 @@ class Chain:
             # /readyz sees the worker with either broker (Redis, or the embedded one without it)
             wait_until(self._api_ready, worker_timeout, "the worker's model", everything.check)
             return self
+        from radialog.messaging import QUEUES
+
         node = self._spawn("node", "node")
         wait_until(self._node_echoes, 60, "the node to answer C-ECHO", node.check)
-        worker = self._spawn("worker", "worker", "--queues", "dialog,export,report", "--hostname", self.worker_name)
+        worker = self._spawn("worker", "worker", "--queues", ",".join(QUEUES), "--hostname", self.worker_name)
         api = self._spawn("api", "api")
         wait_until(self._api_healthy, 60, "the API", api.check)
         wait_until(self._worker_ready, worker_timeout, "the worker's model", worker.check)

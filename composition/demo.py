@@ -50,8 +50,10 @@ def _banner(text: str) -> None:
 
 def _demo_broker(settings: Settings) -> str:
     """The configured Redis host, database DEMO_REDIS_DB (never the production database)."""
+    from radialog.messaging import is_redis_url
+
     parts = urlsplit(settings.broker_url)
-    if parts.scheme not in ("redis", "rediss"):
+    if not is_redis_url(settings.broker_url) or parts.scheme == "unix":  # a socket's path is no database number
         return f"redis://127.0.0.1:6379/{DEMO_REDIS_DB}"
     return urlunsplit((parts.scheme, parts.netloc, f"/{DEMO_REDIS_DB}", parts.query, parts.fragment))
 

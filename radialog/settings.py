@@ -34,6 +34,9 @@ class TLSSettings(BaseModel):
 
 #: Webhook events a destination of kind "webhook" may subscribe to.
 WEBHOOK_EVENTS = ("study.reported", "study.failed", "report.approved", "export.dead")
+#: Destination kinds that take the SR itself (a PACS by C-STORE, a DICOMweb store by STOW-RS); the others
+#: take text (HL7, FHIR) or events (webhook) through the same outbox.
+SR_KINDS = ("dimse", "stow")
 
 
 class Destination(BaseModel):
@@ -64,6 +67,12 @@ class Destination(BaseModel):
                 raise ValueError(f"webhook destination {self.name!r}: unknown events {unknown}; "
                                  f"known: {list(WEBHOOK_EVENTS)}")
         return self
+
+    @property
+    def carries_sr(self) -> bool:
+        """Whether this destination takes the SR (``SR_KINDS``): the outbox sends it the file, the operations
+        page counts its deliveries as "image -> PACS"."""
+        return self.kind in SR_KINDS
 
 
 class Settings(BaseSettings):

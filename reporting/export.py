@@ -34,7 +34,8 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from radialog.logging import get_logger
-from radialog.registry import Export, ExportState, Registry, Report, Study, StudyState, transition, utcnow
+from radialog.registry import Export, ExportState, Registry, Study, StudyState, transition, utcnow
+from radialog.registry.queries import latest_report
 from radialog.settings import Destination, Settings
 from reporting.channels import outbox
 from reporting.channels.base import Delivery, DeliveryError
@@ -222,7 +223,7 @@ def send_stow(settings: Settings, destination: Destination, dataset: Dataset) ->
 
 def _send(settings: Settings, claim: _Claim) -> str:
     destination = _destination(settings, claim.destination)
-    if destination.kind in ("dimse", "stow"):
+    if destination.carries_sr:
         if claim.sr_file is None or not claim.sr_file.is_file():
             raise DeliveryError(f"SR file of report {claim.report_id} is missing")
         dataset = dcmread(claim.sr_file)
@@ -256,9 +257,7 @@ def send_channel(settings: Settings, destination: Destination, delivery: Deliver
 
 def _study_exported(session: Session, study_id: int) -> bool:
     """True when every export of the study's latest version is SENT (and there is at least one)."""
-    latest = session.scalars(
-        select(Report).where(Report.study_id == study_id).order_by(Report.version.desc()).limit(1)
-    ).first()
+    latest = latest_report(session, study_id)
     if latest is None:
         return False
     states = list(session.scalars(select(Export.state).where(Export.report_id == latest.id)))

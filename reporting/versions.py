@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from radialog.logging import get_logger, uid_ref
 from radialog.registry import Instance, Report, Study, StudyState, transition, utcnow
+from radialog.registry.queries import latest_report
 from radialog.settings import Settings
 from reporting import sr as srmod
 
@@ -38,13 +39,6 @@ SERIES_BASE = 900
 
 class ReportingError(RuntimeError):
     """A version cannot be made (no source image on disk, no earlier version to revise, ...)."""
-
-
-def latest_report(session: Session, study_id: int) -> Report | None:
-    """The newest version of a study's report, or None."""
-    return session.scalars(
-        select(Report).where(Report.study_id == study_id).order_by(Report.version.desc()).limit(1)
-    ).first()
 
 
 def _source_instance(session: Session, study: Study, sop_instance_uid: str | None = None) -> Instance:

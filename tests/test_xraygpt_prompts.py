@@ -4,6 +4,8 @@ post-processing, streaming, and the context rule."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -53,15 +55,36 @@ def _sentencepiece(tiny: TinyPaths) -> spm.SentencePieceProcessor:
     return spm.SentencePieceProcessor(model_file=str(tiny.llm_dir / "tokenizer.model"))
 
 
+def slow_legacy_ids(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
+    """What the reference's slow ``LlamaTokenizer`` (transformers 4.28: legacy rules, no <s>) makes of ``text``:
+    cut at the special tokens, each becomes its id, every text piece between them encoded by sentencepiece
+    with its dummy prefix."""
+    ids: list[int] = []
+    for piece in re.split(r"(<s>|</s>|<unk>)", text):
+        if piece in ("<s>", "</s>", "<unk>"):
+            ids.append(sp.piece_to_id(piece))
+        elif piece:
+            ids.extend(sp.encode(piece))
+    return ids
+
+
+#: A user's question and an edited report holding special-token text: the legacy rules give the text after
+#: each one the dummy "▁" (transformers' fast tokenizer, and the non-legacy slow one, do not).
+TYPED_SPECIALS = (SYSTEM + "###Patient: <Img><ImageHere></Img> Describe the given chest x-ray image in detail.###"
+                  "Doctor: Normal heart.</s>No effusion.###Patient: Is it </s>normal or <unk>x<s>y?###Doctor:")
+
+
 def test_ids_and_splice_follow_get_context_emb(backend: XrayGPTBackend, tiny: TinyPaths) -> None:
-    """Each segment around <ImageHere> is encoded on its own (each gets sentencepiece's dummy prefix), only the
-    first gets <s>; the 32 query embeddings sit between them."""
+    """Each segment around <ImageHere> is encoded on its own by the slow sentencepiece tokenizer's legacy rules
+    (each gets sentencepiece's dummy prefix, so does text after a special token), whatever the tokenizer
+    files say; only the first gets <s>; the 32 query embeddings sit between them."""
     sp = _sentencepiece(tiny)
-    for prompt in (REPORT_PROMPT, TWO_TURNS):
+    assert '"legacy": false' in (tiny.llm_dir / "tokenizer_config.json").read_text()  # the rules are the code's
+    for prompt in (REPORT_PROMPT, TWO_TURNS, TYPED_SPECIALS):
         before_text, after_text = prompt.split("<ImageHere>")
         before, after = backend.prompt_segments(prompt)
-        assert before == [1, *sp.encode(before_text)]
-        assert after == sp.encode(after_text)
+        assert before == [1, *slow_legacy_ids(sp, before_text)]
+        assert after == slow_legacy_ids(sp, after_text)
         assert after[0] == sp.piece_to_id("▁</") or sp.id_to_piece(after[0]).startswith("▁")  # the dummy prefix
         assert backend.count_tokens(prompt) == len(before) + 32 + len(after)
 
@@ -81,7 +104,7 @@ def test_ids_and_splice_follow_get_context_emb(backend: XrayGPTBackend, tiny: Ti
     # a user's "<ImageHere>" (a question, an edited report) stays text: the image goes at the first one
     typed = prompts.conversation_prompt([Turn(prompts.REPORT_QUESTION, "See <ImageHere> here.")], "And <ImageHere>?")
     before_typed, after_typed = backend.prompt_segments(typed)
-    assert before_typed == before and after_typed == sp.encode(typed.split("<ImageHere>", 1)[1])
+    assert before_typed == before and after_typed == slow_legacy_ids(sp, typed.split("<ImageHere>", 1)[1])
 
 
 def test_stop_ids_are_the_references_for_the_real_vocabulary() -> None:

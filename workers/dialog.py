@@ -17,11 +17,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import redis
-from sqlalchemy import select
 
 from radialog.logging import get_logger
 from radialog.messaging import dialog_channel
 from radialog.registry import Conversation, DialogTurn, Report, utcnow
+from radialog.registry.queries import latest_report
 from reporting.text import clean_model_text, clean_text
 from workers import metrics
 from workers.pipeline import JobFailure, load_image
@@ -57,9 +57,7 @@ class Publisher:
 def seed_report(session: Any, conversation: Conversation) -> Report | None:
     if conversation.seed_report_id is not None:
         return session.get(Report, conversation.seed_report_id)
-    return session.scalars(
-        select(Report).where(Report.study_id == conversation.study_id).order_by(Report.version.desc())
-    ).first()
+    return latest_report(session, conversation.study_id)
 
 
 def build_history(session: Any, turn: DialogTurn, capabilities: Capabilities | None = None) -> list[Turn]:
@@ -79,8 +77,7 @@ def build_history(session: Any, turn: DialogTurn, capabilities: Capabilities | N
     report = seed_report(session, conversation)
     if report is None:
         raise JobFailure("the study has no report to talk about yet")
-    labels = [f["label"] for f in report.findings or [] if f.get("present")]
-    history = [Turn(question=capabilities.report_question(labels), answer=report.findings_text)]
+    history = [Turn(question=capabilities.seed_question(report.findings), answer=report.findings_text)]
     for earlier in conversation.turns:
         # a first-turn (view) turn was its own one-turn conversation (it holds the image): not part of this one
         if (earlier.id < turn.id and earlier.state == DONE and earlier.answer is not None

@@ -37,6 +37,7 @@ from radialog.logging import get_logger
 from radialog.messaging import (
     DIALOG_QUEUE,
     JOB_MODEL_VERSION,
+    REPORT_QUEUE,
     enqueue_report,
     is_redis_url,
     redis_client,
@@ -74,7 +75,7 @@ class ReconcileResult:
                     or self.resent_dialog_turns or self.failed_dialog_turns)
 
 
-def broker_task_ids(settings: Settings, queue: str = "report", held_within_s: float | None = None) -> set[str] | None:
+def broker_task_ids(settings: Settings, queue: str = REPORT_QUEUE, held_within_s: float | None = None) -> set[str] | None:
     """Task ids the broker holds for ``queue``: waiting, or delivered (with ``held_within_s``, only those
     not overdue by more than that: see ``broker_state``); None if unknowable."""
     messages = broker_messages(settings, queue)

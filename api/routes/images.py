@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from api import audit
 from api.deps import DB, AnyUser, AppSettings
 from api.imaging import reported_instance
-from api.lookups import get_study, latest_report
+from api.lookups import get_study
 from api.problems import Problem, problem_responses
 from api.schemas import MAX_ID, ImageInfo, ImageRef, StudyId, WindowPreset
 from api.viewer import (
@@ -31,6 +31,7 @@ from api.viewer import (
     ViewerBusy,
 )
 from radialog.registry import Instance, Study
+from radialog.registry.queries import latest_report
 from radialog.settings import Settings
 
 T = TypeVar("T")

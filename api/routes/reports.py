@@ -12,11 +12,12 @@ from api import audit
 from api.approvals import checked_verdicts, store_review
 from api.deps import DB, AnyUser, AppServices, AppSettings, Radiologist
 from api.imaging import preview_png, reported_instance
-from api.lookups import get_study, get_version, latest_report, require_report
+from api.lookups import get_study, get_version, require_report
 from api.problems import Problem, problem_responses
 from api.reports import new_version, report_out, send_exports
 from api.schemas import Approval, NewVersion, ReportOut, ReportVersions, StudyId, Version
 from radialog.registry import DialogTurn
+from radialog.registry.queries import latest_report
 
 router = APIRouter(prefix="/studies/{study_id}", tags=["reports"])
 _READ = problem_responses(401, 403, 404, 409, 422)

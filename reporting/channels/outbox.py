@@ -63,7 +63,7 @@ def add_version_rows(session: Session, settings: Settings, report: Report, now: 
     status = status_of(session, report)
     rows = []
     for destination in settings.destinations:
-        if destination.kind in ("dimse", "stow"):
+        if destination.carries_sr:
             rows.append(_row(destination, now, report_id=report.id, study_id=study.id))
         elif destination.kind in ("hl7", "fhir"):
             if status is not None:

@@ -38,6 +38,12 @@ class Capabilities:
     def supports(self, task: str) -> bool:
         return task in self.tasks
 
+    def seed_question(self, findings: Sequence[Mapping[str, Any]] | None) -> str:
+        """The question of a conversation's first exchange, whose answer is the seed report's text: the
+        report question with the seed's present findings (``Report.findings`` rows). The worker replays it
+        and the API counts its tokens: one spelling, so the estimate is of the prompt the model gets."""
+        return self.report_question([f["label"] for f in findings or [] if f.get("present")])
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "backend": self.backend, "model_name": self.model_name, "findings_classifier": self.findings_classifier,

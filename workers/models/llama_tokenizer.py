@@ -153,10 +153,11 @@ class SlowLlamaEncoder:
             pieces = ([pieces[0][1:]] if len(pieces[0]) > 1 else []) + pieces[1:]
         return pieces
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of ``text`` with ``<s>`` in front (when the config says so), like ``tokenizer(text).input_ids``."""
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Ids of ``text`` with ``<s>`` in front (when the config says so and ``add_special_tokens``), like
+        ``tokenizer(text, add_special_tokens=...).input_ids``."""
         ids = [self.specials[p].id if p in self.specials else int(self.sp.piece_to_id(p)) for p in self.pieces(text)]
-        return [self.bos_id, *ids] if self.add_bos_token else ids
+        return [self.bos_id, *ids] if self.add_bos_token and add_special_tokens else ids
 
 
 def image_prompt_ids(prompt: str, encoder: SlowLlamaEncoder, placeholder: str, image_index: int) -> list[int]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from workers.models.llama_tokenizer import SlowLlamaEncoder, TokenizerFileError, decoding_tokenizer
 from workers.models.radialog_v2.checkpoint_io import ModelFileError
 from workers.models.radialog_v2.state_dicts import StateDictMismatch
 
@@ -74,21 +75,24 @@ def load_llama(directory: Path, device: torch.device, dtype: torch.dtype) -> tup
     return model.eval(), notes
 
 
-def load_tokenizer(directory: Path) -> Any:
-    """The directory's Llama tokenizer; refuses one whose ids or <s> handling are not Llama's."""
-    from transformers import AutoTokenizer
-
+def load_tokenizer(directory: Path, *, legacy: bool | None) -> tuple[Any, SlowLlamaEncoder]:
+    """(decoding tokenizer, prompt encoder) of the directory; refuses one whose ids or <s> handling are not
+    Llama's. Prompt ids come from the slow sentencepiece rules (:class:`SlowLlamaEncoder`; ``legacy``: see
+    its ``from_directory``), never from transformers' fast tokenizer, whose ids differ (after ``</s>``,
+    before leading whitespace); generated ids are decoded by transformers' tokenizer."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        encoder = SlowLlamaEncoder.from_directory(directory, legacy=legacy)
+    except TokenizerFileError as error:
+        raise ModelFileError(f"tokenizer in {directory}: {error}") from error
+    if (encoder.bos_id, encoder.eos_id) != (1, 2):
+        raise ModelFileError(f"tokenizer in {directory} is not Llama's (bos {encoder.bos_id}, eos {encoder.eos_id})")
+    if not encoder.add_bos_token:
+        raise ModelFileError(f"tokenizer in {directory} does not add <s> (set add_bos_token in tokenizer_config.json)")
+    try:
+        tokenizer = decoding_tokenizer(directory, encoder)
     except Exception as error:
         raise ModelFileError(f"cannot load the tokenizer from {directory}: {error}") from error
-    if tokenizer.bos_token_id != 1 or tokenizer.eos_token_id != 2:
-        raise ModelFileError(
-            f"tokenizer in {directory} is not Llama's (bos {tokenizer.bos_token_id}, eos {tokenizer.eos_token_id})"
-        )
-    if tokenizer("x").input_ids[:1] != [tokenizer.bos_token_id]:
-        raise ModelFileError(f"tokenizer in {directory} does not add <s> (set add_bos_token in tokenizer_config.json)")
-    return tokenizer
+    return tokenizer, encoder
 
 
 def files_sha256(entries: Iterable[tuple[str, Path]], chunk: int = 16 * 1024 * 1024) -> str:

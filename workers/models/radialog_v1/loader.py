@@ -30,8 +30,9 @@ import torch
 
 from workers.models.common.layout import check_layout
 from workers.models.common.llama import load_llama
+from workers.models.common.llama import load_tokenizer as load_llama_tokenizer
 from workers.models.common.qformer import LAVIS_UNUSED, QFormerSize, from_lavis, to_lavis
-from workers.models.llama_tokenizer import SlowLlamaEncoder, TokenizerFileError, decoding_tokenizer
+from workers.models.llama_tokenizer import SlowLlamaEncoder
 from workers.models.radialog_v1 import projector as projector_replay
 from workers.models.radialog_v1.files import RadialogV1Files, locate, sha256
 from workers.models.radialog_v1.model import RadialogV1
@@ -214,21 +215,12 @@ def apply_adapter(model: RadialogV1, files: RadialogV1Files) -> list[str]:
 
 
 def load_tokenizer(directory: Path) -> tuple[Any, SlowLlamaEncoder]:
-    """(decoding tokenizer, the 4.28-rules encoder); refuses a vocabulary that would collide with <IMG>=32000."""
-    try:
-        encoder = SlowLlamaEncoder.from_directory(directory, legacy=True)
-    except TokenizerFileError as error:
-        raise ModelFileError(f"tokenizer in {directory}: {error}") from error
-    if (encoder.bos_id, encoder.eos_id) != (1, 2) or not encoder.add_bos_token:
-        raise ModelFileError(f"tokenizer in {directory} is not Vicuna's (bos {encoder.bos_id}, eos {encoder.eos_id}, "
-                             f"add_bos_token {encoder.add_bos_token})")
+    """(decoding tokenizer, the 4.28-rules encoder: ``common.llama.load_tokenizer`` with ``legacy=True``);
+    refuses a vocabulary that would collide with <IMG>=32000."""
+    tokenizer, encoder = load_llama_tokenizer(directory, legacy=True)
     if encoder.sp.get_piece_size() > IMAGE_TOKEN_ID:
         raise ModelFileError(f"tokenizer in {directory} has {encoder.sp.get_piece_size()} pieces: id {IMAGE_TOKEN_ID} "
                              "is <IMG> in RaDialog v1")
-    try:
-        tokenizer = decoding_tokenizer(directory, encoder)
-    except Exception as error:
-        raise ModelFileError(f"cannot load the tokenizer from {directory}: {error}") from error
     return tokenizer, encoder
 
 

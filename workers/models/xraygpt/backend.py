@@ -2,7 +2,9 @@
 
 Text -> ids as the reference's ``get_context_emb``: the prompt is split at ``<ImageHere>``; the part before
 gets ``<s>``, the part after no special tokens, each tokenised on its own (so each gets sentencepiece's
-dummy "▁" prefix); the 32 image embeddings go between them. Generation is greedy by default (the reference
+dummy "▁" prefix) by the slow ``LlamaTokenizer``'s legacy rules (``SlowLlamaEncoder``: a text piece after a
+``</s>`` typed in a question or report gets the dummy prefix too; transformers' fast tokenizer differs
+there); the 32 image embeddings go between them. Generation is greedy by default (the reference
 demo samples; :class:`~workers.models.base.Sampling` asks for that per dialog turn) and stops at EOS or at
 "###" (ids [835] or [2277, 29937] in the real vocabulary; derived from the tokenizer otherwise). The answer
 is post-processed as the reference does (:func:`workers.models.xraygpt.prompts.postprocess`), except that a
@@ -141,7 +143,8 @@ class XrayGPTBackend(ModelBackend):
     def __init__(self, loaded: LoadedXrayGPT) -> None:
         self.loaded = loaded
         self.model = loaded.model
-        self.tokenizer = loaded.tokenizer
+        self.tokenizer = loaded.tokenizer  # decodes; prompts are encoded by ``encoder``
+        self.encoder = loaded.encoder
         self.eos_id = int(self.tokenizer.eos_token_id)
         self.stops = stop_sequences(self.tokenizer)
         self.queries = self.model.bridge.size.queries
@@ -162,9 +165,9 @@ class XrayGPTBackend(ModelBackend):
         before_text, placeholder, after_text = prompt.partition(prompts.IMAGE_PLACEHOLDER)
         if not placeholder:
             raise ValueError(f"a prompt must hold {prompts.IMAGE_PLACEHOLDER} (the image message opens the first turn)")
-        before = self.tokenizer(before_text, add_special_tokens=True).input_ids
-        after = self.tokenizer(after_text, add_special_tokens=False).input_ids
-        return list(before), list(after)
+        before = self.encoder.encode(before_text, add_special_tokens=True)
+        after = self.encoder.encode(after_text, add_special_tokens=False)
+        return before, after
 
     def count_tokens(self, prompt: str) -> int:
         """Model positions a prompt takes (the placeholder becomes the 32 query embeddings)."""

@@ -28,6 +28,7 @@ import torch
 from workers.models.common.layout import check_layout
 from workers.models.common.llama import load_llama, load_tokenizer
 from workers.models.common.qformer import LAVIS_UNUSED, QFormerSize, from_lavis, to_lavis
+from workers.models.llama_tokenizer import SlowLlamaEncoder
 from workers.models.radialog_v2.checkpoint_io import ModelFileError, torch_load_checked
 from workers.models.radialog_v2.loader import resolve_device
 from workers.models.radialog_v2.state_dicts import StateDictMismatch
@@ -39,6 +40,10 @@ from workers.models.xraygpt.model import XrayGPT
 log = logging.getLogger(__name__)
 
 SIZES_FILE = "xraygpt_sizes.json"
+#: The reference tokenises with ``LlamaTokenizer(use_fast=False)`` of transformers 4.29 (XrayGPT's env.yml),
+#: which had no ``legacy`` option (4.31 added it) and always behaved as ``legacy: true``: every text piece
+#: between special tokens gets sentencepiece's dummy "▁", whatever tokenizer_config.json says.
+REFERENCE_LEGACY = True
 #: Training state saved beside "model" (LAVIS runner): ignored by name.
 TRAINING_STATE = ("optimizer", "config", "scaler", "epoch")
 #: Buffers the XrayGPT checkpoint carries (the saver keeps buffers): ignored by name.
@@ -67,7 +72,8 @@ class LoadedXrayGPT:
     """The model ready to serve, plus what the loader saw (for `radialog model check`)."""
 
     model: XrayGPT
-    tokenizer: Any
+    tokenizer: Any  # decodes generated ids
+    encoder: SlowLlamaEncoder  # prompt ids, as the reference's slow LlamaTokenizer made them
     files: XrayGPTFiles | None  # None: built from configs with random weights (benchmarks)
     device: torch.device
     dtype: torch.dtype
@@ -179,10 +185,10 @@ def load_xraygpt(vision_dir: Path | None, llm_dir: Path | None, checkpoint: Path
     seconds["checkpoint"] = time.perf_counter() - t
     model.place(device, dtype)
     model.eval()
-    tokenizer = load_tokenizer(files.llm_dir)
+    tokenizer, encoder = load_tokenizer(files.llm_dir, legacy=REFERENCE_LEGACY)
     t = time.perf_counter()
     digest = sha256(files)
     seconds["sha256"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
     log.info("model loaded", extra={"model": "XrayGPT", "device": str(device), "tiny": files.tiny, "seconds": seconds})
-    return LoadedXrayGPT(model, tokenizer, files, device, dtype, digest, notes, seconds)
+    return LoadedXrayGPT(model, tokenizer, encoder, files, device, dtype, digest, notes, seconds)

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from workers.models.common.qformer import QFormerSize, QueryBridge, to_lavis
-from workers.models.xraygpt import eva_vit
+from workers.models.tiny_llama import write_llama_tokenizer
+from workers.models.xraygpt import eva_vit, prompts
 from workers.models.xraygpt.eva_vit import EvaSize, EvaViT
 from workers.models.xraygpt.files import EVA_FILE, QFORMER_FILE, TINY_MARKER
 from workers.models.xraygpt.loader import SIZES_FILE, Sizes
@@ -138,12 +139,18 @@ def _write_llm(llm_dir: Path, generator: torch.Generator) -> int:
     return int(config.hidden_size)
 
 
-def write_tokenizer(llm_dir: Path) -> int:
-    """A Llama-like sentencepiece tokenizer (the one the RaDialog test set uses); returns the vocabulary size.
-    Its vocabulary spells "###" in bytes, so the stop sequence is derived from the tokenizer (three ids)."""
-    from workers.models.radialog_v2.tiny import write_tokenizer as write_llama_tokenizer
+def corpus() -> list[str]:
+    """Text to train the tiny tokenizer on: XrayGPT's system text, questions and conversation markers."""
+    report = prompts.conversation_prompt([], prompts.REPORT_QUESTION)
+    roles = prompts.SEP.join(f"{role}: " for role in prompts.ROLES)
+    return [report, roles + prompts.IMPRESSION + prompts.SEP, prompts.KEY_FINDINGS, "</s>"]
 
-    return write_llama_tokenizer(llm_dir)
+
+def write_tokenizer(llm_dir: Path) -> int:
+    """A Llama-like sentencepiece tokenizer (:func:`workers.models.tiny_llama.write_llama_tokenizer`) trained
+    on :func:`corpus`; returns the vocabulary size. tokenizer_config.json says ``legacy: false``, as a copy
+    saved by a newer transformers would: the backend must still encode with the reference's legacy rules."""
+    return write_llama_tokenizer(llm_dir, corpus(), legacy=False)
 
 
 def _write_checkpoint(path: Path, qformer_hidden: int, llm_hidden: int, layers: int, generator: torch.Generator) -> None:
