@@ -14,14 +14,15 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from tests.support.brokers import redis_url
 from api.app import create_app
-from tests.support.seeding import WorkerProcess, add_reported_study, make_keys
 from radialog.registry import AuditEntry, DialogTurn, Registry
 from radialog.settings import Settings
+from tests.support.brokers import redis_url
+from tests.support.processes import dialog_worker
+from tests.support.seeding import add_reported_study, make_keys
 from workers.models import prompts
 
-REDIS_URL = redis_url(14)
+REDIS_URL = redis_url(__name__)
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def chain(registry: Registry, settings: Settings, tiny_model: tuple[Path, Path],
         "broker_url": REDIS_URL, "model_dir": tiny_model[0], "base_model_dir": tiny_model[1], "device": "cpu"})
     client = redis.Redis.from_url(REDIS_URL)
     client.delete("dialog", "export")
-    worker = WorkerProcess(api_settings, registry.url, tmp_path / "worker.log", f"api-test-{uuid.uuid4().hex[:8]}")
+    worker = dialog_worker(api_settings, registry.url, tmp_path, f"api-test-{uuid.uuid4().hex[:8]}")
     try:
         keys = make_keys(registry)
         study_id = add_reported_study(registry, api_settings)

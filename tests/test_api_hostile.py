@@ -25,12 +25,12 @@ import pytest
 
 from api.app import create_app
 from api.server import BUSY_RESPONSE, TIMEOUT_RESPONSE, build_server
-from tests.support.seeding import add_reported_study, make_keys
 from radialog.registry import Registry
 from radialog.settings import Settings
 from tests.support.brokers import redis_url
+from tests.support.seeding import add_reported_study, make_keys
 
-REDIS_URL = redis_url(13)
+REDIS_URL = redis_url(__name__)
 REPO = Path(__file__).resolve().parents[1]
 HALF_SENT = b"GET /api/v1/studies HTTP/1.1\r\nHost: radialog\r\nUser-Agent: slow"  # no end of head, ever
 

@@ -24,15 +24,15 @@ import yaml
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.support.brokers import redis_url
 from radialog.presence import ready_key
 from radialog.settings import Settings
+from tests.support.brokers import redis_url
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
 HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
 ENV = {"POSTGRES_PASSWORD": "pw", "ORTHANC_PASSWORD": "pw2", "RADIALOG_MODELS": "/srv/models", "GRAFANA_PASSWORD": "pw3"}
-TEST_REDIS = redis_url(9)  # own database (bench/pipeline flushes 13)
+TEST_REDIS = redis_url(__name__)
 
 
 def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from composition.chain import orthanc_available
-from tests.reporting_support import dciodvfy_errors
 from tests.support.brokers import redis_url
+from tests.support.dicom_files import dciodvfy_errors
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -23,7 +23,7 @@ def test_demo_ends_with_reports_in_orthanc(tmp_path: Path, broker: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
     env["RADIALOG_DATA_DIR"] = str(tmp_path / "var")
     # the demo uses database 8 of the broker's Redis server: the test server's (tests/support/brokers.py)
-    env["RADIALOG_BROKER_URL"] = "redis://127.0.0.1:1/0" if broker == "embedded" else redis_url(0)
+    env["RADIALOG_BROKER_URL"] = "redis://127.0.0.1:1/0" if broker == "embedded" else redis_url(__name__)
     result = subprocess.run(
         [sys.executable, "-m", "composition.cli", "demo", "--timeout", "600"],
         env=env, capture_output=True, text=True, timeout=840, check=False,
@@ -46,7 +46,7 @@ def test_demo_with_xraygpt_ends_with_its_reports_in_orthanc(tmp_path: Path) -> N
     """`radialog demo --backend xraygpt` (issue 16): the tiny XrayGPT set, its SRs named after it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
     env["RADIALOG_DATA_DIR"] = str(tmp_path / "var")
-    env["RADIALOG_BROKER_URL"] = redis_url(0)
+    env["RADIALOG_BROKER_URL"] = redis_url(__name__)
     result = subprocess.run(
         [sys.executable, "-m", "composition.cli", "demo", "--backend", "xraygpt", "--timeout", "600"],
         env=env, capture_output=True, text=True, timeout=840, check=False,
@@ -64,7 +64,7 @@ def test_demo_with_radialog_v1_ends_with_its_reports_in_orthanc(tmp_path: Path) 
     projector in the version they carry, the classifier's findings listed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
     env["RADIALOG_DATA_DIR"] = str(tmp_path / "var")
-    env["RADIALOG_BROKER_URL"] = redis_url(0)
+    env["RADIALOG_BROKER_URL"] = redis_url(__name__)
     result = subprocess.run(
         [sys.executable, "-m", "composition.cli", "demo", "--backend", "radialog-v1", "--timeout", "600"],
         env=env, capture_output=True, text=True, timeout=840, check=False,

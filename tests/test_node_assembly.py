@@ -16,7 +16,8 @@ from dicom_node.records import record_instance
 from radialog.registry import Registry, Study, StudyState, utcnow
 from radialog.settings import Settings
 from radialog.synthetic import make_cxr
-from tests.node_support import running_node, store_all
+from tests.support.dicom_peers import store_all
+from tests.support.node import running_node
 
 
 def _receive(registry: Registry, study_uid: str, at: datetime, **kw: Any) -> int:

@@ -23,7 +23,9 @@ from dicom_node.recovery import recover_spool
 from radialog.registry import Instance, Registry
 from radialog.settings import Settings
 from radialog.synthetic import make_cxr
-from tests.node_support import dataset_bytes, running_node, save, scu, store_all
+from tests.support.dicom_files import dataset_bytes, save
+from tests.support.dicom_peers import scu, store_all
+from tests.support.node import running_node
 
 
 def test_recovery_removes_temp_files_and_records_orphans(tmp_path: Path, settings: Settings,

@@ -33,7 +33,7 @@ class Demo:
     def __init__(self, tmp_path: Path) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
         env["RADIALOG_DATA_DIR"] = str(tmp_path / "var")
-        env["RADIALOG_BROKER_URL"] = redis_url(0)  # the demo uses database 8 of this server
+        env["RADIALOG_BROKER_URL"] = redis_url(__name__)  # the demo uses database 8 of this server
         self.lines: list[str] = []
         self.proc = subprocess.Popen([sys.executable, "-m", "composition.cli", "demo", "--serve", "--timeout", "600"],
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
