@@ -18,6 +18,8 @@ from radialog.messaging import QUEUES, REPORT_TASK, app_for, enqueue_report, rer
 from radialog.registry import Export, Job, JobState, Registry, Study, StudyState, transition, utcnow
 from radialog.settings import Settings
 from tests.support.brokers import redis_url
+from tests.support.polling import wait_for
+from tests.support.ports import free_port
 from tests.support.seeding import add_study
 from workers.batching import claim, collect_batch, requeue
 from workers.metrics import register_queue_depth
@@ -218,7 +220,6 @@ def test_sweep_sends_due_exports_and_one_sweeper_takes_each_turn(sqlite_registry
 
 
 def test_worker_metrics_endpoint_serves_stage_and_queue_metrics(sqlite_registry: Registry, rsettings: Settings) -> None:
-    import socket
 
     import httpx
 
@@ -226,9 +227,7 @@ def test_worker_metrics_endpoint_serves_stage_and_queue_metrics(sqlite_registry:
 
     enqueue_report(sqlite_registry, rsettings, add_study(sqlite_registry, rsettings)[0])
     metrics.STAGE_SECONDS.labels(stage="preprocess").observe(0.01)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = metrics.start_metrics_server(rsettings, port, addr="127.0.0.1")
     try:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
@@ -596,13 +595,11 @@ def test_gate_lets_batches_share_and_a_lone_job_wait_for_them_and_go_first() -> 
 
     first = threading.Thread(target=batch, args=("b1", release_first))
     first.start()
-    while "b1 in" not in order:
-        time.sleep(0.01)
+    wait_for(lambda: "b1 in" in order, what="b1 in", timeout=10, interval=0.01)
     second = threading.Thread(target=lone)
     second.start()
     lone_waiting.wait(10)
-    while not gate._waiting_exclusive:  # the lone job waits for b1
-        time.sleep(0.01)
+    wait_for(lambda: gate._waiting_exclusive, what="the lone job waiting for b1", timeout=10, interval=0.01)
     third = threading.Thread(target=batch, args=("b2",))
     third.start()
     time.sleep(0.1)  # b2 must not start while the lone job waits (it could only start wrongly here)
