@@ -50,6 +50,8 @@ def empty_shared_redis_database(request: pytest.FixtureRequest) -> None:
     client = redis.Redis.from_url(brokers.redis_url(module))
     try:
         client.flushdb()
+    except redis.ConnectionError:  # no server: nothing was left there either; a test that needs it fails itself
+        pass
     finally:
         client.close()
 
