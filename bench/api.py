@@ -11,8 +11,10 @@ POST to the API's first event (question checked, turn row committed, Redis subsc
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -20,10 +22,13 @@ import uuid
 from pathlib import Path
 
 import httpx
+import redis
 import uvicorn
 
 from api.app import create_app
-from tests.support.seeding import WorkerProcess, add_reported_study, add_study, make_keys
+from bench.seeding import add_reported_study, add_study, make_keys
+from composition.chain import Process, wait_until
+from radialog.presence import ready_key
 from radialog.registry import Registry, StudyState
 from radialog.settings import Settings
 
@@ -60,6 +65,19 @@ def _stream_turn(http: httpx.Client, study_id: int, question: str) -> tuple[floa
     raise RuntimeError("stream ended without done")
 
 
+def _dialog_worker(settings: Settings, database_url: str, log_dir: Path, name: str) -> Process:
+    """A real ``radialog worker`` serving the ``dialog`` and ``export`` queues, configured for ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
+    env.update({
+        "RADIALOG_DATA_DIR": str(settings.data_dir), "RADIALOG_DATABASE_URL": database_url,
+        "RADIALOG_BROKER_URL": settings.broker_url, "RADIALOG_MODEL_DIR": str(settings.model_dir),
+        "RADIALOG_BASE_MODEL_DIR": str(settings.base_model_dir), "RADIALOG_DEVICE": "cpu",
+        "RADIALOG_MIN_FREE_BYTES": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    })
+    return Process(name, [sys.executable, "-m", "composition.cli", "worker", "--hostname", name, "--queues",
+                          "dialog,export", "--no-sweep"], env, log_dir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=300)
@@ -80,14 +98,17 @@ def main() -> None:
         for i in range(args.studies):
             add_study(registry, settings, state=StudyState.QUEUED, index=i + 1)
         study_id = add_reported_study(registry, settings)
-        worker = WorkerProcess(settings, registry.url, tmp_path / "worker.log", f"bench-api-{uuid.uuid4().hex[:8]}")
+        worker_name = f"bench-api-{uuid.uuid4().hex[:8]}"
+        worker = _dialog_worker(settings, registry.url, tmp_path, worker_name)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         server = uvicorn.Server(uvicorn.Config(create_app(settings, registry), log_config=None, access_log=False))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         try:
-            worker.wait_ready()
+            broker = redis.Redis.from_url(settings.broker_url)
+            wait_until(lambda: broker.exists(ready_key(worker_name)), 240, "the dialog worker", check=worker.check)
+            broker.close()
             base = f"http://127.0.0.1:{sock.getsockname()[1]}"
             with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {keys['rad']}"}) as http:
                 for _ in range(5):  # warm-up

@@ -29,14 +29,10 @@ from typing import Any
 
 import httpx
 
+from composition.chain import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 HALF_SENT = b"GET /api/v1/studies HTTP/1.1\r\nHost: radialog\r\nUser-Agent: slow"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def proc_stats(pid: int) -> dict[str, int]:

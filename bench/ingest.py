@@ -32,14 +32,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from composition.chain import free_port
+
 MAKE_CXR = Path("/work/shared/tools/make_cxr.py")
 AE_TITLE = "RADIALOG"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 30.0) -> None:

@@ -18,13 +18,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.ingest import run_orthanc
+from bench.seeding import PROVENANCE, add_study_without_history, model_output
 from radialog.registry import Registry
 from radialog.registry.db import temporary_schema
 from radialog.settings import Destination, Settings
 from reporting.export import deliver
 from reporting.versions import create_ai_draft
-from tests.orthanc import OrthancServer
-from tests.reporting_support import PROVENANCE, add_study, model_output
 
 
 def _summary(name: str, seconds: list[float]) -> str:
@@ -51,16 +51,17 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp, _database(args.db) as database_url:
         work = Path(tmp)
-        with OrthancServer(work / "orthanc") as pacs:
+        (work / "orthanc").mkdir()
+        with run_orthanc(work / "orthanc") as (pacs_aet, pacs_port):
             settings = Settings(
                 data_dir=work / "var", database_url=database_url, min_free_bytes=0,
-                destinations=[Destination(name="orthanc", ae_title=pacs.aet, host="127.0.0.1", port=pacs.dicom_port)],
+                destinations=[Destination(name="orthanc", ae_title=pacs_aet, host="127.0.0.1", port=pacs_port)],
             )
             registry = Registry.from_settings(settings)
             drafts: list[float] = []
             sends: list[float] = []
             for _ in range(args.n):
-                study_id, _ = add_study(registry, settings)
+                study_id, _ = add_study_without_history(registry, settings)
                 started = time.perf_counter()
                 with registry.session() as session:
                     report = create_ai_draft(session, settings, study_id, model_output(study_id), PROVENANCE)

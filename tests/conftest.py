@@ -2,12 +2,17 @@
 
 PostgreSQL is the machine's real server (127.0.0.1:5432, database ``test``, trust auth); each test
 gets its own schema so tests never see each other's rows.
+
+The suite's own configuration is ``RADIALOG_TEST_*`` (``RADIALOG_TEST_REDIS``, ``RADIALOG_TEST_PG_URL``), read
+when this module is imported. Every other ``RADIALOG_*`` variable is removed from the environment for each
+test (``no_product_environment``): an in-process ``Settings(...)`` must never pick up the developer's exported
+database, broker or PACS. Subprocesses get the variables a test gives them (``tests.support.processes``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -15,8 +20,40 @@ import pytest
 from radialog.registry import Registry
 from radialog.registry.db import temporary_schema
 from radialog.settings import Settings
+from tests.support import brokers
 
 PG_URL = os.environ.get("RADIALOG_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+#: Variables that configure the test suite itself (not the product): kept in the environment.
+TEST_CONFIG_PREFIX = "RADIALOG_TEST_"
+
+
+def product_variables(environ: Mapping[str, str]) -> list[str]:
+    """The ``RADIALOG_*`` names in ``environ`` that configure the product (everything but ``RADIALOG_TEST_*``)."""
+    return [k for k in environ if k.startswith("RADIALOG_") and not k.startswith(TEST_CONFIG_PREFIX)]
+
+
+@pytest.fixture(autouse=True)
+def no_product_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No exported ``RADIALOG_*`` reaches a test (restored afterwards)."""
+    for name in product_variables(os.environ):
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def empty_shared_redis_database(request: pytest.FixtureRequest) -> None:
+    """Modules that share ``brokers.SHARED_DB`` start each test with it empty (nothing left by another module)."""
+    module = request.module.__name__
+    if not brokers.flushed_per_test(module):
+        return
+    import redis
+
+    client = redis.Redis.from_url(brokers.redis_url(module))
+    try:
+        client.flushdb()
+    except redis.ConnectionError:  # no server: nothing was left there either; a test that needs it fails itself
+        pass
+    finally:
+        client.close()
 
 
 @pytest.fixture
@@ -72,7 +109,7 @@ def tiny_backend(tiny_model: tuple[Path, Path]):  # -> RadialogV2Backend (torch 
 
 @pytest.fixture(scope="module")
 def clear(tiny_backend) -> list[int]:  # type: ignore[no-untyped-def]
-    """Seeds of ``tests.lively_model.image`` whose labels are clear of the threshold (at least 12)."""
-    from tests.lively_model import clear_seeds
+    """Seeds of ``tests.support.lively_model.image`` whose labels are clear of the threshold (at least 12)."""
+    from tests.support.lively_model import clear_seeds
 
     return clear_seeds(tiny_backend)

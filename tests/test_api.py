@@ -15,14 +15,14 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from tests.support.brokers import redis_url
 from api.app import create_app
-from tests.support.seeding import add_reported_study, add_study, make_keys
 from radialog.presence import ready_key
 from radialog.registry import AuditEntry, Conversation, DialogTurn, Registry, StudyState
 from radialog.settings import Settings
+from tests.support.brokers import redis_url
+from tests.support.seeding import add_reported_study, add_study, make_keys
 
-REDIS_URL = redis_url(14)  # this file's own database; pub/sub is global, ids are per test
+REDIS_URL = redis_url(__name__)
 
 
 @pytest.fixture

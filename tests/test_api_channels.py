@@ -12,17 +12,17 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from api.app import create_app
-from tests.support.seeding import add_reported_study, make_keys
 from radialog.registry import AuditEntry, Registry, Study
 from radialog.settings import Settings
 from reporting.channels import fhir
 from reporting.versions import create_version
 from tests.support.brokers import redis_url
+from tests.support.seeding import add_reported_study, make_keys
 
 
 @pytest.fixture
 def client(sqlite_registry: Registry, settings: Settings) -> Iterator[TestClient]:
-    app = create_app(settings.model_copy(update={"broker_url": redis_url(13)}), sqlite_registry)
+    app = create_app(settings.model_copy(update={"broker_url": redis_url(__name__)}), sqlite_registry)
     with TestClient(app) as c:
         yield c
 

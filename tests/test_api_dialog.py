@@ -4,7 +4,6 @@ RaDialog checkpoint -> tokens on the Redis channel -> the API's JSON answer or S
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,14 +13,16 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from tests.support.brokers import redis_url
 from api.app import create_app
-from tests.support.seeding import WorkerProcess, add_reported_study, make_keys
 from radialog.registry import AuditEntry, DialogTurn, Registry
 from radialog.settings import Settings
+from tests.support.brokers import redis_url
+from tests.support.polling import wait_for
+from tests.support.processes import dialog_worker
+from tests.support.seeding import add_reported_study, make_keys
 from workers.models import prompts
 
-REDIS_URL = redis_url(14)
+REDIS_URL = redis_url(__name__)
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def chain(registry: Registry, settings: Settings, tiny_model: tuple[Path, Path],
         "broker_url": REDIS_URL, "model_dir": tiny_model[0], "base_model_dir": tiny_model[1], "device": "cpu"})
     client = redis.Redis.from_url(REDIS_URL)
     client.delete("dialog", "export")
-    worker = WorkerProcess(api_settings, registry.url, tmp_path / "worker.log", f"api-test-{uuid.uuid4().hex[:8]}")
+    worker = dialog_worker(api_settings, registry.url, tmp_path, f"api-test-{uuid.uuid4().hex[:8]}")
     try:
         keys = make_keys(registry)
         study_id = add_reported_study(registry, api_settings)
@@ -96,10 +97,9 @@ def test_dialog_streams_in_order_answers_and_feeds_a_correction(chain) -> None: 
     assert accepted.status_code in (200, 202), accepted.text
     polled = accepted.json()
     assert polled["question"] == "Is there any Pneumothorax?"  # the CheXpert label as written, as trained
-    deadline = time.monotonic() + 120
-    while polled["state"] not in ("DONE", "FAILED") and time.monotonic() < deadline:
-        time.sleep(0.2)
-        polled = http.get(f"/api/v1/dialog/turns/{polled['id']}", headers=h).json()
+    if polled["state"] not in ("DONE", "FAILED"):
+        polled = wait_for(lambda: (turn := http.get(f"/api/v1/dialog/turns/{polled['id']}", headers=h).json())[
+            "state"] in ("DONE", "FAILED") and turn, what="the turn settled", timeout=120, interval=0.2)
     assert polled["state"] == "DONE" and polled["task"] == "yes_no"
     view = http.post(f"/api/v1/studies/{study_id}/dialog/actions", headers=h,
                      json={"action": "view", "wait_seconds": 120}).json()

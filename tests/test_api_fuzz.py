@@ -21,15 +21,16 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from api.app import create_app
-from tests.support.seeding import USERS, WorkerProcess
 from radialog.registry import Registry
 from radialog.settings import Settings
 from tests.support.brokers import redis_url
+from tests.support.processes import dialog_worker
+from tests.support.seeding import USERS
 from tests.test_api_schema import AuditedRefusals, seed
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-REDIS_URL = redis_url(15)  # its own database: the worker here consumes its dialog queue
+REDIS_URL = redis_url(__name__)
 #: Left to tests/test_api_schema.py: "schema-valid data is accepted" cannot hold where the state decides (a
 #: viewer region beyond this image's size is schema-valid and 422); here the point is no 5xx and audits.
 EXCLUDED = [not_a_server_error, positive_data_acceptance]
@@ -42,7 +43,7 @@ def served(registry: Registry, settings: Settings, tiny_model: tuple[Path, Path]
         "broker_url": REDIS_URL, "model_dir": tiny_model[0], "base_model_dir": tiny_model[1], "device": "cpu"})
     client = redis.Redis.from_url(REDIS_URL)
     client.delete("dialog", "export", "report")
-    worker = WorkerProcess(api_settings, registry.url, tmp_path / "worker.log", f"fuzz-{uuid.uuid4().hex[:8]}")
+    worker = dialog_worker(api_settings, registry.url, tmp_path, f"fuzz-{uuid.uuid4().hex[:8]}")
     try:
         keys = seed(registry, api_settings)
         worker.wait_ready()

@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -25,20 +23,18 @@ import pytest
 
 from api.app import create_app
 from api.server import BUSY_RESPONSE, TIMEOUT_RESPONSE, build_server
-from tests.support.seeding import add_reported_study, make_keys
+from bench.hostile_http import Target
 from radialog.registry import Registry
 from radialog.settings import Settings
 from tests.support.brokers import redis_url
+from tests.support.polling import wait_for
+from tests.support.ports import free_port
+from tests.support.processes import Process, radialog_env
+from tests.support.seeding import add_reported_study, make_keys
 
-REDIS_URL = redis_url(13)
+REDIS_URL = redis_url(__name__)
 REPO = Path(__file__).resolve().parents[1]
 HALF_SENT = b"GET /api/v1/studies HTTP/1.1\r\nHost: radialog\r\nUser-Agent: slow"  # no end of head, ever
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
@@ -48,10 +44,8 @@ def running(app: Any, settings: Settings) -> Iterator[int]:
     server = build_server(app, settings, host="127.0.0.1", port=port)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
+    wait_for(lambda: server.started, what="the server started", timeout=30, interval=0.02,
+             check=lambda: None if thread.is_alive() else pytest.fail("the server thread ended"))
     try:
         yield port
     finally:
@@ -273,24 +267,15 @@ def test_radialog_api_under_a_small_fd_limit_keeps_serving_through_many_half_sen
     process runs out of descriptors, accept() fails and no request is served until those clients leave."""
     keys = make_keys(sqlite_registry)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
-    env.update({"RADIALOG_DATA_DIR": str(settings.data_dir), "RADIALOG_BROKER_URL": REDIS_URL,
-                "RADIALOG_API_PORT": str(port), "RADIALOG_API_REQUEST_TIMEOUT": "120"})
-    log_path = tmp_path / "api.log"
-    with log_path.open("wb") as log:
-        api = subprocess.Popen(["bash", "-c", 'ulimit -n 256 && exec "$@"', "bash", sys.executable, "-m",
-                                "composition.cli", "api"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    env = radialog_env({"RADIALOG_DATA_DIR": settings.data_dir, "RADIALOG_BROKER_URL": REDIS_URL,
+                        "RADIALOG_API_PORT": port, "RADIALOG_API_REQUEST_TIMEOUT": 120})
+    api = Process("api", ["bash", "-c", 'ulimit -n 256 && exec "$@"', "bash", sys.executable, "-m",
+                          "composition.cli", "api"], env, tmp_path)
+    log_path = api.log_path
     socks: list[socket.socket] = []
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert api.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
+        wait_for(lambda: _healthy(f"http://127.0.0.1:{port}"), what="`radialog api` to answer /healthz",
+                 interval=0.2, check=_alive(api), details=api.output)
         for _ in range(400):
             sock = socket.create_connection(("127.0.0.1", port), timeout=10)
             try:
@@ -302,14 +287,24 @@ def test_radialog_api_under_a_small_fd_limit_keeps_serving_through_many_half_sen
         response = httpx.get(f"http://127.0.0.1:{port}/api/v1/studies", headers={"X-API-Key": keys["reader"]},
                              timeout=30)
         assert response.status_code == 200, response.text
-        assert api.poll() is None, log_path.read_text()
+        assert api.running, log_path.read_text()
     finally:
         for sock in socks:
             sock.close()
-        api.terminate()
-        api.wait(timeout=30)
+        api.stop()
     text = log_path.read_text()
     assert "max_connections" in text and '"max_connections": 16' in text  # 256 - the reserve: the floor of 16
+
+
+def _alive(process: Process | Target) -> Callable[[], None]:
+    """A ``wait_for`` check: fails at once when ``process`` has exited."""
+    popen = process.proc
+    log = process.log_path
+
+    def check() -> None:
+        assert popen.poll() is None, f"exited ({popen.returncode}):\n{log.read_text()[-3000:]}"
+
+    return check
 
 
 @pytest.mark.slow
@@ -318,15 +313,10 @@ def test_radialog_run_survives_1100_half_sent_requests_during_worker_start_up(tm
     """The probe's worst case: a hard 1,024-descriptor limit and 1,100 half-sent requests arriving while the
     worker is still loading (importing torch, opening the model's files). Before, the API's accept loop took
     every descriptor, the worker's import failed with EMFILE and the whole process exited."""
-    from bench.hostile_http import Target
-
     target = Target(REPO, tmp_path, 1024, True, tiny_model)
     socks: list[socket.socket] = []
     try:
-        deadline = time.monotonic() + 120
-        while not _healthy(target.url):
-            assert target.proc.poll() is None and time.monotonic() < deadline, target.log_path.read_text()[-3000:]
-            time.sleep(0.05)
+        wait_for(lambda: _healthy(target.url), what="/healthz", timeout=120, interval=0.05, check=_alive(target))
         for _ in range(1100):
             sock = socket.create_connection(("127.0.0.1", target.api_port), timeout=30)
             try:
@@ -334,11 +324,7 @@ def test_radialog_run_survives_1100_half_sent_requests_during_worker_start_up(tm
             except OSError:  # closed by the server already (the cap)
                 pass
             socks.append(sock)
-        deadline = time.monotonic() + 300
-        while not _ready(target.url):
-            assert target.proc.poll() is None, target.log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "worker never ready"
-            time.sleep(0.5)
+        wait_for(lambda: _ready(target.url), what="worker ready", timeout=300, interval=0.5, check=_alive(target))
         assert target.api_call() and target.echo()
     finally:
         for sock in socks:
@@ -352,8 +338,6 @@ def test_radialog_run_keeps_its_dicom_node_below_the_select_limit(tmp_path: Path
                                                                  tiny_model: tuple[Path, Path]) -> None:
     """A raised descriptor limit and a generous cap (2,000): 1,300 half-sent requests must not push the
     process past descriptor 1,023, where pynetdicom's select() takes every new association for closed."""
-    from bench.hostile_http import Target
-
     target = Target(REPO, tmp_path, 1024, False, tiny_model,
                     {"RADIALOG_API_MAX_CONNECTIONS": "2000", "RADIALOG_API_REQUEST_TIMEOUT": "120"})
     socks: list[socket.socket] = []

@@ -11,13 +11,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.app import create_app
-from tests.support.seeding import add_reported_study, add_study, make_keys
 from api.users import create_user
 from radialog.registry import AuditEntry, Conversation, DialogTurn, Registry, Report, StudyState, utcnow
 from radialog.settings import Settings
 from tests.support.brokers import redis_url
+from tests.support.seeding import add_reported_study, add_study, make_keys
 
-REDIS_URL = redis_url(13)  # this file's own database
+REDIS_URL = redis_url(__name__)
 
 
 @pytest.fixture

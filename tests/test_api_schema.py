@@ -19,12 +19,12 @@ from schemathesis.checks import not_a_server_error
 from sqlalchemy import func, select
 
 from api.app import create_app
-from tests.support.seeding import USERS, add_reported_study, add_study, make_keys
 from radialog.registry import AuditEntry, Registry, StudyState
 from radialog.settings import Settings
 from tests.support.brokers import redis_url
+from tests.support.seeding import USERS, add_reported_study, add_study, make_keys
 
-REDIS_URL = redis_url(14)
+REDIS_URL = redis_url(__name__)
 
 
 def refusals(registry: Registry, actor: str) -> int:

@@ -36,6 +36,7 @@ def test_the_import_contract_holds() -> None:
     ("api/routes/studies.py", "import torch", "api.routes.studies -> torch"),
     ("radialog/settings.py", "from reporting import text", "radialog.settings -> reporting"),
     ("workers/pipeline.py", "from tests.support import brokers", "workers.pipeline -> tests.support.brokers"),
+    ("bench/api.py", "from tests.support import seeding", "bench.api -> tests.support.seeding"),
 ])
 def test_the_import_contract_fails_on_a_forbidden_import(tmp_path: Path, module: str, line: str, expected: str) -> None:
     """The same check on a copy of the tree with one forbidden import added: it must break, naming the import."""

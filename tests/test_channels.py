@@ -1,5 +1,5 @@
 """HL7 ORU^R01 over MLLP, FHIR DiagnosticReport and signed webhooks through the export outbox, against real
-peers (tests/channel_peers.py): what each carries per version, ACK handling (AA sent; AE/AR retried, DEAD with
+peers (tests/support/channel_peers.py): what each carries per version, ACK handling (AA sent; AE/AR retried, DEAD with
 the RIS's reason, re-armed by `radialog export retry`), signatures and at-least-once delivery with one
 idempotency key per event."""
 
@@ -19,8 +19,8 @@ from reporting.channels import fhir
 from reporting.channels.outbox import study_failed
 from reporting.export import deliver, deliver_due
 from reporting.versions import create_ai_draft, create_version
-from tests.channel_peers import FhirEndpoint, MLLPListener, WebhookReceiver
-from tests.reporting_support import FINDINGS_TEXT, PROVENANCE, add_study, model_output
+from tests.support.channel_peers import FhirEndpoint, MLLPListener, WebhookReceiver
+from tests.support.seeding import FINDINGS_TEXT, PROVENANCE, add_study_without_history, model_output
 
 SECRET = "s3cret-for-the-test-receiver"
 HOSTILE = "Heart | big ^ caret & amp ~ tilde \\ backslash \\F\\ literal.\nSecond line é 漢字."
@@ -33,7 +33,7 @@ def _settings(settings: Settings, destinations: list[Destination], attempts: int
 
 
 def _draft(registry: Registry, settings: Settings, text: str = FINDINGS_TEXT) -> int:
-    study_id, _ = add_study(registry, settings)
+    study_id, _ = add_study_without_history(registry, settings)
     with registry.session() as session:
         create_ai_draft(session, settings, study_id, model_output(study_id, text), PROVENANCE)
     return study_id
@@ -163,7 +163,7 @@ def test_silent_ris_is_a_timeout_with_its_reason(sqlite_registry: Registry, sett
 
 
 def test_no_ris_listening_is_retried(sqlite_registry: Registry, settings: Settings) -> None:
-    from tests.orthanc import free_port
+    from tests.support.ports import free_port
 
     settings = _settings(settings, [Destination(name="ris", kind="hl7", port=free_port())])
     _draft(sqlite_registry, settings)
@@ -298,7 +298,7 @@ def test_a_study_that_crashed_its_worker_twice_raises_study_failed(sqlite_regist
     hooks = WebhookReceiver(SECRET)
     try:
         settings = _settings(settings, [Destination(name="hooks", kind="webhook", url=hooks.url, secret=SECRET)])
-        study_id, _ = add_study(sqlite_registry, settings, state=StudyState.RUNNING)
+        study_id, _ = add_study_without_history(sqlite_registry, settings, state=StudyState.RUNNING)
         long_ago = utcnow() - timedelta(hours=1)
         with sqlite_registry.session() as session:
             job = Job(study_id=study_id, model_name="radialog-v2", model_version="configured", state="RUNNING",

@@ -21,18 +21,19 @@ from pathlib import Path
 import pytest
 import redis
 import yaml
-from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.support.brokers import redis_url
 from radialog.presence import ready_key
 from radialog.settings import Settings
+from tests.support.brokers import redis_url
+from tests.support.dicom_peers import StorePeer
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
 HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
 ENV = {"POSTGRES_PASSWORD": "pw", "ORTHANC_PASSWORD": "pw2", "RADIALOG_MODELS": "/srv/models", "GRAFANA_PASSWORD": "pw3"}
-TEST_REDIS = redis_url(9)  # own database (bench/pipeline flushes 13)
+TEST_REDIS = redis_url(__name__)
 
 
 def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -141,16 +142,14 @@ def healthcheck(*args: str, env: dict[str, str] | None = None) -> subprocess.Com
 
 @pytest.fixture
 def echo_scp() -> Iterator[int]:
-    ae = AE(ae_title="RADIALOG")
-    ae.add_supported_context(Verification)
-    server = ae.start_server(("127.0.0.1", 0), block=False)
-    yield server.server_address[1]
-    server.shutdown()
+    peer = StorePeer(ae_title="RADIALOG", accept=(Verification,))
+    yield peer.port
+    peer.stop()
 
 
 def test_dicom_echo_check(echo_scp: int) -> None:
     assert healthcheck("dicom-echo", "127.0.0.1", str(echo_scp), "RADIALOG").returncode == 0
-    down = healthcheck("dicom-echo", "127.0.0.1", str(_closed_port()), "RADIALOG", "--timeout", "2")
+    down = healthcheck("dicom-echo", "127.0.0.1", str(free_port()), "RADIALOG", "--timeout", "2")
     assert down.returncode == 1 and "unhealthy" in down.stderr
 
 
@@ -186,14 +185,6 @@ def test_http_check() -> None:
     finally:
         server.shutdown()
         server.server_close()
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_readme_configuration_reference_matches_the_settings() -> None:

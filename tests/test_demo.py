@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from composition.chain import orthanc_available
-from tests.reporting_support import dciodvfy_errors
 from tests.support.brokers import redis_url
+from tests.support.dicom_files import dciodvfy_errors
+from tests.support.polling import wait_for
+from tests.support.processes import radialog_env, radialog_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -23,7 +25,7 @@ def test_demo_ends_with_reports_in_orthanc(tmp_path: Path, broker: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
     env["RADIALOG_DATA_DIR"] = str(tmp_path / "var")
     # the demo uses database 8 of the broker's Redis server: the test server's (tests/support/brokers.py)
-    env["RADIALOG_BROKER_URL"] = "redis://127.0.0.1:1/0" if broker == "embedded" else redis_url(0)
+    env["RADIALOG_BROKER_URL"] = "redis://127.0.0.1:1/0" if broker == "embedded" else redis_url(__name__)
     result = subprocess.run(
         [sys.executable, "-m", "composition.cli", "demo", "--timeout", "600"],
         env=env, capture_output=True, text=True, timeout=840, check=False,
@@ -46,7 +48,7 @@ def test_demo_with_xraygpt_ends_with_its_reports_in_orthanc(tmp_path: Path) -> N
     """`radialog demo --backend xraygpt` (issue 16): the tiny XrayGPT set, its SRs named after it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
     env["RADIALOG_DATA_DIR"] = str(tmp_path / "var")
-    env["RADIALOG_BROKER_URL"] = redis_url(0)
+    env["RADIALOG_BROKER_URL"] = redis_url(__name__)
     result = subprocess.run(
         [sys.executable, "-m", "composition.cli", "demo", "--backend", "xraygpt", "--timeout", "600"],
         env=env, capture_output=True, text=True, timeout=840, check=False,
@@ -64,7 +66,7 @@ def test_demo_with_radialog_v1_ends_with_its_reports_in_orthanc(tmp_path: Path) 
     projector in the version they carry, the classifier's findings listed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
     env["RADIALOG_DATA_DIR"] = str(tmp_path / "var")
-    env["RADIALOG_BROKER_URL"] = redis_url(0)
+    env["RADIALOG_BROKER_URL"] = redis_url(__name__)
     result = subprocess.run(
         [sys.executable, "-m", "composition.cli", "demo", "--backend", "radialog-v1", "--timeout", "600"],
         env=env, capture_output=True, text=True, timeout=840, check=False,
@@ -108,35 +110,24 @@ def test_demo_serve_stopped_by_sigterm_stops_orthanc_and_radialog_run(tmp_path: 
     Ctrl-C does (they run in sessions of their own, so nothing else would reach them)."""
     import re
     import signal
-    import time
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
-    env["RADIALOG_DATA_DIR"] = str(tmp_path / "var")
-    env["RADIALOG_BROKER_URL"] = "redis://127.0.0.1:1/0"  # the embedded broker: nothing to share with others
-    demo = subprocess.Popen([sys.executable, "-m", "composition.cli", "demo", "--serve", "--timeout", "600"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = ""
+    env = radialog_env({"RADIALOG_DATA_DIR": tmp_path / "var",
+                        "RADIALOG_BROKER_URL": "redis://127.0.0.1:1/0"})  # the embedded broker: nothing shared
+    demo = radialog_process("demo", ["demo", "--serve", "--timeout", "600"], env, tmp_path)
     try:
-        assert demo.stdout is not None
-        for line in demo.stdout:
-            out += line
-            if "Serving until Ctrl-C" in line:
-                break
-        assert "Serving until Ctrl-C" in out, out[-3000:]
+        demo.wait_for_output("Serving until Ctrl-C", timeout=900)
+        out = demo.output()
         [api_url] = re.findall(r"Radiologist page: (http://127\.0\.0\.1:\d+)/", out)
         orthanc_urls = set(re.findall(r"SR in Orthanc: (http://127\.0\.0\.1:\d+)/", out))
         children = _processes_mentioning(str(tmp_path))
         assert children and _answers(f"{api_url}/healthz")
-        demo.send_signal(signal.SIGTERM)
-        assert demo.wait(timeout=120) == 0, out[-3000:]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and _processes_mentioning(str(tmp_path)):
-            time.sleep(0.5)
-        assert _processes_mentioning(str(tmp_path)) == []
+        demo.popen.send_signal(signal.SIGTERM)
+        assert demo.popen.wait(timeout=120) == 0, demo.output()[-3000:]
+        wait_for(lambda: not _processes_mentioning(str(tmp_path)), what="every process of the demo gone", timeout=60,
+                 interval=0.5)
         assert not _answers(f"{api_url}/healthz") and not any(_answers(f"{url}/system") for url in orthanc_urls)
     finally:
-        if demo.poll() is None:
+        if demo.running:
             demo.kill()
-            demo.wait()
         for pid in _processes_mentioning(str(tmp_path)):  # left by a failing run: ours, end them by id
             os.kill(pid, signal.SIGKILL)

@@ -18,9 +18,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
 
 from bench.e2e import pg_schema
-from tests.support.brokers import redis_url
 from composition.chain import ORTHANC, PYTHON_PLUGIN, Chain, wait_until
 from radialog.synthetic import make_cxr
+from tests.support.brokers import redis_url
 
 pytestmark = [
     pytest.mark.slow,
@@ -31,7 +31,7 @@ pytestmark = [
         reason="needs dicom3tools (dciodvfy) and dcmtk (storescu)",
     ),
 ]
-REDIS_URL = redis_url(10)  # this module's own database (API tests use 14)
+REDIS_URL = redis_url(__name__)
 
 
 @pytest.fixture(scope="module")

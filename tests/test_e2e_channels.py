@@ -21,8 +21,8 @@ from composition.chain import ORTHANC, PYTHON_PLUGIN, ROOT, Chain, wait_until
 from radialog.registry import Export, Registry
 from radialog.routing import PEDIATRIC_REASON
 from radialog.synthetic import make_cxr
-from tests.channel_peers import FhirEndpoint, MLLPListener, WebhookReceiver
 from tests.support.brokers import redis_url
+from tests.support.channel_peers import FhirEndpoint, MLLPListener, WebhookReceiver
 
 pytestmark = [
     pytest.mark.slow,
@@ -59,7 +59,7 @@ def test_stat_child_and_every_channel_through_the_chain(tmp_path: Path, peers) -
         {"name": "ehr", "kind": "fhir", "url": ehr.url},
         {"name": "hooks", "kind": "webhook", "url": hooks.url, "secret": SECRET},
     ]
-    chain = Chain(tmp_path / "chain", database_url=database_url, redis_url=redis_url(8), model_dir=model_dir,
+    chain = Chain(tmp_path / "chain", database_url=database_url, redis_url=redis_url(__name__), model_dir=model_dir,
                   base_model_dir=base_dir, stable_after=30.0, extra_env={
                       "RADIALOG_TRUSTED_ROUTERS": json.dumps(["ORTHANC"]),
                       "RADIALOG_EXPORT_MAX_ATTEMPTS": "2"})

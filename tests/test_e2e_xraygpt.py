@@ -28,7 +28,7 @@ pytestmark = [
         reason="needs dicom3tools (dciodvfy) and dcmtk (storescu)",
     ),
 ]
-REDIS_URL = redis_url(11)  # this module's own database
+REDIS_URL = redis_url(__name__)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from itertools import islice
 import pytest
 import torch
 
-from tests.lively_model import image
+from tests.support.lively_model import image
 from workers.engine import Engine, EngineConfig, Handle, RequestCancelled
 from workers.engine.decoder import Group, LlamaSteps
 from workers.engine.kv_pool import KVPool, PoolShape

@@ -18,8 +18,9 @@ from radialog.settings import Destination, Settings
 from reporting.export import backoff_seconds, deliver, deliver_due, due_exports
 from reporting.sr import AI_SERIES_DESCRIPTION
 from reporting.versions import create_ai_draft, create_version
-from tests.orthanc import OrthancServer, orthanc  # noqa: F401 - the fixture
-from tests.reporting_support import PROVENANCE, StorePeer, add_study, model_output
+from tests.support.dicom_peers import StorePeer
+from tests.support.orthanc import OrthancServer, orthanc  # noqa: F401 - the fixture
+from tests.support.seeding import PROVENANCE, add_study_without_history, model_output
 
 
 def _fast(settings: Settings, destinations: list[Destination], attempts: int = 3) -> Settings:
@@ -31,7 +32,7 @@ def _fast(settings: Settings, destinations: list[Destination], attempts: int = 3
 
 
 def _draft(registry: Registry, settings: Settings) -> tuple[int, object, list[int]]:
-    study_id, source = add_study(registry, settings)
+    study_id, source = add_study_without_history(registry, settings)
     with registry.session() as session:
         report = create_ai_draft(session, settings, study_id, model_output(study_id), PROVENANCE)
         ids = [e.id for e in report.exports] or list(
@@ -245,7 +246,7 @@ def test_tls_destination_verifies_the_peer_and_presents_our_certificate(
     import ssl
 
     from radialog.settings import TLSSettings
-    from tests.reporting_support import self_signed
+    from tests.support.dicom_peers import self_signed
 
     peer_cert, peer_key = self_signed(tmp_path, "pacs")
     our_cert, our_key = self_signed(tmp_path, "radialog")

@@ -25,15 +25,15 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from api.app import create_app
-from tests.support.seeding import add_study, make_keys
 from radialog.registry import Conversation, DialogTurn, Job, Registry, Report, StudyState, utcnow
 from radialog.settings import Settings
 from reporting.text import MAX_REPORT_CHARS, clean_model_text, is_clean
-from tests.orthanc import OrthancServer
-from tests.reporting_support import dciodvfy_errors
 from tests.support.brokers import redis_url
+from tests.support.dicom_files import dciodvfy_errors
+from tests.support.orthanc import OrthancServer
+from tests.support.seeding import add_study, make_keys
 
-REDIS_URL = redis_url(15)  # this module's own database
+REDIS_URL = redis_url(__name__)
 
 HOSTILE: dict[str, str] = {
     "c0": "Heart normal." + "".join(chr(c) for c in range(0x20)) + " Lungs clear.",

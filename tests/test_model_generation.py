@@ -15,7 +15,7 @@ import pytest
 
 from radialog.settings import Settings
 from radialog.synthetic import chest_pixels
-from tests.lively_model import image as lively_image
+from tests.support.lively_model import image as lively_image
 from workers.models import load_backend
 from workers.models.base import ContextTooLong, DialogRequest, StudyInput, Turn
 from workers.models.prompts import IMPRESSION, LIST_FINDINGS, SYSTEM, VIEW_PROMPT, report_prompt, yes_no_prompt

@@ -158,7 +158,7 @@ def exposition(sqlite_registry: Registry, settings: Settings, tiny_model: tuple[
     from workers.metrics import QueueDepthCollector, register_engine
     from workers.models.radialog_v2.backend import load_radialog_v2
 
-    api_settings = settings.model_copy(update={"broker_url": redis_url(5)})
+    api_settings = settings.model_copy(update={"broker_url": redis_url(__name__)})
     with TestClient(create_app(api_settings, sqlite_registry)) as client:
         api_text = client.get("/metrics").text
     worker = CollectorRegistry()

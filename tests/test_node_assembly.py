@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,7 +15,9 @@ from dicom_node.records import record_instance
 from radialog.registry import Registry, Study, StudyState, utcnow
 from radialog.settings import Settings
 from radialog.synthetic import make_cxr
-from tests.node_support import running_node, store_all
+from tests.support.dicom_peers import store_all
+from tests.support.node import running_node
+from tests.support.polling import wait_for
 
 
 def _receive(registry: Registry, study_uid: str, at: datetime, **kw: Any) -> int:
@@ -131,7 +132,6 @@ def test_overdue_studies_move_on_after_restart(settings: Settings, sqlite_regist
     uid = generate_uid()
     _receive(sqlite_registry, uid, utcnow() - timedelta(hours=1))  # received before a crash
     with running_node(settings, sqlite_registry, assembler_interval=0.05):
-        deadline = time.monotonic() + 30
-        while _study(sqlite_registry, uid).state == "RECEIVING" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: _study(sqlite_registry, uid).state != "RECEIVING", what="the overdue study moved on",
+                 timeout=30, interval=0.05)
     assert _study(sqlite_registry, uid).state == StudyState.QUEUED.value

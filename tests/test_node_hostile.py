@@ -24,7 +24,8 @@ from bench.dicom_wire import A_ABORT, Peer, associate_rq, closed_by_peer, p_data
 from radialog.registry import Instance, Registry, Study
 from radialog.settings import Settings
 from radialog.synthetic import make_cxr
-from tests.node_support import echo, running_node, store_all, wait_idle
+from tests.support.dicom_peers import echo, store_all
+from tests.support.node import running_node, wait_idle
 
 
 def _dataset_bytes(ds) -> bytes:  # type: ignore[no-untyped-def]

@@ -22,7 +22,9 @@ from pynetdicom import AE
 from radialog.registry import Registry
 from radialog.settings import Settings, TLSSettings
 from radialog.synthetic import make_cxr
-from tests.node_support import echo, running_node, save, scu, store_all, wait_idle
+from tests.support.dicom_files import save
+from tests.support.dicom_peers import echo, scu, store_all
+from tests.support.node import running_node, wait_idle
 
 
 def test_called_and_calling_ae_titles(settings: Settings, sqlite_registry: Registry,

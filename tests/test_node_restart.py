@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +20,10 @@ from dicom_node.recovery import recover_spool
 from radialog.registry import Instance, Registry
 from radialog.settings import Settings
 from radialog.synthetic import make_cxr
-from tests.node_support import dataset_bytes, running_node, save, scu, store_all
+from tests.support.dicom_files import dataset_bytes, save
+from tests.support.dicom_peers import scu, store_all
+from tests.support.node import running_node
+from tests.support.processes import radialog_env, radialog_process
 
 
 def test_recovery_removes_temp_files_and_records_orphans(tmp_path: Path, settings: Settings,
@@ -50,26 +50,15 @@ def test_recovery_removes_temp_files_and_records_orphans(tmp_path: Path, setting
 
 @contextmanager
 def node_process(settings: Settings, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """``radialog node --port 0`` as a separate process; yields it and the port it logged."""
-    env = dict(os.environ, RADIALOG_DATA_DIR=str(settings.data_dir), RADIALOG_MIN_FREE_BYTES="0",
-               RADIALOG_STABLE_AFTER="3600", RADIALOG_DICOM_HOST="127.0.0.1")
-    with open(log, "ab") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "composition.cli", "node", "--port", "0", "--no-enqueue"],
-                                env=env, stdout=sink, stderr=sink)
+    """``radialog node --port 0`` as a separate process (output in ``log``); yields it and the port it logged."""
+    env = radialog_env({"RADIALOG_DATA_DIR": settings.data_dir, "RADIALOG_MIN_FREE_BYTES": 0,
+                        "RADIALOG_STABLE_AFTER": 3600, "RADIALOG_DICOM_HOST": "127.0.0.1"})
+    node = radialog_process(log.stem, ["node", "--port", "0", "--no-enqueue"], env, log.parent)
     try:
-        deadline = time.monotonic() + 60
-        port = None
-        while port is None and time.monotonic() < deadline and proc.poll() is None:
-            for line in log.read_text().splitlines():
-                if '"node listening"' in line:
-                    port = int(json.loads(line)["port"])
-            time.sleep(0.05)
-        assert port is not None, log.read_text()[-2000:]
-        yield proc, port
+        line = node.wait_for_output(r'.*"node listening".*')
+        yield node.popen, int(json.loads(line.group(0))["port"])
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+        node.stop()
 
 
 @pytest.mark.slow

@@ -14,8 +14,9 @@ from radialog.registry import Instance, Registry, Study
 from radialog.routing import AGE_UNKNOWN_NOTE, PEDIATRIC_REASON
 from radialog.settings import Settings
 from radialog.synthetic import make_cxr
-from tests.node_support import running_node, scu
-from tests.orthanc import wait_for
+from tests.support.dicom_peers import scu
+from tests.support.node import running_node
+from tests.support.polling import wait_for
 
 
 def _send(port: int, datasets: list[Dataset], *, calling: str = "MODALITY", priority: int = 0) -> None:

@@ -27,7 +27,9 @@ from sqlalchemy import func, select
 from radialog.registry import Instance, Registry, Study, StudyState
 from radialog.settings import Settings
 from radialog.synthetic import make_cxr, to_jpeg_baseline
-from tests.node_support import dataset_bytes, echo, running_node, save, store_all
+from tests.support.dicom_files import dataset_bytes, save
+from tests.support.dicom_peers import echo, store_all
+from tests.support.node import running_node
 
 ENCODED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless,
            JPEG2000Lossless, JPEG2000, JPEGLSLossless]

@@ -6,13 +6,10 @@ Screenshot: test-artifacts/ops-demo.png.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -20,6 +17,7 @@ import pytest
 
 from composition.chain import orthanc_available
 from tests.support.brokers import redis_url
+from tests.support.processes import Process, radialog_env
 from tests.test_ops_page import check_ops_page
 from tests.test_page import give_verdicts, signed_in
 
@@ -27,43 +25,27 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200),
               pytest.mark.skipif(not orthanc_available(), reason="needs Debian's orthanc + orthanc-python")]
 
 
-class Demo:
-    """`radialog demo --serve` in a subprocess, its output collected line by line."""
+class Demo(Process):
+    """`radialog demo --serve` in a subprocess, its output in ``<tmp_path>/demo.log``."""
 
     def __init__(self, tmp_path: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
-        env["RADIALOG_DATA_DIR"] = str(tmp_path / "var")
-        env["RADIALOG_BROKER_URL"] = redis_url(0)  # the demo uses database 8 of this server
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "composition.cli", "demo", "--serve", "--timeout", "600"],
-                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
+        env = radialog_env({"RADIALOG_DATA_DIR": tmp_path / "var",
+                            "RADIALOG_BROKER_URL": redis_url(__name__)})  # the demo uses its own database there
+        super().__init__("demo", [sys.executable, "-m", "composition.cli", "demo", "--serve", "--timeout", "600"],
+                         env, tmp_path)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
+    @property
+    def lines(self) -> list[str]:
+        return self.output().splitlines()
 
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.lines:
-                if found := re.search(pattern, line):
-                    return found
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.5)
-        raise AssertionError(f"no {pattern!r} in the demo's output:\n" + "\n".join(self.lines[-80:]))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # Ctrl-C: the demo stops Orthanc and `radialog run`
+    def stop(self, timeout: float = 120.0) -> None:
+        """Ctrl-C (SIGINT to the demo alone): the demo stops Orthanc and `radialog run` itself."""
+        if self.running:
+            self.popen.send_signal(signal.SIGINT)
             try:
-                self.proc.wait(timeout=120)
+                self.popen.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+                self.kill()
 
 
 def test_operations_page_after_the_demo_with_approvals(tmp_path: Path) -> None:
@@ -71,9 +53,9 @@ def test_operations_page_after_the_demo_with_approvals(tmp_path: Path) -> None:
 
     demo = Demo(tmp_path)
     try:
-        page_line = demo.wait_for(r"Radiologist page: (http://\S+)/\s+\(API key: (\S+)\)", 900)
+        page_line = demo.wait_for_output(r"Radiologist page: (http://\S+)/\s+\(API key: (\S+)\)", 900)
         base, rad_key = page_line.group(1), page_line.group(2)
-        admin_key = demo.wait_for(r"admin API key: (\S+);", 60).group(1)
+        admin_key = demo.wait_for_output(r"admin API key: (\S+);", 60).group(1)
         assert any(re.search(r"\(\d/3 finished\)", line) for line in demo.lines)  # the demo's progress
         assert any(line.startswith("starting: Orthanc + radialog run") and " done in " in line for line in demo.lines)
         studies = httpx.get(f"{base}/api/v1/studies", headers={"Authorization": f"Bearer {rad_key}"}).json()["items"]

@@ -13,11 +13,11 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from tests.support.seeding import add_reported_study, add_study, make_keys
 from radialog.presence import ready_key
 from radialog.registry import ApprovalReview, Export, FindingVerdict, Registry, Report, StudyState, utcnow
 from radialog.settings import Settings
 from tests.support.brokers import redis_url
+from tests.support.seeding import add_reported_study, add_study, make_keys
 from tests.test_page import ARTIFACTS, api_server, give_verdicts, signed_in
 
 EFFUSION = "Pleural Effusion"
@@ -25,7 +25,7 @@ EFFUSION = "Pleural Effusion"
 
 @pytest.fixture
 def page_settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"broker_url": redis_url(4)})
+    return settings.model_copy(update={"broker_url": redis_url(__name__)})
 
 
 def test_checklist_prefills_from_the_text_and_the_stored_verdicts_are_those_on_screen(
@@ -73,8 +73,8 @@ def test_checklist_prefills_from_the_text_and_the_stored_verdicts_are_those_on_s
 def test_a_model_without_classifier_is_signed_on_its_text(page_settings: Settings, sqlite_registry: Registry) -> None:
     from playwright.sync_api import expect
 
-    from reporting.versions import create_ai_draft
     from radialog.model_output import Provenance, ReportOutput
+    from reporting.versions import create_ai_draft
 
     keys = make_keys(sqlite_registry)
     study, _ = add_study(sqlite_registry, page_settings, state=StudyState.RUNNING)

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import highdicom as hd
 import httpx
@@ -20,58 +18,24 @@ import pytest
 from highdicom.sr import CodedConcept, ContainerContentItem, RelationshipTypeValues, TextContentItem
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import ComprehensiveSRStorage
 
 from radialog.synthetic import make_cxr
-from tests.orthanc import OrthancProcess, free_port
+from tests.support.dicom_peers import ALL_STORAGE, StorePeer
+from tests.support.orthanc import OrthancProcess
+from tests.support.polling import wait_for
+from tests.support.ports import free_port
+from tests.support.processes import Process
 
 ROUTER = Path(__file__).resolve().parents[1] / "deploy" / "orthanc" / "radialog_router.py"
 PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
 NODE_AET = "RADIALOG"
 MODALITY_AET = "XRAY1"
-T = TypeVar("T")
 
 pytestmark = pytest.mark.skipif(
     not PYTHON_PLUGIN.exists(), reason="Orthanc's Python plugin is missing: apt-get install orthanc-python"
 )
-
-
-def wait_for(predicate: Callable[[], T], what: str, timeout: float = 60.0) -> T:
-    """Poll until ``predicate()`` is truthy and return it; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
-    return value
-
-
-class NodePeer:
-    """A real C-STORE SCP standing in for our node: records what it receives."""
-
-    def __init__(self, port: int = 0) -> None:
-        self.received: list[tuple[str, str]] = []  # (SOPInstanceUID, Modality)
-        self._lock = threading.Lock()
-        ae = AE(ae_title=NODE_AET)
-        ae.supported_contexts = AllStoragePresentationContexts
-        self.server = ae.start_server(
-            ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
-        )
-        self.port = self.server.server_address[1]
-
-    def _on_store(self, event: evt.Event) -> int:
-        ds = event.dataset
-        with self._lock:
-            self.received.append((str(ds.SOPInstanceUID), str(ds.Modality)))
-        return 0x0000
-
-    def uids(self) -> set[str]:
-        with self._lock:
-            return {uid for uid, _ in self.received}
-
-    def stop(self) -> None:
-        self.server.shutdown()
 
 
 def routed_orthanc(directory: Path, node_port: int) -> OrthancProcess:
@@ -168,13 +132,14 @@ def routing(pacs: OrthancProcess, study_uid: str) -> dict:
 
 
 @pytest.fixture
-def node() -> Iterator[NodePeer]:
-    peer = NodePeer()
+def node() -> Iterator[StorePeer]:
+    """A C-STORE SCP standing in for our node: records what it receives."""
+    peer = StorePeer(ae_title=NODE_AET, accept=ALL_STORAGE)
     yield peer
     peer.stop()
 
 
-def test_forwards_cr_dx_images_once_never_ct_or_our_sr(tmp_path: Path, node: NodePeer) -> None:
+def test_forwards_cr_dx_images_once_never_ct_or_our_sr(tmp_path: Path, node: StorePeer) -> None:
     study_uid = generate_uid()
     series_uid = generate_uid()
     pa = make_cxr(modality="DX", view_position="PA", study_uid=study_uid, series_uid=series_uid)
@@ -189,7 +154,7 @@ def test_forwards_cr_dx_images_once_never_ct_or_our_sr(tmp_path: Path, node: Nod
         wait_for(lambda: routing(pacs, ct_study.StudyInstanceUID).get("stable_events") == 1, what="CT study")
         assert routing(pacs, ct_study.StudyInstanceUID)["forwarded"] == 0
         # the node decides lateral vs frontal: routing sends both CR/DX images, never the CT
-        assert sorted(node.received) == sorted([(pa.SOPInstanceUID, "DX"), (lateral.SOPInstanceUID, "DX")])
+        assert sorted(node.stored()) == sorted([(pa.SOPInstanceUID, "DX"), (lateral.SOPInstanceUID, "DX")])
 
         # our SR comes back into the study (the node's AE title is a known modality) ...
         assert send_as(NODE_AET, pacs, sr_for(pa)) == 0x0000
@@ -220,14 +185,14 @@ def test_retries_while_node_is_down_even_across_an_orthanc_restart(tmp_path: Pat
             what="a retry after the restart",
         )
 
-        peer = NodePeer(port=node_port)  # the node comes up
+        peer = StorePeer(ae_title=NODE_AET, accept=ALL_STORAGE, port=node_port)  # the node comes up
         try:
             done = wait_for(
                 lambda: (r := routing(pacs, image.StudyInstanceUID)).get("forwarded") == 1 and r,
                 what="the forward once the node is up",
             )
             assert done["state"] == "idle" and done["last_error"] is None
-            assert peer.uids() == {image.SOPInstanceUID}
+            assert set(peer.received) == {image.SOPInstanceUID}
         finally:
             peer.stop()
 
@@ -247,20 +212,16 @@ def test_shipped_orthanc_config_starts_with_auth_and_modalities(tmp_path: Path) 
     )
     (tmp_path / "orthanc.json").write_text(json.dumps(config))
     env = {"PATH": "/usr/bin:/bin", "ORTHANC_PASSWORD": "s3cret-for-test"}
-    with (tmp_path / "orthanc.log").open("wb") as log:
-        process = subprocess.Popen(
-            ["/usr/sbin/Orthanc", str(tmp_path / "orthanc.json")], stdout=log, stderr=log, env=env
-        )
+    process = Process("orthanc", ["/usr/sbin/Orthanc", str(tmp_path / "orthanc.json")], env, tmp_path)
     url, auth = f"http://127.0.0.1:{port}", ("radialog", "s3cret-for-test")
     try:
-        wait_for(lambda: _status(f"{url}/system") == 401, "Orthanc to answer (anonymous: 401)")
+        wait_for(lambda: _status(f"{url}/system") == 401, what="Orthanc to answer (anonymous: 401)")
         assert httpx.get(f"{url}/system", auth=("radialog", "wrong"), timeout=10).status_code == 401
         modalities = httpx.get(f"{url}/modalities?expand", auth=auth, timeout=10).json()
         assert modalities["radialog"]["AET"] == NODE_AET and modalities["radialog"]["Port"] == 11112
         assert "python" in httpx.get(f"{url}/plugins", auth=auth, timeout=10).json()
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        process.stop()
 
 
 def _status(url: str) -> int | None:

@@ -22,12 +22,13 @@ import uvicorn
 from sqlalchemy import func, select
 
 from api.app import create_app
-from tests.support.seeding import WorkerProcess, add_reported_study, add_study, make_keys
 from radialog.registry import DialogTurn, Registry, Report, StudyState
 from radialog.settings import Settings
 from tests.support.brokers import redis_url
+from tests.support.processes import dialog_worker
+from tests.support.seeding import add_reported_study, add_study, make_keys
 
-REDIS_URL = redis_url(14)
+REDIS_URL = redis_url(__name__)
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -39,24 +40,14 @@ def served(sqlite_registry: Registry, settings: Settings, tiny_model: tuple[Path
     """The API on a free port (uvicorn in a thread) and one dialog worker process."""
     api_settings = settings.model_copy(update={
         "broker_url": REDIS_URL, "model_dir": tiny_model[0], "base_model_dir": tiny_model[1], "device": "cpu"})
-    worker = WorkerProcess(api_settings, sqlite_registry.url, tmp_path / "worker.log",
-                           f"page-test-{uuid.uuid4().hex[:8]}")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(api_settings, sqlite_registry), log_config=None,
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    worker = dialog_worker(api_settings, sqlite_registry.url, tmp_path, f"page-test-{uuid.uuid4().hex[:8]}")
     try:
         keys = make_keys(sqlite_registry)
         study_id = add_reported_study(sqlite_registry, api_settings)
-        thread.start()
-        worker.wait_ready()
-        yield f"http://127.0.0.1:{port}", keys, study_id, sqlite_registry
+        with api_server(api_settings, sqlite_registry) as url:
+            worker.wait_ready()
+            yield url, keys, study_id, sqlite_registry
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
         worker.stop()
 
 
@@ -377,10 +368,10 @@ def test_the_page_offers_only_what_the_configured_model_was_trained_for(
     impression stay. With RaDialog everything is there."""
     from playwright.sync_api import expect
 
-    from tests.support.seeding import add_study
+    from radialog.model_output import Provenance, ReportOutput
     from radialog.registry import StudyState
     from reporting.versions import create_ai_draft
-    from radialog.model_output import Provenance, ReportOutput
+    from tests.support.seeding import add_study
 
     keys = make_keys(sqlite_registry)
     xraygpt = page_settings.model_copy(update={"model_backend": "xraygpt"})

@@ -159,35 +159,30 @@ def test_no_marker_in_the_logs_of_node_and_worker(tmp_path: Path, settings: Sett
     fails the study), a report whose SR names the patient, and its export refused by the PACS."""
     from contextlib import contextmanager
 
-    from pynetdicom import AE, evt
     from sqlalchemy import select
 
     from bench.dicom_wire import Peer
     from radialog.registry import Export, Study
-    from radialog.settings import Destination
     from tests.conftest import _pg_schema_registry
-    from tests.node_support import store_all
-    from tests.test_pipeline import Harness, Worker, free_port
+    from tests.support.brokers import redis_url
+    from tests.support.dicom_peers import StorePeer, store_all
+    from tests.support.ports import free_port
+    from tests.test_pipeline import Harness
 
-    pacs = AE(ae_title="TESTPACS")
-    pacs.add_supported_context("1.2.840.10008.5.1.4.1.1.88.33", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-    refusing = pacs.start_server(("127.0.0.1", 0), block=False,
-                                 evt_handlers=[(evt.EVT_C_STORE, lambda event: 0xA700)])
-    settings = settings.model_copy(update={"destinations": [
-        Destination(name="pacs", ae_title="TESTPACS", host="127.0.0.1", port=refusing.server_address[1])]})
+    refusing = StorePeer(ae_title="TESTPACS", status=0xA700)  # takes the SR's association, refuses the SR
+    settings = settings.model_copy(update={"destinations": [refusing.destination("pacs")]})
     with contextmanager(_pg_schema_registry)() as registry:
         with registry.engine.begin() as conn:
             conn.exec_driver_sql("ALTER TABLE studies ADD CONSTRAINT refuse_marked "
                                  "CHECK (study_description IS DISTINCT FROM 'REFUSE ME')")
-        h = Harness(tmp_path, registry, settings, tiny_model)
+        h = Harness(tmp_path, registry, settings, tiny_model, redis_url=redis_url(__name__))
         try:
             port = free_port()
             env = h.env(dicom_port=port, dicom_host="127.0.0.1", stable_after=0.5, batch_wait_ms=0,
                         export_backoff_initial=1.0, log_level="DEBUG")
-            node = Worker(h, "node", ["node"], env)
-            h.workers.append(node)
+            node = h.start_process("node", ["node"], env)
             h.start_worker("w-phi", env_overrides={"log_level": "DEBUG", "export_backoff_initial": 1.0})
-            h.wait_for(lambda: "node listening" in node.log.read_text(errors="replace"), "node listening")
+            h.wait_for(lambda: "node listening" in node.output(), "node listening")
 
             corrupt = marker_patient(seed=1)
             peer = Peer.associate(port)
@@ -210,8 +205,8 @@ def test_no_marker_in_the_logs_of_node_and_worker(tmp_path: Path, settings: Sett
             h.wait_for(settled, "the undecodable study FAILED and the report's export refused by the PACS")
         finally:
             h.close()
-            refusing.shutdown()
-        logs = {worker.name: worker.log.read_text(errors="replace") for worker in h.workers}
+            refusing.stop()
+        logs = {worker.name: worker.output() for worker in h.workers}
         for name, text in logs.items():
             assert leaked(text) == [], f"{name}: " + "\n".join(
                 line for line in text.splitlines() if leaked(line))[:4000]

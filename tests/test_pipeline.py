@@ -8,12 +8,8 @@ assertion); the worker's log is printed when a wait fails.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import shutil
-import subprocess
-import sys
+import signal
 import threading
 import time
 from collections import Counter
@@ -26,8 +22,7 @@ import redis
 from pydicom import dcmread
 from sqlalchemy import func, select
 
-from tests.support.brokers import redis_url
-from tests.support.seeding import add_reported_study, add_study
+from radialog.messaging import DIALOG_TASK, app_for, dialog_channel, enqueue_report
 from radialog.presence import ready_key
 from radialog.registry import (
     Conversation,
@@ -43,56 +38,24 @@ from radialog.registry import (
     utcnow,
 )
 from radialog.settings import Destination, Settings
-from radialog.messaging import DIALOG_TASK, app_for, dialog_channel
-from radialog.messaging import enqueue_report
+from tests.support.brokers import redis_url
+from tests.support.dicom_peers import ALL_STORAGE, StorePeer
+from tests.support.polling import wait_for
+from tests.support.ports import free_port
+from tests.support.processes import Process, WorkerProcess, radialog_env, radialog_process
+from tests.support.seeding import add_reported_study, add_study
 from workers.reconciler import reconcile
 
-REDIS_URL = redis_url(12)  # this module's own database
-REPO = Path(__file__).resolve().parents[1]
+REDIS_URL = redis_url(__name__)
 WAIT_S = 240.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Worker:
-    """One ``radialog worker`` process with its log file."""
-
-    def __init__(self, harness: Harness, name: str, args: list[str], env: dict[str, str],
-                 module: str = "composition.cli") -> None:
-        self.name = name
-        self.log = harness.tmp / f"{name}.log"
-        self._log_file = self.log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args], cwd=REPO, env=env,
-            stdout=self._log_file, stderr=subprocess.STDOUT,
-        )
-
-    def tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log_file.close()
 
 
 class Harness:
     """Settings, registry, Redis and worker processes of one test."""
 
     def __init__(self, tmp: Path, registry: Registry, settings: Settings, tiny: tuple[Path, Path],
-                 redis_url: str = REDIS_URL) -> None:
+                 *, redis_url: str) -> None:
+        """``redis_url``: the calling module's own database (``tests.support.brokers``), emptied here."""
         self.tmp = tmp
         self.registry = registry
         self.redis_url = redis_url
@@ -102,7 +65,7 @@ class Harness:
         })
         self.redis = redis.Redis.from_url(redis_url)
         self.redis.flushdb()
-        self.workers: list[Worker] = []
+        self.workers: list[Process] = []
 
     def env(self, **overrides: Any) -> dict[str, str]:
         s = self.settings
@@ -116,32 +79,32 @@ class Harness:
             "RADIALOG_STABLE_AFTER": s.stable_after,
         }
         values.update({f"RADIALOG_{k.upper()}": v for k, v in overrides.items()})
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
-        env.update({k: str(v) for k, v in values.items()})
-        env["PYTHONPATH"] = str(REPO)
-        return env
+        return radialog_env(values)
+
+    def start_process(self, name: str, args: list[str], env: dict[str, str]) -> Process:
+        """``radialog <args>`` watched by ``wait_for`` and stopped by ``close``."""
+        process = radialog_process(name, args, env, self.tmp)
+        self.workers.append(process)
+        return process
 
     def start_worker(self, name: str, *extra: str, wait_ready: bool = True,
-                     env_overrides: dict[str, Any] | None = None) -> Worker:
-        args = ["worker", "--hostname", name, "--no-sweep", *extra]
-        worker = Worker(self, name, args, self.env(**(env_overrides or {})))
+                     env_overrides: dict[str, Any] | None = None) -> WorkerProcess:
+        worker = WorkerProcess(name, self.env(**(env_overrides or {})), self.tmp, broker_url=self.redis_url,
+                               args=["--no-sweep", *extra])
         self.workers.append(worker)
         if wait_ready:
-            self.wait_for(lambda: self.redis.exists(ready_key(name)) == 1, f"{name} ready")
+            self.wait_for(worker.is_ready, f"{name} ready")
         return worker
 
+    def _check_workers(self) -> None:
+        """A process that exited by itself fails the wait (one a test killed with SIGKILL does not)."""
+        for worker in self.workers:
+            if worker.returncode not in (None, -signal.SIGKILL):
+                raise AssertionError(f"worker {worker.name} exited ({worker.returncode}):\n{worker.last_lines()}")
+
     def wait_for(self, condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = condition()
-            if value:
-                return value
-            for worker in self.workers:
-                if worker.proc.poll() not in (None, -signal.SIGKILL):
-                    pytest.fail(f"worker {worker.name} exited ({worker.proc.returncode}):\n{worker.tail()}")
-            time.sleep(0.2)
-        logs = "\n".join(f"--- {w.name}\n{w.tail()}" for w in self.workers)
-        pytest.fail(f"gave up waiting for: {what}\n{logs}")
+        return wait_for(condition, what=what, timeout=timeout, interval=0.2, check=self._check_workers,
+                        details=lambda: "\n".join(f"--- {w.name}\n{w.last_lines()}" for w in self.workers))
 
     def wait_answered(self, turn_id: int, what: str) -> None:
         """Wait until the dialog turn is settled, and check that it was answered (DONE with an answer)."""
@@ -184,7 +147,7 @@ class Harness:
 
 @pytest.fixture
 def harness(tmp_path: Path, settings: Settings, sqlite_registry: Registry, tiny_model: tuple[Path, Path]) -> Iterator[Harness]:
-    h = Harness(tmp_path, sqlite_registry, settings, tiny_model)
+    h = Harness(tmp_path, sqlite_registry, settings, tiny_model, redis_url=REDIS_URL)
     yield h
     h.close()
 
@@ -199,37 +162,16 @@ def add_poisoned_study(registry: Registry, settings: Settings, index: int) -> in
     return study_id
 
 
-class StorageSCP:
-    """A pynetdicom C-STORE SCP standing in for the PACS: records the SOP Instance UIDs it receives."""
-
-    def __init__(self) -> None:
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
-
-        self.received: list[str] = []
-        self.ae = AE(ae_title="TESTPACS")
-        self.ae.supported_contexts = AllStoragePresentationContexts
-
-        def on_store(event: Any) -> int:
-            self.received.append(event.dataset.SOPInstanceUID)
-            return 0x0000
-
-        self.server = self.ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        self.port = int(self.server.server_address[1])
-
-    def stop(self) -> None:
-        self.server.shutdown()
-
-
 @pytest.mark.slow
 def test_worker_reports_exports_and_fails_a_poisoned_study(
     tmp_path: Path, settings: Settings, registry: Registry, tiny_model: tuple[Path, Path]
 ) -> None:
     """QUEUED -> report + SR stored -> SR delivered to the PACS (EXPORTED); a study with unreadable
     pixels -> FAILED with a readable reason, and the worker goes on serving. On SQLite and PostgreSQL."""
-    pacs = StorageSCP()
+    pacs = StorePeer(ae_title="TESTPACS", accept=ALL_STORAGE)
     settings = settings.model_copy(update={"destinations": [
         Destination(name="pacs", ae_title="TESTPACS", host="127.0.0.1", port=pacs.port)]})
-    h = Harness(tmp_path, registry, settings, tiny_model)
+    h = Harness(tmp_path, registry, settings, tiny_model, redis_url=REDIS_URL)
     try:
         poisoned = add_poisoned_study(registry, h.settings, index=1)
         good, _ = add_study(registry, h.settings, index=2)
@@ -396,10 +338,9 @@ def test_run_without_redis_uses_the_embedded_broker(harness: Harness) -> None:
     dicom_port = free_port()
     env = h.env(broker_url="redis://127.0.0.1:1/0", dicom_port=dicom_port, dicom_host="127.0.0.1",
                 stable_after=1.0, batch_wait_ms=0)
-    run = Worker(h, "run", ["run", "--no-api"], env)
-    h.workers.append(run)
-    h.wait_for(lambda: "node listening" in run.log.read_text(errors="replace"), "node listening")
-    assert "embedded SQLite broker" in run.log.read_text(errors="replace")
+    run = h.start_process("run", ["run", "--no-api"], env)
+    h.wait_for(lambda: "node listening" in run.output(), "node listening")
+    assert "embedded SQLite broker" in run.output()
 
     ds = make_cxr(rows=256, cols=256, patient_index=30, seed=30)
     ae = AE(ae_title="TESTSCU")
@@ -496,20 +437,26 @@ def test_dialog_turn_arriving_during_a_report_batch_is_answered_before_the_batch
     worker.stop()
 
 
-def start_redis(port: int, directory: Path) -> subprocess.Popen[bytes]:
+def start_redis(port: int, directory: Path) -> Process:
     """A private redis-server without persistence (a restart comes back empty, as in the platform's default)."""
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(directory)], stdout=subprocess.DEVNULL)
+    proc = Process(f"redis-{port}", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                     "--appendonly", "no", "--dir", str(directory)], radialog_env({}), directory)
     client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def answers() -> bool:
         try:
-            if client.ping():
-                return proc
+            return bool(client.ping())
         except redis.ConnectionError:
-            time.sleep(0.1)
-    proc.kill()
-    pytest.fail("private redis-server did not start")
+            return False
+
+    try:
+        wait_for(answers, what="the private redis-server", timeout=10, check=proc.check)
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        client.close()
+    return proc
 
 
 @pytest.mark.slow
@@ -526,8 +473,7 @@ def test_worker_serves_reports_and_dialog_after_redis_restarts(
     try:
         worker = h.start_worker("w-redis-restart")
         seeded = add_reported_study(h.registry, h.settings, index=60)
-        server.terminate()
-        server.wait(timeout=10)
+        server.stop(timeout=10)
         time.sleep(2)  # the worker sees the connection drop
         server = start_redis(port, tmp_path)
         study_id = add_study(h.registry, h.settings, index=61)[0]
@@ -539,5 +485,4 @@ def test_worker_serves_reports_and_dialog_after_redis_restarts(
         assert worker.proc.poll() is None  # the same process, not a restarted one
     finally:
         h.close()
-        server.terminate()
-        server.wait(timeout=10)
+        server.stop(timeout=10)

@@ -18,14 +18,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.app import create_app
-from tests.support.seeding import add_reported_study, make_keys
+from composition.run import embedded_broker
 from radialog.presence import BrokerUnavailable, FilePresence, RedisPresence, presence_for, ready_key
 from radialog.registry import DialogTurn, Registry, utcnow
 from radialog.settings import Settings
 from tests.support.brokers import redis_url
-from composition.run import embedded_broker
+from tests.support.seeding import add_reported_study, make_keys
 
-REDIS_URL = redis_url(13)
+REDIS_URL = redis_url(__name__)
 INFO = {"name": "RaDialog-LLaVA", "version": "2.0-test", "hostname": "w1@test"}
 
 

@@ -15,7 +15,9 @@ from radialog.messaging import enqueue_report
 from radialog.registry import Job, Registry, Report, Study
 from radialog.settings import Settings
 from radialog.synthetic import make_cxr
-from tests.node_support import running_node, store_all
+from tests.support.brokers import redis_url
+from tests.support.dicom_peers import store_all
+from tests.support.node import running_node
 from tests.test_node_routing import _send
 from tests.test_pipeline import Harness
 
@@ -27,7 +29,7 @@ def test_a_stat_study_is_reported_before_routine_ones_that_had_not_started(
     tmp_path: Path, settings: Settings, sqlite_registry: Registry, tiny_model: tuple[Path, Path]
 ) -> None:
     settings = settings.model_copy(update={"stable_after": 0.3, "batch_size": 4, "batch_wait_ms": 50})
-    h = Harness(tmp_path, sqlite_registry, settings, tiny_model)
+    h = Harness(tmp_path, sqlite_registry, settings, tiny_model, redis_url=redis_url(__name__))
     try:
         enqueue = partial(enqueue_report, sqlite_registry, h.settings)
         with running_node(h.settings, sqlite_registry, enqueue=enqueue, assembler_interval=0.1) as node:

@@ -11,12 +11,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.app import create_app
-from tests.support.seeding import add_reported_study, add_study, make_keys
 from radialog.registry import ApprovalReview, FindingVerdict, Registry, Report, StudyState
 from radialog.settings import Settings
 from reporting.agreement import edit_distance, stated
 from reporting.quality import wilson
 from tests.support.brokers import redis_url
+from tests.support.seeding import add_reported_study, add_study, make_keys
 
 EFFUSION = "Pleural Effusion"
 
@@ -77,7 +77,7 @@ def test_edit_distance_counts_characters() -> None:
 # -- the API --------------------------------------------------------------------------------------------
 @pytest.fixture
 def client(registry: Registry, settings: Settings) -> Iterator[tuple[TestClient, dict[str, str], Settings]]:
-    api_settings = settings.model_copy(update={"broker_url": redis_url(3)})
+    api_settings = settings.model_copy(update={"broker_url": redis_url(__name__)})
     with TestClient(create_app(api_settings, registry)) as test_client:
         yield test_client, make_keys(registry), api_settings
 
@@ -107,8 +107,8 @@ def _approve(client: TestClient, key: str, study_id: int, checklist: list[dict] 
 
 def _xraygpt_draft(registry: Registry, settings: Settings, index: int) -> int:
     """A draft by a model without a findings classifier (XrayGPT): text only."""
-    from reporting.versions import create_ai_draft
     from radialog.model_output import Provenance, ReportOutput
+    from reporting.versions import create_ai_draft
 
     study_id, _ = add_study(registry, settings, state=StudyState.RUNNING, index=index)
     output = ReportOutput(key=str(study_id), findings_text="The lungs are clear.", findings=[], findings_phrase="",

@@ -11,7 +11,7 @@ from functools import cache
 
 import pytest
 
-from tests.lively_model import clear_seeds, image
+from tests.support.lively_model import clear_seeds, image
 from tests.test_engine import RecordingSteps
 from workers.engine import Engine, EngineConfig
 from workers.engine.engine import served_model

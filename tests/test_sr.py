@@ -8,16 +8,18 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from radialog.chexpert import CHEXPERT_LABELS
 from radialog.registry import Registry
 from radialog.settings import Settings
 from reporting import codes
 from reporting.sr import AI_SERIES_DESCRIPTION, APPROVED_SERIES_DESCRIPTION, ai_draft_uids, derived_uid
 from reporting.versions import create_ai_draft, create_version
-from tests.reporting_support import FINDINGS_TEXT, LABELS, PROVENANCE, add_study, dciodvfy_errors, model_output
+from tests.support.dicom_files import dciodvfy_errors
+from tests.support.seeding import FINDINGS_TEXT, PROVENANCE, add_study_without_history, model_output
 
 
 def _draft(registry: Registry, settings: Settings):
-    study_id, source = add_study(registry, settings)
+    study_id, source = add_study_without_history(registry, settings)
     with registry.session() as session:
         report = create_ai_draft(session, settings, study_id, model_output(study_id), PROVENANCE)
     return study_id, source, report
@@ -64,7 +66,7 @@ def test_ai_draft_sr_is_valid_readable_and_flagged_unverified(sqlite_registry: R
     assert any(t == PROVENANCE.name for t in texts)  # TID 4019 algorithm name (and device observer name)
     assert any(t.endswith(PROVENANCE.files_sha256) for t in texts)  # algorithm parameters: the files' hash
     coded = [i for i in items if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "121071"]
-    assert len(coded) == len(LABELS)
+    assert len(coded) == len(CHEXPERT_LABELS)
     cardiomegaly = next(i for i in coded if i.ConceptCodeSequence[0].CodeValue == "287272002")
     presence = cardiomegaly.ContentSequence[0].ConceptCodeSequence[0]
     probability = cardiomegaly.ContentSequence[1].MeasuredValueSequence[0].NumericValue
@@ -122,7 +124,7 @@ def test_unknown_label_gets_a_private_code_not_dropped() -> None:
 def test_missing_source_image_is_a_clear_error(sqlite_registry: Registry, settings: Settings) -> None:
     from reporting.versions import ReportingError
 
-    study_id, source = add_study(sqlite_registry, settings)
+    study_id, source = add_study_without_history(sqlite_registry, settings)
     Path(settings.spool_dir / source.StudyInstanceUID / f"{source.SOPInstanceUID}.dcm").unlink()
     with pytest.raises(ReportingError, match="missing from the spool"), sqlite_registry.session() as session:
         create_ai_draft(session, settings, study_id, model_output(study_id), PROVENANCE)
@@ -131,7 +133,7 @@ def test_missing_source_image_is_a_clear_error(sqlite_registry: Registry, settin
 def test_a_test_model_says_so_in_the_document(sqlite_registry: Registry, settings: Settings) -> None:
     from dataclasses import replace
 
-    study_id, _ = add_study(sqlite_registry, settings)
+    study_id, _ = add_study_without_history(sqlite_registry, settings)
     with sqlite_registry.session() as session:
         report = create_ai_draft(session, settings, study_id, model_output(study_id), replace(PROVENANCE, tiny=True))
     path = settings.sr_dir / report.sr_path
@@ -163,7 +165,7 @@ def test_draft_of_a_model_without_classifier_names_the_model_and_carries_no_code
     from radialog.model_output import Provenance, ReportOutput
 
     xraygpt = Provenance(name="XrayGPT", version="1.0", files_sha256="7a" * 32, display_name="XrayGPT")
-    study_id, _source = add_study(sqlite_registry, settings)
+    study_id, _source = add_study_without_history(sqlite_registry, settings)
     output = ReportOutput(key=str(study_id), findings_text=FINDINGS_TEXT, findings=[], findings_phrase="",
                           generated_tokens=30, timings={})
     with sqlite_registry.session() as session:
@@ -232,7 +234,7 @@ def test_a_version_with_invalid_text_is_refused_before_anything_is_stored(sqlite
     from radialog.registry import Report
     from reporting.text import InvalidReportText
 
-    study_id, _ = add_study(sqlite_registry, settings)
+    study_id, _ = add_study_without_history(sqlite_registry, settings)
     with pytest.raises(InvalidReportText), sqlite_registry.session() as session:
         create_ai_draft(session, settings, study_id, model_output(study_id, "om0vi\x0fgaly"), PROVENANCE)
     with sqlite_registry.session() as session:

@@ -10,7 +10,7 @@ from radialog.registry import Export, Registry, Report, Study, StudyState, trans
 from radialog.settings import Destination, Settings
 from reporting.render import UNVERIFIED_HEADING, VERIFIED_HEADING, report_json, report_text
 from reporting.versions import ReportingError, create_ai_draft, create_version
-from tests.reporting_support import FINDINGS_TEXT, PROVENANCE, add_study, model_output
+from tests.support.seeding import FINDINGS_TEXT, PROVENANCE, add_study_without_history, model_output
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def two_destinations(settings: Settings) -> Settings:
 
 def test_ai_draft_is_made_once(registry: Registry, two_destinations: Settings) -> None:
     settings = two_destinations
-    study_id, _ = add_study(registry, settings)
+    study_id, _ = add_study_without_history(registry, settings)
     with registry.session() as session:
         first = create_ai_draft(session, settings, study_id, model_output(study_id), PROVENANCE)
     with registry.session() as session:  # the job ran again (redelivered task): same draft, nothing new
@@ -48,7 +48,7 @@ def test_ai_draft_is_made_once(registry: Registry, two_destinations: Settings) -
 
 def test_correction_then_approval_makes_a_chain_of_versions(registry: Registry, two_destinations: Settings) -> None:
     settings = two_destinations
-    study_id, _ = add_study(registry, settings)
+    study_id, _ = add_study_without_history(registry, settings)
     with registry.session() as session:
         draft = create_ai_draft(session, settings, study_id, model_output(study_id), PROVENANCE)
         transition(session, study_id, StudyState.EXPORTED, "test: the draft reached every destination")
@@ -99,7 +99,7 @@ def test_correction_then_approval_makes_a_chain_of_versions(registry: Registry, 
 
 
 def test_bad_version_requests_are_refused(sqlite_registry: Registry, settings: Settings) -> None:
-    study_id, _ = add_study(sqlite_registry, settings)
+    study_id, _ = add_study_without_history(sqlite_registry, settings)
     with sqlite_registry.session() as session:
         with pytest.raises(ReportingError, match="no report to revise"):
             create_version(session, settings, study_id, kind="edit", findings_text="x", impression_text=None,
@@ -114,7 +114,7 @@ def test_bad_version_requests_are_refused(sqlite_registry: Registry, settings: S
 def test_a_new_model_version_makes_a_new_draft_after_the_old_one(sqlite_registry: Registry, settings: Settings) -> None:
     from dataclasses import replace
 
-    study_id, _ = add_study(sqlite_registry, settings)
+    study_id, _ = add_study_without_history(sqlite_registry, settings)
     with sqlite_registry.session() as session:
         old = create_ai_draft(session, settings, study_id, model_output(study_id), PROVENANCE)
         new = create_ai_draft(session, settings, study_id, model_output(study_id), replace(PROVENANCE, version="2.1"))
@@ -128,7 +128,7 @@ def test_racing_workers_make_one_draft_and_one_file(registry: Registry, two_dest
     from sqlalchemy.exc import OperationalError
 
     settings = two_destinations
-    study_id, _ = add_study(registry, settings)
+    study_id, _ = add_study_without_history(registry, settings)
     barrier = threading.Barrier(2)
     results: list[int] = []
     locked: list[Exception] = []

@@ -20,17 +20,18 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from tests.support.seeding import add_study
+from composition.run import embedded_broker
+from radialog.messaging import enqueue_report
 from radialog.registry import Registry, StudyEvent, StudyState
 from radialog.settings import Settings
 from tests.support.brokers import redis_url
 from tests.support.crashing_worker import CRASH_IMAGES_ENV, image_key
-from tests.test_pipeline import Harness, Worker
-from composition.run import embedded_broker
-from radialog.messaging import enqueue_report
+from tests.support.processes import Process, radialog_process
+from tests.support.seeding import add_study
+from tests.test_pipeline import Harness
 from workers.pipeline import load_image
 
-REDIS_URL = redis_url(8)  # this module's own database
+REDIS_URL = redis_url(__name__)
 WAIT_S = 900.0
 LAUNCHER = "tests.support.crashing_worker"
 
@@ -44,7 +45,7 @@ class Supervisor:
         self.env = env
         self.deaths: list[int] = []
         self.died_at: list[float] = []  # wall clock (time.time()) when each death was seen
-        self.runs: list[Worker] = []
+        self.runs: list[Process] = []
         self._stop = threading.Event()
         self._start()
         self._thread = threading.Thread(target=self._watch, name="test-supervisor", daemon=True)
@@ -52,29 +53,29 @@ class Supervisor:
 
     def _start(self) -> None:
         args = ["worker", "--hostname", self.name, "--lease-seconds", "3"]  # with its sweeper, as deployed
-        self.runs.append(Worker(self.harness, f"{self.name}-run{len(self.runs)}", args, self.env, module=LAUNCHER))
+        self.runs.append(radialog_process(f"{self.name}-run{len(self.runs)}", args, self.env, self.harness.tmp,
+                                          module=LAUNCHER))
 
     def _watch(self) -> None:
         while not self._stop.wait(0.2):
-            code = self.runs[-1].proc.poll()
+            code = self.runs[-1].returncode
             if code is not None:
                 self.deaths.append(code)
                 self.died_at.append(time.time())
-                self.runs[-1]._log_file.close()
                 self._start()
 
     def started_at(self) -> list[float]:
         """When each run logged "worker starting" (its model loaded), from its own JSON log."""
         found = []
         for run in self.runs:
-            for line in run.log.read_text(errors="replace").splitlines():
+            for line in run.output().splitlines():
                 if '"worker starting"' in line:
                     found.append(datetime.fromisoformat(json.loads(line)["ts"]).timestamp())
                     break
         return found
 
     def logs(self) -> str:
-        return "\n".join(f"--- {run.name}\n{run.tail(25)}" for run in self.runs)
+        return "\n".join(f"--- {run.name}\n{run.last_lines(25)}" for run in self.runs)
 
     def stop(self) -> None:
         self._stop.set()

@@ -14,20 +14,20 @@ import redis
 from prometheus_client import CollectorRegistry
 from sqlalchemy import select, update
 
-from tests.support.brokers import redis_url
-from tests.support.seeding import add_study
+from radialog.messaging import QUEUES, REPORT_TASK, app_for, enqueue_report, rerun
 from radialog.registry import Export, Job, JobState, Registry, Study, StudyState, transition, utcnow
 from radialog.settings import Settings
+from tests.support.brokers import redis_url
+from tests.support.polling import wait_for
+from tests.support.ports import free_port
+from tests.support.seeding import add_study
 from workers.batching import claim, collect_batch, requeue
-from radialog.messaging import QUEUES, REPORT_TASK, app_for
 from workers.metrics import register_queue_depth
-from radialog.messaging import enqueue_report
-from radialog.messaging import rerun
 from workers.reconciler import broker_task_ids, reconcile
 
 #: Where kombu keeps a waiting ROUTINE report message on Redis (priority 3: "<queue>\x06\x16<priority>").
 ROUTINE_LIST = "report\x06\x163"
-REDIS_URL = redis_url(11)  # the workers' tests' own database
+REDIS_URL = redis_url(__name__)
 
 
 @pytest.fixture
@@ -179,9 +179,9 @@ def test_out_of_memory_caps_later_batches(sqlite_registry: Registry, rsettings: 
 
 
 def test_reconciler_resends_a_dialog_turn_the_broker_forgot(sqlite_registry: Registry, rsettings: Settings) -> None:
-    from tests.support.seeding import add_reported_study
-    from radialog.registry import Conversation, DialogTurn
     from radialog.messaging import DIALOG_TASK
+    from radialog.registry import Conversation, DialogTurn
+    from tests.support.seeding import add_reported_study
 
     study_id = add_reported_study(sqlite_registry, rsettings)
     with sqlite_registry.session() as session:
@@ -203,8 +203,8 @@ def test_reconciler_resends_a_dialog_turn_the_broker_forgot(sqlite_registry: Reg
 
 
 def test_sweep_sends_due_exports_and_one_sweeper_takes_each_turn(sqlite_registry: Registry, rsettings: Settings) -> None:
-    from tests.support.seeding import add_reported_study
     from radialog.settings import Destination
+    from tests.support.seeding import add_reported_study
     from workers.reconciler import Sweeper, send_due_exports
 
     settings = rsettings.model_copy(update={"destinations": [Destination(name="pacs", port=1)]})
@@ -220,7 +220,6 @@ def test_sweep_sends_due_exports_and_one_sweeper_takes_each_turn(sqlite_registry
 
 
 def test_worker_metrics_endpoint_serves_stage_and_queue_metrics(sqlite_registry: Registry, rsettings: Settings) -> None:
-    import socket
 
     import httpx
 
@@ -228,9 +227,7 @@ def test_worker_metrics_endpoint_serves_stage_and_queue_metrics(sqlite_registry:
 
     enqueue_report(sqlite_registry, rsettings, add_study(sqlite_registry, rsettings)[0])
     metrics.STAGE_SECONDS.labels(stage="preprocess").observe(0.01)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = metrics.start_metrics_server(rsettings, port, addr="127.0.0.1")
     try:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
@@ -274,8 +271,8 @@ def test_engine_metrics_count_sequences_slots_and_steps(tiny_model) -> None:
 
 def test_dialog_history_seeds_the_report_and_keeps_view_turns_apart(sqlite_registry, settings) -> None:
     """Follow-ups see the report turn and earlier answers; the view question is a first turn of its own."""
-    from tests.support.seeding import add_reported_study
     from radialog.registry import Conversation, DialogTurn, utcnow
+    from tests.support.seeding import add_reported_study
     from workers.dialog import build_history
     from workers.models.prompts import VIEW_PROMPT, report_prompt, yes_no_prompt
 
@@ -333,8 +330,8 @@ def test_a_worker_that_lost_its_lease_cannot_fail_the_job(registry: Registry, rs
 
 def test_a_dialog_turn_left_running_by_a_dead_worker_fails_with_a_reason(sqlite_registry: Registry,
                                                                          rsettings: Settings) -> None:
-    from tests.support.seeding import add_reported_study
     from radialog.registry import Conversation, DialogTurn
+    from tests.support.seeding import add_reported_study
     from workers.reconciler import STUCK_DIALOG_TURN_S
 
     study_id = add_reported_study(sqlite_registry, rsettings)
@@ -424,8 +421,8 @@ def test_a_queued_jobs_message_held_by_a_dead_worker_is_sent_again(sqlite_regist
 def test_dialog_history_of_an_xraygpt_conversation_opens_with_its_report_question(sqlite_registry, settings) -> None:
     """Issue 16: the seed turn is the question XrayGPT wrote the report for (not RaDialog's findings prompt),
     and nothing is a first-turn task there."""
-    from tests.support.seeding import add_reported_study
     from radialog.registry import Conversation, DialogTurn, utcnow
+    from tests.support.seeding import add_reported_study
     from workers.dialog import build_history
     from workers.models.capabilities import XRAYGPT
     from workers.models.xraygpt.prompts import IMPRESSION, REPORT_QUESTION
@@ -454,8 +451,8 @@ def test_embedded_broker_message_held_by_a_dead_worker_is_sent_again(sqlite_regi
 
     from sqlalchemy import create_engine, text
 
-    from workers.broker_state import START_GRACE_S
     from composition.run import embedded_broker
+    from workers.broker_state import START_GRACE_S
 
     esettings = embedded_broker(settings)
     jobs = [enqueue_report(sqlite_registry, esettings, add_study(sqlite_registry, esettings, index=i)[0])
@@ -598,13 +595,11 @@ def test_gate_lets_batches_share_and_a_lone_job_wait_for_them_and_go_first() -> 
 
     first = threading.Thread(target=batch, args=("b1", release_first))
     first.start()
-    while "b1 in" not in order:
-        time.sleep(0.01)
+    wait_for(lambda: "b1 in" in order, what="b1 in", timeout=10, interval=0.01)
     second = threading.Thread(target=lone)
     second.start()
     lone_waiting.wait(10)
-    while not gate._waiting_exclusive:  # the lone job waits for b1
-        time.sleep(0.01)
+    wait_for(lambda: gate._waiting_exclusive, what="the lone job waiting for b1", timeout=10, interval=0.01)
     third = threading.Thread(target=batch, args=("b2",))
     third.start()
     time.sleep(0.1)  # b2 must not start while the lone job waits (it could only start wrongly here)
@@ -653,8 +648,8 @@ def test_sending_a_job_while_the_broker_is_down_fails_with_the_brokers_error(set
 
 def test_dialog_history_of_a_radialog_v1_conversation_opens_with_its_report_prompt(sqlite_registry, settings) -> None:
     """Issue 17: the seed turn is v1's report prompt (32 <IMG> and the seed's findings), not v2's <image> one."""
-    from tests.support.seeding import add_reported_study
     from radialog.registry import Conversation, DialogTurn, utcnow
+    from tests.support.seeding import add_reported_study
     from workers.dialog import build_history
     from workers.models.capabilities import RADIALOG_V1
     from workers.models.radialog_v1.prompts import report_prompt

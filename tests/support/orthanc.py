@@ -17,28 +17,20 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import httpx
 import pytest
 
+from tests.support.polling import WaitTimeout, wait_for
+from tests.support.ports import free_port
+from tests.support.processes import Process
+
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
 PYTHON_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
 AE_TITLE = "ORTHANC"
-T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (bind port 0, then release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def require_orthanc(python_plugin: bool = False) -> None:
@@ -47,18 +39,6 @@ def require_orthanc(python_plugin: bool = False) -> None:
         pytest.skip("Orthanc is not installed")
     if python_plugin and not PYTHON_PLUGIN.exists():
         pytest.skip("Orthanc's Python plugin is not installed")
-
-
-def wait_for(predicate: Callable[[], T], *, timeout: float = 60.0, interval: float = 0.1, what: str = "condition") -> T:
-    """Poll ``predicate`` until it returns something truthy and return that; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 class OrthancServer:
@@ -96,43 +76,37 @@ class OrthancServer:
             base.update(Plugins=[str(PYTHON_PLUGIN)], PythonScript=str(python_script), PythonVerbose=False)
         self.config = {**base, **(config or {}), **(extra_config or {})}
         self.config_path.write_text(json.dumps(self.config, indent=2))
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: Process | None = None
         self.url = f"http://127.0.0.1:{self.http_port}"
 
     # -- process ------------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> None:
-        """Start Orthanc and wait until its REST API answers."""
+        """Start Orthanc and wait until its REST API answers (log: ``<directory>/orthanc.log``)."""
         if self.running:
             return
-        with open(self.directory / "orthanc.log", "ab") as log:
-            self.process = subprocess.Popen(
-                [str(ORTHANC_BINARY), str(self.config_path)], stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self.process.returncode}; see {self.directory}/orthanc.log")
+        process = self.process = Process("orthanc", [str(ORTHANC_BINARY), str(self.config_path)], {**os.environ},
+                                         self.directory)
+
+        def answers() -> bool:
             try:
-                if httpx.get(f"{self.url}/system", timeout=1.0).status_code == 200:
-                    return
+                return httpx.get(f"{self.url}/system", timeout=1.0).status_code == 200
             except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("Orthanc did not start in time")
+                return False
+
+        def alive() -> None:
+            if process.returncode is not None:
+                raise RuntimeError(f"Orthanc exited with {process.returncode}; see {process.log_path}")
+
+        try:
+            wait_for(answers, what="Orthanc's REST API", timeout=timeout, interval=0.05, check=alive)
+        except WaitTimeout:
+            self.stop()
+            raise
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM and wait for the exit (the DICOM port stays busy until then)."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        if self.process is not None:
+            self.process.stop(timeout)
         self.process = None
 
     def restart(self) -> None:
@@ -141,7 +115,7 @@ class OrthancServer:
 
     @property
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.process is not None and self.process.running
 
     def __enter__(self) -> Self:
         self.start()
