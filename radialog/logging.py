@@ -137,7 +137,7 @@ def scrub(record: logging.LogRecord) -> logging.LogRecord:
         record.msg, record.args = WITHHELD, None
         return record
     if record.name == "py.warnings" and record.msg != WARNING_WITHHELD:  # logging.captureWarnings (Celery)
-        where = _WARNING_PREFIX.match(str(record.msg if not record.args else record.args[0]))
+        where = _WARNING_PREFIX.match(str(record.args[0] if isinstance(record.args, tuple) and record.args else record.msg))
         record.msg, record.args = WARNING_WITHHELD, None
         if where:
             record.where, record.category = where.group("where"), where.group("category")
