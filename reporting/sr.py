@@ -227,7 +227,7 @@ def _observer_context(spec: SRSpec) -> list[hd.sr.ContentItem]:
     items: list[hd.sr.ContentItem] = []
     if spec.author:
         items.extend(
-            hd.sr.ObserverContext(
+            hd.sr.ObserverContext(  # type: ignore[arg-type]  # highdicom: a Template yields ContentItems, typed Sequence[Dataset]
                 observer_type=dcm_codes.cid270.Person,
                 observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
                     name=person_name(spec.author),
@@ -238,7 +238,7 @@ def _observer_context(spec: SRSpec) -> list[hd.sr.ContentItem]:
         )
     if spec.algorithm:
         items.extend(
-            hd.sr.ObserverContext(
+            hd.sr.ObserverContext(  # type: ignore[arg-type]  # highdicom: a Template yields ContentItems, typed Sequence[Dataset]
                 observer_type=dcm_codes.cid270.Device,
                 observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
                     uid=spec.algorithm.device_uid,
@@ -258,7 +258,7 @@ def _classifier_container(findings: Sequence[CodedFinding], algorithm: Algorithm
     children: list[hd.sr.ContentItem] = []
     if algorithm:
         children.extend(
-            hd.sr.AlgorithmIdentification(
+            hd.sr.AlgorithmIdentification(  # type: ignore[arg-type]  # highdicom: a Template yields ContentItems, typed Sequence[Dataset]
                 name=algorithm.name,
                 version=algorithm.version,
                 parameters=[f"model files SHA-256 {algorithm.files_sha256}"]

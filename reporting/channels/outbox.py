@@ -104,12 +104,13 @@ def export_dead(session: Session, settings: Settings, export: Export, reason: st
     if export.event is not None or (destination is not None and destination.kind == "webhook"):
         return []
     report = session.get(Report, export.report_id) if export.report_id else None
+    study_id = export.study_id or (report.study_id if report else None)
     data = {"export": {"id": export.id, "destination": export.destination,
                        "kind": destination.kind if destination else None, "attempts": export.attempts,
                        "reason": reason[:500]},
-            "study": {"id": export.study_id or (report.study_id if report else None)},
+            "study": {"id": study_id},
             "report": {"version": report.version, "kind": report.kind} if report else None}
-    return add_event_rows(session, settings, "export.dead", data["study"]["id"], data, now)
+    return add_event_rows(session, settings, "export.dead", study_id, data, now)
 
 
 def study_view(study: Study) -> StudyView:
