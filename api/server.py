@@ -119,7 +119,7 @@ class GuardMixin:
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:
         self._deadline: asyncio.TimerHandle | None = None
         self._waiting_since = time.monotonic()
         super().connection_made(transport)  # type: ignore[misc]
