@@ -49,7 +49,7 @@ class EngineBackend(ModelBackend):
         for study, handle in zip(studies, handles):
             try:
                 generation = self._wait(handle)
-            except Exception as exc:  # this study's own failure (cancel, a failed step)
+            except Exception as exc:  # noqa: BLE001 - this study's own failure (cancel, a failed step)
                 results.append(exc)
                 continue
             timings = {"preprocess": preprocess_s, **generation.timings}

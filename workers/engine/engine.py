@@ -317,7 +317,7 @@ class Engine:
         started = time.perf_counter()
         try:
             rows = self.model.embed_dialogs([r.inputs for r in requests])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the requests get the error; the engine thread goes on
             self._one_by_one(requests, exc, self._admit_dialog_group, "dialog admission")
             return
         vision_s = time.perf_counter() - started
@@ -346,7 +346,7 @@ class Engine:
         a failing group is admitted one by one so that the fault stays with its study."""
         try:
             embedded = self.model.embed_reports([r.inputs for r in requests])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the requests get the error; the engine thread goes on
             self._one_by_one(requests, exc, self._admit_report_group, "report admission")
             return
         timings = [{**embedded.timings, "admitted_together": float(len(requests))}] * len(requests)
@@ -364,7 +364,7 @@ class Engine:
             return
         try:
             logits = self.steps.prefill(rows, pool, slots)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the requests get the error; the engine thread goes on
             pool.used -= len(requests)  # the slots just taken are the last ones: nothing to move
             if len(requests) == 1:
                 requests[0].handle._future.set_exception(exc)
@@ -402,7 +402,7 @@ class Engine:
         tokens = torch.tensor([s.tokens[-1] for s in rows], device=self.steps.device)
         try:
             logits = self.steps.decode(tokens, groups)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the rows' requests get the error; the engine goes on
             log.warning("decode step failed", extra={"rows": len(rows), "error": type(exc).__name__})
             for seq in sorted(rows, key=lambda s: (s.request.kind, -s.slot)):
                 self._end(seq, error=exc)
@@ -434,7 +434,7 @@ class Engine:
             if seq.streamer is not None:
                 try:
                     seq.streamer.put(torch.tensor([token]))
-                except Exception as exc:  # the caller's callback failed: that request alone ends
+                except Exception as exc:  # noqa: BLE001 - the caller's callback failed: that request alone ends
                     finished.append((seq, "error", exc))
                     continue
             if self.stops and len(seq.tokens) >= seq.request.min_new_tokens and _ends_with_stop(seq.tokens, self.stops):
@@ -466,7 +466,7 @@ class Engine:
         if seq.streamer is not None:
             try:
                 seq.streamer.end()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the waiting caller gets the error, not the engine thread
                 future.set_exception(exc)
                 return
         timings = dict(seq.timings)
