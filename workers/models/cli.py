@@ -116,7 +116,7 @@ def check_command(model_dir: Path | None, base_dir: Path | None, device: str | N
     click.echo(f"files sha256 {loaded.sha256}")
     for note in loaded.notes:
         click.echo(f"note: {note}")
-    if loaded.files.tiny:
+    if loaded.files is not None and loaded.files.tiny:
         click.echo("TINY RANDOM MODEL - NOT CLINICAL")
 
 

@@ -125,7 +125,7 @@ class RadialogV1Backend(ModelBackend):
             mask[i, longest - len(row):] = 1
         options = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
         streamer = CallbackStreamer(self.tokenizer.decode, on_token, self.eos_id) if on_token else None
-        out = self.model.llama_model.generate(
+        out = self.model.llm().generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
             eos_token_id=self.eos_id, pad_token_id=0, streamer=streamer, use_cache=True, **options,
         )

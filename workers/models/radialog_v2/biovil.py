@@ -167,6 +167,8 @@ class PoolerBlock(nn.Module):
 class VisionTransformerPooler(nn.Module):
     """Fuses current and previous patch grids; returns the current image's tokens as a grid."""
 
+    pos_embed: torch.Tensor  # a buffer (register_buffer): typed here, nn.Module.__getattr__ cannot tell
+
     def __init__(self, dim: int = VIT_DIM, grid: tuple[int, int] = GRID, num_heads: int = 8, num_blocks: int = 3):
         super().__init__()
         self.blocks = nn.ModuleList([PoolerBlock(dim, num_heads) for _ in range(num_blocks)])

@@ -81,7 +81,9 @@ def load_language_model(files: ModelFiles, config: dict[str, Any], device: torch
 
     llama_config = llama_config_from_llava(config)
     kwargs: dict[str, Any] = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
-    model, info = LlamaForCausalLM.from_pretrained(
+    model: LlamaForCausalLM
+    info: dict[str, Any]
+    model, info = LlamaForCausalLM.from_pretrained(  # type: ignore[misc]  # with output_loading_info: a pair
         files.base_dir, config=llama_config, dtype=dtype, local_files_only=True, output_loading_info=True,
         low_cpu_mem_usage=True, **kwargs,
     )
