@@ -60,7 +60,8 @@ def seed_question(report: Report, capabilities: Capabilities = RADIALOG_V2) -> s
     return capabilities.report_question(present)
 
 
-def conversation_tokens(conversation: Conversation, seed: Report | None, capabilities: Capabilities = RADIALOG_V2) -> int:
+def conversation_tokens(conversation: Conversation, seed: Report | None,
+                        capabilities: Capabilities = RADIALOG_V2) -> int:
     """Estimated prompt size of the whole conversation so far (system, image, seed turn, answered
     turns); past the model's limit the worker drops the oldest follow-up turns."""
     total = estimate_tokens(capabilities.system_text) + capabilities.image_tokens

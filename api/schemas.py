@@ -119,7 +119,8 @@ class StudyDetail(StudySummary):
 class RerunOut(BaseModel):
     study_id: int
     state: str
-    enqueued: bool = Field(description="False when the task could not be sent now; the reconciler re-sends QUEUED studies.")
+    enqueued: bool = Field(
+        description="False when the task could not be sent now; the reconciler re-sends QUEUED studies.")
 
 
 class ExportOut(_Out):
@@ -179,8 +180,10 @@ class NewVersion(BaseModel):
     kind: Literal["ai_correction", "edit"] = "edit"
     findings_text: Text = Field(min_length=1, max_length=MAX_REPORT_CHARS)
     impression_text: Text | None = Field(None, max_length=MAX_REPORT_CHARS)
-    source_turn_id: int | None = Field(None, ge=1, le=2_147_483_647, description="The dialog turn whose answer this text comes from.")
-    base_version: int | None = Field(None, ge=1, description="The version this was based on; 409 when it is no longer current.")
+    source_turn_id: int | None = Field(None, ge=1, le=2_147_483_647,
+                                       description="The dialog turn whose answer this text comes from.")
+    base_version: int | None = Field(None, ge=1,
+                                     description="The version this was based on; 409 when it is no longer current.")
 
 
 class FindingVerdictIn(BaseModel):

@@ -111,7 +111,8 @@ def _claim(registry: Registry, settings: Settings, export_id: int) -> _Claim | s
                 Export.state == PENDING,
                 or_(Export.next_attempt_at.is_(None), Export.next_attempt_at <= now),
             )
-            .values(attempts=Export.attempts + 1, next_attempt_at=now + timedelta(seconds=claim_lease_seconds(settings)))
+            .values(attempts=Export.attempts + 1,
+                    next_attempt_at=now + timedelta(seconds=claim_lease_seconds(settings)))
             .execution_options(synchronize_session=False)
         ).rowcount
         export = session.get(Export, export_id)

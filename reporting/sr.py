@@ -378,7 +378,8 @@ def validate_spec(spec: SRSpec) -> None:
     if spec.institution_name is not None:
         require_valid(spec.institution_name, "institution name", "LO")
     if spec.algorithm is not None:  # TEXT items (UT) and, cut to 64, Contributing Equipment (LO)
-        for field_name, value in (("algorithm name", spec.algorithm.name), ("algorithm version", spec.algorithm.version)):
+        for field_name, value in (("algorithm name", spec.algorithm.name),
+                                  ("algorithm version", spec.algorithm.version)):
             require_valid(value, field_name)
             require_valid(value[:64], field_name, "LO")
 

@@ -124,7 +124,8 @@ def run_backend(
             return {**run_backend(backend, inputs[:half], on_oom), **run_backend(backend, inputs[half:], on_oom)}
     results: dict[str, ReportOutput | Exception] = {}
     for study, out in zip(inputs, outputs):
-        if isinstance(out, Exception) and type(out).__name__ == "RequestCancelled":  # the engine stopped under it (worker shutting down)
+        # the engine stopped under it (worker shutting down)
+        if isinstance(out, Exception) and type(out).__name__ == "RequestCancelled":
             raise TransientError("the model engine stopped before the report was finished") from out
         if isinstance(out, Exception) and _is_out_of_memory(out):
             if len(inputs) > 1:  # once more alone: the engine's step that failed may have been a big one
@@ -306,7 +307,9 @@ def _run_claims(
     log.info("running batch", extra={"jobs": [p.claim.job_id for p in prepared], "worker": ctx.hostname})
     try:
         results = run_backend(
-            backend, [StudyInput(key=str(p.claim.job_id), image=p.image, priority=p.claim.priority) for p in prepared], ctx.out_of_memory_at
+            backend,
+            [StudyInput(key=str(p.claim.job_id), image=p.image, priority=p.claim.priority) for p in prepared],
+            ctx.out_of_memory_at,
         )
     except TransientError as exc:
         metrics.FAILURES.labels(kind="transient").inc()

@@ -186,7 +186,8 @@ class Engine:
             DIALOG: KVPool(DIALOG, shape, cfg.dialog_slots, dialog_len, dtype, device),
         }
         log.info("engine pools", extra={
-            name: {"slots": p.slots, "max_len": p.max_len, "GiB": round(p.nbytes / 2**30, 2)} for name, p in pools.items()
+            name: {"slots": p.slots, "max_len": p.max_len, "GiB": round(p.nbytes / 2**30, 2)}
+            for name, p in pools.items()
         })
         return pools
 
@@ -241,7 +242,8 @@ class Engine:
         """Queue a dialog turn (the whole prompt, its image placeholder included); served before reports."""
         inputs, positions = self.model.prepare_dialog(prompt, image)
         if positions + 1 > self.pools[DIALOG].max_len:
-            raise ValueError(f"the prompt takes {positions} positions; the dialog slots hold {self.pools[DIALOG].max_len}")
+            raise ValueError(f"the prompt takes {positions} positions; "
+                             f"the dialog slots hold {self.pools[DIALOG].max_len}")
         handle = Handle(self)
         self._put(_Request(DIALOG, handle, inputs, max_new_tokens, min_new_tokens, on_token=on_token,
                            sampling=sampling))
@@ -354,7 +356,8 @@ class Engine:
 
     def _prefill(self, pool: KVPool, requests: list[_Request], rows: list[torch.Tensor],
                  timings: list[dict[str, float]], findings: Sequence[Any], phrases: Sequence[Any]) -> None:
-        """Prefill ``rows`` into new slots; a group that fails is retried one by one (the fault stays with its request)."""
+        """Prefill ``rows`` into new slots; a group that fails is retried one by one (the fault stays with its
+        request)."""
         started = time.perf_counter()
         try:
             slots = pool.take(len(requests))
@@ -371,7 +374,8 @@ class Engine:
                 return
             log.warning("prefill failed; one by one", extra={"rows": len(requests), "error": type(exc).__name__})
             for i in range(len(requests)):
-                self._prefill(pool, requests[i:i + 1], rows[i:i + 1], timings[i:i + 1], findings[i:i + 1], phrases[i:i + 1])
+                self._prefill(pool, requests[i:i + 1], rows[i:i + 1], timings[i:i + 1], findings[i:i + 1],
+                              phrases[i:i + 1])
             return
         prefill_s = time.perf_counter() - started
         now = time.perf_counter()

@@ -49,10 +49,12 @@ LIVELY_SCALE = 12.0
 
 def _token(text: str) -> dict[str, object]:
     """A special token as llava-v1.5-7b's tokenizer_config.json writes it (transformers 4.31 needs "__type")."""
-    return {"__type": "AddedToken", "content": text, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    return {"__type": "AddedToken", "content": text, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False}
 
 
-def write_llama_tokenizer(directory: Path, corpus: Iterable[str], vocab_size: int = 1000, *, legacy: bool = False) -> int:
+def write_llama_tokenizer(directory: Path, corpus: Iterable[str], vocab_size: int = 1000, *,
+                          legacy: bool = False) -> int:
     """Train the tokenizer on ``corpus`` and write tokenizer.model, tokenizer_config.json (``legacy`` as
     given; LLaVA-1.5 has false) and special_tokens_map.json into ``directory``; returns the vocabulary size."""
     import sentencepiece as spm

@@ -98,7 +98,8 @@ class RadialogV1Backend(ModelBackend):
         return conversation_prompt(history, request.question), limit
 
     # -- model -----------------------------------------------------------------------------------
-    def classify(self, images: Sequence[np.ndarray], pixels: torch.Tensor | None = None) -> list[list[ClassifierFinding]]:
+    def classify(self, images: Sequence[np.ndarray], pixels: torch.Tensor | None = None,
+                 ) -> list[list[ClassifierFinding]]:
         """CheXpert findings per image (``pixels``: the 488-px batch when already prepared)."""
         if pixels is None:
             pixels = batch_tensors(list(images), CLASSIFIER_CROP)

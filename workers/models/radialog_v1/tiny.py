@@ -59,7 +59,8 @@ EOS_ID = 2
 #: between batch sizes in the vision tower (~1e-6 at the Q-Former output) flips a greedy token.
 IMAGE_SPREAD = 0.25
 VOCAB = 32000
-MARKER_TEXT = "TINY RANDOM MODEL - NOT CLINICAL. Random weights written by `radialog model make-tiny --backend radialog-v1`.\n"
+MARKER_TEXT = ("TINY RANDOM MODEL - NOT CLINICAL. Random weights written by "
+               "`radialog model make-tiny --backend radialog-v1`.\n")
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ class TinyPaths:
 
     def env(self) -> dict[str, str]:
         return {"RADIALOG_MODEL_BACKEND": "radialog-v1", "RADIALOG_V1_DIR": str(self.root.resolve()),
-                "RADIALOG_V1_LLM_DIR": str(self.llm_dir.resolve()), "RADIALOG_V1_BIOVIL_FILE": str(self.biovil.resolve())}
+                "RADIALOG_V1_LLM_DIR": str(self.llm_dir.resolve()),
+                "RADIALOG_V1_BIOVIL_FILE": str(self.biovil.resolve())}
 
 
 def corpus() -> list[str]:
@@ -180,7 +182,8 @@ def _adapter_config() -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _probe_answers(model: RadialogV1, classifier: ChexpertClassifier, llm_dir: Path) -> tuple[list[list[int]], set[int]]:
+def _probe_answers(model: RadialogV1, classifier: ChexpertClassifier, llm_dir: Path,
+                   ) -> tuple[list[list[int]], set[int]]:
     """Greedy answers of the in-memory model (a report per calibration image, a follow-up after each) and the
     last token of every prompt (an end trigger there would end an answer at once)."""
     from workers.models.radialog_v1.backend import RadialogV1Backend

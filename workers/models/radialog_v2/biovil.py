@@ -180,7 +180,8 @@ class VisionTransformerPooler(nn.Module):
     def forward(self, current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         b, c, h, w = current.shape
         if (h, w) != self.grid or previous.shape != current.shape:
-            raise ValueError(f"ViT pooler expects two {self.grid} grids, got {tuple(current.shape)}, {tuple(previous.shape)}")
+            raise ValueError(f"ViT pooler expects two {self.grid} grids, "
+                             f"got {tuple(current.shape)}, {tuple(previous.shape)}")
         n = h * w
         tokens = torch.cat([current.flatten(2).transpose(1, 2), previous.flatten(2).transpose(1, 2)], dim=1)
         pos = self.pos_embed.to(tokens.dtype).repeat(b, 2, 1)

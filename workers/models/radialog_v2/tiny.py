@@ -98,7 +98,8 @@ def calibration_images() -> list[np.ndarray]:
     from radialog.synthetic import chest_pixels, make_cxr  # its module imports pydicom: import late
 
     sizes = [(560, 520), (600, 550), (640, 580), (700, 640), (720, 600), (384, 320)]
-    arrays = [chest_pixels(*sizes[i % len(sizes)], 8, seed=1000 + i).astype(np.uint8) for i in range(CALIBRATION_IMAGES // 2)]
+    arrays = [chest_pixels(*sizes[i % len(sizes)], 8, seed=1000 + i).astype(np.uint8)
+              for i in range(CALIBRATION_IMAGES // 2)]
     dicom_sizes = [(512, 512), (640, 560), (256, 256)]
     radiographs = [dataset_to_model_image(make_cxr(rows=r, cols=c, seed=2000 + i))
                    for i, (r, c) in enumerate(dicom_sizes * (CALIBRATION_IMAGES // 2 // len(dicom_sizes) + 1))]

@@ -68,7 +68,8 @@ class XrayGPT(nn.Module):
         queries = self.bridge(features)
         return self.llama_proj(queries.float()).to(self.dtype)
 
-    def splice(self, segments: Sequence[tuple[Sequence[int], Sequence[int]]], images: torch.Tensor) -> list[torch.Tensor]:
+    def splice(self, segments: Sequence[tuple[Sequence[int], Sequence[int]]], images: torch.Tensor,
+               ) -> list[torch.Tensor]:
         """(ids before the image, ids after it) per prompt + [B, 32, hidden] -> one [T_i, hidden] row each."""
         embed = self.llm().get_input_embeddings()
         rows = []

@@ -32,7 +32,8 @@ TINY_SIZES = Sizes(
 )
 CHECKPOINT_NAME = "xraygpt_checkpoint.pth"
 LLM_DIR_NAME = "Vicuna_Radiology_fp16"
-MARKER_TEXT = "TINY RANDOM MODEL - NOT CLINICAL. Random weights written by `radialog model make-tiny --backend xraygpt`.\n"
+MARKER_TEXT = ("TINY RANDOM MODEL - NOT CLINICAL. Random weights written by "
+               "`radialog model make-tiny --backend xraygpt`.\n")
 BERT_VOCAB = 30523  # bert-base-uncased + [DEC], as LAVIS's Q-Former tokenizer
 
 
@@ -150,7 +151,8 @@ def write_tokenizer(llm_dir: Path) -> int:
     return write_llama_tokenizer(llm_dir)
 
 
-def _write_checkpoint(path: Path, qformer_hidden: int, llm_hidden: int, layers: int, generator: torch.Generator) -> None:
+def _write_checkpoint(path: Path, qformer_hidden: int, llm_hidden: int, layers: int,
+                      generator: torch.Generator) -> None:
     head_dim = 16
     model = {"llama_proj.weight": torch.randn(llm_hidden, qformer_hidden, generator=generator) * qformer_hidden ** -0.5,
              "llama_proj.bias": torch.randn(llm_hidden, generator=generator) * 0.02,
