@@ -41,7 +41,7 @@ def status_of(session: Session, report: Report) -> ResultStatus | None:
     return result_status(bool(report.verified), approved_before(session, report))
 
 
-def _row(destination: Destination, now: datetime, *, report_id: int | None, study_id: int,
+def _row(destination: Destination, now: datetime, *, report_id: int | None, study_id: int | None,
          event: str | None = None, payload: dict[str, Any] | None = None) -> Export:
     return Export(report_id=report_id, study_id=study_id, destination=destination.name, event=event,
                   payload=payload, state=ExportState.PENDING.value, attempts=0, next_attempt_at=now, created_at=now)
@@ -83,7 +83,7 @@ def add_event_rows(session: Session, settings: Settings, event: str, study_id: i
     rows = []
     for destination in settings.destinations:
         if destination.kind == "webhook" and event in destination.events:
-            rows.append(_row(destination, now, report_id=None, study_id=study_id, event=event,  # type: ignore[arg-type]
+            rows.append(_row(destination, now, report_id=None, study_id=study_id, event=event,
                              payload=event_body(event, now, data)))
     session.add_all(rows)
     return rows
