@@ -206,7 +206,7 @@ class GuardedSocket(AssociationSocket):
 
     @property
     def ready(self) -> bool:
-        return bool(self._buffered) or bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
+        return bool(self._buffered) or bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]  # a property
 
     def recv(self, nr_bytes: int) -> bytearray:
         if self._buffered:
@@ -399,7 +399,7 @@ class NodeRequestHandler(RequestHandler):
             if event.is_intervention and handlers:
                 assoc.bind(event, *handlers)
             elif isinstance(event, evt.NotificationEvent):
-                for handler, args in handlers:  # type: ignore[misc]
+                for handler, args in handlers:  # type: ignore[misc]  # notification: (handler, args) pairs
                     assoc.bind(event, handler, args)
         return assoc
 

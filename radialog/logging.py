@@ -159,7 +159,7 @@ def _scrubbing_factory(base: Any) -> Any:
             setattr(record, _EXC_TEXTS, [])
             return record
 
-    factory._radialog = True  # type: ignore[attr-defined]
+    factory._radialog = True  # type: ignore[attr-defined]  # our mark on a function object
     return factory
 
 
@@ -237,7 +237,7 @@ def configure(level: str = "INFO", stream: Any = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JSONFormatter())
     handler.addFilter(PHIFilter())
-    handler._radialog = True  # type: ignore[attr-defined]
+    handler._radialog = True  # type: ignore[attr-defined]  # our mark on the handler
     root.addHandler(handler)
     # pynetdicom logs dataset contents at DEBUG and highdicom names source UIDs at INFO; SQLAlchemy's
     # engine logs statements with their parameters at INFO (echo): keep them at WARNING.

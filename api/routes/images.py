@@ -131,7 +131,7 @@ def _fit(w: float, h: float, out_width: int | None, out_height: int | None) -> t
     if out_width is None and out_height is None:
         scale = min(1024 / w, 1024 / h)
     else:
-        scale = out_width / w if out_width is not None else out_height / h  # type: ignore[operator]
+        scale = out_width / w if out_width is not None else out_height / h  # type: ignore[operator]  # one is set
 
     def side(value: float) -> int:
         return max(1, min(MAX_OUTPUT_SIDE, round(value)))

@@ -69,7 +69,7 @@ class _StopOnSequences(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         done = [len(row) >= self.min_new_tokens and ends_with_any(row, self.stops) for row in input_ids.tolist()]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]  # bool dtype
 
 
 def trim(tokens: Sequence[int], eos: int, stops: Sequence[Sequence[int]], min_new_tokens: int = 0) -> list[int]:
