@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
+
+if TYPE_CHECKING:
+    from radialog.registry import Registry
 
 
 @click.command()
@@ -23,7 +28,7 @@ def users() -> None:
     """API users and their keys."""
 
 
-def _registry():  # type: ignore[no-untyped-def]
+def _registry() -> Registry:
     from radialog.registry import Registry
     from radialog.settings import get_settings
 

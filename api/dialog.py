@@ -51,7 +51,8 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
-def conversation_tokens(conversation: Conversation, seed: Report | None, capabilities: Capabilities = RADIALOG_V2) -> int:
+def conversation_tokens(conversation: Conversation, seed: Report | None,
+                        capabilities: Capabilities = RADIALOG_V2) -> int:
     """Estimated prompt size of the whole conversation so far (system, image, seed turn, answered
     turns); past the model's limit the worker drops the oldest follow-up turns."""
     total = estimate_tokens(capabilities.system_text) + capabilities.image_tokens

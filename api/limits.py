@@ -19,8 +19,6 @@ unparseable body, say) is then audited like every other refusal (``api.problems`
 
 from __future__ import annotations
 
-from typing import Any
-
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -114,7 +112,7 @@ class BodyGate:
 
         async def counted() -> Message:
             nonlocal read
-            message: dict[str, Any] = await receive()
+            message = await receive()
             if message["type"] == "http.request":
                 read += len(message.get("body", b""))
                 if read > self.max_body_bytes:

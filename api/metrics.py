@@ -48,14 +48,14 @@ class Metrics:
             "radialog_api_request_seconds", "API request time to the first response byte",
             ["method", "route"], registry=self.collectors,
         )
-        self.collectors.register(StudyStateCollector(registry))  # type: ignore[arg-type]
+        self.collectors.register(StudyStateCollector(registry))
         from api.ops_metrics import DiskCollector, RegistryCollector, WorkersCollector  # for deploy/grafana
 
-        self.collectors.register(RegistryCollector(registry))  # type: ignore[arg-type]
+        self.collectors.register(RegistryCollector(registry))
         if services is not None:
-            self.collectors.register(WorkersCollector(services))  # type: ignore[arg-type]
+            self.collectors.register(WorkersCollector(services))
         if settings is not None:
-            self.collectors.register(DiskCollector(settings))  # type: ignore[arg-type]
+            self.collectors.register(DiskCollector(settings))
 
 
 class MetricsMiddleware:

@@ -135,7 +135,7 @@ def workers(services: Services) -> dict[str, Any]:
         return {"available": False, "ready": [], "error": str(exc) or type(exc).__name__}
     out = []
     for info in sorted(ready, key=lambda w: str(w.get("worker"))):
-        engine = info.get("engine") if isinstance(info.get("engine"), dict) else {}
+        engine = found if isinstance(found := info.get("engine"), dict) else {}
         slots = {kind: int(pool["slots"]) for kind, pool in engine.items()
                  if isinstance(pool, dict) and isinstance(pool.get("slots"), int)}
         out.append({"name": str(info.get("worker")), "model": info.get("name"), "version": info.get("version"),

@@ -75,7 +75,7 @@ class WorkersCollector:
         slots = GaugeMetricFamily("radialog_worker_engine_slots", "KV-cache slots of each ready worker's engine.",
                                   labels=["worker", "kind"])
         for info in ready:
-            engine = info.get("engine") if isinstance(info.get("engine"), dict) else {}
+            engine = found if isinstance(found := info.get("engine"), dict) else {}
             for kind, pool in engine.items():
                 if isinstance(pool, dict) and isinstance(pool.get("slots"), int):
                     slots.add_metric([str(info.get("worker")), kind], float(pool["slots"]))

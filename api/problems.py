@@ -12,6 +12,7 @@ no route can forget it; the study id is taken as sent (``api.audit.record_refusa
 from __future__ import annotations
 
 import traceback
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -30,6 +31,10 @@ log = get_logger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "https://radialog-node.invalid/problems/"
+
+
+#: A route's OpenAPI ``responses``: status code -> its description, model and content.
+Responses = dict[int | str, dict[str, Any]]
 
 
 class ProblemDetail(BaseModel):
@@ -72,7 +77,7 @@ def problem_response(
     slug: str | None,
     title: str,
     detail: str | None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {
@@ -118,8 +123,9 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     if status == 400 and isinstance(exc.__cause__, Exception):
         # FastAPI's answer to a body it could not parse for a reason other than JSON syntax (bytes that are
         # not UTF-8, nesting too deep): invalid input like any other, so 422 as the document says.
-        errors = [{"loc": ["body"], "msg": f"the body could not be read as JSON ({type(exc.__cause__).__name__})",
-                   "type": "body_unreadable"}]
+        errors: list[dict[str, Any]] = [
+            {"loc": ["body"], "msg": f"the body could not be read as JSON ({type(exc.__cause__).__name__})",
+             "type": "body_unreadable"}]
         await _audit_refusal(request, 422, "validation-error")
         return problem_response(request, 422, "validation-error", "Unprocessable Content", errors[0]["msg"],
                                 extra={"errors": errors})
@@ -168,7 +174,7 @@ _DESCRIPTIONS = {
 }
 
 
-def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+def problem_responses(*codes: int) -> Responses:
     """OpenAPI ``responses`` entries for the given error codes, all as problem details."""
     return {
         code: {

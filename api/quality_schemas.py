@@ -116,7 +116,8 @@ class Percentiles(BaseModel):
 
 class LatencyOut(BaseModel):
     image_to_sr: Percentiles = Field(description="Seconds from a study's last image to its AI draft SR written")
-    image_to_pacs: Percentiles = Field(description="Seconds from the last image to the draft SR accepted by a destination")
+    image_to_pacs: Percentiles = Field(
+        description="Seconds from the last image to the draft SR accepted by a destination")
 
 
 class QueuesOut(BaseModel):
@@ -163,6 +164,7 @@ class OverviewOut(BaseModel):
     latency: LatencyOut
     queues: QueuesOut
     workers: WorkersOut
-    not_reported: list[ReasonCount] = Field(description="Studies received in the window that ended FAILED or SKIPPED, by reason")
+    not_reported: list[ReasonCount] = Field(
+        description="Studies received in the window that ended FAILED or SKIPPED, by reason")
     exports: dict[str, int] = Field(description="Outbox rows by state (all time)")
     dead_exports: list[DeadExport] = Field(description="DEAD outbox rows by destination and last error (all time)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import Path
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -119,7 +119,8 @@ class StudyDetail(StudySummary):
 class RerunOut(BaseModel):
     study_id: int
     state: str
-    enqueued: bool = Field(description="False when the task could not be sent now; the reconciler re-sends QUEUED studies.")
+    enqueued: bool = Field(
+        description="False when the task could not be sent now; the reconciler re-sends QUEUED studies.")
 
 
 class ExportOut(_Out):
@@ -179,8 +180,10 @@ class NewVersion(BaseModel):
     kind: Literal["ai_correction", "edit"] = "edit"
     findings_text: Text = Field(min_length=1, max_length=MAX_REPORT_CHARS)
     impression_text: Text | None = Field(None, max_length=MAX_REPORT_CHARS)
-    source_turn_id: int | None = Field(None, ge=1, le=2_147_483_647, description="The dialog turn whose answer this text comes from.")
-    base_version: int | None = Field(None, ge=1, description="The version this was based on; 409 when it is no longer current.")
+    source_turn_id: int | None = Field(None, ge=1, le=2_147_483_647,
+                                       description="The dialog turn whose answer this text comes from.")
+    base_version: int | None = Field(None, ge=1,
+                                     description="The version this was based on; 409 when it is no longer current.")
 
 
 class FindingVerdictIn(BaseModel):
@@ -231,7 +234,10 @@ class Question(BaseModel):
 
 
 #: The CheXpert findings the model was instruction-tuned to correct and to answer yes/no about.
-FindingLabel = Literal[tuple(label for label in CHEXPERT_LABELS if label != NO_FINDING)]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # a Literal built at run time from the one label list; a type checker sees its values' type
+    FindingLabel = str
+else:
+    FindingLabel = Literal[tuple(label for label in CHEXPERT_LABELS if label != NO_FINDING)]
 
 
 class _Action(BaseModel):

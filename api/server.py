@@ -119,10 +119,10 @@ class GuardMixin:
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:
         self._deadline: asyncio.TimerHandle | None = None
         self._waiting_since = time.monotonic()
-        super().connection_made(transport)  # type: ignore[misc]
+        super().connection_made(transport)  # type: ignore[misc]  # uvicorn's protocol, after this mixin
         self._arm()
         if len(self.connections) > self.guard.max_connections and not self._evict_one():
             self.guard.note("refused")
@@ -131,13 +131,13 @@ class GuardMixin:
     def data_received(self, data: bytes) -> None:
         if self._deadline is None and self._between_requests():
             self._arm()  # the next request starts; it too must arrive in time
-        super().data_received(data)  # type: ignore[misc]
+        super().data_received(data)  # type: ignore[misc]  # uvicorn's protocol, after this mixin
         if self._deadline is not None and self._request_received():
             self._disarm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        super().connection_lost(exc)  # type: ignore[misc]
+        super().connection_lost(exc)  # type: ignore[misc]  # uvicorn's protocol, after this mixin
 
     # -- state ------------------------------------------------------------------------------------
     def _between_requests(self) -> bool:

@@ -195,7 +195,7 @@ def _voi_luts(ds: Any) -> list[VoiLut]:
             if hasattr(ds, "file_meta"):
                 holder.file_meta = ds.file_meta
             table = np.asarray(apply_voi(np.arange(first, first + entries, dtype=np.int64), holder, 0), np.float32)
-        except Exception:  # a malformed LUT is left out, the image is still shown
+        except Exception:  # noqa: BLE001 - a malformed LUT is left out, the image is still shown
             log.warning("VOI LUT ignored", extra={"index": index})
             continue
         label = str(item.get("LUTExplanation") or f"VOI LUT {index + 1}")
@@ -245,7 +245,7 @@ def read_source(path: Path) -> SourceImage:
         raise NotRenderable(f"unexpected pixel array shape {pixels.shape}")
     try:
         values = np.asarray(apply_modality_lut(pixels, header), dtype=np.float32)
-    except Exception:  # a malformed rescale / LUT: show stored values rather than nothing
+    except Exception:  # noqa: BLE001 - a malformed rescale / LUT: show stored values rather than nothing
         log.warning("Modality LUT ignored")
         values = pixels.astype(np.float32)
     if not np.all(np.isfinite(values)):
@@ -301,8 +301,8 @@ def resample(image: SourceImage, request: RenderRequest) -> tuple[np.ndarray, np
     dx0, dy0 = min(dx0, dx1 - 1), min(dy0, dy1 - 1)
     shrinking = (dx1 - dx0) < (x1 - x0) or (dy1 - dy0) < (y1 - y0)
     source = Image.fromarray(image.values, mode="F")
-    region = source.resize((dx1 - dx0, dy1 - dy0), resample=Image.BOX if shrinking else Image.BILINEAR,
-                           box=(x0, y0, x1, y1))
+    resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    region = source.resize((dx1 - dx0, dy1 - dy0), resample=resample, box=(x0, y0, x1, y1))
     out[dy0:dy1, dx0:dx1] = np.asarray(region, dtype=np.float32)
     inside[dy0:dy1, dx0:dx1] = True
     return out, inside

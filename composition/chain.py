@@ -45,7 +45,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, what: str, check: Callable[[], None] | None = None) -> T:
+def wait_until(predicate: Callable[[], T | None], timeout: float, what: str,
+               check: Callable[[], None] | None = None) -> T:
     """Poll ``predicate`` until truthy; ``check`` raises when a process we wait on has died."""
     deadline = time.monotonic() + timeout
     while True:
@@ -135,7 +136,8 @@ class Chain:
             "RADIALOG_AE_TITLE": NODE_AET,
             "RADIALOG_DICOM_HOST": "127.0.0.1",
             "RADIALOG_DICOM_PORT": str(self.node_port),
-            "RADIALOG_ALLOWED_CALLING_AETS": json.dumps([PACS_AET, PROBE_AET] + ([] if with_orthanc else [MODALITY_AET])),
+            "RADIALOG_ALLOWED_CALLING_AETS": json.dumps(
+                [PACS_AET, PROBE_AET] + ([] if with_orthanc else [MODALITY_AET])),
             "RADIALOG_ALLOWED_ADDRESSES": json.dumps(["127.0.0.1"]),
             "RADIALOG_STABLE_AFTER": str(stable_after),
             "RADIALOG_MIN_FREE_BYTES": "0",
@@ -275,7 +277,7 @@ class Chain:
 
     def _node_echoes(self) -> bool:
         from pynetdicom import AE
-        from pynetdicom.sop_class import Verification
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import by pynetdicom
 
         try:  # a plain connect first: pynetdicom logs every refused association as an error
             socket.create_connection(("127.0.0.1", self.node_port), timeout=1).close()

@@ -24,7 +24,7 @@ from radialog.logging import get_logger
 from radialog.messaging import QUEUES, enqueue_report, redis_answers
 from radialog.registry import Registry
 from radialog.settings import Settings
-from workers.cli import overridden_settings, common_options, run_worker
+from workers.cli import common_options, overridden_settings, run_worker
 from workers.context import DEFAULT_LEASE_S
 
 log = get_logger(__name__)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -114,7 +115,8 @@ class StudyAssembler:
             ).all()
             selection = choose_image((row.id, row.attributes) for row in rows)
             target = StudyState.QUEUED if selection.instance_id is not None else StudyState.SKIPPED
-            reason, values = selection.reason, {"selected_instance_id": selection.instance_id}
+            reason = selection.reason
+            values: dict[str, Any] = {"selected_instance_id": selection.instance_id}
             decision: Decision | None = None
             if selection.instance_id is not None:
                 chosen = next(row for row in rows if row.id == selection.instance_id)

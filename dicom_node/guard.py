@@ -179,7 +179,7 @@ def tls_handshake(context: ssl.SSLContext, sock: socket.socket, deadline: float)
             tls.do_handshake()
             return tls
         except ssl.SSLWantReadError:
-            wait = ([tls], [])
+            wait: tuple[list[ssl.SSLSocket], list[ssl.SSLSocket]] = ([tls], [])
         except ssl.SSLWantWriteError:
             wait = ([], [tls])
         left = deadline - time.monotonic()
@@ -206,7 +206,7 @@ class GuardedSocket(AssociationSocket):
 
     @property
     def ready(self) -> bool:
-        return bool(self._buffered) or bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
+        return bool(self._buffered) or bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]  # a property
 
     def recv(self, nr_bytes: int) -> bytearray:
         if self._buffered:
@@ -386,7 +386,7 @@ class NodeRequestHandler(RequestHandler):
         ae = self.ae
         assoc = Association(ae, MODE_ACCEPTOR)
         assoc._server = self.server  # pynetdicom closes the socket through its server at the end
-        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
+        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"  # noqa: DTZ005 - local, as pynetdicom names it
         assoc.set_socket(GuardedSocket(assoc, sock, self.server.limits, first_pdu, self.server.refusals))
         assoc.acceptor.maximum_length = ae.maximum_pdu_size
         assoc.acceptor.ae_title = self.server.ae_title
@@ -397,9 +397,9 @@ class NodeRequestHandler(RequestHandler):
         assoc.requestor.address_info = self.remote
         for event, handlers in self.server._handlers.items():
             if event.is_intervention and handlers:
-                assoc.bind(event, *handlers)  # type: ignore[misc]
+                assoc.bind(event, *handlers)
             elif isinstance(event, evt.NotificationEvent):
-                for handler, args in handlers:  # type: ignore[misc]
+                for handler, args in handlers:  # type: ignore[misc]  # notification: (handler, args) pairs
                     assoc.bind(event, handler, args)
         return assoc
 

@@ -37,7 +37,7 @@ from pydicom.uid import (
     RLELossless,
     SecondaryCaptureImageStorage,
 )
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import by pynetdicom
 
 from radialog.settings import TLSSettings
 

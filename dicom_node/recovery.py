@@ -53,7 +53,8 @@ def recover_spool(settings: Settings, registry: Registry) -> RecoveryReport:
             unusable += 1
             continue
         study_uid, sop_uid = header.study_instance_uid, header.sop_instance_uid
-        if not (is_valid_uid(study_uid) and is_valid_uid(sop_uid)) or spool.relative_path(study_uid, sop_uid) != rel_path:
+        if (not (is_valid_uid(study_uid) and is_valid_uid(sop_uid))
+                or spool.relative_path(study_uid, sop_uid) != rel_path):
             log.warning("spool file does not match its path at recovery", extra={"sop": uid_ref(sop_uid)})
             unusable += 1
             continue

@@ -41,7 +41,7 @@ AP_WORDS = frozenset({"AP", "A-P", "A/P", "ANTEROPOSTERIOR", "ANTERO-POSTERIOR",
 LATERAL_WORDS = frozenset({"LAT", "LATERAL", "LL", "RL", "LLAT", "RLAT", "SEITLICH", "PROFIL", "LATERALE",
                            "LATÉRAL", "LATERO-LATERAL", "LLD", "RLD", "DECUBITUS"})
 FRONTAL_WORDS = frozenset({"FRONTAL", "FRONT", "D.V.", "V.D.", "PA/AP"})
-_MODALITY_OF_CLASS = {
+_MODALITY_OF_CLASS: dict[str, str] = {
     ComputedRadiographyImageStorage: "CR",
     DigitalXRayImageStorageForPresentation: "DX",
     DigitalXRayImageStorageForProcessing: "DX",

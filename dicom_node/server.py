@@ -101,6 +101,7 @@ def _start_server(ae: AE, settings: Settings, handlers: list[Any], ssl_context: 
                             server_class=NodeAssociationServer, request_handler=NodeRequestHandler,
                             limits=Limits.from_settings(settings),
                             networks=policy.parse_networks(settings.allowed_addresses), tls=ssl_context)
+    assert isinstance(server, NodeAssociationServer)  # make_server is typed with its default server class
     threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
     ae._servers.append(server)  # as start_server does: server.shutdown() and ae.shutdown() expect it there
     return server

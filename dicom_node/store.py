@@ -35,9 +35,10 @@ import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
@@ -126,6 +127,18 @@ def refused_for_good(exc: BaseException) -> bool:
     return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)
 
 
+def _request(event: Event) -> C_STORE:
+    """The event's request: pynetdicom types ``Event.request`` as any DIMSE request; EVT_C_STORE's is a C-STORE."""
+    return cast(C_STORE, event.request)
+
+
+def _dataset_buffer(request: C_STORE) -> memoryview:
+    """The received dataset bytes (a view): pynetdicom sets ``DataSet`` before it calls the handler."""
+    dataset = request.DataSet
+    assert isinstance(dataset, io.BytesIO)
+    return dataset.getbuffer()
+
+
 def _part10_chunks(event: Event) -> list[Any]:
     """Preamble, file meta and the received dataset bytes (a view, not a copy)."""
     meta = event.file_meta
@@ -134,8 +147,8 @@ def _part10_chunks(event: Event) -> list[Any]:
         meta.SourceApplicationEntityTitle = calling
     buf = io.BytesIO()
     buf.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buf, meta, enforce_standard=True)
-    return [buf.getvalue(), event.request.DataSet.getbuffer()]
+    write_file_meta_info(DicomFileLike(buf), meta, enforce_standard=True)
+    return [buf.getvalue(), _dataset_buffer(_request(event))]
 
 
 def handle_store(event: Event, ctx: StoreContext) -> int | Dataset:
@@ -153,11 +166,11 @@ def handle_store(event: Event, ctx: StoreContext) -> int | Dataset:
 
 def _store(event: Event, ctx: StoreContext) -> int | Dataset:
     started = time.perf_counter()
-    request = event.request
+    request = _request(event)
     sop_uid = request.AffectedSOPInstanceUID
     ref = uid_ref(str(sop_uid)) if sop_uid else None
     refused = ctx.streams.refusal(event) if ctx.streams else None
-    size = request.DataSet.getbuffer().nbytes
+    size = _dataset_buffer(request).nbytes
     limit = ctx.settings.max_instance_bytes
     if refused == streaming.SIZE or size > limit:
         log.warning("store refused: instance larger than max_instance_bytes",
@@ -172,7 +185,7 @@ def _store(event: Event, ctx: StoreContext) -> int | Dataset:
         return _status(CANNOT_UNDERSTAND, "invalid SOP Instance UID")
     spool_dir = ctx.settings.spool_dir
     try:
-        temp = ctx.streams.take(event, sop_uid, request.DataSet.getbuffer()) if ctx.streams else None
+        temp = ctx.streams.take(event, sop_uid, _dataset_buffer(request)) if ctx.streams else None
         streamed = temp is not None
         # A streamed file is on the disk already (each fragment was checked against the floor); a
         # dataset still in memory must leave the floor intact once written.
@@ -205,18 +218,18 @@ def answer_unusable_store(event: Event) -> None:
     :func:`handle_store` (with an empty one) and is refused there. Called in
     the association's reader thread; ``send_msg`` only queues the response.
     """
-    message = event.message  # type: ignore[attr-defined]
+    message = event.message
     if not isinstance(message, C_STORE_RQ):
         return
     command = message.command_set
     missing = [keyword for keyword in _REQUIRED if command.get(keyword) in (None, "")]
-    if not missing or "MessageID" not in command:
+    if not missing or "MessageID" not in command or message.context_id is None:
         return  # served by handle_store, or nothing to answer to (the idle timer ends the association)
     response = C_STORE()
     response.MessageIDBeingRespondedTo = command.MessageID
     response.AffectedSOPClassUID = command.get("AffectedSOPClassUID") or None
     response.Status = CANNOT_UNDERSTAND
-    response.ErrorComment = f"no {missing[0]}"
+    response.ErrorComment = f"no {missing[0]}"  # type: ignore[assignment]  # pynetdicom's __init__ sets None; str | None
     log.warning("store refused: request without a required element", extra={"missing": missing,
                                                                               "status": "0xC000"})
     event.assoc.dimse.send_msg(response, message.context_id)
@@ -244,17 +257,17 @@ def _validate_and_commit(
 
 
 def request_class(event: Event) -> str:
-    return str(event.request.AffectedSOPClassUID)
+    return str(_request(event).AffectedSOPClassUID)
 
 
 def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: str | None, size: int,
             started: float, timing: dict[str, Any]) -> int | Dataset:
+    # The request's Priority (0000,0700), kept with the instance for the routing rules.
+    store_priority = STORE_PRIORITIES.get(int(_request(event).Priority or 0), "MEDIUM")
+    header = dataclasses.replace(header, attributes={**header.attributes, "store_priority": store_priority})
     assert header.study_instance_uid is not None and header.sop_instance_uid is not None
     rel_path = spool.relative_path(header.study_instance_uid, header.sop_instance_uid)
     calling = event.assoc.requestor.ae_title
-    # The request's Priority (0000,0700), kept with the instance for the routing rules.
-    store_priority = STORE_PRIORITIES.get(int(event.request.Priority or 0), "MEDIUM")
-    header = dataclasses.replace(header, attributes={**header.attributes, "store_priority": store_priority})
     for attempt in range(1, _RECORD_ATTEMPTS + 1):
         renamed = False
         try:

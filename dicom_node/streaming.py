@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dsutils import decode
@@ -126,7 +127,7 @@ class IncomingStreams:
     # -- evt.EVT_PDU_RECV -----------------------------------------------------------------------
     def on_pdu_recv(self, event: Event) -> None:
         """Append dataset fragments of a C-STORE request to its temp file (never raises)."""
-        pdu = event.pdu  # type: ignore[attr-defined]
+        pdu = event.pdu
         if not isinstance(pdu, P_DATA_TF):
             return
         key = id(event.assoc)
@@ -145,7 +146,7 @@ class IncomingStreams:
             if stream.refused and not value[0] & 1:
                 item.presentation_data_value = value[:1]  # keep the control byte: the message still ends
 
-    def _fragment(self, event: Event, stream: _Stream, context_id: int, value: bytes) -> None:
+    def _fragment(self, event: Event, stream: _Stream, context_id: int | None, value: bytes) -> None:
         control, data = value[0], memoryview(value)[1:]
         if control & 1:  # command fragment
             if stream.complete or stream.fd is not None or stream.dataset_bytes or stream.refused:
@@ -206,7 +207,7 @@ class IncomingStreams:
             stream.discard()
         return reason
 
-    def _open(self, event: Event, stream: _Stream, context_id: int) -> None:
+    def _open(self, event: Event, stream: _Stream, context_id: int | None) -> None:
         command = decode(BytesIO(stream.command), True, True)
         stream.command.clear()
         stream.message_id = command.get("MessageID")
@@ -236,7 +237,7 @@ class IncomingStreams:
         stream.sop_instance_uid = str(command.AffectedSOPInstanceUID)
         with open(fd, "wb", closefd=False) as fh:
             fh.write(b"\x00" * 128 + b"DICM")
-            write_file_meta_info(fh, meta, enforce_standard=True)
+            write_file_meta_info(DicomFileLike(fh), meta, enforce_standard=True)
             stream.header_size = fh.tell()
         stream.written = stream.flushed = 0
         stream.complete = False

@@ -137,7 +137,8 @@ def scrub(record: logging.LogRecord) -> logging.LogRecord:
         record.msg, record.args = WITHHELD, None
         return record
     if record.name == "py.warnings" and record.msg != WARNING_WITHHELD:  # logging.captureWarnings (Celery)
-        where = _WARNING_PREFIX.match(str(record.msg if not record.args else record.args[0]))
+        first = record.args[0] if isinstance(record.args, tuple) and record.args else record.msg
+        where = _WARNING_PREFIX.match(str(first))
         record.msg, record.args = WARNING_WITHHELD, None
         if where:
             record.where, record.category = where.group("where"), where.group("category")
@@ -153,11 +154,12 @@ def _scrubbing_factory(base: Any) -> Any:
         try:
             return scrub(record)
         except Exception:  # noqa: BLE001 - a log call must never raise; keep nothing that could leak
-            record.msg, record.args, record.exc_info, record.exc_text = "message withheld (scrub failed)", None, None, None
+            record.msg, record.args = "message withheld (scrub failed)", None
+            record.exc_info, record.exc_text = None, None
             setattr(record, _EXC_TEXTS, [])
             return record
 
-    factory._radialog = True  # type: ignore[attr-defined]
+    factory._radialog = True  # type: ignore[attr-defined]  # our mark on a function object
     return factory
 
 
@@ -235,7 +237,7 @@ def configure(level: str = "INFO", stream: Any = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JSONFormatter())
     handler.addFilter(PHIFilter())
-    handler._radialog = True  # type: ignore[attr-defined]
+    handler._radialog = True  # type: ignore[attr-defined]  # our mark on the handler
     root.addHandler(handler)
     # pynetdicom logs dataset contents at DEBUG and highdicom names source UIDs at INFO; SQLAlchemy's
     # engine logs statements with their parameters at INFO (echo): keep them at WARNING.

@@ -156,7 +156,8 @@ class Settings(BaseSettings):
 
     # -- model -----------------------------------------------------------------------------------
     model_backend: str = "radialog-v2"
-    model_dir: Path | None = Field(None, description="The RaDialog v2 directory (adapter, non_lora_trainables, classifier).")
+    model_dir: Path | None = Field(
+        None, description="The RaDialog v2 directory (adapter, non_lora_trainables, classifier).")
     base_model_dir: Path | None = Field(None, description="The llava-v1.5-7b directory.")
     xraygpt_vision_dir: Path | None = Field(
         None, description="XrayGPT: the directory holding eva_vit_g.pth and blip2_pretrained_flant5xxl.pth (LAVIS).",

@@ -80,7 +80,7 @@ def make_cxr(
     ds.PatientID = f"SYN{patient_index:05d}"
     ds.PatientBirthDate = "19600101"
     ds.PatientSex = "F"
-    ds.StudyDate = date.today().strftime("%Y%m%d")
+    ds.StudyDate = date.today().strftime("%Y%m%d")  # noqa: DTZ011 - DICOM dates are the local date
     ds.StudyTime = "101010"
     ds.AccessionNumber = f"ACC{patient_index:06d}"
     ds.StudyID = "1"

@@ -4,8 +4,8 @@ Standard codes come from DICOM PS3.16 (checked against pydicom's code dictionary
 from it) or from SNOMED CT. Four CheXpert labels have no exact standard concept and get codes in our
 private scheme ``99RADIALOG`` (declared in the SR's Coding Scheme Identification Sequence):
 Enlarged Cardiomediastinum, Lung Lesion, Pleural Other and Support Devices (standard terminologies
-have only narrower or broader concepts). An unknown label also gets a private code. "No Finding" maps to DCM 111286 "No abnormality" and
-"Lung Opacity" to DCM 112001 "Opacity" (the chest CAD finding of CID 6102).
+have only narrower or broader concepts). An unknown label also gets a private code. "No Finding" maps to DCM 111286
+"No abnormality" and "Lung Opacity" to DCM 112001 "Opacity" (the chest CAD finding of CID 6102).
 """
 
 from __future__ import annotations

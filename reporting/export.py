@@ -91,7 +91,7 @@ def _claim(registry: Registry, settings: Settings, export_id: int) -> _Claim | s
     now = utcnow()
     with registry.session() as session:
         # A sender that died mid-send (every time) never recorded its failure: the budget ends here too.
-        exhausted = session.execute(
+        exhausted = session.execute(  # type: ignore[attr-defined]  # DML: a CursorResult, typed Result
             update(Export)
             .where(Export.id == export_id, Export.state == PENDING,
                    Export.attempts >= settings.export_max_attempts,
@@ -105,14 +105,15 @@ def _claim(registry: Registry, settings: Settings, export_id: int) -> _Claim | s
             if row is not None:
                 outbox.export_dead(session, settings, row, str(row.last_error), now)
             return DEAD
-        claimed = session.execute(
+        claimed = session.execute(  # type: ignore[attr-defined]  # DML: a CursorResult, typed Result
             update(Export)
             .where(
                 Export.id == export_id,
                 Export.state == PENDING,
                 or_(Export.next_attempt_at.is_(None), Export.next_attempt_at <= now),
             )
-            .values(attempts=Export.attempts + 1, next_attempt_at=now + timedelta(seconds=claim_lease_seconds(settings)))
+            .values(attempts=Export.attempts + 1,
+                    next_attempt_at=now + timedelta(seconds=claim_lease_seconds(settings)))
             .execution_options(synchronize_session=False)
         ).rowcount
         export = session.get(Export, export_id)
@@ -294,7 +295,7 @@ def _record_failure(registry: Registry, settings: Settings, claim: _Claim, reaso
     else:
         values["next_attempt_at"] = now + timedelta(seconds=backoff_seconds(settings, claim.attempt))
     with registry.session() as session:
-        changed = session.execute(
+        changed = session.execute(  # type: ignore[attr-defined]  # DML: a CursorResult, typed Result
             update(Export)
             .where(Export.id == claim.export_id, Export.state == PENDING)
             .values(**values)
@@ -344,4 +345,4 @@ def rearm(registry: Registry, export_id: int) -> bool:
             .values(state=PENDING, attempts=0, next_attempt_at=utcnow())
             .execution_options(synchronize_session=False)
         )
-        return result.rowcount == 1
+        return result.rowcount == 1  # type: ignore[attr-defined]  # DML: a CursorResult, typed Result

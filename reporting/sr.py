@@ -227,7 +227,7 @@ def _observer_context(spec: SRSpec) -> list[hd.sr.ContentItem]:
     items: list[hd.sr.ContentItem] = []
     if spec.author:
         items.extend(
-            hd.sr.ObserverContext(
+            hd.sr.ObserverContext(  # type: ignore[arg-type]  # highdicom: a Template yields ContentItems, typed Sequence[Dataset]
                 observer_type=dcm_codes.cid270.Person,
                 observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
                     name=person_name(spec.author),
@@ -238,7 +238,7 @@ def _observer_context(spec: SRSpec) -> list[hd.sr.ContentItem]:
         )
     if spec.algorithm:
         items.extend(
-            hd.sr.ObserverContext(
+            hd.sr.ObserverContext(  # type: ignore[arg-type]  # highdicom: a Template yields ContentItems, typed Sequence[Dataset]
                 observer_type=dcm_codes.cid270.Device,
                 observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
                     uid=spec.algorithm.device_uid,
@@ -258,7 +258,7 @@ def _classifier_container(findings: Sequence[CodedFinding], algorithm: Algorithm
     children: list[hd.sr.ContentItem] = []
     if algorithm:
         children.extend(
-            hd.sr.AlgorithmIdentification(
+            hd.sr.AlgorithmIdentification(  # type: ignore[arg-type]  # highdicom: a Template yields ContentItems, typed Sequence[Dataset]
                 name=algorithm.name,
                 version=algorithm.version,
                 parameters=[f"model files SHA-256 {algorithm.files_sha256}"]
@@ -378,7 +378,8 @@ def validate_spec(spec: SRSpec) -> None:
     if spec.institution_name is not None:
         require_valid(spec.institution_name, "institution name", "LO")
     if spec.algorithm is not None:  # TEXT items (UT) and, cut to 64, Contributing Equipment (LO)
-        for field_name, value in (("algorithm name", spec.algorithm.name), ("algorithm version", spec.algorithm.version)):
+        for field_name, value in (("algorithm name", spec.algorithm.name),
+                                  ("algorithm version", spec.algorithm.version)):
             require_valid(value, field_name)
             require_valid(value[:64], field_name, "LO")
 

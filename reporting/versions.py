@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,11 +117,14 @@ def _coded(findings: list[Any]) -> list[srmod.CodedFinding]:
 
 def _insert_once(session: Session, values: dict[str, Any]) -> int | None:
     """INSERT the report unless its SOP Instance UID exists; the new id, or None when it existed."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
     dialect = session.get_bind().dialect.name
+    insert: Callable[[type[Report]], Any]  # both dialects' INSERT ... ON CONFLICT DO NOTHING
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        insert = postgresql.insert
     elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
+        insert = sqlite.insert
     else:  # pragma: no cover - only the two supported databases
         raise ReportingError(f"unsupported database {dialect}")
     statement = (

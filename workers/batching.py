@@ -66,7 +66,7 @@ def claim(session: Session, job_id: int, worker: str, lease_s: float, *, compani
         )
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if result.rowcount != 1:  # type: ignore[attr-defined]  # DML: a CursorResult, typed Result
         return None
     job = session.get(Job, job_id)
     assert job is not None
@@ -139,7 +139,7 @@ def requeue(session: Session, job_id: int, reason: str) -> bool:
         .values(state=JobState.QUEUED.value, heartbeat_at=None, queued_at=now, error=reason, run_mode=None)
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if result.rowcount != 1:  # type: ignore[attr-defined]  # DML: a CursorResult, typed Result
         return False
     job = session.get(Job, job_id)
     assert job is not None

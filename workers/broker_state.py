@@ -106,7 +106,7 @@ def _embedded_messages(url: str, queue: str) -> list[BrokerMessage]:
     engine = _ENGINES.get(url)
     if engine is None:
         engine = _ENGINES[url] = create_engine(url)
-    since = datetime.fromtimestamp(time.time() - _EMBEDDED_LOOKBACK_S)  # local time, as kombu writes it
+    since = datetime.fromtimestamp(time.time() - _EMBEDDED_LOOKBACK_S)  # noqa: DTZ006 - local time, as kombu writes it
     query = text(
         "SELECT m.payload, m.visible, m.timestamp FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id "
         "WHERE q.name = :queue AND (m.visible OR m.timestamp >= :since)"

@@ -4,8 +4,9 @@ A worker is one process: it loads the model once before it consumes anything, an
 (Redis key ``radialog:worker:<hostname>``), and serves the queues in the order given (dialog first). With
 the engine (the default), ``RADIALOG_REPORT_TASKS`` Celery threads feed it report batches and dialog turns
 come through their own consumer (``workers.dialog_consumer``), so a turn never waits for a pool thread;
-without it, Celery's solo pool runs one task at a time. Start one per GPU with ``CUDA_VISIBLE_DEVICES=N radialog worker`` or
-``--device cuda:N``. An export-only worker (``--queues export``) loads no model.
+without it, Celery's solo pool runs one task at a time. Start one per GPU with
+``CUDA_VISIBLE_DEVICES=N radialog worker`` or ``--device cuda:N``. An export-only worker (``--queues export``)
+loads no model.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def recover_lost(session: Session, job_id: int, lease_s: float, settings: Settin
         .where(Job.id == job_id, Job.state == JobState.RUNNING.value, Job.attempts == attempts)
         .values(**values)
         .execution_options(synchronize_session=False)
-    ).rowcount  # type: ignore[attr-defined]
+    ).rowcount  # type: ignore[attr-defined]  # DML: a CursorResult, typed Result
     if moved != 1:
         return None
     job = session.get(Job, job_id)

@@ -3,7 +3,8 @@
 History: the seed report as the first exchange (the backend's report question, for RaDialog the v2 report
 prompt with the seed report's present classifier labels, answered by its findings text), then the
 conversation's earlier DONE turns in order.
-Streaming: JSON messages on ``radialog.messaging.dialog_channel`` (``radialog:<broker db>:dialog:<turn_id>``): {"type": "token", "text"}, then
+Streaming: JSON messages on ``radialog.messaging.dialog_channel`` (``radialog:<broker db>:dialog:<turn_id>``):
+{"type": "token", "text"}, then
 {"type": "done", "answer"} or {"type": "error", "error"}. With an embedded (non-Redis) broker nothing is
 streamed; the API reads the stored answer. A redelivered DONE turn only repeats its "done" message.
 Tokens and the answer are cleaned with ``reporting.text`` (the model boundary): an answer accepted as

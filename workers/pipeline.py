@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -113,7 +113,7 @@ def run_backend(
         return {}
     try:
         outputs = backend.report_each(inputs)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - split until the error stays with one study (its result)
         if len(inputs) == 1:
             outputs = [exc]
         else:
@@ -124,7 +124,8 @@ def run_backend(
             return {**run_backend(backend, inputs[:half], on_oom), **run_backend(backend, inputs[half:], on_oom)}
     results: dict[str, ReportOutput | Exception] = {}
     for study, out in zip(inputs, outputs):
-        if type(out).__name__ == "RequestCancelled":  # the engine stopped under it (worker shutting down)
+        # the engine stopped under it (worker shutting down)
+        if isinstance(out, Exception) and type(out).__name__ == "RequestCancelled":
             raise TransientError("the model engine stopped before the report was finished") from out
         if isinstance(out, Exception) and _is_out_of_memory(out):
             if len(inputs) > 1:  # once more alone: the engine's step that failed may have been a big one
@@ -179,7 +180,7 @@ def clean_output(output: ReportOutput) -> ReportOutput:
     text the API shows, the text a radiologist signs and the SR's Text Value are one and the same."""
     from reporting.text import clean_model_text
 
-    changes: dict[str, str] = {"findings_text": clean_model_text(output.findings_text)}
+    changes: dict[str, Any] = {"findings_text": clean_model_text(output.findings_text)}
     impression = getattr(output, "impression_text", None)
     if impression is not None:
         changes["impression_text"] = clean_model_text(impression)
@@ -306,7 +307,9 @@ def _run_claims(
     log.info("running batch", extra={"jobs": [p.claim.job_id for p in prepared], "worker": ctx.hostname})
     try:
         results = run_backend(
-            backend, [StudyInput(key=str(p.claim.job_id), image=p.image, priority=p.claim.priority) for p in prepared], ctx.out_of_memory_at
+            backend,
+            [StudyInput(key=str(p.claim.job_id), image=p.image, priority=p.claim.priority) for p in prepared],
+            ctx.out_of_memory_at,
         )
     except TransientError as exc:
         metrics.FAILURES.labels(kind="transient").inc()

@@ -75,7 +75,8 @@ class ReconcileResult:
                     or self.resent_dialog_turns or self.failed_dialog_turns)
 
 
-def broker_task_ids(settings: Settings, queue: str = REPORT_QUEUE, held_within_s: float | None = None) -> set[str] | None:
+def broker_task_ids(settings: Settings, queue: str = REPORT_QUEUE,
+                    held_within_s: float | None = None) -> set[str] | None:
     """Task ids the broker holds for ``queue``: waiting, or delivered (with ``held_within_s``, only those
     not overdue by more than that: see ``broker_state``); None if unknowable."""
     messages = broker_messages(settings, queue)
@@ -138,7 +139,7 @@ def reconcile(
                 update(Job)
                 .where(Job.id == job_id, Job.state == JobState.QUEUED.value, Job.celery_task_id == old_task_id)
                 .values(celery_task_id=task_id, queued_at=utcnow())
-            ).rowcount  # type: ignore[attr-defined]
+            ).rowcount  # type: ignore[attr-defined]  # DML: a CursorResult, typed Result
         if moved:
             send_report_task(settings, job_id, task_id, priority=priority)
             result.resent_queued.append(job_id)
@@ -212,7 +213,7 @@ def _resend_dialog_turns(registry: Registry, settings: Settings, cutoff: datetim
                 update(DialogTurn)
                 .where(DialogTurn.id == turn_id, DialogTurn.state == "QUEUED", DialogTurn.celery_task_id == old_task_id)
                 .values(celery_task_id=task_id)
-            ).rowcount  # type: ignore[attr-defined]
+            ).rowcount  # type: ignore[attr-defined]  # DML: a CursorResult, typed Result
         if moved:
             send_dialog_turn(settings, turn_id, task_id)
             resent.append(turn_id)

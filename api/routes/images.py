@@ -18,7 +18,7 @@ from api import audit
 from api.deps import DB, AnyUser, AppSettings
 from api.imaging import reported_instance
 from api.lookups import get_study
-from api.problems import Problem, problem_responses
+from api.problems import Problem, Responses, problem_responses
 from api.schemas import MAX_ID, ImageInfo, ImageRef, StudyId, WindowPreset
 from api.viewer import (
     MAX_OUTPUT_SIDE,
@@ -37,7 +37,7 @@ from radialog.settings import Settings
 T = TypeVar("T")
 router = APIRouter(prefix="/studies/{study_id}", tags=["images"])
 _ERRORS = problem_responses(401, 403, 404, 409, 422, 503)
-_PNG = {200: {"description": "The rendered region (8-bit grayscale PNG)", "content": {"image/png": {}}}}
+_PNG: Responses = {200: {"description": "The rendered region (8-bit grayscale PNG)", "content": {"image/png": {}}}}
 #: A render is audited once per user, study and image within this many seconds: a window drag asks for
 #: dozens of renders, one "image.read" entry says who looked at the image.
 AUDIT_EVERY_S = 600.0
@@ -132,7 +132,7 @@ def _fit(w: float, h: float, out_width: int | None, out_height: int | None) -> t
     if out_width is None and out_height is None:
         scale = min(1024 / w, 1024 / h)
     else:
-        scale = out_width / w if out_width is not None else out_height / h  # type: ignore[operator]
+        scale = out_width / w if out_width is not None else out_height / h  # type: ignore[operator]  # one is set
 
     def side(value: float) -> int:
         return max(1, min(MAX_OUTPUT_SIDE, round(value)))

@@ -26,9 +26,11 @@ METHOD = ("Radiologist's verdict as reference; sensitivity TP/(TP+FN), specifici
 def read_agreement(
     session: DB,
     who: Operator,
-    from_: Annotated[QueryInstant | None, Query(alias="from", description="Approved on or after (default: 30 days ago)")] = None,
+    from_: Annotated[QueryInstant | None,
+                     Query(alias="from", description="Approved on or after (default: 30 days ago)")] = None,
     to: Annotated[QueryInstant | None, Query(description="Approved before (default: now)")] = None,
-    backend: Annotated[str | None, Query(max_length=64, description="The draft's model name, e.g. RaDialog-LLaVA, XrayGPT")] = None,
+    backend: Annotated[str | None,
+                       Query(max_length=64, description="The draft's model name, e.g. RaDialog-LLaVA, XrayGPT")] = None,
     bucket: Annotated[Literal["day", "week"], Query(description="Period of the timeline")] = "day",
 ) -> AgreementOut:
     """Per CheXpert finding: AI-present and radiologist-present counts, sensitivity, specificity and PPV

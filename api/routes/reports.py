@@ -13,7 +13,7 @@ from api.approvals import checked_verdicts, store_review
 from api.deps import DB, AnyUser, AppServices, AppSettings, Radiologist
 from api.imaging import preview_png, reported_instance
 from api.lookups import get_study, get_version, require_report
-from api.problems import Problem, problem_responses
+from api.problems import Problem, Responses, problem_responses
 from api.reports import new_version, report_out, send_exports
 from api.schemas import Approval, NewVersion, ReportOut, ReportVersions, StudyId, Version
 from radialog.registry import DialogTurn
@@ -32,8 +32,8 @@ def current_report(study_id: StudyId, session: DB, who: AnyUser) -> ReportOut:
     return report_out(report)
 
 
-_FHIR = {200: {"description": "FHIR R4 DiagnosticReport (contained Device and Observations)",
-               "content": {"application/fhir+json": {}}}}
+_FHIR: Responses = {200: {"description": "FHIR R4 DiagnosticReport (contained Device and Observations)",
+                         "content": {"application/fhir+json": {}}}}
 
 
 @router.get("/report/fhir", responses={**_FHIR, **_READ})
@@ -76,7 +76,7 @@ def report_version(study_id: StudyId, version: Version, session: DB, who: AnyUse
     return report_out(report, with_changes=True)
 
 
-_DICOM = {200: {"description": "The DICOM SR (Part 10 file)", "content": {"application/dicom": {}}}}
+_DICOM: Responses = {200: {"description": "The DICOM SR (Part 10 file)", "content": {"application/dicom": {}}}}
 
 
 @router.get("/report/versions/{version}/sr", response_class=FileResponse, responses={**_DICOM, **_READ})
@@ -92,7 +92,8 @@ def download_sr(study_id: StudyId, version: Version, session: DB, who: AnyUser, 
     return FileResponse(path, media_type="application/dicom", filename=f"report-v{version}.dcm")
 
 
-_PNG = {200: {"description": "The image as the model saw it (windowed, 8-bit)", "content": {"image/png": {}}}}
+_PNG: Responses = {200: {"description": "The image as the model saw it (windowed, 8-bit)",
+                          "content": {"image/png": {}}}}
 
 
 @router.get("/image.png", response_class=Response, responses={**_PNG, **_READ})

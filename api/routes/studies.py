@@ -113,7 +113,8 @@ def read_study(study_id: StudyId, session: DB, who: AnyUser) -> StudyDetail:
     status_code=202,
     responses={**_AUTH, **problem_responses(404, 409, 422)},
 )
-def rerun_study(study_id: StudyId, session: DB, who: Operator, registry: AppRegistry, settings: AppSettings) -> RerunOut:
+def rerun_study(study_id: StudyId, session: DB, who: Operator, registry: AppRegistry,
+                settings: AppSettings) -> RerunOut:
     """Queue a FAILED or SKIPPED study again (radiologist or admin)."""
     study = get_study(session, study_id)
     if study.state not in {s.value for s in RERUNNABLE}:

@@ -23,6 +23,7 @@ from radialog.registry.models import (
 from radialog.registry.states import ExportState, JobState, StudyState, transition
 
 __all__ = [
-    "ApiKey", "ApprovalReview", "AuditEntry", "Base", "Conversation", "DialogTurn", "Export", "ExportState", "FindingVerdict", "Instance",
+    "ApiKey", "ApprovalReview", "AuditEntry", "Base", "Conversation", "DialogTurn", "Export", "ExportState",
+    "FindingVerdict", "Instance",
     "Job", "JobState", "Registry", "Report", "Study", "StudyEvent", "StudyState", "transition", "utcnow",
 ]

@@ -92,7 +92,7 @@ def transition(
         .values(state=to.value, reason=reason, updated_at=now)
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if result.rowcount != 1:  # type: ignore[attr-defined]  # DML: a CursorResult, typed Result
         return False
     session.add(StudyEvent(study_id=study_id, from_state=from_state, to_state=to.value, reason=reason, at=now))
     session.flush()

@@ -95,7 +95,7 @@ def diagnostic_report(study: StudyView, version: VersionView) -> dict[str, Any]:
     """The DiagnosticReport (JSON) of one version, validated by ``fhir.resources``; ValueError if invalid."""
     status = FHIR_STATUS[version.status]
     observations = _observations(version, status)
-    identifiers = [{"system": DICOM_UID, "value": f"urn:oid:{version.sop_instance_uid}"}]
+    identifiers: list[dict[str, Any]] = [{"system": DICOM_UID, "value": f"urn:oid:{version.sop_instance_uid}"}]
     if study.accession_number:
         identifiers.append({"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
                                                  "code": "ACSN"}]}, "value": study.accession_number})

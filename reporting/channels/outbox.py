@@ -41,7 +41,7 @@ def status_of(session: Session, report: Report) -> ResultStatus | None:
     return result_status(bool(report.verified), approved_before(session, report))
 
 
-def _row(destination: Destination, now: datetime, *, report_id: int | None, study_id: int,
+def _row(destination: Destination, now: datetime, *, report_id: int | None, study_id: int | None,
          event: str | None = None, payload: dict[str, Any] | None = None) -> Export:
     return Export(report_id=report_id, study_id=study_id, destination=destination.name, event=event,
                   payload=payload, state=ExportState.PENDING.value, attempts=0, next_attempt_at=now, created_at=now)
@@ -83,7 +83,7 @@ def add_event_rows(session: Session, settings: Settings, event: str, study_id: i
     rows = []
     for destination in settings.destinations:
         if destination.kind == "webhook" and event in destination.events:
-            rows.append(_row(destination, now, report_id=None, study_id=study_id, event=event,  # type: ignore[arg-type]
+            rows.append(_row(destination, now, report_id=None, study_id=study_id, event=event,
                              payload=event_body(event, now, data)))
     session.add_all(rows)
     return rows
@@ -104,12 +104,13 @@ def export_dead(session: Session, settings: Settings, export: Export, reason: st
     if export.event is not None or (destination is not None and destination.kind == "webhook"):
         return []
     report = session.get(Report, export.report_id) if export.report_id else None
+    study_id = export.study_id or (report.study_id if report else None)
     data = {"export": {"id": export.id, "destination": export.destination,
                        "kind": destination.kind if destination else None, "attempts": export.attempts,
                        "reason": reason[:500]},
-            "study": {"id": export.study_id or (report.study_id if report else None)},
+            "study": {"id": study_id},
             "report": {"version": report.version, "kind": report.kind} if report else None}
-    return add_event_rows(session, settings, "export.dead", data["study"]["id"], data, now)
+    return add_event_rows(session, settings, "export.dead", study_id, data, now)
 
 
 def study_view(study: Study) -> StudyView:

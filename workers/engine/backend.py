@@ -49,7 +49,7 @@ class EngineBackend(ModelBackend):
         for study, handle in zip(studies, handles):
             try:
                 generation = self._wait(handle)
-            except Exception as exc:  # this study's own failure (cancel, a failed step)
+            except Exception as exc:  # noqa: BLE001 - this study's own failure (cancel, a failed step)
                 results.append(exc)
                 continue
             timings = {"preprocess": preprocess_s, **generation.timings}
@@ -64,7 +64,7 @@ class EngineBackend(ModelBackend):
         for out in outputs:
             if isinstance(out, Exception):
                 raise out
-        return outputs  # type: ignore[return-value]
+        return outputs  # type: ignore[return-value]  # no exception left: raised above
 
     def answer(self, request: DialogRequest, on_token: TokenCallback | None = None) -> str:
         prompt, limit = self.served.dialog_input(request)

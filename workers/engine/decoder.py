@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_rotary_pos_emb
 
 from workers.engine.kv_pool import KVPool, PoolShape
 
@@ -37,7 +37,7 @@ class LlamaSteps:
         config = model.config
         self.layers = model.model.layers
         self.heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
+        self.kv_heads = config.num_key_value_heads or self.heads  # LlamaConfig sets it so; typed optional
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.gqa = self.kv_heads != self.heads
         self.shape = PoolShape(layers=len(self.layers), kv_heads=self.kv_heads, head_dim=self.head_dim)
@@ -57,7 +57,8 @@ class LlamaSteps:
         """Last hidden state per row [B, H] -> float32 logits [B, vocab] (as generate scores them)."""
         return self.model.lm_head(self.model.model.norm(hidden)).float()
 
-    def _qkv(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _qkv(self, layer: LlamaDecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn = layer.self_attn
         rows, length = hidden.shape[:2]
         q = attn.q_proj(hidden).view(rows, length, self.heads, self.head_dim).transpose(1, 2)
@@ -66,7 +67,7 @@ class LlamaSteps:
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
 
-    def _finish_layer(self, layer: torch.nn.Module, residual: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    def _finish_layer(self, layer: LlamaDecoderLayer, residual: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """[B, heads, T, D] attention output -> o_proj, residual, MLP block."""
         rows, _, length, _ = attended.shape
         out = layer.self_attn.o_proj(attended.transpose(1, 2).reshape(rows, length, self.heads * self.head_dim))

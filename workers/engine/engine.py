@@ -186,7 +186,8 @@ class Engine:
             DIALOG: KVPool(DIALOG, shape, cfg.dialog_slots, dialog_len, dtype, device),
         }
         log.info("engine pools", extra={
-            name: {"slots": p.slots, "max_len": p.max_len, "GiB": round(p.nbytes / 2**30, 2)} for name, p in pools.items()
+            name: {"slots": p.slots, "max_len": p.max_len, "GiB": round(p.nbytes / 2**30, 2)}
+            for name, p in pools.items()
         })
         return pools
 
@@ -241,7 +242,8 @@ class Engine:
         """Queue a dialog turn (the whole prompt, its image placeholder included); served before reports."""
         inputs, positions = self.model.prepare_dialog(prompt, image)
         if positions + 1 > self.pools[DIALOG].max_len:
-            raise ValueError(f"the prompt takes {positions} positions; the dialog slots hold {self.pools[DIALOG].max_len}")
+            raise ValueError(f"the prompt takes {positions} positions; "
+                             f"the dialog slots hold {self.pools[DIALOG].max_len}")
         handle = Handle(self)
         self._put(_Request(DIALOG, handle, inputs, max_new_tokens, min_new_tokens, on_token=on_token,
                            sampling=sampling))
@@ -317,7 +319,7 @@ class Engine:
         started = time.perf_counter()
         try:
             rows = self.model.embed_dialogs([r.inputs for r in requests])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the requests get the error; the engine thread goes on
             self._one_by_one(requests, exc, self._admit_dialog_group, "dialog admission")
             return
         vision_s = time.perf_counter() - started
@@ -346,7 +348,7 @@ class Engine:
         a failing group is admitted one by one so that the fault stays with its study."""
         try:
             embedded = self.model.embed_reports([r.inputs for r in requests])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the requests get the error; the engine thread goes on
             self._one_by_one(requests, exc, self._admit_report_group, "report admission")
             return
         timings = [{**embedded.timings, "admitted_together": float(len(requests))}] * len(requests)
@@ -354,7 +356,8 @@ class Engine:
 
     def _prefill(self, pool: KVPool, requests: list[_Request], rows: list[torch.Tensor],
                  timings: list[dict[str, float]], findings: Sequence[Any], phrases: Sequence[Any]) -> None:
-        """Prefill ``rows`` into new slots; a group that fails is retried one by one (the fault stays with its request)."""
+        """Prefill ``rows`` into new slots; a group that fails is retried one by one (the fault stays with its
+        request)."""
         started = time.perf_counter()
         try:
             slots = pool.take(len(requests))
@@ -364,14 +367,15 @@ class Engine:
             return
         try:
             logits = self.steps.prefill(rows, pool, slots)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the requests get the error; the engine thread goes on
             pool.used -= len(requests)  # the slots just taken are the last ones: nothing to move
             if len(requests) == 1:
                 requests[0].handle._future.set_exception(exc)
                 return
             log.warning("prefill failed; one by one", extra={"rows": len(requests), "error": type(exc).__name__})
             for i in range(len(requests)):
-                self._prefill(pool, requests[i:i + 1], rows[i:i + 1], timings[i:i + 1], findings[i:i + 1], phrases[i:i + 1])
+                self._prefill(pool, requests[i:i + 1], rows[i:i + 1], timings[i:i + 1], findings[i:i + 1],
+                              phrases[i:i + 1])
             return
         prefill_s = time.perf_counter() - started
         now = time.perf_counter()
@@ -402,7 +406,7 @@ class Engine:
         tokens = torch.tensor([s.tokens[-1] for s in rows], device=self.steps.device)
         try:
             logits = self.steps.decode(tokens, groups)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the rows' requests get the error; the engine goes on
             log.warning("decode step failed", extra={"rows": len(rows), "error": type(exc).__name__})
             for seq in sorted(rows, key=lambda s: (s.request.kind, -s.slot)):
                 self._end(seq, error=exc)
@@ -434,7 +438,7 @@ class Engine:
             if seq.streamer is not None:
                 try:
                     seq.streamer.put(torch.tensor([token]))
-                except Exception as exc:  # the caller's callback failed: that request alone ends
+                except Exception as exc:  # noqa: BLE001 - the caller's callback failed: that request alone ends
                     finished.append((seq, "error", exc))
                     continue
             if self.stops and len(seq.tokens) >= seq.request.min_new_tokens and _ends_with_stop(seq.tokens, self.stops):
@@ -466,7 +470,7 @@ class Engine:
         if seq.streamer is not None:
             try:
                 seq.streamer.end()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the waiting caller gets the error, not the engine thread
                 future.set_exception(exc)
                 return
         timings = dict(seq.timings)

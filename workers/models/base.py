@@ -96,7 +96,7 @@ class ModelBackend(abc.ABC):
         """
         return list(self.report(studies))
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a hook: a backend holding nothing keeps this one
         """Release what the backend holds (threads, memory); the worker calls it when it stops."""
 
     def serving_info(self) -> dict[str, Any]:

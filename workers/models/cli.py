@@ -101,7 +101,8 @@ def check_command(model_dir: Path | None, base_dir: Path | None, device: str | N
         click.echo(f"MODEL CHECK FAILED: {error}", err=True)
         sys.exit(1)
     llava = loaded.llava
-    click.echo(f"loaded in {time.perf_counter() - started:.1f} s  ({', '.join(f'{k} {v:.1f}s' for k, v in loaded.seconds.items())})")
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in loaded.seconds.items())
+    click.echo(f"loaded in {time.perf_counter() - started:.1f} s  ({phases})")
     click.echo("parameters:")
     click.echo(f"  language model (LoRA merged)  {_count(llava.language_model):>15,}")
     click.echo(f"  vision tower (BioViL-T)       {_count(llava.vision_tower):>15,}")
@@ -116,7 +117,7 @@ def check_command(model_dir: Path | None, base_dir: Path | None, device: str | N
     click.echo(f"files sha256 {loaded.sha256}")
     for note in loaded.notes:
         click.echo(f"note: {note}")
-    if loaded.files.tiny:
+    if loaded.files is not None and loaded.files.tiny:
         click.echo("TINY RANDOM MODEL - NOT CLINICAL")
 
 
@@ -144,7 +145,8 @@ def _check_xraygpt(device: str | None) -> None:
         sys.exit(1)
     model = loaded.model
     assert model.llama_model is not None
-    click.echo(f"loaded in {time.perf_counter() - started:.1f} s  ({', '.join(f'{k} {v:.1f}s' for k, v in loaded.seconds.items())})")
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in loaded.seconds.items())
+    click.echo(f"loaded in {time.perf_counter() - started:.1f} s  ({phases})")
     parts = [("vision tower (EVA ViT-g)", model.visual_encoder), ("ln_vision + Q-Former", model.bridge),
              ("llama_proj", model.llama_proj), ("language model (Vicuna)", model.llama_model)]
     click.echo("parameters:")
@@ -184,7 +186,8 @@ def _check_radialog_v1(device: str | None) -> None:
         sys.exit(1)
     model = loaded.model
     assert model.llama_model is not None
-    click.echo(f"loaded in {time.perf_counter() - started:.1f} s  ({', '.join(f'{k} {v:.1f}s' for k, v in loaded.seconds.items())})")
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in loaded.seconds.items())
+    click.echo(f"loaded in {time.perf_counter() - started:.1f} s  ({phases})")
     parts = [("vision tower (BioViL-T, 1408)", model.visual_encoder), ("ln_vision + Q-Former", model.bridge),
              ("img_proj", model.img_proj), ("language model (LoRA merged)", model.llama_model),
              ("findings classifier", loaded.classifier)]

@@ -106,7 +106,8 @@ class SlowLlamaEncoder:
         specials_map = _read_json(directory / "special_tokens_map.json")
         tokenizer_class = config.get("tokenizer_class", "LlamaTokenizer")
         if tokenizer_class not in ("LlamaTokenizer", "LlamaTokenizerFast"):
-            raise TokenizerFileError(f"tokenizer_config.json: tokenizer_class {tokenizer_class!r} is not LlamaTokenizer")
+            raise TokenizerFileError(
+                f"tokenizer_config.json: tokenizer_class {tokenizer_class!r} is not LlamaTokenizer")
         if config.get("add_eos_token", False):
             raise TokenizerFileError("tokenizer_config.json: add_eos_token is true; LLaVA prompts never end in </s>")
         if (directory / "added_tokens.json").is_file() or _added_beyond_specials(config):

@@ -57,7 +57,7 @@ def findings_phrase(labels: Iterable[str]) -> str:
     As in the reference evaluation: "No Finding" is dropped when a finding other than "Support Devices"
     is present; nothing positive gives "no common findings".
     """
-    present = [label for label in labels]
+    present = list(labels)
     if not present:
         return NO_COMMON_FINDINGS
     ignorable = {"No Finding", "Support Devices"}

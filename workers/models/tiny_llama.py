@@ -22,9 +22,10 @@ import io
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 #: Trainer options of Llama's own tokenizer.model (its trainer_spec), at tiny size.
-LLAMA_TRAINER_OPTIONS: dict[str, object] = {
+LLAMA_TRAINER_OPTIONS: dict[str, Any] = {
     "model_type": "bpe", "normalization_rule_name": "identity", "remove_extra_whitespaces": False,
     "add_dummy_prefix": True, "byte_fallback": True, "split_digits": True, "allow_whitespace_only_pieces": True,
     "unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1, "character_coverage": 1.0, "hard_vocab_limit": False,
@@ -48,10 +49,12 @@ LIVELY_SCALE = 12.0
 
 def _token(text: str) -> dict[str, object]:
     """A special token as llava-v1.5-7b's tokenizer_config.json writes it (transformers 4.31 needs "__type")."""
-    return {"__type": "AddedToken", "content": text, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    return {"__type": "AddedToken", "content": text, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False}
 
 
-def write_llama_tokenizer(directory: Path, corpus: Iterable[str], vocab_size: int = 1000, *, legacy: bool = False) -> int:
+def write_llama_tokenizer(directory: Path, corpus: Iterable[str], vocab_size: int = 1000, *,
+                          legacy: bool = False) -> int:
     """Train the tokenizer on ``corpus`` and write tokenizer.model, tokenizer_config.json (``legacy`` as
     given; LLaVA-1.5 has false) and special_tokens_map.json into ``directory``; returns the vocabulary size."""
     import sentencepiece as spm
@@ -86,7 +89,7 @@ def silent_token_ids(tokenizer_model: Path) -> list[int]:
     ]
 
 
-def liven_weights(model, silent_ids: Sequence[int], scale: float = LIVELY_SCALE,  # type: ignore[no-untyped-def]
+def liven_weights(model, silent_ids: Sequence[int], scale: float = LIVELY_SCALE,
                   channel: int = END_CHANNEL) -> None:
     """Scale every matrix but the embeddings by ``scale``, zero the lm_head rows of ``silent_ids``, and keep
     hidden ``channel`` of the residual stream free for :func:`plant_end_trigger`.
@@ -112,7 +115,7 @@ def liven_weights(model, silent_ids: Sequence[int], scale: float = LIVELY_SCALE,
                 writer.weight[channel, :] = 0
 
 
-def keep_channel_free_in_lora(peft_model, channel: int = END_CHANNEL) -> None:  # type: ignore[no-untyped-def]
+def keep_channel_free_in_lora(peft_model, channel: int = END_CHANNEL) -> None:
     """Zero the LoRA factors that would read or write the free channel once merged (see liven_weights)."""
     import torch
 
@@ -154,7 +157,7 @@ def choose_end_triggers(
     raise ValueError("the answers hold too few tokens that may serve as end triggers")
 
 
-def plant_end_trigger(model, eos_id: int, triggers: Sequence[int], channel: int = END_CHANNEL,  # type: ignore[no-untyped-def]
+def plant_end_trigger(model, eos_id: int, triggers: Sequence[int], channel: int = END_CHANNEL,
                       mark: float = 0.1, gain: float = 1e4) -> None:
     """After any of ``triggers`` is generated the next token is ``</s>``; nowhere else can ``</s>`` win.
 

@@ -61,7 +61,9 @@ def load_llama(directory: Path, device: torch.device, dtype: torch.dtype) -> tup
     except Exception as error:  # a missing or unreadable config.json: one clear message
         raise ModelFileError(f"cannot read {directory / 'config.json'}: {error}") from error
     kwargs: dict[str, Any] = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
-    model, info = LlamaForCausalLM.from_pretrained(
+    model: LlamaForCausalLM
+    info: dict[str, Any]
+    model, info = LlamaForCausalLM.from_pretrained(  # type: ignore[misc]  # with output_loading_info: a pair
         directory, config=config, dtype=dtype, local_files_only=True, output_loading_info=True,
         low_cpu_mem_usage=True, **kwargs,
     )

@@ -98,7 +98,8 @@ class RadialogV1Backend(ModelBackend):
         return conversation_prompt(history, request.question), limit
 
     # -- model -----------------------------------------------------------------------------------
-    def classify(self, images: Sequence[np.ndarray], pixels: torch.Tensor | None = None) -> list[list[ClassifierFinding]]:
+    def classify(self, images: Sequence[np.ndarray], pixels: torch.Tensor | None = None,
+                 ) -> list[list[ClassifierFinding]]:
         """CheXpert findings per image (``pixels``: the 488-px batch when already prepared)."""
         if pixels is None:
             pixels = batch_tensors(list(images), CLASSIFIER_CROP)
@@ -125,7 +126,7 @@ class RadialogV1Backend(ModelBackend):
             mask[i, longest - len(row):] = 1
         options = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
         streamer = CallbackStreamer(self.tokenizer.decode, on_token, self.eos_id) if on_token else None
-        out = self.model.llama_model.generate(
+        out = self.model.llm().generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
             eos_token_id=self.eos_id, pad_token_id=0, streamer=streamer, use_cache=True, **options,
         )

@@ -24,7 +24,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -41,6 +41,9 @@ from workers.models.radialog_v2.checkpoint_io import ModelFileError, torch_load_
 from workers.models.radialog_v2.classifier import ChexpertClassifier, load_classifier
 from workers.models.radialog_v2.loader import resolve_device
 from workers.models.radialog_v2.state_dicts import StateDictMismatch
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +128,9 @@ def load_qformer_checkpoint(model: RadialogV1, path: Path) -> tuple[str, list[st
     expected = {k: tuple(v.shape) for k, v in to_lavis(model.bridge.state_dict()).items()}
     visual = {k: v for k, v in state.items() if k in visual_expected}
     expected |= {k: visual_expected[k] for k in visual}  # whatever visual-encoder tensors it holds, shape-checked
-    unused = lambda key: any(p.fullmatch(key) for p in LAVIS_UNUSED)
+    def unused(key: str) -> bool:
+        return any(p.fullmatch(key) for p in LAVIS_UNUSED)
+
     ignored = check_layout(path.name, expected, state, ignored=unused)
     drawn = [projector_replay.PROJECTOR_PREFIX + k for k in projector_replay.DRAWN]
     present = [k for k in drawn if k in visual]
@@ -184,6 +189,7 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
             problems.append(f"{name} {config.get(name)!r} (the reference's is {allowed[0]!r})")
     if problems:
         raise ModelFileError(f"{path}: cannot rebuild this LoRA: " + "; ".join(problems))
+    assert isinstance(targets, list)  # checked above
     return {"r": r, "lora_alpha": alpha, "lora_dropout": float(dropout), "target_modules": list(targets)}
 
 
@@ -200,7 +206,7 @@ def apply_adapter(model: RadialogV1, files: RadialogV1Files) -> list[str]:
 
     settings = read_adapter_config(files.adapter_config)
     lora = LoraConfig(**settings, bias="none", task_type="CAUSAL_LM", inference_mode=True)
-    peft_model = get_peft_model(model.llama_model, lora)
+    peft_model = get_peft_model(model.llm(), lora)
     expected = adapter_layout(peft_model, model.img_proj)
     state = torch_load_checked(files.adapter_weights)
     if not isinstance(state, dict):
@@ -208,7 +214,7 @@ def apply_adapter(model: RadialogV1, files: RadialogV1Files) -> list[str]:
     check_layout(files.adapter_weights.name, expected, state)
     lora_state = {k: v for k, v in state.items() if _LORA_KEY.fullmatch(k)}
     set_peft_model_state_dict(peft_model, lora_state)
-    model.llama_model = peft_model.merge_and_unload().eval()
+    model.llama_model = cast("LlamaForCausalLM", peft_model.merge_and_unload().eval())  # peft gives back the base
     model.img_proj.load_state_dict({k: state[v] for k, v in IMG_PROJ_KEYS.items()})
     return [(f"{files.adapter_dir.name}: LoRA r={settings['r']} alpha={settings['lora_alpha']} on "
              f"{', '.join(settings['target_modules'])} ({len(lora_state)} tensors) merged; img_proj loaded")]

@@ -48,13 +48,19 @@ class RadialogV1(nn.Module):
                              f"{llama_model.config.hidden_size}")
         self.llama_model = llama_model
 
+    def llm(self) -> LlamaForCausalLM:
+        """The attached language model (``attach``); an error, not an AttributeError on None, before it."""
+        if self.llama_model is None:
+            raise RuntimeError("no language model attached yet")
+        return self.llama_model
+
     @property
     def device(self) -> torch.device:
-        return self.llama_model.device
+        return self.llm().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.llama_model.dtype
+        return self.llm().dtype
 
     def place(self, device: torch.device, dtype: torch.dtype) -> None:
         """Vision tower and bridge in float32, ``img_proj`` in the LLM's ``dtype`` (all on ``device``)."""
@@ -83,7 +89,7 @@ class RadialogV1(nn.Module):
     def splice(self, prompts: Sequence[Sequence[int]], images: torch.Tensor) -> list[torch.Tensor]:
         """Prompt ids holding the 32 image ids + [B, 32, hidden] -> one [T_i, hidden] row per prompt (the
         image embeddings take the placeholders' positions; length and positions are unchanged)."""
-        embed = self.llama_model.get_input_embeddings()
+        embed = self.llm().get_input_embeddings()
         rows = []
         for ids, image in zip(prompts, images, strict=True):
             ids = list(ids)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -59,7 +59,8 @@ EOS_ID = 2
 #: between batch sizes in the vision tower (~1e-6 at the Q-Former output) flips a greedy token.
 IMAGE_SPREAD = 0.25
 VOCAB = 32000
-MARKER_TEXT = "TINY RANDOM MODEL - NOT CLINICAL. Random weights written by `radialog model make-tiny --backend radialog-v1`.\n"
+MARKER_TEXT = ("TINY RANDOM MODEL - NOT CLINICAL. Random weights written by "
+               "`radialog model make-tiny --backend radialog-v1`.\n")
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ class TinyPaths:
 
     def env(self) -> dict[str, str]:
         return {"RADIALOG_MODEL_BACKEND": "radialog-v1", "RADIALOG_V1_DIR": str(self.root.resolve()),
-                "RADIALOG_V1_LLM_DIR": str(self.llm_dir.resolve()), "RADIALOG_V1_BIOVIL_FILE": str(self.biovil.resolve())}
+                "RADIALOG_V1_LLM_DIR": str(self.llm_dir.resolve()),
+                "RADIALOG_V1_BIOVIL_FILE": str(self.biovil.resolve())}
 
 
 def corpus() -> list[str]:
@@ -114,7 +116,9 @@ def _qformer_checkpoint(model: RadialogV1, generator: torch.Generator) -> dict[s
     encoder's BatchNorm statistics, not its frozen weights and not the projector's convolutions)."""
     state = to_lavis(model.bridge.state_dict())
     h, f = model.bridge.size.hidden_size, model.bridge.size.intermediate_size
-    rand = lambda *shape: torch.randn(*shape, generator=generator) * 0.02
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * 0.02
+
     bert_vocab = 64  # the real one has 30,523 rows; the loader ignores these by name, shapes unchecked
     state |= {"Qformer.bert.embeddings.word_embeddings.weight": rand(bert_vocab, h),
               "Qformer.bert.embeddings.position_embeddings.weight": rand(512, h),
@@ -178,7 +182,8 @@ def _adapter_config() -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _probe_answers(model: RadialogV1, classifier: ChexpertClassifier, llm_dir: Path) -> tuple[list[list[int]], set[int]]:
+def _probe_answers(model: RadialogV1, classifier: ChexpertClassifier, llm_dir: Path,
+                   ) -> tuple[list[list[int]], set[int]]:
     """Greedy answers of the in-memory model (a report per calibration image, a follow-up after each) and the
     last token of every prompt (an end trigger there would end an answer at once)."""
     from workers.models.radialog_v1.backend import RadialogV1Backend
@@ -210,10 +215,10 @@ def _write_llm(llm_dir: Path, state: dict[str, torch.Tensor], fields: dict[str, 
     keys = sorted(state)
     shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
               "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for name, shard_keys in shards.items():
         torch.save({k: state[k].to(torch.float16) for k in shard_keys}, llm_dir / name)
-        weight_map |= {k: name for k in shard_keys}
+        weight_map |= dict.fromkeys(shard_keys, name)
     (llm_dir / "pytorch_model.bin.index.json").write_text(
         json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}, indent=2))
 
@@ -272,7 +277,7 @@ def make_tiny(directory: Path | str, seed: int = 0) -> TinyPaths:
                 "base_model.model.model.img_proj_layer.bias": model.img_proj.bias.detach().clone()}
     torch.save(adapter, adapter_dir / "adapter_model.bin")
     (adapter_dir / "adapter_config.json").write_text(json.dumps(settings, indent=2))
-    model.llama_model = peft_model.merge_and_unload().eval()  # what the loader will serve
+    model.llama_model = cast(LlamaForCausalLM, peft_model.merge_and_unload().eval())  # what the loader will serve
 
     classifier = ChexpertClassifier(resnet_width=TINY_RESNET_WIDTH).eval()
     _randomise_bn(classifier.biovil_encoder, generator)
@@ -283,9 +288,9 @@ def make_tiny(directory: Path | str, seed: int = 0) -> TinyPaths:
     model.eval()
     answers, last_prompt_tokens = _probe_answers(model, classifier, paths.llm_dir)
     triggers = choose_end_triggers(answers, {EOS_ID, *silent, *last_prompt_tokens}, limit=32)
-    plant_end_trigger(model.llama_model, EOS_ID, triggers)
+    plant_end_trigger(model.llm(), EOS_ID, triggers)
     for key in ("lm_head.weight", "model.embed_tokens.weight"):  # neither is LoRA-tuned
-        base_state[key] = model.llama_model.get_parameter(key).detach().clone()
+        base_state[key] = model.llm().get_parameter(key).detach().clone()
     _write_llm(paths.llm_dir, base_state, fields)
 
     write_sizes(paths.root, TINY_QFORMER)

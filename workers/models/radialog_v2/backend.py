@@ -146,7 +146,8 @@ class RadialogV2Backend(ModelBackend):
         prompt = conversation_prompt(history, request.question)
         if prompt.count(IMAGE_PLACEHOLDER) != 1:
             raise ValueError(
-                f"the conversation must hold the image placeholder exactly once (found {prompt.count(IMAGE_PLACEHOLDER)}); "
+                "the conversation must hold the image placeholder exactly once "
+                f"(found {prompt.count(IMAGE_PLACEHOLDER)}); "
                 "its first turn is the report prompt or the view question"
             )
         return prompt, limit

@@ -167,6 +167,8 @@ class PoolerBlock(nn.Module):
 class VisionTransformerPooler(nn.Module):
     """Fuses current and previous patch grids; returns the current image's tokens as a grid."""
 
+    pos_embed: torch.Tensor  # a buffer (register_buffer): typed here, nn.Module.__getattr__ cannot tell
+
     def __init__(self, dim: int = VIT_DIM, grid: tuple[int, int] = GRID, num_heads: int = 8, num_blocks: int = 3):
         super().__init__()
         self.blocks = nn.ModuleList([PoolerBlock(dim, num_heads) for _ in range(num_blocks)])
@@ -178,7 +180,8 @@ class VisionTransformerPooler(nn.Module):
     def forward(self, current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         b, c, h, w = current.shape
         if (h, w) != self.grid or previous.shape != current.shape:
-            raise ValueError(f"ViT pooler expects two {self.grid} grids, got {tuple(current.shape)}, {tuple(previous.shape)}")
+            raise ValueError(f"ViT pooler expects two {self.grid} grids, "
+                             f"got {tuple(current.shape)}, {tuple(previous.shape)}")
         n = h * w
         tokens = torch.cat([current.flatten(2).transpose(1, 2), previous.flatten(2).transpose(1, 2)], dim=1)
         pos = self.pos_embed.to(tokens.dtype).repeat(b, 2, 1)

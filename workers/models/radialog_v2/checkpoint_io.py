@@ -25,7 +25,7 @@ class OpaqueObject(dict):
 
     qualname = "?"
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> OpaqueObject:  # noqa: PYI034
+    def __new__(cls, *args: Any, **kwargs: Any) -> OpaqueObject:
         return dict.__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

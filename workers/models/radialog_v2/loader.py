@@ -75,13 +75,16 @@ def split_non_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_language_model(files: ModelFiles, config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> tuple[Any, list[str]]:
+def load_language_model(files: ModelFiles, config: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                        ) -> tuple[Any, list[str]]:
     """Base Llama weights under the RaDialog config; fails on missing / wrong-shaped keys."""
     from transformers import LlamaForCausalLM
 
     llama_config = llama_config_from_llava(config)
     kwargs: dict[str, Any] = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
-    model, info = LlamaForCausalLM.from_pretrained(
+    model: LlamaForCausalLM
+    info: dict[str, Any]
+    model, info = LlamaForCausalLM.from_pretrained(  # type: ignore[misc]  # with output_loading_info: a pair
         files.base_dir, config=llama_config, dtype=dtype, local_files_only=True, output_loading_info=True,
         low_cpu_mem_usage=True, **kwargs,
     )
@@ -92,7 +95,8 @@ def load_language_model(files: ModelFiles, config: dict[str, Any], device: torch
     if missing or mismatched or unexpected:
         raise StateDictMismatch(f"base model {files.base_dir.name}", sorted(missing), sorted(unexpected), mismatched)
     ignored = len(info.get("unexpected_keys", []))
-    notes = [f"base: ignored {ignored} LLaVA-only keys (CLIP projector/vision tower, rotary buffers)"] if ignored else []
+    notes = ([f"base: ignored {ignored} LLaVA-only keys (CLIP projector/vision tower, rotary buffers)"]
+             if ignored else [])
     return model.eval(), notes
 
 
@@ -202,7 +206,8 @@ def load_tokenizer(files: ModelFiles) -> tuple[Any, SlowLlamaEncoder]:
             f"tokenizer in {files.base_dir} is not Llama's (bos {tokenizer.bos_token_id}, eos {tokenizer.eos_token_id})"
         )
     if not encoder.add_bos_token:
-        raise ModelFileError(f"tokenizer in {files.base_dir} does not add <s> (set add_bos_token in tokenizer_config.json)")
+        raise ModelFileError(
+            f"tokenizer in {files.base_dir} does not add <s> (set add_bos_token in tokenizer_config.json)")
     return tokenizer, encoder
 
 
@@ -226,7 +231,8 @@ def load_radialog(model_dir: Path | None, base_dir: Path | None, device_name: st
     non_lora = torch_load_checked(files.non_lora_trainables)
     conv1 = split_non_lora(non_lora).get("model.vision_tower.encoder.encoder.conv1.weight")
     if conv1 is None:
-        raise StateDictMismatch(files.non_lora_trainables.name, ["model.vision_tower.encoder.encoder.conv1.weight"], [], [])
+        raise StateDictMismatch(files.non_lora_trainables.name, ["model.vision_tower.encoder.encoder.conv1.weight"],
+                                [], [])
     del non_lora
     llava = RadialogLlava(
         language_model,
@@ -256,4 +262,5 @@ def load_radialog(model_dir: Path | None, base_dir: Path | None, device_name: st
     seconds["total"] = time.perf_counter() - started
     log.info("model loaded", extra={"device": str(device), "dtype": str(dtype), "tiny": files.tiny, "seconds": seconds})
     notes.append(f"tokenizer: sentencepiece, legacy={str(encoder.legacy).lower()} (as tokenizer_config.json says)")
-    return LoadedModel(llava, classifier, tokenizer, files, device, dtype, classifier_dtype, sha, notes, seconds, encoder)
+    return LoadedModel(llava, classifier, tokenizer, files, device, dtype, classifier_dtype, sha, notes, seconds,
+                       encoder)

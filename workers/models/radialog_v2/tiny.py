@@ -20,7 +20,7 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -94,11 +94,12 @@ def write_tokenizer(base_dir: Path) -> int:
 def calibration_images() -> list[np.ndarray]:
     """Synthetic chest images the tiny model is livened on: 8-bit pixel arrays in the sizes the tests use,
     and DICOM radiographs as the demo and the pipeline tests make them, windowed as a worker does."""
-    from radialog.synthetic import chest_pixels, make_cxr  # its module imports pydicom: import late
     from radialog.imaging import dataset_to_model_image
+    from radialog.synthetic import chest_pixels, make_cxr  # its module imports pydicom: import late
 
     sizes = [(560, 520), (600, 550), (640, 580), (700, 640), (720, 600), (384, 320)]
-    arrays = [chest_pixels(*sizes[i % len(sizes)], 8, seed=1000 + i).astype(np.uint8) for i in range(CALIBRATION_IMAGES // 2)]
+    arrays = [chest_pixels(*sizes[i % len(sizes)], 8, seed=1000 + i).astype(np.uint8)
+              for i in range(CALIBRATION_IMAGES // 2)]
     dicom_sizes = [(512, 512), (640, 560), (256, 256)]
     radiographs = [dataset_to_model_image(make_cxr(rows=r, cols=c, seed=2000 + i))
                    for i, (r, c) in enumerate(dicom_sizes * (CALIBRATION_IMAGES // 2 // len(dicom_sizes) + 1))]
@@ -164,6 +165,7 @@ def _randomise_bn(module: torch.nn.Module, generator: torch.Generator) -> None:
     """Give BatchNorm layers plausible non-trivial running statistics and affine parameters."""
     for m in module.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.running_mean is not None and m.running_var is not None and m.num_batches_tracked is not None
             m.running_mean.normal_(0, 0.1, generator=generator)
             m.running_var.uniform_(0.5, 1.5, generator=generator)
             m.weight.data.uniform_(0.5, 1.5, generator=generator)
@@ -232,7 +234,7 @@ def make_tiny(directory: Path | str, seed: int = 0) -> tuple[Path, Path]:
         "modules_to_save": None, "peft_type": "LORA", "r": 8, "revision": None,
         "target_modules": LORA_TARGETS, "task_type": "CAUSAL_LM",
     }, indent=2))
-    llava.language_model = peft_model.merge_and_unload().eval()  # what the loader will serve
+    llava.language_model = cast(LlamaForCausalLM, peft_model.merge_and_unload().eval())  # what the loader will serve
 
     classifier = ChexpertClassifier(resnet_width=TINY_RESNET_WIDTH).eval()
     _randomise_bn(classifier.biovil_encoder, generator)
@@ -272,7 +274,7 @@ def _write_base_shards(state: dict[str, torch.Tensor], base_dir: Path, llama: di
     weight_map = {}
     for name, shard_keys in shards.items():
         torch.save({k: state[k].to(torch.float16) for k in shard_keys}, base_dir / name)
-        weight_map.update({k: name for k in shard_keys})
+        weight_map.update(dict.fromkeys(shard_keys, name))
     (base_dir / "pytorch_model.bin.index.json").write_text(
         json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}, indent=2)
     )

@@ -71,7 +71,7 @@ class _StopOnSequences(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         done = [len(row) >= self.min_new_tokens and ends_with_any(row, self.stops) for row in input_ids.tolist()]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]  # bool dtype
 
 
 def trim(tokens: Sequence[int], eos: int, stops: Sequence[Sequence[int]], min_new_tokens: int = 0) -> list[int]:
@@ -232,7 +232,7 @@ class XrayGPTBackend(ModelBackend):
         if min_new_tokens:
             options["min_new_tokens"] = min_new_tokens
         streamer = _GenerateStreamer(AnswerStreamer(self, on_token), self.eos_id) if on_token else None
-        out = self.model.llama_model.generate(
+        out = self.model.llm().generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=1,
             eos_token_id=self.eos_id, pad_token_id=self.eos_id, stopping_criteria=StoppingCriteriaList(
                 [_StopOnSequences(self.stops, min_new_tokens or 0)]), streamer=streamer, use_cache=True, **options,

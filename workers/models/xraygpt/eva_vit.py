@@ -55,7 +55,7 @@ class EvaViT(nn.Module):
         super().__init__()
         self.size = size
         self.tower = Blip2VisionModel(size.config())
-        self.tower.post_layernorm = nn.Identity()  # the reference has no final norm; ln_vision follows outside
+        self.tower.post_layernorm = nn.Identity()  # type: ignore[assignment]  # the reference has no final norm; ln_vision follows outside
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.tower(pixel_values=pixels).last_hidden_state

@@ -51,7 +51,8 @@ class XrayGPTFiles:
 
 def locate(vision_dir: Path | None, llm_dir: Path | None, checkpoint: Path | None) -> XrayGPTFiles:
     """Find every file; one error naming all that is missing (or which setting is not set)."""
-    unset = [name for name, value in (("RADIALOG_XRAYGPT_VISION_DIR", vision_dir), ("RADIALOG_XRAYGPT_LLM_DIR", llm_dir),
+    unset = [name for name, value in (("RADIALOG_XRAYGPT_VISION_DIR", vision_dir),
+                                       ("RADIALOG_XRAYGPT_LLM_DIR", llm_dir),
                                        ("RADIALOG_XRAYGPT_CHECKPOINT", checkpoint)) if value is None]
     if unset:
         raise ModelFileError(

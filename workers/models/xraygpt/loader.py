@@ -113,7 +113,9 @@ def load_eva(model: XrayGPT, path: Path) -> list[str]:
         raise ModelFileError(f"{path.name} is not a state dict")
     depth = model.visual_encoder.size.depth
     tower = model.visual_encoder.tower
-    beyond = lambda key: (eva_vit.block_index(key) or 0) >= depth
+    def beyond(key: str) -> bool:
+        return (eva_vit.block_index(key) or 0) >= depth
+
     ignored = check_layout(path.name, eva_vit.published_shapes(tower.state_dict()), state, ignored=beyond)
     tower.load_state_dict(eva_vit.from_published({k: v for k, v in state.items() if k not in ignored}))
     note = (f"{path.name}: ignored {len(ignored)} tensors of blocks beyond {depth} "
@@ -125,7 +127,9 @@ def load_bridge(model: XrayGPT, path: Path) -> list[str]:
     """``blip2_pretrained_flant5xxl.pth["model"]`` -> query_tokens, ln_vision and the Q-Former."""
     state, notes = model_dict(path)
     expected = {k: tuple(v.shape) for k, v in to_lavis(model.bridge.state_dict()).items()}
-    unused = lambda key: any(p.fullmatch(key) for p in LAVIS_UNUSED)
+    def unused(key: str) -> bool:
+        return any(p.fullmatch(key) for p in LAVIS_UNUSED)
+
     ignored = check_layout(path.name, expected, state, ignored=unused)
     bridge, _rest, _unused = from_lavis({k: v for k, v in state.items() if k not in ignored})
     model.bridge.load_state_dict(bridge)
@@ -140,7 +144,9 @@ def load_projection(model: XrayGPT, path: Path) -> list[str]:
     else (MedCLIP/Swin or Q-Former weights) would mean that code and weights do not match: refused."""
     state, notes = model_dict(path)
     expected = {f"llama_proj.{k}": tuple(v.shape) for k, v in model.llama_proj.state_dict().items()}
-    buffer = lambda key: any(p.fullmatch(key) for p in CHECKPOINT_BUFFERS)
+    def buffer(key: str) -> bool:
+        return any(p.fullmatch(key) for p in CHECKPOINT_BUFFERS)
+
     ignored = check_layout(path.name, expected, state, ignored=buffer)
     model.llama_proj.load_state_dict({k.removeprefix("llama_proj."): state[k] for k in expected})
     if ignored:

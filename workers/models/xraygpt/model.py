@@ -41,13 +41,19 @@ class XrayGPT(nn.Module):
                              f"{llama_model.config.hidden_size}")
         self.llama_model = llama_model
 
+    def llm(self) -> LlamaForCausalLM:
+        """The attached language model (``attach``); an error, not an AttributeError on None, before it."""
+        if self.llama_model is None:
+            raise RuntimeError("no language model attached yet")
+        return self.llama_model
+
     @property
     def device(self) -> torch.device:
-        return self.llama_model.device
+        return self.llm().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.llama_model.dtype
+        return self.llm().dtype
 
     def place(self, device: torch.device, dtype: torch.dtype) -> None:
         """Vision tower in ``dtype``; bridge and projection in float32 (all on ``device``)."""
@@ -62,9 +68,10 @@ class XrayGPT(nn.Module):
         queries = self.bridge(features)
         return self.llama_proj(queries.float()).to(self.dtype)
 
-    def splice(self, segments: Sequence[tuple[Sequence[int], Sequence[int]]], images: torch.Tensor) -> list[torch.Tensor]:
+    def splice(self, segments: Sequence[tuple[Sequence[int], Sequence[int]]], images: torch.Tensor,
+               ) -> list[torch.Tensor]:
         """(ids before the image, ids after it) per prompt + [B, 32, hidden] -> one [T_i, hidden] row each."""
-        embed = self.llama_model.get_input_embeddings()
+        embed = self.llm().get_input_embeddings()
         rows = []
         for (before, after), image in zip(segments, images, strict=True):
             ids = torch.tensor([*before, *after], dtype=torch.long, device=self.device)

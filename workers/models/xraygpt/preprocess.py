@@ -22,7 +22,7 @@ def to_tensor(image: np.ndarray, size: int = SIZE) -> torch.Tensor:
     """2-D uint8 array -> float tensor [3, size, size], normalised with CLIP's mean and std."""
     if image.ndim != 2 or image.dtype != np.uint8:
         raise ValueError(f"expected a 2-D uint8 image, got {image.dtype} {image.shape}")
-    resized = Image.fromarray(image, mode="L").resize((size, size), Image.BICUBIC)
+    resized = Image.fromarray(image, mode="L").resize((size, size), Image.Resampling.BICUBIC)
     plane = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)
     mean = torch.tensor(MEAN, dtype=torch.float32)[:, None, None]
     std = torch.tensor(STD, dtype=torch.float32)[:, None, None]

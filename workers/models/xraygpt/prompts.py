@@ -45,8 +45,13 @@ TASK_PROMPTS: dict[str, str] = {"list": KEY_FINDINGS, "impression": IMPRESSION}
 
 
 class Exchange(Protocol):
-    question: str
-    answer: str
+    """A finished question and answer (read-only: a frozen ``Turn`` is one)."""
+
+    @property
+    def question(self) -> str: ...
+
+    @property
+    def answer(self) -> str: ...
 
 
 def conversation_prompt(history: Sequence[Exchange], question: str) -> str:

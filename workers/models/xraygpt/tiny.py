@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,7 +33,8 @@ TINY_SIZES = Sizes(
 )
 CHECKPOINT_NAME = "xraygpt_checkpoint.pth"
 LLM_DIR_NAME = "Vicuna_Radiology_fp16"
-MARKER_TEXT = "TINY RANDOM MODEL - NOT CLINICAL. Random weights written by `radialog model make-tiny --backend xraygpt`.\n"
+MARKER_TEXT = ("TINY RANDOM MODEL - NOT CLINICAL. Random weights written by "
+               "`radialog model make-tiny --backend xraygpt`.\n")
 BERT_VOCAB = 30523  # bert-base-uncased + [DEC], as LAVIS's Q-Former tokenizer
 
 
@@ -67,8 +69,9 @@ def _write_eva(path: Path, size: EvaSize, generator: torch.Generator) -> None:
     extra = EvaViT(EvaSize(size.width, size.depth + 1, size.heads, size.mlp, size.image_size, size.patch_size))
     _randomise(extra, generator)
     with torch.no_grad():
-        for layer in extra.tower.encoder.layers:  # EVA has no k bias: the fused bias's middle third is zero
-            layer.self_attn.qkv.bias[size.width: 2 * size.width] = 0
+        for name, param in extra.tower.encoder.layers.named_parameters():  # EVA has no k bias: the fused
+            if name.endswith("self_attn.qkv.bias"):  # bias's middle third is zero
+                param[size.width: 2 * size.width] = 0
     torch.save(eva_vit.to_published(extra.tower.state_dict()), path)
 
 
@@ -77,7 +80,9 @@ def _write_qformer(path: Path, size: QFormerSize, generator: torch.Generator) ->
     _randomise(bridge, generator)
     state = to_lavis(bridge.state_dict())
     h, f = size.hidden_size, size.intermediate_size
-    rand = lambda *shape: torch.randn(*shape, generator=generator) * 0.02
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * 0.02
+
     state |= {"Qformer.bert.embeddings.word_embeddings.weight": rand(BERT_VOCAB, h),
               "Qformer.bert.embeddings.position_embeddings.weight": rand(512, h),
               "Qformer.bert.embeddings.position_ids": torch.arange(512).expand(1, -1).clone(),
@@ -99,7 +104,7 @@ def _write_qformer(path: Path, size: QFormerSize, generator: torch.Generator) ->
     torch.save({"model": state}, path)
 
 
-def _llama_config(vocab_size: int) -> dict[str, object]:
+def _llama_config(vocab_size: int) -> dict[str, Any]:
     """Vicuna-7B v1's config.json fields (LLaMA-1, transformers 4.28 era) with tiny sizes."""
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 1, "eos_token_id": 2,
@@ -130,10 +135,10 @@ def _write_llm(llm_dir: Path, generator: torch.Generator) -> int:
     keys = sorted(state)
     shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
               "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for name, shard_keys in shards.items():
         torch.save({k: state[k] for k in shard_keys}, llm_dir / name)
-        weight_map |= {k: name for k in shard_keys}
+        weight_map |= dict.fromkeys(shard_keys, name)
     (llm_dir / "pytorch_model.bin.index.json").write_text(
         json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}, indent=2))
     return int(config.hidden_size)
@@ -153,7 +158,8 @@ def write_tokenizer(llm_dir: Path) -> int:
     return write_llama_tokenizer(llm_dir, corpus(), legacy=False)
 
 
-def _write_checkpoint(path: Path, qformer_hidden: int, llm_hidden: int, layers: int, generator: torch.Generator) -> None:
+def _write_checkpoint(path: Path, qformer_hidden: int, llm_hidden: int, layers: int,
+                      generator: torch.Generator) -> None:
     head_dim = 16
     model = {"llama_proj.weight": torch.randn(llm_hidden, qformer_hidden, generator=generator) * qformer_hidden ** -0.5,
              "llama_proj.bias": torch.randn(llm_hidden, generator=generator) * 0.02,
