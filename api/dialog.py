@@ -133,8 +133,7 @@ def check_context(seed: Report, question: str, task: str, capabilities: Capabili
 def check_no_pending_turn(conversation: Conversation) -> None:
     cutoff = utcnow() - PENDING_TURN_GRACE
     for turn in conversation.turns:
-        created = turn.created_at if turn.created_at.tzinfo else turn.created_at.replace(tzinfo=cutoff.tzinfo)
-        if turn.state in ("QUEUED", "RUNNING") and created > cutoff:
+        if turn.state in ("QUEUED", "RUNNING") and turn.created_at > cutoff:
             raise Problem(409, "turn-in-progress", f"turn {turn.id} is not answered yet; wait for it")
 
 

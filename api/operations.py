@@ -25,14 +25,8 @@ log = get_logger(__name__)
 REASON_CHARS = 160
 
 
-def _utc(value: datetime) -> datetime:
-    from datetime import UTC
-
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def _hour(value: datetime) -> datetime:
-    return _utc(value).replace(minute=0, second=0, microsecond=0)
+    return value.replace(minute=0, second=0, microsecond=0)
 
 
 def percentiles(values: list[float]) -> dict[str, Any]:
@@ -74,10 +68,10 @@ def latency(session: Session, start: datetime, end: datetime) -> dict[str, Any]:
                Study.last_instance_at.is_not(None))
     )
     for last_image, written, accepted in rows:
-        seconds = (_utc(written) - _utc(last_image)).total_seconds()
+        seconds = (written - last_image).total_seconds()
         if seconds >= 0:  # an image that came after the draft re-opened nothing: not a latency
             to_sr.append(seconds)
-        if accepted is not None and (pacs := (_utc(accepted) - _utc(last_image)).total_seconds()) >= 0:
+        if accepted is not None and (pacs := (accepted - last_image).total_seconds()) >= 0:
             to_pacs.append(pacs)
     return {"image_to_sr": percentiles(to_sr), "image_to_pacs": percentiles(to_pacs)}
 

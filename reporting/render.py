@@ -8,7 +8,7 @@ Texts go out under ``reporting.text``'s rule (rows stored before it may hold mod
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from radialog.registry import Report
@@ -33,10 +33,8 @@ def status(report: Report) -> str:
 
 
 def _iso(value: datetime | None) -> str | None:
-    """ISO 8601 in UTC; SQLite hands timestamps back without their (UTC) zone."""
-    if value is None:
-        return None
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+    """ISO 8601 with its (UTC) offset: registry timestamps are aware (``UTCDateTime``)."""
+    return None if value is None else value.isoformat()
 
 
 def _provenance_line(report: Report) -> str:

@@ -85,3 +85,31 @@ def test_duplicate_sop_instance_uid_is_refused_by_the_database(registry: Registr
     with pytest.raises(IntegrityError):
         with registry.session() as s:
             s.add(Instance(**row))
+
+
+def test_timestamps_come_back_aware_utc_whatever_was_written(registry: Registry) -> None:
+    """UTCDateTime: SQLite keeps no offset (it handed datetimes back naive, and stored an aware non-UTC value
+    as its wall-clock time); every value now comes back as the same instant, aware, in UTC, on both databases,
+    read by the ORM, as a column of a query or through an aggregate, and compared in a WHERE clause."""
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from sqlalchemy import func
+
+    paris = datetime(2026, 3, 1, 14, 30, tzinfo=timezone(timedelta(hours=2)))  # 12:30 UTC
+    naive = datetime(2026, 3, 1, 12, 0)  # the registry's convention: a naive value is UTC
+    with registry.session() as s:
+        sid = _study(s).id
+        s.get(Study, sid).last_instance_at = paris
+        s.add(StudyEvent(study_id=sid, from_state=None, to_state="RECEIVING", at=naive))
+    with registry.session() as s:
+        study = s.get(Study, sid)
+        assert study.last_instance_at == paris and study.last_instance_at.tzinfo is UTC
+        assert study.last_instance_at.isoformat() == "2026-03-01T12:30:00+00:00"
+        assert study.created_at.tzinfo is UTC and study.events[0].at == naive.replace(tzinfo=UTC)
+        assert study.events[0].at.tzinfo is UTC
+        assert s.scalar(select(Study.last_instance_at).where(Study.id == sid)).tzinfo is UTC
+        assert s.scalar(select(func.min(StudyEvent.at))).tzinfo is UTC
+        # the bound is converted too: 12:15 UTC written as 14:15+02:00 is before 12:30 UTC
+        later = datetime(2026, 3, 1, 14, 15, tzinfo=timezone(timedelta(hours=2)))
+        assert s.scalar(select(Study.id).where(Study.last_instance_at > later)) == sid
+

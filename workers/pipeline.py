@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -166,10 +166,9 @@ def fail_job(registry: Registry, claim: Claim, reason: str, kind: str, settings:
 
 
 def _seconds_between(start: datetime | None, end: datetime | None) -> float | None:
-    """Seconds from ``start`` to ``end``; SQLite hands back naive datetimes, which are UTC here."""
+    """Seconds from ``start`` to ``end`` (registry timestamps: aware UTC, ``UTCDateTime``)."""
     if start is None or end is None:
         return None
-    start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
     return (end - start).total_seconds()
 
 

@@ -21,8 +21,9 @@ from radialog.registry.models import (
     StudyEvent,
 )
 from radialog.registry.states import ExportState, JobState, StudyState, transition
+from radialog.registry.types import UTCDateTime
 
 __all__ = [
     "ApiKey", "ApprovalReview", "AuditEntry", "Base", "Conversation", "DialogTurn", "Export", "ExportState", "FindingVerdict", "Instance",
-    "Job", "JobState", "Registry", "Report", "Study", "StudyEvent", "StudyState", "transition", "utcnow",
+    "Job", "JobState", "Registry", "Report", "Study", "StudyEvent", "StudyState", "UTCDateTime", "transition", "utcnow",
 ]
