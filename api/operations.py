@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from api.services import Services
 from radialog.logging import get_logger
-from radialog.registry import Export, ExportState, Report, Study, StudyState, utcnow
+from radialog.registry import Export, ExportState, Report, ReportKind, Study, StudyState, utcnow
 
 log = get_logger(__name__)
 
@@ -64,7 +64,7 @@ def latency(session: Session, start: datetime, end: datetime) -> dict[str, Any]:
         select(Study.last_instance_at, Report.created_at, sent.c.sent_at)
         .join(Report, Report.study_id == Study.id)
         .outerjoin(sent, sent.c.report_id == Report.id)
-        .where(Report.kind == "ai_draft", Report.created_at >= start, Report.created_at < end,
+        .where(Report.kind == ReportKind.AI_DRAFT.value, Report.created_at >= start, Report.created_at < end,
                Study.last_instance_at.is_not(None))
     )
     for last_image, written, accepted in rows:

@@ -20,10 +20,11 @@ from radialog.registry.models import (
     Study,
     StudyEvent,
 )
-from radialog.registry.states import ExportState, JobState, StudyState, transition
+from radialog.registry.states import ExportState, JobState, ReportKind, StudyState, transition
 from radialog.registry.types import UTCDateTime
 
 __all__ = [
-    "ApiKey", "ApprovalReview", "AuditEntry", "Base", "Conversation", "DialogTurn", "Export", "ExportState", "FindingVerdict", "Instance",
-    "Job", "JobState", "Registry", "Report", "Study", "StudyEvent", "StudyState", "UTCDateTime", "transition", "utcnow",
+    "ApiKey", "ApprovalReview", "AuditEntry", "Base", "Conversation", "DialogTurn", "Export", "ExportState",
+    "FindingVerdict", "Instance", "Job", "JobState", "Registry", "Report", "ReportKind", "Study", "StudyEvent",
+    "StudyState", "UTCDateTime", "transition", "utcnow",
 ]

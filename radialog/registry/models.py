@@ -139,7 +139,8 @@ class Job(Base):
 class Report(Base):
     """One version of a study's report: the AI draft (version 1) and every later version.
 
-    ``kind`` is ``ai_draft``, ``ai_correction``, ``edit`` (typed by a radiologist) or ``approval``.
+    ``kind`` (``states.ReportKind``) is ``ai_draft``, ``ai_correction``, ``edit`` (typed by a radiologist) or
+    ``approval``.
     ``verified`` is true only for a version a radiologist approved.
     """
 
@@ -149,7 +150,7 @@ class Report(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     version: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(16))  # states.ReportKind
     predecessor_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id"))
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     series_instance_uid: Mapped[str] = mapped_column(UID)

@@ -38,6 +38,16 @@ class ExportState(str, enum.Enum):
     DEAD = "DEAD"
 
 
+class ReportKind(str, enum.Enum):
+    """How a report version came to be: the model's draft (version 1), a model answer made a version, a
+    radiologist's typed text, or an approval (the only kind that is verified)."""
+
+    AI_DRAFT = "ai_draft"
+    AI_CORRECTION = "ai_correction"
+    EDIT = "edit"
+    APPROVAL = "approval"
+
+
 S = StudyState
 
 #: Allowed moves. A late instance re-opens a study that has not been queued yet (or was skipped);
