@@ -225,8 +225,10 @@ class DialogTurn(Base):
     task: Mapped[str] = mapped_column(String(32))  # free, correction, yes_no, list, impression, ...
     question: Mapped[str] = mapped_column(Text)  # the exact text sent to the model
     answer: Mapped[str | None] = mapped_column(Text)
-    state: Mapped[str] = mapped_column(String(16))  # QUEUED, RUNNING, DONE, FAILED
-    error: Mapped[str | None] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))  # states.TurnState
+    error: Mapped[str | None] = mapped_column(Text)  # the reason shown to the user
+    # Why it failed (states.ErrorKind), set from the exception's type: what the API's status depends on.
+    error_kind: Mapped[str | None] = mapped_column(String(32))
     celery_task_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime]
     answered_at: Mapped[datetime | None]
