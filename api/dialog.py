@@ -193,10 +193,9 @@ class PendingTurn:
         while True:
             with self.registry.session() as session:
                 turn = session.get(DialogTurn, self.turn_id)
-                if turn is None:
-                    state, answer, error, kind = TurnState.FAILED.value, None, "turn gone", ErrorKind.MODEL_ERROR.value
-                else:
-                    state, answer, error, kind = turn.state, turn.answer, turn.error, turn.error_kind
+                state: str = turn.state if turn else TurnState.FAILED.value
+                answer, error = (turn.answer, turn.error) if turn else (None, "turn gone")
+                kind = turn.error_kind if turn else ErrorKind.MODEL_ERROR.value
             if state == TurnState.DONE.value:
                 yield {"type": "done", "answer": answer or ""}
                 return
