@@ -31,7 +31,7 @@ from api.services import Services
 from radialog.logging import get_logger
 from radialog.messaging import dialog_channel
 from radialog.presence import BrokerUnavailable
-from radialog.registry import Conversation, DialogTurn, Registry, Report, Study, utcnow
+from radialog.registry import Conversation, DialogTurn, ErrorKind, Registry, Report, Study, TurnState, utcnow
 from workers.models import prompts
 from workers.models.capabilities import RADIALOG_V2, Capabilities
 
@@ -59,7 +59,7 @@ def conversation_tokens(conversation: Conversation, seed: Report | None,
     if seed is not None:
         total += estimate_tokens(capabilities.seed_question(seed.findings)) + estimate_tokens(seed.findings_text)
     for turn in conversation.turns:
-        if turn.state == "DONE":
+        if turn.state == TurnState.DONE.value:
             total += estimate_tokens(turn.question) + estimate_tokens(turn.answer or "") + 8
     return total
 
@@ -125,8 +125,7 @@ def check_context(seed: Report, question: str, task: str, capabilities: Capabili
 def check_no_pending_turn(conversation: Conversation) -> None:
     cutoff = utcnow() - PENDING_TURN_GRACE
     for turn in conversation.turns:
-        created = turn.created_at if turn.created_at.tzinfo else turn.created_at.replace(tzinfo=cutoff.tzinfo)
-        if turn.state in ("QUEUED", "RUNNING") and created > cutoff:
+        if turn.state in (TurnState.QUEUED.value, TurnState.RUNNING.value) and turn.created_at > cutoff:
             raise Problem(409, "turn-in-progress", f"turn {turn.id} is not answered yet; wait for it")
 
 
@@ -186,12 +185,14 @@ class PendingTurn:
         while True:
             with self.registry.session() as session:
                 turn = session.get(DialogTurn, self.turn_id)
-                state, answer, error = (turn.state, turn.answer, turn.error) if turn else ("FAILED", None, "turn gone")
-            if state == "DONE":
+                state: str = turn.state if turn else TurnState.FAILED.value
+                answer, error = (turn.answer, turn.error) if turn else (None, "turn gone")
+                kind = turn.error_kind if turn else ErrorKind.MODEL_ERROR.value
+            if state == TurnState.DONE.value:
                 yield {"type": "done", "answer": answer or ""}
                 return
-            if state == "FAILED":
-                yield {"type": "error", "error": error or "error"}
+            if state == TurnState.FAILED.value:
+                yield {"type": "error", "error": error or "error", "kind": kind}
                 return
             now = time.monotonic()
             if now >= deadline:
@@ -215,7 +216,7 @@ def send_turn(session: Session, services: Services, conversation_id: int, task: 
     """Create the turn (one commit, with whatever the caller added, e.g. its audit entry), subscribe
     to its channel (Redis only), then send the "radialog.dialog_turn" task under the id stored in the row."""
     task_id = str(uuid.uuid4())
-    turn = DialogTurn(conversation_id=conversation_id, task=task, question=question, state="QUEUED",
+    turn = DialogTurn(conversation_id=conversation_id, task=task, question=question, state=TurnState.QUEUED.value,
                       celery_task_id=task_id, created_at=utcnow())
     session.add(turn)
     session.commit()
@@ -228,7 +229,8 @@ def send_turn(session: Session, services: Services, conversation_id: int, task: 
     except Exception as exc:
         if pubsub is not None:
             pubsub.close()
-        turn.state, turn.error = "FAILED", "the task could not be sent to the broker"
+        turn.state, turn.error = TurnState.FAILED.value, "the task could not be sent to the broker"
+        turn.error_kind = ErrorKind.BROKER_UNAVAILABLE.value
         session.commit()
         log.exception("dialog task not sent", extra={"turn": turn.id})
         raise Problem(503, "broker-unavailable", "the dialog task could not be sent",
@@ -238,8 +240,22 @@ def send_turn(session: Session, services: Services, conversation_id: int, task: 
                        registry=registry)
 
 
-def is_context_error(error: str) -> bool:
-    """The worker's ContextTooLong message ("... needs N tokens ... but the limit is L ...")."""
+def error_status(kind: str | None, error: str) -> int:
+    """The HTTP status of a failed turn, from its ``ErrorKind`` (stored with the turn, sent with its error
+    message): 422 when the conversation does not fit the model's context, 502 for every other failure.
+
+    ``kind`` is None only for a turn failed by a worker older than the ``error_kind`` column (revision 0005:
+    a rolling upgrade, or a message from such a worker); for those alone the old rule on the message's words
+    decides, so that they are answered as before (``_legacy_context_error``).
+    """
+    if kind is None:
+        return 422 if _legacy_context_error(error) else 502
+    return 422 if kind == ErrorKind.CONTEXT_TOO_LONG.value else 502
+
+
+def _legacy_context_error(error: str) -> bool:
+    """LEGACY, for turns without an error kind only (see ``error_status``): the ContextTooLong message of
+    workers before revision 0005 ("... needs N tokens ... but the limit is L ...")."""
     return "ContextTooLong" in error or ("tokens" in error and "limit is" in error)
 
 
@@ -268,6 +284,6 @@ def stream_events(pending: PendingTurn, timeout: float) -> Iterator[str]:
         elif kind == "error":
             error = str(message.get("error", "error"))
             yield sse("error", {"turn_id": pending.turn_id, "error": error,
-                                "status": 422 if is_context_error(error) else 502})
+                                "status": error_status(message.get("kind"), error)})
             return
     yield sse("error", {"turn_id": pending.turn_id, "error": "no answer in time; poll the turn", "status": 504})

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from api.services import Services
 from radialog.logging import get_logger
-from radialog.registry import Export, ExportState, Report, Study, StudyState, utcnow
+from radialog.registry import Export, ExportState, Report, ReportKind, Study, StudyState, utcnow
 from radialog.settings import Settings
 
 log = get_logger(__name__)
@@ -26,14 +26,8 @@ log = get_logger(__name__)
 REASON_CHARS = 160
 
 
-def _utc(value: datetime) -> datetime:
-    from datetime import UTC
-
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def _hour(value: datetime) -> datetime:
-    return _utc(value).replace(minute=0, second=0, microsecond=0)
+    return value.replace(minute=0, second=0, microsecond=0)
 
 
 def percentiles(values: list[float]) -> dict[str, Any]:
@@ -74,14 +68,14 @@ def latency(session: Session, settings: Settings, start: datetime, end: datetime
         select(Study.last_instance_at, Report.created_at, sent.c.sent_at)
         .join(Report, Report.study_id == Study.id)
         .outerjoin(sent, sent.c.report_id == Report.id)
-        .where(Report.kind == "ai_draft", Report.created_at >= start, Report.created_at < end,
+        .where(Report.kind == ReportKind.AI_DRAFT.value, Report.created_at >= start, Report.created_at < end,
                Study.last_instance_at.is_not(None))
     )
     for last_image, written, accepted in rows:
-        seconds = (_utc(written) - _utc(last_image)).total_seconds()
+        seconds = (written - last_image).total_seconds()
         if seconds >= 0:  # an image that came after the draft re-opened nothing: not a latency
             to_sr.append(seconds)
-        if accepted is not None and (pacs := (_utc(accepted) - _utc(last_image)).total_seconds()) >= 0:
+        if accepted is not None and (pacs := (accepted - last_image).total_seconds()) >= 0:
             to_pacs.append(pacs)
     return {"image_to_sr": percentiles(to_sr), "image_to_pacs": percentiles(to_pacs)}
 

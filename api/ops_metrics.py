@@ -46,9 +46,7 @@ class RegistryCollector:
         yield exports
         age = 0.0
         if oldest is not None:
-            from datetime import UTC
-
-            age = max(0.0, (utcnow() - (oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC))).total_seconds())
+            age = max(0.0, (utcnow() - oldest).total_seconds())
         yield GaugeMetricFamily("radialog_export_oldest_pending_seconds",
                                 "Age of the oldest SR still waiting to be accepted by a destination (0: none).",
                                 value=age)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
-
-from api.schemas import UTCDateTime
 
 
 class ProportionOut(BaseModel):
@@ -68,8 +67,8 @@ class PeriodOut(BaseModel):
 class AgreementOut(BaseModel):
     """How often radiologists agreed with the AI's findings, and how much they changed its text."""
 
-    from_: UTCDateTime = Field(alias="from")
-    to: UTCDateTime
+    from_: datetime = Field(alias="from")
+    to: datetime
     backend: str | None
     bucket: Literal["day", "week"]
     drafts: DraftsOut
@@ -101,7 +100,7 @@ class ChecklistOut(BaseModel):
 
 # -- operations ----------------------------------------------------------------------------------------
 class HourCounts(BaseModel):
-    hour: UTCDateTime
+    hour: datetime
     counts: dict[str, int] = Field(description="Studies received in this hour, by their state now")
 
 
@@ -156,9 +155,9 @@ class DeadExport(BaseModel):
 class OverviewOut(BaseModel):
     """The service at a glance (admins): throughput, latency, queues, workers, what went wrong."""
 
-    generated_at: UTCDateTime
+    generated_at: datetime
     hours: int
-    from_: UTCDateTime = Field(alias="from")
+    from_: datetime = Field(alias="from")
     states: list[str]
     studies_per_hour: list[HourCounts]
     latency: LatencyOut

@@ -21,13 +21,6 @@ from reporting.text import MAX_REPORT_CHARS, TEXT_PATTERN, clean_text
 MAX_QUESTION_CHARS = 2000
 
 
-def _utc(value: datetime) -> datetime:
-    # The registry stores UTC; SQLite hands it back without an offset, and RFC 3339 needs one.
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-UTCDateTime = Annotated[datetime, AfterValidator(_utc)]
-
 #: The instants a query bound is kept within: a bound in year 1 would overflow the period arithmetic (a 500;
 #: the longest period, 366 days, is subtracted from it). A schema-valid bound is never refused: it is clamped,
 #: which changes no answer (the registry holds nothing from those years).
@@ -75,8 +68,8 @@ class StudySummary(_Out):
     accession_number: str | None
     study_date: str | None
     study_description: str | None
-    created_at: UTCDateTime
-    updated_at: UTCDateTime
+    created_at: datetime
+    updated_at: datetime
     latest_report_version: int | None = None
     verified: bool | None = None
     priority: Priority = Field(Priority.ROUTINE, description="From the routing rules: HIGH is read first.")
@@ -98,7 +91,7 @@ class InstanceOut(_Out):
     series_instance_uid: str | None
     transfer_syntax_uid: str
     size_bytes: int
-    received_at: UTCDateTime
+    received_at: datetime
     attributes: dict[str, Any]
     selected: bool = False
 
@@ -107,7 +100,7 @@ class EventOut(_Out):
     from_state: str | None
     to_state: str
     reason: str | None
-    at: UTCDateTime
+    at: datetime
 
 
 class StudyDetail(StudySummary):
@@ -130,7 +123,7 @@ class ExportOut(_Out):
     state: str
     attempts: int
     last_error: str | None
-    sent_at: UTCDateTime | None
+    sent_at: datetime | None
 
 
 class DiffPart(BaseModel):
@@ -156,8 +149,8 @@ class ReportOut(BaseModel):
     author: str
     verified: bool
     verifier: str | None
-    verified_at: UTCDateTime | None
-    created_at: UTCDateTime
+    verified_at: datetime | None
+    created_at: datetime
     findings_text: ShownText
     impression_text: ShownText | None
     text: str = Field(description="The report as plain text (reporting.render.report_text).")
@@ -288,8 +281,8 @@ class TurnOut(_Out):
     answer: ShownText | None
     state: str
     error: str | None
-    created_at: UTCDateTime
-    answered_at: UTCDateTime | None
+    created_at: datetime
+    answered_at: datetime | None
 
 
 class ConversationOut(BaseModel):
@@ -298,7 +291,7 @@ class ConversationOut(BaseModel):
     user: str
     seed_report_id: int | None
     seed_report_version: int | None
-    created_at: UTCDateTime
+    created_at: datetime
     turns: list[TurnOut]
     estimated_tokens: int
     max_context_tokens: int
@@ -322,7 +315,7 @@ class ModelOut(BaseModel):
 
 class AuditOut(_Out):
     id: int
-    at: UTCDateTime
+    at: datetime
     actor: str
     role: str | None
     action: str

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +120,9 @@ def run_benchmark(n: int, redis_db: int, use_sqlite: bool, keep: bool, sequentia
 
 
 def _ts(value: datetime | None) -> float:
-    """Registry timestamps are UTC; SQLite hands them back naive."""
+    """A registry timestamp (aware UTC: ``UTCDateTime``) as seconds since the epoch."""
     assert value is not None
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    return value.timestamp()
 
 
 def _stage_rows(database_url: str, studies: list[tuple[str, str, Path]], sent_at: dict[str, float]) -> list[dict]:

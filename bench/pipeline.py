@@ -30,7 +30,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +37,6 @@ import redis
 from sqlalchemy import select
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class Pacs:
@@ -95,11 +90,12 @@ def study_figures(registry: Any, study_uid: str) -> dict[str, float] | None:
         study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).first()
         if study is None or study.state != "EXPORTED":
             return None
-        events = {e.to_state: _aware(e.at) for e in session.scalars(
+        events = {e.to_state: e.at for e in session.scalars(
             select(StudyEvent).where(StudyEvent.study_id == study.id).order_by(StudyEvent.id))}
         job = session.scalars(select(Job).where(Job.study_id == study.id)).one()
         timings = dict(job.timings)
-        claimed = _aware(job.started_at)  # type: ignore[arg-type]
+        assert job.started_at is not None
+        claimed = job.started_at
     stable, reported, exported = events["STABLE"], events["REPORTED"], events["EXPORTED"]
     model = float(timings.get("classifier", 0.0)) + float(timings.get("vision", 0.0)) + float(timings.get("generate", 0.0))
     preprocess, store = float(timings.get("preprocess", 0.0)), float(timings.get("store", 0.0))

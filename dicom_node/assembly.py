@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import or_, select, update
@@ -36,13 +36,6 @@ from radialog.settings import Settings
 log = get_logger(__name__)
 
 Enqueue = Callable[[int], object]
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every timestamp we write is UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
 
 
 class StudyAssembler:
@@ -103,7 +96,7 @@ class StudyAssembler:
                     return None
                 # transition() re-read the row under the write lock: a store that committed while we
                 # looked makes the study not quiet after all.
-                last = _aware(study.last_instance_at)
+                last = study.last_instance_at
                 if last is not None and last >= cutoff and not complete:
                     session.rollback()
                     return None

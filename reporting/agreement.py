@@ -21,7 +21,7 @@ from rapidfuzz.distance import Levenshtein
 from sqlalchemy.orm import Session
 
 from radialog.chexpert import NO_FINDING
-from radialog.registry import ApprovalReview, FindingVerdict, Report
+from radialog.registry import ApprovalReview, FindingVerdict, Report, ReportKind
 from reporting.text import clean_text
 
 Stated = Literal["present", "absent"]
@@ -83,7 +83,7 @@ def draft_of(report: Report) -> Report | None:
     seen: set[int] = set()
     current: Report | None = report
     while current is not None and current.id not in seen:
-        if current.kind == "ai_draft":
+        if current.kind == ReportKind.AI_DRAFT.value:
             return current
         seen.add(current.id)
         current = current.predecessor

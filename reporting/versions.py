@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from radialog.logging import get_logger, uid_ref
-from radialog.registry import Instance, Report, Study, StudyState, transition, utcnow
+from radialog.registry import Instance, Report, ReportKind, Study, StudyState, transition, utcnow
 from radialog.registry.queries import latest_report
 from radialog.settings import Settings
 from reporting import sr as srmod
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 #: Kinds of version ``create_version`` makes (the AI draft is ``ai_draft``).
-VERSION_KINDS = frozenset({"ai_correction", "edit", "approval"})
+VERSION_KINDS = frozenset({ReportKind.AI_CORRECTION.value, ReportKind.EDIT.value, ReportKind.APPROVAL.value})
 #: SR series numbers start here; version N is series SERIES_BASE + N.
 SERIES_BASE = 900
 
@@ -185,7 +185,7 @@ def create_ai_draft(
     report_id = _insert_once(
         session,
         {
-            "study_id": study_id, "version": version, "kind": "ai_draft",
+            "study_id": study_id, "version": version, "kind": ReportKind.AI_DRAFT.value,
             "predecessor_id": previous.id if previous else None, "sop_instance_uid": sop_uid,
             "series_instance_uid": series_uid, "source_instance_uid": instance.sop_instance_uid,
             "findings_text": output.findings_text, "impression_text": getattr(output, "impression_text", None),
@@ -254,7 +254,7 @@ def create_version(
         impression_text=impression_text,
         # The classifier's coded findings belong to the AI's documents: a radiologist's version (an edit or
         # a signature) must not carry AI "present" codes that its own text may deny.
-        findings=_coded(previous.findings) if kind == "ai_correction" and not approve else (),
+        findings=_coded(previous.findings) if kind == ReportKind.AI_CORRECTION.value and not approve else (),
         algorithm=algorithm,
         author=author,
         verification=srmod.Verification(author, settings.institution_name, now) if approve else None,

@@ -141,3 +141,46 @@ def test_dialog_streams_in_order_answers_and_feeds_a_correction(chain) -> None: 
     with registry.session() as s:
         actions = [e.action for e in s.scalars(select(AuditEntry).where(AuditEntry.study_id == study_id))]
     assert actions.count("dialog.ask") == 4 and "report.change" in actions and "report.approve" in actions
+
+
+@pytest.mark.parametrize(("error", "kind", "status"), [
+    # the worker's kind decides, whatever the words say
+    ("the prompt needs 5000 tokens but the limit is 4096 in the rotary cache", "MODEL_ERROR", 502),
+    ("the conversation no longer fits the model's window", "CONTEXT_TOO_LONG", 422),
+    ("not trained for 'summary'", "UNSUPPORTED_TASK", 502),
+    # turns failed before revision 0005 (no kind): the legacy rule on the words, as before
+    ("conversation needs 9000 tokens with the answer, but the limit is 4096", None, 422),
+    ("model error: RuntimeError; please ask again", None, 502),
+])
+def test_a_failed_turn_is_answered_by_its_error_kind_not_by_its_words(
+    registry: Registry, settings: Settings, error: str, kind: str | None, status: int
+) -> None:
+    """The JSON answer (a problem) and the SSE error event of a turn the worker failed, read from its row
+    (as with the embedded broker, and after the worker's message) on both databases."""
+    from api.dialog import PendingTurn, stream_events
+    from api.problems import Problem
+    from api.routes.dialog import _wait
+    from radialog.registry import Conversation, utcnow
+    from tests.support.seeding import add_reported_study
+
+    study_id = add_reported_study(registry, settings)
+    with registry.session() as s:
+        conversation = Conversation(study_id=study_id, user="rad", created_at=utcnow())
+        s.add(conversation)
+        s.flush()
+        turn = DialogTurn(conversation_id=conversation.id, task="free", question="Any edema?", state="FAILED",
+                          error=error, error_kind=kind, created_at=utcnow(), answered_at=utcnow())
+        s.add(turn)
+        s.flush()
+        turn_id, conversation_id = turn.id, conversation.id
+
+    def pending() -> PendingTurn:
+        return PendingTurn(turn_id, conversation_id, "Any edema?", pubsub=None, registry=registry)
+
+    with pytest.raises(Problem) as problem:
+        _wait(pending(), 5.0, registry)
+    slug = "context-too-long" if status == 422 else "model-error"
+    assert (problem.value.status, problem.value.slug) == (status, slug)
+    assert error in (problem.value.detail or "")
+    events = sse_events("".join(stream_events(pending(), 5.0)))
+    assert events[-1] == ("error", {"turn_id": turn_id, "error": error, "status": status})

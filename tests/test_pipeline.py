@@ -411,6 +411,99 @@ def test_out_of_memory_splits_the_batch_and_a_single_study_is_retried(
 
 
 @pytest.mark.slow
+def test_out_of_memory_and_cancellation_are_told_apart_by_type_not_by_words(
+    tiny_backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection on the real tiny backend: only torch's OutOfMemoryError is out of memory (whatever it
+    says); an error whose message merely says "out of memory" is the study's own model error (it was a retry
+    and a batch cap before); the engine's RequestCancelled gives the jobs back."""
+    import numpy as np
+    import torch
+
+    from radialog.synthetic import chest_pixels
+    from workers.models.base import RequestCancelled, StudyInput
+    from workers.pipeline import TransientError, run_backend
+
+    real_report_each = tiny_backend.report_each
+    inputs = [StudyInput(key=str(i), image=(chest_pixels(256, 256, 8, seed=i)).astype(np.uint8)) for i in range(2)]
+    words_only = RuntimeError("beam cache: out of memory for 4 beams")  # not torch's OutOfMemoryError
+
+    def batch_fails_in_words(studies: Any) -> Any:
+        if len(studies) > 1:
+            raise words_only
+        return [words_only] if studies[0].key == "0" else real_report_each(studies)
+
+    monkeypatch.setattr(tiny_backend, "report_each", batch_fails_in_words)
+    told: list[int] = []
+    results = run_backend(tiny_backend, inputs, told.append)
+    assert told == []  # not taken for out of memory: later batches are not capped
+    assert results["0"] is words_only and not isinstance(results["1"], Exception)
+
+    monkeypatch.setattr(tiny_backend, "report_each",
+                        lambda studies: [torch.OutOfMemoryError("Tried to allocate 2.00 GiB; 1.10 GiB free")])
+    with pytest.raises(TransientError, match="out of GPU memory"):
+        run_backend(tiny_backend, inputs[:1])
+
+    monkeypatch.setattr(tiny_backend, "report_each", lambda studies: [RequestCancelled("the engine stopped")])
+    with pytest.raises(TransientError, match="engine stopped"):
+        run_backend(tiny_backend, inputs[:1])
+
+
+@pytest.mark.slow
+def test_dialog_failures_are_stored_and_sent_with_their_kind(
+    tiny_backend: Any, sqlite_registry: Registry, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run_dialog_turn`` with the real tiny backend whose ``answer`` raises: the turn's error kind comes from
+    the exception's type (what the API's 422/502 depends on), stored in the row and sent with the error
+    message, and the shown reason is as before, except that out of GPU memory is now known by type alone."""
+    import torch
+
+    from workers.context import WorkerContext
+    from workers.dialog import run_dialog_turn
+    from workers.models.base import ContextTooLong, RequestCancelled, UnsupportedTask
+
+    settings = settings.model_copy(update={"broker_url": REDIS_URL})
+    ctx = WorkerContext(settings=settings, registry=sqlite_registry, hostname="w1", backend=tiny_backend)
+    seeded = add_reported_study(sqlite_registry, settings)
+    cases = [
+        (torch.OutOfMemoryError("Tried to allocate 2.00 GiB; 1.10 GiB free"), "OUT_OF_MEMORY",
+         "out of GPU memory; please ask again"),
+        (RuntimeError("beam cache: out of memory for 4 beams"), "MODEL_ERROR",
+         "model error: RuntimeError; please ask again"),
+        (ContextTooLong("the conversation no longer fits the model's window"), "CONTEXT_TOO_LONG",
+         "the conversation no longer fits the model's window"),
+        (RuntimeError("the prompt needs 5000 tokens but the limit is 4096 in the rotary cache"), "MODEL_ERROR",
+         "model error: RuntimeError; please ask again"),
+        (UnsupportedTask("not trained for 'summary'"), "UNSUPPORTED_TASK", "not trained for 'summary'"),
+        (RequestCancelled("the engine stopped"), "CANCELLED", "model error: RequestCancelled; please ask again"),
+    ]
+    for raised, kind, error in cases:
+        def answer(request: Any, on_token: Any = None, _raised: BaseException = raised) -> str:
+            raise _raised
+
+        monkeypatch.setattr(tiny_backend, "answer", answer)
+        turn_id = add_yes_no_turn(sqlite_registry, seeded, "pleural effusion")
+        pubsub = ctx.redis.pubsub()  # type: ignore[union-attr]
+        pubsub.subscribe(dialog_channel(REDIS_URL, turn_id))
+        try:
+            assert run_dialog_turn(ctx, turn_id) == "failed"
+            assert run_dialog_turn(ctx, turn_id) == "failed"  # a redelivery repeats the stored outcome
+            sent = []
+            deadline = time.monotonic() + 10
+            while len(sent) < 2 and time.monotonic() < deadline:
+                message = pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is not None:
+                    sent.append(json.loads(message["data"]))
+        finally:
+            pubsub.close()
+        with sqlite_registry.session() as session:
+            turn = session.get(DialogTurn, turn_id)
+            assert turn is not None
+            assert (turn.state, turn.error_kind, turn.error) == ("FAILED", kind, error), type(raised)
+        assert sent == [{"type": "error", "error": error, "kind": kind}] * 2, type(raised)
+
+
+@pytest.mark.slow
 def test_dialog_turn_arriving_during_a_report_batch_is_answered_before_the_batch_ends(harness: Harness) -> None:
     """One report thread holds a batch of 16 in the engine; a turn sent once they run is answered (through
     the dialog consumer, admitted ahead of the batch's decoding) before any of the 16 reports is stored.

@@ -354,9 +354,11 @@ def test_a_dialog_turn_left_running_by_a_dead_worker_fails_with_a_reason(sqlite_
     with sqlite_registry.session() as session:
         stuck, running = session.get(DialogTurn, old_id), session.get(DialogTurn, fresh_id)
         assert stuck.state == "FAILED" and "stopped while answering" in (stuck.error or "")
-        assert running.state == "RUNNING"  # a turn being answered right now is left alone
+        assert stuck.error_kind == "WORKER_LOST"
+        assert running.state == "RUNNING" and running.error_kind is None  # being answered now: left alone
         waited = session.get(DialogTurn, never_id)
         assert waited.state == "FAILED" and "ask again" in (waited.error or "")
+        assert waited.error_kind == "NOT_TAKEN"
 
 
 def test_given_back_jobs_carry_the_id_of_their_new_message(sqlite_registry: Registry, rsettings: Settings) -> None:

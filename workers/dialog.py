@@ -5,7 +5,8 @@ prompt with the seed report's present classifier labels, answered by its finding
 conversation's earlier DONE turns in order.
 Streaming: JSON messages on ``radialog.messaging.dialog_channel`` (``radialog:<broker db>:dialog:<turn_id>``):
 {"type": "token", "text"}, then
-{"type": "done", "answer"} or {"type": "error", "error"}. With an embedded (non-Redis) broker nothing is
+{"type": "done", "answer"} or {"type": "error", "error", "kind"} (``kind``: the turn's ``ErrorKind``, what the
+API's status depends on). With an embedded (non-Redis) broker nothing is
 streamed; the API reads the stored answer. A redelivered DONE turn only repeats its "done" message.
 Tokens and the answer are cleaned with ``reporting.text`` (the model boundary): an answer accepted as
 the report is valid SR text and passes the API's check as shown.
@@ -21,11 +22,11 @@ import redis
 
 from radialog.logging import get_logger
 from radialog.messaging import dialog_channel
-from radialog.registry import Conversation, DialogTurn, Report, utcnow
+from radialog.registry import Conversation, DialogTurn, ErrorKind, Report, TurnState, utcnow
 from radialog.registry.queries import latest_report
 from reporting.text import clean_model_text, clean_text
 from workers import metrics
-from workers.pipeline import JobFailure, load_image
+from workers.pipeline import JobFailure, is_out_of_memory, load_image
 
 if TYPE_CHECKING:
     from workers.context import WorkerContext
@@ -33,9 +34,6 @@ if TYPE_CHECKING:
     from workers.models.capabilities import Capabilities
 
 log = get_logger(__name__)
-
-DONE, FAILED, RUNNING = "DONE", "FAILED", "RUNNING"
-
 
 class Publisher:
     """Publishes one turn's messages; a Redis failure is logged once and never fails the turn."""
@@ -81,7 +79,7 @@ def build_history(session: Any, turn: DialogTurn, capabilities: Capabilities | N
     history = [Turn(question=capabilities.seed_question(report.findings), answer=report.findings_text)]
     for earlier in conversation.turns:
         # a first-turn (view) turn was its own one-turn conversation (it holds the image): not part of this one
-        if (earlier.id < turn.id and earlier.state == DONE and earlier.answer is not None
+        if (earlier.id < turn.id and earlier.state == TurnState.DONE.value and earlier.answer is not None
                 and earlier.task not in capabilities.first_turn_tasks):
             history.append(Turn(question=earlier.question, answer=earlier.answer))
     return history
@@ -98,13 +96,13 @@ def run_dialog_turn(ctx: WorkerContext, turn_id: int) -> str:
         if turn is None:
             log.warning("dialog turn not in the registry", extra={"turn": turn_id})
             return "missing"
-        if turn.state == DONE:
+        if turn.state == TurnState.DONE.value:
             publisher.send({"type": "done", "answer": turn.answer})
             return "done"
-        if turn.state == FAILED:
-            publisher.send({"type": "error", "error": turn.error})
+        if turn.state == TurnState.FAILED.value:
+            publisher.send({"type": "error", "error": turn.error, "kind": turn.error_kind})
             return "failed"
-        turn.state = RUNNING
+        turn.state = TurnState.RUNNING.value
         study_id = turn.conversation.study_id
         question, task = turn.question, turn.task
         failure = ""
@@ -128,15 +126,17 @@ def run_dialog_turn(ctx: WorkerContext, turn_id: int) -> str:
         # the model boundary: the answer is stored, shown and possibly made a report version as cleaned
         answer = clean_model_text(ctx.require_backend().answer(request, on_token=on_token))
     except (JobFailure, ContextTooLong, UnsupportedTask) as exc:
-        return _fail(ctx, publisher, turn_id, str(exc))
+        return _fail(ctx, publisher, turn_id, str(exc), error_kind(exc))
     except Exception as exc:  # the turn fails, the worker keeps serving
         log.warning("dialog turn failed", extra={"turn": turn_id}, exc_info=True)
-        kind = "out of GPU memory" if "out of memory" in str(exc).lower() else f"model error: {type(exc).__name__}"
-        return _fail(ctx, publisher, turn_id, f"{kind}; please ask again")
+        kind = error_kind(exc)
+        what = "out of GPU memory" if kind is ErrorKind.OUT_OF_MEMORY else f"model error: {type(exc).__name__}"
+        return _fail(ctx, publisher, turn_id, f"{what}; please ask again", kind)
     with ctx.registry.session() as session:
         turn = session.get(DialogTurn, turn_id)
         assert turn is not None
-        turn.answer, turn.state, turn.error, turn.answered_at = answer, DONE, None, utcnow()
+        turn.answer, turn.state, turn.answered_at = answer, TurnState.DONE.value, utcnow()
+        turn.error, turn.error_kind = None, None
     publisher.send({"type": "done", "answer": answer})
     if first_token:
         metrics.DIALOG_SECONDS.labels(phase="first").observe(first_token[0])
@@ -145,10 +145,28 @@ def run_dialog_turn(ctx: WorkerContext, turn_id: int) -> str:
     return "done"
 
 
-def _fail(ctx: WorkerContext, publisher: Publisher, turn_id: int, reason: str) -> str:
+def error_kind(exc: BaseException) -> ErrorKind:
+    """Why a turn failed, by the exception's type (the API's 422 or 502 follows from it, not from the words)."""
+    from workers.models.base import ContextTooLong, RequestCancelled, UnsupportedTask
+
+    if isinstance(exc, JobFailure):
+        return ErrorKind.NO_INPUT
+    if isinstance(exc, ContextTooLong):
+        return ErrorKind.CONTEXT_TOO_LONG
+    if isinstance(exc, UnsupportedTask):
+        return ErrorKind.UNSUPPORTED_TASK
+    if isinstance(exc, RequestCancelled):
+        return ErrorKind.CANCELLED
+    if is_out_of_memory(exc):
+        return ErrorKind.OUT_OF_MEMORY
+    return ErrorKind.MODEL_ERROR
+
+
+def _fail(ctx: WorkerContext, publisher: Publisher, turn_id: int, reason: str, kind: ErrorKind) -> str:
     with ctx.registry.session() as session:
         turn = session.get(DialogTurn, turn_id)
         if turn is not None:
-            turn.state, turn.error, turn.answered_at = FAILED, reason, utcnow()
-    publisher.send({"type": "error", "error": reason})
+            turn.state, turn.answered_at = TurnState.FAILED.value, utcnow()
+            turn.error, turn.error_kind = reason, kind.value
+    publisher.send({"type": "error", "error": reason, "kind": kind.value})
     return "failed"

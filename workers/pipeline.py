@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from radialog.imaging import UnusableImage, load_model_image
 from radialog.logging import get_logger
 from radialog.messaging import send_export_tasks, send_report_task
-from radialog.registry import Job, JobState, Registry, Study, StudyState, transition, utcnow
+from radialog.registry import ExportState, Job, JobState, Registry, Study, StudyState, transition, utcnow
 from radialog.routing import Priority
 from radialog.settings import Settings
 from workers import metrics
@@ -95,8 +95,11 @@ def load_image(registry: Registry, settings: Settings, study_id: int) -> np.ndar
         raise JobFailure(f"unusable image: it cannot be read ({type(exc).__name__})") from exc
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Out of GPU memory, by the exception's type (``torch.cuda.OutOfMemoryError``), whatever its message."""
+    import torch  # a worker has it loaded with its model; not a module-level import for light importers
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
 def run_backend(
@@ -118,16 +121,17 @@ def run_backend(
             outputs = [exc]
         else:
             log.warning("batch failed, splitting", extra={"batch_size": len(inputs), "error": type(exc).__name__})
-            if on_oom is not None and _is_out_of_memory(exc):
+            if on_oom is not None and is_out_of_memory(exc):
                 on_oom(len(inputs))
             half = len(inputs) // 2
             return {**run_backend(backend, inputs[:half], on_oom), **run_backend(backend, inputs[half:], on_oom)}
+    from workers.models.base import RequestCancelled
+
     results: dict[str, ReportOutput | Exception] = {}
     for study, out in zip(inputs, outputs):
-        # the engine stopped under it (worker shutting down)
-        if isinstance(out, Exception) and type(out).__name__ == "RequestCancelled":
+        if isinstance(out, RequestCancelled):  # the engine stopped under it (worker shutting down)
             raise TransientError("the model engine stopped before the report was finished") from out
-        if isinstance(out, Exception) and _is_out_of_memory(out):
+        if isinstance(out, Exception) and is_out_of_memory(out):
             if len(inputs) > 1:  # once more alone: the engine's step that failed may have been a big one
                 results.update(run_backend(backend, [study], on_oom))
                 continue
@@ -167,10 +171,9 @@ def fail_job(registry: Registry, claim: Claim, reason: str, kind: str, settings:
 
 
 def _seconds_between(start: datetime | None, end: datetime | None) -> float | None:
-    """Seconds from ``start`` to ``end``; SQLite hands back naive datetimes, which are UTC here."""
+    """Seconds from ``start`` to ``end`` (registry timestamps: aware UTC, ``UTCDateTime``)."""
     if start is None or end is None:
         return None
-    start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
     return (end - start).total_seconds()
 
 
@@ -216,7 +219,7 @@ def store_output(
         job.error = None
         job.finished_at = utcnow()
         job.heartbeat_at = None
-        export_ids = [e.id for e in report.exports if e.state == "PENDING"]
+        export_ids = [e.id for e in report.exports if e.state == ExportState.PENDING.value]
         total = _seconds_between(job.queued_at, job.finished_at)
     for stage, seconds in timings.items():
         if stage not in COUNTS:

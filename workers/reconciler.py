@@ -45,7 +45,7 @@ from radialog.messaging import (
     send_export_tasks,
     send_report_task,
 )
-from radialog.registry import DialogTurn, Job, JobState, Registry, Study, StudyState, utcnow
+from radialog.registry import DialogTurn, ErrorKind, Job, JobState, Registry, Study, StudyState, TurnState, utcnow
 from radialog.settings import Settings
 from reporting.export import due_exports
 from workers.broker_state import START_GRACE_S, broker_messages
@@ -165,8 +165,8 @@ def reconcile(
     #    every worker busy for ten minutes). A turn is interactive: rather than answer it an hour later (when
     #    the broker gives the message back) into a conversation that moved on, it fails with a reason and
     #    the radiologist asks again; a late delivery then finds it FAILED.
-    reasons = {"RUNNING": "the worker stopped while answering; please ask again",
-               "QUEUED": "no worker took the question in time; please ask again"}
+    reasons = {TurnState.RUNNING.value: (ErrorKind.WORKER_LOST, "the worker stopped while answering; please ask again"),
+               TurnState.QUEUED.value: (ErrorKind.NOT_TAKEN, "no worker took the question in time; please ask again")}
     with registry.session() as session:
         stuck = session.execute(
             select(DialogTurn.id, DialogTurn.state).where(
@@ -174,9 +174,10 @@ def reconcile(
                 DialogTurn.created_at < now - timedelta(seconds=STUCK_DIALOG_TURN_S))
         ).all()
         for turn_id, state in stuck:
+            kind, reason = reasons[state]
             session.execute(
                 update(DialogTurn).where(DialogTurn.id == turn_id, DialogTurn.state == state)
-                .values(state="FAILED", answered_at=now, error=reasons[state])
+                .values(state=TurnState.FAILED.value, answered_at=now, error=reason, error_kind=kind.value)
             )
     result.failed_dialog_turns = [turn_id for turn_id, _ in stuck]
 
@@ -200,7 +201,7 @@ def _resend_dialog_turns(registry: Registry, settings: Settings, cutoff: datetim
     with registry.session() as session:
         waiting = session.execute(
             select(DialogTurn.id, DialogTurn.celery_task_id).where(
-                DialogTurn.state == "QUEUED", DialogTurn.created_at < cutoff
+                DialogTurn.state == TurnState.QUEUED.value, DialogTurn.created_at < cutoff
             )
         ).all()
     resent = []
@@ -211,7 +212,8 @@ def _resend_dialog_turns(registry: Registry, settings: Settings, cutoff: datetim
         with registry.session() as session:
             moved = session.execute(
                 update(DialogTurn)
-                .where(DialogTurn.id == turn_id, DialogTurn.state == "QUEUED", DialogTurn.celery_task_id == old_task_id)
+                .where(DialogTurn.id == turn_id, DialogTurn.state == TurnState.QUEUED.value,
+                       DialogTurn.celery_task_id == old_task_id)
                 .values(celery_task_id=task_id)
             ).rowcount  # type: ignore[attr-defined]  # DML: a CursorResult, typed Result
         if moved:

@@ -23,7 +23,7 @@ from api.dialog import (
     check_task,
     conversation_tokens,
     current_conversation,
-    is_context_error,
+    error_status,
     require_worker,
     send_turn,
     stream_events,
@@ -32,7 +32,7 @@ from api.lookups import get_study, require_report
 from api.problems import Problem, problem_responses
 from api.schemas import ConversationOut, ModelOut, Question, QuickAction, StudyId, TurnId, TurnOut
 from api.services import Services
-from radialog.registry import DialogTurn, Registry
+from radialog.registry import DialogTurn, Registry, TurnState
 from workers.models.capabilities import Capabilities, UnknownBackend, capabilities_for
 
 router = APIRouter(tags=["dialog"])
@@ -135,18 +135,20 @@ def _wait(pending: PendingTurn, wait_seconds: float, registry: Registry) -> Any:
         if waiting:
             _blocking_waits.release()
     with registry.session() as session:
-        turn = TurnOut.model_validate(session.get(DialogTurn, pending.turn_id))
-    if turn.state == "DONE":
+        row = session.get(DialogTurn, pending.turn_id)
+        turn = TurnOut.model_validate(row)
+        kind = row.error_kind if row is not None else None
+    if turn.state == TurnState.DONE.value:
         return turn
-    error = turn.error if turn.state == "FAILED" else None
+    error = turn.error if turn.state == TurnState.FAILED.value else None
     if error is None and final is not None:
         if final["type"] == "done":  # published around the worker's commit: trust the message
-            return turn.model_copy(update={"state": "DONE", "answer": str(final.get("answer", ""))})
-        error = str(final.get("error", "error"))
+            return turn.model_copy(update={"state": TurnState.DONE.value, "answer": str(final.get("answer", ""))})
+        error, kind = str(final.get("error", "error")), final.get("kind")
     if error is None:
         return JSONResponse(turn.model_dump(mode="json"), status_code=202,
                             headers={"Location": f"/api/v1/dialog/turns/{pending.turn_id}"})
-    if is_context_error(error):
+    if error_status(kind, error) == 422:
         raise Problem(422, "context-too-long", error)
     raise Problem(502, "model-error", f"the worker could not answer turn {pending.turn_id}: {error}")
 

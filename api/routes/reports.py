@@ -16,7 +16,7 @@ from api.lookups import get_study, get_version, require_report
 from api.problems import Problem, Responses, problem_responses
 from api.reports import new_version, report_out, send_exports
 from api.schemas import Approval, NewVersion, ReportOut, ReportVersions, StudyId, Version
-from radialog.registry import DialogTurn
+from radialog.registry import DialogTurn, ReportKind
 from radialog.registry.queries import latest_report
 
 router = APIRouter(prefix="/studies/{study_id}", tags=["reports"])
@@ -158,8 +158,8 @@ def approve_report(
         raise Problem(409, "already-approved", f"version {current.version} is already approved by {current.verifier}")
     verdicts = checked_verdicts(current, body.checklist)  # before anything is written
     report = new_version(
-        session, settings, current, kind="approval", findings_text=findings, impression_text=impression or None,
-        author=who.name, approve=True, base_version=body.base_version,
+        session, settings, current, kind=ReportKind.APPROVAL.value, findings_text=findings,
+        impression_text=impression or None, author=who.name, approve=True, base_version=body.base_version,
     )
     store_review(session, report, verdicts)  # the agreement data, in the approval's transaction
     audit.record(session, who, "report.approve", study_id, version=report.version)

@@ -20,10 +20,11 @@ from radialog.registry.models import (
     Study,
     StudyEvent,
 )
-from radialog.registry.states import ExportState, JobState, StudyState, transition
+from radialog.registry.states import ErrorKind, ExportState, JobState, ReportKind, StudyState, TurnState, transition
+from radialog.registry.types import UTCDateTime
 
 __all__ = [
-    "ApiKey", "ApprovalReview", "AuditEntry", "Base", "Conversation", "DialogTurn", "Export", "ExportState",
-    "FindingVerdict", "Instance",
-    "Job", "JobState", "Registry", "Report", "Study", "StudyEvent", "StudyState", "transition", "utcnow",
+    "ApiKey", "ApprovalReview", "AuditEntry", "Base", "Conversation", "DialogTurn", "ErrorKind", "Export",
+    "ExportState", "FindingVerdict", "Instance", "Job", "JobState", "Registry", "Report", "ReportKind", "Study",
+    "StudyEvent", "StudyState", "TurnState", "UTCDateTime", "transition", "utcnow",
 ]

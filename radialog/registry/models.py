@@ -13,7 +13,6 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
-    DateTime,
     Float,
     ForeignKey,
     Integer,
@@ -25,13 +24,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from radialog.registry.types import UTCDateTime
+
 UID = String(64)
 
 
 class Base(DeclarativeBase):
-    type_annotation_map: ClassVar[dict[Any, Any]] = {
-        dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True),
-    }
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime()}
 
 
 class Study(Base):
@@ -140,7 +139,8 @@ class Job(Base):
 class Report(Base):
     """One version of a study's report: the AI draft (version 1) and every later version.
 
-    ``kind`` is ``ai_draft``, ``ai_correction``, ``edit`` (typed by a radiologist) or ``approval``.
+    ``kind`` (``states.ReportKind``) is ``ai_draft``, ``ai_correction``, ``edit`` (typed by a radiologist) or
+    ``approval``.
     ``verified`` is true only for a version a radiologist approved.
     """
 
@@ -150,7 +150,7 @@ class Report(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     version: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(16))  # states.ReportKind
     predecessor_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id"))
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     series_instance_uid: Mapped[str] = mapped_column(UID)
@@ -225,8 +225,10 @@ class DialogTurn(Base):
     task: Mapped[str] = mapped_column(String(32))  # free, correction, yes_no, list, impression, ...
     question: Mapped[str] = mapped_column(Text)  # the exact text sent to the model
     answer: Mapped[str | None] = mapped_column(Text)
-    state: Mapped[str] = mapped_column(String(16))  # QUEUED, RUNNING, DONE, FAILED
-    error: Mapped[str | None] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))  # states.TurnState
+    error: Mapped[str | None] = mapped_column(Text)  # the reason shown to the user
+    # Why it failed (states.ErrorKind), set from the exception's type: what the API's status depends on.
+    error_kind: Mapped[str | None] = mapped_column(String(32))
     celery_task_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime]
     answered_at: Mapped[datetime | None]

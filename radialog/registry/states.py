@@ -38,6 +38,41 @@ class ExportState(str, enum.Enum):
     DEAD = "DEAD"
 
 
+class TurnState(str, enum.Enum):
+    """A dialog turn: QUEUED when the API sent it, RUNNING in a worker, then DONE (answered) or FAILED."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+class ReportKind(str, enum.Enum):
+    """How a report version came to be: the model's draft (version 1), a model answer made a version, a
+    radiologist's typed text, or an approval (the only kind that is verified)."""
+
+    AI_DRAFT = "ai_draft"
+    AI_CORRECTION = "ai_correction"
+    EDIT = "edit"
+    APPROVAL = "approval"
+
+
+class ErrorKind(str, enum.Enum):
+    """Why a dialog turn failed, told apart by the exception's type where it happened and stored with the
+    turn (``DialogTurn.error_kind``, sent with its error message too): the API answers from this, never from
+    the message's words. NULL on turns that failed before the column existed (``api.dialog.error_status``)."""
+
+    CONTEXT_TOO_LONG = "CONTEXT_TOO_LONG"  # the conversation does not fit the model's context (ContextTooLong)
+    UNSUPPORTED_TASK = "UNSUPPORTED_TASK"  # the backend was not trained for the task (UnsupportedTask)
+    NO_INPUT = "NO_INPUT"  # no report to talk about, or the image is missing or unusable (JobFailure)
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"  # torch.cuda.OutOfMemoryError
+    CANCELLED = "CANCELLED"  # the model engine stopped under the turn (RequestCancelled: worker shutting down)
+    MODEL_ERROR = "MODEL_ERROR"  # any other exception from the model
+    BROKER_UNAVAILABLE = "BROKER_UNAVAILABLE"  # the API could not send the task
+    WORKER_LOST = "WORKER_LOST"  # the reconciler found it RUNNING with its worker gone
+    NOT_TAKEN = "NOT_TAKEN"  # the reconciler found it QUEUED too long: no worker took it
+
+
 S = StudyState
 
 #: Allowed moves. A late instance re-opens a study that has not been queued yet (or was skipped);

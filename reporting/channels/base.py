@@ -13,16 +13,11 @@ Result status, one rule for every channel (HL7 OBR-25/OBX-11, FHIR DiagnosticRep
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 ResultStatus = Literal["P", "F", "C"]
 FHIR_STATUS: dict[str, str] = {"P": "preliminary", "F": "final", "C": "amended"}
-
-
-def utc(moment: datetime) -> datetime:
-    """A registry timestamp as aware UTC (SQLite hands back naive datetimes, which are UTC here)."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 class DeliveryError(RuntimeError):

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from reporting import codes
-from reporting.channels.base import FHIR_STATUS, Delivery, DeliveryError, StudyView, VersionView, utc
+from reporting.channels.base import FHIR_STATUS, Delivery, DeliveryError, StudyView, VersionView
 from reporting.sr import derived_uid
 
 SYSTEMS = {
@@ -107,7 +107,7 @@ def diagnostic_report(study: StudyView, version: VersionView) -> dict[str, Any]:
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD",
                                   "display": "Radiology"}]}],
         "code": {"coding": [_coding(codes.DOCUMENT_TITLE)]},
-        "issued": utc(version.created_at).isoformat(),
+        "issued": version.created_at.isoformat(),
         "imagingStudy": [{"type": "ImagingStudy",
                           "identifier": {"system": DICOM_UID, "value": f"urn:oid:{study.study_instance_uid}"}}],
         "conclusion": (version.impression_text or version.findings_text)[:10000],
@@ -125,7 +125,7 @@ def diagnostic_report(study: StudyView, version: VersionView) -> dict[str, Any]:
     if version.status in ("F", "C") and version.verifier:
         resource["resultsInterpreter"] = [{"display": version.verifier}]
         if version.verified_at is not None:
-            resource["issued"] = utc(version.verified_at).isoformat()
+            resource["issued"] = version.verified_at.isoformat()
     validate(resource)
     return resource
 

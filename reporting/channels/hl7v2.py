@@ -23,7 +23,7 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 from hl7apy.exceptions import HL7apyException
 
-from reporting.channels.base import Delivery, DeliveryError, utc
+from reporting.channels.base import Delivery, DeliveryError
 
 VERSION = "2.5.1"
 REPORT_CODE = "18748-4^Diagnostic imaging report^LN"
@@ -43,7 +43,7 @@ def _escaped(value: str, limit: int | None = None) -> str:
 
 
 def _timestamp(moment: datetime) -> str:
-    return utc(moment).astimezone(UTC).strftime("%Y%m%d%H%M%S+0000")
+    return moment.astimezone(UTC).strftime("%Y%m%d%H%M%S+0000")
 
 
 def _person(message: Message, pn: str | None) -> str:

@@ -19,16 +19,16 @@ from typing import Any
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from radialog.registry import Export, ExportState, Report, Study
+from radialog.registry import Export, ExportState, Report, ReportKind, Study
 from radialog.settings import Destination, Settings
 from reporting.channels.base import Delivery, ResultStatus, StudyView, VersionView, result_status
 from reporting.channels.webhook import event_body
 from reporting.sr import read_status_line
 
 #: The webhook event a version of this kind raises.
-VERSION_EVENTS = {"ai_draft": "study.reported", "approval": "report.approved"}
+VERSION_EVENTS = {ReportKind.AI_DRAFT.value: "study.reported", ReportKind.APPROVAL.value: "report.approved"}
 #: Kinds of version whose SR carries the classifier's coded findings (``versions.create_version``).
-_CODED_KINDS = {"ai_draft", "ai_correction"}
+_CODED_KINDS = {ReportKind.AI_DRAFT.value, ReportKind.AI_CORRECTION.value}
 
 
 def approved_before(session: Session, report: Report) -> bool:

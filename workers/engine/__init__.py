@@ -6,6 +6,7 @@ Keys and values live in pre-allocated pools (:mod:`workers.engine.kv_pool`); the
 loaded transformers modules with our own cache indexing (:mod:`workers.engine.decoder`).
 """
 
-from workers.engine.engine import Engine, EngineConfig, Handle, RequestCancelled
+from workers.engine.engine import Engine, EngineConfig, Handle
+from workers.models.base import RequestCancelled
 
 __all__ = ["Engine", "EngineConfig", "Handle", "RequestCancelled"]

@@ -41,6 +41,7 @@ from radialog.logging import get_logger
 from workers.engine.decoder import Group, LlamaSteps
 from workers.engine.kv_pool import KVPool
 from workers.engine.model import EngineModel, Streamer
+from workers.models.base import RequestCancelled
 
 if TYPE_CHECKING:
     from workers.models.base import ClassifierFinding, ModelBackend, Sampling
@@ -48,10 +49,6 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 REPORT, DIALOG = "report", "dialog"
-
-
-class RequestCancelled(RuntimeError):
-    """The request was cancelled before it finished."""
 
 
 @dataclass

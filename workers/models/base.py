@@ -21,8 +21,8 @@ from workers.models.capabilities import Capabilities
 #: The model's output types live in the kernel (``radialog.model_output``: reporting and the tests use them
 #: without model code); the backend interface names them too.
 __all__ = [
-    "ClassifierFinding", "ContextTooLong", "DialogRequest", "ModelBackend", "Provenance", "ReportOutput", "Sampling",
-    "StudyInput", "TokenCallback", "Turn", "UnsupportedTask",
+    "ClassifierFinding", "ContextTooLong", "DialogRequest", "ModelBackend", "Provenance", "ReportOutput",
+    "RequestCancelled", "Sampling", "StudyInput", "TokenCallback", "Turn", "UnsupportedTask",
 ]
 
 
@@ -76,6 +76,12 @@ TokenCallback = Callable[[str], None]
 
 class ContextTooLong(ValueError):
     """The conversation cannot fit the model's context even after dropping what the rule allows."""
+
+
+class RequestCancelled(RuntimeError):
+    """The request was cancelled before it finished (the engine stopped under it: the worker is shutting
+    down). Defined here, beside the other errors a backend gives, so callers tell it apart by type without
+    importing the engine (and torch)."""
 
 
 class ModelBackend(abc.ABC):
