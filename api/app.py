@@ -25,8 +25,10 @@ from radialog.settings import Settings
 
 STATIC_DIR = Path(__file__).parent / "static"
 OPENAPI_URL = "/api/v1/openapi.json"
-PAGE_CSP = ("default-src 'self'; img-src 'self' blob:; style-src 'self'; script-src 'self'; "
-            "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
 
 DESCRIPTION = """AI draft reports (RaDialog) for chest X-rays, their versions and a follow-up dialog.
 
@@ -51,8 +53,15 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     # No HTML docs page: Swagger UI / ReDoc would be third-party script running at the API's origin (where
     # keys are typed and patient data is read), loaded from a CDN or from a pip bundle that lags its
     # security releases. The OpenAPI document stays; any local viewer reads it.
-    app = FastAPI(title="radialog-node reporting API", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=OPENAPI_URL)
+    app = FastAPI(
+        title="radialog-node reporting API",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=OPENAPI_URL,
+    )
     app.state.settings = settings
     app.state.registry = registry
     app.state.services = services
@@ -84,8 +93,12 @@ def create_app(settings: Settings, registry: Registry | None = None) -> FastAPI:
     # the key before the body, then its size (innermost: CORS, metrics and the headers below see its answers)
     app.add_middleware(BodyGate, registry=registry, max_body_bytes=settings.api_max_body_bytes)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "X-API-Key", "Content-Type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+        )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
 
     @app.middleware("http")

@@ -20,9 +20,7 @@ from radialog.registry import AuditEntry, Study, utcnow
 MAX_REQUESTED_CHARS = 32
 
 
-def record(
-    session: Session, who: Principal, action: str, study_id: int | None = None, **detail: Any
-) -> None:
+def record(session: Session, who: Principal, action: str, study_id: int | None = None, **detail: Any) -> None:
     """Add the entry to ``session`` (the caller commits it with the read or change it records)."""
     if study_id is not None and not (1 <= study_id <= MAX_ID and session.get(Study, study_id) is not None):
         detail = {**detail, "requested_study": str(study_id)[:MAX_REQUESTED_CHARS]}

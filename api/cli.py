@@ -61,8 +61,15 @@ def users_list() -> None:
 
     registry = _registry()
     with registry.session() as session:
-        rows = [(u.name, u.role, u.created_at.isoformat(timespec="seconds"),
-                 u.revoked_at.isoformat(timespec="seconds") if u.revoked_at else None) for u in list_users(session)]
+        rows = [
+            (
+                u.name,
+                u.role,
+                u.created_at.isoformat(timespec="seconds"),
+                u.revoked_at.isoformat(timespec="seconds") if u.revoked_at else None,
+            )
+            for u in list_users(session)
+        ]
     registry.dispose()
     echo_table(["name", "role", "created", "revoked"], rows, empty="no users")
 

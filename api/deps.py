@@ -50,11 +50,16 @@ def current_user(
 ) -> Principal:
     key = bearer.credentials if bearer is not None else header_key
     if bearer is not None and header_key and header_key != bearer.credentials:
-        raise Problem(401, "unauthenticated", "two different API keys were sent; send one",
-                      headers={"WWW-Authenticate": "Bearer"})
+        raise Problem(
+            401, "unauthenticated", "two different API keys were sent; send one", headers={"WWW-Authenticate": "Bearer"}
+        )
     if not key:
-        raise Problem(401, "unauthenticated", "send an API key as 'Authorization: Bearer <key>' or 'X-API-Key'",
-                      headers={"WWW-Authenticate": "Bearer"})
+        raise Problem(
+            401,
+            "unauthenticated",
+            "send an API key as 'Authorization: Bearer <key>' or 'X-API-Key'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     with registry.session() as session:
         user = authenticate(session, key)
         if user is None:

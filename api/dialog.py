@@ -51,8 +51,9 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
-def conversation_tokens(conversation: Conversation, seed: Report | None,
-                        capabilities: Capabilities = RADIALOG_V2) -> int:
+def conversation_tokens(
+    conversation: Conversation, seed: Report | None, capabilities: Capabilities = RADIALOG_V2
+) -> int:
     """Estimated prompt size of the whole conversation so far (system, image, seed turn, answered
     turns); past the model's limit the worker drops the oldest follow-up turns."""
     total = estimate_tokens(capabilities.system_text) + capabilities.image_tokens
@@ -83,8 +84,11 @@ def current_conversation(session: Session, study: Study, user: str, report: Repo
 def check_task(task: str, capabilities: Capabilities) -> None:
     """422 for a dialog task the configured model was not trained for (free questions always pass)."""
     if not capabilities.supports(task):
-        raise Problem(422, "task-not-supported",
-                      f"{capabilities.model_name} was not trained for the '{task}' action; ask a free question")
+        raise Problem(
+            422,
+            "task-not-supported",
+            f"{capabilities.model_name} was not trained for the '{task}' action; ask a free question",
+        )
 
 
 def action_question(action: QuickAction, capabilities: Capabilities = RADIALOG_V2) -> tuple[str, str]:
@@ -111,12 +115,18 @@ def check_context(seed: Report, question: str, task: str, capabilities: Capabili
     """Refuse what the worker would refuse: even with only the report turn kept, the prompt and the
     task's new tokens do not fit. (Longer conversations are fine: the worker drops the oldest
     follow-up turns first, ``workers.models.conversation.fit_history``.)"""
-    needed = (estimate_tokens(capabilities.system_text) + capabilities.image_tokens
-              + estimate_tokens(capabilities.seed_question(seed.findings)) + estimate_tokens(seed.findings_text)
-              + estimate_tokens(question) + capabilities.task_max_new_tokens[task])
+    needed = (
+        estimate_tokens(capabilities.system_text)
+        + capabilities.image_tokens
+        + estimate_tokens(capabilities.seed_question(seed.findings))
+        + estimate_tokens(seed.findings_text)
+        + estimate_tokens(question)
+        + capabilities.task_max_new_tokens[task]
+    )
     if needed > capabilities.context_tokens:
         raise Problem(
-            422, "context-too-long",
+            422,
+            "context-too-long",
             f"the report and the question need about {needed} tokens with the answer, over the model's "
             f"{capabilities.context_tokens}; shorten the report or the question",
         )
@@ -133,11 +143,13 @@ def require_worker(services: Services) -> None:
     try:
         workers = services.ready_workers()
     except BrokerUnavailable as exc:
-        raise Problem(503, "broker-unavailable", "the broker cannot be reached",
-                      headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+        raise Problem(
+            503, "broker-unavailable", "the broker cannot be reached", headers={"Retry-After": str(RETRY_AFTER_S)}
+        ) from exc
     if not workers:
-        raise Problem(503, "no-worker", "no worker with a loaded model is running",
-                      headers={"Retry-After": str(RETRY_AFTER_S)})
+        raise Problem(
+            503, "no-worker", "no worker with a loaded model is running", headers={"Retry-After": str(RETRY_AFTER_S)}
+        )
 
 
 @dataclass
@@ -211,13 +223,20 @@ class PendingTurn:
             pass
 
 
-def send_turn(session: Session, services: Services, conversation_id: int, task: str, question: str,
-              registry: Registry) -> PendingTurn:
+def send_turn(
+    session: Session, services: Services, conversation_id: int, task: str, question: str, registry: Registry
+) -> PendingTurn:
     """Create the turn (one commit, with whatever the caller added, e.g. its audit entry), subscribe
     to its channel (Redis only), then send the "radialog.dialog_turn" task under the id stored in the row."""
     task_id = str(uuid.uuid4())
-    turn = DialogTurn(conversation_id=conversation_id, task=task, question=question, state=TurnState.QUEUED.value,
-                      celery_task_id=task_id, created_at=utcnow())
+    turn = DialogTurn(
+        conversation_id=conversation_id,
+        task=task,
+        question=question,
+        state=TurnState.QUEUED.value,
+        celery_task_id=task_id,
+        created_at=utcnow(),
+    )
     session.add(turn)
     session.commit()
     pubsub = None
@@ -233,11 +252,13 @@ def send_turn(session: Session, services: Services, conversation_id: int, task: 
         turn.error_kind = ErrorKind.BROKER_UNAVAILABLE.value
         session.commit()
         log.exception("dialog task not sent", extra={"turn": turn.id})
-        raise Problem(503, "broker-unavailable", "the dialog task could not be sent",
-                      headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+        raise Problem(
+            503, "broker-unavailable", "the dialog task could not be sent", headers={"Retry-After": str(RETRY_AFTER_S)}
+        ) from exc
     log.info("dialog turn sent", extra={"turn": turn.id, "task": task})
-    return PendingTurn(turn_id=turn.id, conversation_id=conversation_id, question=question, pubsub=pubsub,
-                       registry=registry)
+    return PendingTurn(
+        turn_id=turn.id, conversation_id=conversation_id, question=question, pubsub=pubsub, registry=registry
+    )
 
 
 def error_status(kind: str | None, error: str) -> int:
@@ -266,8 +287,9 @@ def sse(event: str, data: dict[str, Any]) -> str:
 def stream_events(pending: PendingTurn, timeout: float) -> Iterator[str]:
     """Server-Sent Events: ``turn`` first, then ``token``s in the order published, then ``done``
     or ``error``; comment lines keep idle proxies from closing the stream."""
-    yield sse("turn", {"turn_id": pending.turn_id, "conversation_id": pending.conversation_id,
-                       "question": pending.question})
+    yield sse(
+        "turn", {"turn_id": pending.turn_id, "conversation_id": pending.conversation_id, "question": pending.question}
+    )
     idle = 0
     for message in pending.messages(timeout):
         if message is None:
@@ -283,7 +305,9 @@ def stream_events(pending: PendingTurn, timeout: float) -> Iterator[str]:
             return
         elif kind == "error":
             error = str(message.get("error", "error"))
-            yield sse("error", {"turn_id": pending.turn_id, "error": error,
-                                "status": error_status(message.get("kind"), error)})
+            yield sse(
+                "error",
+                {"turn_id": pending.turn_id, "error": error, "status": error_status(message.get("kind"), error)},
+            )
             return
     yield sse("error", {"turn_id": pending.turn_id, "error": "no answer in time; poll the turn", "status": 504})

@@ -69,7 +69,9 @@ def presented_key(headers: Headers) -> str | None:
 def _problem(scope: Scope, status: int, slug: str, title: str, detail: str, **headers: str) -> JSONResponse:
     return JSONResponse(
         {"type": TYPE_BASE + slug, "title": title, "status": status, "detail": detail, "instance": scope["path"]},
-        status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers={"Connection": "close", **headers},
+        status_code=status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers={"Connection": "close", **headers},
     )
 
 
@@ -93,17 +95,26 @@ class BodyGate:
             key = presented_key(headers)
             principal = await run_in_threadpool(self._principal, key) if key else None
             if principal is None:
-                await _problem(scope, 401, "unauthenticated", "Unauthorized",
-                               "a request with a body needs a valid API key ('Authorization: Bearer <key>' or "
-                               "'X-API-Key'); the body was not read", **{"WWW-Authenticate": "Bearer"},
-                               )(scope, receive, send)
+                await _problem(
+                    scope,
+                    401,
+                    "unauthenticated",
+                    "Unauthorized",
+                    "a request with a body needs a valid API key ('Authorization: Bearer <key>' or "
+                    "'X-API-Key'); the body was not read",
+                    **{"WWW-Authenticate": "Bearer"},
+                )(scope, receive, send)
                 return
             scope.setdefault("state", {})["principal"] = principal
         length = content_length(headers)
         if length is not None and length > self.max_body_bytes:
-            await _problem(scope, 413, "content-too-large", "Content Too Large",
-                           f"the request body ({length} bytes) is over {self.max_body_bytes} bytes; it was not read",
-                           )(scope, receive, send)
+            await _problem(
+                scope,
+                413,
+                "content-too-large",
+                "Content Too Large",
+                f"the request body ({length} bytes) is over {self.max_body_bytes} bytes; it was not read",
+            )(scope, receive, send)
             return
         await self.app(scope, self._counting(receive), send)
 

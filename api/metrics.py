@@ -45,8 +45,10 @@ class Metrics:
             "radialog_api_requests", "API requests", ["method", "route", "status"], registry=self.collectors
         )
         self.latency = Histogram(
-            "radialog_api_request_seconds", "API request time to the first response byte",
-            ["method", "route"], registry=self.collectors,
+            "radialog_api_request_seconds",
+            "API request time to the first response byte",
+            ["method", "route"],
+            registry=self.collectors,
         )
         self.collectors.register(StudyStateCollector(registry))
         from api.ops_metrics import DiskCollector, RegistryCollector, WorkersCollector  # for deploy/grafana

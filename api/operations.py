@@ -62,14 +62,19 @@ def latency(session: Session, settings: Settings, start: datetime, end: datetime
     sent = (
         select(Export.report_id, func.min(Export.sent_at).label("sent_at"))
         .where(Export.state == ExportState.SENT.value, Export.destination.in_(sr_destinations))
-        .group_by(Export.report_id).subquery()
+        .group_by(Export.report_id)
+        .subquery()
     )
     rows = session.execute(
         select(Study.last_instance_at, Report.created_at, sent.c.sent_at)
         .join(Report, Report.study_id == Study.id)
         .outerjoin(sent, sent.c.report_id == Report.id)
-        .where(Report.kind == ReportKind.AI_DRAFT.value, Report.created_at >= start, Report.created_at < end,
-               Study.last_instance_at.is_not(None))
+        .where(
+            Report.kind == ReportKind.AI_DRAFT.value,
+            Report.created_at >= start,
+            Report.created_at < end,
+            Study.last_instance_at.is_not(None),
+        )
     )
     for last_image, written, accepted in rows:
         seconds = (written - last_image).total_seconds()
@@ -85,8 +90,10 @@ def not_reported(session: Session, start: datetime, end: datetime) -> list[dict[
     counts: Counter[tuple[str, str]] = Counter()
     for state, reason in session.execute(
         select(Study.state, Study.reason).where(
-            Study.created_at >= start, Study.created_at < end,
-            Study.state.in_([StudyState.FAILED.value, StudyState.SKIPPED.value]))
+            Study.created_at >= start,
+            Study.created_at < end,
+            Study.state.in_([StudyState.FAILED.value, StudyState.SKIPPED.value]),
+        )
     ):
         counts[(state, (reason or "no reason recorded")[:REASON_CHARS])] += 1
     return [{"state": s, "reason": r, "count": n} for (s, r), n in counts.most_common()]
@@ -100,7 +107,8 @@ def exports(session: Session) -> tuple[dict[str, int], list[dict[str, Any]]]:
     dead: Counter[tuple[str, str]] = Counter()
     for destination, error, count in session.execute(
         select(Export.destination, Export.last_error, func.count())
-        .where(Export.state == ExportState.DEAD.value).group_by(Export.destination, Export.last_error)
+        .where(Export.state == ExportState.DEAD.value)
+        .group_by(Export.destination, Export.last_error)
     ):
         dead[(destination, (error or "no error recorded")[:REASON_CHARS])] += int(count)
     return by_state, [{"destination": d, "reason": r, "count": n} for (d, r), n in dead.most_common()]
@@ -130,10 +138,21 @@ def workers(services: Services) -> dict[str, Any]:
     out = []
     for info in sorted(ready, key=lambda w: str(w.get("worker"))):
         engine = found if isinstance(found := info.get("engine"), dict) else {}
-        slots = {kind: int(pool["slots"]) for kind, pool in engine.items()
-                 if isinstance(pool, dict) and isinstance(pool.get("slots"), int)}
-        out.append({"name": str(info.get("worker")), "model": info.get("name"), "version": info.get("version"),
-                    "device": info.get("device"), "tiny": info.get("tiny"), "slots": slots})
+        slots = {
+            kind: int(pool["slots"])
+            for kind, pool in engine.items()
+            if isinstance(pool, dict) and isinstance(pool.get("slots"), int)
+        }
+        out.append(
+            {
+                "name": str(info.get("worker")),
+                "model": info.get("name"),
+                "version": info.get("version"),
+                "device": info.get("device"),
+                "tiny": info.get("tiny"),
+                "slots": slots,
+            }
+        )
     return {"available": True, "ready": out, "error": None}
 
 
@@ -143,11 +162,15 @@ def overview(session: Session, services: Services, hours: int) -> dict[str, Any]
     start = _hour(end) - timedelta(hours=hours - 1)  # the current hour is the last bar
     by_state, dead = exports(session)
     return {
-        "generated_at": end, "hours": hours, "from": start, "states": [s.value for s in StudyState],
+        "generated_at": end,
+        "hours": hours,
+        "from": start,
+        "states": [s.value for s in StudyState],
         "studies_per_hour": studies_per_hour(session, start, end + timedelta(microseconds=1)),
         "latency": latency(session, services.settings, start, end + timedelta(microseconds=1)),
-        "queues": queue_depths(services), "workers": workers(services),
+        "queues": queue_depths(services),
+        "workers": workers(services),
         "not_reported": not_reported(session, start, end + timedelta(microseconds=1)),
-        "exports": by_state, "dead_exports": dead,
+        "exports": by_state,
+        "dead_exports": dead,
     }
-

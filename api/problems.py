@@ -99,9 +99,16 @@ def _write_refusal(request: Request, status: int, slug: str | None) -> None:
     study_id = request.scope.get("path_params", {}).get("study_id")
     try:
         with request.app.state.registry.session() as session:
-            audit.record_refusal(session, who, "denied" if status == 403 else "refused",
-                                 None if study_id is None else str(study_id),
-                                 status=status, problem=slug, method=request.method, route=route)
+            audit.record_refusal(
+                session,
+                who,
+                "denied" if status == 403 else "refused",
+                None if study_id is None else str(study_id),
+                status=status,
+                problem=slug,
+                method=request.method,
+                route=route,
+            )
     except SQLAlchemyError:  # the refusal is still answered; the log says the entry is missing
         log.warning("refusal not audited: registry error", extra={"route": route, "status": status})
 
@@ -124,11 +131,16 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
         # FastAPI's answer to a body it could not parse for a reason other than JSON syntax (bytes that are
         # not UTF-8, nesting too deep): invalid input like any other, so 422 as the document says.
         errors: list[dict[str, Any]] = [
-            {"loc": ["body"], "msg": f"the body could not be read as JSON ({type(exc.__cause__).__name__})",
-             "type": "body_unreadable"}]
+            {
+                "loc": ["body"],
+                "msg": f"the body could not be read as JSON ({type(exc.__cause__).__name__})",
+                "type": "body_unreadable",
+            }
+        ]
         await _audit_refusal(request, 422, "validation-error")
-        return problem_response(request, 422, "validation-error", "Unprocessable Content", errors[0]["msg"],
-                                extra={"errors": errors})
+        return problem_response(
+            request, 422, "validation-error", "Unprocessable Content", errors[0]["msg"], extra={"errors": errors}
+        )
     slug = {404: "not-found", 405: "method-not-allowed", 413: "content-too-large"}.get(status)
     await _audit_refusal(request, status, slug)
     return problem_response(request, status, slug, HTTPStatus(status).phrase, str(exc.detail), exc.headers)

@@ -83,7 +83,8 @@ class ChecklistItemOut(BaseModel):
     ai_present: bool
     probability: float | None
     stated: Literal["present", "absent"] | None = Field(
-        description="What the version's text says about the finding in the model's phrase; null: nothing clear")
+        description="What the version's text says about the finding in the model's phrase; null: nothing clear"
+    )
     suggestion: Literal["agree", "disagree"] | None = Field(description="The verdict the text implies, if any")
     evidence: str | None = Field(description="The clause(s) of the text the suggestion comes from")
 
@@ -116,7 +117,8 @@ class Percentiles(BaseModel):
 class LatencyOut(BaseModel):
     image_to_sr: Percentiles = Field(description="Seconds from a study's last image to its AI draft SR written")
     image_to_pacs: Percentiles = Field(
-        description="Seconds from the last image to the draft SR accepted by a destination")
+        description="Seconds from the last image to the draft SR accepted by a destination"
+    )
 
 
 class QueuesOut(BaseModel):
@@ -164,6 +166,7 @@ class OverviewOut(BaseModel):
     queues: QueuesOut
     workers: WorkersOut
     not_reported: list[ReasonCount] = Field(
-        description="Studies received in the window that ended FAILED or SKIPPED, by reason")
+        description="Studies received in the window that ended FAILED or SKIPPED, by reason"
+    )
     exports: dict[str, int] = Field(description="Outbox rows by state (all time)")
     dead_exports: list[DeadExport] = Field(description="DEAD outbox rows by destination and last error (all time)")

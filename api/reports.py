@@ -41,9 +41,7 @@ def changes_from_predecessor(report: Report) -> VersionChanges | None:
 def report_out(report: Report, *, with_changes: bool = False) -> ReportOut:
     from reporting.render import report_json, report_text
 
-    sr_url = (
-        f"/api/v1/studies/{report.study_id}/report/versions/{report.version}/sr" if report.sr_path else None
-    )
+    sr_url = f"/api/v1/studies/{report.study_id}/report/versions/{report.version}/sr" if report.sr_path else None
     return ReportOut(
         id=report.id,
         study_id=report.study_id,
@@ -85,8 +83,14 @@ def new_version(
         raise Problem(409, "stale-version", f"version {base_version} is no longer current (current: {current.version})")
     try:
         return create_version(
-            session, settings, current.study_id, kind=kind, findings_text=findings_text,
-            impression_text=impression_text, author=author, approve=approve,
+            session,
+            settings,
+            current.study_id,
+            kind=kind,
+            findings_text=findings_text,
+            impression_text=impression_text,
+            author=author,
+            approve=approve,
         )
     except IntegrityError as exc:  # another version of this study was created at the same moment
         session.rollback()

@@ -73,8 +73,9 @@ class StudySummary(_Out):
     latest_report_version: int | None = None
     verified: bool | None = None
     priority: Priority = Field(Priority.ROUTINE, description="From the routing rules: HIGH is read first.")
-    routing_rule: str | None = Field(None, description="The routing rule that decided (None: no rule matched "
-                                     "or not assembled yet).")
+    routing_rule: str | None = Field(
+        None, description="The routing rule that decided (None: no rule matched or not assembled yet)."
+    )
 
 
 class StudyPage(BaseModel):
@@ -113,7 +114,8 @@ class RerunOut(BaseModel):
     study_id: int
     state: str
     enqueued: bool = Field(
-        description="False when the task could not be sent now; the reconciler re-sends QUEUED studies.")
+        description="False when the task could not be sent now; the reconciler re-sends QUEUED studies."
+    )
 
 
 class ExportOut(_Out):
@@ -158,7 +160,8 @@ class ReportOut(BaseModel):
     sr_url: str | None
     exports: list[ExportOut]
     changes: VersionChanges | None = Field(
-        None, description="What changed from the predecessor version, word by word (none for the first version).")
+        None, description="What changed from the predecessor version, word by word (none for the first version)."
+    )
 
 
 class ReportVersions(BaseModel):
@@ -173,10 +176,12 @@ class NewVersion(BaseModel):
     kind: Literal["ai_correction", "edit"] = "edit"
     findings_text: Text = Field(min_length=1, max_length=MAX_REPORT_CHARS)
     impression_text: Text | None = Field(None, max_length=MAX_REPORT_CHARS)
-    source_turn_id: int | None = Field(None, ge=1, le=2_147_483_647,
-                                       description="The dialog turn whose answer this text comes from.")
-    base_version: int | None = Field(None, ge=1,
-                                     description="The version this was based on; 409 when it is no longer current.")
+    source_turn_id: int | None = Field(
+        None, ge=1, le=2_147_483_647, description="The dialog turn whose answer this text comes from."
+    )
+    base_version: int | None = Field(
+        None, ge=1, description="The version this was based on; 409 when it is no longer current."
+    )
 
 
 class FindingVerdictIn(BaseModel):
@@ -194,17 +199,28 @@ class Approval(BaseModel):
     is saved as a new version first, displayed, and that version is approved.
     """
 
-    findings_text: Text | None = Field(None, max_length=MAX_REPORT_CHARS, description="The findings as displayed; "
-                                       "409 when they are not the text of base_version. Left out: not checked.")
-    impression_text: Text | None = Field(None, max_length=MAX_REPORT_CHARS, description="The impression as "
-                                         "displayed (\"\" = none); 409 when it differs. Left out: not checked.")
+    findings_text: Text | None = Field(
+        None,
+        max_length=MAX_REPORT_CHARS,
+        description="The findings as displayed; 409 when they are not the text of base_version. Left out: not checked.",
+    )
+    impression_text: Text | None = Field(
+        None,
+        max_length=MAX_REPORT_CHARS,
+        description='The impression as displayed ("" = none); 409 when it differs. Left out: not checked.',
+    )
     base_version: int = Field(
-        ..., ge=1, description="The version the radiologist read and signs; 409 when it is no longer current "
+        ...,
+        ge=1,
+        description="The version the radiologist read and signs; 409 when it is no longer current "
         "(nobody signs a text they have not seen).",
     )
     checklist: list[FindingVerdictIn] | None = Field(
-        None, max_length=64, description="A verdict for every CheXpert finding of the AI draft (GET .../report/"
-        "checklist), stored with this version; left out: none recorded. 422 when incomplete.")
+        None,
+        max_length=64,
+        description="A verdict for every CheXpert finding of the AI draft (GET .../report/"
+        "checklist), stored with this version; left out: none recorded. 422 when incomplete.",
+    )
 
 
 class Task(str, enum.Enum):
@@ -241,10 +257,14 @@ class _Action(BaseModel):
 class CorrectionAction(_Action):
     """Include ``add`` and remove ``remove`` (at least one finding in all)."""
 
-    model_config = ConfigDict(json_schema_extra={"anyOf": [
-        {"required": ["add"], "properties": {"add": {"minItems": 1}}},
-        {"required": ["remove"], "properties": {"remove": {"minItems": 1}}},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["add"], "properties": {"add": {"minItems": 1}}},
+                {"required": ["remove"], "properties": {"remove": {"minItems": 1}}},
+            ]
+        }
+    )
 
     action: Literal["correction"]
     add: list[FindingLabel] = Field(default_factory=list, max_length=13, description="findings to include")

@@ -56,8 +56,7 @@ FD_WANTED = 65536
 SELECT_FD_LIMIT = 1024
 SUMMARY_INTERVAL_S = 60.0
 TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
-BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\nretry-after: 1\r\n"
-                 b"content-length: 0\r\n\r\n")
+BUSY_RESPONSE = b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n"
 
 
 def raise_fd_limit(wanted: int = FD_WANTED) -> int:
@@ -98,9 +97,15 @@ class Guard:
 
     def summary(self, now: float | None = None) -> None:
         if any(self.counts.values()):
-            log.warning("HTTP connections closed by the server's limits", extra={
-                **self.counts, "since_s": round((now or time.monotonic()) - self._last_summary),
-                "request_timeout_s": self.request_timeout, "max_connections": self.max_connections})
+            log.warning(
+                "HTTP connections closed by the server's limits",
+                extra={
+                    **self.counts,
+                    "since_s": round((now or time.monotonic()) - self._last_summary),
+                    "request_timeout_s": self.request_timeout,
+                    "max_connections": self.max_connections,
+                },
+            )
         self.counts = dict.fromkeys(self.counts, 0)
         self._last_summary = now or time.monotonic()
 
@@ -175,8 +180,11 @@ class GuardMixin:
 
     # -- cap --------------------------------------------------------------------------------------
     def _evict_one(self) -> bool:
-        victims = [c for c in self.connections
-                   if c is not self and isinstance(c, GuardMixin) and c._evictable() and not c.transport.is_closing()]
+        victims = [
+            c
+            for c in self.connections
+            if c is not self and isinstance(c, GuardMixin) and c._evictable() and not c.transport.is_closing()
+        ]
         if not victims:
             return False
         victim = min(victims, key=lambda c: c._waiting_since)
@@ -219,8 +227,10 @@ class _QuietAcceptErrors:
             if now - self.last < SUMMARY_INTERVAL_S:
                 self.suppressed += 1
                 return
-            log.error("HTTP accept failed: out of file descriptors or memory; new connections wait",
-                      extra={"error": type(exc).__name__, "errno": exc.errno, "suppressed": self.suppressed})
+            log.error(
+                "HTTP accept failed: out of file descriptors or memory; new connections wait",
+                extra={"error": type(exc).__name__, "errno": exc.errno, "suppressed": self.suppressed},
+            )
             self.last, self.suppressed = now, 0
             return
         loop.default_exception_handler(context)
@@ -288,23 +298,32 @@ class GuardedServer(uvicorn.Server):
         await super().shutdown(sockets)
 
     def limits(self) -> dict[str, Any]:
-        return {"max_connections": self.guard.max_connections, "request_timeout_s": self.guard.request_timeout,
-                "backlog": self.config.backlog}
+        return {
+            "max_connections": self.guard.max_connections,
+            "request_timeout_s": self.guard.request_timeout,
+            "backlog": self.config.backlog,
+        }
 
 
-def build_server(app: Any, settings: Settings, *, host: str | None = None, port: int | None = None,
-                 fd_ceiling: int | None = None) -> GuardedServer:
+def build_server(
+    app: Any, settings: Settings, *, host: str | None = None, port: int | None = None, fd_ceiling: int | None = None
+) -> GuardedServer:
     """A server for ``app`` with the settings' limits; raises the descriptor limit first. ``fd_ceiling``:
     size the cap as if the limit were at most this (``SELECT_FD_LIMIT`` beside select() users)."""
     limit_client_driven_logs()
     descriptors = raise_fd_limit()
-    cap, backlog = connection_limits(settings.api_max_connections,
-                                     descriptors if fd_ceiling is None else min(descriptors, fd_ceiling))
+    cap, backlog = connection_limits(
+        settings.api_max_connections, descriptors if fd_ceiling is None else min(descriptors, fd_ceiling)
+    )
     guard = Guard(request_timeout=settings.api_request_timeout, max_connections=cap)
     config = uvicorn.Config(
-        app, host=host or settings.api_host, port=port if port is not None else settings.api_port,
-        log_config=None, access_log=False,  # access logs would carry ids in paths only, but stay off
-        timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024,  # a request head over 16 KiB: 400
+        app,
+        host=host or settings.api_host,
+        port=port if port is not None else settings.api_port,
+        log_config=None,
+        access_log=False,  # access logs would carry ids in paths only, but stay off
+        timeout_keep_alive=5,
+        h11_max_incomplete_event_size=16 * 1024,  # a request head over 16 KiB: 400
         backlog=backlog,
     )
     return GuardedServer(config, guard)
@@ -324,8 +343,9 @@ class ServerDidNotStart(RuntimeError):
 START_TIMEOUT_S = 60.0
 
 
-def serve_in_thread(app: Any, settings: Settings, *, fd_ceiling: int | None = None,
-                    start_timeout_s: float = START_TIMEOUT_S) -> Callable[[], None]:
+def serve_in_thread(
+    app: Any, settings: Settings, *, fd_ceiling: int | None = None, start_timeout_s: float = START_TIMEOUT_S
+) -> Callable[[], None]:
     """Serve ``app`` in a daemon thread (``radialog run``) and return, once it listens, the function that
     stops it; ``ServerDidNotStart`` when it does not. In a thread, uvicorn's ``sys.exit`` on a port in use
     would only end that thread: the caller would carry on without an API."""
@@ -354,7 +374,8 @@ def serve_in_thread(app: Any, settings: Settings, *, fd_ceiling: int | None = No
         where = f"{server.config.host}:{server.config.port}"
         if not thread.is_alive():
             raise ServerDidNotStart(f"the API server on {where} ended before it listened") from (
-                ended[0] if ended else None)
+                ended[0] if ended else None
+            )
         if time.monotonic() > deadline:
             stop()
             raise ServerDidNotStart(f"the API server on {where} was not listening after {start_timeout_s:.0f} s")

@@ -220,7 +220,8 @@ def _presets(ds: Any, luts: list[VoiLut], minimum: float, maximum: float) -> tup
     span = max(maximum - minimum, 1.0)
     presets.append(Preset("full", "Full range", minimum + span / 2, span + 1, "LINEAR"))
     default = next((p.id for p in presets if p.lut is not None), None) or next(
-        (p.id for p in presets if p.id.startswith("window:")), "full")
+        (p.id for p in presets if p.id.startswith("window:")), "full"
+    )
     return presets, default
 
 
@@ -252,12 +253,20 @@ def read_source(path: Path) -> SourceImage:
         raise NotRenderable("pixel values are not finite")
     luts = _voi_luts(header)
     inverse = photometric == "MONOCHROME1" or (
-        str(header.get("PresentationLUTShape", "")).upper() == "INVERSE" and photometric == "MONOCHROME2")
+        str(header.get("PresentationLUTShape", "")).upper() == "INVERSE" and photometric == "MONOCHROME2"
+    )
     spacing = _numbers(header.get("PixelSpacing") or header.get("ImagerPixelSpacing")) or None
-    image = SourceImage(values=values, photometric=photometric, inverse_display=inverse, presets=[],
-                        default_preset="full", luts=luts, frames=frames,
-                        bits_stored=int(header.BitsStored) if "BitsStored" in header else None,
-                        pixel_spacing=spacing[:2] if spacing else None)
+    image = SourceImage(
+        values=values,
+        photometric=photometric,
+        inverse_display=inverse,
+        presets=[],
+        default_preset="full",
+        luts=luts,
+        frames=frames,
+        bits_stored=int(header.BitsStored) if "BitsStored" in header else None,
+        pixel_spacing=spacing[:2] if spacing else None,
+    )
     image.presets, image.default_preset = _presets(header, luts, image.minimum, image.maximum)
     return image
 

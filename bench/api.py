@@ -38,15 +38,18 @@ REDIS_URL = "redis://127.0.0.1:6379/14"
 def _summary(name: str, seconds: list[float]) -> str:
     ms = sorted(s * 1000 for s in seconds)
     p90 = ms[min(len(ms) - 1, int(0.9 * len(ms)))]
-    return f"{name:<22} n={len(ms):<4} median {statistics.median(ms):7.1f} ms   p90 {p90:7.1f} ms   max {ms[-1]:7.1f} ms"
+    return (
+        f"{name:<22} n={len(ms):<4} median {statistics.median(ms):7.1f} ms   p90 {p90:7.1f} ms   max {ms[-1]:7.1f} ms"
+    )
 
 
 def _stream_turn(http: httpx.Client, study_id: int, question: str) -> tuple[float, float, float, int]:
     start = time.perf_counter()
     turn_at = first_at = None
     tokens = 0
-    with http.stream("POST", f"/api/v1/studies/{study_id}/dialog/questions",
-                     json={"question": question, "stream": True}, timeout=300) as response:
+    with http.stream(
+        "POST", f"/api/v1/studies/{study_id}/dialog/questions", json={"question": question, "stream": True}, timeout=300
+    ) as response:
         response.raise_for_status()
         event = None
         for line in response.iter_lines():
@@ -68,14 +71,34 @@ def _stream_turn(http: httpx.Client, study_id: int, question: str) -> tuple[floa
 def _dialog_worker(settings: Settings, database_url: str, log_dir: Path, name: str) -> Process:
     """A real ``radialog worker`` serving the ``dialog`` and ``export`` queues, configured for ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
-    env.update({
-        "RADIALOG_DATA_DIR": str(settings.data_dir), "RADIALOG_DATABASE_URL": database_url,
-        "RADIALOG_BROKER_URL": settings.broker_url, "RADIALOG_MODEL_DIR": str(settings.model_dir),
-        "RADIALOG_BASE_MODEL_DIR": str(settings.base_model_dir), "RADIALOG_DEVICE": "cpu",
-        "RADIALOG_MIN_FREE_BYTES": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-    })
-    return Process(name, [sys.executable, "-m", "composition.cli", "worker", "--hostname", name, "--queues",
-                          "dialog,export", "--no-sweep"], env, log_dir)
+    env.update(
+        {
+            "RADIALOG_DATA_DIR": str(settings.data_dir),
+            "RADIALOG_DATABASE_URL": database_url,
+            "RADIALOG_BROKER_URL": settings.broker_url,
+            "RADIALOG_MODEL_DIR": str(settings.model_dir),
+            "RADIALOG_BASE_MODEL_DIR": str(settings.base_model_dir),
+            "RADIALOG_DEVICE": "cpu",
+            "RADIALOG_MIN_FREE_BYTES": "0",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        }
+    )
+    return Process(
+        name,
+        [
+            sys.executable,
+            "-m",
+            "composition.cli",
+            "worker",
+            "--hostname",
+            name,
+            "--queues",
+            "dialog,export",
+            "--no-sweep",
+        ],
+        env,
+        log_dir,
+    )
 
 
 def main() -> None:
@@ -91,8 +114,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         model_dir, base_dir = make_tiny(tmp_path / "tiny")
-        settings = Settings(data_dir=tmp_path / "var", min_free_bytes=0, broker_url=REDIS_URL, device="cpu",
-                            model_dir=model_dir, base_model_dir=base_dir, database_url=args.db)
+        settings = Settings(
+            data_dir=tmp_path / "var",
+            min_free_bytes=0,
+            broker_url=REDIS_URL,
+            device="cpu",
+            model_dir=model_dir,
+            base_model_dir=base_dir,
+            database_url=args.db,
+        )
         registry = Registry.from_settings(settings)
         keys = make_keys(registry)
         for i in range(args.studies):
@@ -115,9 +145,11 @@ def main() -> None:
                     http.get("/api/v1/studies").raise_for_status()
                 results: dict[str, list[float]] = {"GET worklist (50)": [], "GET report": [], "GET image.png": []}
                 for _ in range(args.reads):
-                    for name, path in (("GET worklist (50)", "/api/v1/studies?limit=50"),
-                                       ("GET report", f"/api/v1/studies/{study_id}/report"),
-                                       ("GET image.png", f"/api/v1/studies/{study_id}/image.png")):
+                    for name, path in (
+                        ("GET worklist (50)", "/api/v1/studies?limit=50"),
+                        ("GET report", f"/api/v1/studies/{study_id}/report"),
+                        ("GET image.png", f"/api/v1/studies/{study_id}/image.png"),
+                    ):
                         t0 = time.perf_counter()
                         http.get(path).raise_for_status()
                         results[name].append(time.perf_counter() - t0)
@@ -129,8 +161,10 @@ def main() -> None:
                     first.append(f)
                     done.append(d)
                     tokens.append(k)
-            print(f"registry: {registry.url.split('@')[-1].split('?')[0]}; {args.studies + 1} studies; "
-                  f"tiny model on CPU; tokens per answer median {statistics.median(tokens)}")
+            print(
+                f"registry: {registry.url.split('@')[-1].split('?')[0]}; {args.studies + 1} studies; "
+                f"tiny model on CPU; tokens per answer median {statistics.median(tokens)}"
+            )
             for name, values in results.items():
                 print(_summary(name, values))
             print(_summary("SSE turn event (API)", turn))

@@ -33,8 +33,12 @@ def pdu(pdu_type: int, body: bytes) -> bytes:
     return struct.pack(">BBL", pdu_type, 0, len(body)) + body
 
 
-def associate_rq(called: str = "RADIALOG", calling: str = "HOSTILE",
-                 contexts: tuple[str, ...] = (CR_STORAGE, VERIFICATION), max_pdu: int = 16384) -> bytes:
+def associate_rq(
+    called: str = "RADIALOG",
+    calling: str = "HOSTILE",
+    contexts: tuple[str, ...] = (CR_STORAGE, VERIFICATION),
+    max_pdu: int = 16384,
+) -> bytes:
     """An A-ASSOCIATE-RQ proposing each abstract syntax (context ids 1, 3, 5 ...) with explicit VR LE."""
     body = struct.pack(">HH", 1, 0) + called.encode().ljust(16) + calling.encode().ljust(16) + b"\x00" * 32
     body += _item(0x10, APPLICATION_CONTEXT.encode())
@@ -83,8 +87,9 @@ def command_bytes(ds: Dataset) -> bytes:
     return struct.pack("<HHLL", 0x0000, 0x0000, 4, len(body)) + body
 
 
-def c_store_rq(message_id: int, sop_instance: str | None, *, sop_class: str = CR_STORAGE,
-               with_dataset: bool = True) -> bytes:
+def c_store_rq(
+    message_id: int, sop_instance: str | None, *, sop_class: str = CR_STORAGE, with_dataset: bool = True
+) -> bytes:
     ds = Dataset()
     ds.AffectedSOPClassUID = sop_class
     ds.CommandField = 0x0001
@@ -98,8 +103,9 @@ def c_store_rq(message_id: int, sop_instance: str | None, *, sop_class: str = CR
 
 def p_data(context_id: int, *fragments: tuple[int, bytes]) -> bytes:
     """A P-DATA-TF PDU with one PDV per (message control header, bytes) fragment."""
-    body = b"".join(struct.pack(">LB", len(data) + 2, context_id) + bytes([control]) + data
-                    for control, data in fragments)
+    body = b"".join(
+        struct.pack(">LB", len(data) + 2, context_id) + bytes([control]) + data for control, data in fragments
+    )
     return pdu(P_DATA_TF, body)
 
 
@@ -130,21 +136,23 @@ class Peer:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def store(self, message_id: int, sop_instance: str | None, dataset: bytes | None, *,
-              sop_class: str = CR_STORAGE) -> int:
+    def store(
+        self, message_id: int, sop_instance: str | None, dataset: bytes | None, *, sop_class: str = CR_STORAGE
+    ) -> int:
         """Send one C-STORE-RQ on context 1 (dataset None = "no data set" in the command) and return
         the response status; raises TimeoutError when no response comes."""
         self.send_store(message_id, sop_instance, dataset, sop_class=sop_class)
         return self.response_status()
 
-    def send_store(self, message_id: int, sop_instance: str | None, dataset: bytes | None, *,
-                   sop_class: str = CR_STORAGE) -> None:
+    def send_store(
+        self, message_id: int, sop_instance: str | None, dataset: bytes | None, *, sop_class: str = CR_STORAGE
+    ) -> None:
         """Send a C-STORE-RQ without waiting for its response (a peer that pipelines its requests)."""
         command = c_store_rq(message_id, sop_instance, sop_class=sop_class, with_dataset=dataset is not None)
         self.send(p_data(1, (0x03, command)))
         if dataset is not None:
             step = max(self.max_pdu - 12, 1024)
-            chunks = [dataset[i:i + step] for i in range(0, len(dataset), step)] or [b""]
+            chunks = [dataset[i : i + step] for i in range(0, len(dataset), step)] or [b""]
             for index, chunk in enumerate(chunks):
                 self.send(p_data(1, (0x02 if index == len(chunks) - 1 else 0x00, chunk)))
 
@@ -156,9 +164,9 @@ class Peer:
                 raise ConnectionError(f"PDU type 0x{pdu_type:02X} instead of a response")
             offset = 0
             while offset < len(body):
-                length, _context = struct.unpack(">LB", body[offset:offset + 5])
+                length, _context = struct.unpack(">LB", body[offset : offset + 5])
                 control = body[offset + 5]
-                command += body[offset + 6:offset + 4 + length]
+                command += body[offset + 6 : offset + 4 + length]
                 offset += 4 + length
                 if control & 0x03 == 0x03:
                     return int(decode(_as_file(bytes(command)), True, True).Status)
@@ -188,14 +196,14 @@ def _max_length(body: bytes) -> int | None:
     """The Maximum Length the acceptor announced in its A-ASSOCIATE-AC."""
     offset = 68
     while offset + 4 <= len(body):
-        item_type, _, length = struct.unpack(">BBH", body[offset:offset + 4])
-        value = body[offset + 4:offset + 4 + length]
+        item_type, _, length = struct.unpack(">BBH", body[offset : offset + 4])
+        value = body[offset + 4 : offset + 4 + length]
         if item_type == 0x50:
             sub = 0
             while sub + 4 <= len(value):
-                sub_type, _, sub_length = struct.unpack(">BBH", value[sub:sub + 4])
+                sub_type, _, sub_length = struct.unpack(">BBH", value[sub : sub + 4])
                 if sub_type == 0x51:
-                    return int(struct.unpack(">L", value[sub + 4:sub + 8])[0])
+                    return int(struct.unpack(">L", value[sub + 4 : sub + 8])[0])
                 sub += 4 + sub_length
         offset += 4 + length
     return None

@@ -71,9 +71,17 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def run_benchmark(n: int, redis_db: int, use_sqlite: bool, keep: bool, sequential: bool = False, *,
-                  stable_after: float = 0.5, trusted_router: bool = False,
-                  redis: str = "127.0.0.1:6379") -> dict[str, Any]:
+def run_benchmark(
+    n: int,
+    redis_db: int,
+    use_sqlite: bool,
+    keep: bool,
+    sequential: bool = False,
+    *,
+    stable_after: float = 0.5,
+    trusted_router: bool = False,
+    redis: str = "127.0.0.1:6379",
+) -> dict[str, Any]:
     from workers.models.radialog_v2.tiny import make_tiny
 
     workdir = Path(tempfile.mkdtemp(prefix="radialog-e2e-bench-"))
@@ -191,13 +199,25 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--sequential", action="store_true", help="send the next study only after the last SR")
     parser.add_argument("--stable-after", type=float, default=0.5, help="the node's quiet window (s)")
-    parser.add_argument("--trusted-router", action="store_true",
-                        help="Orthanc's router is trusted: complete on association release")
-    parser.add_argument("--redis", default=os.environ.get("RADIALOG_TEST_REDIS", "127.0.0.1:6379"),
-                        help="Redis host:port (default RADIALOG_TEST_REDIS, else 127.0.0.1:6379)")
+    parser.add_argument(
+        "--trusted-router", action="store_true", help="Orthanc's router is trusted: complete on association release"
+    )
+    parser.add_argument(
+        "--redis",
+        default=os.environ.get("RADIALOG_TEST_REDIS", "127.0.0.1:6379"),
+        help="Redis host:port (default RADIALOG_TEST_REDIS, else 127.0.0.1:6379)",
+    )
     args = parser.parse_args()
-    result = run_benchmark(args.n, args.redis_db, args.sqlite, args.keep, args.sequential,
-                           stable_after=args.stable_after, trusted_router=args.trusted_router, redis=args.redis)
+    result = run_benchmark(
+        args.n,
+        args.redis_db,
+        args.sqlite,
+        args.keep,
+        args.sequential,
+        stable_after=args.stable_after,
+        trusted_router=args.trusted_router,
+        redis=args.redis,
+    )
     print(json.dumps(result, indent=2, default=str))
 
 

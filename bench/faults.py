@@ -55,8 +55,19 @@ class PrivateRedis:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         directory.mkdir(parents=True, exist_ok=True)
-        self._argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                      "--appendonly", "no", "--dir", str(directory)]
+        self._argv = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+        ]
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> PrivateRedis:
@@ -94,8 +105,9 @@ def write_studies(directory: Path, first: int, count: int) -> list[tuple[str, li
     studies = []
     for i in range(first, first + count):
         pa = make_cxr(modality="CR", view_position="PA", patient_index=800000 + i, seed=i)
-        lateral = make_cxr(modality="CR", view_position="LL", patient_index=800000 + i, seed=10_000 + i,
-                           study_uid=pa.StudyInstanceUID)
+        lateral = make_cxr(
+            modality="CR", view_position="LL", patient_index=800000 + i, seed=10_000 + i, study_uid=pa.StudyInstanceUID
+        )
         files = []
         for ds in (pa, lateral):
             path = directory / f"{ds.SOPInstanceUID}.dcm"
@@ -136,8 +148,9 @@ class Faults:
         self.chain.processes.remove(proc)
 
     def start_orthanc(self) -> None:
-        proc = Process("orthanc", [str(ORTHANC), str(self.chain.workdir / "orthanc.json")], self.chain.env,
-                       self.chain.workdir)
+        proc = Process(
+            "orthanc", [str(ORTHANC), str(self.chain.workdir / "orthanc.json")], self.chain.env, self.chain.workdir
+        )
         self.chain.processes.append(proc)
         wait_until(self._orthanc_answers, 60, "Orthanc back", proc.check)
 
@@ -152,36 +165,56 @@ class Faults:
         from radialog.registry import Instance, Study
 
         with self.registry.session() as session:
-            return int(session.scalar(
-                select(func.count(Instance.id)).join(Study, Instance.study_id == Study.id)
-                .where(Study.study_instance_uid.in_(uids))) or 0)
+            return int(
+                session.scalar(
+                    select(func.count(Instance.id))
+                    .join(Study, Instance.study_id == Study.id)
+                    .where(Study.study_instance_uid.in_(uids))
+                )
+                or 0
+            )
 
     def job_states(self, uids: list[str]) -> list[str]:
         from radialog.registry import Job, Study
 
         with self.registry.session() as session:
-            return list(session.scalars(select(Job.state).join(Study, Job.study_id == Study.id)
-                                        .where(Study.study_instance_uid.in_(uids))))
+            return list(
+                session.scalars(
+                    select(Job.state).join(Study, Job.study_id == Study.id).where(Study.study_instance_uid.in_(uids))
+                )
+            )
 
     def run_modes(self, uids: list[str]) -> list[str | None]:
         from radialog.registry import Job, Study
 
         with self.registry.session() as session:
-            return list(session.scalars(select(Job.run_mode).join(Study, Job.study_id == Study.id)
-                                        .where(Study.study_instance_uid.in_(uids), Job.state == "RUNNING")))
+            return list(
+                session.scalars(
+                    select(Job.run_mode)
+                    .join(Study, Job.study_id == Study.id)
+                    .where(Study.study_instance_uid.in_(uids), Job.state == "RUNNING")
+                )
+            )
 
     def job_figures(self, uids: list[str]) -> dict[str, int]:
         """Jobs re-run alone after a lost worker, claims lost with it, exports that needed a retry."""
         from radialog.registry import Export, Job, Report, Study
 
         with self.registry.session() as session:
-            jobs = session.scalars(select(Job).join(Study, Job.study_id == Study.id)
-                                   .where(Study.study_instance_uid.in_(uids))).all()
-            retried = session.scalar(select(func.count(Export.id)).join(Report, Export.report_id == Report.id)
-                                     .join(Study, Report.study_id == Study.id)
-                                     .where(Study.study_instance_uid.in_(uids), Export.attempts > 1))
-            return {"jobs_rerun_alone": sum(j.isolated for j in jobs), "claims_lost": sum(j.lost_claims for j in jobs),
-                    "exports_retried": int(retried or 0)}
+            jobs = session.scalars(
+                select(Job).join(Study, Job.study_id == Study.id).where(Study.study_instance_uid.in_(uids))
+            ).all()
+            retried = session.scalar(
+                select(func.count(Export.id))
+                .join(Report, Export.report_id == Report.id)
+                .join(Study, Report.study_id == Study.id)
+                .where(Study.study_instance_uid.in_(uids), Export.attempts > 1)
+            )
+            return {
+                "jobs_rerun_alone": sum(j.isolated for j in jobs),
+                "claims_lost": sum(j.lost_claims for j in jobs),
+                "exports_retried": int(retried or 0),
+            }
 
     def study_rows(self, uids: list[str]) -> dict[str, tuple[str, int, int]]:
         """uid -> (state, instances, AI drafts) from the registry."""
@@ -191,8 +224,9 @@ class Faults:
             rows = {}
             for study in session.scalars(select(Study).where(Study.study_instance_uid.in_(uids))):
                 instances = session.scalar(select(func.count(Instance.id)).where(Instance.study_id == study.id))
-                drafts = session.scalar(select(func.count(Report.id)).where(
-                    Report.study_id == study.id, Report.kind == "ai_draft"))
+                drafts = session.scalar(
+                    select(func.count(Report.id)).where(Report.study_id == study.id, Report.kind == "ai_draft")
+                )
                 rows[study.study_instance_uid] = (study.state, int(instances or 0), int(drafts or 0))
             return rows
 
@@ -225,34 +259,48 @@ def run_phase(faults: Faults, phase: str, studies: list[tuple[str, list[Path]]],
         wait_until(lambda: "batch" in faults.run_modes(uids), 300, "a batch running", chain.check_alive)
         faults.kill("worker")
         detail["jobs_when_killed"] = sorted(faults.job_states(uids))
-        faults.spawn("worker", "worker", "--queues", ",".join(QUEUES), "--hostname", chain.worker_name,
-                     "--lease-seconds", "5")
+        faults.spawn(
+            "worker", "worker", "--queues", ",".join(QUEUES), "--hostname", chain.worker_name, "--lease-seconds", "5"
+        )
     elif phase == "redis":
         wait_until(lambda: len(faults.job_states(uids)) == len(uids), 300, "every job queued", chain.check_alive)
         time.sleep(outage_s)
         detail["jobs_when_redis_came_back"] = sorted(faults.job_states(uids))
         faults.broker.start()  # empty: nothing of what was sent before it stopped
     elif phase == "pacs":
-        wait_until(lambda: faults.stored_instances(uids) >= acknowledged // 2, 300, "half the instances at the node",
-                   chain.check_alive)
+        wait_until(
+            lambda: faults.stored_instances(uids) >= acknowledged // 2,
+            300,
+            "half the instances at the node",
+            chain.check_alive,
+        )
         faults.stop_orthanc()
         detail["stored_when_pacs_stopped"] = faults.stored_instances(uids)
         time.sleep(outage_s)  # the outage itself: reports are made and their exports fail meanwhile
         detail["exported_during_outage"] = sum(1 for s, _i, _d in faults.study_rows(uids).values() if s == "EXPORTED")
         faults.start_orthanc()
-    wait_until(lambda: all(s == "EXPORTED" for s, _i, _d in faults.study_rows(uids).values())
-               and len(faults.study_rows(uids)) == len(uids), 900, f"phase {phase}: every study exported",
-               chain.check_alive)
+    wait_until(
+        lambda: (
+            all(s == "EXPORTED" for s, _i, _d in faults.study_rows(uids).values())
+            and len(faults.study_rows(uids)) == len(uids)
+        ),
+        900,
+        f"phase {phase}: every study exported",
+        chain.check_alive,
+    )
     rows = faults.study_rows(uids)
     srs = {uid: len(chain.orthanc_srs(uid)) for uid in uids}
     detail.update(faults.job_figures(uids))
     return {
-        "phase": phase, "studies": len(uids), "instances_acknowledged": acknowledged,
+        "phase": phase,
+        "studies": len(uids),
+        "instances_acknowledged": acknowledged,
         "instances_stored": sum(i for _s, i, _d in rows.values()),
         "studies_exported": sum(1 for s, _i, _d in rows.values() if s == "EXPORTED"),
         "ai_drafts_per_study": sorted({d for _s, _i, d in rows.values()}),
         "srs_in_pacs_per_study": sorted(set(srs.values())),
-        "seconds": round(time.monotonic() - started, 1), **detail,
+        "seconds": round(time.monotonic() - started, 1),
+        **detail,
     }
 
 
@@ -267,8 +315,15 @@ def run(per_phase: int, use_sqlite: bool, keep: bool, outage_s: float) -> dict[s
         broker = PrivateRedis(workdir / "redis").start()
         stack.callback(broker.stop)
         database_url = None if use_sqlite else stack.enter_context(pg_schema())
-        chain = stack.enter_context(Chain(workdir / "chain", database_url=database_url, redis_url=broker.url,
-                                          model_dir=model_dir, base_model_dir=base_dir))
+        chain = stack.enter_context(
+            Chain(
+                workdir / "chain",
+                database_url=database_url,
+                redis_url=broker.url,
+                model_dir=model_dir,
+                base_model_dir=base_dir,
+            )
+        )
         faults = Faults(chain, database_url or chain.env_sqlite_url(), broker)
         try:
             for n, phase in enumerate(PHASES):

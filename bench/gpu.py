@@ -46,9 +46,19 @@ from workers.models.radialog_v2.backend import RadialogV2Backend, load_radialog_
 
 #: llava-v1.5-7b's Llama fields (config.json of the published base).
 LLAVA_7B: dict[str, Any] = {
-    "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-    "hidden_act": "silu", "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
     "rope_theta": 10000.0,
 }
 #: Issue 9's targets (full size, one GPU).
@@ -95,9 +105,17 @@ def build_full_size(device: torch.device) -> RadialogV2Backend:
     token_dir = Path(tempfile.mkdtemp(prefix="bench-tokenizer-"))
     write_tokenizer(token_dir)  # a Llama-style sentencepiece tokenizer (ids < 32000): only lengths matter here
     encoder = SlowLlamaEncoder.from_directory(token_dir)
-    loaded = LoadedModel(llava, classifier, decoding_tokenizer(token_dir, encoder), None, device, dtype,
-                         torch.float16 if device.type == "cuda" else torch.float32, "random-full-size",
-                         encoder=encoder)
+    loaded = LoadedModel(
+        llava,
+        classifier,
+        decoding_tokenizer(token_dir, encoder),
+        None,
+        device,
+        dtype,
+        torch.float16 if device.type == "cuda" else torch.float32,
+        "random-full-size",
+        encoder=encoder,
+    )
     return RadialogV2Backend(loaded)
 
 
@@ -110,14 +128,20 @@ def build(tiny: bool, device: torch.device, backend_name: str = "radialog-v2") -
         from bench import gpu_radialog_v1
 
         backend = gpu_radialog_v1.build_tiny(device) if tiny else gpu_radialog_v1.build_full_size(device)
-        label = ("tiny random RaDialog v1 (make_tiny + real loader)" if tiny
-                 else "full-size RaDialog v1 architecture, random weights")
+        label = (
+            "tiny random RaDialog v1 (make_tiny + real loader)"
+            if tiny
+            else "full-size RaDialog v1 architecture, random weights"
+        )
     elif backend_name == "xraygpt":
         from bench import gpu_xraygpt
 
         backend = gpu_xraygpt.build_tiny(device) if tiny else gpu_xraygpt.build_full_size(device)
-        label = ("tiny random XrayGPT (make_tiny + real loader)" if tiny
-                 else "full-size XrayGPT architecture, random weights")
+        label = (
+            "tiny random XrayGPT (make_tiny + real loader)"
+            if tiny
+            else "full-size XrayGPT architecture, random weights"
+        )
     elif tiny:
         from workers.models.radialog_v2.tiny import make_tiny
 
@@ -167,13 +191,20 @@ def time_naive(backend: RadialogV2Backend, images: list[np.ndarray], n: int, new
     started = time.perf_counter()
     tokens = 0
     for i in range(n):
-        (out,) = backend.report([StudyInput(str(i), images[i % len(images)])], max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens)
+        (out,) = backend.report(
+            [StudyInput(str(i), images[i % len(images)])], max_new_tokens=new_tokens, min_new_tokens=new_tokens
+        )
         tokens += out.generated_tokens
     sync(device)
     seconds = time.perf_counter() - started
-    return {"studies": n, "seconds": seconds, "studies_per_s": n / seconds, "tokens_per_s": tokens / seconds,
-            "tokens": tokens, "peak_bytes": peak_bytes(device)}
+    return {
+        "studies": n,
+        "seconds": seconds,
+        "studies_per_s": n / seconds,
+        "tokens_per_s": tokens / seconds,
+        "tokens": tokens,
+        "peak_bytes": peak_bytes(device),
+    }
 
 
 # -- the engine --------------------------------------------------------------------------------------
@@ -186,8 +217,9 @@ def report_slot_len(backend: RadialogV2Backend, new_tokens: int) -> int:
 
 
 def make_engine(backend: RadialogV2Backend, report_slots: int, new_tokens: int, dialog_slots: int = 4) -> Engine:
-    config = EngineConfig(report_slots=report_slots, dialog_slots=dialog_slots,
-                          report_max_len=report_slot_len(backend, new_tokens))
+    config = EngineConfig(
+        report_slots=report_slots, dialog_slots=dialog_slots, report_max_len=report_slot_len(backend, new_tokens)
+    )
     return Engine(backend, config).start()
 
 
@@ -212,8 +244,9 @@ def pool_figures(engine: Engine) -> dict[str, Any]:
     return {name: {"slots": p.slots, "max_len": p.max_len, "gib": p.nbytes / GIB} for name, p in engine.pools.items()}
 
 
-def time_engine(backend: RadialogV2Backend, images: list[np.ndarray], batch: int, new_tokens: int,
-                naive_rate: float) -> dict[str, Any]:
+def time_engine(
+    backend: RadialogV2Backend, images: list[np.ndarray], batch: int, new_tokens: int, naive_rate: float
+) -> dict[str, Any]:
     """Sustained throughput of an engine with ``batch`` report slots fed 3 x batch reports."""
     device = backend.loaded.device
     free_memory(device)
@@ -235,10 +268,18 @@ def time_engine(backend: RadialogV2Backend, images: list[np.ndarray], batch: int
     first = [r.timings["first_token"] for r in results]
     rate = count / seconds
     row = {
-        "batch": batch, "studies": count, "seconds": seconds, "studies_per_s": rate, "tokens_per_s": tokens / seconds,
-        "tokens": tokens, "first_token_median_s": statistics.median(first),
-        "first_token_first_wave_s": statistics.median(first[:batch]), "decode_steps": steps,
-        "peak_bytes": peak_bytes(device), "kv_gib": sum(p["gib"] for p in pools.values()), "pools": pools,
+        "batch": batch,
+        "studies": count,
+        "seconds": seconds,
+        "studies_per_s": rate,
+        "tokens_per_s": tokens / seconds,
+        "tokens": tokens,
+        "first_token_median_s": statistics.median(first),
+        "first_token_first_wave_s": statistics.median(first[:batch]),
+        "decode_steps": steps,
+        "peak_bytes": peak_bytes(device),
+        "kv_gib": sum(p["gib"] for p in pools.values()),
+        "pools": pools,
         "ratio_to_naive": rate / naive_rate if naive_rate else None,
     }
     del engine, handles, results
@@ -249,10 +290,14 @@ def time_engine(backend: RadialogV2Backend, images: list[np.ndarray], batch: int
 # -- dialog under load -------------------------------------------------------------------------------
 def dialog_prompt() -> str:
     """A realistic follow-up: the report turn with a ~100-token report, then the impression question."""
-    report = ("The heart is enlarged. There is a small left pleural effusion with adjacent atelectasis. "
-              "No pneumothorax. Pulmonary vascular congestion without frank edema. ") * 2
-    history = [Turn(report_prompt("cardiomegaly, pleural effusion, atelectasis"), report.strip()),
-               Turn(yes_no_prompt("pneumothorax"), "No.")]
+    report = (
+        "The heart is enlarged. There is a small left pleural effusion with adjacent atelectasis. "
+        "No pneumothorax. Pulmonary vascular congestion without frank edema. "
+    ) * 2
+    history = [
+        Turn(report_prompt("cardiomegaly, pleural effusion, atelectasis"), report.strip()),
+        Turn(yes_no_prompt("pneumothorax"), "No."),
+    ]
     return conversation_prompt(history, IMPRESSION)
 
 
@@ -280,8 +325,9 @@ def wait_until_full(engine: Engine, since_step: int, timeout: float) -> int:
     raise TimeoutError("the report pool did not fill")
 
 
-def time_dialog_under_load(backend: RadialogV2Backend, images: list[np.ndarray], batch: int,
-                           new_tokens: int) -> dict[str, Any]:
+def time_dialog_under_load(
+    backend: RadialogV2Backend, images: list[np.ndarray], batch: int, new_tokens: int
+) -> dict[str, Any]:
     """One dialog turn submitted while ``batch`` reports decode: first token and tokens/s of that stream."""
     device = backend.loaded.device
     free_memory(device)
@@ -294,8 +340,13 @@ def time_dialog_under_load(backend: RadialogV2Backend, images: list[np.ndarray],
         live_reports = wait_until_full(engine, since, 600)
         prompt = dialog_prompt_for(backend)
         submitted = time.perf_counter()
-        handle = engine.submit_dialog(prompt, images[1], new_tokens, on_token=lambda _t: callbacks.append(time.perf_counter()),
-                                      min_new_tokens=new_tokens)
+        handle = engine.submit_dialog(
+            prompt,
+            images[1],
+            new_tokens,
+            on_token=lambda _t: callbacks.append(time.perf_counter()),
+            min_new_tokens=new_tokens,
+        )
         result = handle.result(600)
         unfinished = sum(not h.done() for h in reports)
     finally:
@@ -305,11 +356,19 @@ def time_dialog_under_load(backend: RadialogV2Backend, images: list[np.ndarray],
     tokens = len(result.tokens)
     first, total = result.timings["first_token"], result.timings["total"]
     row = {
-        "reports_live": live_reports, "reports_unfinished_at_end": unfinished, "prompt_tokens": backend.count_tokens(prompt),
-        "tokens": tokens, "first_token_s": first, "tokens_per_s": (tokens - 1) / (total - first) if tokens > 1 else None,
-        "callbacks": len(callbacks), "first_callback_s": callbacks[0] - submitted if callbacks else None,
-        "callback_tokens_per_s": ((len(callbacks) - 1) / (callbacks[-1] - callbacks[0])
-                                  if len(callbacks) > 2 and callbacks[-1] > callbacks[0] else None),
+        "reports_live": live_reports,
+        "reports_unfinished_at_end": unfinished,
+        "prompt_tokens": backend.count_tokens(prompt),
+        "tokens": tokens,
+        "first_token_s": first,
+        "tokens_per_s": (tokens - 1) / (total - first) if tokens > 1 else None,
+        "callbacks": len(callbacks),
+        "first_callback_s": callbacks[0] - submitted if callbacks else None,
+        "callback_tokens_per_s": (
+            (len(callbacks) - 1) / (callbacks[-1] - callbacks[0])
+            if len(callbacks) > 2 and callbacks[-1] > callbacks[0]
+            else None
+        ),
     }
     return row
 
@@ -349,11 +408,15 @@ def check_equality(backend: RadialogV2Backend, images: list[np.ndarray], new_tok
     else:
         prompts = equality_prompts()
     pictures = [images[i % len(images)] for i in range(len(prompts))]
-    naive = [backend.generate([p], [img], new_tokens, min_new_tokens=new_tokens)[0] for p, img in zip(prompts, pictures)]
+    naive = [
+        backend.generate([p], [img], new_tokens, min_new_tokens=new_tokens)[0] for p, img in zip(prompts, pictures)
+    ]
     free_memory(device)
     engine = make_engine(backend, 2, new_tokens, dialog_slots=len(prompts))
     try:
-        handles = [engine.submit_dialog(p, img, new_tokens, min_new_tokens=new_tokens) for p, img in zip(prompts, pictures)]
+        handles = [
+            engine.submit_dialog(p, img, new_tokens, min_new_tokens=new_tokens) for p, img in zip(prompts, pictures)
+        ]
         served = [h.result(600).tokens for h in handles]
     finally:
         engine.stop()
@@ -361,16 +424,19 @@ def check_equality(backend: RadialogV2Backend, images: list[np.ndarray], new_tok
     free_memory(device)
     prefixes = [shared_prefix(a, b) for a, b in zip(served, naive)]
     return {
-        "prompts": len(prompts), "prompt_tokens": [backend.count_tokens(p) for p in prompts],
-        "identical_prefix": prefixes, "tokens": [len(t) for t in naive],
+        "prompts": len(prompts),
+        "prompt_tokens": [backend.count_tokens(p) for p in prompts],
+        "identical_prefix": prefixes,
+        "tokens": [len(t) for t in naive],
         "identical_share": sum(prefixes) / max(1, sum(len(t) for t in naive)),
         "all_identical": all(a == b for a, b in zip(served, naive)),
     }
 
 
 # -- profile -----------------------------------------------------------------------------------------
-def profile_engine(backend: RadialogV2Backend, images: list[np.ndarray], batch: int, new_tokens: int,
-                   iterations: int = 5) -> dict[str, Any]:
+def profile_engine(
+    backend: RadialogV2Backend, images: list[np.ndarray], batch: int, new_tokens: int, iterations: int = 5
+) -> dict[str, Any]:
     """torch.profiler over ``iterations`` decode iterations of a full batch, run in this thread (the engine's
     loop body, without its thread): the top 15 ops by self device time (CPU time on CPU)."""
     from torch.profiler import ProfilerActivity, profile
@@ -379,8 +445,9 @@ def profile_engine(backend: RadialogV2Backend, images: list[np.ndarray], batch: 
     free_memory(device)
     config = EngineConfig(report_slots=batch, dialog_slots=1, report_max_len=report_slot_len(backend, new_tokens))
     engine = Engine(backend, config)  # not started: this thread runs its iterations
-    engine.submit_reports([images[i % len(images)] for i in range(batch)], max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens)
+    engine.submit_reports(
+        [images[i % len(images)] for i in range(batch)], max_new_tokens=new_tokens, min_new_tokens=new_tokens
+    )
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.inference_mode():
         engine._take_inbox()
@@ -406,10 +473,20 @@ def profile_engine(backend: RadialogV2Backend, images: list[np.ndarray], batch: 
     del engine
     free_memory(device)
     return {
-        "batch": batch, "iterations": iterations, "iteration_ms": wall_ms, "ops_ms": total / 1000 / iterations,
+        "batch": batch,
+        "iterations": iterations,
+        "iteration_ms": wall_ms,
+        "ops_ms": total / 1000 / iterations,
         "clock": "device" if on_device else "cpu",
-        "top": [{"op": e.key, "self_ms": self_time(e) / 1000 / iterations, "share": self_time(e) / total,
-                 "calls": e.count // iterations} for e in top],
+        "top": [
+            {
+                "op": e.key,
+                "self_ms": self_time(e) / 1000 / iterations,
+                "share": self_time(e) / total,
+                "calls": e.count // iterations,
+            }
+            for e in top
+        ],
     }
 
 
@@ -423,12 +500,22 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
     best = max(results["engine"], key=lambda r: r["studies_per_s"])
     dialog, model = results["dialog"], results["build"]["model_bytes"]
     return {
-        "best_studies_per_s": {"value": best["studies_per_s"], "batch": best["batch"], "target": TARGETS["studies_per_s"],
-                               "met": best["studies_per_s"] >= TARGETS["studies_per_s"]},
-        "dialog_first_token_s": {"value": dialog["first_token_s"], "target": TARGETS["dialog_first_token_s"],
-                                 "met": dialog["first_token_s"] < TARGETS["dialog_first_token_s"]},
-        "dialog_tokens_per_s": {"value": dialog["tokens_per_s"], "target": TARGETS["dialog_tokens_per_s"],
-                                "met": (dialog["tokens_per_s"] or 0) >= TARGETS["dialog_tokens_per_s"]},
+        "best_studies_per_s": {
+            "value": best["studies_per_s"],
+            "batch": best["batch"],
+            "target": TARGETS["studies_per_s"],
+            "met": best["studies_per_s"] >= TARGETS["studies_per_s"],
+        },
+        "dialog_first_token_s": {
+            "value": dialog["first_token_s"],
+            "target": TARGETS["dialog_first_token_s"],
+            "met": dialog["first_token_s"] < TARGETS["dialog_first_token_s"],
+        },
+        "dialog_tokens_per_s": {
+            "value": dialog["tokens_per_s"],
+            "target": TARGETS["dialog_tokens_per_s"],
+            "met": (dialog["tokens_per_s"] or 0) >= TARGETS["dialog_tokens_per_s"],
+        },
         "model_gb": {"value": model / 1e9, "target": TARGETS["model_gb"], "met": model / 1e9 <= TARGETS["model_gb"]},
         "identical_share": {"value": results["equality"]["identical_share"]},
     }
@@ -436,26 +523,40 @@ def verdicts(results: dict[str, Any]) -> dict[str, Any]:
 
 def print_results(r: dict[str, Any]) -> None:
     b, naive = r["build"], r["naive"]
-    print(f"{r['model']} on {r['gpu'] or r['device']} ({r['dtype']}), torch {r['torch']}, transformers {r['transformers']}")
-    print(f"build {b['build_s']:.1f} s, model memory {gb(b['model_bytes'])} GiB"
-          + (f", free after build {gb(b['free_after_build_bytes'])} GiB" if "free_after_build_bytes" in b else ""))
+    print(
+        f"{r['model']} on {r['gpu'] or r['device']} ({r['dtype']}), torch {r['torch']}, transformers {r['transformers']}"
+    )
+    print(
+        f"build {b['build_s']:.1f} s, model memory {gb(b['model_bytes'])} GiB"
+        + (f", free after build {gb(b['free_after_build_bytes'])} GiB" if "free_after_build_bytes" in b else "")
+    )
     print(f"{r['new_tokens']} new tokens per report (min = max)")
-    print(f"{'path':<8} {'batch':>5} {'studies':>7} {'studies/s':>10} {'tokens/s':>9} {'1st tok med':>11} "
-          f"{'1st wave':>9} {'peak GiB':>9} {'KV GiB':>7} {'x naive':>8}")
-    print(f"{'naive':<8} {1:>5} {naive['studies']:>7} {naive['studies_per_s']:>10.3f} {naive['tokens_per_s']:>9.1f} "
-          f"{'-':>11} {'-':>9} {gb(naive['peak_bytes']):>9} {'-':>7} {1.0:>8.2f}")
+    print(
+        f"{'path':<8} {'batch':>5} {'studies':>7} {'studies/s':>10} {'tokens/s':>9} {'1st tok med':>11} "
+        f"{'1st wave':>9} {'peak GiB':>9} {'KV GiB':>7} {'x naive':>8}"
+    )
+    print(
+        f"{'naive':<8} {1:>5} {naive['studies']:>7} {naive['studies_per_s']:>10.3f} {naive['tokens_per_s']:>9.1f} "
+        f"{'-':>11} {'-':>9} {gb(naive['peak_bytes']):>9} {'-':>7} {1.0:>8.2f}"
+    )
     for row in r["engine"]:
-        print(f"{'engine':<8} {row['batch']:>5} {row['studies']:>7} {row['studies_per_s']:>10.3f} {row['tokens_per_s']:>9.1f} "
-              f"{row['first_token_median_s'] * 1000:>9.0f}ms {row['first_token_first_wave_s'] * 1000:>7.0f}ms "
-              f"{gb(row['peak_bytes']):>9} {row['kv_gib']:>7.3f} {row['ratio_to_naive']:>8.2f}")
+        print(
+            f"{'engine':<8} {row['batch']:>5} {row['studies']:>7} {row['studies_per_s']:>10.3f} {row['tokens_per_s']:>9.1f} "
+            f"{row['first_token_median_s'] * 1000:>9.0f}ms {row['first_token_first_wave_s'] * 1000:>7.0f}ms "
+            f"{gb(row['peak_bytes']):>9} {row['kv_gib']:>7.3f} {row['ratio_to_naive']:>8.2f}"
+        )
     d = r["dialog"]
     rate = "-" if d["tokens_per_s"] is None else f"{d['tokens_per_s']:.1f}"
-    print(f"dialog turn beside {d['reports_live']} live reports ({d['prompt_tokens']} prompt tokens): first token "
-          f"{d['first_token_s'] * 1000:.0f} ms, {d['tokens']} tokens at {rate} tokens/s"
-          + (f" (first text callback {d['first_callback_s'] * 1000:.0f} ms)" if d["first_callback_s"] is not None else ""))
+    print(
+        f"dialog turn beside {d['reports_live']} live reports ({d['prompt_tokens']} prompt tokens): first token "
+        f"{d['first_token_s'] * 1000:.0f} ms, {d['tokens']} tokens at {rate} tokens/s"
+        + (f" (first text callback {d['first_callback_s'] * 1000:.0f} ms)" if d["first_callback_s"] is not None else "")
+    )
     e = r["equality"]
-    print(f"equality, {e['prompts']} prompts ({e['prompt_tokens']} positions) batched in the engine vs one-at-a-time "
-          f"generate: identical prefix {e['identical_prefix']} of {e['tokens']} tokens, share {e['identical_share']:.3f}")
+    print(
+        f"equality, {e['prompts']} prompts ({e['prompt_tokens']} positions) batched in the engine vs one-at-a-time "
+        f"generate: identical prefix {e['identical_prefix']} of {e['tokens']} tokens, share {e['identical_share']:.3f}"
+    )
     note = "" if r["device"].startswith("cuda") and not r["tiny"] else "  [tiny/CPU run: targets do not apply]"
     print("targets:" + note)
     for name, v in r["targets"].items():
@@ -465,8 +566,10 @@ def print_results(r: dict[str, Any]) -> None:
         print(f"  {name}: {value}{target}{met}")
     prof = r.get("profile")
     if prof:
-        print(f"profile, batch {prof['batch']}: {prof['iteration_ms']:.2f} ms per iteration (wall), ops' self "
-              f"{prof['clock']} time {prof['ops_ms']:.2f} ms; top 15 ({'ms/iter':>8}, share, calls/iter):")
+        print(
+            f"profile, batch {prof['batch']}: {prof['iteration_ms']:.2f} ms per iteration (wall), ops' self "
+            f"{prof['clock']} time {prof['ops_ms']:.2f} ms; top 15 ({'ms/iter':>8}, share, calls/iter):"
+        )
         for op in prof["top"]:
             print(f"  {op['self_ms']:>9.3f} {op['share'] * 100:>5.1f}% {op['calls']:>6}  {op['op']}")
 
@@ -478,9 +581,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--batch-sizes", default=None, help="default 1,8,16,32,64 (tiny: 1,4,8)")
     parser.add_argument("--new-tokens", type=int, default=100)
-    parser.add_argument("--naive", type=int, default=None, help="studies for the one-at-a-time path (default 4; tiny 3)")
-    parser.add_argument("--equality-tokens", type=int, default=None, help="tokens per equality prompt (default --new-tokens)")
-    parser.add_argument("--profile", action="store_true", help="torch.profiler over a few iterations at the largest batch")
+    parser.add_argument(
+        "--naive", type=int, default=None, help="studies for the one-at-a-time path (default 4; tiny 3)"
+    )
+    parser.add_argument(
+        "--equality-tokens", type=int, default=None, help="tokens per equality prompt (default --new-tokens)"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="torch.profiler over a few iterations at the largest batch"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.new_tokens < 5:  # the dialog-under-load step needs reports still decoding when it submits the turn
@@ -499,17 +608,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     backend, label, build_figures = build(args.tiny, device, args.backend)
     images = synthetic_images(8)
     results: dict[str, Any] = {
-        "model": label, "backend": args.backend, "tiny": args.tiny, "device": str(device), "dtype": str(backend.loaded.dtype),
+        "model": label,
+        "backend": args.backend,
+        "tiny": args.tiny,
+        "device": str(device),
+        "dtype": str(backend.loaded.dtype),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0],
-        "threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "build": build_figures,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "threads": torch.get_num_threads(),
+        "new_tokens": args.new_tokens,
+        "build": build_figures,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     results["naive"] = naive = time_naive(backend, images, args.naive, args.new_tokens)
-    results["engine"] = [time_engine(backend, images, b, args.new_tokens, naive["studies_per_s"]) for b in args.batch_sizes]
+    results["engine"] = [
+        time_engine(backend, images, b, args.new_tokens, naive["studies_per_s"]) for b in args.batch_sizes
+    ]
     results["dialog"] = time_dialog_under_load(backend, images, max(args.batch_sizes), args.new_tokens)
     results["equality"] = check_equality(backend, images, args.equality_tokens)
-    results["profile"] = profile_engine(backend, images, max(args.batch_sizes), args.new_tokens) if args.profile else None
+    results["profile"] = (
+        profile_engine(backend, images, max(args.batch_sizes), args.new_tokens) if args.profile else None
+    )
     results["targets"] = verdicts(results)
     return results
 

@@ -24,9 +24,19 @@ from workers.models.radialog_v1.backend import RadialogV1Backend
 
 #: lmsys/vicuna-7b-v1.3's config.json (LLaMA-1 7B).
 VICUNA_7B_V13: dict[str, Any] = {
-    "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-    "hidden_act": "silu", "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
 }
 
 
@@ -58,8 +68,11 @@ def build_full_size(device: torch.device) -> RadialogV1Backend:
     token_dir = Path(tempfile.mkdtemp(prefix="bench-tokenizer-"))
     write_llama_tokenizer(token_dir, corpus())  # a Llama-like sentencepiece tokenizer (ids < 32000): lengths only
     tokenizer, encoder = load_tokenizer(token_dir)
-    return RadialogV1Backend(LoadedRadialogV1(model, classifier, tokenizer, encoder, None, device, dtype, dtype,
-                                              "random-full-size", projector="random"))
+    return RadialogV1Backend(
+        LoadedRadialogV1(
+            model, classifier, tokenizer, encoder, None, device, dtype, dtype, "random-full-size", projector="random"
+        )
+    )
 
 
 def build_tiny(device: torch.device) -> RadialogV1Backend:
@@ -71,8 +84,10 @@ def build_tiny(device: torch.device) -> RadialogV1Backend:
 
 
 def report_turn() -> Turn:
-    report = ("The heart is enlarged. There is a small left pleural effusion with adjacent atelectasis. "
-              "No pneumothorax. Pulmonary vascular congestion without frank edema. ") * 2
+    report = (
+        "The heart is enlarged. There is a small left pleural effusion with adjacent atelectasis. "
+        "No pneumothorax. Pulmonary vascular congestion without frank edema. "
+    ) * 2
     return Turn(prompts.report_prompt("cardiomegaly, pleural effusion, atelectasis"), report.strip())
 
 
@@ -84,6 +99,9 @@ def dialog_prompt() -> str:
 def equality_prompts() -> list[str]:
     """Mixed lengths: two report prompts, a short and a longer follow-up."""
     short = Turn(prompts.report_prompt("cardiomegaly"), "The heart is enlarged. No effusion.")
-    return [conversation_prompt([], prompts.report_prompt("no common findings")),
-            conversation_prompt([], prompts.report_prompt("cardiomegaly, edema, pleural effusion, support devices")),
-            conversation_prompt([short], yes_no_prompt("Edema")), dialog_prompt()]
+    return [
+        conversation_prompt([], prompts.report_prompt("no common findings")),
+        conversation_prompt([], prompts.report_prompt("cardiomegaly, edema, pleural effusion, support devices")),
+        conversation_prompt([short], yes_no_prompt("Edema")),
+        dialog_prompt(),
+    ]

@@ -34,17 +34,23 @@ def summarise(backend: str, result: dict[str, Any] | None, outcome: str, seconds
         return line
     targets = result["targets"]
     best = targets["best_studies_per_s"]
-    line.update({
-        "gpu": result["gpu"] or result["device"], "dtype": result["dtype"], "torch": result["torch"],
-        "transformers": result["transformers"], "model_gib": result["build"]["model_bytes"] / 2**30,
-        "naive_studies_per_s": result["naive"]["studies_per_s"],
-        "best_studies_per_s": best["value"], "best_batch": best["batch"],
-        "peak_gib": max((row["peak_bytes"] or 0) for row in result["engine"]) / 2**30,
-        "dialog_first_token_ms": result["dialog"]["first_token_s"] * 1000,
-        "dialog_tokens_per_s": result["dialog"]["tokens_per_s"],
-        "identical_share": result["equality"]["identical_share"],
-        "targets_met": {name: v["met"] for name, v in targets.items() if "met" in v},
-    })
+    line.update(
+        {
+            "gpu": result["gpu"] or result["device"],
+            "dtype": result["dtype"],
+            "torch": result["torch"],
+            "transformers": result["transformers"],
+            "model_gib": result["build"]["model_bytes"] / 2**30,
+            "naive_studies_per_s": result["naive"]["studies_per_s"],
+            "best_studies_per_s": best["value"],
+            "best_batch": best["batch"],
+            "peak_gib": max((row["peak_bytes"] or 0) for row in result["engine"]) / 2**30,
+            "dialog_first_token_ms": result["dialog"]["first_token_s"] * 1000,
+            "dialog_tokens_per_s": result["dialog"]["tokens_per_s"],
+            "identical_share": result["equality"]["identical_share"],
+            "targets_met": {name: v["met"] for name, v in targets.items() if "met" in v},
+        }
+    )
     return line
 
 
@@ -53,22 +59,36 @@ def format_line(line: dict[str, Any]) -> str:
         return f"{line['backend']}: {line['outcome']} after {line['seconds']:.0f} s"
     rate = "-" if line["dialog_tokens_per_s"] is None else f"{line['dialog_tokens_per_s']:.0f}"
     missed = [name for name, met in line["targets_met"].items() if not met]
-    return (f"{line['backend']} on {line['gpu']} ({line['dtype']}): model {line['model_gib']:.2f} GiB, peak "
-            f"{line['peak_gib']:.2f} GiB; naive {line['naive_studies_per_s']:.2f} studies/s, engine best "
-            f"{line['best_studies_per_s']:.2f} studies/s at B={line['best_batch']}; dialog under load first token "
-            f"{line['dialog_first_token_ms']:.0f} ms, {rate} tokens/s; engine == generate share "
-            f"{line['identical_share']:.3f}; targets not met: {', '.join(missed) or 'none'} ({line['seconds']:.0f} s)")
+    return (
+        f"{line['backend']} on {line['gpu']} ({line['dtype']}): model {line['model_gib']:.2f} GiB, peak "
+        f"{line['peak_gib']:.2f} GiB; naive {line['naive_studies_per_s']:.2f} studies/s, engine best "
+        f"{line['best_studies_per_s']:.2f} studies/s at B={line['best_batch']}; dialog under load first token "
+        f"{line['dialog_first_token_ms']:.0f} ms, {rate} tokens/s; engine == generate share "
+        f"{line['identical_share']:.3f}; targets not met: {', '.join(missed) or 'none'} ({line['seconds']:.0f} s)"
+    )
 
 
 def run_one(backend: str, out: Path, seconds: float, extra: list[str], tiny: bool) -> dict[str, Any]:
     """One backend's benchmark in its own process, cut off after ``seconds``."""
     json_path, log_path = out / f"{backend}.json", out / f"{backend}.log"
-    command = [sys.executable, "-m", "bench.gpu", "--backend", backend, "--profile", "--json", str(json_path),
-               *(["--tiny"] if tiny else []), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.gpu",
+        "--backend",
+        backend,
+        "--profile",
+        "--json",
+        str(json_path),
+        *(["--tiny"] if tiny else []),
+        *extra,
+    ]
     started = time.monotonic()
     with log_path.open("w") as log:
         try:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=seconds, check=False).returncode
+            code = subprocess.run(
+                command, stdout=log, stderr=subprocess.STDOUT, timeout=seconds, check=False
+            ).returncode
             outcome = "ok" if code == 0 else f"failed (exit {code}; see {log_path.name})"
         except subprocess.TimeoutExpired:
             outcome = f"ran out of its {seconds:.0f} s (see {log_path.name})"

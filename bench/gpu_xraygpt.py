@@ -20,9 +20,19 @@ from workers.models.xraygpt.backend import XrayGPTBackend
 
 #: Vicuna-7B v1's config.json (LLaMA-1 7B; the XrayGPT "Vicuna_Radiology_fp16" fine-tune keeps it).
 VICUNA_7B_V1: dict[str, Any] = {
-    "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-    "hidden_act": "silu", "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
 }
 
 
@@ -63,8 +73,10 @@ def build_tiny(device: torch.device) -> XrayGPTBackend:
 
 
 def report_turn() -> Turn:
-    report = ("The heart is enlarged. There is a small left pleural effusion with adjacent atelectasis. "
-              "No pneumothorax. Pulmonary vascular congestion without frank edema. ") * 2
+    report = (
+        "The heart is enlarged. There is a small left pleural effusion with adjacent atelectasis. "
+        "No pneumothorax. Pulmonary vascular congestion without frank edema. "
+    ) * 2
     return Turn(prompts.REPORT_QUESTION, report.strip())
 
 
@@ -76,6 +88,9 @@ def dialog_prompt() -> str:
 def equality_prompts() -> list[str]:
     """Mixed lengths: the report prompt, a short and a longer follow-up."""
     short = Turn(prompts.REPORT_QUESTION, "The heart is enlarged. No effusion.")
-    return [prompts.conversation_prompt([], prompts.REPORT_QUESTION),
-            prompts.conversation_prompt([short], prompts.KEY_FINDINGS),
-            prompts.conversation_prompt([short], "Is there any edema?"), dialog_prompt()]
+    return [
+        prompts.conversation_prompt([], prompts.REPORT_QUESTION),
+        prompts.conversation_prompt([short], prompts.KEY_FINDINGS),
+        prompts.conversation_prompt([short], "Is there any edema?"),
+        dialog_prompt(),
+    ]

@@ -70,14 +70,23 @@ def node_process(radialog: Path, work: Path, **env: Any) -> Iterator[Node]:
     import subprocess
 
     data_dir = work / "var"
-    values = {"DATA_DIR": data_dir, "MIN_FREE_BYTES": 0, "STABLE_AFTER": 3600, "DICOM_HOST": "127.0.0.1",
-              "ACSE_TIMEOUT": 10, "PDU_TIMEOUT": 10, "LOG_LEVEL": "WARNING", **env}
+    values = {
+        "DATA_DIR": data_dir,
+        "MIN_FREE_BYTES": 0,
+        "STABLE_AFTER": 3600,
+        "DICOM_HOST": "127.0.0.1",
+        "ACSE_TIMEOUT": 10,
+        "PDU_TIMEOUT": 10,
+        "LOG_LEVEL": "WARNING",
+        **env,
+    }
     environment = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
     environment.update({f"RADIALOG_{k}": str(v) for k, v in values.items()})
     port = free_port()
     log = open(work / "node.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([str(radialog), "node", "--port", str(port), "--no-enqueue"], env=environment,
-                            stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        [str(radialog), "node", "--port", str(port), "--no-enqueue"], env=environment, stdout=log, stderr=log
+    )
     try:
         wait_port(port)
         yield Node(proc.pid, port, data_dir)
@@ -172,8 +181,10 @@ def slow(node: Node, legit: Legit, n_legit: int) -> str:
     for thread in threads:
         thread.join(timeout=60)
     closed = _closed([p.sock for p in peers], wait=15)
-    return (f"{len(peers)} associations trickling 1 byte / 0.5 s: {closed} closed, after at most "
-            f"{max(sent, default=0)} of {len(data)} bytes")
+    return (
+        f"{len(peers)} associations trickling 1 byte / 0.5 s: {closed} closed, after at most "
+        f"{max(sent, default=0)} of {len(data)} bytes"
+    )
 
 
 def oversized(node: Node, legit: Legit, n_legit: int) -> str:
@@ -216,9 +227,16 @@ FLOOD = [320]
 
 def flood(node: Node, legit: Legit, n_legit: int) -> str:
     good = associate_rq()
-    openings = [b"GET / HTTP/1.1\r\n\r\n", pdu(0x04, b"\x00" * 64), pdu(0x01, b"\x00" * 10),
-                good[:6] + bytes(len(good) - 6), good[:40] + b"\xff" * (len(good) - 40), pdu(0x07, b"\x00" * 4),
-                bytes(range(256)), struct.pack(">BBL", 0x01, 0, 1 << 31)]
+    openings = [
+        b"GET / HTTP/1.1\r\n\r\n",
+        pdu(0x04, b"\x00" * 64),
+        pdu(0x01, b"\x00" * 10),
+        good[:6] + bytes(len(good) - 6),
+        good[:40] + b"\xff" * (len(good) - 40),
+        pdu(0x07, b"\x00" * 4),
+        bytes(range(256)),
+        struct.pack(">BBL", 0x01, 0, 1 << 31),
+    ]
     threads_before = node.status("Threads")
     sender = threading.Thread(target=legit.send, args=(node.port, n_legit))
     sender.start()
@@ -232,20 +250,28 @@ def flood(node: Node, legit: Legit, n_legit: int) -> str:
             closed += closed_by_peer(sock, wait=20)
     sender.join()
     time.sleep(1)
-    return (f"{FLOOD[0]} malformed openings in a row: {closed} closed by the node; node threads "
-            f"{threads_before} before, {node.status('Threads')} after")
+    return (
+        f"{FLOOD[0]} malformed openings in a row: {closed} closed by the node; node threads "
+        f"{threads_before} before, {node.status('Threads')} after"
+    )
 
 
 SCENARIOS: dict[str, tuple[Callable[[Node, Legit, int], str], dict[str, Any]]] = {
-    "bare": (bare, {}), "partial": (partial, {}), "slow": (slow, {}), "oversized": (oversized, {}),
-    "stalled": (stalled, {"MAX_INSTANCE_BYTES": 32 * MB}), "flood": (flood, {}),
+    "bare": (bare, {}),
+    "partial": (partial, {}),
+    "slow": (slow, {}),
+    "oversized": (oversized, {}),
+    "stalled": (stalled, {"MAX_INSTANCE_BYTES": 32 * MB}),
+    "flood": (flood, {}),
 }
 
 
 def run(name: str, radialog: Path, n_legit: int) -> bool:
     scenario, env = SCENARIOS[name]
-    with tempfile.TemporaryDirectory(prefix="radialog-hostile-") as tmp, \
-            node_process(radialog, Path(tmp), **env) as node:
+    with (
+        tempfile.TemporaryDirectory(prefix="radialog-hostile-") as tmp,
+        node_process(radialog, Path(tmp), **env) as node,
+    ):
         time.sleep(0.5)
         rss_before = node.status("VmRSS")
         legit = Legit()
@@ -254,17 +280,24 @@ def run(name: str, radialog: Path, n_legit: int) -> bool:
         elapsed = time.perf_counter() - started
         ok = sum(1 for s in legit.statuses if s == 0)
         print(f"{name:9s} | {what}")
-        print(f"{'':9s} | legitimate: {ok}/{len(legit.statuses)} Success, {node.instances()} in the registry, "
-              f"slowest {max(legit.seconds, default=0):.2f} s | RSS {rss_before / 1024:.0f} MB before, peak "
-              f"{node.status('VmHWM') / 1024:.0f} MB | scenario {elapsed:.0f} s", flush=True)
+        print(
+            f"{'':9s} | legitimate: {ok}/{len(legit.statuses)} Success, {node.instances()} in the registry, "
+            f"slowest {max(legit.seconds, default=0):.2f} s | RSS {rss_before / 1024:.0f} MB before, peak "
+            f"{node.status('VmHWM') / 1024:.0f} MB | scenario {elapsed:.0f} s",
+            flush=True,
+        )
         return ok == n_legit == node.instances()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
-    parser.add_argument("--radialog", type=Path, default=Path(sys.executable).with_name("radialog"),
-                        help="the radialog CLI to attack (default: this checkout's)")
+    parser.add_argument(
+        "--radialog",
+        type=Path,
+        default=Path(sys.executable).with_name("radialog"),
+        help="the radialog CLI to attack (default: this checkout's)",
+    )
     parser.add_argument("--legit", type=int, default=10, help="legitimate stores per scenario")
     parser.add_argument("--flood", type=int, default=320, help="malformed connections in the flood scenario")
     args = parser.parse_args(argv)

@@ -53,31 +53,66 @@ def timed(fn: Any) -> tuple[bool, float]:
 
 
 class Target:
-    def __init__(self, tree: Path, workdir: Path, nofile: int, hard: bool, model: tuple[Path, Path],
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tree: Path,
+        workdir: Path,
+        nofile: int,
+        hard: bool,
+        model: tuple[Path, Path],
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.tree = tree
         self.api_port, self.dicom_port = free_port(), free_port()
         self.log_path = workdir / "run.log"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
-        self.env.update({
-            "PYTHONPATH": str(tree), "RADIALOG_DATA_DIR": str(workdir / "var"),
-            "RADIALOG_BROKER_URL": "redis://127.0.0.1:1/0",  # nothing there: the embedded broker
-            "RADIALOG_API_HOST": "127.0.0.1", "RADIALOG_API_PORT": str(self.api_port),
-            "RADIALOG_DICOM_HOST": "127.0.0.1", "RADIALOG_DICOM_PORT": str(self.dicom_port),
-            "RADIALOG_MIN_FREE_BYTES": "0", "RADIALOG_MODEL_DIR": str(model[0]),
-            "RADIALOG_BASE_MODEL_DIR": str(model[1]), "RADIALOG_DEVICE": "cpu", "RADIALOG_STABLE_AFTER": "1",
-            **(extra_env or {}),
-        })
+        self.env.update(
+            {
+                "PYTHONPATH": str(tree),
+                "RADIALOG_DATA_DIR": str(workdir / "var"),
+                "RADIALOG_BROKER_URL": "redis://127.0.0.1:1/0",  # nothing there: the embedded broker
+                "RADIALOG_API_HOST": "127.0.0.1",
+                "RADIALOG_API_PORT": str(self.api_port),
+                "RADIALOG_DICOM_HOST": "127.0.0.1",
+                "RADIALOG_DICOM_PORT": str(self.dicom_port),
+                "RADIALOG_MIN_FREE_BYTES": "0",
+                "RADIALOG_MODEL_DIR": str(model[0]),
+                "RADIALOG_BASE_MODEL_DIR": str(model[1]),
+                "RADIALOG_DEVICE": "cpu",
+                "RADIALOG_STABLE_AFTER": "1",
+                **(extra_env or {}),
+            }
+        )
         self.key = self._radialog("users", "create", "bench", "--role", "reader").strip()
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                ["bash", "-c", f'ulimit {"-n" if hard else "-Sn"} {nofile} && exec "$@"', "bash", sys.executable, "-m", "composition.cli",
-                 "run"], cwd=tree, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                [
+                    "bash",
+                    "-c",
+                    f'ulimit {"-n" if hard else "-Sn"} {nofile} && exec "$@"',
+                    "bash",
+                    sys.executable,
+                    "-m",
+                    "composition.cli",
+                    "run",
+                ],
+                cwd=tree,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.url = f"http://127.0.0.1:{self.api_port}"
 
     def _radialog(self, *args: str) -> str:
-        return subprocess.run([sys.executable, "-m", "composition.cli", *args], cwd=self.tree, env=self.env,
-                              capture_output=True, text=True, check=True, timeout=300).stdout
+        return subprocess.run(
+            [sys.executable, "-m", "composition.cli", *args],
+            cwd=self.tree,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+        ).stdout
 
     def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -98,17 +133,59 @@ class Target:
     # The DICOM probes run as dcmtk processes: this one holds over a thousand sockets, and pynetdicom's
     # select() cannot watch a descriptor numbered 1,024 or above.
     def echo(self) -> bool:
-        return subprocess.run(["echoscu", "-to", "10", "-ta", "10", "-td", "10", "-aet", "BENCH", "-aec", "RADIALOG",
-                               "127.0.0.1", str(self.dicom_port)], check=False, capture_output=True, timeout=60).returncode == 0
+        return (
+            subprocess.run(
+                [
+                    "echoscu",
+                    "-to",
+                    "10",
+                    "-ta",
+                    "10",
+                    "-td",
+                    "10",
+                    "-aet",
+                    "BENCH",
+                    "-aec",
+                    "RADIALOG",
+                    "127.0.0.1",
+                    str(self.dicom_port),
+                ],
+                check=False,
+                capture_output=True,
+                timeout=60,
+            ).returncode
+            == 0
+        )
 
     def store(self) -> bool:
         from radialog.synthetic import make_cxr
 
         path = self.log_path.parent / "probe.dcm"
         make_cxr(rows=256, cols=256, patient_index=90, seed=90).save_as(path, enforce_file_format=True)
-        return subprocess.run(["storescu", "-to", "10", "-ta", "10", "-td", "10", "-aet", "BENCH", "-aec", "RADIALOG",
-                               "127.0.0.1", str(self.dicom_port), str(path)], check=False,
-                              capture_output=True, timeout=60).returncode == 0
+        return (
+            subprocess.run(
+                [
+                    "storescu",
+                    "-to",
+                    "10",
+                    "-ta",
+                    "10",
+                    "-td",
+                    "10",
+                    "-aet",
+                    "BENCH",
+                    "-aec",
+                    "RADIALOG",
+                    "127.0.0.1",
+                    str(self.dicom_port),
+                    str(path),
+                ],
+                check=False,
+                capture_output=True,
+                timeout=60,
+            ).returncode
+            == 0
+        )
 
     def log_size(self) -> tuple[int, int]:
         data = self.log_path.read_bytes()
@@ -167,21 +244,34 @@ def half_sent(target: Target, connections: int, hold: float) -> dict[str, Any]:
     lines1, bytes1 = target.log_size()
     api_times = [p["api"][1] for p in probes if p["api"][0]]
     return {
-        "connections": connections, "opened": opened, "refused_at_connect": refused, "open_s": open_s,
-        "hold_s": hold, "probes": len(probes),
-        "api_ok": sum(p["api"][0] for p in probes), "healthz_ok": sum(p["healthz"][0] for p in probes),
-        "echo_ok": sum(p["echo"][0] for p in probes), "store_ok": bool(stored and stored[0]),
-        "api_s_max": max(api_times, default=None), "api_s_median": sorted(api_times)[len(api_times) // 2] if api_times else None,
-        "closed_by_server": closed, "peak_fds": peak["fds"], "peak_rss_mb": peak["rss_mb"],
-        "log_lines": lines1 - lines0, "log_bytes": bytes1 - bytes0, "alive": target.proc.poll() is None,
+        "connections": connections,
+        "opened": opened,
+        "refused_at_connect": refused,
+        "open_s": open_s,
+        "hold_s": hold,
+        "probes": len(probes),
+        "api_ok": sum(p["api"][0] for p in probes),
+        "healthz_ok": sum(p["healthz"][0] for p in probes),
+        "echo_ok": sum(p["echo"][0] for p in probes),
+        "store_ok": bool(stored and stored[0]),
+        "api_s_max": max(api_times, default=None),
+        "api_s_median": sorted(api_times)[len(api_times) // 2] if api_times else None,
+        "closed_by_server": closed,
+        "peak_fds": peak["fds"],
+        "peak_rss_mb": peak["rss_mb"],
+        "log_lines": lines1 - lines0,
+        "log_bytes": bytes1 - bytes0,
+        "alive": target.proc.poll() is None,
     }
 
 
 def huge_body(target: Target, megabytes: int = 200) -> dict[str, Any]:
     before = proc_stats(target.proc.pid)["rss_mb"]
     sock = socket.create_connection(("127.0.0.1", target.api_port), timeout=30)
-    sock.sendall(f"POST /api/v1/studies/1/report/versions HTTP/1.1\r\nHost: radialog\r\nContent-Type: "
-                 f"application/json\r\nContent-Length: {megabytes * 1024 * 1024}\r\n\r\n".encode())
+    sock.sendall(
+        f"POST /api/v1/studies/1/report/versions HTTP/1.1\r\nHost: radialog\r\nContent-Type: "
+        f"application/json\r\nContent-Length: {megabytes * 1024 * 1024}\r\n\r\n".encode()
+    )
     chunk = b" " * (1024 * 1024)
     sent = 0
     sock.setblocking(False)
@@ -209,8 +299,13 @@ def huge_body(target: Target, megabytes: int = 200) -> dict[str, Any]:
         pass
     sock.close()
     after = proc_stats(target.proc.pid)["rss_mb"]
-    return {"announced_mb": megabytes, "sent_mb_before_answer": sent, "status": answer[:12].decode(errors="replace"),
-            "rss_before_mb": before, "rss_after_mb": after}
+    return {
+        "announced_mb": megabytes,
+        "sent_mb_before_answer": sent,
+        "status": answer[:12].decode(errors="replace"),
+        "rss_before_mb": before,
+        "rss_after_mb": after,
+    }
 
 
 def main() -> None:
@@ -220,8 +315,9 @@ def main() -> None:
     parser.add_argument("--nofile", type=int, default=1024, help="soft RLIMIT_NOFILE of the server process")
     parser.add_argument("--hard", action="store_true", help="make --nofile the hard limit too (no raising it)")
     parser.add_argument("--tree", type=Path, default=ROOT, help="source tree to run the server from")
-    parser.add_argument("--env", action="append", default=[], metavar="RADIALOG_X=VALUE",
-                        help="a setting for the server (repeatable)")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="RADIALOG_X=VALUE", help="a setting for the server (repeatable)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from workers.models.radialog_v2.tiny import make_tiny
@@ -232,9 +328,13 @@ def main() -> None:
         target = Target(args.tree.resolve(), work, args.nofile, args.hard, make_tiny(work / "tiny"), extra)
         try:
             target.wait_ready()
-            result: dict[str, Any] = {"target": "radialog run (embedded broker, tiny model)", "nofile": args.nofile,
-                                      "hard": args.hard, "env": extra,
-                                      "baseline": proc_stats(target.proc.pid)}
+            result: dict[str, Any] = {
+                "target": "radialog run (embedded broker, tiny model)",
+                "nofile": args.nofile,
+                "hard": args.hard,
+                "env": extra,
+                "baseline": proc_stats(target.proc.pid),
+            }
             result["half_sent"] = half_sent(target, args.connections, args.hold)
             if target.proc.poll() is None:
                 time.sleep(2)

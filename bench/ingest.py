@@ -62,12 +62,22 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
 @contextmanager
 def run_node(work: Path) -> Iterator[tuple[str, int]]:
     """``radialog node`` in its own process with a fresh data directory (SQLite registry)."""
-    env = dict(os.environ, RADIALOG_DATA_DIR=str(work / "var"), RADIALOG_MIN_FREE_BYTES="0",
-               RADIALOG_STABLE_AFTER="3600", RADIALOG_DICOM_HOST="127.0.0.1", RADIALOG_LOG_LEVEL="WARNING")
+    env = dict(
+        os.environ,
+        RADIALOG_DATA_DIR=str(work / "var"),
+        RADIALOG_MIN_FREE_BYTES="0",
+        RADIALOG_STABLE_AFTER="3600",
+        RADIALOG_DICOM_HOST="127.0.0.1",
+        RADIALOG_LOG_LEVEL="WARNING",
+    )
     port = free_port()
     radialog = Path(sys.executable).with_name("radialog")
-    proc = subprocess.Popen([str(radialog), "node", "--port", str(port), "--no-enqueue"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(radialog), "node", "--port", str(port), "--no-enqueue"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_port(port)
         yield AE_TITLE, port
@@ -80,8 +90,11 @@ def run_storescp(work: Path) -> Iterator[tuple[str, int]]:
     out = work / "storescp"
     out.mkdir()
     port = free_port()
-    proc = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_port(port)
         yield "STORESCP", port
@@ -93,9 +106,14 @@ def run_storescp(work: Path) -> Iterator[tuple[str, int]]:
 def run_orthanc(work: Path) -> Iterator[tuple[str, int]]:
     dicom_port, http_port = free_port(), free_port()
     config = {
-        "Name": "bench", "StorageDirectory": str(work / "orthanc-storage"),
-        "IndexDirectory": str(work / "orthanc-index"), "HttpPort": http_port, "DicomPort": dicom_port,
-        "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "Name": "bench",
+        "StorageDirectory": str(work / "orthanc-storage"),
+        "IndexDirectory": str(work / "orthanc-index"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
         "Plugins": [],
     }
     config_path = work / "orthanc.json"
@@ -118,20 +136,27 @@ def run_orthanc(work: Path) -> Iterator[tuple[str, int]]:
 
 
 RECEIVERS: dict[str, Callable[[Path], contextmanager]] = {  # type: ignore[type-arg]
-    "node": run_node, "storescp": run_storescp, "orthanc": run_orthanc,
+    "node": run_node,
+    "storescp": run_storescp,
+    "orthanc": run_orthanc,
 }
 
 
 def send(files: list[Path], ae_title: str, port: int) -> float:
     """Seconds for one storescu association carrying every file; fails unless every store succeeded."""
     started = time.perf_counter()
-    result = subprocess.run(["storescu", "-v", "-aet", "BENCH", "-aec", ae_title, "127.0.0.1", str(port),
-                             *map(str, files)], check=False, capture_output=True, text=True)
+    result = subprocess.run(
+        ["storescu", "-v", "-aet", "BENCH", "-aec", ae_title, "127.0.0.1", str(port), *map(str, files)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     elapsed = time.perf_counter() - started
     successes = len(re.findall(r"Received Store Response \(Success\)", result.stdout + result.stderr))
     if result.returncode != 0 or successes != len(files):
-        raise RuntimeError(f"storescu: rc {result.returncode}, {successes}/{len(files)} Success\n"
-                           f"{result.stderr[-2000:]}")
+        raise RuntimeError(
+            f"storescu: rc {result.returncode}, {successes}/{len(files)} Success\n{result.stderr[-2000:]}"
+        )
     return elapsed
 
 
@@ -155,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(files)} files, {megabytes:.1f} MB, {os.cpu_count()} CPUs, {args.rounds} rounds")
         totals = {name: 0.0 for name in names}
         for rnd in range(args.rounds):
-            order = names[rnd % len(names):] + names[: rnd % len(names)]
+            order = names[rnd % len(names) :] + names[: rnd % len(names)]
             for name in order:
                 work = root / f"{name}-{rnd}"
                 work.mkdir()
@@ -163,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                     seconds = send(files, ae_title, port)
                 totals[name] += seconds
                 shutil.rmtree(work, ignore_errors=True)
-                print(f"round {rnd + 1} {name:9s} {seconds:6.2f} s  {len(files) / seconds:6.1f} img/s  "
-                      f"{megabytes / seconds:7.1f} MB/s")
+                print(
+                    f"round {rnd + 1} {name:9s} {seconds:6.2f} s  {len(files) / seconds:6.1f} img/s  "
+                    f"{megabytes / seconds:7.1f} MB/s"
+                )
         print("\nreceiver   img/s     MB/s   (all rounds)")
         rate = {}
         for name in names:

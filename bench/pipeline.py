@@ -90,14 +90,18 @@ def study_figures(registry: Any, study_uid: str) -> dict[str, float] | None:
         study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).first()
         if study is None or study.state != "EXPORTED":
             return None
-        events = {e.to_state: e.at for e in session.scalars(
-            select(StudyEvent).where(StudyEvent.study_id == study.id).order_by(StudyEvent.id))}
+        events = {
+            e.to_state: e.at
+            for e in session.scalars(select(StudyEvent).where(StudyEvent.study_id == study.id).order_by(StudyEvent.id))
+        }
         job = session.scalars(select(Job).where(Job.study_id == study.id)).one()
         timings = dict(job.timings)
         assert job.started_at is not None
         claimed = job.started_at
     stable, reported, exported = events["STABLE"], events["REPORTED"], events["EXPORTED"]
-    model = float(timings.get("classifier", 0.0)) + float(timings.get("vision", 0.0)) + float(timings.get("generate", 0.0))
+    model = (
+        float(timings.get("classifier", 0.0)) + float(timings.get("vision", 0.0)) + float(timings.get("generate", 0.0))
+    )
     preprocess, store = float(timings.get("preprocess", 0.0)), float(timings.get("store", 0.0))
     batch_wait = float(timings.get("batch_wait", 0.0))
     to_reported = (reported - stable).total_seconds()
@@ -144,24 +148,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     client.flushdb()
     pacs = Pacs()
     settings = Settings(
-        data_dir=tmp / "var", broker_url=broker, model_dir=model_dir, base_model_dir=base_dir, device="cpu",
-        batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms, stable_after=args.stable_after,
-        dicom_host="127.0.0.1", dicom_port=0, min_free_bytes=0,
+        data_dir=tmp / "var",
+        broker_url=broker,
+        model_dir=model_dir,
+        base_model_dir=base_dir,
+        device="cpu",
+        batch_size=args.batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        stable_after=args.stable_after,
+        dicom_host="127.0.0.1",
+        dicom_port=0,
+        min_free_bytes=0,
         destinations=[Destination(name="pacs", ae_title="BENCHPACS", host="127.0.0.1", port=pacs.port)],
     )
     registry = Registry.from_settings(settings)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
-    env.update({
-        "RADIALOG_DATA_DIR": str(settings.data_dir), "RADIALOG_BROKER_URL": broker,
-        "RADIALOG_MODEL_DIR": str(model_dir), "RADIALOG_BASE_MODEL_DIR": str(base_dir), "RADIALOG_DEVICE": "cpu",
-        "RADIALOG_BATCH_SIZE": str(args.batch_size), "RADIALOG_BATCH_WAIT_MS": str(args.batch_wait_ms),
-        "RADIALOG_DESTINATIONS": json.dumps([d.model_dump(mode="json") for d in settings.destinations]),
-        "RADIALOG_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT),
-    })
+    env.update(
+        {
+            "RADIALOG_DATA_DIR": str(settings.data_dir),
+            "RADIALOG_BROKER_URL": broker,
+            "RADIALOG_MODEL_DIR": str(model_dir),
+            "RADIALOG_BASE_MODEL_DIR": str(base_dir),
+            "RADIALOG_DEVICE": "cpu",
+            "RADIALOG_BATCH_SIZE": str(args.batch_size),
+            "RADIALOG_BATCH_WAIT_MS": str(args.batch_wait_ms),
+            "RADIALOG_DESTINATIONS": json.dumps([d.model_dump(mode="json") for d in settings.destinations]),
+            "RADIALOG_LOG_LEVEL": "WARNING",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
     log = tmp / "worker.log"
     with log.open("wb") as log_file:
-        worker = subprocess.Popen([sys.executable, "-m", "composition.cli", "worker", "--hostname", "bench-worker",
-                                   "--no-sweep"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "composition.cli", "worker", "--hostname", "bench-worker", "--no-sweep"],
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     node = start_node(settings, registry, lambda study_id: enqueue_report(registry, settings, study_id))
     figures: list[dict[str, float]] = []
     try:
@@ -189,8 +213,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         client.flushdb()
     keys = [k for k in figures[0] if k != "batch_size"]
     summary = {
-        "mode": args.mode, "n": args.n, "batch_size": args.batch_size, "batch_wait_ms": args.batch_wait_ms,
-        "wall_s": wall, "studies_per_s": args.n / wall,
+        "mode": args.mode,
+        "n": args.n,
+        "batch_size": args.batch_size,
+        "batch_wait_ms": args.batch_wait_ms,
+        "wall_s": wall,
+        "studies_per_s": args.n / wall,
         "batch_sizes": dict(Counter(int(f["batch_size"]) for f in figures)),
         "median": {k: statistics.median(f[k] for f in figures) for k in keys},
         "max": {k: max(f[k] for f in figures) for k in keys},
@@ -210,8 +238,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="Also write the summary here.")
     args = parser.parse_args()
     summary = run(args)
-    print(f"{args.mode}: {args.n} studies, batch_size {args.batch_size}, batch_wait_ms {args.batch_wait_ms}: "
-          f"{summary['studies_per_s']:.3f} studies/s, batch sizes {summary['batch_sizes']}")
+    print(
+        f"{args.mode}: {args.n} studies, batch_size {args.batch_size}, batch_wait_ms {args.batch_wait_ms}: "
+        f"{summary['studies_per_s']:.3f} studies/s, batch sizes {summary['batch_sizes']}"
+    )
     print(f"{'stage':24} {'median s':>9} {'max s':>9}")
     for key, value in summary["median"].items():
         print(f"{key:24} {value:9.3f} {summary['max'][key]:9.3f}")

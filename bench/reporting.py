@@ -46,7 +46,11 @@ def _database(url: str | None) -> Iterator[str | None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=50, help="studies")
-    parser.add_argument("--db", default=None, help="registry URL (default: SQLite in a temp directory; PostgreSQL gets a temporary schema)")
+    parser.add_argument(
+        "--db",
+        default=None,
+        help="registry URL (default: SQLite in a temp directory; PostgreSQL gets a temporary schema)",
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp, _database(args.db) as database_url:
@@ -54,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         (work / "orthanc").mkdir()
         with run_orthanc(work / "orthanc") as (pacs_aet, pacs_port):
             settings = Settings(
-                data_dir=work / "var", database_url=database_url, min_free_bytes=0,
+                data_dir=work / "var",
+                database_url=database_url,
+                min_free_bytes=0,
                 destinations=[Destination(name="orthanc", ae_title=pacs_aet, host="127.0.0.1", port=pacs_port)],
             )
             registry = Registry.from_settings(settings)
@@ -73,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                 if outcome != "SENT":
                     raise SystemExit(f"export {export_id}: {outcome}")
             registry.dispose()
-            print(f"{args.n} studies, registry {settings.resolved_database_url.split('://')[0]}, Orthanc 1 association each")
+            print(
+                f"{args.n} studies, registry {settings.resolved_database_url.split('://')[0]}, Orthanc 1 association each"
+            )
             print(_summary("create_ai_draft", drafts))
             print(_summary("deliver (C-STORE)", sends))
             print(_summary("total", [a + b for a, b in zip(drafts, sends, strict=True)]))

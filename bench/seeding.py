@@ -33,8 +33,15 @@ def make_keys(registry: Registry) -> dict[str, str]:
         return {name: create_user(session, name, role) for name, role in USERS.items()}
 
 
-def add_study(registry: Registry, settings: Settings, *, state: StudyState = StudyState.QUEUED,
-              index: int = 0, study_date: str | None = None, reason: str | None = None) -> tuple[int, Dataset]:
+def add_study(
+    registry: Registry,
+    settings: Settings,
+    *,
+    state: StudyState = StudyState.QUEUED,
+    index: int = 0,
+    study_date: str | None = None,
+    reason: str | None = None,
+) -> tuple[int, Dataset]:
     """A study with one CR instance in the spool (as the node stores it), moved to ``state`` through
     the state machine. Returns (study id, dataset)."""
     ds = make_cxr(patient_index=index, rows=256, cols=256, seed=index)
@@ -46,19 +53,40 @@ def add_study(registry: Registry, settings: Settings, *, state: StudyState = Stu
     ds.save_as(path, enforce_file_format=True)
     now = utcnow()
     with registry.session() as session:
-        study = Study(study_instance_uid=ds.StudyInstanceUID, state=StudyState.RECEIVING.value,
-                      patient_name=str(ds.PatientName), patient_id=ds.PatientID,
-                      accession_number=ds.AccessionNumber, study_date=ds.StudyDate,
-                      study_description=ds.StudyDescription, created_at=now, updated_at=now, last_instance_at=now)
+        study = Study(
+            study_instance_uid=ds.StudyInstanceUID,
+            state=StudyState.RECEIVING.value,
+            patient_name=str(ds.PatientName),
+            patient_id=ds.PatientID,
+            accession_number=ds.AccessionNumber,
+            study_date=ds.StudyDate,
+            study_description=ds.StudyDescription,
+            created_at=now,
+            updated_at=now,
+            last_instance_at=now,
+        )
         session.add(study)
         session.flush()
-        instance = Instance(study_id=study.id, sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
-                            series_instance_uid=ds.SeriesInstanceUID,
-                            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, path=str(rel),
-                            size_bytes=path.stat().st_size, calling_ae_title="TESTSCU", received_at=now,
-                            attributes={"modality": "CR", "view_position": "PA", "body_part_examined": "CHEST",
-                                        "sop_class_uid": ds.SOPClassUID,
-                                        "photometric_interpretation": "MONOCHROME2", "rows": 256, "columns": 256})
+        instance = Instance(
+            study_id=study.id,
+            sop_instance_uid=ds.SOPInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+            series_instance_uid=ds.SeriesInstanceUID,
+            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+            path=str(rel),
+            size_bytes=path.stat().st_size,
+            calling_ae_title="TESTSCU",
+            received_at=now,
+            attributes={
+                "modality": "CR",
+                "view_position": "PA",
+                "body_part_examined": "CHEST",
+                "sop_class_uid": ds.SOPClassUID,
+                "photometric_interpretation": "MONOCHROME2",
+                "rows": 256,
+                "columns": 256,
+            },
+        )
         session.add(instance)
         session.flush()
         study.selected_instance_id = instance.id
@@ -75,20 +103,33 @@ def add_study(registry: Registry, settings: Settings, *, state: StudyState = Stu
         return study.id, ds
 
 
-def add_reported_study(registry: Registry, settings: Settings, *, index: int = 0,
-                       findings_text: str = "The heart size is normal. There is a small left pleural effusion.",
-                       present: tuple[str, ...] = ("Pleural Effusion",)) -> int:
+def add_reported_study(
+    registry: Registry,
+    settings: Settings,
+    *,
+    index: int = 0,
+    findings_text: str = "The heart size is normal. There is a small left pleural effusion.",
+    present: tuple[str, ...] = ("Pleural Effusion",),
+) -> int:
     """A study with an AI draft (version 1) written by reporting.versions.create_ai_draft."""
     from reporting.versions import create_ai_draft
     from workers.models.prompts import findings_phrase
 
     study_id, _ = add_study(registry, settings, state=StudyState.RUNNING, index=index)
-    findings = [ClassifierFinding(label, 0.9 if label in present else 0.1, label in present)
-                for label in CHEXPERT_LABELS]
-    output = ReportOutput(key=str(study_id), findings_text=findings_text, findings=findings,
-                          findings_phrase=findings_phrase(present), generated_tokens=20, timings={"generate": 0.1})
-    provenance = Provenance(name="RaDialog-LLaVA", version="2.0-test", files_sha256="0" * 64, tiny=True,
-                            display_name="RaDialog")
+    findings = [
+        ClassifierFinding(label, 0.9 if label in present else 0.1, label in present) for label in CHEXPERT_LABELS
+    ]
+    output = ReportOutput(
+        key=str(study_id),
+        findings_text=findings_text,
+        findings=findings,
+        findings_phrase=findings_phrase(present),
+        generated_tokens=20,
+        timings={"generate": 0.1},
+    )
+    provenance = Provenance(
+        name="RaDialog-LLaVA", version="2.0-test", files_sha256="0" * 64, tiny=True, display_name="RaDialog"
+    )
     with registry.session() as session:
         create_ai_draft(session, settings, study_id, output, provenance)
     return study_id
@@ -99,8 +140,9 @@ FINDINGS_TEXT = "The cardiac silhouette is enlarged. There is a small left pleur
 PROVENANCE = Provenance(name="RaDialog-LLaVA", version="2.0", files_sha256="5e" * 32, display_name="RaDialog")
 
 
-def add_study_without_history(registry: Registry, settings: Settings, *,
-                              state: StudyState = StudyState.RUNNING) -> tuple[int, Dataset]:
+def add_study_without_history(
+    registry: Registry, settings: Settings, *, state: StudyState = StudyState.RUNNING
+) -> tuple[int, Dataset]:
     """A CR chest study with one 128x128 image, spooled as the node would and selected for reporting, its row
     written directly in ``state`` (no transitions). Returns (study id, dataset)."""
     ds = make_cxr(modality="CR", rows=128, cols=128)
@@ -111,16 +153,27 @@ def add_study_without_history(registry: Registry, settings: Settings, *,
     now = utcnow()
     with registry.session() as session:
         study = Study(
-            study_instance_uid=ds.StudyInstanceUID, state=state.value, patient_name=str(ds.PatientName),
-            patient_id=ds.PatientID, accession_number=ds.AccessionNumber, study_date=ds.StudyDate,
-            created_at=now, updated_at=now, last_instance_at=now,
+            study_instance_uid=ds.StudyInstanceUID,
+            state=state.value,
+            patient_name=str(ds.PatientName),
+            patient_id=ds.PatientID,
+            accession_number=ds.AccessionNumber,
+            study_date=ds.StudyDate,
+            created_at=now,
+            updated_at=now,
+            last_instance_at=now,
         )
         session.add(study)
         session.flush()
         instance = Instance(
-            study_id=study.id, sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
-            series_instance_uid=ds.SeriesInstanceUID, transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-            path=relative.as_posix(), size_bytes=path.stat().st_size, received_at=now,
+            study_id=study.id,
+            sop_instance_uid=ds.SOPInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+            series_instance_uid=ds.SeriesInstanceUID,
+            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+            path=relative.as_posix(),
+            size_bytes=path.stat().st_size,
+            received_at=now,
             attributes={"modality": "CR", "view_position": "PA", "body_part_examined": "CHEST"},
         )
         session.add(instance)
@@ -137,7 +190,10 @@ def model_output(study_id: int, text: str = FINDINGS_TEXT) -> ReportOutput:
         for i, label in enumerate(CHEXPERT_LABELS)
     ]
     return ReportOutput(
-        key=str(study_id), findings_text=text, findings=findings,
-        findings_phrase="Predicted Findings: cardiomegaly, pleural effusion.", generated_tokens=24,
+        key=str(study_id),
+        findings_text=text,
+        findings=findings,
+        findings_phrase="Predicted Findings: cardiomegaly, pleural effusion.",
+        generated_tokens=24,
         timings={"generate": 0.5},
     )

@@ -45,8 +45,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], T | None], timeout: float, what: str,
-               check: Callable[[], None] | None = None) -> T:
+def wait_until(
+    predicate: Callable[[], T | None], timeout: float, what: str, check: Callable[[], None] | None = None
+) -> T:
     """Poll ``predicate`` until truthy; ``check`` raises when a process we wait on has died."""
     deadline = time.monotonic() + timeout
     while True:
@@ -137,13 +138,15 @@ class Chain:
             "RADIALOG_DICOM_HOST": "127.0.0.1",
             "RADIALOG_DICOM_PORT": str(self.node_port),
             "RADIALOG_ALLOWED_CALLING_AETS": json.dumps(
-                [PACS_AET, PROBE_AET] + ([] if with_orthanc else [MODALITY_AET])),
+                [PACS_AET, PROBE_AET] + ([] if with_orthanc else [MODALITY_AET])
+            ),
             "RADIALOG_ALLOWED_ADDRESSES": json.dumps(["127.0.0.1"]),
             "RADIALOG_STABLE_AFTER": str(stable_after),
             "RADIALOG_MIN_FREE_BYTES": "0",
             "RADIALOG_DESTINATIONS": json.dumps(
                 [{"name": "pacs", "ae_title": PACS_AET, "host": "127.0.0.1", "port": self.orthanc_dicom}]
-                if with_orthanc else []
+                if with_orthanc
+                else []
             ),
             "RADIALOG_EXPORT_BACKOFF_INITIAL": "0.5",
             "RADIALOG_EXPORT_BACKOFF_MAX": "2",

@@ -63,20 +63,31 @@ def _model(settings: Settings, workdir: Path, backend: str) -> tuple[dict[str, s
     if backend == "radialog-v1":
         real = (settings.v1_dir, settings.v1_llm_dir, settings.v1_biovil_file)
         if all(real):
-            return {"RADIALOG_MODEL_BACKEND": backend, "RADIALOG_V1_DIR": str(real[0]),
-                    "RADIALOG_V1_ADAPTER": settings.v1_adapter, "RADIALOG_V1_LLM_DIR": str(real[1]),
-                    "RADIALOG_V1_BIOVIL_FILE": str(real[2])}, False
+            return {
+                "RADIALOG_MODEL_BACKEND": backend,
+                "RADIALOG_V1_DIR": str(real[0]),
+                "RADIALOG_V1_ADAPTER": settings.v1_adapter,
+                "RADIALOG_V1_LLM_DIR": str(real[1]),
+                "RADIALOG_V1_BIOVIL_FILE": str(real[2]),
+            }, False
         names = "RADIALOG_V1_DIR, RADIALOG_V1_LLM_DIR, RADIALOG_V1_BIOVIL_FILE"
     elif backend == "xraygpt":
         real = (settings.xraygpt_vision_dir, settings.xraygpt_llm_dir, settings.xraygpt_checkpoint)
         if all(real):
-            return {"RADIALOG_MODEL_BACKEND": "xraygpt", "RADIALOG_XRAYGPT_VISION_DIR": str(real[0]),
-                    "RADIALOG_XRAYGPT_LLM_DIR": str(real[1]), "RADIALOG_XRAYGPT_CHECKPOINT": str(real[2])}, False
+            return {
+                "RADIALOG_MODEL_BACKEND": "xraygpt",
+                "RADIALOG_XRAYGPT_VISION_DIR": str(real[0]),
+                "RADIALOG_XRAYGPT_LLM_DIR": str(real[1]),
+                "RADIALOG_XRAYGPT_CHECKPOINT": str(real[2]),
+            }, False
         names = "RADIALOG_XRAYGPT_VISION_DIR, RADIALOG_XRAYGPT_LLM_DIR, RADIALOG_XRAYGPT_CHECKPOINT"
     else:
         if settings.model_dir and settings.base_model_dir:
-            return {"RADIALOG_MODEL_BACKEND": backend, "RADIALOG_MODEL_DIR": str(settings.model_dir),
-                    "RADIALOG_BASE_MODEL_DIR": str(settings.base_model_dir)}, False
+            return {
+                "RADIALOG_MODEL_BACKEND": backend,
+                "RADIALOG_MODEL_DIR": str(settings.model_dir),
+                "RADIALOG_BASE_MODEL_DIR": str(settings.base_model_dir),
+            }, False
         names = "RADIALOG_MODEL_DIR, RADIALOG_BASE_MODEL_DIR"
     _banner(
         f"No real model is configured ({names}).\n"
@@ -108,8 +119,11 @@ def _make_tiny(directory: Path, backend: str) -> dict[str, str]:
     from workers.models.radialog_v2.tiny import make_tiny
 
     model_dir, base_dir = make_tiny(directory)
-    return {"RADIALOG_MODEL_BACKEND": backend, "RADIALOG_MODEL_DIR": str(model_dir.resolve()),
-            "RADIALOG_BASE_MODEL_DIR": str(base_dir.resolve())}
+    return {
+        "RADIALOG_MODEL_BACKEND": backend,
+        "RADIALOG_MODEL_DIR": str(model_dir.resolve()),
+        "RADIALOG_BASE_MODEL_DIR": str(base_dir.resolve()),
+    }
 
 
 def _write_studies(directory: Path) -> list[DemoStudy]:
@@ -172,13 +186,25 @@ def _reports(database_url: str, study_uid: str) -> list[str]:
 
 
 @click.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default=None,
-              help="Where the demo keeps its model, PACS and registry (default: <data_dir>/demo).")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the demo keeps its model, PACS and registry (default: <data_dir>/demo).",
+)
 @click.option("--timeout", type=float, default=900, show_default=True, help="Seconds to wait for the reports.")
-@click.option("--serve/--no-serve", default=False, show_default=True,
-              help="Keep everything running afterwards (for the radiologist page) until Ctrl-C.")
-@click.option("--backend", type=click.Choice(["radialog-v2", "radialog-v1", "xraygpt"]), default=None,
-              help="Model backend (default: RADIALOG_MODEL_BACKEND).")
+@click.option(
+    "--serve/--no-serve",
+    default=False,
+    show_default=True,
+    help="Keep everything running afterwards (for the radiologist page) until Ctrl-C.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["radialog-v2", "radialog-v1", "xraygpt"]),
+    default=None,
+    help="Model backend (default: RADIALOG_MODEL_BACKEND).",
+)
 def demo(workdir: Path | None, timeout: float, serve: bool, backend: str | None) -> None:
     """Send generated chest X-rays through the whole chain and print the reports."""
     from composition.chain import Chain, ChainError, orthanc_available
@@ -189,12 +215,20 @@ def demo(workdir: Path | None, timeout: float, serve: bool, backend: str | None)
     model_env, tiny = _model(settings, workdir, backend or settings.model_backend)
     with_orthanc = orthanc_available()
     if not with_orthanc:
-        click.echo("Orthanc (+ orthanc-python) is not installed: the studies go straight to our node and the "
-                   "SRs stay in our spool. Install them (./scripts/setup as root does) for the PACS round trip.")
+        click.echo(
+            "Orthanc (+ orthanc-python) is not installed: the studies go straight to our node and the "
+            "SRs stay in our spool. Install them (./scripts/setup as root does) for the PACS round trip."
+        )
     shutil.rmtree(workdir / "chain", ignore_errors=True)
     chain = Chain(
-        workdir / "chain", database_url=settings.database_url, redis_url=_demo_broker(settings),
-        orthanc_stable_age=1, stable_after=1.0, single_process=True, with_orthanc=with_orthanc, flush_redis=True,
+        workdir / "chain",
+        database_url=settings.database_url,
+        redis_url=_demo_broker(settings),
+        orthanc_stable_age=1,
+        stable_after=1.0,
+        single_process=True,
+        with_orthanc=with_orthanc,
+        flush_redis=True,
         extra_env={**model_env, **({} if tiny else {"RADIALOG_DEVICE": settings.device})},
     )
     database_url = settings.database_url or chain.env_sqlite_url()
@@ -263,8 +297,10 @@ def _follow(chain: Chain, database_url: str, studies: list[DemoStudy], timeout: 
                 seen[study.study_uid] = state
                 suffix = f": {reason}" if reason and state in {"SKIPPED", "FAILED"} else ""
                 done = sum(seen.get(s.study_uid) in terminal for s in studies)
-                click.echo(f"  [{time.strftime('%H:%M:%S')}] {study.label:<18} {state}{suffix}"
-                           f"   ({done}/{len(studies)} finished)")
+                click.echo(
+                    f"  [{time.strftime('%H:%M:%S')}] {study.label:<18} {state}{suffix}"
+                    f"   ({done}/{len(studies)} finished)"
+                )
         if all(seen.get(s.study_uid) in terminal for s in studies):
             return
         time.sleep(0.5)
@@ -286,8 +322,10 @@ def _print_results(chain: Chain, database_url: str, studies: list[DemoStudy], wi
         if with_orthanc:
             srs = chain.orthanc_srs(study.study_uid)
             for sr in srs:
-                click.echo(f"SR in Orthanc: {chain.orthanc_url}/instances/{sr['ID']}  "
-                           f"(series '{sr.get('SeriesDescription', '')}', same study)")
+                click.echo(
+                    f"SR in Orthanc: {chain.orthanc_url}/instances/{sr['ID']}  "
+                    f"(series '{sr.get('SeriesDescription', '')}', same study)"
+                )
             ok &= bool(srs)
         ok &= study.expect_report and state == ("EXPORTED" if with_orthanc else "REPORTED")
     return ok

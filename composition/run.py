@@ -35,8 +35,10 @@ def embedded_broker(settings: Settings) -> Settings:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     base = settings.data_dir.resolve()
     return settings.model_copy(
-        update={"broker_url": f"sqla+sqlite:///{base / 'broker.sqlite'}",
-                "result_backend": f"db+sqlite:///{base / 'results.sqlite'}"}
+        update={
+            "broker_url": f"sqla+sqlite:///{base / 'broker.sqlite'}",
+            "result_backend": f"db+sqlite:///{base / 'results.sqlite'}",
+        }
     )
 
 
@@ -57,8 +59,9 @@ def why_it_failed(exc: BaseException) -> str:
     link: BaseException | None = exc
     while link is not None and len(said) < 5:
         if isinstance(link, OSError) and link.errno is not None:
-            said.append(f"{type(link).__name__} {errno.errorcode.get(link.errno, link.errno)} "
-                        f"({os.strerror(link.errno)})")
+            said.append(
+                f"{type(link).__name__} {errno.errorcode.get(link.errno, link.errno)} ({os.strerror(link.errno)})"
+            )
         elif isinstance(link, ImportError) and link.name:
             said.append(f"{type(link).__name__} (module {link.name})")
         else:
@@ -68,21 +71,34 @@ def why_it_failed(exc: BaseException) -> str:
 
 
 @contextmanager
-def part(name: str, failed: str = "could not start", host: str | None = None, port: int | None = None,
-         ) -> Iterator[None]:
+def part(
+    name: str,
+    failed: str = "could not start",
+    host: str | None = None,
+    port: int | None = None,
+) -> Iterator[None]:
     """Start (or run) part ``name`` in the block; an error becomes ``PartFailed``, logged with the part and why."""
     try:
         yield
     except Exception as exc:
         why = why_it_failed(exc)
         where = f"{host}:{port}" if host is not None else ""
-        log.error("a part of radialog run failed; stopping the others and exiting",
-                  extra={"part": name, "failed": failed, "why": why, "host": host, "port": port}, exc_info=exc)
+        log.error(
+            "a part of radialog run failed; stopping the others and exiting",
+            extra={"part": name, "failed": failed, "why": why, "host": host, "port": port},
+            exc_info=exc,
+        )
         raise PartFailed(name, why, failed, where) from exc
 
 
-def run_all(settings: Settings, *, with_api: bool = True, lease_s: float = DEFAULT_LEASE_S,
-            metrics_port: int | None = None, sweep_interval_s: float = 10.0) -> None:
+def run_all(
+    settings: Settings,
+    *,
+    with_api: bool = True,
+    lease_s: float = DEFAULT_LEASE_S,
+    metrics_port: int | None = None,
+    sweep_interval_s: float = 10.0,
+) -> None:
     """Start the node and the API in threads, then the worker in this thread (it consumes every queue).
     ``PartFailed`` when one cannot start, after the others were stopped."""
     if redis_answers(settings.broker_url):
@@ -109,8 +125,13 @@ def run_all(settings: Settings, *, with_api: bool = True, lease_s: float = DEFAU
                 stoppers.append(("API", serve_in_thread(create_app(settings), settings, fd_ceiling=SELECT_FD_LIMIT)))
             log.info("api started", extra={"port": settings.api_port})
         with part("worker", failed="failed (starting or serving)"):
-            run_worker(settings, queues=list(QUEUES), lease_s=lease_s, sweep_interval_s=sweep_interval_s,
-                       metrics_port=metrics_port)
+            run_worker(
+                settings,
+                queues=list(QUEUES),
+                lease_s=lease_s,
+                sweep_interval_s=sweep_interval_s,
+                metrics_port=metrics_port,
+            )
     finally:
         for name, stop in reversed(stoppers):
             stop()
@@ -123,11 +144,26 @@ def run_all(settings: Settings, *, with_api: bool = True, lease_s: float = DEFAU
 @click.option("--dicom-port", type=int, default=None, help="DICOM port (default: settings.dicom_port).")
 @click.option("--api-port", type=int, default=None, help="API port (default: settings.api_port).")
 @common_options
-def run(with_api: bool, dicom_port: int | None, api_port: int | None, device: str | None,
-        batch_size: int | None, batch_wait_ms: int | None, lease_seconds: float, metrics_port: int | None) -> None:
+def run(
+    with_api: bool,
+    dicom_port: int | None,
+    api_port: int | None,
+    device: str | None,
+    batch_size: int | None,
+    batch_wait_ms: int | None,
+    lease_seconds: float,
+    metrics_port: int | None,
+) -> None:
     """Node, worker, exporter and API in one process on one machine (embedded defaults)."""
-    settings = overridden_settings({"device": device, "batch_size": batch_size, "batch_wait_ms": batch_wait_ms,
-                          "dicom_port": dicom_port, "api_port": api_port})
+    settings = overridden_settings(
+        {
+            "device": device,
+            "batch_size": batch_size,
+            "batch_wait_ms": batch_wait_ms,
+            "dicom_port": dicom_port,
+            "api_port": api_port,
+        }
+    )
     try:
         run_all(settings, with_api=with_api, lease_s=lease_seconds, metrics_port=metrics_port)
     except PartFailed as exc:

@@ -41,8 +41,9 @@ Enqueue = Callable[[int], object]
 class StudyAssembler:
     """Moves quiet RECEIVING studies on; ``tick()`` does one pass, ``start()`` runs it every ``interval``."""
 
-    def __init__(self, registry: Registry, settings: Settings, enqueue: Enqueue | None = None,
-                 interval: float = 0.5) -> None:
+    def __init__(
+        self, registry: Registry, settings: Settings, enqueue: Enqueue | None = None, interval: float = 0.5
+    ) -> None:
         self.registry = registry
         self.settings = settings
         self.enqueue = enqueue
@@ -71,13 +72,19 @@ class StudyAssembler:
         """Ids of RECEIVING studies quiet for ``stable_after`` seconds, and STABLE leftovers."""
         cutoff = (now or utcnow()) - timedelta(seconds=self.settings.stable_after)
         with self.registry.session() as session:
-            return list(session.scalars(
-                select(Study.id).where(or_(
-                    (Study.state == StudyState.RECEIVING.value)
-                    & or_(Study.last_instance_at < cutoff, Study.last_instance_at.is_(None)),
-                    Study.state == StudyState.STABLE.value,
-                )).order_by(Study.last_instance_at)
-            ))
+            return list(
+                session.scalars(
+                    select(Study.id)
+                    .where(
+                        or_(
+                            (Study.state == StudyState.RECEIVING.value)
+                            & or_(Study.last_instance_at < cutoff, Study.last_instance_at.is_(None)),
+                            Study.state == StudyState.STABLE.value,
+                        )
+                    )
+                    .order_by(Study.last_instance_at)
+                )
+            )
 
     def assemble(self, study_id: int, now: datetime | None = None, *, complete: bool = False) -> StudyState | None:
         """Move one study on; returns its new state, or None when it was not (or no longer) due.
@@ -85,8 +92,11 @@ class StudyAssembler:
         ``complete``: a trusted router released its association, the study is whole now (no quiet window).
         """
         cutoff = (now or utcnow()) - timedelta(seconds=0 if complete else self.settings.stable_after)
-        quiet_for = ("its trusted router released the association" if complete
-                     else f"no new instance for {self.settings.stable_after:g} s")
+        quiet_for = (
+            "its trusted router released the association"
+            if complete
+            else f"no new instance for {self.settings.stable_after:g} s"
+        )
         with self.registry.session() as session:
             study = session.get(Study, study_id)
             if study is None:
@@ -104,7 +114,8 @@ class StudyAssembler:
                 return None
             rows = session.execute(
                 select(Instance.id, Instance.attributes, Instance.calling_ae_title)
-                .where(Instance.study_id == study_id).order_by(Instance.id)
+                .where(Instance.study_id == study_id)
+                .order_by(Instance.id)
             ).all()
             selection = choose_image((row.id, row.attributes) for row in rows)
             target = StudyState.QUEUED if selection.instance_id is not None else StudyState.SKIPPED
@@ -113,9 +124,13 @@ class StudyAssembler:
             decision: Decision | None = None
             if selection.instance_id is not None:
                 chosen = next(row for row in rows if row.id == selection.instance_id)
-                decision = evaluate(facts_of([(r.calling_ae_title, r.attributes or {}) for r in rows],
-                                             (chosen.calling_ae_title, chosen.attributes or {})),
-                                    self.settings.routing_rules)
+                decision = evaluate(
+                    facts_of(
+                        [(r.calling_ae_title, r.attributes or {}) for r in rows],
+                        (chosen.calling_ae_title, chosen.attributes or {}),
+                    ),
+                    self.settings.routing_rules,
+                )
                 values.update(priority=decision.priority.value, routing=decision.as_json())
                 if decision.skipped:
                     target, reason = StudyState.SKIPPED, str(decision.reason)
@@ -123,23 +138,32 @@ class StudyAssembler:
                     rule = f"rule {decision.rule}" if decision.rule else "no rule matched"
                     reason = f"{selection.reason}; priority {decision.priority.value} ({rule})"
             session.execute(
-                update(Study).where(Study.id == study_id).values(**values)
-                .execution_options(synchronize_session=False)
+                update(Study).where(Study.id == study_id).values(**values).execution_options(synchronize_session=False)
             )
             if not transition(session, study_id, target, reason):
                 session.rollback()
                 return None
-        log.info("study assembled", extra={
-            "study_id": study_id, "state": target.value, "reason": reason, "instances": len(rows),
-            "selected_instance_id": selection.instance_id, "complete": complete,
-            "rule": decision.rule if decision else None,
-            "priority": decision.priority.value if decision else None})
+        log.info(
+            "study assembled",
+            extra={
+                "study_id": study_id,
+                "state": target.value,
+                "reason": reason,
+                "instances": len(rows),
+                "selected_instance_id": selection.instance_id,
+                "complete": complete,
+                "rule": decision.rule if decision else None,
+                "priority": decision.priority.value if decision else None,
+            },
+        )
         if target is StudyState.QUEUED and self.enqueue is not None:
             try:
                 self.enqueue(study_id)
             except Exception as exc:  # noqa: BLE001 - QUEUED in the registry is the contract
-                log.warning("enqueue failed; the reconciler will re-send", extra={
-                    "study_id": study_id, "error": type(exc).__name__})
+                log.warning(
+                    "enqueue failed; the reconciler will re-send",
+                    extra={"study_id": study_id, "error": type(exc).__name__},
+                )
         return target
 
     def tick(self, now: datetime | None = None) -> dict[int, StudyState]:

@@ -26,8 +26,9 @@ def node(host: str | None, port: int | None, ae_title: str | None, no_enqueue: b
     from radialog.registry import Registry
     from radialog.settings import get_settings
 
-    overrides = {k: v for k, v in {"dicom_host": host, "dicom_port": port, "ae_title": ae_title}.items()
-                 if v is not None}
+    overrides = {
+        k: v for k, v in {"dicom_host": host, "dicom_port": port, "ae_title": ae_title}.items() if v is not None
+    }
     settings = get_settings()
     if overrides:
         settings = settings.model_copy(update=overrides)

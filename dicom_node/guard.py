@@ -58,6 +58,7 @@ _HEADER = struct.Struct(">BBL")
 #: A-ABORT reason "invalid PDU parameter value" (PS3.8 table 9-26), source: service provider.
 _ABORT_INVALID_PARAMETER = 0x06
 
+
 class PeerRefused(OSError):
     """The guard closed a connection; the subclass says why (no peer data in the message)."""
 
@@ -98,8 +99,12 @@ class Limits:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
-        return cls(handshake_timeout=settings.acse_timeout, pdu_timeout=settings.pdu_timeout,
-                   max_pdu_bytes=settings.max_pdu_bytes, max_pending=settings.max_pending_connections)
+        return cls(
+            handshake_timeout=settings.acse_timeout,
+            pdu_timeout=settings.pdu_timeout,
+            max_pdu_bytes=settings.max_pdu_bytes,
+            max_pending=settings.max_pending_connections,
+        )
 
     def longest(self, pdu_type: int) -> int:
         """The longest declared PDU length accepted for ``pdu_type`` on an established association."""
@@ -196,8 +201,9 @@ class GuardedSocket(AssociationSocket):
     request handler already read is served first.
     """
 
-    def __init__(self, assoc: Association, client_socket: socket.socket, limits: Limits, first_pdu: bytes,
-                 refusals: Throttled) -> None:
+    def __init__(
+        self, assoc: Association, client_socket: socket.socket, limits: Limits, first_pdu: bytes, refusals: Throttled
+    ) -> None:
         super().__init__(assoc, client_socket=client_socket)
         self._limits = limits
         self._refusals = refusals
@@ -223,16 +229,20 @@ class GuardedSocket(AssociationSocket):
                     pdu_type, _, length = _HEADER.unpack(data)
                     if length > self._limits.longest(pdu_type):
                         send_abort(sock)
-                        self._refusals.warning("association aborted: PDU longer than max_pdu_bytes",
-                                          address=self.assoc.requestor.address, declared=length)
+                        self._refusals.warning(
+                            "association aborted: PDU longer than max_pdu_bytes",
+                            address=self.assoc.requestor.address,
+                            declared=length,
+                        )
                         raise PDUTooLong(f"PDU declares {length} bytes")
                     self._deadline = deadline
                 return data
             deadline, self._deadline = self._deadline, None
             return read_exact(sock, nr_bytes, deadline)
         except PDUIncomplete:
-            self._refusals.warning("association aborted: PDU incomplete after pdu_timeout",
-                              address=self.assoc.requestor.address)
+            self._refusals.warning(
+                "association aborted: PDU incomplete after pdu_timeout", address=self.assoc.requestor.address
+            )
             raise
         finally:
             try:
@@ -262,8 +272,14 @@ class NodeAssociationServer(ThreadedAssociationServer):
     #: dropped SYN is retried after 1, 3, 7 ... s: a modality would wait out the attacker's burst.
     request_queue_size = 128
 
-    def __init__(self, *args: Any, limits: Limits, networks: list[policy.Network],
-                 tls: ssl.SSLContext | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        limits: Limits,
+        networks: list[policy.Network],
+        tls: ssl.SSLContext | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.limits = limits
         self.networks = networks
         self.tls = tls

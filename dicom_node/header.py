@@ -97,8 +97,9 @@ def routing_attributes(ds: Dataset) -> dict[str, Any]:
         "station_name": _text(ds, "StationName"),
         "institution_name": _text(ds, "InstitutionName"),
         "study_description": _text(ds, "StudyDescription"),
-        "patient_age_years": age_in_years(_text(ds, "PatientAge", 8), _text(ds, "PatientBirthDate", 8),
-                                          _text(ds, "StudyDate", 8)),
+        "patient_age_years": age_in_years(
+            _text(ds, "PatientAge", 8), _text(ds, "PatientBirthDate", 8), _text(ds, "StudyDate", 8)
+        ),
         "requested_priority": requested_priority,
         "stat": is_stat(requested_priority, reason),
     }

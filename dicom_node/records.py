@@ -73,11 +73,20 @@ def record_instance(
         session.add(study)
         session.flush()
         study_id = study.id
-        session.add(StudyEvent(study_id=study_id, from_state=None, to_state=StudyState.RECEIVING.value,
-                               reason="first instance received", at=now))
+        session.add(
+            StudyEvent(
+                study_id=study_id,
+                from_state=None,
+                to_state=StudyState.RECEIVING.value,
+                reason="first instance received",
+                at=now,
+            )
+        )
     else:
         session.execute(
-            update(Study).where(Study.id == study_id).values(last_instance_at=now)
+            update(Study)
+            .where(Study.id == study_id)
+            .values(last_instance_at=now)
             .execution_options(synchronize_session=False)
         )
     instance = Instance(

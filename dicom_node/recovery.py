@@ -53,24 +53,36 @@ def recover_spool(settings: Settings, registry: Registry) -> RecoveryReport:
             unusable += 1
             continue
         study_uid, sop_uid = header.study_instance_uid, header.sop_instance_uid
-        if (not (is_valid_uid(study_uid) and is_valid_uid(sop_uid))
-                or spool.relative_path(study_uid, sop_uid) != rel_path):
+        if (
+            not (is_valid_uid(study_uid) and is_valid_uid(sop_uid))
+            or spool.relative_path(study_uid, sop_uid) != rel_path
+        ):
             log.warning("spool file does not match its path at recovery", extra={"sop": uid_ref(sop_uid)})
             unusable += 1
             continue
         try:
             with registry.session() as session:
                 if seen_before(session, sop_uid, study_uid) is Seen.NEW:
-                    record_instance(session, header, rel_path=rel_path, size_bytes=path.stat().st_size,
-                                    calling_ae_title=None, now=utcnow())
+                    record_instance(
+                        session,
+                        header,
+                        rel_path=rel_path,
+                        size_bytes=path.stat().st_size,
+                        calling_ae_title=None,
+                        now=utcnow(),
+                    )
                     recorded += 1
         except OperationalError:
             raise  # the registry is down: the node must not start (and must not answer Success)
         except (StatementError, ValueError) as exc:  # this file's values cannot be recorded: it alone is set aside
-            log.warning("spool file cannot be recorded at recovery", extra={"sop": uid_ref(sop_uid),
-                                                                            "error": type(exc).__name__})
+            log.warning(
+                "spool file cannot be recorded at recovery",
+                extra={"sop": uid_ref(sop_uid), "error": type(exc).__name__},
+            )
             unusable += 1
     report = RecoveryReport(removed, recorded, unusable)
-    log.info("spool recovered", extra={"partial_removed": removed, "orphans_recorded": recorded,
-                                       "orphans_unusable": unusable})
+    log.info(
+        "spool recovered",
+        extra={"partial_removed": removed, "orphans_recorded": recorded, "orphans_unusable": unusable},
+    )
     return report

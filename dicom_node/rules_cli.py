@@ -26,8 +26,13 @@ def show() -> None:
 @rules.command("test")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--calling-ae", default=None, help="Calling AE title the file would arrive from.")
-@click.option("--store-priority", type=click.Choice(["LOW", "MEDIUM", "HIGH"]), default="MEDIUM", show_default=True,
-              help="The C-STORE request's Priority field it would arrive with.")
+@click.option(
+    "--store-priority",
+    type=click.Choice(["LOW", "MEDIUM", "HIGH"]),
+    default="MEDIUM",
+    show_default=True,
+    help="The C-STORE request's Priority field it would arrive with.",
+)
 def test(file: Path, calling_ae: str | None, store_priority: str) -> None:
     """Which rule FILE (one instance, as its own study) matches and why, after the node's image choice."""
     from dicom_node.header import read_header

@@ -30,16 +30,61 @@ from dicom_node.policy import SECONDARY_CAPTURE_CLASSES
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG"})
 
 #: Body part words that mean chest (DICOM's CHEST plus what devices write in practice).
-CHEST_WORDS = frozenset({
-    "CHEST", "THORAX", "THORAKS", "TORAX", "TÓRAX", "TORACE", "THORACIC", "LUNG", "LUNGS", "LUNGE",
-    "BRUSTKORB", "POUMON", "POUMONS", "CXR", "THX", "THOR",
-})
+CHEST_WORDS = frozenset(
+    {
+        "CHEST",
+        "THORAX",
+        "THORAKS",
+        "TORAX",
+        "TÓRAX",
+        "TORACE",
+        "THORACIC",
+        "LUNG",
+        "LUNGS",
+        "LUNGE",
+        "BRUSTKORB",
+        "POUMON",
+        "POUMONS",
+        "CXR",
+        "THX",
+        "THOR",
+    }
+)
 #: Words in descriptions that name a view.
 PA_WORDS = frozenset({"PA", "P-A", "P/A", "POSTEROANTERIOR", "POSTERO-ANTERIOR", "POSTERIOR-ANTERIOR", "P.A."})
-AP_WORDS = frozenset({"AP", "A-P", "A/P", "ANTEROPOSTERIOR", "ANTERO-POSTERIOR", "ANTERIOR-POSTERIOR", "A.P.",
-                      "SUPINE", "LIEGEND", "BEDSIDE", "PORTABLE"})
-LATERAL_WORDS = frozenset({"LAT", "LATERAL", "LL", "RL", "LLAT", "RLAT", "SEITLICH", "PROFIL", "LATERALE",
-                           "LATÉRAL", "LATERO-LATERAL", "LLD", "RLD", "DECUBITUS"})
+AP_WORDS = frozenset(
+    {
+        "AP",
+        "A-P",
+        "A/P",
+        "ANTEROPOSTERIOR",
+        "ANTERO-POSTERIOR",
+        "ANTERIOR-POSTERIOR",
+        "A.P.",
+        "SUPINE",
+        "LIEGEND",
+        "BEDSIDE",
+        "PORTABLE",
+    }
+)
+LATERAL_WORDS = frozenset(
+    {
+        "LAT",
+        "LATERAL",
+        "LL",
+        "RL",
+        "LLAT",
+        "RLAT",
+        "SEITLICH",
+        "PROFIL",
+        "LATERALE",
+        "LATÉRAL",
+        "LATERO-LATERAL",
+        "LLD",
+        "RLD",
+        "DECUBITUS",
+    }
+)
 FRONTAL_WORDS = frozenset({"FRONTAL", "FRONT", "D.V.", "V.D.", "PA/AP"})
 _MODALITY_OF_CLASS: dict[str, str] = {
     ComputedRadiographyImageStorage: "CR",
@@ -131,8 +176,12 @@ def _judge(instance_id: int, a: Mapping[str, Any]) -> _Judgement:
     is_sc = sop_class in SECONDARY_CAPTURE_CLASSES
     body = (a.get("body_part_examined") or "").strip()
     body_words = _words(body)
-    descriptions = [a.get("series_description"), a.get("protocol_name"), a.get("image_comments"),
-                    a.get("view_code_meaning")]
+    descriptions = [
+        a.get("series_description"),
+        a.get("protocol_name"),
+        a.get("image_comments"),
+        a.get("view_code_meaning"),
+    ]
     text_words = set().union(*(_words(d) for d in descriptions))
     chest_in_text = bool(text_words & CHEST_WORDS)
 
@@ -149,14 +198,18 @@ def _judge(instance_id: int, a: Mapping[str, Any]) -> _Judgement:
     if is_sc and not (body_words & CHEST_WORDS) and not chest_in_text:
         return _Judgement("no chest image: secondary capture without chest in its header")
 
-    votes = [v for v in (
-        _view_of_position(a.get("view_position")),
-        _view_of_text(a.get("view_code_meaning")),
-        _view_of_text(a.get("series_description")),
-        _view_of_text(a.get("protocol_name")),
-        _view_of_text(a.get("image_comments")),
-        _view_of_orientation(a.get("patient_orientation")),
-    ) if v]
+    votes = [
+        v
+        for v in (
+            _view_of_position(a.get("view_position")),
+            _view_of_text(a.get("view_code_meaning")),
+            _view_of_text(a.get("series_description")),
+            _view_of_text(a.get("protocol_name")),
+            _view_of_text(a.get("image_comments")),
+            _view_of_orientation(a.get("patient_orientation")),
+        )
+        if v
+    ]
     lateral = [v for v in votes if v == "LAT"]
     frontal = [v for v in votes if _is_frontal(v)]
     conflict = bool(lateral and frontal)

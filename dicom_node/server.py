@@ -49,15 +49,22 @@ def build_ae(settings: Settings) -> AE:
 def _on_rejected(event: Event) -> None:
     """Log a refused association (AE titles and address only: no patient data exists at this point)."""
     requestor = event.assoc.requestor
-    log.warning("association rejected", extra={
-        "calling_ae": requestor.ae_title, "called_ae": event.assoc.acceptor.ae_title,
-        "address": requestor.address})
+    log.warning(
+        "association rejected",
+        extra={
+            "calling_ae": requestor.ae_title,
+            "called_ae": event.assoc.acceptor.ae_title,
+            "address": requestor.address,
+        },
+    )
 
 
 def _on_aborted(event: Event, store: StoreContext) -> None:
     store.take_studies(event.assoc)  # an aborted send is not a complete study: the quiet window decides
-    log.info("association aborted", extra={"calling_ae": event.assoc.requestor.ae_title,
-                                           "address": event.assoc.requestor.address})
+    log.info(
+        "association aborted",
+        extra={"calling_ae": event.assoc.requestor.ae_title, "address": event.assoc.requestor.address},
+    )
 
 
 def _on_released(event: Event, store: StoreContext, assembler: StudyAssembler) -> None:
@@ -65,8 +72,7 @@ def _on_released(event: Event, store: StoreContext, assembler: StudyAssembler) -
     studies = store.take_studies(event.assoc)
     calling = (event.assoc.requestor.ae_title or "").strip()
     if studies and calling in {t.strip() for t in store.settings.trusted_routers}:
-        log.info("trusted router released: studies complete", extra={"calling_ae": calling,
-                                                                     "studies": sorted(studies)})
+        log.info("trusted router released: studies complete", extra={"calling_ae": calling, "studies": sorted(studies)})
         assembler.complete(studies)
 
 
@@ -94,21 +100,31 @@ class RunningNode:
         self.ae.shutdown()
 
 
-def _start_server(ae: AE, settings: Settings, handlers: list[Any], ssl_context: ssl.SSLContext | None,
-                  ) -> NodeAssociationServer:
+def _start_server(
+    ae: AE,
+    settings: Settings,
+    handlers: list[Any],
+    ssl_context: ssl.SSLContext | None,
+) -> NodeAssociationServer:
     """``AE.start_server(block=False)`` with the guarded server class and request handler (dicom_node.guard)."""
-    server = ae.make_server((settings.dicom_host, settings.dicom_port), evt_handlers=handlers,
-                            server_class=NodeAssociationServer, request_handler=NodeRequestHandler,
-                            limits=Limits.from_settings(settings),
-                            networks=policy.parse_networks(settings.allowed_addresses), tls=ssl_context)
+    server = ae.make_server(
+        (settings.dicom_host, settings.dicom_port),
+        evt_handlers=handlers,
+        server_class=NodeAssociationServer,
+        request_handler=NodeRequestHandler,
+        limits=Limits.from_settings(settings),
+        networks=policy.parse_networks(settings.allowed_addresses),
+        tls=ssl_context,
+    )
     assert isinstance(server, NodeAssociationServer)  # make_server is typed with its default server class
     threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True).start()
     ae._servers.append(server)  # as start_server does: server.shutdown() and ae.shutdown() expect it there
     return server
 
 
-def start_node(settings: Settings, registry: Registry, enqueue: Enqueue | None = None, *,
-               assembler_interval: float = 0.5) -> RunningNode:
+def start_node(
+    settings: Settings, registry: Registry, enqueue: Enqueue | None = None, *, assembler_interval: float = 0.5
+) -> RunningNode:
     """Recover the spool, start the SCP on ``settings.dicom_host:dicom_port`` (0 = any free port)
     and the study assembler; returns at once."""
     settings.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +147,13 @@ def start_node(settings: Settings, registry: Registry, enqueue: Enqueue | None =
     server = _start_server(ae, settings, handlers, ssl_context)
     assembler.start()
     node = RunningNode(ae=ae, server=server, assembler=assembler, store=store)
-    log.info("node listening", extra={"port": node.port, "ae_title": settings.ae_title,
-                                      "tls": ssl_context is not None, "host": settings.dicom_host})
+    log.info(
+        "node listening",
+        extra={
+            "port": node.port,
+            "ae_title": settings.ae_title,
+            "tls": ssl_context is not None,
+            "host": settings.dicom_host,
+        },
+    )
     return node

@@ -173,12 +173,15 @@ def _store(event: Event, ctx: StoreContext) -> int | Dataset:
     size = _dataset_buffer(request).nbytes
     limit = ctx.settings.max_instance_bytes
     if refused == streaming.SIZE or size > limit:
-        log.warning("store refused: instance larger than max_instance_bytes",
-                    extra={"sop": ref, "max_instance_bytes": limit})
+        log.warning(
+            "store refused: instance larger than max_instance_bytes", extra={"sop": ref, "max_instance_bytes": limit}
+        )
         return _status(OUT_OF_RESOURCES, f"instance larger than {limit} bytes")
     if refused == streaming.DISK:
-        log.error("store refused: spool disk below min_free_bytes while receiving",
-                  extra={"sop": ref, "min_free_bytes": ctx.settings.min_free_bytes})
+        log.error(
+            "store refused: spool disk below min_free_bytes while receiving",
+            extra={"sop": ref, "min_free_bytes": ctx.settings.min_free_bytes},
+        )
         return _status(OUT_OF_RESOURCES, "spool disk full")
     if not is_valid_uid(sop_uid):
         log.warning("store refused: invalid SOP Instance UID", extra={"status": "0xC000"})
@@ -192,8 +195,10 @@ def _store(event: Event, ctx: StoreContext) -> int | Dataset:
         needed = 0 if streamed else size
         free = spool.free_bytes(spool_dir)
         if free - needed < ctx.settings.min_free_bytes:
-            log.error("store refused: spool disk below min_free_bytes",
-                      extra={"sop": ref, "free_bytes": free, "min_free_bytes": ctx.settings.min_free_bytes})
+            log.error(
+                "store refused: spool disk below min_free_bytes",
+                extra={"sop": ref, "free_bytes": free, "min_free_bytes": ctx.settings.min_free_bytes},
+            )
             if temp is not None:
                 temp.unlink(missing_ok=True)
             return _status(OUT_OF_RESOURCES, "spool disk full")
@@ -230,13 +235,18 @@ def answer_unusable_store(event: Event) -> None:
     response.AffectedSOPClassUID = command.get("AffectedSOPClassUID") or None
     response.Status = CANNOT_UNDERSTAND
     response.ErrorComment = f"no {missing[0]}"  # type: ignore[assignment]  # pynetdicom's __init__ sets None; str | None
-    log.warning("store refused: request without a required element", extra={"missing": missing,
-                                                                              "status": "0xC000"})
+    log.warning("store refused: request without a required element", extra={"missing": missing, "status": "0xC000"})
     event.assoc.dimse.send_msg(response, message.context_id)
 
 
 def _validate_and_commit(
-    event: Event, ctx: StoreContext, temp: Path, sop_uid: str, ref: str | None, size: int, started: float,
+    event: Event,
+    ctx: StoreContext,
+    temp: Path,
+    sop_uid: str,
+    ref: str | None,
+    size: int,
+    started: float,
     timing: dict[str, Any],
 ) -> int | Dataset:
     try:
@@ -260,8 +270,16 @@ def request_class(event: Event) -> str:
     return str(_request(event).AffectedSOPClassUID)
 
 
-def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: str | None, size: int,
-            started: float, timing: dict[str, Any]) -> int | Dataset:
+def _commit(
+    event: Event,
+    ctx: StoreContext,
+    temp: Path,
+    header: Header,
+    ref: str | None,
+    size: int,
+    started: float,
+    timing: dict[str, Any],
+) -> int | Dataset:
     # The request's Priority (0000,0700), kept with the instance for the routing rules.
     store_priority = STORE_PRIORITIES.get(int(_request(event).Priority or 0), "MEDIUM")
     header = dataclasses.replace(header, attributes={**header.attributes, "store_priority": store_priority})
@@ -283,8 +301,10 @@ def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: st
                         log.info("duplicate instance: already stored", extra={"sop": ref})
                     return SUCCESS
                 if seen is Seen.CONFLICT:
-                    log.warning("store refused: SOP Instance UID already stored for another study",
-                                extra={"sop": ref, "study": uid_ref(header.study_instance_uid)})
+                    log.warning(
+                        "store refused: SOP Instance UID already stored for another study",
+                        extra={"sop": ref, "study": uid_ref(header.study_instance_uid)},
+                    )
                     return _status(CANNOT_UNDERSTAND, "SOP Instance UID already stored in another study")
                 if temp.exists():
                     rename_started = time.perf_counter()
@@ -292,13 +312,16 @@ def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: st
                     renamed = True
                     timing["rename_ms"] = round((time.perf_counter() - rename_started) * 1000, 1)
                 study_id, instance_id = record_instance(
-                    session, header, rel_path=rel_path, size_bytes=temp_size(ctx, rel_path, size),
-                    calling_ae_title=calling, now=utcnow(),
+                    session,
+                    header,
+                    rel_path=rel_path,
+                    size_bytes=temp_size(ctx, rel_path, size),
+                    calling_ae_title=calling,
+                    now=utcnow(),
                 )
         except IntegrityError as exc:
             if is_race(exc):  # a concurrent association recorded the same study or instance first: look again
-                log.info("registry race, retrying", extra={"sop": ref, "attempt": attempt,
-                                                           "error": db_error_kind(exc)})
+                log.info("registry race, retrying", extra={"sop": ref, "attempt": attempt, "error": db_error_kind(exc)})
                 continue
             return _refused_values(ctx, rel_path if renamed else None, ref, exc)
         except (SQLAlchemyError, ValueError) as exc:
@@ -312,10 +335,17 @@ def _commit(event: Event, ctx: StoreContext, temp: Path, header: Header, ref: st
         ctx.stored += 1
         ctx.streamed += bool(timing.get("streamed"))
         ctx.studies_by_association.setdefault(id(event.assoc), set()).add(study_id)
-        log.info("instance stored", extra={
-            "sop": ref, "study_id": study_id, "instance_id": instance_id, "bytes": size,
-            "ms": round((time.perf_counter() - started) * 1000, 1), **timing,
-        })
+        log.info(
+            "instance stored",
+            extra={
+                "sop": ref,
+                "study_id": study_id,
+                "instance_id": instance_id,
+                "bytes": size,
+                "ms": round((time.perf_counter() - started) * 1000, 1),
+                **timing,
+            },
+        )
         return SUCCESS
     log.error("store refused: registry kept conflicting", extra={"sop": ref})
     return OUT_OF_RESOURCES

@@ -169,11 +169,12 @@ class IncomingStreams:
             return
         view = data
         while view:
-            view = view[os.write(stream.fd, view):]
+            view = view[os.write(stream.fd, view) :]
         stream.written += len(data)
         if _SYNC_FILE_RANGE is not None and stream.written - stream.flushed >= _WRITEBACK_EVERY:
-            _SYNC_FILE_RANGE(stream.fd, stream.header_size + stream.flushed, stream.written - stream.flushed,
-                             _SYNC_FILE_RANGE_WRITE)
+            _SYNC_FILE_RANGE(
+                stream.fd, stream.header_size + stream.flushed, stream.written - stream.flushed, _SYNC_FILE_RANGE_WRITE
+            )
             stream.flushed = stream.written
         if control & 2:
             stream.complete = True
@@ -253,8 +254,12 @@ class IncomingStreams:
         if stream is None or stream.fd is None or stream.path is None:
             return None
         try:
-            if not (stream.complete and stream.sop_instance_uid == sop_instance_uid
-                    and stream.written == len(dataset) and self._same(stream, dataset)):
+            if not (
+                stream.complete
+                and stream.sop_instance_uid == sop_instance_uid
+                and stream.written == len(dataset)
+                and self._same(stream, dataset)
+            ):
                 log.warning("streamed dataset does not match; storing from memory")
                 return None
             os.fdatasync(stream.fd)

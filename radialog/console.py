@@ -43,8 +43,9 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, right: Co
     return "\n".join(lines)
 
 
-def echo_table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, right: Collection[int] = (),
-               empty: str = "(none)") -> None:
+def echo_table(
+    headers: Sequence[str], rows: Iterable[Sequence[object]], *, right: Collection[int] = (), empty: str = "(none)"
+) -> None:
     """Print ``table(...)``, or ``empty`` when there is no row."""
     rows = list(rows)
     if not rows:

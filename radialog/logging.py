@@ -36,8 +36,18 @@ from typing import Any
 
 #: Extra keys that are never written, even if a caller passes them.
 PHI_KEYS = frozenset(
-    {"patient_name", "patient_id", "patientname", "patientid", "accession", "accession_number",
-     "birth_date", "patient_birth_date", "study_description", "referring_physician"}
+    {
+        "patient_name",
+        "patient_id",
+        "patientname",
+        "patientid",
+        "accession",
+        "accession_number",
+        "birth_date",
+        "patient_birth_date",
+        "study_description",
+        "referring_physician",
+    }
 )
 #: Loggers whose message text is withheld: their messages quote DICOM values.
 WITHHELD_LOGGERS = ("pydicom", "highdicom")
@@ -57,6 +67,7 @@ def uid_ref(uid: str | None) -> str | None:
 
 
 # -- making a record safe -----------------------------------------------------------------------------
+
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:
     """An exception and its causes / contexts, each once."""
@@ -199,11 +210,19 @@ class JSONFormatter(logging.Formatter):
 
 # -- warnings and uncaught exceptions -----------------------------------------------------------------
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                  file: Any = None, line: str | None = None) -> None:
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
     """``warnings.showwarning``: category and location only (warning texts quote values)."""
     logging.getLogger("py.warnings").warning(
-        WARNING_WITHHELD, extra={"category": category.__name__, "where": f"{filename}:{lineno}"})
+        WARNING_WITHHELD, extra={"category": category.__name__, "where": f"{filename}:{lineno}"}
+    )
 
 
 def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
@@ -211,8 +230,10 @@ def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
         return
     name = args.thread.name if args.thread is not None else None
     logging.getLogger("radialog.uncaught").error(
-        "thread ended by an exception", extra={"thread_name": name},
-        exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback))
+        "thread ended by an exception",
+        extra={"thread_name": name},
+        exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback),
+    )
 
 
 def _excepthook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:

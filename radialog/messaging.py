@@ -203,10 +203,18 @@ def queue_depths(settings: Settings) -> dict[str, int]:
 CELERY_PRIORITY = {0: 0, 1: 3, 2: 6}
 
 
-def send_report_task(settings: Settings, job_id: int, task_id: str, countdown: float | None = None,
-                     priority: int = 1) -> None:
-    app_for(settings).send_task(REPORT_TASK, args=[job_id], task_id=task_id, queue=REPORT_QUEUE,
-                                countdown=countdown, ignore_result=True, priority=CELERY_PRIORITY.get(priority, 3))
+def send_report_task(
+    settings: Settings, job_id: int, task_id: str, countdown: float | None = None, priority: int = 1
+) -> None:
+    app_for(settings).send_task(
+        REPORT_TASK,
+        args=[job_id],
+        task_id=task_id,
+        queue=REPORT_QUEUE,
+        countdown=countdown,
+        ignore_result=True,
+        priority=CELERY_PRIORITY.get(priority, 3),
+    )
 
 
 def send_export_tasks(settings: Settings, export_ids: Sequence[int]) -> None:
@@ -217,8 +225,7 @@ def send_export_tasks(settings: Settings, export_ids: Sequence[int]) -> None:
 
 def send_dialog_turn(settings: Settings, turn_id: int, task_id: str) -> None:
     """Send one dialog turn under the task id stored in its row (the reconciler looks that id up)."""
-    app_for(settings).send_task(DIALOG_TASK, args=[turn_id], task_id=task_id, queue=DIALOG_QUEUE,
-                                ignore_result=True)
+    app_for(settings).send_task(DIALOG_TASK, args=[turn_id], task_id=task_id, queue=DIALOG_QUEUE, ignore_result=True)
 
 
 # -- report jobs --------------------------------------------------------------------------------------
@@ -252,9 +259,7 @@ def enqueue_report(registry: Registry, settings: Settings, study_id: int) -> int
                 with session.begin_nested():
                     session.add(job)
             except IntegrityError:  # another process created it at the same moment
-                job = session.scalars(
-                    select(Job).where(Job.study_id == study_id, Job.model_name == model_name)
-                ).one()
+                job = session.scalars(select(Job).where(Job.study_id == study_id, Job.model_name == model_name)).one()
         if job.state == JobState.FAILED.value:
             # A FAILED job runs again only once its study was deliberately queued again (re-run).
             study = session.get(Study, study_id)

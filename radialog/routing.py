@@ -72,8 +72,7 @@ class RuleMatch(BaseModel):
     store_priorities: list[Literal["LOW", "MEDIUM", "HIGH"]] | None = None
     stat: bool | None = None
 
-    @field_validator("calling_ae_titles", "modalities", "body_parts", "stations", "institutions",
-                     "study_descriptions")
+    @field_validator("calling_ae_titles", "modalities", "body_parts", "stations", "institutions", "study_descriptions")
     @classmethod
     def _patterns(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and (not value or any(not p.strip() for p in value)):
@@ -154,8 +153,13 @@ class Decision:
 
     def as_json(self) -> dict[str, Any]:
         """What the registry keeps (``Study.routing``)."""
-        return {"rule": self.rule, "action": self.action, "priority": self.priority.value, "reason": self.reason,
-                "notes": list(self.notes)}
+        return {
+            "rule": self.rule,
+            "action": self.action,
+            "priority": self.priority.value,
+            "reason": self.reason,
+            "notes": list(self.notes),
+        }
 
 
 def _matches_any(value: str | None, patterns: Iterable[str]) -> bool:
@@ -183,17 +187,36 @@ def _tests(match: RuleMatch, facts: StudyFacts) -> list[tuple[bool, str]]:
     age = facts.patient_age_years
     shown_age = "unknown" if age is None else f"{age:g}"
     if match.patient_age_below is not None:
-        out.append((age is not None and age < match.patient_age_below,
-                    f"patient age {shown_age} below {match.patient_age_below:g}"))
+        out.append(
+            (
+                age is not None and age < match.patient_age_below,
+                f"patient age {shown_age} below {match.patient_age_below:g}",
+            )
+        )
     if match.patient_age_at_least is not None:
-        out.append((age is not None and age >= match.patient_age_at_least,
-                    f"patient age {shown_age} at least {match.patient_age_at_least:g}"))
+        out.append(
+            (
+                age is not None and age >= match.patient_age_at_least,
+                f"patient age {shown_age} at least {match.patient_age_at_least:g}",
+            )
+        )
     if match.store_priorities is not None:
-        out.append((facts.store_priority in match.store_priorities,
-                    f"C-STORE priority {facts.store_priority or 'unknown'} in {match.store_priorities}"))
+        out.append(
+            (
+                facts.store_priority in match.store_priorities,
+                f"C-STORE priority {facts.store_priority or 'unknown'} in {match.store_priorities}",
+            )
+        )
     if match.stat is not None:
-        out.append((facts.stat == match.stat, (f"STAT marker {'present' if facts.stat else 'absent'}"
-                                              f" (rule wants {'present' if match.stat else 'absent'})")))
+        out.append(
+            (
+                facts.stat == match.stat,
+                (
+                    f"STAT marker {'present' if facts.stat else 'absent'}"
+                    f" (rule wants {'present' if match.stat else 'absent'})"
+                ),
+            )
+        )
     return out
 
 
@@ -261,8 +284,10 @@ def is_stat(requested_priority: str | None, reason: str | None) -> bool:
 _STORE_ORDER = {"HIGH": 0, "MEDIUM": 1, "LOW": 2}
 
 
-def facts_of(instances: Sequence[tuple[str | None, Mapping[str, Any]]],
-             selected: tuple[str | None, Mapping[str, Any]] | None = None) -> StudyFacts:
+def facts_of(
+    instances: Sequence[tuple[str | None, Mapping[str, Any]]],
+    selected: tuple[str | None, Mapping[str, Any]] | None = None,
+) -> StudyFacts:
     """Study facts from ``(calling AE, Instance.attributes)`` pairs; the chosen image's header speaks for
     the study, the most urgent C-STORE priority and any STAT marker of any instance count."""
     if not instances and selected is None:

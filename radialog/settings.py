@@ -64,8 +64,9 @@ class Destination(BaseModel):
                 raise ValueError(f"webhook destination {self.name!r} needs a secret of at least 16 characters")
             unknown = sorted(set(self.events) - set(WEBHOOK_EVENTS))
             if unknown:
-                raise ValueError(f"webhook destination {self.name!r}: unknown events {unknown}; "
-                                 f"known: {list(WEBHOOK_EVENTS)}")
+                raise ValueError(
+                    f"webhook destination {self.name!r}: unknown events {unknown}; known: {list(WEBHOOK_EVENTS)}"
+                )
         return self
 
     @property
@@ -85,17 +86,13 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default sqlite:///<data_dir>/registry.sqlite (WAL)."
     )
-    min_free_bytes: int = Field(
-        2 * 1024**3, description="Below this free space in the spool, C-STORE answers 0xA700."
-    )
+    min_free_bytes: int = Field(2 * 1024**3, description="Below this free space in the spool, C-STORE answers 0xA700.")
 
     # -- DICOM node ------------------------------------------------------------------------------
     ae_title: str = "RADIALOG"
     dicom_host: str = "0.0.0.0"
     dicom_port: int = 11112
-    allowed_calling_aets: list[str] = Field(
-        default_factory=list, description="Empty list = any calling AE title."
-    )
+    allowed_calling_aets: list[str] = Field(default_factory=list, description="Empty list = any calling AE title.")
     allowed_addresses: list[str] = Field(
         default_factory=list, description="IP addresses or CIDR networks; empty = any."
     )
@@ -104,30 +101,41 @@ class Settings(BaseSettings):
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     max_pending_connections: int = Field(
-        100, ge=1, description="Connections that have not yet sent their A-ASSOCIATE-RQ (they hold no association "
+        100,
+        ge=1,
+        description="Connections that have not yet sent their A-ASSOCIATE-RQ (they hold no association "
         "slot); at this many the oldest is closed.",
     )
     pdu_timeout: float = Field(
-        30.0, gt=0, description="Seconds a PDU may take from its first to its last byte; a partial PDU closes the "
+        30.0,
+        gt=0,
+        description="Seconds a PDU may take from its first to its last byte; a partial PDU closes the "
         "connection (so a sender needs max_pdu_bytes / pdu_timeout, 35 KB/s with the defaults).",
     )
     max_pdu_bytes: int = Field(
-        1024 * 1024, ge=4096, le=2**31, description="Largest PDU received (our Maximum Length); a peer declaring a "
+        1024 * 1024,
+        ge=4096,
+        le=2**31,
+        description="Largest PDU received (our Maximum Length); a peer declaring a "
         "longer one is aborted before anything is read.",
     )
     max_instance_bytes: int = Field(
-        128 * 1024**2, ge=1024, description="Largest dataset one C-STORE may carry; beyond it the data are dropped as "
+        128 * 1024**2,
+        ge=1024,
+        description="Largest dataset one C-STORE may carry; beyond it the data are dropped as "
         "they arrive and the answer is 0xA700 (out of resources).",
     )
     tls: TLSSettings | None = None
     stable_after: float = Field(3.0, description="Seconds without a new instance before a study is STABLE.")
     trusted_routers: list[str] = Field(
-        default_factory=list, description="Calling AE titles that send whole studies in one association (the "
+        default_factory=list,
+        description="Calling AE titles that send whole studies in one association (the "
         "Orthanc router plugin): their studies are complete when the association is released, without waiting "
         "stable_after. Empty = none.",
     )
     routing_rules: list[RoutingRule] = Field(
-        default_factory=default_rules, description="Which studies get a pre-read and at what priority; first "
+        default_factory=default_rules,
+        description="Which studies get a pre-read and at what priority; first "
         "match decides (README: routing rules). Default: under 18 skipped, C-STORE HIGH or STAT order HIGH, "
         "the rest ROUTINE.",
     )
@@ -140,34 +148,45 @@ class Settings(BaseSettings):
     batch_wait_ms: int = Field(200, description="How long a worker waits to fill a batch.")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     engine: bool = Field(
-        True, description="Serve the model through the batching engine (reports join a running batch, dialog "
+        True,
+        description="Serve the model through the batching engine (reports join a running batch, dialog "
         "turns first); false = one batch at a time through transformers' generate.",
     )
     report_tasks: int = Field(
-        2, ge=1, description="Report batches a worker feeds its engine at once (Celery threads; 1 without the engine).",
+        2,
+        ge=1,
+        description="Report batches a worker feeds its engine at once (Celery threads; 1 without the engine).",
     )
     engine_report_slots: int = Field(
-        64, ge=1, description="Most reports decoded together (fewer if the GPU memory left after the model is short).",
+        64,
+        ge=1,
+        description="Most reports decoded together (fewer if the GPU memory left after the model is short).",
     )
     engine_dialog_slots: int = Field(4, ge=1, description="Dialog turns served at once (4,096-token slots).")
     engine_reports_beside_dialog: int = Field(
-        16, ge=0, description="Report rows decoded while a dialog turn streams (the rest pause).",
+        16,
+        ge=0,
+        description="Report rows decoded while a dialog turn streams (the rest pause).",
     )
 
     # -- model -----------------------------------------------------------------------------------
     model_backend: str = "radialog-v2"
     model_dir: Path | None = Field(
-        None, description="The RaDialog v2 directory (adapter, non_lora_trainables, classifier).")
+        None, description="The RaDialog v2 directory (adapter, non_lora_trainables, classifier)."
+    )
     base_model_dir: Path | None = Field(None, description="The llava-v1.5-7b directory.")
     xraygpt_vision_dir: Path | None = Field(
-        None, description="XrayGPT: the directory holding eva_vit_g.pth and blip2_pretrained_flant5xxl.pth (LAVIS).",
+        None,
+        description="XrayGPT: the directory holding eva_vit_g.pth and blip2_pretrained_flant5xxl.pth (LAVIS).",
     )
     xraygpt_llm_dir: Path | None = Field(
-        None, description="XrayGPT: the radiology-tuned Vicuna-7B directory (Vicuna_Radiology_fp16).",
+        None,
+        description="XrayGPT: the radiology-tuned Vicuna-7B directory (Vicuna_Radiology_fp16).",
     )
     xraygpt_checkpoint: Path | None = Field(None, description="XrayGPT: its checkpoint file (llama_proj).")
     v1_dir: Path | None = Field(
-        None, description="RaDialog v1: its release files unpacked in the reference repository's layout "
+        None,
+        description="RaDialog v1: its release files unpacked in the reference repository's layout "
         "(checkpoint_4.pth, checkpoints/vicuna-7b-img-*, the findings classifier).",
     )
     v1_adapter: str = Field(
@@ -177,7 +196,8 @@ class Settings(BaseSettings):
     )
     v1_llm_dir: Path | None = Field(None, description="RaDialog v1: the lmsys/vicuna-7b-v1.3 directory.")
     v1_biovil_file: Path | None = Field(
-        None, description="RaDialog v1: BioViL-T's image model file (biovil_t_image_model_proj_size_128.pt).",
+        None,
+        description="RaDialog v1: BioViL-T's image model file (biovil_t_image_model_proj_size_128.pt).",
     )
 
     # -- export ----------------------------------------------------------------------------------
@@ -192,15 +212,21 @@ class Settings(BaseSettings):
     institution_name: str = "radialog-node"
     cors_origins: list[str] = Field(default_factory=list, description="Empty = CORS off.")
     api_request_timeout: float = Field(
-        15.0, gt=0, description="Seconds a client has to send a whole request (head and body); a half-sent "
+        15.0,
+        gt=0,
+        description="Seconds a client has to send a whole request (head and body); a half-sent "
         "or silent connection is then closed (408).",
     )
     api_max_connections: int = Field(
-        1000, ge=16, description="Most open HTTP connections (lowered to fit the file-descriptor limit); a new "
+        1000,
+        ge=16,
+        description="Most open HTTP connections (lowered to fit the file-descriptor limit); a new "
         "one beyond it closes the oldest idle or half-sent one.",
     )
     api_max_body_bytes: int = Field(
-        1024**2, ge=1024, description="Largest request body; a larger one is refused (413) before it is read.",
+        1024**2,
+        ge=1024,
+        description="Largest request body; a larger one is refused (413) before it is read.",
     )
 
     @field_validator("routing_rules")

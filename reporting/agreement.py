@@ -31,14 +31,17 @@ Suggestion = Literal["agree", "disagree"]
 #: Words before a finding, in the same clause, that deny it ("no pleural effusion", "without edema").
 _NEGATION_BEFORE = re.compile(
     r"\b(no|not|without|negative for|free of|absence of|absent|resolved|resolution of|ruled out|rules out|"
-    r"excluded|neither|nor|clear of)\b")
+    r"excluded|neither|nor|clear of)\b"
+)
 #: Words right after a finding that deny it ("pneumothorax is not seen", "effusion has resolved").
 _NEGATION_AFTER = re.compile(
-    r"^\W*(is|are|has|have)?\s*(not|no longer|absent|resolved|excluded|ruled out|been excluded)\b")
+    r"^\W*(is|are|has|have)?\s*(not|no longer|absent|resolved|excluded|ruled out|been excluded)\b"
+)
 #: Hedges: the text neither affirms nor denies ("cannot exclude pneumonia", "possible atelectasis").
 _UNCERTAIN = re.compile(
     r"\b(possible|possibly|probable|probably|may|might|could|cannot|can not|questionable|suspected|"
-    r"suspicious|suspicion|concerning for|likely|versus|vs|differential|equivocal|indeterminate)\b")
+    r"suspicious|suspicion|concerning for|likely|versus|vs|differential|equivocal|indeterminate)\b"
+)
 #: "no change in ...", "not only": a "no"/"not" that denies something else.
 _PSEUDO_NEGATION = re.compile(r"\b(no (significant |interval )?(change|increase|decrease|worsening)|not only)\b")
 #: Clause boundaries: a negation does not reach past these.
@@ -74,8 +77,14 @@ class ChecklistItem:
     evidence: str | None  # the clause(s) the proposal comes from
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "ai_present": self.ai_present, "probability": self.probability,
-                "stated": self.stated, "suggestion": self.suggestion, "evidence": self.evidence}
+        return {
+            "label": self.label,
+            "ai_present": self.ai_present,
+            "probability": self.probability,
+            "stated": self.stated,
+            "suggestion": self.suggestion,
+            "evidence": self.evidence,
+        }
 
 
 def draft_of(report: Report) -> Report | None:
@@ -121,7 +130,7 @@ def stated(label: str, text: str) -> tuple[Stated | None, str | None]:
             before = _PSEUDO_NEGATION.sub(" ", lowered[: match.start()])
             if _UNCERTAIN.search(lowered):
                 return None, clause.strip()[:240]
-            negated = bool(_NEGATION_BEFORE.search(before) or _NEGATION_AFTER.search(lowered[match.end():]))
+            negated = bool(_NEGATION_BEFORE.search(before) or _NEGATION_AFTER.search(lowered[match.end() :]))
             verdicts.add("absent" if negated else "present")
             if clause.strip() not in evidence:
                 evidence.append(clause.strip())
@@ -141,8 +150,11 @@ def checklist(draft: Report, signed: Report) -> list[ChecklistItem]:
         if says is not None:
             suggestion = "agree" if (says == "present") == present else "disagree"
         probability = finding.get("probability")
-        items.append(ChecklistItem(label, present, None if probability is None else float(probability), says,
-                                   suggestion, evidence))
+        items.append(
+            ChecklistItem(
+                label, present, None if probability is None else float(probability), says, suggestion, evidence
+            )
+        )
     return items
 
 
@@ -154,8 +166,10 @@ def validate(draft: Report, verdicts: Sequence[Verdict]) -> None:
         raise ChecklistError("the checklist names a finding twice")
     if set(labels) != set(expected):
         missing, extra = sorted(set(expected) - set(labels)), sorted(set(labels) - set(expected))
-        raise ChecklistError(f"the checklist needs one verdict for each finding of the AI draft "
-                             f"(missing: {missing or 'none'}; not in the draft: {extra or 'none'})")
+        raise ChecklistError(
+            f"the checklist needs one verdict for each finding of the AI draft "
+            f"(missing: {missing or 'none'}; not in the draft: {extra or 'none'})"
+        )
     shown_wrong = sorted(v.label for v in verdicts if v.ai_present != expected[v.label])
     if shown_wrong:
         raise ChecklistMismatch(f"the checklist shows other AI findings than the draft's for {shown_wrong}; reload")
@@ -176,18 +190,31 @@ def record_review(session: Session, approval: Report, verdicts: Sequence[Verdict
     proposals = {item.label: item for item in checklist(draft, approval)}
     before, after = shown_text(draft), shown_text(approval)
     review = ApprovalReview(
-        report_id=approval.id, draft_id=draft.id, study_id=approval.study_id, model_name=draft.model_name,
-        model_version=draft.model_version, approved_at=approval.verified_at or approval.created_at,
-        draft_chars=len(before), approved_chars=len(after), edit_distance=edit_distance(before, after),
+        report_id=approval.id,
+        draft_id=draft.id,
+        study_id=approval.study_id,
+        model_name=draft.model_name,
+        model_version=draft.model_version,
+        approved_at=approval.verified_at or approval.created_at,
+        draft_chars=len(before),
+        approved_chars=len(after),
+        edit_distance=edit_distance(before, after),
         checklist=bool(verdicts) and bool(draft.findings),
     )
     session.add(review)
     session.flush()
     for verdict in verdicts or ():
         item = proposals[verdict.label]
-        session.add(FindingVerdict(
-            review_id=review.id, label=verdict.label, ai_present=item.ai_present, ai_probability=item.probability,
-            radiologist_present=item.ai_present == verdict.agree, agree=verdict.agree, suggested=item.suggestion,
-        ))
+        session.add(
+            FindingVerdict(
+                review_id=review.id,
+                label=verdict.label,
+                ai_present=item.ai_present,
+                ai_probability=item.probability,
+                radiologist_present=item.ai_present == verdict.agree,
+                agree=verdict.agree,
+                suggested=item.suggestion,
+            )
+        )
     session.flush()
     return review

@@ -44,11 +44,24 @@ def list_exports(state: str | None, limit: int) -> None:
             when = export_row.sent_at or export_row.next_attempt_at
             study = report.study_id if report is not None else export_row.study_id
             what = export_row.event or (f"v{report.version}" if report is not None else None)
-            rows.append((export_row.id, study, what, export_row.destination, export_row.state,
-                         export_row.attempts, when.isoformat(timespec="seconds") if when else None,
-                         export_row.last_error))
-    echo_table(["id", "study", "carries", "destination", "state", "tries", "next / sent", "last error"], rows,
-               right={0, 1, 5}, empty="no exports")
+            rows.append(
+                (
+                    export_row.id,
+                    study,
+                    what,
+                    export_row.destination,
+                    export_row.state,
+                    export_row.attempts,
+                    when.isoformat(timespec="seconds") if when else None,
+                    export_row.last_error,
+                )
+            )
+    echo_table(
+        ["id", "study", "carries", "destination", "state", "tries", "next / sent", "last error"],
+        rows,
+        right={0, 1, 5},
+        empty="no exports",
+    )
 
 
 @export.command("retry")

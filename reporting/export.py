@@ -93,11 +93,17 @@ def _claim(registry: Registry, settings: Settings, export_id: int) -> _Claim | s
         # A sender that died mid-send (every time) never recorded its failure: the budget ends here too.
         exhausted = session.execute(  # type: ignore[attr-defined]  # DML: a CursorResult, typed Result
             update(Export)
-            .where(Export.id == export_id, Export.state == PENDING,
-                   Export.attempts >= settings.export_max_attempts,
-                   or_(Export.next_attempt_at.is_(None), Export.next_attempt_at <= now))
-            .values(state=DEAD, next_attempt_at=None,
-                    last_error=f"gave up after {settings.export_max_attempts} attempts that never reported back")
+            .where(
+                Export.id == export_id,
+                Export.state == PENDING,
+                Export.attempts >= settings.export_max_attempts,
+                or_(Export.next_attempt_at.is_(None), Export.next_attempt_at <= now),
+            )
+            .values(
+                state=DEAD,
+                next_attempt_at=None,
+                last_error=f"gave up after {settings.export_max_attempts} attempts that never reported back",
+            )
             .execution_options(synchronize_session=False)
         ).rowcount
         if exhausted == 1:
@@ -112,8 +118,9 @@ def _claim(registry: Registry, settings: Settings, export_id: int) -> _Claim | s
                 Export.state == PENDING,
                 or_(Export.next_attempt_at.is_(None), Export.next_attempt_at <= now),
             )
-            .values(attempts=Export.attempts + 1,
-                    next_attempt_at=now + timedelta(seconds=claim_lease_seconds(settings)))
+            .values(
+                attempts=Export.attempts + 1, next_attempt_at=now + timedelta(seconds=claim_lease_seconds(settings))
+            )
             .execution_options(synchronize_session=False)
         ).rowcount
         export = session.get(Export, export_id)
@@ -249,10 +256,13 @@ def send_channel(settings: Settings, destination: Destination, delivery: Deliver
     if destination.kind == "fhir":
         assert destination.url
         return fhir.send(delivery, destination.url, destination.secret, timeout_s)
-    message = hl7v2.build_oru(delivery, sending_application=settings.ae_title,
-                              sending_facility=settings.institution_name,
-                              receiving_application=destination.receiving_application,
-                              receiving_facility=destination.receiving_facility)
+    message = hl7v2.build_oru(
+        delivery,
+        sending_application=settings.ae_title,
+        sending_facility=settings.institution_name,
+        receiving_application=destination.receiving_application,
+        receiving_facility=destination.receiving_facility,
+    )
     return hl7v2.send_oru(destination.host, destination.port, message, f"RL{delivery.export_id}", timeout_s)
 
 
@@ -280,13 +290,22 @@ def _record_success(registry: Registry, claim: _Claim, detail: str) -> str:
             session.execute(select(Study.id).where(Study.id == claim.study_id).with_for_update())
             if _study_exported(session, claim.study_id):
                 transition(session, claim.study_id, StudyState.EXPORTED, "report accepted by every destination")
-    log.info("export sent", extra={"export": claim.export_id, "report": claim.report_id, "attempt": claim.attempt,
-                                   "destination": claim.destination, "status": detail})
+    log.info(
+        "export sent",
+        extra={
+            "export": claim.export_id,
+            "report": claim.report_id,
+            "attempt": claim.attempt,
+            "destination": claim.destination,
+            "status": detail,
+        },
+    )
     return SENT
 
 
-def _record_failure(registry: Registry, settings: Settings, claim: _Claim, reason: str,
-                    loggable: str | None = None) -> str:
+def _record_failure(
+    registry: Registry, settings: Settings, claim: _Claim, reason: str, loggable: str | None = None
+) -> str:
     now = utcnow()
     dead = claim.attempt >= settings.export_max_attempts
     values: dict[str, object] = {"last_error": reason[:2000]}
@@ -306,9 +325,16 @@ def _record_failure(registry: Registry, settings: Settings, claim: _Claim, reaso
             if row is not None:
                 outbox.export_dead(session, settings, row, reason, now)
     state = DEAD if dead else PENDING
-    log.warning("export attempt failed", extra={"export": claim.export_id, "attempt": claim.attempt,
-                                                "destination": claim.destination, "state": state,
-                                                "reason": (loggable if loggable is not None else reason)[:500]})
+    log.warning(
+        "export attempt failed",
+        extra={
+            "export": claim.export_id,
+            "attempt": claim.attempt,
+            "destination": claim.destination,
+            "state": state,
+            "reason": (loggable if loggable is not None else reason)[:500],
+        },
+    )
     return state
 
 

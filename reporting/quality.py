@@ -44,8 +44,12 @@ class Proportion:
 
     def to_dict(self) -> dict[str, Any]:
         low_high = self.interval
-        return {"k": self.k, "n": self.n, "value": self.value,
-                "ci95": None if low_high is None else [low_high[0], low_high[1]]}
+        return {
+            "k": self.k,
+            "n": self.n,
+            "value": self.value,
+            "ci95": None if low_high is None else [low_high[0], low_high[1]],
+        }
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
@@ -82,8 +86,14 @@ class Counts:
     def to_dict(self, label: str) -> dict[str, Any]:
         n = self.tp + self.fp + self.fn + self.tn
         return {
-            "label": label, "n": n, "ai_present": self.tp + self.fp, "radiologist_present": self.tp + self.fn,
-            "tp": self.tp, "fp": self.fp, "fn": self.fn, "tn": self.tn,
+            "label": label,
+            "n": n,
+            "ai_present": self.tp + self.fp,
+            "radiologist_present": self.tp + self.fn,
+            "tp": self.tp,
+            "fp": self.fp,
+            "fn": self.fn,
+            "tn": self.tn,
             "agreement": Proportion(self.tp + self.tn, n).to_dict(),
             "sensitivity": Proportion(self.tp, self.tp + self.fn).to_dict(),
             "specificity": Proportion(self.tn, self.tn + self.fp).to_dict(),
@@ -93,8 +103,9 @@ class Counts:
 
 def _latest_reviews(start: datetime, end: datetime, model_name: str | None) -> Any:
     """Ids of the latest review of each draft approved in [start, end) (a subquery)."""
-    query = select(func.max(ApprovalReview.id)).where(ApprovalReview.approved_at >= start,
-                                                      ApprovalReview.approved_at < end)
+    query = select(func.max(ApprovalReview.id)).where(
+        ApprovalReview.approved_at >= start, ApprovalReview.approved_at < end
+    )
     if model_name:
         query = query.where(func.lower(ApprovalReview.model_name) == model_name.lower())
     return query.group_by(ApprovalReview.draft_id)
@@ -114,16 +125,22 @@ def _period(day: str, bucket: str) -> str:
     return day
 
 
-def agreement(session: Session, start: datetime, end: datetime, *, model_name: str | None = None,
-              bucket: str = "day") -> dict[str, Any]:
+def agreement(
+    session: Session, start: datetime, end: datetime, *, model_name: str | None = None, bucket: str = "day"
+) -> dict[str, Any]:
     """The agreement figures of the drafts approved in [start, end), for one model or all."""
     if bucket not in ("day", "week"):
         raise ValueError("bucket is 'day' or 'week'")
     latest = _latest_reviews(start, end, model_name)
     reviews = session.execute(
-        select(ApprovalReview.id, ApprovalReview.edit_distance, ApprovalReview.draft_chars, ApprovalReview.checklist,
-               ApprovalReview.model_name, _day(session))
-        .where(ApprovalReview.id.in_(latest))
+        select(
+            ApprovalReview.id,
+            ApprovalReview.edit_distance,
+            ApprovalReview.draft_chars,
+            ApprovalReview.checklist,
+            ApprovalReview.model_name,
+            _day(session),
+        ).where(ApprovalReview.id.in_(latest))
     ).all()
     by_label: dict[str, Counts] = {}
     order: list[str] = []
@@ -160,22 +177,32 @@ def agreement(session: Session, start: datetime, end: datetime, *, model_name: s
     ratios = [r.edit_distance / max(r.draft_chars, 1) for r in reviews]
     periods = sorted(set(timeline) | set(drafts_by_period))
     return {
-        "from": start, "to": end, "backend": model_name, "bucket": bucket,
+        "from": start,
+        "to": end,
+        "backend": model_name,
+        "bucket": bucket,
         "drafts": {
-            "approved": len(reviews), "unchanged": unchanged, "edited": len(reviews) - unchanged,
+            "approved": len(reviews),
+            "unchanged": unchanged,
+            "edited": len(reviews) - unchanged,
             "share_unchanged": Proportion(unchanged, len(reviews)).to_dict(),
             "with_checklist": sum(1 for r in reviews if r.checklist),
-            "edit_distance": {"median": median(distances) if distances else None,
-                              "max": max(distances) if distances else None,
-                              "median_per_draft_char": median(ratios) if ratios else None},
+            "edit_distance": {
+                "median": median(distances) if distances else None,
+                "max": max(distances) if distances else None,
+                "median_per_draft_char": median(ratios) if ratios else None,
+            },
         },
         "findings": [by_label[label].to_dict(label) for label in order],
         "timeline": [
-            {"period": period,
-             "drafts": {"approved": drafts_by_period[period][1], "unchanged": drafts_by_period[period][0]},
-             "findings": {label: {"agree": cell[0], "n": cell[1],
-                                  "agreement": Proportion(cell[0], cell[1]).to_dict()}
-                          for label, cell in timeline[period].items()}}
+            {
+                "period": period,
+                "drafts": {"approved": drafts_by_period[period][1], "unchanged": drafts_by_period[period][0]},
+                "findings": {
+                    label: {"agree": cell[0], "n": cell[1], "agreement": Proportion(cell[0], cell[1]).to_dict()}
+                    for label, cell in timeline[period].items()
+                },
+            }
             for period in periods
         ],
         "backends": sorted({r.model_name for r in reviews if r.model_name}),

@@ -101,8 +101,12 @@ def report_json(report: Report) -> dict[str, Any]:
         "series_instance_uid": report.series_instance_uid,
         "exports": [
             {
-                "id": e.id, "destination": e.destination, "state": e.state, "attempts": e.attempts,
-                "last_error": e.last_error, "sent_at": _iso(e.sent_at),
+                "id": e.id,
+                "destination": e.destination,
+                "state": e.state,
+                "attempts": e.attempts,
+                "last_error": e.last_error,
+                "sent_at": _iso(e.sent_at),
             }
             for e in report.exports
         ],

@@ -156,8 +156,15 @@ class SRSpec:
 
 #: Type 2 patient/study attributes highdicom copies from the source; some modalities leave them out.
 _TYPE2_FROM_SOURCE = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
-    "StudyTime", "ReferringPhysicianName",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
 )
 
 
@@ -199,9 +206,7 @@ def read_status_line(path: Path) -> str:
 def _verification_sentence(spec: SRSpec) -> str:
     if spec.verification is not None:
         when = spec.verification.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        return (
-            f"Verified by {spec.verification.observer} ({spec.verification.organization}) on {when}."
-        )
+        return f"Verified by {spec.verification.observer} ({spec.verification.organization}) on {when}."
     origin = f"{spec.algorithm.name} {spec.algorithm.version}" if spec.algorithm else "an AI model"
     if spec.algorithm and spec.algorithm.test_model:
         origin += " (a random-weight TEST model, not a clinical model)"
@@ -252,9 +257,7 @@ def _observer_context(spec: SRSpec) -> list[hd.sr.ContentItem]:
 
 
 def _classifier_container(findings: Sequence[CodedFinding], algorithm: Algorithm | None) -> ContainerContentItem:
-    container = ContainerContentItem(
-        name=codes.CLASSIFIER_FINDINGS, relationship_type=RelationshipTypeValues.CONTAINS
-    )
+    container = ContainerContentItem(name=codes.CLASSIFIER_FINDINGS, relationship_type=RelationshipTypeValues.CONTAINS)
     children: list[hd.sr.ContentItem] = []
     if algorithm:
         children.extend(
@@ -351,9 +354,7 @@ def _contributing_equipment(algorithm: Algorithm) -> hd.ContributingEquipment:
         manufacturer_model_name=algorithm.name[:64],
         software_versions=algorithm.version[:64],
         device_serial_number=algorithm.files_sha256[:64],
-        contribution_description=(
-            f"AI report generation; model files SHA-256 {algorithm.files_sha256}"
-        )[:1024],
+        contribution_description=(f"AI report generation; model files SHA-256 {algorithm.files_sha256}")[:1024],
     )
 
 
@@ -378,8 +379,10 @@ def validate_spec(spec: SRSpec) -> None:
     if spec.institution_name is not None:
         require_valid(spec.institution_name, "institution name", "LO")
     if spec.algorithm is not None:  # TEXT items (UT) and, cut to 64, Contributing Equipment (LO)
-        for field_name, value in (("algorithm name", spec.algorithm.name),
-                                  ("algorithm version", spec.algorithm.version)):
+        for field_name, value in (
+            ("algorithm name", spec.algorithm.name),
+            ("algorithm version", spec.algorithm.version),
+        ):
             require_valid(value, field_name)
             require_valid(value[:64], field_name, "LO")
 

@@ -82,8 +82,13 @@ def require_valid(value: str, field: str, vr: str = "UT") -> str:
         if match:
             raise InvalidReportText(field, vr, match.start(), match.group())
         if len(value) > SHORT_VR_MAX[vr]:
-            raise InvalidReportText(field, vr, SHORT_VR_MAX[vr], value[SHORT_VR_MAX[vr]],
-                                    f"longer than the {SHORT_VR_MAX[vr]} characters VR {vr} allows")
+            raise InvalidReportText(
+                field,
+                vr,
+                SHORT_VR_MAX[vr],
+                value[SHORT_VR_MAX[vr]],
+                f"longer than the {SHORT_VR_MAX[vr]} characters VR {vr} allows",
+            )
         return value
     match = _INVALID.search(value)
     if match:

@@ -110,9 +110,7 @@ def _predecessors(study_uid: str, report: Report | None) -> list[srmod.Predecess
 
 
 def _coded(findings: list[Any]) -> list[srmod.CodedFinding]:
-    return [
-        srmod.CodedFinding(str(f["label"]), float(f["probability"]), bool(f["present"])) for f in findings or []
-    ]
+    return [srmod.CodedFinding(str(f["label"]), float(f["probability"]), bool(f["present"])) for f in findings or []]
 
 
 def _insert_once(session: Session, values: dict[str, Any]) -> int | None:
@@ -172,7 +170,9 @@ def create_ai_draft(
         impression_text=getattr(output, "impression_text", None),
         findings=_coded(findings),
         algorithm=srmod.Algorithm(
-            provenance.name, provenance.version, provenance.files_sha256,
+            provenance.name,
+            provenance.version,
+            provenance.files_sha256,
             test_model=bool(getattr(provenance, "tiny", False)),
             display_name=getattr(provenance, "display_name", ""),
         ),
@@ -185,13 +185,23 @@ def create_ai_draft(
     report_id = _insert_once(
         session,
         {
-            "study_id": study_id, "version": version, "kind": ReportKind.AI_DRAFT.value,
-            "predecessor_id": previous.id if previous else None, "sop_instance_uid": sop_uid,
-            "series_instance_uid": series_uid, "source_instance_uid": instance.sop_instance_uid,
-            "findings_text": output.findings_text, "impression_text": getattr(output, "impression_text", None),
-            "findings": findings, "author": provenance.name, "verified": False, "model_name": provenance.name,
-            "model_version": provenance.version, "model_hash": provenance.files_sha256[:64],
-            "timings": dict(output.timings), "created_at": now,
+            "study_id": study_id,
+            "version": version,
+            "kind": ReportKind.AI_DRAFT.value,
+            "predecessor_id": previous.id if previous else None,
+            "sop_instance_uid": sop_uid,
+            "series_instance_uid": series_uid,
+            "source_instance_uid": instance.sop_instance_uid,
+            "findings_text": output.findings_text,
+            "impression_text": getattr(output, "impression_text", None),
+            "findings": findings,
+            "author": provenance.name,
+            "verified": False,
+            "model_name": provenance.name,
+            "model_version": provenance.version,
+            "model_hash": provenance.files_sha256[:64],
+            "timings": dict(output.timings),
+            "created_at": now,
         },
     )
     if report_id is None:  # another process made this draft first: its row and file stand
@@ -264,13 +274,25 @@ def create_version(
     )
     srmod.validate_spec(spec)  # refused before the row exists: the text stored is the text written
     report = Report(
-        study_id=study_id, version=previous.version + 1, kind=kind, predecessor_id=previous.id,
-        sop_instance_uid=spec.sop_instance_uid, series_instance_uid=spec.series_instance_uid,
-        source_instance_uid=instance.sop_instance_uid, findings_text=findings_text,
-        impression_text=impression_text, findings=list(previous.findings or []), author=author,
-        verified=approve, verifier=author if approve else None, verified_at=now if approve else None,
-        model_name=previous.model_name, model_version=previous.model_version, model_hash=previous.model_hash,
-        timings={}, created_at=now,
+        study_id=study_id,
+        version=previous.version + 1,
+        kind=kind,
+        predecessor_id=previous.id,
+        sop_instance_uid=spec.sop_instance_uid,
+        series_instance_uid=spec.series_instance_uid,
+        source_instance_uid=instance.sop_instance_uid,
+        findings_text=findings_text,
+        impression_text=impression_text,
+        findings=list(previous.findings or []),
+        author=author,
+        verified=approve,
+        verifier=author if approve else None,
+        verified_at=now if approve else None,
+        model_name=previous.model_name,
+        model_version=previous.model_version,
+        model_hash=previous.model_hash,
+        timings={},
+        created_at=now,
     )
     session.add(report)
     session.flush()  # the (study, version) unique key stops two concurrent versions here, before any file
@@ -280,7 +302,6 @@ def create_version(
     session.flush()
     log.info(
         "report version created",
-        extra={"study": study_id, "report": report.id, "version": report.version, "kind": kind,
-               "verified": approve},
+        extra={"study": study_id, "report": report.id, "version": report.version, "kind": kind, "verified": approve},
     )
     return report

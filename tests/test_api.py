@@ -75,8 +75,10 @@ def audit_actions(registry: Registry, study_id: int | None = None) -> list[tuple
 
 # -- auth ------------------------------------------------------------------------------------------
 
-def test_no_key_unknown_key_and_revoked_key_are_401(client: TestClient, keys: dict[str, str],
-                                                      registry: Registry) -> None:
+
+def test_no_key_unknown_key_and_revoked_key_are_401(
+    client: TestClient, keys: dict[str, str], registry: Registry
+) -> None:
     body = assert_problem(client.get("/api/v1/studies"), 401, "unauthenticated")
     assert "API key" in body["detail"]
     assert client.get("/api/v1/studies").headers["www-authenticate"] == "Bearer"
@@ -100,12 +102,17 @@ def test_keys_are_stored_hashed(registry: Registry, keys: dict[str, str]) -> Non
 
 # -- studies ---------------------------------------------------------------------------------------
 
-def test_worklist_filters_and_paging(client: TestClient, keys: dict[str, str], registry: Registry,
-                                     api_settings: Settings) -> None:
-    ids = [add_study(registry, api_settings, state=StudyState.QUEUED, index=i, study_date=f"2026010{i + 1}")[0]
-           for i in range(3)]
-    failed, _ = add_study(registry, api_settings, state=StudyState.FAILED, index=7, reason="pixel data unreadable",
-                          study_date="20260301")
+
+def test_worklist_filters_and_paging(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
+    ids = [
+        add_study(registry, api_settings, state=StudyState.QUEUED, index=i, study_date=f"2026010{i + 1}")[0]
+        for i in range(3)
+    ]
+    failed, _ = add_study(
+        registry, api_settings, state=StudyState.FAILED, index=7, reason="pixel data unreadable", study_date="20260301"
+    )
     h = auth(keys["reader"])
     page = client.get("/api/v1/studies", headers=h).json()
     assert page["total"] == 4 and [s["id"] for s in page["items"]] == [failed, *reversed(ids)]
@@ -116,8 +123,9 @@ def test_worklist_filters_and_paging(client: TestClient, keys: dict[str, str], r
     assert only_failed["items"][0]["reason"] == "pixel data unreadable"
     two_states = client.get("/api/v1/studies", params=[("state", "FAILED"), ("state", "QUEUED")], headers=h).json()
     assert two_states["total"] == 4
-    by_date = client.get("/api/v1/studies", params={"date_from": "2026-01-02", "date_to": "2026-01-31"},
-                         headers=h).json()
+    by_date = client.get(
+        "/api/v1/studies", params={"date_from": "2026-01-02", "date_to": "2026-01-31"}, headers=h
+    ).json()
     assert sorted(s["id"] for s in by_date["items"]) == ids[1:]
     by_acc = client.get("/api/v1/studies", params={"accession": "ACC000007"}, headers=h).json()
     assert [s["id"] for s in by_acc["items"]] == [failed]
@@ -125,22 +133,26 @@ def test_worklist_filters_and_paging(client: TestClient, keys: dict[str, str], r
     assert_problem(client.get("/api/v1/studies", params={"limit": 0}, headers=h), 422, "validation-error")
 
 
-def test_study_detail_with_instances_history_and_404(client: TestClient, keys: dict[str, str],
-                                                     registry: Registry, api_settings: Settings) -> None:
+def test_study_detail_with_instances_history_and_404(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     study_id, ds = add_study(registry, api_settings, state=StudyState.SKIPPED, reason="lateral view only")
     body = client.get(f"/api/v1/studies/{study_id}", headers=auth(keys["reader"])).json()
     assert body["state"] == "SKIPPED" and body["reason"] == "lateral view only"
     assert [i["sop_instance_uid"] for i in body["instances"]] == [ds.SOPInstanceUID]
     assert body["instances"][0]["selected"] is True and body["instances"][0]["attributes"]["view_position"] == "PA"
     assert [(e["from_state"], e["to_state"]) for e in body["history"]] == [
-        ("RECEIVING", "STABLE"), ("STABLE", "SKIPPED")]
+        ("RECEIVING", "STABLE"),
+        ("STABLE", "SKIPPED"),
+    ]
     assert body["history"][-1]["reason"] == "lateral view only"
     assert_problem(client.get("/api/v1/studies/999999", headers=auth(keys["reader"])), 404, "study-not-found")
     assert ("reader", "study.read") in audit_actions(registry, study_id)
 
 
-def test_rerun_failed_study_and_refusals(client: TestClient, keys: dict[str, str], registry: Registry,
-                                         api_settings: Settings, redis_db: redis.Redis) -> None:
+def test_rerun_failed_study_and_refusals(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings, redis_db: redis.Redis
+) -> None:
     failed, _ = add_study(registry, api_settings, state=StudyState.FAILED, reason="worker crashed")
     queued, _ = add_study(registry, api_settings, state=StudyState.QUEUED, index=1)
     assert_problem(client.post(f"/api/v1/studies/{failed}/rerun", headers=auth(keys["reader"])), 403, "forbidden")
@@ -160,20 +172,25 @@ def test_rerun_failed_study_and_refusals(client: TestClient, keys: dict[str, str
     assert ("reader", "denied") in actions and ("admin", "study.rerun") in actions
 
 
-def test_report_of_unreported_study_is_409(client: TestClient, keys: dict[str, str], registry: Registry,
-                                           api_settings: Settings) -> None:
+def test_report_of_unreported_study_is_409(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     study_id, _ = add_study(registry, api_settings, state=StudyState.RUNNING)
     for path in ("report", "report/versions", "dialog"):
-        assert_problem(client.get(f"/api/v1/studies/{study_id}/{path}", headers=auth(keys["rad"])), 409,
-                       "not-reported")
-    assert_problem(client.post(f"/api/v1/studies/{study_id}/report/approve", json={"base_version": 1},
-                               headers=auth(keys["rad"])), 409, "not-reported")
+        assert_problem(client.get(f"/api/v1/studies/{study_id}/{path}", headers=auth(keys["rad"])), 409, "not-reported")
+    assert_problem(
+        client.post(f"/api/v1/studies/{study_id}/report/approve", json={"base_version": 1}, headers=auth(keys["rad"])),
+        409,
+        "not-reported",
+    )
 
 
 # -- health, metrics, audit, CORS ------------------------------------------------------------------
 
-def test_health_readiness_and_metrics(client: TestClient, redis_db: redis.Redis, registry: Registry,
-                                      api_settings: Settings) -> None:
+
+def test_health_readiness_and_metrics(
+    client: TestClient, redis_db: redis.Redis, registry: Registry, api_settings: Settings
+) -> None:
     assert client.get("/healthz").json()["status"] == "ok"
     not_ready = client.get("/readyz")
     body = assert_problem(not_ready, 503, "not-ready")
@@ -186,8 +203,9 @@ def test_health_readiness_and_metrics(client: TestClient, redis_db: redis.Redis,
     assert 'radialog_api_requests_total{method="GET",route="/readyz",status="503"} 1.0' in metrics.text
 
 
-def test_audit_is_admin_only_and_lists_actions(client: TestClient, keys: dict[str, str], registry: Registry,
-                                               api_settings: Settings) -> None:
+def test_audit_is_admin_only_and_lists_actions(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     study_id, _ = add_study(registry, api_settings, state=StudyState.FAILED)
     client.get(f"/api/v1/studies/{study_id}", headers=auth(keys["reader"]))
     assert_problem(client.get("/api/v1/audit", headers=auth(keys["rad"])), 403, "forbidden")
@@ -209,20 +227,25 @@ def test_cors_is_off_unless_configured(registry: Registry, api_settings: Setting
 
 # -- dialog refusals that need no worker -----------------------------------------------------------
 
-def test_dialog_without_worker_is_503_with_retry_after(client: TestClient, keys: dict[str, str],
-                                                       registry: Registry, api_settings: Settings) -> None:
+
+def test_dialog_without_worker_is_503_with_retry_after(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     study_id = add_reported_study(registry, api_settings)
-    response = client.post(f"/api/v1/studies/{study_id}/dialog/questions", json={"question": "Is the heart enlarged?"},
-                           headers=auth(keys["rad"]))
+    response = client.post(
+        f"/api/v1/studies/{study_id}/dialog/questions",
+        json={"question": "Is the heart enlarged?"},
+        headers=auth(keys["rad"]),
+    )
     assert_problem(response, 503, "no-worker")
     assert int(response.headers["retry-after"]) > 0
     with registry.session() as s:
         assert s.scalars(select(DialogTurn)).all() == []  # nothing half-created
 
 
-def test_non_streamed_waits_are_bounded_then_answered_202_at_once(client: TestClient, keys: dict[str, str],
-                                                                  registry: Registry, api_settings: Settings,
-                                                                  redis_db: redis.Redis) -> None:
+def test_non_streamed_waits_are_bounded_then_answered_202_at_once(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings, redis_db: redis.Redis
+) -> None:
     """With every blocking-wait slot taken (clients already waiting for answers), a non-streamed question
     asking to wait 300 s gets 202 + Location at once instead of holding one more of the API's threads.
     The worker here is a readiness key only (ready, never answering), so the turn stays QUEUED."""
@@ -250,9 +273,11 @@ def test_non_streamed_waits_are_bounded_then_answered_202_at_once(client: TestCl
     answerer.start()
     try:
         assert taken == dialog_routes.MAX_BLOCKING_WAITS
-        response = client.post(f"/api/v1/studies/{study_id}/dialog/questions",
-                                json={"question": "Is the heart enlarged?", "wait_seconds": 300},
-                                headers=auth(keys["rad"]))
+        response = client.post(
+            f"/api/v1/studies/{study_id}/dialog/questions",
+            json={"question": "Is the heart enlarged?", "wait_seconds": 300},
+            headers=auth(keys["rad"]),
+        )
     finally:
         answered.set()
         answerer.join(timeout=10)
@@ -264,34 +289,46 @@ def test_non_streamed_waits_are_bounded_then_answered_202_at_once(client: TestCl
     assert turn["state"] == "QUEUED" and response.headers["location"] == f"/api/v1/dialog/turns/{turn['id']}"
 
 
-def test_question_too_long_413_and_bad_actions_422(client: TestClient, keys: dict[str, str], registry: Registry,
-                                                   api_settings: Settings) -> None:
+def test_question_too_long_413_and_bad_actions_422(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     study_id = add_reported_study(registry, api_settings)
     url = f"/api/v1/studies/{study_id}/dialog"
     h = auth(keys["reader"])
-    assert_problem(client.post(url + "/questions", json={"question": "x" * 2001}, headers=h), 413,
-                   "question-too-long")
+    assert_problem(client.post(url + "/questions", json={"question": "x" * 2001}, headers=h), 413, "question-too-long")
     assert_problem(client.post(url + "/questions", json={"question": ""}, headers=h), 422, "validation-error")
-    for bad in ({"action": "correction"}, {"action": "correction", "add": ["Unicorn"]}, {"action": "yes_no"},
-                {"action": "yes_no", "finding": "No Finding"}):
+    for bad in (
+        {"action": "correction"},
+        {"action": "correction", "add": ["Unicorn"]},
+        {"action": "yes_no"},
+        {"action": "yes_no", "finding": "No Finding"},
+    ):
         assert_problem(client.post(url + "/actions", json=bad, headers=h), 422, "validation-error")
     assert_problem(client.post(url + "/actions", json={"action": "dance"}, headers=h), 422, "validation-error")
 
 
-def test_report_too_long_for_the_context_is_422(client: TestClient, keys: dict[str, str], registry: Registry,
-                                                api_settings: Settings) -> None:
+def test_report_too_long_for_the_context_is_422(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     study_id = add_reported_study(registry, api_settings)
     conversation = client.get(f"/api/v1/studies/{study_id}/dialog", headers=auth(keys["rad"])).json()
     assert conversation["turns"] == [] and conversation["seed_report_version"] == 1
     assert 0 < conversation["estimated_tokens"] < conversation["max_context_tokens"]
     # a pasted, very long report: even the report turn alone leaves no room for an answer
     long_text = "The cardiomediastinal silhouette is within normal limits. " * 200
-    v2 = client.post(f"/api/v1/studies/{study_id}/report/versions", json={"findings_text": long_text},
-                     headers=auth(keys["rad"]))
+    v2 = client.post(
+        f"/api/v1/studies/{study_id}/report/versions", json={"findings_text": long_text}, headers=auth(keys["rad"])
+    )
     assert v2.status_code == 201
-    body = assert_problem(client.post(f"/api/v1/studies/{study_id}/dialog/questions",
-                                      json={"question": "And the lungs?"}, headers=auth(keys["rad"])),
-                          422, "context-too-long")
+    body = assert_problem(
+        client.post(
+            f"/api/v1/studies/{study_id}/dialog/questions",
+            json={"question": "And the lungs?"},
+            headers=auth(keys["rad"]),
+        ),
+        422,
+        "context-too-long",
+    )
     assert "4000" in body["detail"]
     with registry.session() as s:
         assert s.scalars(select(DialogTurn)).all() == []
@@ -302,8 +339,10 @@ def test_report_too_long_for_the_context_is_422(client: TestClient, keys: dict[s
 
 # -- reports, versions, approval -------------------------------------------------------------------
 
-def test_current_report_versions_and_sr_download(client: TestClient, keys: dict[str, str], registry: Registry,
-                                                 api_settings: Settings) -> None:
+
+def test_current_report_versions_and_sr_download(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     import io
 
     import pydicom
@@ -324,22 +363,26 @@ def test_current_report_versions_and_sr_download(client: TestClient, keys: dict[
     assert [a for _, a in audit_actions(registry, study_id)].count("report.sr_download") == 1
 
 
-def test_reader_cannot_change_or_approve_and_admin_cannot_approve(client: TestClient, keys: dict[str, str],
-                                                                  registry: Registry, api_settings: Settings) -> None:
+def test_reader_cannot_change_or_approve_and_admin_cannot_approve(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     study_id = add_reported_study(registry, api_settings)
     url = f"/api/v1/studies/{study_id}/report"
-    assert_problem(client.post(url + "/approve", json={"base_version": 1}, headers=auth(keys["reader"])), 403,
-                   "forbidden")
-    assert_problem(client.post(url + "/approve", json={"base_version": 1}, headers=auth(keys["admin"])), 403,
-                   "forbidden")
+    assert_problem(
+        client.post(url + "/approve", json={"base_version": 1}, headers=auth(keys["reader"])), 403, "forbidden"
+    )
+    assert_problem(
+        client.post(url + "/approve", json={"base_version": 1}, headers=auth(keys["admin"])), 403, "forbidden"
+    )
     assert_problem(client.post(url + "/versions", json={"findings_text": "x"}, headers=auth(keys["reader"])), 403)
     assert client.get(url, headers=auth(keys["reader"])).json()["version"] == 1  # nothing changed
     denied = [a for a in audit_actions(registry, study_id) if a[1] == "denied"]
     assert denied == [("reader", "denied"), ("admin", "denied"), ("reader", "denied")]
 
 
-def test_correction_then_approval_make_new_verified_sr(client: TestClient, keys: dict[str, str],
-                                                       registry: Registry, api_settings: Settings) -> None:
+def test_correction_then_approval_make_new_verified_sr(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     import io
 
     import pydicom
@@ -348,23 +391,37 @@ def test_correction_then_approval_make_new_verified_sr(client: TestClient, keys:
     url = f"/api/v1/studies/{study_id}/report"
     h = auth(keys["rad"])
     corrected = "The heart size is normal. No pleural effusion. No pneumothorax."
-    v2 = client.post(url + "/versions", json={"kind": "edit", "findings_text": corrected, "base_version": 1,
-                                              "impression_text": "Normal chest."}, headers=h)
+    v2 = client.post(
+        url + "/versions",
+        json={"kind": "edit", "findings_text": corrected, "base_version": 1, "impression_text": "Normal chest."},
+        headers=h,
+    )
     assert v2.status_code == 201, v2.text
     assert v2.json()["version"] == 2 and v2.json()["verified"] is False and v2.json()["kind"] == "edit"
     stale = client.post(url + "/versions", json={"findings_text": "older edit", "base_version": 1}, headers=h)
     assert_problem(stale, 409, "stale-version")
-    assert_problem(client.post(url + "/approve", json={"impression_text": "Normal chest."}, headers=h), 422,
-                   "validation-error")  # which version is signed must be said
-    assert_problem(client.post(url + "/approve", json={"impression_text": "Normal chest.", "base_version": 1},
-                               headers=h), 409, "stale-version")  # the radiologist read v1, v2 is current
+    assert_problem(
+        client.post(url + "/approve", json={"impression_text": "Normal chest."}, headers=h), 422, "validation-error"
+    )  # which version is signed must be said
+    assert_problem(
+        client.post(url + "/approve", json={"impression_text": "Normal chest.", "base_version": 1}, headers=h),
+        409,
+        "stale-version",
+    )  # the radiologist read v1, v2 is current
     # only the text on screen is signed: another findings or impression text under v2's number is refused
-    for other in ({"impression_text": "Normal chest. Old rib fracture."}, {"impression_text": ""},
-                  {"findings_text": "The heart size is normal. There is a small left pleural effusion."}):
-        assert_problem(client.post(url + "/approve", json={**other, "base_version": 2}, headers=h), 409,
-                       "text-mismatch")
-    v3 = client.post(url + "/approve", json={"findings_text": corrected, "impression_text": "Normal chest.",
-                                             "base_version": 2}, headers=h)
+    for other in (
+        {"impression_text": "Normal chest. Old rib fracture."},
+        {"impression_text": ""},
+        {"findings_text": "The heart size is normal. There is a small left pleural effusion."},
+    ):
+        assert_problem(
+            client.post(url + "/approve", json={**other, "base_version": 2}, headers=h), 409, "text-mismatch"
+        )
+    v3 = client.post(
+        url + "/approve",
+        json={"findings_text": corrected, "impression_text": "Normal chest.", "base_version": 2},
+        headers=h,
+    )
     assert v3.status_code == 201, v3.text
     body = v3.json()
     assert body["version"] == 3 and body["verified"] is True and body["verifier"] == "rad"
@@ -375,7 +432,10 @@ def test_correction_then_approval_make_new_verified_sr(client: TestClient, keys:
     assert_problem(client.post(url + "/approve", json={"base_version": 3}, headers=h), 409, "already-approved")
     versions = client.get(url + "/versions", headers=h).json()
     assert [(v["version"], v["kind"], v["verified"]) for v in versions["versions"]] == [
-        (1, "ai_draft", False), (2, "edit", False), (3, "approval", True)]
+        (1, "ai_draft", False),
+        (2, "edit", False),
+        (3, "approval", True),
+    ]
     other = add_study(registry, api_settings, state=StudyState.QUEUED, index=3)[0]
     rows = {s["id"]: s for s in client.get("/api/v1/studies", headers=h).json()["items"]}
     assert (rows[study_id]["latest_report_version"], rows[study_id]["verified"]) == (3, True)
@@ -384,8 +444,9 @@ def test_correction_then_approval_make_new_verified_sr(client: TestClient, keys:
     assert ("rad", "report.change") in actions and ("rad", "report.approve") in actions
 
 
-def test_image_preview_is_the_model_image(client: TestClient, keys: dict[str, str], registry: Registry,
-                                          api_settings: Settings) -> None:
+def test_image_preview_is_the_model_image(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     import io
 
     import numpy as np
@@ -407,8 +468,9 @@ def test_image_preview_is_the_model_image(client: TestClient, keys: dict[str, st
     assert_problem(client.get(f"/api/v1/studies/{study_id}/image.png", headers=auth(keys["reader"])), 409, "no-image")
 
 
-def test_approval_sends_the_export_task_for_the_new_sr(registry: Registry, api_settings: Settings,
-                                                        redis_db: redis.Redis) -> None:
+def test_approval_sends_the_export_task_for_the_new_sr(
+    registry: Registry, api_settings: Settings, redis_db: redis.Redis
+) -> None:
     import base64
     import json
 
@@ -419,8 +481,9 @@ def test_approval_sends_the_export_task_for_the_new_sr(registry: Registry, api_s
     keys = make_keys(registry)
     study_id = add_reported_study(registry, with_pacs)
     with TestClient(create_app(with_pacs, registry)) as c:
-        approved = c.post(f"/api/v1/studies/{study_id}/report/approve", json={"base_version": 1},
-                          headers=auth(keys["rad"])).json()
+        approved = c.post(
+            f"/api/v1/studies/{study_id}/report/approve", json={"base_version": 1}, headers=auth(keys["rad"])
+        ).json()
     [export] = approved["exports"]
     assert export["destination"] == "pacs" and export["state"] == "PENDING"
     messages = [json.loads(raw) for raw in redis_db.lrange("export", 0, -1)]
@@ -461,7 +524,7 @@ def test_users_cli_creates_lists_and_revokes(tmp_path, monkeypatch: pytest.Monke
 
 def test_page_is_served_with_a_strict_content_security_policy(client: TestClient) -> None:
     index = client.get("/")
-    assert index.status_code == 200 and "<script src=\"/static/app.js\">" in index.text
+    assert index.status_code == 200 and '<script src="/static/app.js">' in index.text
     csp = index.headers["content-security-policy"]
     assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
     assert "https://" not in index.text  # nothing loaded from elsewhere (no CDN)
@@ -470,8 +533,9 @@ def test_page_is_served_with_a_strict_content_security_policy(client: TestClient
 
 
 @pytest.mark.parametrize("registry", ["postgresql"], indirect=True)
-def test_two_versions_at_once_one_wins_the_other_is_409(client: TestClient, keys: dict[str, str],
-                                                        registry: Registry, api_settings: Settings) -> None:
+def test_two_versions_at_once_one_wins_the_other_is_409(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     """PostgreSQL: the API's insert of version 2 waits on the unique (study, version) index held by an
     uncommitted version 2; once that commits, the API answers 409 instead of a 500 or a silent v3."""
     import threading
@@ -485,20 +549,27 @@ def test_two_versions_at_once_one_wins_the_other_is_409(client: TestClient, keys
     result: dict[str, object] = {}
 
     def post() -> None:
-        result["response"] = client.post(f"/api/v1/studies/{study_id}/report/versions",
-                                         json={"findings_text": "second edit"}, headers=auth(keys["rad"]))
+        result["response"] = client.post(
+            f"/api/v1/studies/{study_id}/report/versions",
+            json={"findings_text": "second edit"},
+            headers=auth(keys["rad"]),
+        )
 
     with registry.session() as s:
-        create_version(s, api_settings, study_id, kind="edit", findings_text="first edit", impression_text=None,
-                       author="other")
+        create_version(
+            s, api_settings, study_id, kind="edit", findings_text="first edit", impression_text=None, author="other"
+        )
         worker = threading.Thread(target=post)
         worker.start()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and "response" not in result:  # until the API waits on our row
             with registry.engine.connect() as conn:
-                waiting = conn.execute(text(
-                    "select count(*) from pg_stat_activity a join pg_locks l on l.pid = a.pid "
-                    "where not l.granted and a.query ilike 'INSERT INTO reports%'")).scalar()
+                waiting = conn.execute(
+                    text(
+                        "select count(*) from pg_stat_activity a join pg_locks l on l.pid = a.pid "
+                        "where not l.granted and a.query ilike 'INSERT INTO reports%'"
+                    )
+                ).scalar()
             if waiting:
                 break
             time.sleep(0.05)
@@ -508,8 +579,9 @@ def test_two_versions_at_once_one_wins_the_other_is_409(client: TestClient, keys
     assert [(v["version"], v["findings_text"]) for v in versions["versions"]][-1] == (2, "first edit")
 
 
-def test_signing_what_the_radiologist_sees(client: TestClient, keys: dict[str, str], registry: Registry,
-                                           api_settings: Settings) -> None:
+def test_signing_what_the_radiologist_sees(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     """An emptied impression is saved as a version, then signed as none (signing another text than the
     version's is refused); the signed SR carries no AI-coded findings its text may deny."""
     import io
@@ -519,8 +591,11 @@ def test_signing_what_the_radiologist_sees(client: TestClient, keys: dict[str, s
     study_id = add_reported_study(registry, api_settings)  # AI draft: Pleural Effusion present (0.9)
     url = f"/api/v1/studies/{study_id}/report"
     h = auth(keys["rad"])
-    v2 = client.post(url + "/versions", json={"kind": "edit", "findings_text": "No effusion.",
-                                              "impression_text": "Normal."}, headers=h)
+    v2 = client.post(
+        url + "/versions",
+        json={"kind": "edit", "findings_text": "No effusion.", "impression_text": "Normal."},
+        headers=h,
+    )
     assert v2.status_code == 201, v2.text
     emptied = {"findings_text": "No effusion.", "impression_text": ""}
     assert_problem(client.post(url + "/approve", json={**emptied, "base_version": 2}, headers=h), 409, "text-mismatch")
@@ -538,31 +613,45 @@ def test_signing_what_the_radiologist_sees(client: TestClient, keys: dict[str, s
     assert "Probability" in str(draft) and "Pleural effusion" in str(draft)  # the AI draft keeps its codes
 
 
-def test_control_characters_and_a_lost_source_image_get_clear_errors(client: TestClient, keys: dict[str, str],
-                                                                     registry: Registry,
-                                                                     api_settings: Settings) -> None:
+def test_control_characters_and_a_lost_source_image_get_clear_errors(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     import shutil
 
     study_id = add_reported_study(registry, api_settings)
     url = f"/api/v1/studies/{study_id}/report"
     h = auth(keys["rad"])
     assert_problem(client.post(url + "/versions", json={"findings_text": "abc \u0000 x"}, headers=h), 422)
-    assert_problem(client.post(f"/api/v1/studies/{study_id}/dialog/questions",
-                               json={"question": "any \u0007 effusion?"}, headers=h), 422)
+    assert_problem(
+        client.post(
+            f"/api/v1/studies/{study_id}/dialog/questions", json={"question": "any \u0007 effusion?"}, headers=h
+        ),
+        422,
+    )
     shutil.rmtree(api_settings.spool_dir)  # the source image is gone: no SR can be built
-    assert_problem(client.post(url + "/versions", json={"findings_text": "Edited."}, headers=h), 409,
-                   "cannot-build-report")
+    assert_problem(
+        client.post(url + "/versions", json={"findings_text": "Edited."}, headers=h), 409, "cannot-build-report"
+    )
 
 
-def test_model_capabilities_and_actions_a_model_was_not_trained_for(registry: Registry, api_settings: Settings,
-                                                                     keys: dict[str, str], redis_db: redis.Redis) -> None:
+def test_model_capabilities_and_actions_a_model_was_not_trained_for(
+    registry: Registry, api_settings: Settings, keys: dict[str, str], redis_db: redis.Redis
+) -> None:
     """Issue 16: GET /model says what the configured backend can do; XrayGPT's API refuses RaDialog's quick
     actions (422, nothing queued) and sizes conversations to its 2,000 positions."""
     with TestClient(create_app(api_settings, registry)) as c:  # RaDialog v2: everything, 4,000 tokens
         model = c.get("/api/v1/model", headers=auth(keys["reader"])).json()
         assert model["backend"] == "radialog-v2" and model["findings_classifier"] is True
-        assert set(model["tasks"]) == {"free", "correction", "yes_no", "list", "impression", "easy_language",
-                                       "summary", "view"}
+        assert set(model["tasks"]) == {
+            "free",
+            "correction",
+            "yes_no",
+            "list",
+            "impression",
+            "easy_language",
+            "summary",
+            "view",
+        }
         assert model["tasks"]["list"]["prompt"] == "List all the findings in this report."
         assert model["tasks"]["yes_no"]["prompt"] is None and model["context_tokens"] == 4000
     assert_problem(TestClient(create_app(api_settings, registry)).get("/api/v1/model"), 401, "unauthenticated")
@@ -573,32 +662,51 @@ def test_model_capabilities_and_actions_a_model_was_not_trained_for(registry: Re
     h = auth(keys["rad"])
     with TestClient(create_app(xraygpt, registry)) as c:
         model = c.get("/api/v1/model", headers=h).json()
-        assert model == {"backend": "xraygpt", "model_name": "XrayGPT", "findings_classifier": False,
-                         "tasks": {"free": {"prompt": None, "max_new_tokens": 300},
-                                   "list": {"prompt": "What are the key findings in this chest x-ray image?",
-                                            "max_new_tokens": 300},
-                                   "impression": {"prompt": "Based on the findings in this chest x-ray image, what "
-                                                            "is the overall impression?", "max_new_tokens": 300}},
-                         "context_tokens": 2000, "image_tokens": 32}
-        for action in ({"action": "yes_no", "finding": "Edema"}, {"action": "correction", "add": ["Edema"]},
-                       {"action": "easy_language"}, {"action": "summary"}, {"action": "view"}):
+        assert model == {
+            "backend": "xraygpt",
+            "model_name": "XrayGPT",
+            "findings_classifier": False,
+            "tasks": {
+                "free": {"prompt": None, "max_new_tokens": 300},
+                "list": {"prompt": "What are the key findings in this chest x-ray image?", "max_new_tokens": 300},
+                "impression": {
+                    "prompt": "Based on the findings in this chest x-ray image, what is the overall impression?",
+                    "max_new_tokens": 300,
+                },
+            },
+            "context_tokens": 2000,
+            "image_tokens": 32,
+        }
+        for action in (
+            {"action": "yes_no", "finding": "Edema"},
+            {"action": "correction", "add": ["Edema"]},
+            {"action": "easy_language"},
+            {"action": "summary"},
+            {"action": "view"},
+        ):
             body = assert_problem(c.post(url + "/actions", json=action, headers=h), 422, "task-not-supported")
             assert "XrayGPT was not trained for" in body["detail"]
         conversation = c.get(url, headers=h).json()
         assert conversation["max_context_tokens"] == 2000
         # a report that fits RaDialog's 4,000 tokens but not XrayGPT's 2,000 with the answer
         long_text = "The cardiomediastinal silhouette is within normal limits. " * 100
-        assert c.post(f"/api/v1/studies/{study_id}/report/versions", json={"findings_text": long_text},
-                      headers=h).status_code == 201
-        body = assert_problem(c.post(url + "/questions", json={"question": "And the lungs?"}, headers=h), 422,
-                              "context-too-long")
+        assert (
+            c.post(
+                f"/api/v1/studies/{study_id}/report/versions", json={"findings_text": long_text}, headers=h
+            ).status_code
+            == 201
+        )
+        body = assert_problem(
+            c.post(url + "/questions", json={"question": "And the lungs?"}, headers=h), 422, "context-too-long"
+        )
         assert "2000" in body["detail"]
     with registry.session() as s:
         assert s.scalars(select(DialogTurn)).all() == []
 
 
-def test_radialog_v1_capabilities_and_refused_actions(registry: Registry, api_settings: Settings,
-                                                     keys: dict[str, str], redis_db: redis.Redis) -> None:
+def test_radialog_v1_capabilities_and_refused_actions(
+    registry: Registry, api_settings: Settings, keys: dict[str, str], redis_db: redis.Redis
+) -> None:
     """Issue 17: GET /model for RaDialog v1 lists the tasks RaDialog-INS was trained for with its limits and
     2,048 positions; v2's impression and view question are refused (422, nothing queued)."""
     v1 = api_settings.model_copy(update={"model_backend": "radialog-v1"})
@@ -607,16 +715,27 @@ def test_radialog_v1_capabilities_and_refused_actions(registry: Registry, api_se
     h = auth(keys["rad"])
     with TestClient(create_app(v1, registry)) as c:
         model = c.get("/api/v1/model", headers=h).json()
-        assert model == {"backend": "radialog-v1", "model_name": "RaDialog v1", "findings_classifier": True,
-                         "tasks": {"free": {"prompt": None, "max_new_tokens": 300},
-                                   "correction": {"prompt": None, "max_new_tokens": 256},
-                                   "yes_no": {"prompt": None, "max_new_tokens": 10},
-                                   "list": {"prompt": "List all the findings in this report.", "max_new_tokens": 30},
-                                   "easy_language": {"prompt": "Translate this report to easy language for a patient "
-                                                               "to understand.", "max_new_tokens": 300},
-                                   "summary": {"prompt": "Please summarize the given report in maximum two "
-                                                         "sentences.", "max_new_tokens": 300}},
-                         "context_tokens": 2048, "image_tokens": 32}
+        assert model == {
+            "backend": "radialog-v1",
+            "model_name": "RaDialog v1",
+            "findings_classifier": True,
+            "tasks": {
+                "free": {"prompt": None, "max_new_tokens": 300},
+                "correction": {"prompt": None, "max_new_tokens": 256},
+                "yes_no": {"prompt": None, "max_new_tokens": 10},
+                "list": {"prompt": "List all the findings in this report.", "max_new_tokens": 30},
+                "easy_language": {
+                    "prompt": "Translate this report to easy language for a patient to understand.",
+                    "max_new_tokens": 300,
+                },
+                "summary": {
+                    "prompt": "Please summarize the given report in maximum two sentences.",
+                    "max_new_tokens": 300,
+                },
+            },
+            "context_tokens": 2048,
+            "image_tokens": 32,
+        }
         for action in ({"action": "impression"}, {"action": "view"}):
             body = assert_problem(c.post(url + "/actions", json=action, headers=h), 422, "task-not-supported")
             assert "RaDialog v1 was not trained for" in body["detail"]
@@ -627,32 +746,45 @@ def test_radialog_v1_capabilities_and_refused_actions(registry: Registry, api_se
 
 # -- who is signed in; what changed between versions (issue 13) -------------------------------------------
 
+
 def test_me_names_the_keys_user_and_role(client: TestClient, keys: dict[str, str]) -> None:
     assert client.get("/api/v1/me", headers=auth(keys["rad"])).json() == {"name": "rad", "role": "radiologist"}
     assert client.get("/api/v1/me", headers=auth(keys["reader"])).json() == {"name": "reader", "role": "reader"}
     assert_problem(client.get("/api/v1/me"), 401, "unauthenticated")
 
 
-def test_versions_say_what_changed_word_by_word(client: TestClient, keys: dict[str, str], registry: Registry,
-                                                api_settings: Settings) -> None:
+def test_versions_say_what_changed_word_by_word(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     study_id = add_reported_study(registry, api_settings, findings_text="The heart is normal. Small left effusion.")
     url = f"/api/v1/studies/{study_id}/report"
     h = auth(keys["rad"])
-    client.post(url + "/versions", headers=h, json={
-        "findings_text": "The heart is enlarged.\nSmall left effusion. No pneumothorax.", "impression_text": "Cardiomegaly.",
-        "base_version": 1})
+    client.post(
+        url + "/versions",
+        headers=h,
+        json={
+            "findings_text": "The heart is enlarged.\nSmall left effusion. No pneumothorax.",
+            "impression_text": "Cardiomegaly.",
+            "base_version": 1,
+        },
+    )
     versions = client.get(url + "/versions", headers=h).json()["versions"]
     assert versions[0]["changes"] is None
     changes = versions[1]["changes"]
     assert changes["predecessor_version"] == 1
     assert [(p["op"], p["text"]) for p in changes["findings"]] == [
-        ("equal", "The heart is"), ("delete", "normal."), ("insert", "enlarged."), ("equal", "Small left effusion."),
-        ("insert", "No pneumothorax.")]
+        ("equal", "The heart is"),
+        ("delete", "normal."),
+        ("insert", "enlarged."),
+        ("equal", "Small left effusion."),
+        ("insert", "No pneumothorax."),
+    ]
     assert changes["impression"] == [{"op": "insert", "text": "Cardiomegaly."}]
     assert client.get(url + "/versions/2", headers=h).json()["changes"] == changes
 
 
 # -- the image viewer: full frame, window, MONOCHROME1, 16-bit, bounds (issue 13) -------------------------
+
 
 def _linear(x, center: float, width: float):  # type: ignore[no-untyped-def]
     """PS3.3 C.11.2.1.2.1 (LINEAR) into 0..255, written out here independently of the code under test."""
@@ -687,24 +819,43 @@ def _png(response):  # type: ignore[no-untyped-def]
     return np.asarray(Image.open(io.BytesIO(response.content)))
 
 
-def test_viewer_renders_a_monochrome1_image_with_its_header_window(client: TestClient, keys: dict[str, str],
-                                                                   registry: Registry, api_settings: Settings) -> None:
+def test_viewer_renders_a_monochrome1_image_with_its_header_window(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     """MONOCHROME1, 12 bits stored in 16: the header window (centre 2048, width 1024) on a 0..4095 ramp,
     shown inverted (the lowest value white); ``invert`` flips it back; a region outside the image is black."""
     import numpy as np
 
     study_id, ds = add_study(registry, api_settings, state=StudyState.QUEUED)
     ramp = np.arange(4096, dtype=np.uint16).reshape(64, 64)
-    _replace_pixels(api_settings, ds, ramp, PhotometricInterpretation="MONOCHROME1", BitsAllocated=16,
-                    BitsStored=12, HighBit=11, PixelRepresentation=0, RescaleSlope=1, RescaleIntercept=0,
-                    WindowCenter=2048, WindowWidth=1024, WindowCenterWidthExplanation="SOFT")
+    _replace_pixels(
+        api_settings,
+        ds,
+        ramp,
+        PhotometricInterpretation="MONOCHROME1",
+        BitsAllocated=16,
+        BitsStored=12,
+        HighBit=11,
+        PixelRepresentation=0,
+        RescaleSlope=1,
+        RescaleIntercept=0,
+        WindowCenter=2048,
+        WindowWidth=1024,
+        WindowCenterWidthExplanation="SOFT",
+    )
     h = auth(keys["reader"])
     info = client.get(f"/api/v1/studies/{study_id}/image", headers=h).json()
     assert (info["rows"], info["columns"], info["photometric_interpretation"]) == (64, 64, "MONOCHROME1")
     assert info["inverse_display"] is True and info["default_preset"] == "window:0"
     assert (info["value_min"], info["value_max"]) == (0, 4095)
-    assert info["presets"][0] == {"id": "window:0", "label": "SOFT", "center": 2048, "width": 1024,
-                                  "function": "LINEAR", "lut": False}
+    assert info["presets"][0] == {
+        "id": "window:0",
+        "label": "SOFT",
+        "center": 2048,
+        "width": 1024,
+        "function": "LINEAR",
+        "lut": False,
+    }
     url = f"/api/v1/studies/{study_id}/image/render?out_width=64&out_height=64"
     shown = _png(client.get(url, headers=h))
     expected = 255 - _linear(ramp, 2048, 1024)
@@ -714,26 +865,41 @@ def test_viewer_renders_a_monochrome1_image_with_its_header_window(client: TestC
     # a custom window, and a region half outside the image (panned left, 1:1): outside is black
     custom = _png(client.get(url + "&window_center=1000&window_width=200", headers=h))
     assert np.array_equal(custom, 255 - _linear(ramp, 1000, 200))
-    half = _png(client.get(f"/api/v1/studies/{study_id}/image/render?x=-16&y=16&w=32&h=32&out_width=32"
-                           "&out_height=32", headers=h))
+    half = _png(
+        client.get(
+            f"/api/v1/studies/{study_id}/image/render?x=-16&y=16&w=32&h=32&out_width=32&out_height=32", headers=h
+        )
+    )
     assert (half[:, :16] == 0).all() and np.array_equal(half[:, 16:], expected[16:48, 0:16])
-    zoomed = _png(client.get(f"/api/v1/studies/{study_id}/image/render?x=0&y=0&w=32&h=32&out_width=256"
-                             "&out_height=256", headers=h))  # 8x: bilinear between the same pixels
+    zoomed = _png(
+        client.get(f"/api/v1/studies/{study_id}/image/render?x=0&y=0&w=32&h=32&out_width=256&out_height=256", headers=h)
+    )  # 8x: bilinear between the same pixels
     assert zoomed.shape == (256, 256)
     assert np.abs(zoomed[4::8, 4::8].astype(int) - expected[:32, :32]).max() <= 2
 
 
-def test_viewer_renders_16_bit_signed_values_through_the_modality_lut(client: TestClient, keys: dict[str, str],
-                                                                      registry: Registry,
-                                                                      api_settings: Settings) -> None:
+def test_viewer_renders_16_bit_signed_values_through_the_modality_lut(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     """16 bits stored, signed, Rescale Slope 2 and Intercept -1024: the window applies to modality values."""
     import numpy as np
 
     study_id, ds = add_study(registry, api_settings, state=StudyState.QUEUED)
     stored = np.linspace(-32768, 32767, 128 * 96).round().astype(np.int16).reshape(96, 128)
-    _replace_pixels(api_settings, ds, stored, PhotometricInterpretation="MONOCHROME2", BitsAllocated=16,
-                    BitsStored=16, HighBit=15, PixelRepresentation=1, RescaleSlope=2, RescaleIntercept=-1024,
-                    WindowCenter=[0, 20000], WindowWidth=[4000, 60000])
+    _replace_pixels(
+        api_settings,
+        ds,
+        stored,
+        PhotometricInterpretation="MONOCHROME2",
+        BitsAllocated=16,
+        BitsStored=16,
+        HighBit=15,
+        PixelRepresentation=1,
+        RescaleSlope=2,
+        RescaleIntercept=-1024,
+        WindowCenter=[0, 20000],
+        WindowWidth=[4000, 60000],
+    )
     h = auth(keys["reader"])
     info = client.get(f"/api/v1/studies/{study_id}/image", headers=h).json()
     modality = stored.astype(np.float64) * 2 - 1024
@@ -742,16 +908,17 @@ def test_viewer_renders_16_bit_signed_values_through_the_modality_lut(client: Te
     base = f"/api/v1/studies/{study_id}/image/render?out_width=128&out_height=96"
     assert np.array_equal(_png(client.get(base, headers=h)), _linear(modality, 0, 4000))
     assert np.array_equal(_png(client.get(base + "&preset=window:1", headers=h)), _linear(modality, 20000, 60000))
-    assert np.array_equal(_png(client.get(base + "&window_center=-5000&window_width=9000", headers=h)),
-                          _linear(modality, -5000, 9000))
+    assert np.array_equal(
+        _png(client.get(base + "&window_center=-5000&window_width=9000", headers=h)), _linear(modality, -5000, 9000)
+    )
     full = _png(client.get(base + "&preset=full", headers=h))
     assert full.min() == 0 and full.max() == 255  # the full range spans the whole grey scale
     assert_problem(client.get(base + "&preset=lut:0", headers=h), 422, "unknown-preset")
 
 
-def test_viewer_bounds_huge_images_concurrent_renders_and_the_audit(client: TestClient, keys: dict[str, str],
-                                                                    registry: Registry,
-                                                                    api_settings: Settings) -> None:
+def test_viewer_bounds_huge_images_concurrent_renders_and_the_audit(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     """A header announcing 8000 x 8000 pixels is refused before anything is decoded; a second window costs no
     second decode; with every render slot busy the answer is 503 + Retry-After; a drag's many renders are one
     audit entry; the other images of the study can be shown, other studies' images cannot."""
@@ -764,15 +931,16 @@ def test_viewer_bounds_huge_images_concurrent_renders_and_the_audit(client: Test
     huge_id, huge = add_study(registry, api_settings, state=StudyState.QUEUED, index=1)
     _replace_pixels(api_settings, huge, np.zeros((4, 4), dtype=np.uint16))
     huge.Rows = huge.Columns = 8000  # the pixel data is tiny: decoding it would fail, so it must not be tried
-    huge.save_as(api_settings.spool_dir / huge.StudyInstanceUID / f"{huge.SOPInstanceUID}.dcm", enforce_file_format=True)
+    huge.save_as(
+        api_settings.spool_dir / huge.StudyInstanceUID / f"{huge.SOPInstanceUID}.dcm", enforce_file_format=True
+    )
     assert_problem(client.get(f"/api/v1/studies/{huge_id}/image/render", headers=h), 409, "image-too-large")
 
     client.get(f"/api/v1/studies/{study_id}/image", headers=h)
     renderer = client.app.state.viewer[0]
     decodes = renderer.decodes
     for center in (1000, 1500, 2000):
-        _png(client.get(f"/api/v1/studies/{study_id}/image/render?window_center={center}&window_width=800",
-                        headers=h))
+        _png(client.get(f"/api/v1/studies/{study_id}/image/render?window_center={center}&window_width=800", headers=h))
     assert renderer.decodes == decodes
     assert [a for a in audit_actions(registry, study_id) if a[1] == "image.read"] == [("rad", "image.read")]
 
@@ -790,14 +958,16 @@ def test_viewer_bounds_huge_images_concurrent_renders_and_the_audit(client: Test
         from radialog.registry import Study
 
         other_instance = s.get(Study, huge_id).selected_instance_id
-    assert_problem(client.get(f"/api/v1/studies/{study_id}/image?instance={other_instance}", headers=h), 404,
-                   "instance-not-found")
+    assert_problem(
+        client.get(f"/api/v1/studies/{study_id}/image?instance={other_instance}", headers=h), 404, "instance-not-found"
+    )
     assert_problem(client.get(f"/api/v1/studies/{study_id}/image/render?w=0", headers=h), 422)
     assert_problem(client.get(f"/api/v1/studies/{study_id}/image/render?out_width=5000", headers=h), 422)
 
 
-def test_viewer_offers_and_applies_the_headers_voi_lut(client: TestClient, keys: dict[str, str],
-                                                       registry: Registry, api_settings: Settings) -> None:
+def test_viewer_offers_and_applies_the_headers_voi_lut(
+    client: TestClient, keys: dict[str, str], registry: Registry, api_settings: Settings
+) -> None:
     """A VOI LUT in the header is the default preset (as for the model) and is applied as a table: inputs
     below its first entry take entry 0, above its last the last one; a drag from it is a linear window."""
     import numpy as np
@@ -809,16 +979,28 @@ def test_viewer_offers_and_applies_the_headers_voi_lut(client: TestClient, keys:
     lut.add_new("LUTDescriptor", "US", [256, 512, 12])  # 256 entries, first input 512, 12-bit output
     lut.add_new("LUTData", "OW", np.array([16 * i for i in range(256)], dtype="<u2").tobytes())  # as OW, like most
     lut.LUTExplanation = "LUNG"
-    _replace_pixels(api_settings, ds, ramp, BitsAllocated=16, BitsStored=12, HighBit=11, PixelRepresentation=0,
-                    VOILUTSequence=[lut])
+    _replace_pixels(
+        api_settings, ds, ramp, BitsAllocated=16, BitsStored=12, HighBit=11, PixelRepresentation=0, VOILUTSequence=[lut]
+    )
     h = auth(keys["reader"])
     info = client.get(f"/api/v1/studies/{study_id}/image", headers=h).json()
     assert info["default_preset"] == "lut:0"
-    assert info["presets"][0] == {"id": "lut:0", "label": "LUNG", "center": 640, "width": 256, "function": "LINEAR",
-                                  "lut": True}
+    assert info["presets"][0] == {
+        "id": "lut:0",
+        "label": "LUNG",
+        "center": 640,
+        "width": 256,
+        "function": "LINEAR",
+        "lut": True,
+    }
     shown = _png(client.get(f"/api/v1/studies/{study_id}/image/render?out_width=32&out_height=32", headers=h))
     index = np.clip(ramp.astype(int) - 512, 0, 255)
     assert np.array_equal(shown, np.rint(16 * index / (16 * 255) * 255).astype(np.uint8))
-    dragged = _png(client.get(f"/api/v1/studies/{study_id}/image/render?out_width=32&out_height=32"
-                              "&preset=lut:0&window_center=640&window_width=256", headers=h))
+    dragged = _png(
+        client.get(
+            f"/api/v1/studies/{study_id}/image/render?out_width=32&out_height=32"
+            "&preset=lut:0&window_center=640&window_width=256",
+            headers=h,
+        )
+    )
     assert np.array_equal(dragged, _linear(ramp, 640, 256))

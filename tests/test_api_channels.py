@@ -31,15 +31,19 @@ def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def test_worklist_shows_and_filters_priority(client: TestClient, sqlite_registry: Registry,
-                                             settings: Settings) -> None:
+def test_worklist_shows_and_filters_priority(client: TestClient, sqlite_registry: Registry, settings: Settings) -> None:
     keys = make_keys(sqlite_registry)
     routine = add_reported_study(sqlite_registry, settings, index=0)
     urgent = add_reported_study(sqlite_registry, settings, index=1)
     with sqlite_registry.session() as session:
-        session.execute(update(Study).where(Study.id == urgent).values(
-            priority="HIGH", routing={"rule": "stat-order", "action": "report", "priority": "HIGH",
-                                      "reason": None, "notes": []}))
+        session.execute(
+            update(Study)
+            .where(Study.id == urgent)
+            .values(
+                priority="HIGH",
+                routing={"rule": "stat-order", "action": "report", "priority": "HIGH", "reason": None, "notes": []},
+            )
+        )
     page = client.get("/api/v1/studies", headers=_auth(keys["reader"])).json()
     by_id = {s["id"]: s for s in page["items"]}
     assert (by_id[urgent]["priority"], by_id[urgent]["routing_rule"]) == ("HIGH", "stat-order")
@@ -52,8 +56,9 @@ def test_worklist_shows_and_filters_priority(client: TestClient, sqlite_registry
     assert bad.status_code == 422
 
 
-def test_fhir_report_is_valid_and_follows_the_versions(client: TestClient, sqlite_registry: Registry,
-                                                       settings: Settings) -> None:
+def test_fhir_report_is_valid_and_follows_the_versions(
+    client: TestClient, sqlite_registry: Registry, settings: Settings
+) -> None:
     keys = make_keys(sqlite_registry)
     study_id = add_reported_study(sqlite_registry, settings)
     response = client.get(f"/api/v1/studies/{study_id}/report/fhir", headers=_auth(keys["reader"]))
@@ -68,18 +73,35 @@ def test_fhir_report_is_valid_and_follows_the_versions(client: TestClient, sqlit
 
     with sqlite_registry.session() as session:
         report = session.get(Study, study_id).reports[-1]
-        create_version(session, settings, study_id, kind="approval", findings_text=report.findings_text,
-                       impression_text=None, author="rad", approve=True)
+        create_version(
+            session,
+            settings,
+            study_id,
+            kind="approval",
+            findings_text=report.findings_text,
+            impression_text=None,
+            author="rad",
+            approve=True,
+        )
     final = client.get(f"/api/v1/studies/{study_id}/report/fhir", headers=_auth(keys["reader"])).json()
     fhir.validate(final)
     assert final["status"] == "final" and final["resultsInterpreter"] == [{"display": "rad"}]
     assert final["id"] == draft["id"]
     with sqlite_registry.session() as session:
-        create_version(session, settings, study_id, kind="edit", findings_text="Not signed yet.",
-                       impression_text=None, author="rad")
+        create_version(
+            session,
+            settings,
+            study_id,
+            kind="edit",
+            findings_text="Not signed yet.",
+            impression_text=None,
+            author="rad",
+        )
     still = client.get(f"/api/v1/studies/{study_id}/report/fhir", headers=_auth(keys["reader"])).json()
-    assert still["status"] == "final" and "Not signed yet." not in base64.b64decode(
-        still["presentedForm"][0]["data"]).decode()
+    assert (
+        still["status"] == "final"
+        and "Not signed yet." not in base64.b64decode(still["presentedForm"][0]["data"]).decode()
+    )
     with sqlite_registry.session() as session:
         actions = list(session.scalars(select(AuditEntry.action).where(AuditEntry.study_id == study_id)))
     assert actions.count("report.fhir") == 3

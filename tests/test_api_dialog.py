@@ -26,10 +26,12 @@ REDIS_URL = redis_url(__name__)
 
 
 @pytest.fixture
-def chain(registry: Registry, settings: Settings, tiny_model: tuple[Path, Path],
-          tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str], int, Registry]]:
-    api_settings = settings.model_copy(update={
-        "broker_url": REDIS_URL, "model_dir": tiny_model[0], "base_model_dir": tiny_model[1], "device": "cpu"})
+def chain(
+    registry: Registry, settings: Settings, tiny_model: tuple[Path, Path], tmp_path: Path
+) -> Iterator[tuple[TestClient, dict[str, str], int, Registry]]:
+    api_settings = settings.model_copy(
+        update={"broker_url": REDIS_URL, "model_dir": tiny_model[0], "base_model_dir": tiny_model[1], "device": "cpu"}
+    )
     client = redis.Redis.from_url(REDIS_URL)
     client.delete("dialog", "export")
     worker = dialog_worker(api_settings, registry.url, tmp_path, f"api-test-{uuid.uuid4().hex[:8]}")
@@ -68,8 +70,12 @@ def test_dialog_streams_in_order_answers_and_feeds_a_correction(chain) -> None: 
     assert ready.status_code == 200 and ready.json()["checks"]["workers"] == "1 ready"
 
     # streamed: subscribe, send, relay; tokens arrive in generation order and add up to the answer
-    with http.stream("POST", f"/api/v1/studies/{study_id}/dialog/questions", headers=h,
-                     json={"question": "Is the heart enlarged?", "stream": True}) as response:
+    with http.stream(
+        "POST",
+        f"/api/v1/studies/{study_id}/dialog/questions",
+        headers=h,
+        json={"question": "Is the heart enlarged?", "stream": True},
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = sse_events(response.read().decode())
@@ -84,25 +90,40 @@ def test_dialog_streams_in_order_answers_and_feeds_a_correction(chain) -> None: 
         assert turn.state == "DONE" and turn.answer == answer and turn.question == "Is the heart enlarged?"
 
     # waited JSON answer for a quick action, with the exact prompt text
-    action = http.post(f"/api/v1/studies/{study_id}/dialog/actions", headers=h,
-                       json={"action": "correction", "remove": ["Pleural Effusion"], "wait_seconds": 120})
+    action = http.post(
+        f"/api/v1/studies/{study_id}/dialog/actions",
+        headers=h,
+        json={"action": "correction", "remove": ["Pleural Effusion"], "wait_seconds": 120},
+    )
     assert action.status_code == 200, action.text
     correction = action.json()
     assert correction["state"] == "DONE" and correction["task"] == "correction"
     assert correction["question"] == prompts.correction_prompt([], ["Pleural Effusion"])
 
     # no waiting: 202 with the turn to poll; another user cannot read it
-    accepted = http.post(f"/api/v1/studies/{study_id}/dialog/actions", headers=h,
-                         json={"action": "yes_no", "finding": "Pneumothorax", "wait_seconds": 0})
+    accepted = http.post(
+        f"/api/v1/studies/{study_id}/dialog/actions",
+        headers=h,
+        json={"action": "yes_no", "finding": "Pneumothorax", "wait_seconds": 0},
+    )
     assert accepted.status_code in (200, 202), accepted.text
     polled = accepted.json()
     assert polled["question"] == "Is there any Pneumothorax?"  # the CheXpert label as written, as trained
     if polled["state"] not in ("DONE", "FAILED"):
-        polled = wait_for(lambda: (turn := http.get(f"/api/v1/dialog/turns/{polled['id']}", headers=h).json())[
-            "state"] in ("DONE", "FAILED") and turn, what="the turn settled", timeout=120, interval=0.2)
+        polled = wait_for(
+            lambda: (
+                (turn := http.get(f"/api/v1/dialog/turns/{polled['id']}", headers=h).json())["state"]
+                in ("DONE", "FAILED")
+                and turn
+            ),
+            what="the turn settled",
+            timeout=120,
+            interval=0.2,
+        )
     assert polled["state"] == "DONE" and polled["task"] == "yes_no"
-    view = http.post(f"/api/v1/studies/{study_id}/dialog/actions", headers=h,
-                     json={"action": "view", "wait_seconds": 120}).json()
+    view = http.post(
+        f"/api/v1/studies/{study_id}/dialog/actions", headers=h, json={"action": "view", "wait_seconds": 120}
+    ).json()
     assert view["state"] == "DONE" and view["question"] == "<image> From what view was this image taken?"
     reader = {"Authorization": f"Bearer {keys['reader']}"}
     assert http.get(f"/api/v1/dialog/turns/{polled['id']}", headers=reader).status_code == 404
@@ -112,8 +133,11 @@ def test_dialog_streams_in_order_answers_and_feeds_a_correction(chain) -> None: 
 
     # "use this as the report": the model's corrected text becomes version 2, then the radiologist signs
     text = correction["answer"].strip() or "No pleural effusion."
-    v2 = http.post(f"/api/v1/studies/{study_id}/report/versions", headers=h,
-                   json={"kind": "ai_correction", "findings_text": text, "source_turn_id": correction["id"]})
+    v2 = http.post(
+        f"/api/v1/studies/{study_id}/report/versions",
+        headers=h,
+        json={"kind": "ai_correction", "findings_text": text, "source_turn_id": correction["id"]},
+    )
     assert v2.status_code == 201, v2.text
     assert v2.json()["kind"] == "ai_correction" and v2.json()["findings_text"] == text
     v3 = http.post(f"/api/v1/studies/{study_id}/report/approve", headers=h, json={"base_version": 2})
@@ -128,11 +152,16 @@ def test_dialog_streams_in_order_answers_and_feeds_a_correction(chain) -> None: 
 
         instance = s.get(Instance, s.get(Study, broken).selected_instance_id)
         (settings_of(http).spool_dir / instance.path).unlink()
-    failed = http.post(f"/api/v1/studies/{broken}/dialog/questions", headers=h,
-                       json={"question": "Any effusion?", "wait_seconds": 120})
+    failed = http.post(
+        f"/api/v1/studies/{broken}/dialog/questions", headers=h, json={"question": "Any effusion?", "wait_seconds": 120}
+    )
     assert failed.status_code == 502 and failed.json()["type"].endswith("/model-error"), failed.text
-    with http.stream("POST", f"/api/v1/studies/{broken}/dialog/questions", headers=h,
-                     json={"question": "Any effusion now?", "stream": True}) as response:
+    with http.stream(
+        "POST",
+        f"/api/v1/studies/{broken}/dialog/questions",
+        headers=h,
+        json={"question": "Any effusion now?", "stream": True},
+    ) as response:
         events = sse_events(response.read().decode())
     assert [kind for kind, _ in events] == ["turn", "error"] and events[-1][1]["status"] == 502
     with registry.session() as s:
@@ -143,15 +172,18 @@ def test_dialog_streams_in_order_answers_and_feeds_a_correction(chain) -> None: 
     assert actions.count("dialog.ask") == 4 and "report.change" in actions and "report.approve" in actions
 
 
-@pytest.mark.parametrize(("error", "kind", "status"), [
-    # the worker's kind decides, whatever the words say
-    ("the prompt needs 5000 tokens but the limit is 4096 in the rotary cache", "MODEL_ERROR", 502),
-    ("the conversation no longer fits the model's window", "CONTEXT_TOO_LONG", 422),
-    ("not trained for 'summary'", "UNSUPPORTED_TASK", 502),
-    # turns failed before revision 0005 (no kind): the legacy rule on the words, as before
-    ("conversation needs 9000 tokens with the answer, but the limit is 4096", None, 422),
-    ("model error: RuntimeError; please ask again", None, 502),
-])
+@pytest.mark.parametrize(
+    ("error", "kind", "status"),
+    [
+        # the worker's kind decides, whatever the words say
+        ("the prompt needs 5000 tokens but the limit is 4096 in the rotary cache", "MODEL_ERROR", 502),
+        ("the conversation no longer fits the model's window", "CONTEXT_TOO_LONG", 422),
+        ("not trained for 'summary'", "UNSUPPORTED_TASK", 502),
+        # turns failed before revision 0005 (no kind): the legacy rule on the words, as before
+        ("conversation needs 9000 tokens with the answer, but the limit is 4096", None, 422),
+        ("model error: RuntimeError; please ask again", None, 502),
+    ],
+)
 def test_a_failed_turn_is_answered_by_its_error_kind_not_by_its_words(
     registry: Registry, settings: Settings, error: str, kind: str | None, status: int
 ) -> None:
@@ -168,8 +200,16 @@ def test_a_failed_turn_is_answered_by_its_error_kind_not_by_its_words(
         conversation = Conversation(study_id=study_id, user="rad", created_at=utcnow())
         s.add(conversation)
         s.flush()
-        turn = DialogTurn(conversation_id=conversation.id, task="free", question="Any edema?", state="FAILED",
-                          error=error, error_kind=kind, created_at=utcnow(), answered_at=utcnow())
+        turn = DialogTurn(
+            conversation_id=conversation.id,
+            task="free",
+            question="Any edema?",
+            state="FAILED",
+            error=error,
+            error_kind=kind,
+            created_at=utcnow(),
+            answered_at=utcnow(),
+        )
         s.add(turn)
         s.flush()
         turn_id, conversation_id = turn.id, conversation.id

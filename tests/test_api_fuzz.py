@@ -37,10 +37,12 @@ EXCLUDED = [not_a_server_error, positive_data_acceptance]
 
 
 @pytest.fixture
-def served(registry: Registry, settings: Settings, tiny_model: tuple[Path, Path],
-           tmp_path: Path) -> Iterator[tuple[Any, dict[str, str], Registry]]:
-    api_settings = settings.model_copy(update={
-        "broker_url": REDIS_URL, "model_dir": tiny_model[0], "base_model_dir": tiny_model[1], "device": "cpu"})
+def served(
+    registry: Registry, settings: Settings, tiny_model: tuple[Path, Path], tmp_path: Path
+) -> Iterator[tuple[Any, dict[str, str], Registry]]:
+    api_settings = settings.model_copy(
+        update={"broker_url": REDIS_URL, "model_dir": tiny_model[0], "base_model_dir": tiny_model[1], "device": "cpu"}
+    )
     client = redis.Redis.from_url(REDIS_URL)
     client.delete("dialog", "export", "report")
     worker = dialog_worker(api_settings, registry.url, tmp_path, f"fuzz-{uuid.uuid4().hex[:8]}")
@@ -63,8 +65,29 @@ def _schema(app: Any, key: str) -> schemathesis.BaseSchema:
 
 
 HOSTILE_SEGMENTS = st.one_of(
-    st.sampled_from(["..", "%2e%2e", "%00", "%ff%fe", "²", "9" * 30, "-1", "1e9", "%0d%0aX-Injected:1", "~",
-                     "studies", "report", "versions", "sr", "image.png", "dialog", "turns", "api", "v1"]),
+    st.sampled_from(
+        [
+            "..",
+            "%2e%2e",
+            "%00",
+            "%ff%fe",
+            "²",
+            "9" * 30,
+            "-1",
+            "1e9",
+            "%0d%0aX-Injected:1",
+            "~",
+            "studies",
+            "report",
+            "versions",
+            "sr",
+            "image.png",
+            "dialog",
+            "turns",
+            "api",
+            "v1",
+        ]
+    ),
     st.text(min_size=1, max_size=12).map(lambda s: "".join(c if c.isalnum() else f"%{ord(c) % 256:02x}" for c in s)),
 )
 
@@ -80,14 +103,23 @@ def test_fuzz_with_every_role_answers_no_5xx_and_audits_every_refusal(served: An
         def validate_response(self, response: Any, case: Any, additional_checks: Any = None, **kwargs: Any) -> None:
             case.validate_response(response, excluded_checks=EXCLUDED, additional_checks=[check])
 
-    Audited.run(settings=settings(max_examples=25, stateful_step_count=8, deadline=None, database=None,
-                                  suppress_health_check=list(HealthCheck), derandomize=True))
+    Audited.run(
+        settings=settings(
+            max_examples=25,
+            stateful_step_count=8,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,
+        )
+    )
 
     for operation in [result.ok() for result in schema.get_all_operations()]:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                  database=None)
+        @settings(
+            max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None
+        )
         def run(case: schemathesis.Case) -> None:
             case.call_and_validate(excluded_checks=EXCLUDED, additional_checks=[check])
 
@@ -95,20 +127,29 @@ def test_fuzz_with_every_role_answers_no_5xx_and_audits_every_refusal(served: An
 
     http = TestClient(app, raise_server_exceptions=False)
 
-    @given(segments=st.lists(HOSTILE_SEGMENTS, min_size=1, max_size=6),
-           query=st.lists(st.tuples(st.sampled_from(["state", "accession", "limit", "offset", "study_id", "actor",
-                                                     "action", "since", "date_from", "x"]),
-                                    st.text(max_size=20)), max_size=4),
-           method=st.sampled_from(["GET", "POST", "DELETE", "PUT"]))
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-              database=None)
+    @given(
+        segments=st.lists(HOSTILE_SEGMENTS, min_size=1, max_size=6),
+        query=st.lists(
+            st.tuples(
+                st.sampled_from(
+                    ["state", "accession", "limit", "offset", "study_id", "actor", "action", "since", "date_from", "x"]
+                ),
+                st.text(max_size=20),
+            ),
+            max_size=4,
+        ),
+        method=st.sampled_from(["GET", "POST", "DELETE", "PUT"]),
+    )
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
     def hostile(segments: list[str], query: list[tuple[str, str]], method: str) -> None:
         path = "/api/v1/" + "/".join(segments)
         response = http.request(method, path, params=query, headers={"X-API-Key": keys[user]})
         assert response.status_code < 500, (method, path, query, response.status_code, response.text[:300])
 
     hostile()
-    print(f"fuzz {user}: {sum(check.statuses.values())} schema-driven requests, statuses {sorted(check.statuses.items())}"
-          f" + 150 hostile paths")
+    print(
+        f"fuzz {user}: {sum(check.statuses.values())} schema-driven requests, statuses {sorted(check.statuses.items())}"
+        f" + 150 hostile paths"
+    )
     assert not any(status >= 500 for status in check.statuses), check.statuses
     assert check.statuses.get(200), check.statuses  # the fuzz did reach the operations, not only refusals

@@ -44,8 +44,13 @@ def running(app: Any, settings: Settings) -> Iterator[int]:
     server = build_server(app, settings, host="127.0.0.1", port=port)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    wait_for(lambda: server.started, what="the server started", timeout=30, interval=0.02,
-             check=lambda: None if thread.is_alive() else pytest.fail("the server thread ended"))
+    wait_for(
+        lambda: server.started,
+        what="the server started",
+        timeout=30,
+        interval=0.02,
+        check=lambda: None if thread.is_alive() else pytest.fail("the server thread ended"),
+    )
     try:
         yield port
     finally:
@@ -80,7 +85,9 @@ def read_response(sock: socket.socket) -> bytes:
     while b"\r\n\r\n" not in data:
         data += sock.recv(65536)
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
     while len(body) < length:
         body += sock.recv(65536)
     return head + b"\r\n\r\n" + body
@@ -112,8 +119,9 @@ def app_and_keys(sqlite_registry: Registry, api_settings: Settings) -> tuple[Any
     return create_app(api_settings, sqlite_registry), keys, study_id
 
 
-def test_half_sent_requests_and_silent_connections_get_408_and_are_closed(app_and_keys: Any,
-                                                                          api_settings: Settings) -> None:
+def test_half_sent_requests_and_silent_connections_get_408_and_are_closed(
+    app_and_keys: Any, api_settings: Settings
+) -> None:
     """uvicorn alone never closes either (its keep-alive timeout starts only after a response)."""
     app, _, _ = app_and_keys
     with running(app, api_settings) as port:
@@ -125,9 +133,11 @@ def test_half_sent_requests_and_silent_connections_get_408_and_are_closed(app_an
 def test_a_stalled_body_is_closed(app_and_keys: Any, api_settings: Settings) -> None:
     """Head complete, 10 of 100 announced body bytes, then silence: the connection is closed."""
     app, keys, study_id = app_and_keys
-    head = (f"POST /api/v1/studies/{study_id}/report/versions HTTP/1.1\r\nHost: radialog\r\n"
-            f"Authorization: Bearer {keys['rad']}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: 100\r\n\r\n").encode()
+    head = (
+        f"POST /api/v1/studies/{study_id}/report/versions HTTP/1.1\r\nHost: radialog\r\n"
+        f"Authorization: Bearer {keys['rad']}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: 100\r\n\r\n"
+    ).encode()
     with running(app, api_settings) as port:
         sock = connect(port, head + b'{"kind": "')
         assert not read_until_closed(sock).startswith(b"HTTP/1.1 2")
@@ -145,7 +155,8 @@ def test_keep_alive_then_a_half_sent_next_request_is_closed(app_and_keys: Any, a
 
 
 def test_a_prompt_client_gets_in_past_more_half_sent_connections_than_the_cap(
-        app_and_keys: Any, api_settings: Settings) -> None:
+    app_and_keys: Any, api_settings: Settings
+) -> None:
     """Cap 16 and 64 half-sent requests: the oldest are answered 503 and closed to make room, and a
     client that sends its request at once is served."""
     app, keys, _ = app_and_keys
@@ -153,8 +164,9 @@ def test_a_prompt_client_gets_in_past_more_half_sent_connections_than_the_cap(
     with running(app, capped) as port:
         socks = [connect(port, HALF_SENT) for _ in range(64)]
         time.sleep(0.5)  # let the server accept them all before the legitimate client comes
-        response = httpx.get(f"http://127.0.0.1:{port}/api/v1/studies", headers={"X-API-Key": keys["reader"]},
-                             timeout=30)
+        response = httpx.get(
+            f"http://127.0.0.1:{port}/api/v1/studies", headers={"X-API-Key": keys["reader"]}, timeout=30
+        )
         assert response.status_code == 200, response.text
         still_open = [is_open(s) for s in socks]
         oldest = [read_until_closed(s) for s, alive in zip(socks, still_open, strict=True) if not alive]
@@ -164,8 +176,9 @@ def test_a_prompt_client_gets_in_past_more_half_sent_connections_than_the_cap(
     assert len(oldest) >= 48 and set(oldest) == {BUSY_RESPONSE}
 
 
-def test_malformed_requests_do_not_flood_the_log(app_and_keys: Any, api_settings: Settings,
-                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_malformed_requests_do_not_flood_the_log(
+    app_and_keys: Any, api_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     """uvicorn logs a warning per malformed request: a client sending garbage in a loop would write the log
     as fast as it sends. One line a minute per message, the next one counting those dropped."""
     app, _, _ = app_and_keys
@@ -185,8 +198,13 @@ def test_running_out_of_descriptors_at_accept_is_logged_once_a_minute(caplog: py
         handler = _QuietAcceptErrors(loop)
         with caplog.at_level(logging.INFO):
             for _ in range(500):
-                handler(loop, {"message": "socket.accept() out of system resource",
-                               "exception": OSError(errno.EMFILE, "Too many open files")})
+                handler(
+                    loop,
+                    {
+                        "message": "socket.accept() out of system resource",
+                        "exception": OSError(errno.EMFILE, "Too many open files"),
+                    },
+                )
             handler(loop, {"message": "something else", "exception": RuntimeError("kept")})
     finally:
         loop.close()
@@ -224,8 +242,10 @@ def test_a_body_without_a_key_is_refused_before_it_is_read(app_and_keys: Any, ap
     path = f"/api/v1/studies/{study_id}/report/versions"
 
     def head(extra: str) -> bytes:
-        return (f"POST {path} HTTP/1.1\r\nHost: radialog\r\nContent-Type: application/json\r\n{extra}"
-                f"Content-Length: {200 * 1024 * 1024}\r\n\r\n").encode()
+        return (
+            f"POST {path} HTTP/1.1\r\nHost: radialog\r\nContent-Type: application/json\r\n{extra}"
+            f"Content-Length: {200 * 1024 * 1024}\r\n\r\n"
+        ).encode()
 
     with running(app, api_settings) as port:
         no_key = read_until_closed(connect(port, head("")))
@@ -239,12 +259,15 @@ def test_a_body_without_a_key_is_refused_before_it_is_read(app_and_keys: Any, ap
     assert too_large.startswith(b"HTTP/1.1 413"), too_large
 
 
-def test_a_chunked_body_past_the_limit_is_refused_once_the_limit_is_read(app_and_keys: Any,
-                                                                        api_settings: Settings) -> None:
+def test_a_chunked_body_past_the_limit_is_refused_once_the_limit_is_read(
+    app_and_keys: Any, api_settings: Settings
+) -> None:
     """No Content-Length to judge by: the bytes are counted as they are read, 413 past 1 MiB."""
     app, keys, study_id = app_and_keys
-    head = (f"POST /api/v1/studies/{study_id}/report/versions HTTP/1.1\r\nHost: radialog\r\n"
-            f"X-API-Key: {keys['rad']}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    head = (
+        f"POST /api/v1/studies/{study_id}/report/versions HTTP/1.1\r\nHost: radialog\r\n"
+        f"X-API-Key: {keys['rad']}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
     chunk = b"10000\r\n" + b" " * 0x10000 + b"\r\n"  # 64 KiB of JSON whitespace per chunk
     sent = 0
     with running(app, api_settings) as port:
@@ -262,20 +285,36 @@ def test_a_chunked_body_past_the_limit_is_refused_once_the_limit_is_read(app_and
 
 
 def test_radialog_api_under_a_small_fd_limit_keeps_serving_through_many_half_sent_requests(
-        tmp_path: Path, sqlite_registry: Registry, settings: Settings) -> None:
+    tmp_path: Path, sqlite_registry: Registry, settings: Settings
+) -> None:
     """`radialog api` with 256 file descriptors and 400 half-sent requests open: without the cap the
     process runs out of descriptors, accept() fails and no request is served until those clients leave."""
     keys = make_keys(sqlite_registry)
     port = free_port()
-    env = radialog_env({"RADIALOG_DATA_DIR": settings.data_dir, "RADIALOG_BROKER_URL": REDIS_URL,
-                        "RADIALOG_API_PORT": port, "RADIALOG_API_REQUEST_TIMEOUT": 120})
-    api = Process("api", ["bash", "-c", 'ulimit -n 256 && exec "$@"', "bash", sys.executable, "-m",
-                          "composition.cli", "api"], env, tmp_path)
+    env = radialog_env(
+        {
+            "RADIALOG_DATA_DIR": settings.data_dir,
+            "RADIALOG_BROKER_URL": REDIS_URL,
+            "RADIALOG_API_PORT": port,
+            "RADIALOG_API_REQUEST_TIMEOUT": 120,
+        }
+    )
+    api = Process(
+        "api",
+        ["bash", "-c", 'ulimit -n 256 && exec "$@"', "bash", sys.executable, "-m", "composition.cli", "api"],
+        env,
+        tmp_path,
+    )
     log_path = api.log_path
     socks: list[socket.socket] = []
     try:
-        wait_for(lambda: _healthy(f"http://127.0.0.1:{port}"), what="`radialog api` to answer /healthz",
-                 interval=0.2, check=_alive(api), details=api.output)
+        wait_for(
+            lambda: _healthy(f"http://127.0.0.1:{port}"),
+            what="`radialog api` to answer /healthz",
+            interval=0.2,
+            check=_alive(api),
+            details=api.output,
+        )
         for _ in range(400):
             sock = socket.create_connection(("127.0.0.1", port), timeout=10)
             try:
@@ -284,8 +323,9 @@ def test_radialog_api_under_a_small_fd_limit_keeps_serving_through_many_half_sen
                 pass
             socks.append(sock)
         time.sleep(1.0)
-        response = httpx.get(f"http://127.0.0.1:{port}/api/v1/studies", headers={"X-API-Key": keys["reader"]},
-                             timeout=30)
+        response = httpx.get(
+            f"http://127.0.0.1:{port}/api/v1/studies", headers={"X-API-Key": keys["reader"]}, timeout=30
+        )
         assert response.status_code == 200, response.text
         assert api.running, log_path.read_text()
     finally:
@@ -308,8 +348,9 @@ def _alive(process: Process | Target) -> Callable[[], None]:
 
 
 @pytest.mark.slow
-def test_radialog_run_survives_1100_half_sent_requests_during_worker_start_up(tmp_path: Path,
-                                                                            tiny_model: tuple[Path, Path]) -> None:
+def test_radialog_run_survives_1100_half_sent_requests_during_worker_start_up(
+    tmp_path: Path, tiny_model: tuple[Path, Path]
+) -> None:
     """The probe's worst case: a hard 1,024-descriptor limit and 1,100 half-sent requests arriving while the
     worker is still loading (importing torch, opening the model's files). Before, the API's accept loop took
     every descriptor, the worker's import failed with EMFILE and the whole process exited."""
@@ -334,12 +375,19 @@ def test_radialog_run_survives_1100_half_sent_requests_during_worker_start_up(tm
 
 
 @pytest.mark.slow
-def test_radialog_run_keeps_its_dicom_node_below_the_select_limit(tmp_path: Path,
-                                                                 tiny_model: tuple[Path, Path]) -> None:
+def test_radialog_run_keeps_its_dicom_node_below_the_select_limit(
+    tmp_path: Path, tiny_model: tuple[Path, Path]
+) -> None:
     """A raised descriptor limit and a generous cap (2,000): 1,300 half-sent requests must not push the
     process past descriptor 1,023, where pynetdicom's select() takes every new association for closed."""
-    target = Target(REPO, tmp_path, 1024, False, tiny_model,
-                    {"RADIALOG_API_MAX_CONNECTIONS": "2000", "RADIALOG_API_REQUEST_TIMEOUT": "120"})
+    target = Target(
+        REPO,
+        tmp_path,
+        1024,
+        False,
+        tiny_model,
+        {"RADIALOG_API_MAX_CONNECTIONS": "2000", "RADIALOG_API_REQUEST_TIMEOUT": "120"},
+    )
     socks: list[socket.socket] = []
     try:
         target.wait_ready()

@@ -29,8 +29,14 @@ REDIS_URL = redis_url(__name__)
 
 def refusals(registry: Registry, actor: str) -> int:
     with registry.session() as session:
-        return session.scalar(select(func.count()).select_from(AuditEntry).where(
-            AuditEntry.actor == actor, AuditEntry.action.in_(["denied", "refused"]))) or 0
+        return (
+            session.scalar(
+                select(func.count())
+                .select_from(AuditEntry)
+                .where(AuditEntry.actor == actor, AuditEntry.action.in_(["denied", "refused"]))
+            )
+            or 0
+        )
 
 
 class AuditedRefusals:
@@ -43,19 +49,24 @@ class AuditedRefusals:
         self.expected = refusals(registry, actor)
         self.statuses: dict[int, int] = {}
 
-    def __call__(self, ctx: schemathesis.CheckContext, response: schemathesis.Response,
-                 case: schemathesis.Case) -> None:
+    def __call__(
+        self, ctx: schemathesis.CheckContext, response: schemathesis.Response, case: schemathesis.Case
+    ) -> None:
         status = response.status_code
         self.statuses[status] = self.statuses.get(status, 0) + 1
-        if status >= 500 and not (self.allow_no_worker and status == 503
-                                  and response.json().get("type", "").endswith(("/no-worker", "/not-ready"))):
+        if status >= 500 and not (
+            self.allow_no_worker
+            and status == 503
+            and response.json().get("type", "").endswith(("/no-worker", "/not-ready"))
+        ):
             raise AssertionError(f"{status} from {case.method} {case.path}: {response.text[:300]}")
         if 400 <= status < 500 and status != 401:
             self.expected += 1
         found = refusals(self.registry, self.actor)
         if found != self.expected:
-            raise AssertionError(f"{status} from {case.method} {case.path}: {found} refusal entries, "
-                                 f"expected {self.expected}")
+            raise AssertionError(
+                f"{status} from {case.method} {case.path}: {found} refusal entries, expected {self.expected}"
+            )
 
 
 def seed(registry: Registry, api_settings: Settings) -> dict[str, str]:
@@ -74,8 +85,9 @@ def api_settings(settings: Settings) -> Iterator[Settings]:
 
 
 @pytest.mark.parametrize("user", sorted(USERS))
-def test_api_conforms_to_its_openapi_document_for_every_role(registry: Registry, api_settings: Settings,
-                                                            user: str) -> None:
+def test_api_conforms_to_its_openapi_document_for_every_role(
+    registry: Registry, api_settings: Settings, user: str
+) -> None:
     """A few examples per operation (schemathesis' pytest loader does not run under pytest 9, so the
     operations' hypothesis strategies are driven directly)."""
     keys = seed(registry, api_settings)
@@ -89,8 +101,9 @@ def test_api_conforms_to_its_openapi_document_for_every_role(registry: Registry,
         for operation in operations:
 
             @given(case=operation.as_strategy())
-            @settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                      database=None)
+            @settings(
+                max_examples=5, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None
+            )
             def run(case: schemathesis.Case) -> None:
                 case.call_and_validate(excluded_checks=[not_a_server_error], additional_checks=[check])
 

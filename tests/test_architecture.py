@@ -21,8 +21,9 @@ LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 def lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=tree, env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"], cwd=tree, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def test_the_import_contract_holds() -> None:
@@ -31,13 +32,16 @@ def test_the_import_contract_holds() -> None:
     assert "0 broken" in result.stdout
 
 
-@pytest.mark.parametrize(("module", "line", "expected"), [
-    ("dicom_node/cli.py", "from workers.pipeline import run_report_job", "dicom_node.cli -> workers.pipeline"),
-    ("api/routes/studies.py", "import torch", "api.routes.studies -> torch"),
-    ("radialog/settings.py", "from reporting import text", "radialog.settings -> reporting"),
-    ("workers/pipeline.py", "from tests.support import brokers", "workers.pipeline -> tests.support.brokers"),
-    ("bench/api.py", "from tests.support import seeding", "bench.api -> tests.support.seeding"),
-])
+@pytest.mark.parametrize(
+    ("module", "line", "expected"),
+    [
+        ("dicom_node/cli.py", "from workers.pipeline import run_report_job", "dicom_node.cli -> workers.pipeline"),
+        ("api/routes/studies.py", "import torch", "api.routes.studies -> torch"),
+        ("radialog/settings.py", "from reporting import text", "radialog.settings -> reporting"),
+        ("workers/pipeline.py", "from tests.support import brokers", "workers.pipeline -> tests.support.brokers"),
+        ("bench/api.py", "from tests.support import seeding", "bench.api -> tests.support.seeding"),
+    ],
+)
 def test_the_import_contract_fails_on_a_forbidden_import(tmp_path: Path, module: str, line: str, expected: str) -> None:
     """The same check on a copy of the tree with one forbidden import added: it must break, naming the import."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "fixtures")
@@ -95,10 +99,22 @@ def test_radialog_run_fails_loudly_when_a_part_cannot_be_imported(tmp_path: Path
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text('raise ImportError("pynetdicom is broken on purpose (test)")\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
-    env.update({"PYTHONPATH": os.pathsep.join([str(broken.parent), str(ROOT)]),
-                "RADIALOG_DATA_DIR": str(tmp_path / "var"), "RADIALOG_BROKER_URL": "redis://127.0.0.1:1/0"})
-    result = subprocess.run([sys.executable, "-m", "composition.cli", "run", "--no-api", "--dicom-port", "0"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    env.update(
+        {
+            "PYTHONPATH": os.pathsep.join([str(broken.parent), str(ROOT)]),
+            "RADIALOG_DATA_DIR": str(tmp_path / "var"),
+            "RADIALOG_BROKER_URL": "redis://127.0.0.1:1/0",
+        }
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "composition.cli", "run", "--no-api", "--dicom-port", "0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-3000:]
     assert "pynetdicom is broken on purpose" in output, output[-3000:]

@@ -19,8 +19,22 @@ def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, str
     out = tmp_path_factory.mktemp("bench") / "gpu.json"
     capture = tmp_path_factory.mktemp("stdout") / "stdout.txt"
     with capture.open("w") as stream, contextlib.redirect_stdout(stream):
-        returned = gpu.main(["--tiny", "--device", "cpu", "--batch-sizes", "1,2", "--new-tokens", str(NEW_TOKENS),
-                             "--naive", "1", "--profile", "--json", str(out)])
+        returned = gpu.main(
+            [
+                "--tiny",
+                "--device",
+                "cpu",
+                "--batch-sizes",
+                "1,2",
+                "--new-tokens",
+                str(NEW_TOKENS),
+                "--naive",
+                "1",
+                "--profile",
+                "--json",
+                str(out),
+            ]
+        )
     return returned, json.loads(Path(out).read_text()), capture.read_text()
 
 
@@ -59,8 +73,13 @@ def test_table_names_every_path_and_the_targets(bench_run: tuple[dict, dict, str
     assert sum(line.startswith("naive ") for line in lines) == 1
     assert any(line.startswith("dialog turn beside 2 live reports") for line in lines)
     assert "targets:  [tiny/CPU run: targets do not apply]" in lines
-    assert set(r["targets"]) == {"best_studies_per_s", "dialog_first_token_s", "dialog_tokens_per_s", "model_gb",
-                                 "identical_share"}
+    assert set(r["targets"]) == {
+        "best_studies_per_s",
+        "dialog_first_token_s",
+        "dialog_tokens_per_s",
+        "model_gb",
+        "identical_share",
+    }
     assert len(r["profile"]["top"]) == 15
 
 
@@ -68,8 +87,23 @@ def test_xraygpt_backend_runs_the_same_benchmark(tmp_path: Path) -> None:
     """`--backend xraygpt` (issue 16): same sections, forced token counts, engine == one at a time."""
     out = tmp_path / "xraygpt.json"
     with (tmp_path / "stdout.txt").open("w") as stream, contextlib.redirect_stdout(stream):
-        gpu.main(["--tiny", "--backend", "xraygpt", "--device", "cpu", "--batch-sizes", "2", "--new-tokens",
-                  str(NEW_TOKENS), "--naive", "1", "--json", str(out)])
+        gpu.main(
+            [
+                "--tiny",
+                "--backend",
+                "xraygpt",
+                "--device",
+                "cpu",
+                "--batch-sizes",
+                "2",
+                "--new-tokens",
+                str(NEW_TOKENS),
+                "--naive",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
     r = json.loads(out.read_text())
     assert r["backend"] == "xraygpt" and "XrayGPT" in r["model"]
     assert r["naive"]["tokens"] == NEW_TOKENS
@@ -84,8 +118,23 @@ def test_radialog_v1_backend_runs_the_same_benchmark(tmp_path: Path) -> None:
     """`--backend radialog-v1` (issue 17): same sections, forced token counts, engine == one at a time."""
     out = tmp_path / "radialog-v1.json"
     with (tmp_path / "stdout.txt").open("w") as stream, contextlib.redirect_stdout(stream):
-        gpu.main(["--tiny", "--backend", "radialog-v1", "--device", "cpu", "--batch-sizes", "2", "--new-tokens",
-                  str(NEW_TOKENS), "--naive", "1", "--json", str(out)])
+        gpu.main(
+            [
+                "--tiny",
+                "--backend",
+                "radialog-v1",
+                "--device",
+                "cpu",
+                "--batch-sizes",
+                "2",
+                "--new-tokens",
+                str(NEW_TOKENS),
+                "--naive",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
     r = json.loads(out.read_text())
     assert r["backend"] == "radialog-v1" and "RaDialog v1" in r["model"]
     assert r["naive"]["tokens"] == NEW_TOKENS
@@ -102,8 +151,24 @@ def test_suite_runs_every_backend_and_summarises(tmp_path: Path) -> None:
     """The script a GPU session runs once: each backend's JSON, log and one summary line with its figures."""
     from bench import gpu_suite
 
-    lines = gpu_suite.main(["--out", str(tmp_path), "--tiny", "--budget", "900", "--",
-                            "--device", "cpu", "--batch-sizes", "1,2", "--new-tokens", "5", "--naive", "1"])
+    lines = gpu_suite.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--tiny",
+            "--budget",
+            "900",
+            "--",
+            "--device",
+            "cpu",
+            "--batch-sizes",
+            "1,2",
+            "--new-tokens",
+            "5",
+            "--naive",
+            "1",
+        ]
+    )
     assert [line["backend"] for line in lines] == list(gpu_suite.BACKENDS)
     for line in lines:
         assert line["outcome"] == "ok", (line, (tmp_path / f"{line['backend']}.log").read_text()[-2000:])

@@ -27,9 +27,15 @@ HOSTILE = "Heart | big ^ caret & amp ~ tilde \\ backslash \\F\\ literal.\nSecond
 
 
 def _settings(settings: Settings, destinations: list[Destination], attempts: int = 3) -> Settings:
-    return settings.model_copy(update={
-        "destinations": destinations, "export_max_attempts": attempts, "export_backoff_initial": 0.0,
-        "export_backoff_max": 0.0, "network_timeout": 3.0})
+    return settings.model_copy(
+        update={
+            "destinations": destinations,
+            "export_max_attempts": attempts,
+            "export_backoff_initial": 0.0,
+            "export_backoff_max": 0.0,
+            "network_timeout": 3.0,
+        }
+    )
 
 
 def _draft(registry: Registry, settings: Settings, text: str = FINDINGS_TEXT) -> int:
@@ -41,8 +47,16 @@ def _draft(registry: Registry, settings: Settings, text: str = FINDINGS_TEXT) ->
 
 def _version(registry: Registry, settings: Settings, study_id: int, kind: str, text: str, approve: bool) -> None:
     with registry.session() as session:
-        create_version(session, settings, study_id, kind=kind, findings_text=text, impression_text=None,
-                       author="Smith^Anna", approve=approve)
+        create_version(
+            session,
+            settings,
+            study_id,
+            kind=kind,
+            findings_text=text,
+            impression_text=None,
+            author="Smith^Anna",
+            approve=approve,
+        )
 
 
 def _rows(registry: Registry, destination: str | None = None) -> list[Export]:
@@ -62,8 +76,14 @@ def _obx(message, code: str) -> list[str]:  # type: ignore[no-untyped-def]
 def test_ris_gets_p_then_f_then_c_with_the_text_as_stored(sqlite_registry: Registry, settings: Settings) -> None:
     ris = MLLPListener("AA")
     try:
-        settings = _settings(settings, [Destination(name="ris", kind="hl7", port=ris.port,
-                                                    receiving_application="RIS", receiving_facility="HOSP")])
+        settings = _settings(
+            settings,
+            [
+                Destination(
+                    name="ris", kind="hl7", port=ris.port, receiving_application="RIS", receiving_facility="HOSP"
+                )
+            ],
+        )
         study_id = _draft(sqlite_registry, settings, HOSTILE)
         assert set(deliver_due(sqlite_registry, settings).values()) == {"SENT"}
         [draft] = ris.messages
@@ -96,17 +116,23 @@ def test_ris_gets_p_then_f_then_c_with_the_text_as_stored(sqlite_registry: Regis
 
 @pytest.mark.parametrize("code", ["AE", "AR"])
 def test_refusing_ris_is_retried_then_dead_with_its_reason_and_retry_rearms(
-    sqlite_registry: Registry, settings: Settings, code: str, monkeypatch: pytest.MonkeyPatch,
+    sqlite_registry: Registry,
+    settings: Settings,
+    code: str,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level("DEBUG")
     ris = MLLPListener(code, text="unknown accession")
     hooks = WebhookReceiver(SECRET)
     try:
-        settings = _settings(settings, [
-            Destination(name="ris", kind="hl7", port=ris.port),
-            Destination(name="hooks", kind="webhook", url=hooks.url, secret=SECRET, events=["export.dead"]),
-        ])
+        settings = _settings(
+            settings,
+            [
+                Destination(name="ris", kind="hl7", port=ris.port),
+                Destination(name="hooks", kind="webhook", url=hooks.url, secret=SECRET, events=["export.dead"]),
+            ],
+        )
         _draft(sqlite_registry, settings)
         [row] = _rows(sqlite_registry, "ris")
         assert deliver(sqlite_registry, settings, row.id) == "PENDING"
@@ -127,8 +153,9 @@ def test_refusing_ris_is_retried_then_dead_with_its_reason_and_retry_rearms(
 
         # the operator sees it, fixes the RIS, and re-arms it
         monkeypatch.setenv("RADIALOG_DATA_DIR", str(settings.data_dir))
-        monkeypatch.setenv("RADIALOG_DESTINATIONS", json.dumps([d.model_dump(mode="json")
-                                                                for d in settings.destinations]))
+        monkeypatch.setenv(
+            "RADIALOG_DESTINATIONS", json.dumps([d.model_dump(mode="json") for d in settings.destinations])
+        )
         from composition.cli import main
         from radialog.settings import get_settings
 
@@ -153,7 +180,8 @@ def test_silent_ris_is_a_timeout_with_its_reason(sqlite_registry: Registry, sett
     ris = MLLPListener("silent")
     try:
         settings = _settings(settings, [Destination(name="ris", kind="hl7", port=ris.port)]).model_copy(
-            update={"network_timeout": 0.5})
+            update={"network_timeout": 0.5}
+        )
         _draft(sqlite_registry, settings)
         [row] = _rows(sqlite_registry)
         assert deliver(sqlite_registry, settings, row.id) == "PENDING"
@@ -172,8 +200,9 @@ def test_no_ris_listening_is_retried(sqlite_registry: Registry, settings: Settin
     assert "MLLP connection" in _rows(sqlite_registry)[0].last_error
 
 
-def test_fhir_server_gets_preliminary_final_amended_as_one_report(sqlite_registry: Registry,
-                                                                   settings: Settings) -> None:
+def test_fhir_server_gets_preliminary_final_amended_as_one_report(
+    sqlite_registry: Registry, settings: Settings
+) -> None:
     server = FhirEndpoint()
     try:
         settings = _settings(settings, [Destination(name="fhir", kind="fhir", url=server.url)])
@@ -216,8 +245,9 @@ def test_fhir_refusal_is_retried_with_the_outcome(sqlite_registry: Registry, set
 def test_webhooks_signed_retried_and_idempotent(sqlite_registry: Registry, settings: Settings) -> None:
     hooks = WebhookReceiver(SECRET)
     try:
-        settings = _settings(settings, [Destination(name="hooks", kind="webhook", url=hooks.url, secret=SECRET)],
-                             attempts=5)
+        settings = _settings(
+            settings, [Destination(name="hooks", kind="webhook", url=hooks.url, secret=SECRET)], attempts=5
+        )
         hooks.set_status(503)  # the receiver is down at first: retried
         study_id = _draft(sqlite_registry, settings)
         [row] = _rows(sqlite_registry)
@@ -250,8 +280,9 @@ def test_webhooks_signed_retried_and_idempotent(sqlite_registry: Registry, setti
 def test_wrong_secret_is_refused_by_the_receiver_and_retried(sqlite_registry: Registry, settings: Settings) -> None:
     hooks = WebhookReceiver(SECRET)
     try:
-        settings = _settings(settings, [Destination(name="hooks", kind="webhook", url=hooks.url,
-                                                    secret="another-secret-of-16+chars")])
+        settings = _settings(
+            settings, [Destination(name="hooks", kind="webhook", url=hooks.url, secret="another-secret-of-16+chars")]
+        )
         _draft(sqlite_registry, settings)
         [row] = _rows(sqlite_registry)
         assert deliver(sqlite_registry, settings, row.id) == "PENDING"
@@ -287,8 +318,9 @@ def test_destination_settings_are_checked(tmp_path: Path) -> None:
         Settings(data_dir=tmp_path, destinations=[Destination(name="a"), Destination(name="a", port=1)])
 
 
-def test_a_study_that_crashed_its_worker_twice_raises_study_failed(sqlite_registry: Registry,
-                                                                  settings: Settings) -> None:
+def test_a_study_that_crashed_its_worker_twice_raises_study_failed(
+    sqlite_registry: Registry, settings: Settings
+) -> None:
     """The other way a study fails for good (workers.crashes): its webhook row comes with the failure."""
     from datetime import timedelta
 
@@ -301,9 +333,19 @@ def test_a_study_that_crashed_its_worker_twice_raises_study_failed(sqlite_regist
         study_id, _ = add_study_without_history(sqlite_registry, settings, state=StudyState.RUNNING)
         long_ago = utcnow() - timedelta(hours=1)
         with sqlite_registry.session() as session:
-            job = Job(study_id=study_id, model_name="radialog-v2", model_version="configured", state="RUNNING",
-                      attempts=2, run_mode=ALONE, crashes=MAX_CRASHES - 1, started_at=long_ago,
-                      heartbeat_at=long_ago, queued_at=long_ago, timings={})
+            job = Job(
+                study_id=study_id,
+                model_name="radialog-v2",
+                model_version="configured",
+                state="RUNNING",
+                attempts=2,
+                run_mode=ALONE,
+                crashes=MAX_CRASHES - 1,
+                started_at=long_ago,
+                heartbeat_at=long_ago,
+                queued_at=long_ago,
+                timings={},
+            )
             session.add(job)
             session.flush()
             assert recover_lost(session, job.id, 60.0, settings) == FAILED

@@ -32,7 +32,12 @@ from tests.support.ports import free_port
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
 HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
-ENV = {"POSTGRES_PASSWORD": "pw", "ORTHANC_PASSWORD": "pw2", "RADIALOG_MODELS": "/srv/models", "GRAFANA_PASSWORD": "pw3"}
+ENV = {
+    "POSTGRES_PASSWORD": "pw",
+    "ORTHANC_PASSWORD": "pw2",
+    "RADIALOG_MODELS": "/srv/models",
+    "GRAFANA_PASSWORD": "pw3",
+}
 TEST_REDIS = redis_url(__name__)
 
 
@@ -40,7 +45,9 @@ def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("docker-compose is not installed (apt-get install docker-compose; .ci/run does)")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RADIALOG_", "POSTGRES_", "ORTHANC_", "GRAFANA_"))}
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith(("RADIALOG_", "POSTGRES_", "ORTHANC_", "GRAFANA_"))
+    }
     return subprocess.run(
         [binary, "-f", str(COMPOSE), "config"],
         cwd=ROOT,

@@ -8,13 +8,14 @@ from radialog.console import step, table
 
 
 def test_table_aligns_columns_numbers_to_the_right_and_wide_characters_by_their_width() -> None:
-    text = table(["id", "name", "state"], [(7, "pacs", "SENT"), (1234, "主PACS", None), (5, "a\tb\nc", "DEAD")],
-                 right={0})
+    text = table(
+        ["id", "name", "state"], [(7, "pacs", "SENT"), (1234, "主PACS", None), (5, "a\tb\nc", "DEAD")], right={0}
+    )
     assert text.splitlines() == [
         "  id  name    state",
         "   7  pacs    SENT",
-        "1234  主PACS  -",        # the wide character takes two columns; an empty value shows as "-"
-        "   5  a b c   DEAD",     # a tab or newline inside a value never breaks the row
+        "1234  主PACS  -",  # the wide character takes two columns; an empty value shows as "-"
+        "   5  a b c   DEAD",  # a tab or newline inside a value never breaks the row
     ]
 
 

@@ -28,7 +28,11 @@ def test_demo_ends_with_reports_in_orthanc(tmp_path: Path, broker: str) -> None:
     env["RADIALOG_BROKER_URL"] = "redis://127.0.0.1:1/0" if broker == "embedded" else redis_url(__name__)
     result = subprocess.run(
         [sys.executable, "-m", "composition.cli", "demo", "--timeout", "600"],
-        env=env, capture_output=True, text=True, timeout=840, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=840,
+        check=False,
     )
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
@@ -51,7 +55,11 @@ def test_demo_with_xraygpt_ends_with_its_reports_in_orthanc(tmp_path: Path) -> N
     env["RADIALOG_BROKER_URL"] = redis_url(__name__)
     result = subprocess.run(
         [sys.executable, "-m", "composition.cli", "demo", "--backend", "xraygpt", "--timeout", "600"],
-        env=env, capture_output=True, text=True, timeout=840, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=840,
+        check=False,
     )
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
@@ -69,7 +77,11 @@ def test_demo_with_radialog_v1_ends_with_its_reports_in_orthanc(tmp_path: Path) 
     env["RADIALOG_BROKER_URL"] = redis_url(__name__)
     result = subprocess.run(
         [sys.executable, "-m", "composition.cli", "demo", "--backend", "radialog-v1", "--timeout", "600"],
-        env=env, capture_output=True, text=True, timeout=840, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=840,
+        check=False,
     )
     out = result.stdout
     assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
@@ -111,8 +123,9 @@ def test_demo_serve_stopped_by_sigterm_stops_orthanc_and_radialog_run(tmp_path: 
     import re
     import signal
 
-    env = radialog_env({"RADIALOG_DATA_DIR": tmp_path / "var",
-                        "RADIALOG_BROKER_URL": "redis://127.0.0.1:1/0"})  # the embedded broker: nothing shared
+    env = radialog_env(
+        {"RADIALOG_DATA_DIR": tmp_path / "var", "RADIALOG_BROKER_URL": "redis://127.0.0.1:1/0"}
+    )  # the embedded broker: nothing shared
     demo = radialog_process("demo", ["demo", "--serve", "--timeout", "600"], env, tmp_path)
     try:
         demo.wait_for_output("Serving until Ctrl-C", timeout=900)
@@ -123,8 +136,12 @@ def test_demo_serve_stopped_by_sigterm_stops_orthanc_and_radialog_run(tmp_path: 
         assert children and _answers(f"{api_url}/healthz")
         demo.popen.send_signal(signal.SIGTERM)
         assert demo.popen.wait(timeout=120) == 0, demo.output()[-3000:]
-        wait_for(lambda: not _processes_mentioning(str(tmp_path)), what="every process of the demo gone", timeout=60,
-                 interval=0.5)
+        wait_for(
+            lambda: not _processes_mentioning(str(tmp_path)),
+            what="every process of the demo gone",
+            timeout=60,
+            interval=0.5,
+        )
         assert not _answers(f"{api_url}/healthz") and not any(_answers(f"{url}/system") for url in orthanc_urls)
     finally:
         if demo.running:

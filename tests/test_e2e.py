@@ -105,8 +105,11 @@ def test_chest_study_comes_back_as_sr_then_dialog_and_approval(chain: Chain, tmp
     approved = chain.api(
         "POST",
         f"/api/v1/studies/{study['id']}/report/approve",
-        json={"findings_text": report["findings_text"], "impression_text": report["impression_text"] or "",
-              "base_version": 1},
+        json={
+            "findings_text": report["findings_text"],
+            "impression_text": report["impression_text"] or "",
+            "base_version": 1,
+        },
     )
     assert approved.status_code == 201, approved.text
     assert approved.json()["verified"] and approved.json()["version"] == 2

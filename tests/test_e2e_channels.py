@@ -59,10 +59,15 @@ def test_stat_child_and_every_channel_through_the_chain(tmp_path: Path, peers) -
         {"name": "ehr", "kind": "fhir", "url": ehr.url},
         {"name": "hooks", "kind": "webhook", "url": hooks.url, "secret": SECRET},
     ]
-    chain = Chain(tmp_path / "chain", database_url=database_url, redis_url=redis_url(__name__), model_dir=model_dir,
-                  base_model_dir=base_dir, stable_after=30.0, extra_env={
-                      "RADIALOG_TRUSTED_ROUTERS": json.dumps(["ORTHANC"]),
-                      "RADIALOG_EXPORT_MAX_ATTEMPTS": "2"})
+    chain = Chain(
+        tmp_path / "chain",
+        database_url=database_url,
+        redis_url=redis_url(__name__),
+        model_dir=model_dir,
+        base_model_dir=base_dir,
+        stable_after=30.0,
+        extra_env={"RADIALOG_TRUSTED_ROUTERS": json.dumps(["ORTHANC"]), "RADIALOG_EXPORT_MAX_ATTEMPTS": "2"},
+    )
     chain.env["RADIALOG_DESTINATIONS"] = json.dumps(json.loads(chain.env["RADIALOG_DESTINATIONS"]) + destinations)
     with chain:
         routine = make_cxr(patient_index=920001)
@@ -85,33 +90,56 @@ def test_stat_child_and_every_channel_through_the_chain(tmp_path: Path, peers) -
 
         # the radiologist approves the STAT study as shown
         report = chain.api("GET", f"/api/v1/studies/{urgent['id']}/report").json()
-        approved = chain.api("POST", f"/api/v1/studies/{urgent['id']}/report/approve", json={
-            "findings_text": report["findings_text"], "impression_text": report["impression_text"] or "",
-            "base_version": 1})
+        approved = chain.api(
+            "POST",
+            f"/api/v1/studies/{urgent['id']}/report/approve",
+            json={
+                "findings_text": report["findings_text"],
+                "impression_text": report["impression_text"] or "",
+                "base_version": 1,
+            },
+        )
         assert approved.status_code == 201, approved.text
 
         registry = Registry(database_url)
         try:
+
             def ris_rows() -> list[Export]:
                 with registry.session() as session:
                     rows = list(session.scalars(select(Export).where(Export.destination == "ris")))
                     session.expunge_all()
                     return rows
 
-            dead = wait_until(lambda: (rows := ris_rows()) and len(rows) == 3
-                              and all(r.state == "DEAD" for r in rows) and rows, 240, "the RIS rows DEAD",
-                              chain.check_alive)
+            dead = wait_until(
+                lambda: (rows := ris_rows()) and len(rows) == 3 and all(r.state == "DEAD" for r in rows) and rows,
+                240,
+                "the RIS rows DEAD",
+                chain.check_alive,
+            )
             assert all("AR" in r.last_error and "order not found" in r.last_error for r in dead)
 
             # the RIS is fixed; the operator re-arms its rows and sends what is due
             ris.answer = "AA"
             for row in dead:
-                retried = subprocess.run([sys.executable, "-m", "composition.cli", "export", "retry", str(row.id)],
-                                         env=chain.env, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                                         check=False)
+                retried = subprocess.run(
+                    [sys.executable, "-m", "composition.cli", "export", "retry", str(row.id)],
+                    env=chain.env,
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                    check=False,
+                )
                 assert retried.returncode == 0, retried.stderr
-            subprocess.run([sys.executable, "-m", "composition.cli", "export", "send-due"], env=chain.env, cwd=ROOT,
-                           capture_output=True, text=True, timeout=120, check=True)
+            subprocess.run(
+                [sys.executable, "-m", "composition.cli", "export", "send-due"],
+                env=chain.env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            )
             assert all(r.state == "SENT" for r in ris_rows())
         finally:
             registry.dispose()

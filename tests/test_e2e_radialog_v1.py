@@ -69,8 +69,11 @@ def test_radialog_v1_reports_a_study_into_orthanc_and_answers_through_the_api(ch
     assert "RaDialog-v1" in texts and "1.0+projector-replay-seed42" in texts  # TID 4019 name and version
     report = chain.api("GET", f"/api/v1/studies/{study['id']}/report").json()
     document = report["document"]
-    assert document["model"] == {"name": "RaDialog-v1", "version": "1.0+projector-replay-seed42",
-                                 "files_sha256": document["model"]["files_sha256"]}
+    assert document["model"] == {
+        "name": "RaDialog-v1",
+        "version": "1.0+projector-replay-seed42",
+        "files_sha256": document["model"]["files_sha256"],
+    }
     assert len(document["findings"]) == 14  # the classifier's CheXpert labels
 
     model = chain.api("GET", "/api/v1/model").json()

@@ -55,7 +55,10 @@ def test_xraygpt_reports_a_study_into_orthanc_and_answers_through_the_api(chain:
     assert study["state"] == "EXPORTED", study
 
     (draft,) = wait_until(lambda: chain.orthanc_srs(study_uid), 60, "the draft SR in Orthanc")
-    assert draft["StudyInstanceUID"] == study_uid and draft["SeriesDescription"] == "AI draft report (XrayGPT) - not verified"
+    assert (
+        draft["StudyInstanceUID"] == study_uid
+        and draft["SeriesDescription"] == "AI draft report (XrayGPT) - not verified"
+    )
     assert draft["PreliminaryFlag"] == "PRELIMINARY" and draft["VerificationFlag"] == "UNVERIFIED"
     data = chain.orthanc_file(draft["ID"])
     assert dciodvfy_errors(data, tmp_path / "draft.dcm") == []
@@ -70,13 +73,16 @@ def test_xraygpt_reports_a_study_into_orthanc_and_answers_through_the_api(chain:
     model = chain.api("GET", "/api/v1/model").json()
     assert model["backend"] == "xraygpt" and set(model["tasks"]) == {"free", "list", "impression"}
     url = f"/api/v1/studies/{study['id']}/dialog"
-    turn = chain.api("POST", url + "/questions", json={"question": "Is there any pleural effusion?", "wait_seconds": 120})
+    turn = chain.api(
+        "POST", url + "/questions", json={"question": "Is there any pleural effusion?", "wait_seconds": 120}
+    )
     assert turn.status_code == 200, turn.text
     assert turn.json()["state"] == "DONE" and turn.json()["answer"] is not None
     impression = chain.api("POST", url + "/actions", json={"action": "impression", "wait_seconds": 120})
     assert impression.status_code == 200, impression.text
-    assert impression.json()["question"] == ("Based on the findings in this chest x-ray image, what is the overall "
-                                             "impression?")
+    assert impression.json()["question"] == (
+        "Based on the findings in this chest x-ray image, what is the overall impression?"
+    )
     refused = chain.api("POST", url + "/actions", json={"action": "yes_no", "finding": "Edema"})
     assert refused.status_code == 422 and "task-not-supported" in refused.json()["type"]
     conversation = chain.api("GET", url).json()

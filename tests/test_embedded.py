@@ -30,12 +30,21 @@ def sse_events(text: str) -> list[tuple[str, dict]]:
     return events
 
 
-def test_embedded_run_is_ready_answers_dialog_and_stops_on_sigterm(tmp_path: Path,
-                                                                  tiny_model: tuple[Path, Path]) -> None:
+def test_embedded_run_is_ready_answers_dialog_and_stops_on_sigterm(
+    tmp_path: Path, tiny_model: tuple[Path, Path]
+) -> None:
     model_dir, base_dir = tiny_model
-    chain = Chain(tmp_path / "chain", database_url=None, redis_url=NO_REDIS, model_dir=model_dir,
-                  base_model_dir=base_dir, single_process=True, with_orthanc=False, flush_redis=False,
-                  stable_after=1.0)
+    chain = Chain(
+        tmp_path / "chain",
+        database_url=None,
+        redis_url=NO_REDIS,
+        model_dir=model_dir,
+        base_model_dir=base_dir,
+        single_process=True,
+        with_orthanc=False,
+        flush_redis=False,
+        stable_after=1.0,
+    )
     with chain:  # start() waits for /readyz: the worker is seen ready without Redis
         [run] = chain.processes
         assert "using the embedded SQLite broker" in run.tail(100_000)
@@ -49,15 +58,19 @@ def test_embedded_run_is_ready_answers_dialog_and_stops_on_sigterm(tmp_path: Pat
         assert chain.storescu([path]).returncode == 0
         study = chain.wait_state(str(ds.AccessionNumber), {"REPORTED"}, timeout=300)
 
-        asked = chain.api("POST", f"/api/v1/studies/{study['id']}/dialog/questions",
-                          json={"question": "Is there a pleural effusion?", "wait_seconds": 120})
+        asked = chain.api(
+            "POST",
+            f"/api/v1/studies/{study['id']}/dialog/questions",
+            json={"question": "Is there a pleural effusion?", "wait_seconds": 120},
+        )
         assert asked.status_code == 200, asked.text
         turn = asked.json()
         assert turn["state"] == "DONE" and turn["answer"]
         assert chain.api("GET", f"/api/v1/dialog/turns/{turn['id']}").json()["answer"] == turn["answer"]
 
-        streamed = chain.api("POST", f"/api/v1/studies/{study['id']}/dialog/actions",
-                             json={"action": "summary", "stream": True})
+        streamed = chain.api(
+            "POST", f"/api/v1/studies/{study['id']}/dialog/actions", json={"action": "summary", "stream": True}
+        )
         assert streamed.status_code == 200, streamed.text
         events = sse_events(streamed.text)
         assert events[0][0] == "turn" and events[-1][0] == "done" and events[-1][1]["answer"], events

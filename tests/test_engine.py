@@ -57,8 +57,14 @@ def _ref_generate(backend: RadialogV2Backend, prompt: str, seed: int, max_new: i
     return backend.generate([prompt], [image(seed)], max_new)[0]
 
 
-def _seed_answering_longer(backend: RadialogV2Backend, prompt: str, seeds: Sequence[int], longer_than: int,
-                           max_new: int, skip: Sequence[int] = ()) -> int:
+def _seed_answering_longer(
+    backend: RadialogV2Backend,
+    prompt: str,
+    seeds: Sequence[int],
+    longer_than: int,
+    max_new: int,
+    skip: Sequence[int] = (),
+) -> int:
     """The first seed whose one-at-a-time answer to ``prompt`` is longer than ``longer_than`` tokens (the tiny
     model's answers end at random lengths; a test that needs a long one picks its image so)."""
     for seed in seeds:
@@ -131,8 +137,13 @@ class RecordingSteps(LlamaSteps):
 class Rig:
     """An engine with recording steps and recorded slot moves; stopped (and never left held) at teardown."""
 
-    def __init__(self, backend: RadialogV2Backend, config: EngineConfig, hold_at: int | None = None,
-                 steps: Callable[..., RecordingSteps] = RecordingSteps) -> None:
+    def __init__(
+        self,
+        backend: RadialogV2Backend,
+        config: EngineConfig,
+        hold_at: int | None = None,
+        steps: Callable[..., RecordingSteps] = RecordingSteps,
+    ) -> None:
         self.engine = Engine(backend, config)
         self.steps = steps(backend.llava.language_model, hold_at)
         self.engine.steps = self.steps
@@ -170,8 +181,12 @@ class Rig:
 def rig(backend: RadialogV2Backend) -> Iterator[Callable[..., Rig]]:
     made: list[Rig] = []
 
-    def make(hold_at: int | None = None, model: RadialogV2Backend | None = None,
-             steps: Callable[..., RecordingSteps] = RecordingSteps, **config) -> Rig:
+    def make(
+        hold_at: int | None = None,
+        model: RadialogV2Backend | None = None,
+        steps: Callable[..., RecordingSteps] = RecordingSteps,
+        **config,
+    ) -> Rig:
         made.append(Rig(model or backend, EngineConfig(**config), hold_at, steps))
         return made[-1]
 
@@ -256,7 +271,7 @@ def test_dialog_turn_overtakes_a_report_batch_and_caps_the_reports_beside_it(bac
     end = max(i for i, c in enumerate(calls) if c[0] == "decode" and "dialog" in c[1])
     assert not [c for c in calls[start:end] if c[0] == "prefill" and c[1] == "report"], "report prefill during the turn"
     # after the turn the paused reports decode again and the free slots fill up
-    assert any(c[0] == "decode" and c[1].get("report", 0) == 6 for c in calls[end + 1:])
+    assert any(c[0] == "decode" and c[1].get("report", 0) == 6 for c in calls[end + 1 :])
     r.assert_idle()
 
 
@@ -412,8 +427,9 @@ def _join_a_running_report(r: Rig, backend, first: int, group: Sequence[int]) ->
     return running, handles
 
 
-def assert_only_marked_failed(backend, first: int, running: Handle, group: list[int], handles: list[Handle],
-                              marked: int) -> None:
+def assert_only_marked_failed(
+    backend, first: int, running: Handle, group: list[int], handles: list[Handle], marked: int
+) -> None:
     """The marked study's handle raised; the running report and the rest of its group equal their references."""
     with pytest.raises(MarkedStudy):
         handles[marked].result(120)
@@ -543,8 +559,9 @@ def test_memory_does_not_grow_over_200_jobs(backend, seeds) -> None:
 
 # -- 5. the KV pool --------------------------------------------------------------------------------------
 def test_kv_pool_moves_only_the_last_slots_tokens_and_refuses_misuse() -> None:
-    pool = KVPool("t", PoolShape(layers=2, kv_heads=2, head_dim=4), slots=3, max_len=6, dtype=torch.float32,
-                  device="cpu")
+    pool = KVPool(
+        "t", PoolShape(layers=2, kv_heads=2, head_dim=4), slots=3, max_len=6, dtype=torch.float32, device="cpu"
+    )
     assert pool.take(3) == [0, 1, 2] and pool.free == 0
     for slot in range(3):
         pool.k[:, slot] = slot + 1
@@ -619,11 +636,13 @@ def test_an_urgent_report_is_admitted_before_waiting_routine_ones(backend, seeds
     engine = r.engine
     running = engine.submit_reports([image(s) for s in seeds[:2]], max_new_tokens=12, min_new_tokens=12)
     r.wait_held()
-    waiting = engine.submit_reports([image(s) for s in seeds[2:6]], max_new_tokens=12, min_new_tokens=12,
-                                    priorities=[1, 1, 1, 1])
+    waiting = engine.submit_reports(
+        [image(s) for s in seeds[2:6]], max_new_tokens=12, min_new_tokens=12, priorities=[1, 1, 1, 1]
+    )
     urgent = engine.submit_reports([image(seeds[6])], max_new_tokens=12, min_new_tokens=12, priorities=[0])
-    order = completion_order({"run0": running[0], "run1": running[1], "urgent": urgent[0]}
-                             | {f"wait{i}": h for i, h in enumerate(waiting)})
+    order = completion_order(
+        {"run0": running[0], "run1": running[1], "urgent": urgent[0]} | {f"wait{i}": h for i, h in enumerate(waiting)}
+    )
     r.steps.go.set()
     for handle in running + waiting + urgent:
         assert len(handle.result(120).tokens) == 12

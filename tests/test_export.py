@@ -26,8 +26,15 @@ from tests.support.seeding import PROVENANCE, add_study_without_history, model_o
 def _fast(settings: Settings, destinations: list[Destination], attempts: int = 3) -> Settings:
     """Retries without waiting, so a test walks through every attempt at once."""
     return settings.model_copy(
-        update={"destinations": destinations, "export_max_attempts": attempts, "export_backoff_initial": 0.0,
-                "export_backoff_max": 0.0, "acse_timeout": 5.0, "dimse_timeout": 10.0, "network_timeout": 10.0}
+        update={
+            "destinations": destinations,
+            "export_max_attempts": attempts,
+            "export_backoff_initial": 0.0,
+            "export_backoff_max": 0.0,
+            "acse_timeout": 5.0,
+            "dimse_timeout": 10.0,
+            "network_timeout": 10.0,
+        }
     )
 
 
@@ -56,7 +63,10 @@ def orthanc_destination(server: OrthancServer) -> Destination:
 
 
 def test_sr_lands_in_the_image_study_in_orthanc(
-    sqlite_registry: Registry, settings: Settings, orthanc: OrthancServer, tmp_path: Path  # noqa: F811
+    sqlite_registry: Registry,
+    settings: Settings,
+    orthanc: OrthancServer,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     settings = _fast(settings, [orthanc_destination(orthanc)])
     study_id, source, [export_id] = _draft(sqlite_registry, settings)
@@ -80,8 +90,16 @@ def test_sr_lands_in_the_image_study_in_orthanc(
     # delivering again is a no-op; a new version re-opens the study until it is sent too
     assert deliver(sqlite_registry, settings, export_id) == "skipped: sent"
     with sqlite_registry.session() as session:
-        approved = create_version(session, settings, study_id, kind="approval", findings_text="Cardiomegaly.",
-                                  impression_text=None, author="anna", approve=True)
+        approved = create_version(
+            session,
+            settings,
+            study_id,
+            kind="approval",
+            findings_text="Cardiomegaly.",
+            impression_text=None,
+            author="anna",
+            approve=True,
+        )
         new_export = approved.exports[0].id
     assert _state(sqlite_registry, study_id) == "REPORTED"
     assert deliver(sqlite_registry, settings, new_export) == "SENT"
@@ -90,7 +108,9 @@ def test_sr_lands_in_the_image_study_in_orthanc(
 
 
 def test_orthanc_down_then_up_delivers_exactly_once(
-    sqlite_registry: Registry, settings: Settings, orthanc: OrthancServer  # noqa: F811
+    sqlite_registry: Registry,
+    settings: Settings,
+    orthanc: OrthancServer,  # noqa: F811
 ) -> None:
     settings = _fast(settings, [orthanc_destination(orthanc)], attempts=40)
     orthanc.stop()
@@ -126,8 +146,9 @@ def test_refused_sop_class_goes_dead_with_the_reason(registry: Registry, setting
         peer.stop()
 
 
-def test_failure_status_goes_dead_and_retry_rearms(sqlite_registry: Registry, settings: Settings,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_status_goes_dead_and_retry_rearms(
+    sqlite_registry: Registry, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     peer = StorePeer(ae_title="FULL", status=0xA700)
     try:
         settings = _fast(settings, [peer.destination("full")], attempts=2)
@@ -142,7 +163,7 @@ def test_failure_status_goes_dead_and_retry_rearms(sqlite_registry: Registry, se
         from reporting.cli import export
 
         monkeypatch.setenv("RADIALOG_DATA_DIR", str(settings.data_dir))
-        monkeypatch.setenv("RADIALOG_DESTINATIONS", f'[{peer.destination("full").model_dump_json()}]')
+        monkeypatch.setenv("RADIALOG_DESTINATIONS", f"[{peer.destination('full').model_dump_json()}]")
         settings_module.get_settings.cache_clear()
         try:
             runner = CliRunner()

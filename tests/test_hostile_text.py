@@ -41,14 +41,15 @@ HOSTILE: dict[str, str] = {
     "surrogates": "Left \ud800lower \udfff lobe \udc80\udcff opacity.",
     # what a byte-fallback tokenizer hands back: control-byte tokens (the tiny model's "om0vi\x0fgaly") and
     # incomplete UTF-8 sequences, decoded with replacement or with surrogateescape
-    "byte_fallback": "om0vi\x0fgaly \x10\x1b[31m " + b"Cardio\xe2\x82 edema \xff\xfe".decode("utf-8", "replace")
+    "byte_fallback": "om0vi\x0fgaly \x10\x1b[31m "
+    + b"Cardio\xe2\x82 edema \xff\xfe".decode("utf-8", "replace")
     + b" pleural \xf0\x9f\x98".decode("utf-8", "surrogateescape"),
     "long": ("No pneumothorax. No pleural effusion. " * 2700)[:100_000],
     "rtl": "Right-to-left \u202eevitagen\u202c: \u0644\u0627 \u064a\u0648\u062c\u062f \u0627\u0646\u0635\u0628\u0627\u0628."
     " \u05d0\u05d9\u05df \u05ea\u05e4\u05dc\u05d9\u05d8. \u2067isolated\u2069 \u200f",
     "emoji": "Heart \U0001fac0 normal \U0001f44d\U0001f3fd family \U0001f468\u200d\U0001f469\u200d\U0001f467 "
     "\U0001f1e9\U0001f1ea e\u0301 \ufdfd \ufffd",
-    "html": "<script>window.__pwned=1</script><img src=x onerror=\"window.__pwned=2\"> &amp; &lt;b&gt;"
+    "html": '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2"> &amp; &lt;b&gt;'
     " </textarea><style>body{display:none}</style>",
     "tabs_and_breaks": "Findings:\tnone\r\nImpression:\x0cnormal\n\n\tEnd.",
     "nothing_readable": "\x00\x01\x02 \t\x1b\x7f\x85",
@@ -59,8 +60,9 @@ HOSTILE: dict[str, str] = {
 def assert_valid_sr(path: Path, shown: str, orthanc: OrthancServer) -> None:
     """dciodvfy: no Error line; dsrdump reads it; Orthanc stores it; its Finding text is the text shown."""
     assert dciodvfy_errors(path) == [], path
-    dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, errors="replace", timeout=60,
-                          check=False)  # dsrdump cuts long values at a byte count, maybe inside a character
+    dump = subprocess.run(
+        ["dsrdump", str(path)], capture_output=True, text=True, errors="replace", timeout=60, check=False
+    )  # dsrdump cuts long values at a byte count, maybe inside a character
     assert dump.returncode == 0 and "Diagnostic imaging report" in dump.stdout, dump.stderr
     stored = orthanc.upload(path)
     assert stored["Status"] == "Success", stored
@@ -80,12 +82,20 @@ def world(registry: Registry, settings: Settings, tiny_model: tuple[Path, Path],
     from workers.context import WorkerContext
     from workers.models import load_backend
 
-    ws = settings.model_copy(update={"broker_url": REDIS_URL, "model_dir": tiny_model[0],
-                                     "base_model_dir": tiny_model[1], "device": "cpu", "batch_wait_ms": 0})
+    ws = settings.model_copy(
+        update={
+            "broker_url": REDIS_URL,
+            "model_dir": tiny_model[0],
+            "base_model_dir": tiny_model[1],
+            "device": "cpu",
+            "batch_wait_ms": 0,
+        }
+    )
     client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
-    ctx = WorkerContext(settings=ws, registry=registry, hostname=f"hostile-{uuid.uuid4().hex[:6]}",
-                        backend=load_backend(ws))
+    ctx = WorkerContext(
+        settings=ws, registry=registry, hostname=f"hostile-{uuid.uuid4().hex[:6]}", backend=load_backend(ws)
+    )
     with OrthancServer(tmp_path / "orthanc") as orthanc, TestClient(create_app(ws, registry)) as http:
         yield ws, ctx, http, make_keys(registry), orthanc
     client.flushdb()
@@ -120,10 +130,14 @@ def answer_turn(ctx: Any, registry: Registry, study_id: int, report_id: int, tas
         conversation = Conversation(study_id=study_id, user="rad", seed_report_id=report_id, created_at=utcnow())
         session.add(conversation)
         session.flush()
-        question = correction_prompt(["Cardiomegaly"], []) if task == "correction" else \
-            "<image> From what view was this image taken?"
-        turn = DialogTurn(conversation_id=conversation.id, task=task, question=question, state="QUEUED",
-                          created_at=utcnow())
+        question = (
+            correction_prompt(["Cardiomegaly"], [])
+            if task == "correction"
+            else "<image> From what view was this image taken?"
+        )
+        turn = DialogTurn(
+            conversation_id=conversation.id, task=task, question=question, state="QUEUED", created_at=utcnow()
+        )
         session.add(turn)
         session.flush()
         turn_id = turn.id
@@ -137,8 +151,9 @@ def answer_turn(ctx: Any, registry: Registry, study_id: int, report_id: int, tas
 def test_hostile_model_and_user_text_makes_valid_srs_that_are_shown_and_signed_as_is(world, registry: Registry) -> None:  # type: ignore[no-untyped-def]
     settings, ctx, http, keys, orthanc = world
     backend = ctx.backend
-    studies = {name: add_study(registry, settings, state=StudyState.QUEUED, index=i)[0]
-               for i, name in enumerate(HOSTILE)}
+    studies = {
+        name: add_study(registry, settings, state=StudyState.QUEUED, index=i)[0] for i, name in enumerate(HOSTILE)
+    }
     jobs = enqueue(registry, settings, list(studies.values()))
     said = {str(job): HOSTILE[next(n for n, s in studies.items() if s == study)] for job, study in jobs.items()}
     real_report_each, real_answer = backend.report_each, backend.answer
@@ -166,15 +181,25 @@ def test_hostile_model_and_user_text_makes_valid_srs_that_are_shown_and_signed_a
         assert_valid_sr(settings.sr_dir / row.sr_path, draft["findings_text"], orthanc)
 
         # 2. an edit: the raw text is refused exactly when the rule would change it; the shown one is taken
-        typed = http.post(url + "/versions", headers={**h, "Content-Type": "application/json"},  # \ud800 escapes
-                          content=json.dumps({"kind": "edit", "findings_text": raw, "base_version": 1}))
+        typed = http.post(
+            url + "/versions",
+            headers={**h, "Content-Type": "application/json"},  # \ud800 escapes
+            content=json.dumps({"kind": "edit", "findings_text": raw, "base_version": 1}),
+        )
         acceptable = is_clean(raw) and 0 < len(raw) <= MAX_REPORT_CHARS
         assert typed.status_code == (201 if acceptable else 422), (name, typed.text)
         current = http.get(url, headers=h).json()
         edited_text = ("Checked. " + current["findings_text"])[:MAX_REPORT_CHARS]
-        edited = http.post(url + "/versions", headers=h, json={
-            "kind": "edit", "findings_text": edited_text, "impression_text": raw[:200] if is_clean(raw[:200]) else None,
-            "base_version": current["version"]})
+        edited = http.post(
+            url + "/versions",
+            headers=h,
+            json={
+                "kind": "edit",
+                "findings_text": edited_text,
+                "impression_text": raw[:200] if is_clean(raw[:200]) else None,
+                "base_version": current["version"],
+            },
+        )
         assert edited.status_code == 201, (name, edited.text)
         assert_valid_sr(settings.sr_dir / _sr_path(registry, study_id, edited.json()["version"]), edited_text, orthanc)
 
@@ -189,24 +214,44 @@ def test_hostile_model_and_user_text_makes_valid_srs_that_are_shown_and_signed_a
         backend.answer = answer
         # a 20,000-character report leaves no room for a correction turn in the model's 4,000-token context
         # (refused before the model runs): that answer comes from a view question, which has no history
-        turn_id = answer_turn(ctx, registry, study_id, _report_id(registry, study_id, edited.json()["version"]),
-                              "view" if name == "long" else "correction")
+        turn_id = answer_turn(
+            ctx,
+            registry,
+            study_id,
+            _report_id(registry, study_id, edited.json()["version"]),
+            "view" if name == "long" else "correction",
+        )
         backend.answer = real_answer
         conversation = http.get(f"/api/v1/studies/{study_id}/dialog", headers=h).json()
         shown_answer = next(t["answer"] for t in conversation["turns"] if t["id"] == turn_id)
         assert shown_answer == clean_model_text(raw), name
-        corrected = http.post(url + "/versions", headers=h, json={
-            "kind": "ai_correction", "findings_text": shown_answer, "source_turn_id": turn_id,
-            "impression_text": edited.json()["impression_text"], "base_version": edited.json()["version"]})
+        corrected = http.post(
+            url + "/versions",
+            headers=h,
+            json={
+                "kind": "ai_correction",
+                "findings_text": shown_answer,
+                "source_turn_id": turn_id,
+                "impression_text": edited.json()["impression_text"],
+                "base_version": edited.json()["version"],
+            },
+        )
         assert corrected.status_code == 201, (name, corrected.text)
-        assert_valid_sr(settings.sr_dir / _sr_path(registry, study_id, corrected.json()["version"]), shown_answer,
-                        orthanc)
+        assert_valid_sr(
+            settings.sr_dir / _sr_path(registry, study_id, corrected.json()["version"]), shown_answer, orthanc
+        )
 
         # 4. the approval of exactly what is shown
         shown = http.get(url, headers=h).json()
-        signed = http.post(url + "/approve", headers=h, json={
-            "base_version": shown["version"], "findings_text": shown["findings_text"],
-            "impression_text": shown["impression_text"] or ""})
+        signed = http.post(
+            url + "/approve",
+            headers=h,
+            json={
+                "base_version": shown["version"],
+                "findings_text": shown["findings_text"],
+                "impression_text": shown["impression_text"] or "",
+            },
+        )
         assert signed.status_code == 201, (name, signed.text)
         assert signed.json()["verified"] and signed.json()["findings_text"] == shown["findings_text"]
         sr_path = settings.sr_dir / _sr_path(registry, study_id, signed.json()["version"])
@@ -242,14 +287,18 @@ def test_the_tiny_model_itself_writes_a_valid_sr_and_clean_answers(world, regist
         assert turn.state == "DONE" and is_clean(turn.answer)
     h = {"Authorization": f"Bearer {keys['rad']}"}
     shown = http.get(f"/api/v1/studies/{study_id}/report", headers=h).json()
-    signed = http.post(f"/api/v1/studies/{study_id}/report/approve", headers=h,
-                       json={"base_version": 1, "findings_text": shown["findings_text"], "impression_text": ""})
+    signed = http.post(
+        f"/api/v1/studies/{study_id}/report/approve",
+        headers=h,
+        json={"base_version": 1, "findings_text": shown["findings_text"], "impression_text": ""},
+    )
     assert signed.status_code == 201, signed.text
     assert_valid_sr(settings.sr_dir / _sr_path(registry, study_id, 2), shown["findings_text"], orthanc)
 
 
 def test_rows_stored_before_the_rule_are_shown_clean_and_can_be_signed_as_shown(
-        sqlite_registry: Registry, settings: Settings) -> None:
+    sqlite_registry: Registry, settings: Settings
+) -> None:
     """A draft stored with a control byte (before the model boundary cleaned it) is shown without it in
     every channel, and approving the shown text signs exactly that (no 422, no control byte in the SR)."""
     from tests.support.seeding import add_reported_study
@@ -263,8 +312,11 @@ def test_rows_stored_before_the_rule_are_shown_clean_and_can_be_signed_as_shown(
         shown = http.get(f"/api/v1/studies/{study_id}/report", headers=h).json()
         assert shown["findings_text"] == "om0vigaly text"
         assert shown["document"]["findings_text"] == "om0vigaly text" and "om0vigaly text" in shown["text"]
-        signed = http.post(f"/api/v1/studies/{study_id}/report/approve", headers=h,
-                           json={"base_version": 1, "findings_text": shown["findings_text"], "impression_text": ""})
+        signed = http.post(
+            f"/api/v1/studies/{study_id}/report/approve",
+            headers=h,
+            json={"base_version": 1, "findings_text": shown["findings_text"], "impression_text": ""},
+        )
         assert signed.status_code == 201, signed.text
         sr = dcmread(io.BytesIO(http.get(signed.json()["sr_url"], headers=h).content))
     assert "om0vigaly text" in [i.TextValue for i in _items(sr) if i.ValueType == "TEXT"]

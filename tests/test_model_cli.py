@@ -14,8 +14,16 @@ def test_make_tiny_then_check(tmp_path: Path) -> None:
     made = runner.invoke(main, ["model", "make-tiny", str(tmp_path / "tiny")])
     assert made.exit_code == 0, made.output
     assert "NOT CLINICAL" in made.output
-    args = ["model", "check", "--model-dir", str(tmp_path / "tiny/radialog"), "--base-dir", str(tmp_path / "tiny/llava"),
-            "--device", "cpu"]
+    args = [
+        "model",
+        "check",
+        "--model-dir",
+        str(tmp_path / "tiny/radialog"),
+        "--base-dir",
+        str(tmp_path / "tiny/llava"),
+        "--device",
+        "cpu",
+    ]
     checked = runner.invoke(main, args)
     assert checked.exit_code == 0, checked.output
     assert "language model (LoRA merged)" in checked.output and "files sha256" in checked.output
@@ -35,16 +43,26 @@ def test_make_tiny_then_check_xraygpt(tmp_path: Path, monkeypatch) -> None:
     assert made.exit_code == 0, made.output
     assert "NOT CLINICAL" in made.output
     env = dict(line.split("=", 1) for line in made.output.splitlines() if line.startswith("RADIALOG_"))
-    assert set(env) == {"RADIALOG_MODEL_BACKEND", "RADIALOG_XRAYGPT_VISION_DIR", "RADIALOG_XRAYGPT_LLM_DIR",
-                        "RADIALOG_XRAYGPT_CHECKPOINT"}
+    assert set(env) == {
+        "RADIALOG_MODEL_BACKEND",
+        "RADIALOG_XRAYGPT_VISION_DIR",
+        "RADIALOG_XRAYGPT_LLM_DIR",
+        "RADIALOG_XRAYGPT_CHECKPOINT",
+    }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     get_settings.cache_clear()
     try:
         checked = runner.invoke(main, ["model", "check", "--device", "cpu"])
         assert checked.exit_code == 0, checked.output
-        for part in ("vision tower (EVA ViT-g)", "ln_vision + Q-Former", "llama_proj", "language model (Vicuna)",
-                     "files sha256", "ignored optimizer, config, scaler, epoch"):
+        for part in (
+            "vision tower (EVA ViT-g)",
+            "ln_vision + Q-Former",
+            "llama_proj",
+            "language model (Vicuna)",
+            "files sha256",
+            "ignored optimizer, config, scaler, epoch",
+        ):
             assert part in checked.output
         import torch
 
@@ -77,10 +95,19 @@ def test_make_tiny_then_check_radialog_v1(tmp_path: Path, monkeypatch) -> None:
     try:
         checked = runner.invoke(main, ["model", "check", "--device", "cpu"])
         assert checked.exit_code == 0, checked.output
-        for part in ("vision tower (BioViL-T, 1408)", "ln_vision + Q-Former", "img_proj", "language model (LoRA merged)",
-                     "findings classifier", "projector: REPLAYED - checkpoint_4.pth holds no BioViL-T projector",
-                     "algorithm version (SR) 1.0+projector-replay-seed42", "files sha256", "checkpoint_4.pth",
-                     "adapter_model.bin", "TINY RANDOM MODEL"):
+        for part in (
+            "vision tower (BioViL-T, 1408)",
+            "ln_vision + Q-Former",
+            "img_proj",
+            "language model (LoRA merged)",
+            "findings classifier",
+            "projector: REPLAYED - checkpoint_4.pth holds no BioViL-T projector",
+            "algorithm version (SR) 1.0+projector-replay-seed42",
+            "files sha256",
+            "checkpoint_4.pth",
+            "adapter_model.bin",
+            "TINY RANDOM MODEL",
+        ):
             assert part in checked.output, part
         import torch
 

@@ -29,8 +29,6 @@ def backend(tiny_backend: RadialogV2Backend) -> RadialogV2Backend:
     return tiny_backend
 
 
-
-
 def image(seed: int, rows: int = 600, cols: int = 520) -> np.ndarray:
     return (chest_pixels(rows, cols, 8, seed=seed)).astype(np.uint8)
 
@@ -53,7 +51,9 @@ def test_tokenizer_matches_sentencepiece_and_llava_image_tokenisation(backend: R
     ids = backend.prompt_ids(f"{SYSTEM} USER: {report_prompt('edema')} ASSISTANT:")
     before, after = f"{SYSTEM} USER: ", report_prompt("edema").removeprefix("<image>") + " ASSISTANT:"
     assert ids == [1, *sp.encode(before), IMAGE_TOKEN_INDEX, *sp.encode(after)]
-    assert backend.count_tokens(f"{SYSTEM} USER: {report_prompt('edema')} ASSISTANT:") == len(ids) - 1 + NUM_IMAGE_TOKENS
+    assert (
+        backend.count_tokens(f"{SYSTEM} USER: {report_prompt('edema')} ASSISTANT:") == len(ids) - 1 + NUM_IMAGE_TOKENS
+    )
 
 
 def test_report_is_deterministic_and_complete(backend: RadialogV2Backend, tiny_model) -> None:
@@ -111,8 +111,10 @@ def test_report_does_not_depend_on_batch_companions(backend: RadialogV2Backend, 
 def test_streaming_pieces_add_up_to_the_answer(backend: RadialogV2Backend) -> None:
     pieces: list[str] = []
     request = DialogRequest(
-        image=image(3), history=[Turn(report_prompt("edema"), "Mild edema.")],
-        question=yes_no_prompt("edema"), task="list",
+        image=image(3),
+        history=[Turn(report_prompt("edema"), "Mild edema.")],
+        question=yes_no_prompt("edema"),
+        task="list",
     )
     answer = backend.answer(request, on_token=pieces.append)
     assert answer == backend.answer(request)

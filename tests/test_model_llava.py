@@ -14,17 +14,42 @@ from workers.models.radialog_v2.llava import CallbackStreamer, RadialogLlava, ll
 
 #: The published llava-v1.5-7b config.json (its Llama fields and the LLaVA-only ones).
 LLAVA_V15_7B_CONFIG = {
-    "_name_or_path": "./checkpoints/vicuna-7b-v1-5", "architectures": ["LlavaLlamaForCausalLM"],
-    "bos_token_id": 1, "eos_token_id": 2, "freeze_mm_mlp_adapter": False, "hidden_act": "silu",
-    "hidden_size": 4096, "image_aspect_ratio": "pad", "initializer_range": 0.02, "intermediate_size": 11008,
-    "max_length": 4096, "max_position_embeddings": 4096, "mm_hidden_size": 1024, "mm_projector_type": "mlp2x_gelu",
-    "mm_use_im_patch_token": False, "mm_use_im_start_end": False, "mm_vision_select_feature": "patch",
-    "mm_vision_select_layer": -2, "mm_vision_tower": "openai/clip-vit-large-patch14-336", "model_type": "llava",
-    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32, "pad_token_id": 0,
-    "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False,
-    "torch_dtype": "float16", "transformers_version": "4.31.0", "tune_mm_mlp_adapter": False,
-    "tune_mm_vision_resampler": False, "unfreeze_mm_vision_tower": False, "use_cache": True,
-    "use_mm_proj": True, "vocab_size": 32000,
+    "_name_or_path": "./checkpoints/vicuna-7b-v1-5",
+    "architectures": ["LlavaLlamaForCausalLM"],
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "freeze_mm_mlp_adapter": False,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "image_aspect_ratio": "pad",
+    "initializer_range": 0.02,
+    "intermediate_size": 11008,
+    "max_length": 4096,
+    "max_position_embeddings": 4096,
+    "mm_hidden_size": 1024,
+    "mm_projector_type": "mlp2x_gelu",
+    "mm_use_im_patch_token": False,
+    "mm_use_im_start_end": False,
+    "mm_vision_select_feature": "patch",
+    "mm_vision_select_layer": -2,
+    "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+    "model_type": "llava",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 32,
+    "pad_token_id": 0,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "transformers_version": "4.31.0",
+    "tune_mm_mlp_adapter": False,
+    "tune_mm_vision_resampler": False,
+    "unfreeze_mm_vision_tower": False,
+    "use_cache": True,
+    "use_mm_proj": True,
+    "vocab_size": 32000,
 }
 
 
@@ -85,5 +110,3 @@ def test_streamer_holds_back_incomplete_utf8(tiny_backend: RadialogV2Backend) ->
     streamer.put(torch.tensor([5]))  # after EOS nothing more is taken
     streamer.end()
     assert "".join(emitted) == "é"
-
-

@@ -29,7 +29,13 @@ def tiny_copy(tiny_model: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path
 
 def test_tiny_checkpoint_has_the_published_layout(tiny_model: tuple[Path, Path]) -> None:
     model_dir, base_dir = tiny_model
-    for name in ("config.json", "adapter_config.json", "adapter_model.bin", "non_lora_trainables.bin", str(CLASSIFIER_RELPATH)):
+    for name in (
+        "config.json",
+        "adapter_config.json",
+        "adapter_model.bin",
+        "non_lora_trainables.bin",
+        str(CLASSIFIER_RELPATH),
+    ):
         assert (model_dir / name).is_file(), name
     for name in ("config.json", "pytorch_model.bin.index.json", "tokenizer.model", "tokenizer_config.json"):
         assert (base_dir / name).is_file(), name
@@ -98,8 +104,10 @@ def test_missing_vision_key_is_named(tiny_copy: tuple[Path, Path]) -> None:
 def test_absent_bn_running_stats_of_the_llm_tower_are_only_noted(tiny_copy: tuple[Path, Path]) -> None:
     """Per-image BN never reads them, so a file without them still loads (the note says so)."""
     model_dir, base_dir = tiny_copy
-    _edit(model_dir / "non_lora_trainables.bin",
-          lambda s: [s.pop(k) for k in list(s) if k.endswith(("running_mean", "running_var", "num_batches_tracked"))])
+    _edit(
+        model_dir / "non_lora_trainables.bin",
+        lambda s: [s.pop(k) for k in list(s) if k.endswith(("running_mean", "running_var", "num_batches_tracked"))],
+    )
     loaded = load_radialog(model_dir, base_dir, device_name="cpu")
     assert any("running-statistics" in note for note in loaded.notes)
 
@@ -112,13 +120,18 @@ def test_wrong_projector_shape_is_named(tiny_copy: tuple[Path, Path]) -> None:
         state[key] = torch.zeros(64, 1024)  # a CLIP-sized projector instead of BioViL-T's 512
 
     _edit(model_dir / "non_lora_trainables.bin", change)
-    with pytest.raises(StateDictMismatch, match=r"wrong shapes .*model.mm_projector.0.weight \(64, 1024\) != \(64, 512\)"):
+    with pytest.raises(
+        StateDictMismatch, match=r"wrong shapes .*model.mm_projector.0.weight \(64, 1024\) != \(64, 512\)"
+    ):
         load_radialog(model_dir, base_dir, device_name="cpu")
 
 
 def test_unexpected_key_is_named(tiny_copy: tuple[Path, Path]) -> None:
     model_dir, base_dir = tiny_copy
-    _edit(model_dir / "non_lora_trainables.bin", lambda s: s.update({"base_model.model.model.image_pooler.weight": torch.zeros(2)}))
+    _edit(
+        model_dir / "non_lora_trainables.bin",
+        lambda s: s.update({"base_model.model.model.image_pooler.weight": torch.zeros(2)}),
+    )
     with pytest.raises(StateDictMismatch, match="unexpected keys .*image_pooler.weight"):
         load_radialog(model_dir, base_dir, device_name="cpu")
 

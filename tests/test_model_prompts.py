@@ -30,7 +30,15 @@ def test_fixed_task_prompts() -> None:
     assert prompts.IMPRESSION == "Write the impression section corresponding to this radiology report."
     assert prompts.VIEW_PROMPT == "<image> From what view was this image taken?"
     assert set(prompts.TASK_MAX_NEW_TOKENS) == {
-        "report", "correction", "yes_no", "list", "impression", "easy_language", "summary", "view", "free"
+        "report",
+        "correction",
+        "yes_no",
+        "list",
+        "impression",
+        "easy_language",
+        "summary",
+        "view",
+        "free",
     }
     assert prompts.MAX_CONTEXT_TOKENS == 4000
 
@@ -48,8 +56,15 @@ def test_yes_no_question_names_the_chexpert_label_as_written() -> None:
 #: The reference's generation limits: v2's evaluation (test.py) uses max_new_tokens=300 for every task it
 #: evaluates; its demo uses 600 for whatever is asked in the chat.
 REFERENCE_MAX_NEW_TOKENS = {
-    "report": 300, "correction": 300, "yes_no": 300, "list": 300, "impression": 300, "view": 300,
-    "easy_language": 600, "summary": 600, "free": 600,
+    "report": 300,
+    "correction": 300,
+    "yes_no": 300,
+    "list": 300,
+    "impression": 300,
+    "view": 300,
+    "easy_language": 600,
+    "summary": 600,
+    "free": 600,
 }
 
 

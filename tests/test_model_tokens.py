@@ -118,7 +118,9 @@ def test_prompt_ids_are_the_references(kind: str, tiny_backend: RadialogV2Backen
     assert json.loads((tiny_model[1] / "tokenizer_config.json").read_text())["legacy"] is False  # as LLaVA-1.5's
     prompt = PROMPTS[kind]
     assert tiny_backend.prompt_ids(prompt) == reference_ids(prompt, sp, legacy=False)
-    legacy = RadialogV2Backend(dataclasses.replace(tiny_backend.loaded, encoder=SlowLlamaEncoder.from_directory(legacy_true)))
+    legacy = RadialogV2Backend(
+        dataclasses.replace(tiny_backend.loaded, encoder=SlowLlamaEncoder.from_directory(legacy_true))
+    )
     assert legacy.prompt_ids(prompt) == reference_ids(prompt, sp, legacy=True)
 
 
@@ -145,7 +147,9 @@ def _json_only(directory: Path) -> None:
     """tokenizer.json (what transformers 5 saves) instead of tokenizer.model."""
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(str(directory), local_files_only=True).backend_tokenizer.save(str(directory / "tokenizer.json"))
+    AutoTokenizer.from_pretrained(str(directory), local_files_only=True).backend_tokenizer.save(
+        str(directory / "tokenizer.json")
+    )
     (directory / "tokenizer.model").unlink()
 
 

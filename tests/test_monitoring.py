@@ -63,8 +63,13 @@ def dashboard_expressions() -> dict[str, str]:
 def test_alert_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", "alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert {"RadialogNoWorkerReady", "RadialogExportDead", "RadialogQueueGrowing", "RadialogDiskFloorNear",
-            "RadialogReportLatencyHigh"} <= set(rule_expressions())
+    assert {
+        "RadialogNoWorkerReady",
+        "RadialogExportDead",
+        "RadialogQueueGrowing",
+        "RadialogDiskFloorNear",
+        "RadialogReportLatencyHigh",
+    } <= set(rule_expressions())
 
 
 def test_alert_rules_fire_on_their_series_and_not_otherwise() -> None:
@@ -94,8 +99,17 @@ def test_prometheus_config_passes_promtool_and_scrapes_the_compose_services() ->
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     """promtool parses every panel's query (as a recording rule), Grafana's variables substituted."""
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": expr} for i, expr in enumerate(dashboard_expressions().values())]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{i}", "expr": expr}
+                    for i, expr in enumerate(dashboard_expressions().values())
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump(rules))
     result = promtool("check", "rules", str(path), cwd=tmp_path)
@@ -118,9 +132,15 @@ def test_dashboard_json_is_a_provisioned_grafana_board() -> None:
         assert grid["w"] > 0 and grid["h"] > 0 and grid["x"] + grid["w"] <= 24, panel["title"]
         assert panel["targets"] and all(t["expr"].strip() for t in panel["targets"]), panel["title"]
     exprs = " ".join(dashboard_expressions().values())
-    for needed in ("radialog_instances_received_total", "radialog_job_stage_seconds_bucket", "radialog_queue_depth",
-                   "radialog_engine_slots", 'radialog_dialog_turn_seconds_bucket{phase="first"}',
-                   'radialog_exports{state="PENDING"}', "radialog_job_failures_total"):
+    for needed in (
+        "radialog_instances_received_total",
+        "radialog_job_stage_seconds_bucket",
+        "radialog_queue_depth",
+        "radialog_engine_slots",
+        'radialog_dialog_turn_seconds_bucket{phase="first"}',
+        'radialog_exports{state="PENDING"}',
+        "radialog_job_failures_total",
+    ):
         assert needed in exprs, needed  # what the issue asks the board to show
     provider = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "radialog.yml").read_text())
     (entry,) = provider["providers"]
@@ -137,8 +157,14 @@ def _families(text: str) -> dict[str, tuple[set[str], set[str]]]:
     """Sample name -> (the family's type, label names seen) from a Prometheus text exposition, with the
     sample names a family has even before its first observation (``_total``, ``_bucket``, ...)."""
     out: dict[str, tuple[set[str], set[str]]] = {}
-    suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"],
-                "summary": ["_sum", "_count", "_created", ""], "gauge": [""], "untyped": [""], "info": ["_info"]}
+    suffixes = {
+        "counter": ["_total", "_created"],
+        "histogram": ["_bucket", "_sum", "_count", "_created"],
+        "summary": ["_sum", "_count", "_created", ""],
+        "gauge": [""],
+        "untyped": [""],
+        "info": ["_info"],
+    }
     for family in text_string_to_metric_families(text):
         labels = {key for sample in family.samples for key in sample.labels}
         names = {family.name + suffix for suffix in suffixes.get(family.type, [""])}
@@ -163,15 +189,18 @@ def exposition(sqlite_registry: Registry, settings: Settings, tiny_model: tuple[
         api_text = client.get("/metrics").text
     worker = CollectorRegistry()
     worker.register(QueueDepthCollector(api_settings))
-    register_engine(Engine(load_radialog_v2(*tiny_model, device="cpu"), EngineConfig(report_slots=2, dialog_slots=1)),
-                    worker)
+    register_engine(
+        Engine(load_radialog_v2(*tiny_model, device="cpu"), EngineConfig(report_slots=2, dialog_slots=1)), worker
+    )
     text = generate_latest(REGISTRY).decode() + generate_latest(worker).decode()
     return {**_families(text), **_families(api_text)}
 
 
 def test_every_metric_of_the_rules_and_the_board_is_exported(exposition: dict) -> None:
-    used = {**{f"rule {k}": v for k, v in rule_expressions().items()},
-            **{f"panel {k}": v for k, v in dashboard_expressions().items()}}
+    used = {
+        **{f"rule {k}": v for k, v in rule_expressions().items()},
+        **{f"panel {k}": v for k, v in dashboard_expressions().items()},
+    }
     missing = {where: name for where, expr in used.items() for name in METRIC.findall(expr) if name not in exposition}
     assert missing == {}, f"metrics used but not exported: {missing}"
     for where, expr in used.items():

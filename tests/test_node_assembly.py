@@ -23,8 +23,14 @@ from tests.support.polling import wait_for
 def _receive(registry: Registry, study_uid: str, at: datetime, **kw: Any) -> int:
     ds = make_cxr(rows=16, cols=16, study_uid=study_uid, **kw)
     with registry.session() as session:
-        _, instance_id = record_instance(session, header_of(ds), rel_path=f"{study_uid}/{ds.SOPInstanceUID}.dcm",
-                                         size_bytes=1, calling_ae_title="T", now=at)
+        _, instance_id = record_instance(
+            session,
+            header_of(ds),
+            rel_path=f"{study_uid}/{ds.SOPInstanceUID}.dcm",
+            size_bytes=1,
+            calling_ae_title="T",
+            now=at,
+        )
     return instance_id
 
 
@@ -49,7 +55,10 @@ def test_quiet_study_is_queued_with_its_frontal_image(settings: Settings, regist
     assert moved == {study.id: StudyState.QUEUED} and queued == [study.id]
     assert study.state == StudyState.QUEUED.value and study.selected_instance_id == pa
     assert [(e.from_state, e.to_state) for e in study.events] == [
-        (None, "RECEIVING"), ("RECEIVING", "STABLE"), ("STABLE", "QUEUED")]
+        (None, "RECEIVING"),
+        ("RECEIVING", "STABLE"),
+        ("STABLE", "QUEUED"),
+    ]
     assert assembler.tick(t0 + timedelta(seconds=60)) == {}, "assembly is done once"
 
 
@@ -76,8 +85,9 @@ def test_not_a_chest_is_skipped_with_the_body_part(settings: Settings, registry:
     assert (study.state, study.reason) == ("SKIPPED", "no chest image: body part KNEE")
 
 
-def test_late_instance_for_queued_study_is_recorded_without_reopening(settings: Settings,
-                                                                       sqlite_registry: Registry) -> None:
+def test_late_instance_for_queued_study_is_recorded_without_reopening(
+    settings: Settings, sqlite_registry: Registry
+) -> None:
     uid, t0 = generate_uid(), utcnow()
     _receive(sqlite_registry, uid, t0)
     StudyAssembler(sqlite_registry, settings).tick(t0 + timedelta(seconds=10))
@@ -88,8 +98,7 @@ def test_late_instance_for_queued_study_is_recorded_without_reopening(settings: 
     assert study.state == StudyState.QUEUED.value
 
 
-def test_instance_arriving_during_assembly_keeps_study_receiving(settings: Settings,
-                                                                 sqlite_registry: Registry) -> None:
+def test_instance_arriving_during_assembly_keeps_study_receiving(settings: Settings, sqlite_registry: Registry) -> None:
     """The assembler re-reads last_instance_at after taking the row: a fresh instance wins."""
     uid, t0 = generate_uid(), utcnow()
     _receive(sqlite_registry, uid, t0)
@@ -120,8 +129,9 @@ def test_running_node_queues_a_received_study(settings: Settings, registry: Regi
 
     uid = generate_uid()
     with running_node(settings, registry, enqueue=enqueue, assembler_interval=0.1) as node:
-        statuses = store_all(node.port, [make_cxr(rows=32, cols=32, study_uid=uid, view_position=v)
-                                         for v in ("LL", "PA")])
+        statuses = store_all(
+            node.port, [make_cxr(rows=32, cols=32, study_uid=uid, view_position=v) for v in ("LL", "PA")]
+        )
         assert statuses == [0, 0]
         assert done.wait(60), "the assembler did not queue the study"
     study = _study(registry, uid)
@@ -132,6 +142,10 @@ def test_overdue_studies_move_on_after_restart(settings: Settings, sqlite_regist
     uid = generate_uid()
     _receive(sqlite_registry, uid, utcnow() - timedelta(hours=1))  # received before a crash
     with running_node(settings, sqlite_registry, assembler_interval=0.05):
-        wait_for(lambda: _study(sqlite_registry, uid).state != "RECEIVING", what="the overdue study moved on",
-                 timeout=30, interval=0.05)
+        wait_for(
+            lambda: _study(sqlite_registry, uid).state != "RECEIVING",
+            what="the overdue study moved on",
+            timeout=30,
+            interval=0.05,
+        )
     assert _study(sqlite_registry, uid).state == StudyState.QUEUED.value

@@ -47,8 +47,7 @@ def _close_all(socks: list[socket.socket]) -> None:
         sock.close()
 
 
-def test_partial_pdus_and_bare_connects_hold_no_association_slot(settings: Settings,
-                                                                 sqlite_registry: Registry) -> None:
+def test_partial_pdus_and_bare_connects_hold_no_association_slot(settings: Settings, sqlite_registry: Registry) -> None:
     """50 connections with 3 bytes of an A-ASSOCIATE-RQ and 20 silent ones, max_associations 2: a
     modality still associates and stores (before: 'Local Limit Exceeded' until the peers gave up)."""
     two = settings.model_copy(update={"max_associations": 2})
@@ -63,10 +62,12 @@ def test_partial_pdus_and_bare_connects_hold_no_association_slot(settings: Setti
             _close_all(partial + silent)
 
 
-@pytest.mark.parametrize("payload", [b"", associate_rq()[:3], associate_rq()[:-10]],
-                         ids=["silent", "3 bytes", "all but 10 bytes"])
-def test_connection_without_association_request_is_closed(settings: Settings, sqlite_registry: Registry,
-                                                          payload: bytes) -> None:
+@pytest.mark.parametrize(
+    "payload", [b"", associate_rq()[:3], associate_rq()[:-10]], ids=["silent", "3 bytes", "all but 10 bytes"]
+)
+def test_connection_without_association_request_is_closed(
+    settings: Settings, sqlite_registry: Registry, payload: bytes
+) -> None:
     """Within acse_timeout of the accept, whatever the peer sent (before: a partial PDU blocked its
     reader in recv forever)."""
     fast = settings.model_copy(update={"acse_timeout": 1.0})
@@ -94,8 +95,9 @@ def test_slow_sender_is_closed_at_pdu_timeout(settings: Settings, sqlite_registr
 
 
 @pytest.mark.parametrize("associated", [False, True], ids=["before association", "P-DATA-TF"])
-def test_declared_length_beyond_limit_is_aborted_unread(settings: Settings, sqlite_registry: Registry,
-                                                       associated: bool) -> None:
+def test_declared_length_beyond_limit_is_aborted_unread(
+    settings: Settings, sqlite_registry: Registry, associated: bool
+) -> None:
     """A PDU declaring 300 MB gets an A-ABORT at once, nothing of it is read (before: pynetdicom read
     whatever came of the 300 MB into memory and waited for the rest)."""
     with running_node(settings, sqlite_registry) as node:
@@ -204,8 +206,9 @@ def test_disk_floor_holds_while_data_arrive(settings: Settings, quiet_disk: Path
     spool_dir = quiet_disk / "var" / "spool"
     spool_dir.mkdir(parents=True)
     headroom = 24 * 1024 * 1024
-    near_full = settings.model_copy(update={"data_dir": quiet_disk / "var",
-                                            "min_free_bytes": shutil.disk_usage(spool_dir).free - headroom})
+    near_full = settings.model_copy(
+        update={"data_dir": quiet_disk / "var", "min_free_bytes": shutil.disk_usage(spool_dir).free - headroom}
+    )
     registry = Registry.from_settings(near_full)
     largest = [0]
     stop = threading.Event()
@@ -237,11 +240,19 @@ def test_disk_floor_holds_while_data_arrive(settings: Settings, quiet_disk: Path
     assert not list((spool_dir / ".incoming").iterdir())
 
 
-@pytest.mark.parametrize(("sop_instance", "dataset"), [
-    (None, b"present"), ("", b"present"), ("1.2.3.4", None), ("1.2.3.4", b""),
-], ids=["no SOP Instance UID", "empty SOP Instance UID", "no data set", "empty data set"])
-def test_unusable_store_requests_are_answered(settings: Settings, sqlite_registry: Registry,
-                                              sop_instance: str | None, dataset: bytes | None) -> None:
+@pytest.mark.parametrize(
+    ("sop_instance", "dataset"),
+    [
+        (None, b"present"),
+        ("", b"present"),
+        ("1.2.3.4", None),
+        ("1.2.3.4", b""),
+    ],
+    ids=["no SOP Instance UID", "empty SOP Instance UID", "no data set", "empty data set"],
+)
+def test_unusable_store_requests_are_answered(
+    settings: Settings, sqlite_registry: Registry, sop_instance: str | None, dataset: bytes | None
+) -> None:
     """0xC000 at once (before: pynetdicom dropped the request and the sender waited for its timeout)."""
     data = _dataset_bytes(make_cxr(rows=32, cols=32)) if dataset == b"present" else dataset
     with running_node(settings, sqlite_registry) as node:
@@ -284,8 +295,9 @@ def test_values_the_database_refuses_leave_no_file(settings: Settings) -> None:
     with contextmanager(_pg_schema_registry)() as registry:
         with registry.engine.begin() as conn:
             conn.exec_driver_sql("ALTER TABLE studies ALTER COLUMN patient_id TYPE varchar(2)")
-            conn.exec_driver_sql("ALTER TABLE studies ADD CONSTRAINT no_refuse "
-                                 "CHECK (study_description IS DISTINCT FROM 'REFUSE ME')")
+            conn.exec_driver_sql(
+                "ALTER TABLE studies ADD CONSTRAINT no_refuse CHECK (study_description IS DISTINCT FROM 'REFUSE ME')"
+            )
         checked = make_cxr(rows=64, cols=64)
         checked.PatientID, checked.StudyDescription = "A", "REFUSE ME"
         with running_node(settings, registry) as node:

@@ -27,8 +27,9 @@ from tests.support.dicom_peers import echo, scu, store_all
 from tests.support.node import running_node, wait_idle
 
 
-def test_called_and_calling_ae_titles(settings: Settings, sqlite_registry: Registry,
-                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_called_and_calling_ae_titles(
+    settings: Settings, sqlite_registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
     strict = settings.model_copy(update={"allowed_calling_aets": ["MODALITY1"]})
     with caplog.at_level(logging.WARNING), running_node(strict, sqlite_registry) as node:
         assert echo(node.port, calling="MODALITY1")
@@ -49,8 +50,13 @@ def test_address_allow_list(settings: Settings, sqlite_registry: Registry, caplo
 
 
 def test_unsupported_sop_classes_rejected_at_negotiation(settings: Settings, sqlite_registry: Registry) -> None:
-    ae = scu([(ComputedRadiographyImageStorage, ExplicitVRLittleEndian), (CTImageStorage, ExplicitVRLittleEndian),
-              (DigitalMammographyXRayImageStorageForPresentation, ExplicitVRLittleEndian)])
+    ae = scu(
+        [
+            (ComputedRadiographyImageStorage, ExplicitVRLittleEndian),
+            (CTImageStorage, ExplicitVRLittleEndian),
+            (DigitalMammographyXRayImageStorageForPresentation, ExplicitVRLittleEndian),
+        ]
+    )
     with running_node(settings, sqlite_registry) as node:
         assoc = ae.associate("127.0.0.1", node.port, ae_title="RADIALOG")
         assert assoc.is_established
@@ -79,15 +85,19 @@ def _associate_rq_pdu(called: bytes = b"RADIALOG") -> bytes:
     return struct.pack(">BBL", 0x01, 0, len(body)) + body
 
 
-@pytest.mark.parametrize("payload", [
-    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-    bytes(range(256)) * 64,
-    b"\x04\x00\xff\xff\xff\xff" + b"x" * 100,  # P-DATA claiming 4 GB before any association
-    b"\x01\x00\x00\x00\x00\x10",  # truncated A-ASSOCIATE-RQ
-    b"",  # connect and close at once
-])
-def test_garbage_on_the_socket_leaves_node_serving(settings: Settings, sqlite_registry: Registry,
-                                                   payload: bytes) -> None:
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        bytes(range(256)) * 64,
+        b"\x04\x00\xff\xff\xff\xff" + b"x" * 100,  # P-DATA claiming 4 GB before any association
+        b"\x01\x00\x00\x00\x00\x10",  # truncated A-ASSOCIATE-RQ
+        b"",  # connect and close at once
+    ],
+)
+def test_garbage_on_the_socket_leaves_node_serving(
+    settings: Settings, sqlite_registry: Registry, payload: bytes
+) -> None:
     fast = settings.model_copy(update={"network_timeout": 2.0, "acse_timeout": 2.0})
     with running_node(fast, sqlite_registry) as node:
         with socket.create_connection(("127.0.0.1", node.port)) as sock:
@@ -103,19 +113,22 @@ def test_garbage_on_the_socket_leaves_node_serving(settings: Settings, sqlite_re
         assert store_all(node.port, [make_cxr(rows=32, cols=32)]) == [0]
 
 
-def test_aborted_associations_leave_node_serving(tmp_path: Path, settings: Settings,
-                                                sqlite_registry: Registry) -> None:
+def test_aborted_associations_leave_node_serving(tmp_path: Path, settings: Settings, sqlite_registry: Registry) -> None:
     ds = make_cxr(rows=512, cols=512)
     big = save(make_cxr(rows=2048, cols=2048), tmp_path, "big")
     with running_node(settings, sqlite_registry) as node:
         for _ in range(3):
             assoc = scu([(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)]).associate(
-                "127.0.0.1", node.port, ae_title="RADIALOG")
+                "127.0.0.1", node.port, ae_title="RADIALOG"
+            )
             assert assoc.is_established
             assoc.abort()
         # A sender killed while it streams an 8 MB dataset (wherever the kill lands, the node must go on).
-        sender = subprocess.Popen(["storescu", "-aec", "RADIALOG", "127.0.0.1", str(node.port)] + [str(big)] * 20,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sender = subprocess.Popen(
+            ["storescu", "-aec", "RADIALOG", "127.0.0.1", str(node.port)] + [str(big)] * 20,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         while node.store.stored == 0 and sender.poll() is None:
             time.sleep(0.01)
         sender.kill()
@@ -128,16 +141,37 @@ def test_aborted_associations_leave_node_serving(tmp_path: Path, settings: Setti
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
     cert, key = directory / "node.crt", directory / "node.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return cert, key
 
 
 def test_tls(tmp_path: Path, settings: Settings, sqlite_registry: Registry) -> None:
     cert, key = _self_signed(tmp_path)
-    secure = settings.model_copy(update={"tls": TLSSettings(certfile=cert, keyfile=key, ca_file=cert,
-                                                            require_client_cert=True)})
+    secure = settings.model_copy(
+        update={"tls": TLSSettings(certfile=cert, keyfile=key, ca_file=cert, require_client_cert=True)}
+    )
     client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
     client.load_cert_chain(str(cert), str(key))
     no_client_cert = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
@@ -151,8 +185,9 @@ def test_tls(tmp_path: Path, settings: Settings, sqlite_registry: Registry) -> N
         anonymous = AE("TESTSCU")
         anonymous.add_requested_context("1.2.840.10008.1.1")
         try:
-            refused = anonymous.associate("127.0.0.1", node.port, ae_title="RADIALOG",
-                                          tls_args=(no_client_cert, "localhost"))
+            refused = anonymous.associate(
+                "127.0.0.1", node.port, ae_title="RADIALOG", tls_args=(no_client_cert, "localhost")
+            )
             assert not refused.is_established
         except (ssl.SSLError, OSError):
             pass
@@ -174,9 +209,12 @@ def test_a_silent_client_cannot_stop_a_tls_node(tmp_path: Path, settings: Settin
     import socket
 
     cert, key = _self_signed(tmp_path)
-    secure = settings.model_copy(update={"acse_timeout": 30.0,
-                                         "tls": TLSSettings(certfile=cert, keyfile=key, ca_file=cert,
-                                                            require_client_cert=True)})
+    secure = settings.model_copy(
+        update={
+            "acse_timeout": 30.0,
+            "tls": TLSSettings(certfile=cert, keyfile=key, ca_file=cert, require_client_cert=True),
+        }
+    )
     client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
     client.load_cert_chain(str(cert), str(key))
     with running_node(secure, sqlite_registry) as node:

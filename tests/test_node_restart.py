@@ -26,8 +26,9 @@ from tests.support.node import running_node
 from tests.support.processes import radialog_env, radialog_process
 
 
-def test_recovery_removes_temp_files_and_records_orphans(tmp_path: Path, settings: Settings,
-                                                          sqlite_registry: Registry) -> None:
+def test_recovery_removes_temp_files_and_records_orphans(
+    tmp_path: Path, settings: Settings, sqlite_registry: Registry
+) -> None:
     orphan = make_cxr(rows=32, cols=32)
     source = save(orphan, tmp_path, "orphan")
     # A crash between rename and registry commit leaves a complete file the registry does not know ...
@@ -51,8 +52,14 @@ def test_recovery_removes_temp_files_and_records_orphans(tmp_path: Path, setting
 @contextmanager
 def node_process(settings: Settings, log: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """``radialog node --port 0`` as a separate process (output in ``log``); yields it and the port it logged."""
-    env = radialog_env({"RADIALOG_DATA_DIR": settings.data_dir, "RADIALOG_MIN_FREE_BYTES": 0,
-                        "RADIALOG_STABLE_AFTER": 3600, "RADIALOG_DICOM_HOST": "127.0.0.1"})
+    env = radialog_env(
+        {
+            "RADIALOG_DATA_DIR": settings.data_dir,
+            "RADIALOG_MIN_FREE_BYTES": 0,
+            "RADIALOG_STABLE_AFTER": 3600,
+            "RADIALOG_DICOM_HOST": "127.0.0.1",
+        }
+    )
     node = radialog_process(log.stem, ["node", "--port", "0", "--no-enqueue"], env, log.parent)
     try:
         line = node.wait_for_output(r'.*"node listening".*')
@@ -64,8 +71,9 @@ def node_process(settings: Settings, log: Path) -> Iterator[tuple[subprocess.Pop
 @pytest.mark.slow
 def test_sigkill_mid_send_loses_no_acknowledged_instance(tmp_path: Path, settings: Settings) -> None:
     study = generate_uid()
-    files = [save(make_cxr(rows=1536, cols=1536, study_uid=study, seed=i), tmp_path / "src", f"f{i:02d}")
-             for i in range(16)]
+    files = [
+        save(make_cxr(rows=1536, cols=1536, study_uid=study, seed=i), tmp_path / "src", f"f{i:02d}") for i in range(16)
+    ]
     acknowledged: list[Path] = []
     with node_process(settings, tmp_path / "node1.log") as (proc, port):
         ae = scu([(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)])
@@ -107,8 +115,13 @@ def test_sigkill_mid_send_loses_no_acknowledged_instance(tmp_path: Path, setting
 def test_cli_node_serves_and_stops_on_sigterm(tmp_path: Path, settings: Settings) -> None:
     log = tmp_path / "node.log"
     with node_process(settings, log) as (proc, port):
-        run = subprocess.run(["echoscu", "-aec", "RADIALOG", "127.0.0.1", str(port)], check=False,
-                             capture_output=True, text=True, timeout=60)
+        run = subprocess.run(
+            ["echoscu", "-aec", "RADIALOG", "127.0.0.1", str(port)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert run.returncode == 0, run.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

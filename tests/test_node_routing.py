@@ -39,8 +39,11 @@ def _study(registry: Registry, uid: str) -> Study | None:
 
 
 def _settled(registry: Registry, uid: str) -> Study:
-    return wait_for(lambda: (s := _study(registry, uid)) is not None and s.state in ("QUEUED", "SKIPPED") and s,
-                    timeout=30, what="study assembled")
+    return wait_for(
+        lambda: (s := _study(registry, uid)) is not None and s.state in ("QUEUED", "SKIPPED") and s,
+        timeout=30,
+        what="study assembled",
+    )
 
 
 def test_rules_decide_at_assembly_with_the_store_priority_captured(settings: Settings, registry: Registry) -> None:
@@ -70,8 +73,9 @@ def test_rules_decide_at_assembly_with_the_store_priority_captured(settings: Set
     assert "PatientBirthDate" not in str(stored) and "patient_birth" not in str(stored)
 
 
-def test_trusted_router_completes_on_release_and_a_late_instance_reopens(settings: Settings,
-                                                                          registry: Registry) -> None:
+def test_trusted_router_completes_on_release_and_a_late_instance_reopens(
+    settings: Settings, registry: Registry
+) -> None:
     settings = settings.model_copy(update={"stable_after": 3600.0, "trusted_routers": ["ROUTER"]})
     queued: list[int] = []
     study_uid = make_cxr().StudyInstanceUID
@@ -82,7 +86,8 @@ def test_trusted_router_completes_on_release_and_a_late_instance_reopens(setting
         _send(node.port, [frontal, lateral], calling="ROUTER")
         study = _settled(registry, study_uid)
         assert study.state == "QUEUED" and "trusted router released" in " ".join(
-            e for e in _reasons(registry, study.id))
+            e for e in _reasons(registry, study.id)
+        )
         assert queued == [study.id]
 
         _send(node.port, [other], calling="MODALITY")  # not trusted: waits for the (hour-long) quiet window

@@ -31,8 +31,15 @@ from tests.support.dicom_files import dataset_bytes, save
 from tests.support.dicom_peers import echo, store_all
 from tests.support.node import running_node
 
-ENCODED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless,
-           JPEG2000Lossless, JPEG2000, JPEGLSLossless]
+ENCODED = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    RLELossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    JPEGLSLossless,
+]
 #: No encoder for these in pydicom: the frame bytes are placeholders, which is fine because the node
 #: stores what arrives without decoding it (the worker reports unreadable pixels, not the node).
 PLACEHOLDER = [JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSNearLossless]
@@ -53,8 +60,9 @@ def _instance(syntax: str, study_uid: str, seed: int) -> object:
     return ds
 
 
-def test_every_transfer_syntax_stored_as_received(tmp_path: Path, settings: Settings,
-                                                  sqlite_registry: Registry) -> None:
+def test_every_transfer_syntax_stored_as_received(
+    tmp_path: Path, settings: Settings, sqlite_registry: Registry
+) -> None:
     study = generate_uid()
     files = [save(_instance(ts, study, i), tmp_path / "src", f"i{i}") for i, ts in enumerate(ENCODED + PLACEHOLDER)]
     files.append(save(to_jpeg_baseline(make_cxr(rows=256, cols=256, study_uid=study)), tmp_path / "src", "jpeg"))
@@ -76,8 +84,9 @@ def test_every_transfer_syntax_stored_as_received(tmp_path: Path, settings: Sett
 
 
 def test_records_study_instance_and_attributes(settings: Settings, registry: Registry) -> None:
-    ds = make_cxr(modality="DX", rows=128, cols=96, view_position="AP", laterality="U",
-                  series_description="Thorax AP liegend")
+    ds = make_cxr(
+        modality="DX", rows=128, cols=96, view_position="AP", laterality="U", series_description="Thorax AP liegend"
+    )
     with running_node(settings, registry) as node:
         assert store_all(node.port, [ds]) == [0]
     with registry.session() as session:
@@ -170,12 +179,21 @@ def test_dcmtk_storescu(tmp_path: Path, settings: Settings, sqlite_registry: Reg
     files = [save(make_cxr(rows=128, cols=128, study_uid=study, seed=i), tmp_path, f"f{i}") for i in range(3)]
     files.append(save(to_jpeg_baseline(make_cxr(rows=128, cols=128, study_uid=study)), tmp_path, "jpeg"))
     with running_node(settings, sqlite_registry) as node:
-        echo_run = subprocess.run(["echoscu", "-aec", "RADIALOG", "127.0.0.1", str(node.port)],
-                                  check=False, capture_output=True, text=True, timeout=60)
+        echo_run = subprocess.run(
+            ["echoscu", "-aec", "RADIALOG", "127.0.0.1", str(node.port)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert echo_run.returncode == 0, echo_run.stderr
-        run = subprocess.run(["storescu", "-v", "-xy", "-aec", "RADIALOG", "127.0.0.1", str(node.port),
-                              *map(str, files)],
-                             check=False, capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            ["storescu", "-v", "-xy", "-aec", "RADIALOG", "127.0.0.1", str(node.port), *map(str, files)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert node.store.streamed == len(files)
     assert run.returncode == 0, run.stderr
     assert (run.stdout + run.stderr).count("Received Store Response (Success)") == len(files)

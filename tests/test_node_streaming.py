@@ -10,12 +10,15 @@ import pytest
 from dicom_node.streaming import IncomingStreams, _Stream
 
 
-@pytest.mark.parametrize(("change", "same"), [
-    (None, True),
-    ("first byte", False),
-    ("last byte", False),
-    ("middle fragment doubled", False),
-])
+@pytest.mark.parametrize(
+    ("change", "same"),
+    [
+        (None, True),
+        ("first byte", False),
+        ("last byte", False),
+        ("middle fragment doubled", False),
+    ],
+)
 def test_sampled_comparison(tmp_path: Path, change: str | None, same: bool) -> None:
     data = bytearray(os.urandom(3 * 1024 * 1024 + 17))
     on_disk = bytearray(data)
@@ -24,7 +27,7 @@ def test_sampled_comparison(tmp_path: Path, change: str | None, same: bool) -> N
     elif change == "last byte":
         on_disk[-1] ^= 1
     elif change == "middle fragment doubled":  # same length, content shifted after 1 MB
-        on_disk[1 << 20:] = on_disk[(1 << 20) - 16384:len(on_disk) - 16384]
+        on_disk[1 << 20 :] = on_disk[(1 << 20) - 16384 : len(on_disk) - 16384]
     path = tmp_path / "x.part"
     path.write_bytes(b"H" * 200 + on_disk)
     fd = os.open(path, os.O_RDONLY)

@@ -21,18 +21,23 @@ from tests.support.processes import Process, radialog_env
 from tests.test_ops_page import check_ops_page
 from tests.test_page import give_verdicts, signed_in
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200),
-              pytest.mark.skipif(not orthanc_available(), reason="needs Debian's orthanc + orthanc-python")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(1200),
+    pytest.mark.skipif(not orthanc_available(), reason="needs Debian's orthanc + orthanc-python"),
+]
 
 
 class Demo(Process):
     """`radialog demo --serve` in a subprocess, its output in ``<tmp_path>/demo.log``."""
 
     def __init__(self, tmp_path: Path) -> None:
-        env = radialog_env({"RADIALOG_DATA_DIR": tmp_path / "var",
-                            "RADIALOG_BROKER_URL": redis_url(__name__)})  # the demo uses its own database there
-        super().__init__("demo", [sys.executable, "-m", "composition.cli", "demo", "--serve", "--timeout", "600"],
-                         env, tmp_path)
+        env = radialog_env(
+            {"RADIALOG_DATA_DIR": tmp_path / "var", "RADIALOG_BROKER_URL": redis_url(__name__)}
+        )  # the demo uses its own database there
+        super().__init__(
+            "demo", [sys.executable, "-m", "composition.cli", "demo", "--serve", "--timeout", "600"], env, tmp_path
+        )
 
     @property
     def lines(self) -> list[str]:

@@ -29,12 +29,17 @@ def page_settings(settings: Settings) -> Settings:
 
 
 def test_checklist_prefills_from_the_text_and_the_stored_verdicts_are_those_on_screen(
-        page_settings: Settings, sqlite_registry: Registry) -> None:
+    page_settings: Settings, sqlite_registry: Registry
+) -> None:
     from playwright.sync_api import expect
 
     keys = make_keys(sqlite_registry)
-    study = add_reported_study(sqlite_registry, page_settings, findings_text="Small left pleural effusion. No pneumothorax.",
-                               present=(EFFUSION, "Pneumothorax"))
+    study = add_reported_study(
+        sqlite_registry,
+        page_settings,
+        findings_text="Small left pleural effusion. No pneumothorax.",
+        present=(EFFUSION, "Pneumothorax"),
+    )
     with api_server(page_settings, sqlite_registry) as base, signed_in(base, keys["rad"]) as page:
         page.locator(f'#worklist tr[data-study-id="{study}"]').click()
         rows = page.locator("#checklist tbody tr")
@@ -66,7 +71,11 @@ def test_checklist_prefills_from_the_text_and_the_stored_verdicts_are_those_on_s
     assert len(verdicts) == 14
     assert (verdicts[EFFUSION].agree, verdicts[EFFUSION].suggested) == (True, "agree")
     assert (verdicts["Pneumothorax"].agree, verdicts["Pneumothorax"].radiologist_present) == (False, False)
-    assert (verdicts["Edema"].agree, verdicts["Edema"].radiologist_present, verdicts["Edema"].suggested) == (False, True, None)
+    assert (verdicts["Edema"].agree, verdicts["Edema"].radiologist_present, verdicts["Edema"].suggested) == (
+        False,
+        True,
+        None,
+    )
     assert all(v.agree for label, v in verdicts.items() if label not in {"Pneumothorax", "Edema"})
 
 
@@ -78,8 +87,9 @@ def test_a_model_without_classifier_is_signed_on_its_text(page_settings: Setting
 
     keys = make_keys(sqlite_registry)
     study, _ = add_study(sqlite_registry, page_settings, state=StudyState.RUNNING)
-    output = ReportOutput(key="x", findings_text="The lungs are clear.", findings=[], findings_phrase="",
-                          generated_tokens=5, timings={})
+    output = ReportOutput(
+        key="x", findings_text="The lungs are clear.", findings=[], findings_phrase="", generated_tokens=5, timings={}
+    )
     with sqlite_registry.session() as s:
         create_ai_draft(s, page_settings, study, output, Provenance("XrayGPT", "1.0-test", "1" * 64, tiny=True))
     with api_server(page_settings, sqlite_registry) as base, signed_in(base, keys["rad"]) as page:
@@ -107,8 +117,12 @@ def check_ops_page(page: Any, base: str, admin_key: str, screenshot: str) -> dic
     expected = {(h["hour"], s): n for h in overview["studies_per_hour"] for s, n in h["counts"].items()}
     segments = page.locator("#chart-studies rect.seg")
     expect(segments).to_have_count(len(expected))
-    shown = {(r["hour"], r["state"]): int(r["value"]) for r in segments.evaluate_all(
-        "rs => rs.map(r => ({hour: r.dataset.hour, state: r.dataset.state, value: r.dataset.value}))")}
+    shown = {
+        (r["hour"], r["state"]): int(r["value"])
+        for r in segments.evaluate_all(
+            "rs => rs.map(r => ({hour: r.dataset.hour, state: r.dataset.state, value: r.dataset.value}))"
+        )
+    }
     assert {(_iso(h), s): n for (h, s), n in shown.items()} == {(_iso(h), s): n for (h, s), n in expected.items()}
     for state in overview["states"]:
         total = sum(h["counts"].get(state, 0) for h in overview["studies_per_hour"])
@@ -130,25 +144,36 @@ def check_ops_page(page: Any, base: str, admin_key: str, screenshot: str) -> dic
         expect(page.locator("#chart-workers")).to_contain_text("No worker ready")
     for row in overview["not_reported"]:
         values = page.locator(f'#chart-reasons rect[data-kind="study"][data-state="{row["state"]}"]').evaluate_all(
-            "rs => rs.map(r => [r.dataset.reason, r.dataset.value])")
+            "rs => rs.map(r => [r.dataset.reason, r.dataset.value])"
+        )
         assert [row["reason"], str(row["count"])] in values
     for row in overview["dead_exports"]:
         values = page.locator('#chart-reasons rect[data-kind="export"]').evaluate_all(
-            "rs => rs.map(r => [r.dataset.destination, r.dataset.reason, r.dataset.value])")
+            "rs => rs.map(r => [r.dataset.destination, r.dataset.reason, r.dataset.value])"
+        )
         assert [row["destination"], row["reason"], str(row["count"])] in values
     e = overview["exports"]
     expect(page.locator("#chart-reasons text[data-outbox]")).to_have_text(
-        f"outbox: {e['PENDING']} pending · {e['SENT']} sent · {e['DEAD']} dead")
+        f"outbox: {e['PENDING']} pending · {e['SENT']} sent · {e['DEAD']} dead"
+    )
     # drafts unchanged vs edited, agreement over time, per-finding accuracy
     drafts = agreement["drafts"]
     assert page.locator("#chart-drafts rect.unchanged").get_attribute("data-value") == str(drafts["unchanged"])
     assert page.locator("#chart-drafts rect.edited").get_attribute("data-value") == str(drafts["edited"])
     expect(page.locator("#chart-drafts text[data-approved]")).to_contain_text(
-        f"{drafts['unchanged']} unchanged · {drafts['edited']} edited of {drafts['approved']}")
-    cells = {(c["label"], c["period"]): (int(c["agree"]), int(c["n"])) for c in page.locator("#chart-agreement rect.cell")
-             .evaluate_all("cs => cs.map(c => ({label: c.dataset.label, period: c.dataset.period, agree: c.dataset.agree, n: c.dataset.n}))")}
-    assert cells == {(label, t["period"]): (cell["agree"], cell["n"])
-                     for t in agreement["timeline"] for label, cell in t["findings"].items()}
+        f"{drafts['unchanged']} unchanged · {drafts['edited']} edited of {drafts['approved']}"
+    )
+    cells = {
+        (c["label"], c["period"]): (int(c["agree"]), int(c["n"]))
+        for c in page.locator("#chart-agreement rect.cell").evaluate_all(
+            "cs => cs.map(c => ({label: c.dataset.label, period: c.dataset.period, agree: c.dataset.agree, n: c.dataset.n}))"
+        )
+    }
+    assert cells == {
+        (label, t["period"]): (cell["agree"], cell["n"])
+        for t in agreement["timeline"]
+        for label, cell in t["findings"].items()
+    }
     for finding in agreement["findings"]:
         for measure in ("sensitivity", "specificity", "ppv"):
             p = finding[measure]
@@ -159,8 +184,7 @@ def check_ops_page(page: Any, base: str, admin_key: str, screenshot: str) -> dic
             assert float(point.get_attribute("data-value")) == p["value"]
             assert [float(point.get_attribute("data-low")), float(point.get_attribute("data-high"))] == p["ci95"]
             text = page.locator(f'#chart-findings text[data-label="{finding["label"]}"][data-measure="{measure}"]')
-            expect(text).to_have_text(
-                f"{p['value']:.2f} ({p['ci95'][0]:.2f}–{p['ci95'][1]:.2f}) {p['k']}/{p['n']}")
+            expect(text).to_have_text(f"{p['value']:.2f} ({p['ci95'][0]:.2f}–{p['ci95'][1]:.2f}) {p['k']}/{p['n']}")
     page.screenshot(path=str(ARTIFACTS / screenshot), full_page=True)
     return {"overview": overview, "agreement": agreement}
 
@@ -187,32 +211,76 @@ def test_operations_page_draws_the_apis_figures(page_settings: Settings, sqlite_
     from api.app import create_app
 
     keys = make_keys(sqlite_registry)
-    reported = [add_reported_study(sqlite_registry, page_settings, index=i,
-                                   present=(EFFUSION,) if i % 2 == 0 else ()) for i in range(4)]
+    reported = [
+        add_reported_study(sqlite_registry, page_settings, index=i, present=(EFFUSION,) if i % 2 == 0 else ())
+        for i in range(4)
+    ]
     add_study(sqlite_registry, page_settings, state=StudyState.SKIPPED, index=8, reason="lateral view only")
-    add_study(sqlite_registry, page_settings, state=StudyState.FAILED, index=9, reason="unreadable pixels: JPEG 2000 decoder")
+    add_study(
+        sqlite_registry, page_settings, state=StudyState.FAILED, index=9, reason="unreadable pixels: JPEG 2000 decoder"
+    )
     with sqlite_registry.session() as s:
         draft = s.scalars(select(Report).where(Report.study_id == reported[0])).one()
-        s.add(Export(report_id=draft.id, destination="pacs", state="DEAD", attempts=40,
-                     last_error="C-STORE refused: 0xA700", created_at=utcnow()))
+        s.add(
+            Export(
+                report_id=draft.id,
+                destination="pacs",
+                state="DEAD",
+                attempts=40,
+                last_error="C-STORE refused: 0xA700",
+                created_at=utcnow(),
+            )
+        )
         s.commit()
     client = TestClient(create_app(page_settings, sqlite_registry))
     rad = {"Authorization": f"Bearer {keys['rad']}"}
     for i, study in enumerate(reported[:3]):  # three approvals: agree, then a disagreement, one edited
         if i == 2:
-            assert client.post(f"/api/v1/studies/{study}/report/versions", headers=rad, json={
-                "kind": "edit", "findings_text": "Heart normal. Lungs clear.", "base_version": 1}).status_code == 201
+            assert (
+                client.post(
+                    f"/api/v1/studies/{study}/report/versions",
+                    headers=rad,
+                    json={"kind": "edit", "findings_text": "Heart normal. Lungs clear.", "base_version": 1},
+                ).status_code
+                == 201
+            )
         items = client.get(f"/api/v1/studies/{study}/report/checklist", headers=rad).json()["items"]
-        verdicts = [{"label": it["label"], "ai_present": it["ai_present"],
-                     "verdict": "disagree" if (i == 1 and it["label"] == "Cardiomegaly") else "agree"} for it in items]
+        verdicts = [
+            {
+                "label": it["label"],
+                "ai_present": it["ai_present"],
+                "verdict": "disagree" if (i == 1 and it["label"] == "Cardiomegaly") else "agree",
+            }
+            for it in items
+        ]
         current = client.get(f"/api/v1/studies/{study}/report", headers=rad).json()
-        assert client.post(f"/api/v1/studies/{study}/report/approve", headers=rad, json={
-            "base_version": current["version"], "findings_text": current["findings_text"], "checklist": verdicts},
-        ).status_code == 201
+        assert (
+            client.post(
+                f"/api/v1/studies/{study}/report/approve",
+                headers=rad,
+                json={
+                    "base_version": current["version"],
+                    "findings_text": current["findings_text"],
+                    "checklist": verdicts,
+                },
+            ).status_code
+            == 201
+        )
     broker = redis.Redis.from_url(page_settings.broker_url)
     worker_key = ready_key("ops-test@host")
-    broker.set(worker_key, json.dumps({"name": "RaDialog-LLaVA", "version": "2.0", "device": "cuda:0", "tiny": False,
-                                       "engine": {"report": {"slots": 64}, "dialog": {"slots": 4}}}), ex=120)
+    broker.set(
+        worker_key,
+        json.dumps(
+            {
+                "name": "RaDialog-LLaVA",
+                "version": "2.0",
+                "device": "cuda:0",
+                "tiny": False,
+                "engine": {"report": {"slots": 64}, "dialog": {"slots": 4}},
+            }
+        ),
+        ex=120,
+    )
     try:
         with api_server(page_settings, sqlite_registry) as base, signed_in(base, keys["admin"]) as page:
             expect(page.locator("#nav")).to_be_visible()

@@ -30,16 +30,24 @@ from tests.support.seeding import add_reported_study, add_study, make_keys
 
 REDIS_URL = redis_url(__name__)
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture
-def served(sqlite_registry: Registry, settings: Settings, tiny_model: tuple[Path, Path],
-           tmp_path: Path) -> Iterator[tuple[str, dict[str, str], int, Registry]]:
+def served(
+    sqlite_registry: Registry, settings: Settings, tiny_model: tuple[Path, Path], tmp_path: Path
+) -> Iterator[tuple[str, dict[str, str], int, Registry]]:
     """The API on a free port (uvicorn in a thread) and one dialog worker process."""
-    api_settings = settings.model_copy(update={
-        "broker_url": REDIS_URL, "model_dir": tiny_model[0], "base_model_dir": tiny_model[1], "device": "cpu"})
+    api_settings = settings.model_copy(
+        update={"broker_url": REDIS_URL, "model_dir": tiny_model[0], "base_model_dir": tiny_model[1], "device": "cpu"}
+    )
     worker = dialog_worker(api_settings, sqlite_registry.url, tmp_path, f"page-test-{uuid.uuid4().hex[:8]}")
     try:
         keys = make_keys(sqlite_registry)
@@ -99,6 +107,7 @@ def test_open_ask_stream_approve_in_chromium(served) -> None:  # type: ignore[no
 # -- what the radiologist sees is what gets signed (issue 13) ---------------------------------------------
 # These run the API alone (uvicorn in a thread, no worker: nothing here asks the model) and Chromium.
 
+
 @contextmanager
 def api_server(settings: Settings, registry: Registry) -> Iterator[str]:
     sock = socket.socket()
@@ -150,9 +159,12 @@ def wait_image(page: Any, study_id: int) -> None:
     """Until the viewer shows a rendered image of ``study_id`` (polled from Python: the page's CSP
     refuses the eval() Playwright's wait_for_function would use)."""
     deadline = time.monotonic() + 60
-    while page.locator("#viewer-image").evaluate(
+    while (
+        page.locator("#viewer-image").evaluate(
             "img => img.dataset.studyId === undefined ? 0 : Number(img.dataset.studyId) * (img.naturalWidth > 0)"
-    ) != study_id:
+        )
+        != study_id
+    ):
         assert time.monotonic() < deadline, f"the viewer did not show study {study_id}"
         page.wait_for_timeout(100)
 
@@ -163,7 +175,8 @@ def page_settings(settings: Settings) -> Settings:
 
 
 def test_a_late_answer_for_the_previous_study_never_lands_beside_the_next(
-        page_settings: Settings, sqlite_registry: Registry) -> None:
+    page_settings: Settings, sqlite_registry: Registry
+) -> None:
     """Study A's responses are held back (request interception) while the radiologist moves on to B;
     when A's answers finally arrive, nothing of A may appear: header, report, image and Approve are B's."""
     from playwright.sync_api import Error as PlaywrightError
@@ -204,7 +217,8 @@ def test_a_late_answer_for_the_previous_study_never_lands_beside_the_next(
 
 
 def test_an_older_version_on_screen_cannot_be_signed_as_the_current_one(
-        page_settings: Settings, sqlite_registry: Registry) -> None:
+    page_settings: Settings, sqlite_registry: Registry
+) -> None:
     """v1 (AI draft) and v2 (an edit): with v1 displayed, Approve is disabled and says why; the server
     refuses v1's text under v2's number (409); with v2 displayed, exactly v2's text is signed."""
     from playwright.sync_api import expect
@@ -214,8 +228,15 @@ def test_an_older_version_on_screen_cannot_be_signed_as_the_current_one(
     keys = make_keys(sqlite_registry)
     study = add_reported_study(sqlite_registry, page_settings, findings_text="V1 draft: small left effusion.")
     with sqlite_registry.session() as s:
-        create_version(s, page_settings, study, kind="edit", findings_text="V2 edit: no effusion.",
-                       impression_text="Normal chest.", author="rad")
+        create_version(
+            s,
+            page_settings,
+            study,
+            kind="edit",
+            findings_text="V2 edit: no effusion.",
+            impression_text="Normal chest.",
+            author="rad",
+        )
     with api_server(page_settings, sqlite_registry) as base, signed_in(base, keys["rad"]) as page:
         page.locator(f'#worklist tr[data-study-id="{study}"]').click()
         expect(page.locator("#findings-text")).to_have_text("V2 edit: no effusion.")
@@ -231,9 +252,11 @@ def test_an_older_version_on_screen_cannot_be_signed_as_the_current_one(
         with sqlite_registry.session() as s:
             assert s.scalar(select(func.count()).select_from(Report).where(Report.study_id == study)) == 2
         # the server's side of it: v1's text under v2's number is refused
-        refused = page.request.post(f"{base}/api/v1/studies/{study}/report/approve",
-                                    headers={"Authorization": f"Bearer {keys['rad']}"},
-                                    data={"base_version": 2, "findings_text": "V1 draft: small left effusion."})
+        refused = page.request.post(
+            f"{base}/api/v1/studies/{study}/report/approve",
+            headers={"Authorization": f"Bearer {keys['rad']}"},
+            data={"base_version": 2, "findings_text": "V1 draft: small left effusion."},
+        )
         assert refused.status == 409 and refused.json()["type"].endswith("/text-mismatch")
         page.locator('#versions li[data-version="2"]').click(position={"x": 8, "y": 6})
         give_verdicts(page)
@@ -251,14 +274,17 @@ def test_an_older_version_on_screen_cannot_be_signed_as_the_current_one(
 
 
 def test_header_names_the_user_and_skipped_or_failed_studies_offer_no_chat(
-        page_settings: Settings, sqlite_registry: Registry) -> None:
+    page_settings: Settings, sqlite_registry: Registry
+) -> None:
     from playwright.sync_api import expect
 
     keys = make_keys(sqlite_registry)
-    skipped, _ = add_study(sqlite_registry, page_settings, state=StudyState.SKIPPED, index=3,
-                           reason="lateral view only")
-    failed, _ = add_study(sqlite_registry, page_settings, state=StudyState.FAILED, index=4,
-                          reason="unusable image: truncated pixel data")
+    skipped, _ = add_study(
+        sqlite_registry, page_settings, state=StudyState.SKIPPED, index=3, reason="lateral view only"
+    )
+    failed, _ = add_study(
+        sqlite_registry, page_settings, state=StudyState.FAILED, index=4, reason="unusable image: truncated pixel data"
+    )
     reported = add_reported_study(sqlite_registry, page_settings, index=5)
     with api_server(page_settings, sqlite_registry) as base, signed_in(base, keys["reader"]) as page:
         expect(page.locator("#who-name")).to_have_text("reader · reader")
@@ -266,8 +292,10 @@ def test_header_names_the_user_and_skipped_or_failed_studies_offer_no_chat(
         expect(page.locator("#chat-box")).to_be_visible()
         expect(page.locator("#approve")).to_be_disabled()  # a reader reads and asks, never signs
         expect(page.locator("#approve-note")).to_have_text("Only a radiologist approves and signs.")
-        for study, reason in ((skipped, "SKIPPED: lateral view only"),
-                              (failed, "FAILED: unusable image: truncated pixel data")):
+        for study, reason in (
+            (skipped, "SKIPPED: lateral view only"),
+            (failed, "FAILED: unusable image: truncated pixel data"),
+        ):
             page.locator(f'#worklist tr[data-study-id="{study}"]').click()
             expect(page.locator("#study-reason")).to_have_text(reason)
             expect(page.locator("#chat-box")).to_be_hidden()
@@ -282,7 +310,8 @@ def test_header_names_the_user_and_skipped_or_failed_studies_offer_no_chat(
 
 
 def test_viewer_windows_zooms_pans_inverts_and_shows_the_model_view(
-        page_settings: Settings, sqlite_registry: Registry) -> None:
+    page_settings: Settings, sqlite_registry: Registry
+) -> None:
     """The full frame from the API: drag changes the window (a new render with that centre and width),
     the wheel and buttons zoom, shift-drag pans, invert and reset, and the toggle shows the model's image."""
     from playwright.sync_api import expect
@@ -330,7 +359,8 @@ def test_viewer_windows_zooms_pans_inverts_and_shows_the_model_view(
 
 
 def test_hostile_report_text_is_shown_as_text_and_signed_as_shown(
-        page_settings: Settings, sqlite_registry: Registry) -> None:
+    page_settings: Settings, sqlite_registry: Registry
+) -> None:
     """Drafts as the model boundary stores hostile model output (tests/test_hostile_text.py): the page shows
     each exactly as the API gives it, as text (no element, no script), and approving the shown text works."""
     from playwright.sync_api import expect
@@ -340,8 +370,12 @@ def test_hostile_report_text_is_shown_as_text_and_signed_as_shown(
 
     keys = make_keys(sqlite_registry)
     names = ["html", "rtl", "emoji", "byte_fallback", "tabs_and_breaks", "long"]
-    studies = {name: add_reported_study(sqlite_registry, page_settings, index=20 + i,
-                                        findings_text=clean_model_text(HOSTILE[name])) for i, name in enumerate(names)}
+    studies = {
+        name: add_reported_study(
+            sqlite_registry, page_settings, index=20 + i, findings_text=clean_model_text(HOSTILE[name])
+        )
+        for i, name in enumerate(names)
+    }
     with api_server(page_settings, sqlite_registry) as base, signed_in(base, keys["rad"]) as page:
         for name, study in studies.items():
             page.locator(f'#worklist tr[data-study-id="{study}"]').click()
@@ -362,7 +396,8 @@ def test_hostile_report_text_is_shown_as_text_and_signed_as_shown(
 
 
 def test_the_page_offers_only_what_the_configured_model_was_trained_for(
-        page_settings: Settings, sqlite_registry: Registry) -> None:
+    page_settings: Settings, sqlite_registry: Registry
+) -> None:
     """Issue 16: with XrayGPT configured, RaDialog's quick actions (easy language, summary, view, yes/no and
     corrections by finding) and the empty classifier list are hidden; free questions, key findings and
     impression stay. With RaDialog everything is there."""
@@ -377,9 +412,19 @@ def test_the_page_offers_only_what_the_configured_model_was_trained_for(
     xraygpt = page_settings.model_copy(update={"model_backend": "xraygpt"})
     study_id, _ = add_study(sqlite_registry, xraygpt, state=StudyState.RUNNING, index=3)
     with sqlite_registry.session() as session:
-        create_ai_draft(session, xraygpt, study_id, ReportOutput(
-            key=str(study_id), findings_text="The heart size is normal. No effusion.", findings=[],
-            findings_phrase="", generated_tokens=9), Provenance("XrayGPT", "1.0", "1" * 64, display_name="XrayGPT"))
+        create_ai_draft(
+            session,
+            xraygpt,
+            study_id,
+            ReportOutput(
+                key=str(study_id),
+                findings_text="The heart size is normal. No effusion.",
+                findings=[],
+                findings_phrase="",
+                generated_tokens=9,
+            ),
+            Provenance("XrayGPT", "1.0", "1" * 64, display_name="XrayGPT"),
+        )
     hidden = ["easy_language", "summary", "view"]
     with api_server(xraygpt, sqlite_registry) as base, signed_in(base, keys["rad"]) as page:
         page.locator(f'#worklist tr[data-study-id="{study_id}"]').click()

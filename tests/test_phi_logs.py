@@ -46,7 +46,7 @@ def corrupted_dataset(ds: Dataset) -> bytes:
     data = bytearray(encode(ds, False, True))
     tag = struct.pack("<HH", 0x0008, 0x0018) + b"UI"
     at = data.index(tag)
-    data[at + 6:at + 8] = struct.pack("<H", 240)
+    data[at + 6 : at + 8] = struct.pack("<H", 240)
     return bytes(data)
 
 
@@ -128,11 +128,15 @@ def test_model_error_registry_error_and_celery_failure_lines(logged: io.StringIO
     try:
         raise ValueError(f"cannot build SR for {NAME}")
     except ValueError as exc:
-        context = {"id": "abc", "name": "radialog.report", "exc": repr(exc), "traceback": traceback.format_exc(),
-                   "description": "raised unexpected"}
+        context = {
+            "id": "abc",
+            "name": "radialog.report",
+            "exc": repr(exc),
+            "traceback": traceback.format_exc(),
+            "description": "raised unexpected",
+        }
         celery = logging.getLogger("celery.app.trace")  # as celery.app.trace._log_error does
-        celery.error("Task %(name)s[%(id)s] %(description)s: %(exc)s", context, exc_info=True,
-                     extra={"data": context})
+        celery.error("Task %(name)s[%(id)s] %(description)s: %(exc)s", context, exc_info=True, extra={"data": context})
         logging.getLogger("pynetdicom.events").exception(exc)  # noqa: TRY401 - as pynetdicom does
     assert "RuntimeError (message withheld)" in logged.getvalue()
 
@@ -150,9 +154,11 @@ def test_exception_ending_a_thread(logged: io.StringIO) -> None:
 
 # -- real processes ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
-def test_no_marker_in_the_logs_of_node_and_worker(tmp_path: Path, settings: Settings,
-                                                   tiny_model: tuple[Path, Path]) -> None:
+def test_no_marker_in_the_logs_of_node_and_worker(
+    tmp_path: Path, settings: Settings, tiny_model: tuple[Path, Path]
+) -> None:
     """``radialog node`` and ``radialog worker`` at DEBUG, PostgreSQL registry, real Redis; the marker
     patient goes through: a corrupted header (the node refuses it), a registry error (a CHECK constraint
     whose message is "Failing row contains (<the row>)": refused 0xC000), an image that cannot be decoded (the worker
@@ -173,13 +179,21 @@ def test_no_marker_in_the_logs_of_node_and_worker(tmp_path: Path, settings: Sett
     settings = settings.model_copy(update={"destinations": [refusing.destination("pacs")]})
     with contextmanager(_pg_schema_registry)() as registry:
         with registry.engine.begin() as conn:
-            conn.exec_driver_sql("ALTER TABLE studies ADD CONSTRAINT refuse_marked "
-                                 "CHECK (study_description IS DISTINCT FROM 'REFUSE ME')")
+            conn.exec_driver_sql(
+                "ALTER TABLE studies ADD CONSTRAINT refuse_marked "
+                "CHECK (study_description IS DISTINCT FROM 'REFUSE ME')"
+            )
         h = Harness(tmp_path, registry, settings, tiny_model, redis_url=redis_url(__name__))
         try:
             port = free_port()
-            env = h.env(dicom_port=port, dicom_host="127.0.0.1", stable_after=0.5, batch_wait_ms=0,
-                        export_backoff_initial=1.0, log_level="DEBUG")
+            env = h.env(
+                dicom_port=port,
+                dicom_host="127.0.0.1",
+                stable_after=0.5,
+                batch_wait_ms=0,
+                export_backoff_initial=1.0,
+                log_level="DEBUG",
+            )
             node = h.start_process("node", ["node"], env)
             h.start_worker("w-phi", env_overrides={"log_level": "DEBUG", "export_backoff_initial": 1.0})
             h.wait_for(lambda: "node listening" in node.output(), "node listening")
@@ -199,8 +213,11 @@ def test_no_marker_in_the_logs_of_node_and_worker(tmp_path: Path, settings: Sett
                 with registry.session() as session:
                     states = dict(session.execute(select(Study.study_instance_uid, Study.state)).all())
                     errors = [e.last_error for e in session.scalars(select(Export))]
-                return (states.get(undecodable.StudyInstanceUID) == "FAILED"
-                        and states.get(reported.StudyInstanceUID) == "REPORTED" and any(errors))
+                return (
+                    states.get(undecodable.StudyInstanceUID) == "FAILED"
+                    and states.get(reported.StudyInstanceUID) == "REPORTED"
+                    and any(errors)
+                )
 
             h.wait_for(settled, "the undecodable study FAILED and the report's export refused by the PACS")
         finally:
@@ -208,7 +225,8 @@ def test_no_marker_in_the_logs_of_node_and_worker(tmp_path: Path, settings: Sett
             refusing.stop()
         logs = {worker.name: worker.output() for worker in h.workers}
         for name, text in logs.items():
-            assert leaked(text) == [], f"{name}: " + "\n".join(
-                line for line in text.splitlines() if leaked(line))[:4000]
+            assert leaked(text) == [], (
+                f"{name}: " + "\n".join(line for line in text.splitlines() if leaked(line))[:4000]
+            )
         assert "warning (text withheld)" in logs["node"]  # the corrupted header's pydicom warning
         assert "store refused" in logs["node"] and "model" in logs["w-phi"]

@@ -53,16 +53,22 @@ WAIT_S = 240.0
 class Harness:
     """Settings, registry, Redis and worker processes of one test."""
 
-    def __init__(self, tmp: Path, registry: Registry, settings: Settings, tiny: tuple[Path, Path],
-                 *, redis_url: str) -> None:
+    def __init__(
+        self, tmp: Path, registry: Registry, settings: Settings, tiny: tuple[Path, Path], *, redis_url: str
+    ) -> None:
         """``redis_url``: the calling module's own database (``tests.support.brokers``), emptied here."""
         self.tmp = tmp
         self.registry = registry
         self.redis_url = redis_url
-        self.settings = settings.model_copy(update={
-            "broker_url": redis_url, "model_dir": tiny[0], "base_model_dir": tiny[1], "device": "cpu",
-            "database_url": registry.url,
-        })
+        self.settings = settings.model_copy(
+            update={
+                "broker_url": redis_url,
+                "model_dir": tiny[0],
+                "base_model_dir": tiny[1],
+                "device": "cpu",
+                "database_url": registry.url,
+            }
+        )
         self.redis = redis.Redis.from_url(redis_url)
         self.redis.flushdb()
         self.workers: list[Process] = []
@@ -70,11 +76,16 @@ class Harness:
     def env(self, **overrides: Any) -> dict[str, str]:
         s = self.settings
         values: dict[str, Any] = {
-            "RADIALOG_DATA_DIR": s.data_dir, "RADIALOG_DATABASE_URL": self.registry.url,
-            "RADIALOG_BROKER_URL": self.redis_url, "RADIALOG_MODEL_DIR": s.model_dir,
-            "RADIALOG_BASE_MODEL_DIR": s.base_model_dir, "RADIALOG_DEVICE": "cpu",
-            "RADIALOG_MIN_FREE_BYTES": 0, "RADIALOG_BATCH_SIZE": s.batch_size,
-            "RADIALOG_BATCH_WAIT_MS": s.batch_wait_ms, "RADIALOG_VISIBILITY_TIMEOUT": s.visibility_timeout,
+            "RADIALOG_DATA_DIR": s.data_dir,
+            "RADIALOG_DATABASE_URL": self.registry.url,
+            "RADIALOG_BROKER_URL": self.redis_url,
+            "RADIALOG_MODEL_DIR": s.model_dir,
+            "RADIALOG_BASE_MODEL_DIR": s.base_model_dir,
+            "RADIALOG_DEVICE": "cpu",
+            "RADIALOG_MIN_FREE_BYTES": 0,
+            "RADIALOG_BATCH_SIZE": s.batch_size,
+            "RADIALOG_BATCH_WAIT_MS": s.batch_wait_ms,
+            "RADIALOG_VISIBILITY_TIMEOUT": s.visibility_timeout,
             "RADIALOG_DESTINATIONS": json.dumps([d.model_dump(mode="json") for d in s.destinations]),
             "RADIALOG_STABLE_AFTER": s.stable_after,
         }
@@ -87,10 +98,12 @@ class Harness:
         self.workers.append(process)
         return process
 
-    def start_worker(self, name: str, *extra: str, wait_ready: bool = True,
-                     env_overrides: dict[str, Any] | None = None) -> WorkerProcess:
-        worker = WorkerProcess(name, self.env(**(env_overrides or {})), self.tmp, broker_url=self.redis_url,
-                               args=["--no-sweep", *extra])
+    def start_worker(
+        self, name: str, *extra: str, wait_ready: bool = True, env_overrides: dict[str, Any] | None = None
+    ) -> WorkerProcess:
+        worker = WorkerProcess(
+            name, self.env(**(env_overrides or {})), self.tmp, broker_url=self.redis_url, args=["--no-sweep", *extra]
+        )
         self.workers.append(worker)
         if wait_ready:
             self.wait_for(worker.is_ready, f"{name} ready")
@@ -103,8 +116,14 @@ class Harness:
                 raise AssertionError(f"worker {worker.name} exited ({worker.returncode}):\n{worker.last_lines()}")
 
     def wait_for(self, condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-        return wait_for(condition, what=what, timeout=timeout, interval=0.2, check=self._check_workers,
-                        details=lambda: "\n".join(f"--- {w.name}\n{w.last_lines()}" for w in self.workers))
+        return wait_for(
+            condition,
+            what=what,
+            timeout=timeout,
+            interval=0.2,
+            check=self._check_workers,
+            details=lambda: "\n".join(f"--- {w.name}\n{w.last_lines()}" for w in self.workers),
+        )
 
     def wait_answered(self, turn_id: int, what: str) -> None:
         """Wait until the dialog turn is settled, and check that it was answered (DONE with an answer)."""
@@ -146,7 +165,9 @@ class Harness:
 
 
 @pytest.fixture
-def harness(tmp_path: Path, settings: Settings, sqlite_registry: Registry, tiny_model: tuple[Path, Path]) -> Iterator[Harness]:
+def harness(
+    tmp_path: Path, settings: Settings, sqlite_registry: Registry, tiny_model: tuple[Path, Path]
+) -> Iterator[Harness]:
     h = Harness(tmp_path, sqlite_registry, settings, tiny_model, redis_url=REDIS_URL)
     yield h
     h.close()
@@ -169,8 +190,9 @@ def test_worker_reports_exports_and_fails_a_poisoned_study(
     """QUEUED -> report + SR stored -> SR delivered to the PACS (EXPORTED); a study with unreadable
     pixels -> FAILED with a readable reason, and the worker goes on serving. On SQLite and PostgreSQL."""
     pacs = StorePeer(ae_title="TESTPACS", accept=ALL_STORAGE)
-    settings = settings.model_copy(update={"destinations": [
-        Destination(name="pacs", ae_title="TESTPACS", host="127.0.0.1", port=pacs.port)]})
+    settings = settings.model_copy(
+        update={"destinations": [Destination(name="pacs", ae_title="TESTPACS", host="127.0.0.1", port=pacs.port)]}
+    )
     h = Harness(tmp_path, registry, settings, tiny_model, redis_url=REDIS_URL)
     try:
         poisoned = add_poisoned_study(registry, h.settings, index=1)
@@ -232,7 +254,8 @@ def test_ten_studies_are_batched_and_match_one_by_one(harness: Harness) -> None:
             # the tiny classifier's head amplifies its features' small differences (so labels vary with the
             # image): batch size moves its logits by ~1e-3 on CPU; probabilities are fp16 values (steps of 5e-4)
             assert [f["probability"] for f in report.findings] == pytest.approx(
-                [f.probability for f in alone.findings], abs=1e-3)
+                [f.probability for f in alone.findings], abs=1e-3
+            )
 
 
 @pytest.mark.slow
@@ -278,8 +301,13 @@ def add_yes_no_turn(registry: Registry, seeded: int, finding: str) -> int:
         conversation = Conversation(study_id=seeded, user="rad", seed_report_id=report.id, created_at=utcnow())
         session.add(conversation)
         session.flush()
-        turn = DialogTurn(conversation_id=conversation.id, task="yes_no", question=yes_no_prompt(finding),
-                          state="QUEUED", created_at=utcnow())
+        turn = DialogTurn(
+            conversation_id=conversation.id,
+            task="yes_no",
+            question=yes_no_prompt(finding),
+            state="QUEUED",
+            created_at=utcnow(),
+        )
         session.add(turn)
         session.flush()
         return turn.id
@@ -336,8 +364,13 @@ def test_run_without_redis_uses_the_embedded_broker(harness: Harness) -> None:
 
     h = harness
     dicom_port = free_port()
-    env = h.env(broker_url="redis://127.0.0.1:1/0", dicom_port=dicom_port, dicom_host="127.0.0.1",
-                stable_after=1.0, batch_wait_ms=0)
+    env = h.env(
+        broker_url="redis://127.0.0.1:1/0",
+        dicom_port=dicom_port,
+        dicom_host="127.0.0.1",
+        stable_after=1.0,
+        batch_wait_ms=0,
+    )
     run = h.start_process("run", ["run", "--no-api"], env)
     h.wait_for(lambda: "node listening" in run.output(), "node listening")
     assert "embedded SQLite broker" in run.output()
@@ -384,8 +417,9 @@ def test_out_of_memory_splits_the_batch_and_a_single_study_is_retried(
     from workers.models.base import StudyInput
     from workers.pipeline import TransientError, run_backend
 
-    backend = load_backend(settings.model_copy(update={"model_dir": tiny_model[0], "base_model_dir": tiny_model[1],
-                                                       "device": "cpu"}))
+    backend = load_backend(
+        settings.model_copy(update={"model_dir": tiny_model[0], "base_model_dir": tiny_model[1], "device": "cpu"})
+    )
     real_report = backend.report
     sizes: list[int] = []
 
@@ -439,8 +473,11 @@ def test_out_of_memory_and_cancellation_are_told_apart_by_type_not_by_words(
     assert told == []  # not taken for out of memory: later batches are not capped
     assert results["0"] is words_only and not isinstance(results["1"], Exception)
 
-    monkeypatch.setattr(tiny_backend, "report_each",
-                        lambda studies: [torch.OutOfMemoryError("Tried to allocate 2.00 GiB; 1.10 GiB free")])
+    monkeypatch.setattr(
+        tiny_backend,
+        "report_each",
+        lambda studies: [torch.OutOfMemoryError("Tried to allocate 2.00 GiB; 1.10 GiB free")],
+    )
     with pytest.raises(TransientError, match="out of GPU memory"):
         run_backend(tiny_backend, inputs[:1])
 
@@ -466,18 +503,31 @@ def test_dialog_failures_are_stored_and_sent_with_their_kind(
     ctx = WorkerContext(settings=settings, registry=sqlite_registry, hostname="w1", backend=tiny_backend)
     seeded = add_reported_study(sqlite_registry, settings)
     cases = [
-        (torch.OutOfMemoryError("Tried to allocate 2.00 GiB; 1.10 GiB free"), "OUT_OF_MEMORY",
-         "out of GPU memory; please ask again"),
-        (RuntimeError("beam cache: out of memory for 4 beams"), "MODEL_ERROR",
-         "model error: RuntimeError; please ask again"),
-        (ContextTooLong("the conversation no longer fits the model's window"), "CONTEXT_TOO_LONG",
-         "the conversation no longer fits the model's window"),
-        (RuntimeError("the prompt needs 5000 tokens but the limit is 4096 in the rotary cache"), "MODEL_ERROR",
-         "model error: RuntimeError; please ask again"),
+        (
+            torch.OutOfMemoryError("Tried to allocate 2.00 GiB; 1.10 GiB free"),
+            "OUT_OF_MEMORY",
+            "out of GPU memory; please ask again",
+        ),
+        (
+            RuntimeError("beam cache: out of memory for 4 beams"),
+            "MODEL_ERROR",
+            "model error: RuntimeError; please ask again",
+        ),
+        (
+            ContextTooLong("the conversation no longer fits the model's window"),
+            "CONTEXT_TOO_LONG",
+            "the conversation no longer fits the model's window",
+        ),
+        (
+            RuntimeError("the prompt needs 5000 tokens but the limit is 4096 in the rotary cache"),
+            "MODEL_ERROR",
+            "model error: RuntimeError; please ask again",
+        ),
         (UnsupportedTask("not trained for 'summary'"), "UNSUPPORTED_TASK", "not trained for 'summary'"),
         (RequestCancelled("the engine stopped"), "CANCELLED", "model error: RequestCancelled; please ask again"),
     ]
     for raised, kind, error in cases:
+
         def answer(request: Any, on_token: Any = None, _raised: BaseException = raised) -> str:
             raise _raised
 
@@ -516,8 +566,10 @@ def test_dialog_turn_arriving_during_a_report_batch_is_answered_before_the_batch
     batch = [add_study(h.registry, h.settings, index=41 + i)[0] for i in range(16)]
     for study_id in batch:
         enqueue_report(h.registry, h.settings, study_id)
-    h.wait_for(lambda: len([j for j in h.jobs(batch).values() if j.state == JobState.RUNNING.value]) == 16,
-               "the 16 jobs running as one batch")
+    h.wait_for(
+        lambda: len([j for j in h.jobs(batch).values() if j.state == JobState.RUNNING.value]) == 16,
+        "the 16 jobs running as one batch",
+    )
     app_for(h.settings).send_task(DIALOG_TASK, args=[turn_id], queue="dialog")
     h.wait_states(batch, {StudyState.REPORTED.value}, "the batch reported")
     with h.registry.session() as session:
@@ -532,8 +584,24 @@ def test_dialog_turn_arriving_during_a_report_batch_is_answered_before_the_batch
 
 def start_redis(port: int, directory: Path) -> Process:
     """A private redis-server without persistence (a restart comes back empty, as in the platform's default)."""
-    proc = Process(f"redis-{port}", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                     "--appendonly", "no", "--dir", str(directory)], radialog_env({}), directory)
+    proc = Process(
+        f"redis-{port}",
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+        ],
+        radialog_env({}),
+        directory,
+    )
     client = redis.Redis(port=port)
 
     def answers() -> bool:

@@ -103,7 +103,8 @@ def test_readyz_sees_a_worker_on_the_embedded_broker(client: TestClient, embedde
 
 
 def test_a_question_on_the_embedded_broker_is_sent_and_its_stored_answer_returned(
-        client: TestClient, embedded: Settings, sqlite_registry: Registry) -> None:
+    client: TestClient, embedded: Settings, sqlite_registry: Registry
+) -> None:
     """The task goes into the embedded broker's queue (kombu, a real SQLite file); the answer the worker
     stores in the turn's row (written here by a thread, as `workers.dialog` does) comes back as JSON."""
     study_id = add_reported_study(sqlite_registry, embedded)
@@ -123,8 +124,11 @@ def test_a_question_on_the_embedded_broker_is_sent_and_its_stored_answer_returne
     answerer = threading.Thread(target=store_answer, daemon=True)
     answerer.start()
     try:
-        response = client.post(f"/api/v1/studies/{study_id}/dialog/questions", headers={"X-API-Key": keys["rad"]},
-                               json={"question": "Is there a pleural effusion?", "wait_seconds": 60})
+        response = client.post(
+            f"/api/v1/studies/{study_id}/dialog/questions",
+            headers={"X-API-Key": keys["rad"]},
+            json={"question": "Is there a pleural effusion?", "wait_seconds": 60},
+        )
     finally:
         stop.set()
         answerer.join(timeout=10)

@@ -46,13 +46,15 @@ def test_a_stat_study_is_reported_before_routine_ones_that_had_not_started(
         with sqlite_registry.session() as session:
             rows = session.execute(
                 select(Study.study_instance_uid, Study.priority, Job.queued_at, Job.started_at, Report.id)
-                .join(Job, Job.study_id == Study.id).join(Report, Report.study_id == Study.id)
+                .join(Job, Job.study_id == Study.id)
+                .join(Report, Report.study_id == Study.id)
             ).all()
         by_uid = {row.study_instance_uid: row for row in rows}
         urgent = by_uid[stat.StudyInstanceUID]
         assert urgent.priority == "HIGH"
-        waiting = [row for uid, row in by_uid.items() if uid != stat.StudyInstanceUID
-                   and row.started_at >= urgent.queued_at]
+        waiting = [
+            row for uid, row in by_uid.items() if uid != stat.StudyInstanceUID and row.started_at >= urgent.queued_at
+        ]
         assert len(waiting) >= 10, "too few routine studies were still waiting when the STAT one arrived"
         assert all(row.priority == "ROUTINE" for row in waiting)
         later = [row for row in waiting if row.id < urgent.id]

@@ -23,15 +23,18 @@ EFFUSION = "Pleural Effusion"
 
 # -- Wilson score intervals, by hand -------------------------------------------------------------------
 # z = 1.959964, z^2 = 3.841459; centre = (p + z^2/2n) / (1 + z^2/n); half = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n)
-@pytest.mark.parametrize(("k", "n", "low", "high"), [
-    (8, 10, 0.4902, 0.9433),  # centre 0.99207/1.38415 = 0.71674, half 0.22658
-    (2, 3, 0.2077, 0.9385),   # centre 1.30691/2.28049 = 0.57309, half 0.36543
-    (1, 2, 0.0945, 0.9055),   # centre 0.5, half 0.40547
-    (4, 5, 0.3755, 0.9638),   # centre 1.18415/1.76829 = 0.66966, half 0.29412
-    (5, 5, 0.5655, 1.0),      # centre 0.78276, half 0.21724
-    (0, 5, 0.0, 0.4345),
-    (1, 1, 0.2065, 1.0),
-])
+@pytest.mark.parametrize(
+    ("k", "n", "low", "high"),
+    [
+        (8, 10, 0.4902, 0.9433),  # centre 0.99207/1.38415 = 0.71674, half 0.22658
+        (2, 3, 0.2077, 0.9385),  # centre 1.30691/2.28049 = 0.57309, half 0.36543
+        (1, 2, 0.0945, 0.9055),  # centre 0.5, half 0.40547
+        (4, 5, 0.3755, 0.9638),  # centre 1.18415/1.76829 = 0.66966, half 0.29412
+        (5, 5, 0.5655, 1.0),  # centre 0.78276, half 0.21724
+        (0, 5, 0.0, 0.4345),
+        (1, 1, 0.2065, 1.0),
+    ],
+)
 def test_wilson_interval_matches_hand_computed_values(k: int, n: int, low: float, high: float) -> None:
     got = wilson(k, n)
     assert got is not None and got[0] == pytest.approx(low, abs=5e-5) and got[1] == pytest.approx(high, abs=5e-5)
@@ -44,22 +47,25 @@ def test_wilson_has_no_interval_without_trials_and_refuses_nonsense() -> None:
 
 
 # -- what the text says about a finding ----------------------------------------------------------------
-@pytest.mark.parametrize(("text", "label", "expected"), [
-    ("There is a small left pleural effusion.", EFFUSION, "present"),
-    ("Small bilateral pleural effusions.", EFFUSION, "present"),
-    ("No pleural effusion or pneumothorax.", EFFUSION, "absent"),
-    ("No pleural effusion or pneumothorax.", "Pneumothorax", "absent"),
-    ("Cardiomegaly without pulmonary edema.", "Cardiomegaly", "present"),
-    ("Cardiomegaly without pulmonary edema.", "Edema", "absent"),
-    ("The pneumothorax has resolved.", "Pneumothorax", "absent"),
-    ("Pneumothorax is not seen.", "Pneumothorax", "absent"),
-    ("No change in the right pleural effusion.", EFFUSION, "present"),  # "no change": not a denial
-    ("Possible pneumonia in the left lower lobe.", "Pneumonia", None),  # hedged: the radiologist decides
-    ("Atelectasis cannot be excluded.", "Atelectasis", None),
-    ("Heart size is normal.", "Cardiomegaly", None),  # not named in the model's phrase: nothing proposed
-    ("Left pleural effusion. No right pleural effusion.", EFFUSION, None),  # named both ways
-    ("No acute cardiopulmonary process.", "No Finding", None),  # the catch-all label has no phrase
-])
+@pytest.mark.parametrize(
+    ("text", "label", "expected"),
+    [
+        ("There is a small left pleural effusion.", EFFUSION, "present"),
+        ("Small bilateral pleural effusions.", EFFUSION, "present"),
+        ("No pleural effusion or pneumothorax.", EFFUSION, "absent"),
+        ("No pleural effusion or pneumothorax.", "Pneumothorax", "absent"),
+        ("Cardiomegaly without pulmonary edema.", "Cardiomegaly", "present"),
+        ("Cardiomegaly without pulmonary edema.", "Edema", "absent"),
+        ("The pneumothorax has resolved.", "Pneumothorax", "absent"),
+        ("Pneumothorax is not seen.", "Pneumothorax", "absent"),
+        ("No change in the right pleural effusion.", EFFUSION, "present"),  # "no change": not a denial
+        ("Possible pneumonia in the left lower lobe.", "Pneumonia", None),  # hedged: the radiologist decides
+        ("Atelectasis cannot be excluded.", "Atelectasis", None),
+        ("Heart size is normal.", "Cardiomegaly", None),  # not named in the model's phrase: nothing proposed
+        ("Left pleural effusion. No right pleural effusion.", EFFUSION, None),  # named both ways
+        ("No acute cardiopulmonary process.", "No Finding", None),  # the catch-all label has no phrase
+    ],
+)
 def test_the_text_is_read_in_the_models_phrase_and_never_guessed(text: str, label: str, expected: str | None) -> None:
     says, evidence = stated(label, text)
     assert says == expected
@@ -91,8 +97,14 @@ def _checklist(client: TestClient, key: str, study_id: int, verdicts: dict[str, 
     ``verdicts[label]`` (default: agree) - what a radiologist leaves on the page."""
     items = client.get(f"/api/v1/studies/{study_id}/report/checklist", headers=_auth(key)).json()["items"]
     verdicts = verdicts or {}
-    return [{"label": i["label"], "ai_present": i["ai_present"],
-             "verdict": verdicts.get(i["label"]) or i["suggestion"] or "agree"} for i in items]
+    return [
+        {
+            "label": i["label"],
+            "ai_present": i["ai_present"],
+            "verdict": verdicts.get(i["label"]) or i["suggestion"] or "agree",
+        }
+        for i in items
+    ]
 
 
 def _approve(client: TestClient, key: str, study_id: int, checklist: list[dict] | None) -> dict:
@@ -111,8 +123,14 @@ def _xraygpt_draft(registry: Registry, settings: Settings, index: int) -> int:
     from reporting.versions import create_ai_draft
 
     study_id, _ = add_study(registry, settings, state=StudyState.RUNNING, index=index)
-    output = ReportOutput(key=str(study_id), findings_text="The lungs are clear.", findings=[], findings_phrase="",
-                          generated_tokens=5, timings={})
+    output = ReportOutput(
+        key=str(study_id),
+        findings_text="The lungs are clear.",
+        findings=[],
+        findings_phrase="",
+        generated_tokens=5,
+        timings={},
+    )
     with registry.session() as session:
         create_ai_draft(session, settings, study_id, output, Provenance("XrayGPT", "1.0-test", "1" * 64, tiny=True))
     return study_id
@@ -129,15 +147,24 @@ def test_agreement_figures_equal_the_hand_computed_ones(client, registry: Regist
     4 of 5 unchanged (0.3755-0.9638); with the XrayGPT draft, 5 of 6.
     """
     test_client, keys, settings = client
-    texts = ["There is a small left pleural effusion.", "There is a small left pleural effusion.",
-             "The lungs are clear.", "The lungs are clear.", "The lungs are clear."]
-    studies = [add_reported_study(registry, settings, index=i, findings_text=text,
-                                  present=(EFFUSION,) if i < 3 else ())
-               for i, text in enumerate(texts)]
+    texts = [
+        "There is a small left pleural effusion.",
+        "There is a small left pleural effusion.",
+        "The lungs are clear.",
+        "The lungs are clear.",
+        "The lungs are clear.",
+    ]
+    studies = [
+        add_reported_study(registry, settings, index=i, findings_text=text, present=(EFFUSION,) if i < 3 else ())
+        for i, text in enumerate(texts)
+    ]
     effusion = ["agree", "agree", "disagree", "disagree", "agree"]
     # draft 2 is edited first (a new, unverified version), then approved
-    edited = test_client.post(f"/api/v1/studies/{studies[1]}/report/versions", headers=_auth(keys["rad"]), json={
-        "kind": "edit", "findings_text": texts[1] + " Stable.", "base_version": 1})
+    edited = test_client.post(
+        f"/api/v1/studies/{studies[1]}/report/versions",
+        headers=_auth(keys["rad"]),
+        json={"kind": "edit", "findings_text": texts[1] + " Stable.", "base_version": 1},
+    )
     assert edited.status_code == 201, edited.text
     for study_id, verdict in zip(studies, effusion, strict=True):
         checklist = _checklist(test_client, keys["rad"], study_id, {EFFUSION: verdict})
@@ -147,11 +174,20 @@ def test_agreement_figures_equal_the_hand_computed_ones(client, registry: Regist
     assert client_checklist_is_empty(test_client, keys["rad"], xray)
     _approve(test_client, keys["rad"], xray, [])
 
-    figures = test_client.get("/api/v1/quality/agreement", params={"backend": "RaDialog-LLaVA"},
-                              headers=_auth(keys["admin"])).json()
+    figures = test_client.get(
+        "/api/v1/quality/agreement", params={"backend": "RaDialog-LLaVA"}, headers=_auth(keys["admin"])
+    ).json()
     by_label = {f["label"]: f for f in figures["findings"]}
     e = by_label[EFFUSION]
-    assert (e["n"], e["tp"], e["fp"], e["fn"], e["tn"], e["ai_present"], e["radiologist_present"]) == (5, 2, 1, 1, 1, 3, 3)
+    assert (e["n"], e["tp"], e["fp"], e["fn"], e["tn"], e["ai_present"], e["radiologist_present"]) == (
+        5,
+        2,
+        1,
+        1,
+        1,
+        3,
+        3,
+    )
     assert e["sensitivity"]["k"] == 2 and e["sensitivity"]["n"] == 3
     assert e["sensitivity"]["value"] == pytest.approx(2 / 3)
     assert e["sensitivity"]["ci95"] == pytest.approx([0.2077, 0.9385], abs=5e-5)
@@ -175,8 +211,9 @@ def test_agreement_figures_equal_the_hand_computed_ones(client, registry: Regist
 
     everything = test_client.get("/api/v1/quality/agreement", headers=_auth(keys["admin"])).json()
     assert (everything["drafts"]["approved"], everything["drafts"]["unchanged"]) == (6, 5)
-    xrays = test_client.get("/api/v1/quality/agreement", params={"backend": "xraygpt"},
-                            headers=_auth(keys["rad"])).json()
+    xrays = test_client.get(
+        "/api/v1/quality/agreement", params={"backend": "xraygpt"}, headers=_auth(keys["rad"])
+    ).json()
     assert xrays["drafts"]["approved"] == 1 and xrays["findings"] == [] and xrays["drafts"]["with_checklist"] == 0
 
 
@@ -189,8 +226,11 @@ def test_a_draft_approved_twice_counts_once_with_its_latest_approval(client, reg
     test_client, keys, settings = client
     study = add_reported_study(registry, settings)
     _approve(test_client, keys["rad"], study, _checklist(test_client, keys["rad"], study))
-    edited = test_client.post(f"/api/v1/studies/{study}/report/versions", headers=_auth(keys["rad"]), json={
-        "kind": "edit", "findings_text": "There is a large left pleural effusion.", "base_version": 2})
+    edited = test_client.post(
+        f"/api/v1/studies/{study}/report/versions",
+        headers=_auth(keys["rad"]),
+        json={"kind": "edit", "findings_text": "There is a large left pleural effusion.", "base_version": 2},
+    )
     assert edited.status_code == 201, edited.text
     _approve(test_client, keys["rad"], study, _checklist(test_client, keys["rad"], study))
     figures = test_client.get("/api/v1/quality/agreement", headers=_auth(keys["admin"])).json()
@@ -210,8 +250,9 @@ def test_the_checklist_is_checked_before_anything_is_written(client, registry: R
     srs_before = sorted(settings.sr_dir.rglob("*.dcm"))
 
     def approve(checklist: list[dict]) -> int:
-        return test_client.post(f"/api/v1/studies/{study}/report/approve", headers=_auth(keys["rad"]),
-                                json={**base, "checklist": checklist}).status_code
+        return test_client.post(
+            f"/api/v1/studies/{study}/report/approve", headers=_auth(keys["rad"]), json={**base, "checklist": checklist}
+        ).status_code
 
     assert approve(full[:-1]) == 422  # a finding left out
     assert approve(full + [full[0]]) == 422  # a finding twice
@@ -227,19 +268,31 @@ def test_the_checklist_is_checked_before_anything_is_written(client, registry: R
 
 def test_verdicts_are_stored_with_the_approval_and_what_was_suggested(client, registry: Registry) -> None:
     test_client, keys, settings = client
-    study = add_reported_study(registry, settings, findings_text="Small left pleural effusion. No pneumothorax.",
-                               present=(EFFUSION, "Pneumothorax"))
-    items = {i["label"]: i for i in test_client.get(f"/api/v1/studies/{study}/report/checklist",
-                                                    headers=_auth(keys["rad"])).json()["items"]}
+    study = add_reported_study(
+        registry,
+        settings,
+        findings_text="Small left pleural effusion. No pneumothorax.",
+        present=(EFFUSION, "Pneumothorax"),
+    )
+    items = {
+        i["label"]: i
+        for i in test_client.get(f"/api/v1/studies/{study}/report/checklist", headers=_auth(keys["rad"])).json()[
+            "items"
+        ]
+    }
     assert (items[EFFUSION]["stated"], items[EFFUSION]["suggestion"]) == ("present", "agree")
     assert (items["Pneumothorax"]["stated"], items["Pneumothorax"]["suggestion"]) == ("absent", "disagree")
     assert items["Pneumothorax"]["evidence"] == "No pneumothorax"
     assert items["Edema"]["suggestion"] is None  # not named: left to the radiologist
-    approval = _approve(test_client, keys["rad"], study, _checklist(test_client, keys["rad"], study, {"Edema": "disagree"}))
+    approval = _approve(
+        test_client, keys["rad"], study, _checklist(test_client, keys["rad"], study, {"Edema": "disagree"})
+    )
     with registry.session() as session:
         review = session.scalars(select(ApprovalReview)).one()
         assert review.report_id == approval["id"] and review.checklist and review.edit_distance == 0
-        verdicts = {v.label: v for v in session.scalars(select(FindingVerdict).where(FindingVerdict.review_id == review.id))}
+        verdicts = {
+            v.label: v for v in session.scalars(select(FindingVerdict).where(FindingVerdict.review_id == review.id))
+        }
         assert len(verdicts) == 14
         assert verdicts["Pneumothorax"].ai_present and not verdicts["Pneumothorax"].radiologist_present
         assert verdicts["Pneumothorax"].suggested == "disagree" and not verdicts["Pneumothorax"].agree
@@ -263,15 +316,22 @@ def test_agreement_bounds_the_period_and_refuses_other_roles(client, registry: R
     assert test_client.get("/api/v1/quality/agreement", headers=_auth(keys["reader"])).status_code == 403
     study = add_reported_study(registry, settings)
     _approve(test_client, keys["rad"], study, None)
-    backwards = test_client.get("/api/v1/quality/agreement", params={"from": "2999-02-01T00:00:00Z",
-                                "to": "2000-01-01T00:00:00Z"}, headers=_auth(keys["admin"]))
+    backwards = test_client.get(
+        "/api/v1/quality/agreement",
+        params={"from": "2999-02-01T00:00:00Z", "to": "2000-01-01T00:00:00Z"},
+        headers=_auth(keys["admin"]),
+    )
     assert backwards.status_code == 200 and backwards.json()["from"] == backwards.json()["to"]
     assert backwards.json()["drafts"]["approved"] == 0
-    long = test_client.get("/api/v1/quality/agreement", params={"from": "0001-01-01T00:00:00Z", "to": "9999-01-01T00:00:00Z"},
-                           headers=_auth(keys["admin"])).json()
+    long = test_client.get(
+        "/api/v1/quality/agreement",
+        params={"from": "0001-01-01T00:00:00Z", "to": "9999-01-01T00:00:00Z"},
+        headers=_auth(keys["admin"]),
+    ).json()
     assert long["from"] == "9997-12-31T00:00:00Z" and long["drafts"]["approved"] == 0  # 366 days before 'to' only
-    recent = test_client.get("/api/v1/quality/agreement", params={"from": "2000-01-01T00:00:00Z"},
-                             headers=_auth(keys["admin"])).json()
+    recent = test_client.get(
+        "/api/v1/quality/agreement", params={"from": "2000-01-01T00:00:00Z"}, headers=_auth(keys["admin"])
+    ).json()
     assert recent["drafts"]["approved"] == 1  # within 366 days of now
 
 
@@ -285,8 +345,16 @@ def test_operations_overview_counts_what_the_registry_holds(client, registry: Re
     add_study(registry, settings, state=StudyState.FAILED, index=8, reason="unreadable pixels")
     with registry.session() as session:
         draft = session.scalars(select(Report).where(Report.study_id == reported[0])).one()
-        session.add(Export(report_id=draft.id, destination="pacs", state="DEAD", attempts=40,
-                           last_error="association rejected", created_at=utcnow()))
+        session.add(
+            Export(
+                report_id=draft.id,
+                destination="pacs",
+                state="DEAD",
+                attempts=40,
+                last_error="association rejected",
+                created_at=utcnow(),
+            )
+        )
         session.commit()
     assert test_client.get("/api/v1/operations/overview", headers=_auth(keys["rad"])).status_code == 403
     body = test_client.get("/api/v1/operations/overview", params={"hours": 2}, headers=_auth(keys["admin"])).json()
@@ -299,7 +367,9 @@ def test_operations_overview_counts_what_the_registry_holds(client, registry: Re
     assert body["latency"]["image_to_sr"]["n"] == 3 and body["latency"]["image_to_sr"]["p50"] >= 0
     assert body["latency"]["image_to_pacs"]["n"] == 0
     assert {(r["state"], r["reason"], r["count"]) for r in body["not_reported"]} == {
-        ("SKIPPED", "lateral view only", 1), ("FAILED", "unreadable pixels", 1)}
+        ("SKIPPED", "lateral view only", 1),
+        ("FAILED", "unreadable pixels", 1),
+    }
     assert body["exports"]["DEAD"] == 1
     assert body["dead_exports"] == [{"destination": "pacs", "reason": "association rejected", "count": 1}]
     assert body["queues"]["available"] and set(body["queues"]["depths"]) == {"dialog", "export", "report"}

@@ -52,9 +52,11 @@ def dialog_prompts() -> list[tuple[str, int]]:
     """(prompt, token limit): yes/no (10 tokens), list (30), a long history with a free question."""
     report = Turn(prompts.report_prompt("cardiomegaly, pleural effusion"), "The heart is enlarged. Small effusions.")
     chatter = [Turn(f"Question {i}: " + "Describe the lungs. " * (2 + i), "No. " * (3 + 2 * i)) for i in range(3)]
-    return [(conversation_prompt([report], yes_no_prompt("Edema")), prompts.TASK_MAX_NEW_TOKENS["yes_no"]),
-            (conversation_prompt([report], prompts.LIST_FINDINGS), prompts.TASK_MAX_NEW_TOKENS["list"]),
-            (conversation_prompt([report, *chatter], "Is the heart enlarged?"), MAX_NEW)]
+    return [
+        (conversation_prompt([report], yes_no_prompt("Edema")), prompts.TASK_MAX_NEW_TOKENS["yes_no"]),
+        (conversation_prompt([report], prompts.LIST_FINDINGS), prompts.TASK_MAX_NEW_TOKENS["list"]),
+        (conversation_prompt([report, *chatter], "Is the heart enlarged?"), MAX_NEW),
+    ]
 
 
 @pytest.fixture
@@ -67,8 +69,9 @@ def engine(backend: RadialogV1Backend) -> Iterator[Engine]:
     made.stop()
 
 
-def test_reports_joining_mid_batch_and_dialogs_equal_one_at_a_time(backend: RadialogV1Backend, engine: Engine,
-                                                                     seeds: list[int]) -> None:
+def test_reports_joining_mid_batch_and_dialogs_equal_one_at_a_time(
+    backend: RadialogV1Backend, engine: Engine, seeds: list[int]
+) -> None:
     first, later = seeds[:2], seeds[2:]
     first_handles = engine.submit_reports([image(s) for s in first], max_new_tokens=MAX_NEW)
     assert engine.steps.held.wait(120), "the engine never reached the held decode step"

@@ -27,8 +27,15 @@ from workers.models.radialog_v2.state_dicts import StateDictMismatch
 from workers.models.radialog_v2.transforms import LLM_CROP, batch_tensors
 
 FIXTURES = Path(__file__).parent / "fixtures"
-VICUNA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6}
+VICUNA_7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+}
 
 
 def _fixture(name: str) -> list[str]:
@@ -68,21 +75,33 @@ def test_full_size_model_expects_the_published_key_layouts() -> None:
     with torch.device("meta"):
         model = RadialogV1(4096)
         llama = LlamaForCausalLM(LlamaConfig(**VICUNA_7B))
-        peft_model = get_peft_model(llama, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
-                                                      target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        peft_model = get_peft_model(
+            llama,
+            LoraConfig(
+                r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+            ),
+        )
     tower = {k: tuple(v.shape) for k, v in model.visual_encoder.state_dict().items()}
     published = _fixture("radialog_v1_biovil_keys.txt")
     # the BioViL-T file: everything but its 128-channel projector is read (the projector is ignored by name)
     assert _lines({k: s for k, s in tower.items() if not k.startswith("projector.")}) == [
-        line for line in published if not line.startswith("projector.")]
-    assert [line for line in published if line.startswith("projector.model.0.")] == ["projector.model.0.weight 128x512x1x1"]
+        line for line in published if not line.startswith("projector.")
+    ]
+    assert [line for line in published if line.startswith("projector.model.0.")] == [
+        "projector.model.0.weight 128x512x1x1"
+    ]
     buffers = {f"visual_encoder.{name}" for name, _ in model.visual_encoder.named_buffers() if "pos_embed" not in name}
     checkpoint = {k: tuple(v.shape) for k, v in to_lavis(model.bridge.state_dict()).items()}
     checkpoint |= {k: tower[k.removeprefix("visual_encoder.")] for k in buffers}
     assert _lines(checkpoint) == _fixture("radialog_v1_checkpoint_keys.txt")
     assert _lines(adapter_layout(peft_model, model.img_proj)) == _fixture("radialog_v1_adapter_keys.txt")
     # the 1408-channel projector the reference builds, and the bridge's constants
-    assert tower["projector.model.0.weight"] == (1408, 512, 1, 1) and tower["projector.model.3.weight"] == (1408, 1408, 1, 1)
+    assert tower["projector.model.0.weight"] == (1408, 512, 1, 1) and tower["projector.model.3.weight"] == (
+        1408,
+        1408,
+        1,
+        1,
+    )
     assert "projector.model.0.bias" not in tower and tower["projector.model.3.bias"] == (1408,)
     assert model.bridge.ln_vision.eps == 1e-5 and model.bridge.qformer.layernorm.eps == 1e-12
     assert model.bridge.size.cross_attention_frequency == 2 and model.img_proj.in_features == 768
@@ -156,8 +175,10 @@ def test_checkpoint_problems_are_named(tiny: TinyPaths, tmp_path: Path) -> None:
     error = raised.value
     assert error.missing == ["query_tokens"]
     # layer 1 has no cross-attention (every second layer): a tensor for it is not ignored
-    assert error.unexpected == ["Qformer.bert.encoder.layer.1.crossattention.self.key.weight",
-                                "visual_encoder.encoder.decoder.weight"]
+    assert error.unexpected == [
+        "Qformer.bert.encoder.layer.1.crossattention.self.key.weight",
+        "visual_encoder.encoder.decoder.weight",
+    ]
     assert error.mismatched == ["visual_encoder.encoder.encoder.bn1.running_mean (7,) != (8,)"]
 
     content = torch.load(tiny.root / QFORMER_RELPATHS[0], weights_only=True)
@@ -184,15 +205,19 @@ def test_adapter_problems_are_named(tiny: TinyPaths, tmp_path: Path) -> None:
     assert error.mismatched == ["base_model.model.model.img_proj_layer.weight (64, 32) != (64, 768)"]
 
 
-@pytest.mark.parametrize(("change", "named"), [
-    ({"bias": "all"}, "bias 'all'"),
-    ({"target_modules": ["c_attn"]}, "target_modules ['c_attn']"),
-    ({"peft_type": "PREFIX_TUNING"}, "peft_type 'PREFIX_TUNING'"),
-    ({"enable_lora": [True, False, True]}, "enable_lora [True, False, True]"),
-    ({"r": 0}, "r 0"),
-])
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"bias": "all"}, "bias 'all'"),
+        ({"target_modules": ["c_attn"]}, "target_modules ['c_attn']"),
+        ({"peft_type": "PREFIX_TUNING"}, "peft_type 'PREFIX_TUNING'"),
+        ({"enable_lora": [True, False, True]}, "enable_lora [True, False, True]"),
+        ({"r": 0}, "r 0"),
+    ],
+)
 def test_adapter_config_is_read_by_hand_and_refused_when_it_is_not_the_references_kind(
-        tiny: TinyPaths, tmp_path: Path, change: dict, named: str) -> None:
+    tiny: TinyPaths, tmp_path: Path, change: dict, named: str
+) -> None:
     paths = _copy(tiny, tmp_path)
     config_path = paths.root / INSTRUCT_ADAPTER / "adapter_config.json"
     config = json.loads(config_path.read_text())
@@ -218,17 +243,26 @@ def test_missing_files_and_settings_are_named(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError) as raised:
         locate(tmp_path / "radialog", None, tmp_path / "vicuna", tmp_path / "biovil.pt")
     message = str(raised.value)
-    for name in ("pretraining/outputs/stage1_pt_instruct_blip_origlr_img448/checkpoint_4.pth",
-                 "outputs/stage1_pt_instruct_blip_origlr_img448/checkpoint_4.pth", "checkpoint-4800/adapter_config.json",
-                 "checkpoint-4800/adapter_model.bin", str(CLASSIFIER_RELPATH), "config.json", "pytorch_model.bin",
-                 "tokenizer.model", "biovil.pt"):
+    for name in (
+        "pretraining/outputs/stage1_pt_instruct_blip_origlr_img448/checkpoint_4.pth",
+        "outputs/stage1_pt_instruct_blip_origlr_img448/checkpoint_4.pth",
+        "checkpoint-4800/adapter_config.json",
+        "checkpoint-4800/adapter_model.bin",
+        str(CLASSIFIER_RELPATH),
+        "config.json",
+        "pytorch_model.bin",
+        "tokenizer.model",
+        "biovil.pt",
+    ):
         assert name in message, name
 
 
 def test_the_report_adapter_and_the_readme_layout_are_found(tiny: TinyPaths, tmp_path: Path) -> None:
     paths = _copy(tiny, tmp_path)
     (paths.root / "outputs").mkdir()
-    shutil.move(paths.root / "pretraining" / "outputs" / "stage1_pt_instruct_blip_origlr_img448", paths.root / "outputs")
+    shutil.move(
+        paths.root / "pretraining" / "outputs" / "stage1_pt_instruct_blip_origlr_img448", paths.root / "outputs"
+    )
     report = paths.root / "checkpoints" / "vicuna-7b-img-report" / "checkpoint-11200"
     shutil.copytree(paths.root / INSTRUCT_ADAPTER, report)
     files = locate(paths.root, "checkpoints/vicuna-7b-img-report/checkpoint-11200", paths.llm_dir, paths.biovil)
@@ -249,13 +283,13 @@ def test_reshape_without_permute_and_the_vision_path_equal_the_reference_math(ti
         grid = model.visual_encoder(pixels).projected_patch_embeddings
         assert grid.shape == (2, 1408, 14, 14)
         flat = grid.flatten(1)  # channel-major
-        expected = torch.stack([flat[:, n * 1408:(n + 1) * 1408] for n in range(196)], dim=1)
+        expected = torch.stack([flat[:, n * 1408 : (n + 1) * 1408] for n in range(196)], dim=1)
         features = model.image_features(pixels)
         assert features.shape == (2, 196, 1408)
         assert torch.equal(features, expected)
         assert not torch.allclose(features, grid.flatten(2).transpose(1, 2))  # the permuted reading differs
         expected_queries = reference_qformer(features, lavis, model.bridge.size.layers, model.bridge.size.heads)
-        queries = torch.cat([model.bridge(model.image_features(pixels[i:i + 1])) for i in range(2)])
+        queries = torch.cat([model.bridge(model.image_features(pixels[i : i + 1])) for i in range(2)])
         torch.testing.assert_close(queries, expected_queries, atol=1e-5, rtol=1e-4)
         embeds = model.encode_images(pixels)  # one image at a time, as above
         weight = adapter["base_model.model.model.img_proj_layer.weight"]
@@ -276,8 +310,8 @@ def test_the_splice_puts_the_image_at_the_placeholders(tiny: TinyPaths) -> None:
         (row,) = backend.embed([prompt], pixels)
         text = backend.model.llama_model.get_input_embeddings()(torch.tensor([i for i in ids if i != IMAGE_TOKEN_ID]))
     assert row.shape[0] == len(ids) == backend.count_tokens(prompt)  # length and positions unchanged
-    assert torch.equal(row[start:start + 32], image[0])
-    assert torch.equal(row[:start], text[:start]) and torch.equal(row[start + 32:], text[start:])
+    assert torch.equal(row[start : start + 32], image[0])
+    assert torch.equal(row[:start], text[:start]) and torch.equal(row[start + 32 :], text[start:])
 
 
 def test_classifier_reads_488_pixels(tiny: TinyPaths) -> None:
@@ -308,6 +342,12 @@ sys.meta_path.insert(0, Block())
 import bench.gpu, bench.gpu_radialog_v1, bench.model_size, workers.engine.backend, workers.models.capabilities
 import workers.models.radialog_v1.backend, workers.models.radialog_v1.serving, workers.models.radialog_v1.tiny
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            cwd=Path(__file__).resolve().parents[1], check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-2000:]

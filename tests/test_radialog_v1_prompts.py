@@ -25,11 +25,15 @@ from workers.models.radialog_v1.tiny import corpus
 from workers.models.radialog_v1.tokens import NoImage, prompt_ids
 from workers.models.tiny_llama import write_llama_tokenizer
 
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant acting as an experienced "
-          "radiologist. The assistant gives professional, detailed, and polite answers to the user's questions.")
-INSTRUCTION = ("You are to act as a radiologist and write the finding section of a chest x-ray radiology report for "
-               "this X-ray image and the given predicted findings. Write in the style of a radiologist, write one "
-               "fluent text without enumeration, be concise and don't provide explanations or reasons.")
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant acting as an experienced "
+    "radiologist. The assistant gives professional, detailed, and polite answers to the user's questions."
+)
+INSTRUCTION = (
+    "You are to act as a radiologist and write the finding section of a chest x-ray radiology report for "
+    "this X-ray image and the given predicted findings. Write in the style of a radiologist, write one "
+    "fluent text without enumeration, be concise and don't provide explanations or reasons."
+)
 IMG = 32000
 
 
@@ -71,15 +75,18 @@ def test_report_prompt_and_conversation_byte_for_byte() -> None:
     assert RADIALOG_V1.report_question(["Cardiomegaly", "Edema"]) == expected
 
 
-@pytest.mark.parametrize(("labels", "phrase"), [
-    ((), "no common findings"),
-    (("No Finding",), "no finding"),
-    (("Support Devices",), "support devices"),
-    (("No Finding", "Support Devices"), "no finding, support devices"),  # only devices beside it: kept
-    (("No Finding", "Edema"), "edema"),  # a finding beside it: dropped
-    (("No Finding", "Pleural Effusion", "Support Devices"), "pleural effusion, support devices"),
-    (("Enlarged Cardiomediastinum", "Lung Opacity"), "enlarged cardiomediastinum, lung opacity"),
-])
+@pytest.mark.parametrize(
+    ("labels", "phrase"),
+    [
+        ((), "no common findings"),
+        (("No Finding",), "no finding"),
+        (("Support Devices",), "support devices"),
+        (("No Finding", "Support Devices"), "no finding, support devices"),  # only devices beside it: kept
+        (("No Finding", "Edema"), "edema"),  # a finding beside it: dropped
+        (("No Finding", "Pleural Effusion", "Support Devices"), "pleural effusion, support devices"),
+        (("Enlarged Cardiomediastinum", "Lung Opacity"), "enlarged cardiomediastinum, lung opacity"),
+    ],
+)
 def test_findings_phrase_follows_test_py(labels: tuple[str, ...], phrase: str) -> None:
     assert prompts.findings_phrase(labels) == phrase
 
@@ -90,20 +97,28 @@ def test_capabilities_are_what_radialog_ins_was_trained_for() -> None:
     assert set(caps.tasks) == {"free", "correction", "yes_no", "list", "easy_language", "summary"}
     assert not caps.supports("impression") and not caps.supports("view") and not caps.first_turn_tasks
     assert caps.tasks["list"] == "List all the findings in this report."
-    assert dict(caps.task_max_new_tokens) == {"report": 300, "correction": 256, "yes_no": 10, "list": 30,
-                                              "easy_language": 300, "summary": 300, "free": 300}
+    assert dict(caps.task_max_new_tokens) == {
+        "report": 300,
+        "correction": 256,
+        "yes_no": 10,
+        "list": 30,
+        "easy_language": 300,
+        "summary": 300,
+        "free": 300,
+    }
     assert caps.context_tokens == 2048 and caps.image_tokens == 32
 
 
 # -- ids ----------------------------------------------------------------------------------------------
 def test_report_prompt_ids_as_the_note_describes(sp: spm.SentencePieceProcessor, encoder: SlowLlamaEncoder) -> None:
     prompt = conversation_prompt([], prompts.report_prompt("edema"))
-    expected = note_ids(sp, f"{SYSTEM} USER: Image information:",
-                        f". Predicted Findings: edema. {INSTRUCTION} ASSISTANT:")
+    expected = note_ids(
+        sp, f"{SYSTEM} USER: Image information:", f". Predicted Findings: edema. {INSTRUCTION} ASSISTANT:"
+    )
     ids = prompt_ids(prompt, encoder)
     assert ids == expected
     start = ids.index(IMG)
-    assert ids[start:start + 32] == [IMG] * 32 and ids.count(IMG) == 32
+    assert ids[start : start + 32] == [IMG] * 32 and ids.count(IMG) == 32
     assert sp.id_to_piece(ids[start + 32]).startswith("\u2581")  # the dummy prefix: "▁." (or "▁", ".")
     assert sp.id_to_piece(ids[start - 1]) != "\u2581"  # the space before <IMG> was stripped, not encoded
     # newer tokenizers keep that space: an extra "▁" would be there
@@ -114,9 +129,12 @@ def test_report_prompt_ids_as_the_note_describes(sp: spm.SentencePieceProcessor,
 def test_follow_up_turn_ids_as_the_note_describes(sp: spm.SentencePieceProcessor, encoder: SlowLlamaEncoder) -> None:
     report = "The heart is normal. No pleural effusion."
     prompt = conversation_prompt([Turn(prompts.report_prompt("no finding"), report)], "Is there any Edema?")
-    expected = note_ids(sp, f"{SYSTEM} USER: Image information:",
-                        f". Predicted Findings: no finding. {INSTRUCTION} ASSISTANT: {report}",
-                        ["USER: Is there any Edema? ASSISTANT:"])
+    expected = note_ids(
+        sp,
+        f"{SYSTEM} USER: Image information:",
+        f". Predicted Findings: no finding. {INSTRUCTION} ASSISTANT: {report}",
+        ["USER: Is there any Edema? ASSISTANT:"],
+    )
     ids = prompt_ids(prompt, encoder)
     assert ids == expected
     after_eos = ids[ids.index(2) + 1]

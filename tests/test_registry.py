@@ -81,8 +81,16 @@ def test_every_state_has_a_way_on() -> None:
 def test_duplicate_sop_instance_uid_is_refused_by_the_database(registry: Registry) -> None:
     with registry.session() as s:
         sid = _study(s).id
-        row = dict(study_id=sid, sop_instance_uid="1.2.3.4.5", sop_class_uid="1.2", transfer_syntax_uid="1.2.840.10008.1.2",
-                   path="x", size_bytes=1, received_at=utcnow(), attributes={})
+        row = dict(
+            study_id=sid,
+            sop_instance_uid="1.2.3.4.5",
+            sop_class_uid="1.2",
+            transfer_syntax_uid="1.2.840.10008.1.2",
+            path="x",
+            size_bytes=1,
+            received_at=utcnow(),
+            attributes={},
+        )
         s.add(Instance(**row))
     with pytest.raises(IntegrityError):
         with registry.session() as s:
@@ -162,13 +170,25 @@ def test_error_kind_migration_keeps_turns_up_down_and_up_again(bare_registry: Re
     upgrade(bare_registry.engine, "0004")
     assert "error_kind" not in _turn_columns(bare_registry)
     with bare_registry.engine.begin() as conn:
-        conn.execute(text("INSERT INTO studies (id, study_instance_uid, state, created_at, updated_at) "
-                          "VALUES (1, '1.2.3', 'REPORTED', :now, :now)"), {"now": utcnow()})
-        conn.execute(text('INSERT INTO conversations (id, study_id, "user", created_at) VALUES (1, 1, \'rad\', :now)'),
-                     {"now": utcnow()})
-        conn.execute(text("INSERT INTO dialog_turns (id, conversation_id, task, question, state, error, created_at) "
-                          "VALUES (7, 1, 'free', 'Any edema?', 'FAILED', 'too long: needs 9000 tokens but the limit "
-                          "is 4096', :now)"), {"now": utcnow()})
+        conn.execute(
+            text(
+                "INSERT INTO studies (id, study_instance_uid, state, created_at, updated_at) "
+                "VALUES (1, '1.2.3', 'REPORTED', :now, :now)"
+            ),
+            {"now": utcnow()},
+        )
+        conn.execute(
+            text("INSERT INTO conversations (id, study_id, \"user\", created_at) VALUES (1, 1, 'rad', :now)"),
+            {"now": utcnow()},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO dialog_turns (id, conversation_id, task, question, state, error, created_at) "
+                "VALUES (7, 1, 'free', 'Any edema?', 'FAILED', 'too long: needs 9000 tokens but the limit "
+                "is 4096', :now)"
+            ),
+            {"now": utcnow()},
+        )
     upgrade(bare_registry.engine)
     with bare_registry.session() as s:
         turn = s.get(DialogTurn, 7)

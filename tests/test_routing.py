@@ -36,7 +36,11 @@ def _facts(ds: Dataset, calling: str | None = "MODALITY", store_priority: str = 
 def test_adult_is_routine_and_no_note() -> None:
     decision = evaluate(_facts(make_cxr()), default_rules())  # born 1960
     assert (decision.action, decision.priority, decision.rule, decision.notes) == (
-        "report", Priority.ROUTINE, "routine", ())
+        "report",
+        Priority.ROUTINE,
+        "routine",
+        (),
+    )
 
 
 @pytest.mark.parametrize(("age", "birth"), [("010Y", None), ("017Y", None), ("006M", None), (None, "20150101")])
@@ -89,10 +93,15 @@ def test_a_child_stays_skipped_even_when_stat() -> None:
 
 def test_custom_rules_by_ae_station_institution_description() -> None:
     rules = [
-        RoutingRule(name="ed", match={"calling_ae_titles": ["ED_*"], "institutions": ["*general*"]},
-                    priority=Priority.HIGH),
-        RoutingRule(name="research", match={"study_descriptions": ["*RESEARCH*"]}, action="skip",
-                    reason="research studies are not pre-read"),
+        RoutingRule(
+            name="ed", match={"calling_ae_titles": ["ED_*"], "institutions": ["*general*"]}, priority=Priority.HIGH
+        ),
+        RoutingRule(
+            name="research",
+            match={"study_descriptions": ["*RESEARCH*"]},
+            action="skip",
+            reason="research studies are not pre-read",
+        ),
         RoutingRule(name="night-station", match={"stations": ["NIGHT1"], "modalities": ["DX"]}, priority="LOW"),
     ]
     ds = make_cxr(modality="DX")
@@ -115,8 +124,7 @@ def test_age_forms() -> None:
     assert age_in_years(None, "2000", "20260101") is None
 
 
-def test_rules_are_validated_at_start_with_the_field_named(monkeypatch: pytest.MonkeyPatch,
-                                                           tmp_path: Path) -> None:
+def test_rules_are_validated_at_start_with_the_field_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("RADIALOG_ROUTING_RULES", json.dumps([{"name": "x", "action": "skip"}]))
     with pytest.raises(ValidationError, match="needs a reason"):
         Settings()
@@ -128,9 +136,11 @@ def test_rules_are_validated_at_start_with_the_field_named(monkeypatch: pytest.M
         Settings()
     monkeypatch.delenv("RADIALOG_ROUTING_RULES")
     config = tmp_path / "radialog.toml"
-    config.write_text('[[routing_rules]]\nname = "ed"\npriority = "HIGH"\n'
-                      '[routing_rules.match]\ncalling_ae_titles = ["ED"]\n'
-                      '[[routing_rules]]\nname = "rest"\n')
+    config.write_text(
+        '[[routing_rules]]\nname = "ed"\npriority = "HIGH"\n'
+        '[routing_rules.match]\ncalling_ae_titles = ["ED"]\n'
+        '[[routing_rules]]\nname = "rest"\n'
+    )
     monkeypatch.setenv("RADIALOG_CONFIG", str(config))
     assert [r.name for r in Settings().routing_rules] == ["ed", "rest"]
     config.write_text('[[routing_rules]]\nname = "ed"\npriority = "URGENT"\n')

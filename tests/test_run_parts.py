@@ -24,15 +24,30 @@ BOUND_S = 90
 
 def _radialog_run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADIALOG_")}
-    env.update({"PYTHONPATH": str(ROOT), "RADIALOG_DATA_DIR": str(tmp_path / "var"),
-                "RADIALOG_BROKER_URL": "redis://127.0.0.1:1/0",  # nothing there: the embedded broker
-                "RADIALOG_DICOM_HOST": "127.0.0.1", "RADIALOG_API_HOST": "127.0.0.1"})
+    env.update(
+        {
+            "PYTHONPATH": str(ROOT),
+            "RADIALOG_DATA_DIR": str(tmp_path / "var"),
+            "RADIALOG_BROKER_URL": "redis://127.0.0.1:1/0",  # nothing there: the embedded broker
+            "RADIALOG_DICOM_HOST": "127.0.0.1",
+            "RADIALOG_API_HOST": "127.0.0.1",
+        }
+    )
     started = time.monotonic()
     try:
-        result = subprocess.run([sys.executable, "-m", "composition.cli", "run", *args], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=BOUND_S, check=False)
+        result = subprocess.run(
+            [sys.executable, "-m", "composition.cli", "run", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=BOUND_S,
+            check=False,
+        )
     except subprocess.TimeoutExpired as exc:
-        output = "".join(v.decode(errors="replace") if isinstance(v, bytes) else (v or "") for v in (exc.stdout, exc.stderr))
+        output = "".join(
+            v.decode(errors="replace") if isinstance(v, bytes) else (v or "") for v in (exc.stdout, exc.stderr)
+        )
         pytest.fail(f"radialog run was still running after {BOUND_S} s with a part down:\n{output[-3000:]}")
     return result, time.monotonic() - started
 
@@ -43,8 +58,11 @@ def test_radialog_run_exits_when_a_port_is_taken(tmp_path: Path, taken: str) -> 
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         port = str(blocker.getsockname()[1])
-        ports = ["--dicom-port", port, "--api-port", "0"] if taken == "DICOM listener" else [
-            "--dicom-port", "0", "--api-port", port]
+        ports = (
+            ["--dicom-port", port, "--api-port", "0"]
+            if taken == "DICOM listener"
+            else ["--dicom-port", "0", "--api-port", port]
+        )
         result, seconds = _radialog_run(tmp_path, *ports)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]

@@ -27,15 +27,24 @@ def _places(matches: Callable[[ast.AST], bool]) -> set[str]:
 
 
 def _is_attribute(node: ast.AST, name: str, owner: str) -> bool:
-    return (isinstance(node, ast.Attribute) and node.attr == name and isinstance(node.value, ast.Name)
-            and node.value.id == owner)
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr == name
+        and isinstance(node.value, ast.Name)
+        and node.value.id == owner
+    )
 
 
 def test_the_newest_report_version_is_asked_in_the_registry_only() -> None:
     """``Report.version.desc()`` (ordering a study's versions newest first) only in radialog.registry.queries."""
+
     def newest_first(node: ast.AST) -> bool:
-        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "desc"
-                and _is_attribute(node.func.value, "version", "Report"))
+        return (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "desc"
+            and _is_attribute(node.func.value, "version", "Report")
+        )
 
     assert _places(newest_first) == {"radialog/registry/queries.py"}
 
@@ -43,9 +52,11 @@ def test_the_newest_report_version_is_asked_in_the_registry_only() -> None:
 def test_the_seed_question_is_built_in_the_capabilities_only() -> None:
     """The report question with the seed's present findings: ``Capabilities.seed_question``; nobody else
     calls ``report_question`` (the API's token estimate and the worker's history would drift apart)."""
+
     def calls_report_question(node: ast.AST) -> bool:
-        return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and node.func.attr == "report_question")
+        return (
+            isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "report_question"
+        )
 
     assert _places(calls_report_question) == {"workers/models/capabilities.py"}
 
@@ -53,13 +64,16 @@ def test_the_seed_question_is_built_in_the_capabilities_only() -> None:
 def test_radialog_image_token_count_is_one_constant() -> None:
     """RaDialog v2's 196 image positions: ``workers.models.prompts.IMAGE_TOKENS``; everything else imports it."""
     assert _places(lambda n: isinstance(n, ast.Constant) and type(n.value) is int and n.value == 196) == {
-        "workers/models/prompts.py"}
+        "workers/models/prompts.py"
+    }
 
 
 def test_which_destinations_take_the_sr_is_said_once() -> None:
     """("dimse", "stow") as a literal only in radialog/settings.py (``SR_KINDS``, ``Destination.carries_sr``)."""
+
     def sr_kinds(node: ast.AST) -> bool:
         return isinstance(node, ast.Tuple | ast.List | ast.Set) and {"dimse", "stow"} <= {
-            e.value for e in node.elts if isinstance(e, ast.Constant)}
+            e.value for e in node.elts if isinstance(e, ast.Constant)
+        }
 
     assert _places(sr_kinds) == {"radialog/settings.py"}

@@ -52,7 +52,9 @@ def test_ai_draft_sr_is_valid_readable_and_flagged_unverified(sqlite_registry: R
     # the source image is the evidence
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
     assert evidence.StudyInstanceUID == source.StudyInstanceUID
-    assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert (
+        evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    )
     # the algorithm in Contributing Equipment (IHE AI Results) and the private scheme declared
     equipment = [e for e in sr.ContributingEquipmentSequence if e.get("ManufacturerModelName") == PROVENANCE.name]
     assert equipment and equipment[0].SoftwareVersions == PROVENANCE.version
@@ -71,8 +73,11 @@ def test_ai_draft_sr_is_valid_readable_and_flagged_unverified(sqlite_registry: R
     presence = cardiomegaly.ContentSequence[0].ConceptCodeSequence[0]
     probability = cardiomegaly.ContentSequence[1].MeasuredValueSequence[0].NumericValue
     assert presence.CodeMeaning == "Present" and float(probability) == pytest.approx(0.9)
-    observer_types = [i.ConceptCodeSequence[0].CodeMeaning for i in items
-                      if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "121005"]
+    observer_types = [
+        i.ConceptCodeSequence[0].CodeMeaning
+        for i in items
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "121005"
+    ]
     assert observer_types == ["Device"]
 
 
@@ -82,8 +87,14 @@ def test_approved_version_is_final_verified_and_references_its_predecessor(
     study_id, source, draft = _draft(sqlite_registry, settings)
     with sqlite_registry.session() as session:
         approved = create_version(
-            session, settings, study_id, kind="approval", findings_text="Cardiomegaly. Small left effusion.",
-            impression_text="Cardiomegaly with small left pleural effusion.", author="Smith^Anna", approve=True,
+            session,
+            settings,
+            study_id,
+            kind="approval",
+            findings_text="Cardiomegaly. Small left effusion.",
+            impression_text="Cardiomegaly with small left pleural effusion.",
+            author="Smith^Anna",
+            approve=True,
         )
     path = settings.sr_dir / approved.sr_path
     assert dciodvfy_errors(path) == []
@@ -166,8 +177,9 @@ def test_draft_of_a_model_without_classifier_names_the_model_and_carries_no_code
 
     xraygpt = Provenance(name="XrayGPT", version="1.0", files_sha256="7a" * 32, display_name="XrayGPT")
     study_id, _source = add_study_without_history(sqlite_registry, settings)
-    output = ReportOutput(key=str(study_id), findings_text=FINDINGS_TEXT, findings=[], findings_phrase="",
-                          generated_tokens=30, timings={})
+    output = ReportOutput(
+        key=str(study_id), findings_text=FINDINGS_TEXT, findings=[], findings_phrase="", generated_tokens=30, timings={}
+    )
     with sqlite_registry.session() as session:
         report = create_ai_draft(session, settings, study_id, output, xraygpt)
         path = settings.sr_dir / report.sr_path
@@ -192,8 +204,9 @@ def test_draft_of_a_model_without_classifier_names_the_model_and_carries_no_code
     assert "RaDialog" not in dump.stdout
 
     with sqlite_registry.session() as session:  # a radiologist's edit of it: their text, no AI container
-        edited = create_version(session, settings, study_id, kind="edit", findings_text="Normal chest.",
-                                impression_text=None, author="dr-x")
+        edited = create_version(
+            session, settings, study_id, kind="edit", findings_text="Normal chest.", impression_text=None, author="dr-x"
+        )
         edited_path = settings.sr_dir / edited.sr_path
     assert dciodvfy_errors(edited_path) == []
     assert dcmread(edited_path).SeriesDescription == "Edited AI-assisted report - not verified"
@@ -210,13 +223,23 @@ def test_the_builder_refuses_text_no_dicom_text_value_may_hold(bad: str, tmp_pat
     from reporting.text import InvalidReportText
 
     source = make_cxr(rows=32, cols=32)
-    spec = SRSpec(new_uid(), new_uid(), 901, 1, "Heart normal.", impression_text="Normal.", author="anna",
-                  algorithm=Algorithm("RaDialog", "2.0", "0" * 64))
+    spec = SRSpec(
+        new_uid(),
+        new_uid(),
+        901,
+        1,
+        "Heart normal.",
+        impression_text="Normal.",
+        author="anna",
+        algorithm=Algorithm("RaDialog", "2.0", "0" * 64),
+    )
     build_sr(source, spec)  # the clean spec builds
-    for field, changed in (("findings text", replace(spec, findings_text=f"Small{bad} effusion.")),
-                           ("impression text", replace(spec, impression_text=f"Normal{bad}.")),
-                           ("author", replace(spec, author=f"an{bad}na")),
-                           ("algorithm version", replace(spec, algorithm=Algorithm("RaDialog", f"2{bad}0", "0" * 64)))):
+    for field, changed in (
+        ("findings text", replace(spec, findings_text=f"Small{bad} effusion.")),
+        ("impression text", replace(spec, impression_text=f"Normal{bad}.")),
+        ("author", replace(spec, author=f"an{bad}na")),
+        ("algorithm version", replace(spec, algorithm=Algorithm("RaDialog", f"2{bad}0", "0" * 64))),
+    ):
         with pytest.raises(InvalidReportText, match=f"^{field}: ") as refused:
             build_sr(source, changed)
         assert refused.value.character == bad
@@ -227,8 +250,9 @@ def test_the_builder_refuses_text_no_dicom_text_value_may_hold(bad: str, tmp_pat
         build_sr(source, replace(spec, author="x" * 65))
 
 
-def test_a_version_with_invalid_text_is_refused_before_anything_is_stored(sqlite_registry: Registry,
-                                                                           settings: Settings) -> None:
+def test_a_version_with_invalid_text_is_refused_before_anything_is_stored(
+    sqlite_registry: Registry, settings: Settings
+) -> None:
     from sqlalchemy import func, select
 
     from radialog.registry import Report
@@ -240,8 +264,9 @@ def test_a_version_with_invalid_text_is_refused_before_anything_is_stored(sqlite
     with sqlite_registry.session() as session:
         create_ai_draft(session, settings, study_id, model_output(study_id), PROVENANCE)
     with pytest.raises(InvalidReportText), sqlite_registry.session() as session:
-        create_version(session, settings, study_id, kind="edit", findings_text="Edited\x00.", impression_text=None,
-                       author="anna")
+        create_version(
+            session, settings, study_id, kind="edit", findings_text="Edited\x00.", impression_text=None, author="anna"
+        )
     with sqlite_registry.session() as session:
         assert session.scalar(select(func.count()).select_from(Report)) == 1
     assert len(list(settings.sr_dir.rglob("*.dcm"))) == 1

@@ -26,13 +26,30 @@ def test_settings_never_see_exported_product_variables() -> None:
 def test_exported_variables_are_cleared(tmp_path: Path) -> None:
     """A pytest run with a developer's exports: the in-process Settings() still gets the defaults, while the
     suite's own RADIALOG_TEST_* configuration stays."""
-    env = {**os.environ, "RADIALOG_DATABASE_URL": f"sqlite:///{tmp_path}/developer.sqlite",
-           "RADIALOG_BROKER_URL": "redis://127.0.0.1:6399/3", "RADIALOG_TEST_REDIS": brokers.TEST_REDIS,
-           "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {
+        **os.environ,
+        "RADIALOG_DATABASE_URL": f"sqlite:///{tmp_path}/developer.sqlite",
+        "RADIALOG_BROKER_URL": "redis://127.0.0.1:6399/3",
+        "RADIALOG_TEST_REDIS": brokers.TEST_REDIS,
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/test_support.py::test_settings_never_see_exported_product_variables"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_support.py::test_settings_never_see_exported_product_variables",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "1 passed" in result.stdout
 
@@ -49,6 +66,9 @@ def test_every_redis_database_has_one_owner_unless_declared_shared() -> None:
 
 def test_every_module_that_uses_redis_is_listed() -> None:
     """A module calling ``redis_url(__name__)`` without an entry would only fail when it runs."""
-    users = {f"tests.{path.stem}" for path in (ROOT / "tests").glob("test_*.py")
-             if path.name != "test_support.py" and "redis_url(__name__)" in path.read_text()}
+    users = {
+        f"tests.{path.stem}"
+        for path in (ROOT / "tests").glob("test_*.py")
+        if path.name != "test_support.py" and "redis_url(__name__)" in path.read_text()
+    }
     assert users <= set(brokers.DATABASES), sorted(users - set(brokers.DATABASES))

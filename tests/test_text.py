@@ -18,16 +18,22 @@ from reporting.text import (
 )
 
 
-@pytest.mark.parametrize(("raw", "clean"), [
-    ("om0vi\x0fgaly", "om0vigaly"),                          # the tiny model's byte-fallback control byte
-    ("a\tb", "a b"),                                         # TAB is no DICOM text character: a space
-    ("line\r\nnext\x0cpage", "line\r\nnext\x0cpage"),       # CR, LF, FF stay
-    ("".join(map(chr, range(0x20))), " \n\x0c\r"),              # every C0: TAB (a space), LF, FF, CR stay
-    ("del\x7f c1\x80\x85\x9f end", "del c1 end"),
-    ("lone \ud800\udfff\udc80 surrogates", "lone  surrogates"),
-    ("\u202eRTL\u202c \u05d0 \u0644 \U0001f44d\U0001f3fd e\u0301 \ufffd", "\u202eRTL\u202c \u05d0 \u0644 \U0001f44d\U0001f3fd e\u0301 \ufffd"),
-    ("<script>alert(1)</script> \\ \"", "<script>alert(1)</script> \\ \""),
-])
+@pytest.mark.parametrize(
+    ("raw", "clean"),
+    [
+        ("om0vi\x0fgaly", "om0vigaly"),  # the tiny model's byte-fallback control byte
+        ("a\tb", "a b"),  # TAB is no DICOM text character: a space
+        ("line\r\nnext\x0cpage", "line\r\nnext\x0cpage"),  # CR, LF, FF stay
+        ("".join(map(chr, range(0x20))), " \n\x0c\r"),  # every C0: TAB (a space), LF, FF, CR stay
+        ("del\x7f c1\x80\x85\x9f end", "del c1 end"),
+        ("lone \ud800\udfff\udc80 surrogates", "lone  surrogates"),
+        (
+            "\u202eRTL\u202c \u05d0 \u0644 \U0001f44d\U0001f3fd e\u0301 \ufffd",
+            "\u202eRTL\u202c \u05d0 \u0644 \U0001f44d\U0001f3fd e\u0301 \ufffd",
+        ),
+        ('<script>alert(1)</script> \\ "', '<script>alert(1)</script> \\ "'),
+    ],
+)
 def test_clean_text_keeps_what_dicom_text_values_hold(raw: str, clean: str) -> None:
     assert clean_text(raw) == clean and is_clean(clean) and clean_text(clean) == clean
 

@@ -16,7 +16,8 @@ from tests.support.seeding import FINDINGS_TEXT, PROVENANCE, add_study_without_h
 @pytest.fixture
 def two_destinations(settings: Settings) -> Settings:
     settings.destinations = [
-        Destination(name="pacs", ae_title="PACS", port=104), Destination(name="archive", ae_title="ARCH", port=105)
+        Destination(name="pacs", ae_title="PACS", port=104),
+        Destination(name="archive", ae_title="ARCH", port=105),
     ]
     return settings
 
@@ -36,7 +37,8 @@ def test_ai_draft_is_made_once(registry: Registry, two_destinations: Settings) -
         assert session.scalar(select(func.count()).select_from(Report)) == 1
         exports = session.scalars(select(Export).order_by(Export.destination)).all()
         assert [(e.destination, e.state, e.report_id) for e in exports] == [
-            ("archive", "PENDING", first.id), ("pacs", "PENDING", first.id)
+            ("archive", "PENDING", first.id),
+            ("pacs", "PENDING", first.id),
         ]
         study = session.get(Study, study_id)
         assert study.state == "REPORTED"
@@ -54,14 +56,25 @@ def test_correction_then_approval_makes_a_chain_of_versions(registry: Registry, 
         transition(session, study_id, StudyState.EXPORTED, "test: the draft reached every destination")
     with registry.session() as session:
         corrected = create_version(
-            session, settings, study_id, kind="ai_correction", findings_text="Cardiomegaly. No effusion.",
-            impression_text=None, author="anna",
+            session,
+            settings,
+            study_id,
+            kind="ai_correction",
+            findings_text="Cardiomegaly. No effusion.",
+            impression_text=None,
+            author="anna",
         )
         assert session.get(Study, study_id).state == "REPORTED"  # a new version must be exported again
     with registry.session() as session:
         approved = create_version(
-            session, settings, study_id, kind="approval", findings_text="Cardiomegaly. No effusion.",
-            impression_text="Cardiomegaly.", author="anna", approve=True,
+            session,
+            settings,
+            study_id,
+            kind="approval",
+            findings_text="Cardiomegaly. No effusion.",
+            impression_text="Cardiomegaly.",
+            author="anna",
+            approve=True,
         )
     with registry.session() as session:
         v1, v2, v3 = session.scalars(select(Report).order_by(Report.version)).all()
@@ -102,11 +115,13 @@ def test_bad_version_requests_are_refused(sqlite_registry: Registry, settings: S
     study_id, _ = add_study_without_history(sqlite_registry, settings)
     with sqlite_registry.session() as session:
         with pytest.raises(ReportingError, match="no report to revise"):
-            create_version(session, settings, study_id, kind="edit", findings_text="x", impression_text=None,
-                           author="anna")
+            create_version(
+                session, settings, study_id, kind="edit", findings_text="x", impression_text=None, author="anna"
+            )
         with pytest.raises(ValueError, match="kind must be one of"):
-            create_version(session, settings, study_id, kind="ai_draft", findings_text="x", impression_text=None,
-                           author="anna")
+            create_version(
+                session, settings, study_id, kind="ai_draft", findings_text="x", impression_text=None, author="anna"
+            )
         with pytest.raises(LookupError):
             create_ai_draft(session, settings, 999_999, model_output(1), PROVENANCE)
 
@@ -137,8 +152,9 @@ def test_racing_workers_make_one_draft_and_one_file(registry: Registry, two_dest
         barrier.wait()
         try:
             with registry.session() as session:
-                results.append(create_ai_draft(session, settings, study_id, model_output(study_id, text),
-                                               PROVENANCE).id)
+                results.append(
+                    create_ai_draft(session, settings, study_id, model_output(study_id, text), PROVENANCE).id
+                )
         except OperationalError as exc:  # SQLite: the second writer of one snapshot is told to retry
             locked.append(exc)
 

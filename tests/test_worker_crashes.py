@@ -53,8 +53,9 @@ class Supervisor:
 
     def _start(self) -> None:
         args = ["worker", "--hostname", self.name, "--lease-seconds", "3"]  # with its sweeper, as deployed
-        self.runs.append(radialog_process(f"{self.name}-run{len(self.runs)}", args, self.env, self.harness.tmp,
-                                          module=LAUNCHER))
+        self.runs.append(
+            radialog_process(f"{self.name}-run{len(self.runs)}", args, self.env, self.harness.tmp, module=LAUNCHER)
+        )
 
     def _watch(self) -> None:
         while not self._stop.wait(0.2):
@@ -84,10 +85,16 @@ class Supervisor:
 
 
 @pytest.fixture
-def crash_harness(tmp_path: Path, settings: Settings, sqlite_registry: Registry,
-                  tiny_model: tuple[Path, Path]) -> Iterator[Harness]:
-    h = Harness(tmp_path, sqlite_registry, settings.model_copy(update={"batch_size": 8, "batch_wait_ms": 0}),
-                tiny_model, redis_url=REDIS_URL)
+def crash_harness(
+    tmp_path: Path, settings: Settings, sqlite_registry: Registry, tiny_model: tuple[Path, Path]
+) -> Iterator[Harness]:
+    h = Harness(
+        tmp_path,
+        sqlite_registry,
+        settings.model_copy(update={"batch_size": 8, "batch_wait_ms": 0}),
+        tiny_model,
+        redis_url=REDIS_URL,
+    )
     yield h
     h.close()
 
@@ -97,8 +104,9 @@ def crash_keys(h: Harness, study_ids: list[int]) -> str:
     return ",".join(image_key(load_image(h.registry, h.settings, s)) for s in study_ids)
 
 
-def run_crashing_batch(h: Harness, env: dict[str, Any], first_index: int, size: int,
-                       crashing_at: list[int]) -> tuple[list[int], list[int], Supervisor]:
+def run_crashing_batch(
+    h: Harness, env: dict[str, Any], first_index: int, size: int, crashing_at: list[int]
+) -> tuple[list[int], list[int], Supervisor]:
     """``size`` studies queued before the worker starts (one batch), those at ``crashing_at`` crash it;
     returns (healthy, crashing, supervisor) once every study is REPORTED or FAILED."""
     studies = [add_study(h.registry, h.settings, index=first_index + i)[0] for i in range(size)]
@@ -125,18 +133,26 @@ def figures(h: Harness, study_ids: list[int], supervisor: Supervisor) -> str:
     with h.registry.session() as session:
         reported = sorted(
             (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
-            for at in session.scalars(select(StudyEvent.at).where(
-                StudyEvent.study_id.in_(study_ids), StudyEvent.to_state == StudyState.REPORTED.value)))
+            for at in session.scalars(
+                select(StudyEvent.at).where(
+                    StudyEvent.study_id.in_(study_ids), StudyEvent.to_state == StudyState.REPORTED.value
+                )
+            )
+        )
     starts = supervisor.started_at()
     back = [round(next((s for s in starts if s > died), float("nan")) - died, 1) for died in supervisor.died_at]
-    next_report = [round(next((r for r in reported if r > died), float("nan")) - died, 1)
-                   for died in supervisor.died_at]
-    return (f"{len(study_ids)} studies, {len(supervisor.deaths)} worker deaths; worker back after {back} s; "
-            f"next report after {next_report} s; first start to last report {reported[-1] - starts[0]:.0f} s")
+    next_report = [
+        round(next((r for r in reported if r > died), float("nan")) - died, 1) for died in supervisor.died_at
+    ]
+    return (
+        f"{len(study_ids)} studies, {len(supervisor.deaths)} worker deaths; worker back after {back} s; "
+        f"next report after {next_report} s; first start to last report {reported[-1] - starts[0]:.0f} s"
+    )
 
 
-def check_outcome(h: Harness, healthy: list[int], crashing: list[int], supervisor: Supervisor,
-                  company_deaths: range = range(1, 2)) -> None:
+def check_outcome(
+    h: Harness, healthy: list[int], crashing: list[int], supervisor: Supervisor, company_deaths: range = range(1, 2)
+) -> None:
     states = h.states(healthy + crashing)
     outcome = {s: (states[s], j.attempts, j.error) for s, j in h.jobs(healthy + crashing).items()}
     expected = {**{s: "REPORTED" for s in healthy}, **{s: "FAILED" for s in crashing}}
@@ -168,8 +184,9 @@ def test_two_crashing_studies_among_eight_fail_alone_and_the_six_others_are_repo
     dies with its own crasher later: one or two deaths in company)."""
     h = crash_harness
     h.settings = h.settings.model_copy(update={"batch_size": batch_size})
-    healthy, crashing, supervisor = run_crashing_batch(h, h.env(report_tasks=2), first_index=80, size=8,
-                                                       crashing_at=[2, 5])
+    healthy, crashing, supervisor = run_crashing_batch(
+        h, h.env(report_tasks=2), first_index=80, size=8, crashing_at=[2, 5]
+    )
     check_outcome(h, healthy, crashing, supervisor, company_deaths=range(1, 8 // batch_size + 1))
     print(figures(h, healthy + crashing, supervisor))
 

@@ -188,8 +188,14 @@ def test_reconciler_resends_a_dialog_turn_the_broker_forgot(sqlite_registry: Reg
         conversation = Conversation(study_id=study_id, user="rad", created_at=utcnow())
         session.add(conversation)
         session.flush()
-        turn = DialogTurn(conversation_id=conversation.id, task="free", question="Is there any edema?",
-                          state="QUEUED", celery_task_id="t-1", created_at=utcnow())
+        turn = DialogTurn(
+            conversation_id=conversation.id,
+            task="free",
+            question="Is there any edema?",
+            state="QUEUED",
+            celery_task_id="t-1",
+            created_at=utcnow(),
+        )
         session.add(turn)
         session.flush()
         turn_id = turn.id
@@ -202,7 +208,9 @@ def test_reconciler_resends_a_dialog_turn_the_broker_forgot(sqlite_registry: Reg
     assert task_id != "t-1" and task_id in (broker_task_ids(rsettings, "dialog") or set())
 
 
-def test_sweep_sends_due_exports_and_one_sweeper_takes_each_turn(sqlite_registry: Registry, rsettings: Settings) -> None:
+def test_sweep_sends_due_exports_and_one_sweeper_takes_each_turn(
+    sqlite_registry: Registry, rsettings: Settings
+) -> None:
     from radialog.settings import Destination
     from tests.support.seeding import add_reported_study
     from workers.reconciler import Sweeper, send_due_exports
@@ -254,7 +262,9 @@ def test_engine_metrics_count_sequences_slots_and_steps(tiny_model) -> None:
     def sample(name: str, **labels: str) -> float | None:
         return registry.get_sample_value(name, labels)
 
-    assert sample("radialog_engine_slots", kind="report") == 3.0 and sample("radialog_engine_slots", kind="dialog") == 1.0
+    assert (
+        sample("radialog_engine_slots", kind="report") == 3.0 and sample("radialog_engine_slots", kind="dialog") == 1.0
+    )
     images = [chest_pixels(600, 520, 8, seed=i).astype("uint8") for i in range(2)]
     handles = engine.submit_reports(images, max_new_tokens=8, min_new_tokens=8)
     engine._take_inbox()  # the engine thread is not started: step it by hand, deterministically
@@ -282,14 +292,32 @@ def test_dialog_history_seeds_the_report_and_keeps_view_turns_apart(sqlite_regis
         session.add(conversation)
         session.flush()
         turns = [
-            DialogTurn(conversation_id=conversation.id, task="view", question=VIEW_PROMPT, answer="PA view.",
-                       state="DONE", created_at=utcnow()),
-            DialogTurn(conversation_id=conversation.id, task="yes_no", question=yes_no_prompt("edema"),
-                       answer="No.", state="DONE", created_at=utcnow()),
-            DialogTurn(conversation_id=conversation.id, task="view", question=VIEW_PROMPT, state="QUEUED",
-                       created_at=utcnow()),
-            DialogTurn(conversation_id=conversation.id, task="free", question="Any devices?", state="QUEUED",
-                       created_at=utcnow()),
+            DialogTurn(
+                conversation_id=conversation.id,
+                task="view",
+                question=VIEW_PROMPT,
+                answer="PA view.",
+                state="DONE",
+                created_at=utcnow(),
+            ),
+            DialogTurn(
+                conversation_id=conversation.id,
+                task="yes_no",
+                question=yes_no_prompt("edema"),
+                answer="No.",
+                state="DONE",
+                created_at=utcnow(),
+            ),
+            DialogTurn(
+                conversation_id=conversation.id, task="view", question=VIEW_PROMPT, state="QUEUED", created_at=utcnow()
+            ),
+            DialogTurn(
+                conversation_id=conversation.id,
+                task="free",
+                question="Any devices?",
+                state="QUEUED",
+                created_at=utcnow(),
+            ),
         ]
         session.add_all(turns)
         session.flush()
@@ -328,8 +356,9 @@ def test_a_worker_that_lost_its_lease_cannot_fail_the_job(registry: Registry, rs
     assert _study_state(registry, study_id) == StudyState.RUNNING.value
 
 
-def test_a_dialog_turn_left_running_by_a_dead_worker_fails_with_a_reason(sqlite_registry: Registry,
-                                                                         rsettings: Settings) -> None:
+def test_a_dialog_turn_left_running_by_a_dead_worker_fails_with_a_reason(
+    sqlite_registry: Registry, rsettings: Settings
+) -> None:
     from radialog.registry import Conversation, DialogTurn
     from tests.support.seeding import add_reported_study
     from workers.reconciler import STUCK_DIALOG_TURN_S
@@ -340,11 +369,19 @@ def test_a_dialog_turn_left_running_by_a_dead_worker_fails_with_a_reason(sqlite_
         conversation = Conversation(study_id=study_id, user="rad", created_at=asked)
         session.add(conversation)
         session.flush()
-        old, fresh = (DialogTurn(conversation_id=conversation.id, task="free", question=q, state="RUNNING",
-                                 created_at=at) for q, at in (("Any edema?", asked), ("Any effusion?", utcnow())))
+        old, fresh = (
+            DialogTurn(conversation_id=conversation.id, task="free", question=q, state="RUNNING", created_at=at)
+            for q, at in (("Any edema?", asked), ("Any effusion?", utcnow()))
+        )
         # asked ten minutes ago and never taken (its message held by a worker that died)
-        never = DialogTurn(conversation_id=conversation.id, task="free", question="Any fracture?", state="QUEUED",
-                           created_at=asked, celery_task_id="held-by-a-dead-worker")
+        never = DialogTurn(
+            conversation_id=conversation.id,
+            task="free",
+            question="Any fracture?",
+            state="QUEUED",
+            created_at=asked,
+            celery_task_id="held-by-a-dead-worker",
+        )
         session.add_all([old, fresh, never])
         session.flush()
         old_id, fresh_id, never_id = old.id, fresh.id, never.id
@@ -368,8 +405,9 @@ def test_given_back_jobs_carry_the_id_of_their_new_message(sqlite_registry: Regi
     from workers.context import WorkerContext
     from workers.pipeline import give_back
 
-    jobs = [enqueue_report(sqlite_registry, rsettings, add_study(sqlite_registry, rsettings, index=i)[0])
-            for i in range(2)]
+    jobs = [
+        enqueue_report(sqlite_registry, rsettings, add_study(sqlite_registry, rsettings, index=i)[0]) for i in range(2)
+    ]
     first_ids = {j: _job(sqlite_registry, j).celery_task_id for j in jobs}
     with sqlite_registry.session() as session:
         claims: list[Claim] = [c for j in jobs if (c := claim(session, j, "w1", lease_s=30)) is not None]
@@ -384,8 +422,9 @@ def test_given_back_jobs_carry_the_id_of_their_new_message(sqlite_registry: Regi
     assert reconcile(sqlite_registry, rsettings, grace_s=0).resent_queued == [jobs[0]]  # only the one Celery owns
 
 
-def test_a_queued_jobs_message_held_by_a_dead_worker_is_sent_again(sqlite_registry: Registry,
-                                                                   rsettings: Settings) -> None:
+def test_a_queued_jobs_message_held_by_a_dead_worker_is_sent_again(
+    sqlite_registry: Registry, rsettings: Settings
+) -> None:
     """A worker fetched the message (kombu moved it to the unacked hash) and died before the job started:
     Redis would restore it only after the visibility timeout (an hour). Delivered over a minute ago ->
     re-sent; delivered just now (a live worker is about to start it) -> left alone; a retry's message
@@ -396,8 +435,9 @@ def test_a_queued_jobs_message_held_by_a_dead_worker_is_sent_again(sqlite_regist
     from workers.broker_state import START_GRACE_S
 
     client = redis.Redis.from_url(REDIS_URL)
-    jobs = [enqueue_report(sqlite_registry, rsettings, add_study(sqlite_registry, rsettings, index=i)[0])
-            for i in range(3)]
+    jobs = [
+        enqueue_report(sqlite_registry, rsettings, add_study(sqlite_registry, rsettings, index=i)[0]) for i in range(3)
+    ]
     long_ago = time.time() - START_GRACE_S - 60
     eta = datetime.fromtimestamp(time.time() + 300, UTC).isoformat()
     cases = (("tag-old", long_ago, None), ("tag-new", time.time(), None), ("tag-eta", long_ago, eta))
@@ -411,8 +451,10 @@ def test_a_queued_jobs_message_held_by_a_dead_worker_is_sent_again(sqlite_regist
         client.hset("unacked", tag, json.dumps([message, "report", "report"]))
         client.zadd("unacked_index", {tag: delivered})
     assert client.llen(ROUTINE_LIST) == 0
-    held = {tag: json.loads(client.hget("unacked", tag))[0]["headers"]["argsrepr"]
-            for tag in ("tag-old", "tag-new", "tag-eta")}
+    held = {
+        tag: json.loads(client.hget("unacked", tag))[0]["headers"]["argsrepr"]
+        for tag in ("tag-old", "tag-new", "tag-eta")
+    }
     old_job = next(j for j in jobs if held["tag-old"] == f"[{j}]")
     assert reconcile(sqlite_registry, rsettings, grace_s=0).resent_queued == [old_job]
     assert _job(sqlite_registry, old_job).celery_task_id in (broker_task_ids(rsettings) or set())
@@ -434,19 +476,35 @@ def test_dialog_history_of_an_xraygpt_conversation_opens_with_its_report_questio
         conversation = Conversation(study_id=study_id, user="rad", created_at=utcnow())
         session.add(conversation)
         session.flush()
-        turns = [DialogTurn(conversation_id=conversation.id, task="impression", question=IMPRESSION,
-                            answer="Cardiomegaly.", state="DONE", created_at=utcnow()),
-                 DialogTurn(conversation_id=conversation.id, task="free", question="Any devices?", state="QUEUED",
-                            created_at=utcnow())]
+        turns = [
+            DialogTurn(
+                conversation_id=conversation.id,
+                task="impression",
+                question=IMPRESSION,
+                answer="Cardiomegaly.",
+                state="DONE",
+                created_at=utcnow(),
+            ),
+            DialogTurn(
+                conversation_id=conversation.id,
+                task="free",
+                question="Any devices?",
+                state="QUEUED",
+                created_at=utcnow(),
+            ),
+        ]
         session.add_all(turns)
         session.flush()
         history = build_history(session, turns[1], XRAYGPT)
-        assert [(t.question, t.answer) for t in history] == [(REPORT_QUESTION, "Mild cardiomegaly."),
-                                                             (IMPRESSION, "Cardiomegaly.")]
+        assert [(t.question, t.answer) for t in history] == [
+            (REPORT_QUESTION, "Mild cardiomegaly."),
+            (IMPRESSION, "Cardiomegaly."),
+        ]
 
 
-def test_embedded_broker_message_held_by_a_dead_worker_is_sent_again(sqlite_registry: Registry,
-                                                                      settings: Settings) -> None:
+def test_embedded_broker_message_held_by_a_dead_worker_is_sent_again(
+    sqlite_registry: Registry, settings: Settings
+) -> None:
     """kombu's SQLAlchemy transport (``radialog run`` without Redis) keeps a delivered message as an
     invisible row stamped with its delivery time: due and unclaimed for over a minute -> re-sent."""
     from datetime import datetime
@@ -457,8 +515,9 @@ def test_embedded_broker_message_held_by_a_dead_worker_is_sent_again(sqlite_regi
     from workers.broker_state import START_GRACE_S
 
     esettings = embedded_broker(settings)
-    jobs = [enqueue_report(sqlite_registry, esettings, add_study(sqlite_registry, esettings, index=i)[0])
-            for i in range(2)]
+    jobs = [
+        enqueue_report(sqlite_registry, esettings, add_study(sqlite_registry, esettings, index=i)[0]) for i in range(2)
+    ]
     assert broker_task_ids(esettings) == {_job(sqlite_registry, j).celery_task_id for j in jobs}
     assert reconcile(sqlite_registry, esettings, grace_s=0).resent_queued == []  # both wait in the queue
     with app_for(esettings).connection_for_read() as conn:  # a worker takes one message ... and dies (the
@@ -491,13 +550,15 @@ def _claim_alone(registry: Registry, job_id: int) -> Any:
     return batch[0]
 
 
-def test_jobs_lost_while_running_together_run_alone_next_and_are_not_charged(registry: Registry,
-                                                                             rsettings: Settings) -> None:
+def test_jobs_lost_while_running_together_run_alone_next_and_are_not_charged(
+    registry: Registry, rsettings: Settings
+) -> None:
     from workers.crashes import BATCH, mark_running
 
     jobs = [enqueue_report(registry, rsettings, add_study(registry, rsettings, index=i)[0]) for i in range(4)]
-    batch = collect_batch(registry, jobs[0], worker="w1", model_name=rsettings.model_backend, batch_size=3,
-                          wait_s=0.0, lease_s=30)
+    batch = collect_batch(
+        registry, jobs[0], worker="w1", model_name=rsettings.model_backend, batch_size=3, wait_s=0.0, lease_s=30
+    )
     mark_running(registry, [(c.job_id, c.attempt) for c in batch], BATCH)
     ran = [c.job_id for c in batch]
     _lapse(registry, ran)
@@ -508,17 +569,20 @@ def test_jobs_lost_while_running_together_run_alone_next_and_are_not_charged(reg
         assert (job.state, job.isolated, job.crashes, job.lost_claims, job.run_mode) == ("QUEUED", True, 0, 1, None)
         assert job.celery_task_id in (broker_task_ids(rsettings) or set())
     # the untouched fourth job batches as usual; it never takes a suspect as a companion
-    rest = collect_batch(registry, jobs[3], worker="w1", model_name=rsettings.model_backend, batch_size=8,
-                         wait_s=0.0, lease_s=30)
+    rest = collect_batch(
+        registry, jobs[3], worker="w1", model_name=rsettings.model_backend, batch_size=8, wait_s=0.0, lease_s=30
+    )
     assert [c.job_id for c in rest] == [jobs[3]] and not rest[0].isolated
-    alone = collect_batch(registry, ran[1], worker="w1", model_name=rsettings.model_backend, batch_size=8,
-                          wait_s=0.0, lease_s=30)
+    alone = collect_batch(
+        registry, ran[1], worker="w1", model_name=rsettings.model_backend, batch_size=8, wait_s=0.0, lease_s=30
+    )
     assert [c.job_id for c in alone] == [ran[1]]  # a batch of one, though two more suspects wait
     assert alone[0].isolated and (alone[0].attempt, alone[0].charged) == (2, 1)
 
 
-def test_a_job_that_crashes_its_worker_alone_is_charged_and_fails_at_the_limit(registry: Registry,
-                                                                              rsettings: Settings) -> None:
+def test_a_job_that_crashes_its_worker_alone_is_charged_and_fails_at_the_limit(
+    registry: Registry, rsettings: Settings
+) -> None:
     from workers.crashes import MAX_CRASHES
 
     study_id, _ = add_study(registry, rsettings)
@@ -558,8 +622,9 @@ def test_a_claim_lost_before_its_work_started_is_requeued_as_it_was(registry: Re
     assert (job.state, job.worker, job.lost_claims, job.crashes) == ("RUNNING", "w2", 1, 0)
 
 
-def test_a_worker_that_receives_the_message_of_a_job_lost_alone_charges_it(registry: Registry,
-                                                                           rsettings: Settings) -> None:
+def test_a_worker_that_receives_the_message_of_a_job_lost_alone_charges_it(
+    registry: Registry, rsettings: Settings
+) -> None:
     study_id, _ = add_study(registry, rsettings)
     job_id = enqueue_report(registry, rsettings, study_id)
     with registry.session() as session:
@@ -612,8 +677,9 @@ def test_gate_lets_batches_share_and_a_lone_job_wait_for_them_and_go_first() -> 
     assert order == ["b1 in", "b1 out", "lone in", "lone out", "b2 in", "b2 out"]
 
 
-def test_a_restarted_workers_first_sweep_ignores_the_dead_workers_lock(sqlite_registry: Registry,
-                                                                      rsettings: Settings) -> None:
+def test_a_restarted_workers_first_sweep_ignores_the_dead_workers_lock(
+    sqlite_registry: Registry, rsettings: Settings
+) -> None:
     """The sweep lock a crashed worker took may outlive it: its successor sweeps at start anyway, so the
     claims it lost come back without waiting for the lock to expire."""
     from workers.reconciler import Sweeper
@@ -656,14 +722,20 @@ def test_dialog_history_of_a_radialog_v1_conversation_opens_with_its_report_prom
     from workers.models.capabilities import RADIALOG_V1
     from workers.models.radialog_v1.prompts import report_prompt
 
-    study_id = add_reported_study(sqlite_registry, settings, findings_text="Small left effusion.",
-                                  present=("No Finding", "Pleural Effusion"))
+    study_id = add_reported_study(
+        sqlite_registry, settings, findings_text="Small left effusion.", present=("No Finding", "Pleural Effusion")
+    )
     with sqlite_registry.session() as session:
         conversation = Conversation(study_id=study_id, user="rad", created_at=utcnow())
         session.add(conversation)
         session.flush()
-        turn = DialogTurn(conversation_id=conversation.id, task="yes_no", question="Is there any Edema?",
-                          state="QUEUED", created_at=utcnow())
+        turn = DialogTurn(
+            conversation_id=conversation.id,
+            task="yes_no",
+            question="Is there any Edema?",
+            state="QUEUED",
+            created_at=utcnow(),
+        )
         session.add(turn)
         session.flush()
         history = build_history(session, turn, RADIALOG_V1)

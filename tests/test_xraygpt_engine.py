@@ -34,7 +34,7 @@ SEEDS = range(10)
 @cache
 def image(seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:300 + 10 * seed, 0:280].astype(np.float32)
+    y, x = np.mgrid[0 : 300 + 10 * seed, 0:280].astype(np.float32)
     base = 128 + 60 * np.sin(x / (9 + seed)) * np.cos(y / (13 + 2 * seed))
     return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
 
@@ -42,9 +42,11 @@ def image(seed: int) -> np.ndarray:
 def dialog_prompts() -> list[str]:
     report = Turn(prompts.REPORT_QUESTION, "The heart is enlarged. Small bilateral effusions.")
     chatter = [Turn(f"Question {i}: " + "Describe the lungs. " * (2 + i), "No. " * (3 + 2 * i)) for i in range(3)]
-    return [prompts.conversation_prompt([report], prompts.IMPRESSION),
-            prompts.conversation_prompt([report], "Is there a pneumothorax?"),
-            prompts.conversation_prompt([report, *chatter], prompts.KEY_FINDINGS)]
+    return [
+        prompts.conversation_prompt([report], prompts.IMPRESSION),
+        prompts.conversation_prompt([report], "Is there a pneumothorax?"),
+        prompts.conversation_prompt([report, *chatter], prompts.KEY_FINDINGS),
+    ]
 
 
 def _outcomes(answers: list[list[int]], eos_source: int, stop: int) -> Counter[str]:
@@ -150,8 +152,10 @@ def test_sampling_is_a_per_turn_option_with_its_own_stream(backend: XrayGPTBacke
     engine.steps.go.set()
     prompt = dialog_prompts()[1]
     greedy = _alone(backend, prompt, 3, MAX_NEW)
-    draws = [engine.submit_dialog(prompt, image(3), MAX_NEW, sampling=Sampling(temperature=1.5, top_p=0.95, seed=s))
-             for s in (1, 1, 2)]
+    draws = [
+        engine.submit_dialog(prompt, image(3), MAX_NEW, sampling=Sampling(temperature=1.5, top_p=0.95, seed=s))
+        for s in (1, 1, 2)
+    ]
     beside = engine.submit_dialog(prompt, image(3), MAX_NEW)  # greedy, in the same batch
     tokens = [tuple(h.result(120).tokens) for h in draws]
     assert tokens[0] == tokens[1], "the same seed must give the same draw"

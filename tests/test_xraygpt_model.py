@@ -52,11 +52,14 @@ def test_full_size_model_expects_the_published_key_layouts() -> None:
     with torch.device("meta"):
         model = XrayGPT(4096)
     assert _lines(eva_vit.published_shapes(model.visual_encoder.tower.state_dict())) == _fixture(
-        "xraygpt_eva_vit_g_keys.txt")
+        "xraygpt_eva_vit_g_keys.txt"
+    )
     assert _lines({k: tuple(v.shape) for k, v in to_lavis(model.bridge.state_dict()).items()}) == _fixture(
-        "xraygpt_qformer_keys.txt")
+        "xraygpt_qformer_keys.txt"
+    )
     assert _lines({f"llama_proj.{k}": tuple(v.shape) for k, v in model.llama_proj.state_dict().items()}) == _fixture(
-        "xraygpt_checkpoint_keys.txt")
+        "xraygpt_checkpoint_keys.txt"
+    )
     # ln_vision is LAVIS's eps 1e-5 LayerNorm, the blocks' norms EVA's 1e-6
     assert model.bridge.ln_vision.eps == 1e-5
     assert model.visual_encoder.tower.encoder.layers[0].layer_norm1.eps == 1e-6
@@ -103,8 +106,10 @@ def test_qformer_file_problems_are_named(tiny: TinyPaths, tmp_path: Path) -> Non
     error = raised.value
     assert error.missing == ["query_tokens"]
     # layer 1 has no cross-attention in BLIP-2 (every second layer): a tensor for it is not ignored
-    assert error.unexpected == ["Qformer.bert.encoder.layer.1.crossattention.self.key.weight",
-                                "visual_encoder.blocks.0.norm1.weight"]
+    assert error.unexpected == [
+        "Qformer.bert.encoder.layer.1.crossattention.self.key.weight",
+        "visual_encoder.blocks.0.norm1.weight",
+    ]
     assert error.mismatched == ["ln_vision.weight (31,) != (32,)"]
 
 
@@ -171,7 +176,9 @@ def reference_eva(pixels: torch.Tensor, state: dict, depth: int, heads: int) -> 
     for i in range(depth):
         p = f"blocks.{i}"
         h = _layer_norm(x, state, f"{p}.norm1", 1e-6)
-        bias = torch.cat([state[f"{p}.attn.q_bias"], torch.zeros_like(state[f"{p}.attn.v_bias"]), state[f"{p}.attn.v_bias"]])
+        bias = torch.cat(
+            [state[f"{p}.attn.q_bias"], torch.zeros_like(state[f"{p}.attn.v_bias"]), state[f"{p}.attn.v_bias"]]
+        )
         q, k, v = (h @ state[f"{p}.attn.qkv.weight"].T + bias).chunk(3, dim=-1)
         x = x + _linear(_attend(q, k, v, heads), state, f"{p}.attn.proj")
         h = _layer_norm(x, state, f"{p}.norm2", 1e-6)
@@ -191,8 +198,12 @@ def reference_qformer(image: torch.Tensor, state: dict, layers: int, heads: int)
                 continue
             a = f"{p}.{kind}"
             kv = x if source is None else source
-            out = _attend(_linear(x, state, f"{a}.self.query"), _linear(kv, state, f"{a}.self.key"),
-                          _linear(kv, state, f"{a}.self.value"), heads)
+            out = _attend(
+                _linear(x, state, f"{a}.self.query"),
+                _linear(kv, state, f"{a}.self.key"),
+                _linear(kv, state, f"{a}.self.value"),
+                heads,
+            )
             x = _layer_norm(_linear(out, state, f"{a}.output.dense") + x, state, f"{a}.output.LayerNorm", 1e-12)
         h = torch.nn.functional.gelu(_linear(x, state, f"{p}.intermediate_query.dense"))
         x = _layer_norm(_linear(h, state, f"{p}.output_query.dense") + x, state, f"{p}.output_query.LayerNorm", 1e-12)
@@ -219,8 +230,9 @@ def test_vision_path_equals_the_reference_math_on_the_published_tensors(tiny: Ti
         assert queries.shape == (2, 32, 32)
         torch.testing.assert_close(queries, expected_q, atol=1e-5, rtol=1e-4)
         embeds = model.encode_images(pixels)
-        torch.testing.assert_close(embeds, expected_q @ proj["llama_proj.weight"].T + proj["llama_proj.bias"],
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            embeds, expected_q @ proj["llama_proj.weight"].T + proj["llama_proj.bias"], atol=1e-5, rtol=1e-4
+        )
     assert not torch.allclose(embeds[0], embeds[1], atol=1e-3), "the two images gave the same embeddings"
 
 
@@ -231,7 +243,9 @@ def test_preprocessing_is_224_bicubic_with_clip_mean_and_std() -> None:
     assert got.shape == (3, 224, 224) and got.dtype == torch.float32
     # the reference path: PIL convert('RGB') -> Resize((224, 224), BICUBIC) -> ToTensor -> Normalize
     rgb = np.asarray(Image.fromarray(image).convert("RGB").resize((224, 224), Image.BICUBIC), dtype=np.float32) / 255.0
-    expected = (torch.from_numpy(rgb).permute(2, 0, 1) - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    expected = (torch.from_numpy(rgb).permute(2, 0, 1) - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[
+        :, None, None
+    ]
     assert torch.equal(got, expected)
     # fixed numbers: a change of filter, size, mean or std shows here
     assert got[0, 0, 0].item() == pytest.approx(-1.7922625, abs=1e-6)  # black: -mean/std of the red channel
@@ -265,6 +279,12 @@ sys.meta_path.insert(0, Block())
 import bench.gpu, bench.gpu_xraygpt, bench.model_size, workers.engine.backend
 import workers.models.xraygpt.backend, workers.models.xraygpt.serving, workers.models.xraygpt.tiny
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            cwd=Path(__file__).resolve().parents[1], check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-2000:]

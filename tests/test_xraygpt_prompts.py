@@ -17,12 +17,16 @@ from workers.models.xraygpt.backend import REFERENCE_STOPS, AnswerStreamer, Xray
 from workers.models.xraygpt.loader import load_xraygpt
 from workers.models.xraygpt.tiny import TinyPaths, make_tiny
 
-SYSTEM = ("You are an experienced Doctor, give the following medical scan: <Img>ImageContent</Img>. You will be "
-          "able to see the medical scan once I provide it to you. Please answer my questions.")
+SYSTEM = (
+    "You are an experienced Doctor, give the following medical scan: <Img>ImageContent</Img>. You will be "
+    "able to see the medical scan once I provide it to you. Please answer my questions."
+)
 REPORT_PROMPT = SYSTEM + "###Patient: <Img><ImageHere></Img> Describe the given chest x-ray image in detail.###Doctor:"
-TWO_TURNS = (SYSTEM + "###Patient: <Img><ImageHere></Img> Describe the given chest x-ray image in detail.###Doctor: "
-             "The heart is enlarged. Small effusions.###Patient: Is there a pneumothorax?###Doctor: No.###Patient: "
-             "Based on the findings in this chest x-ray image, what is the overall impression?###Doctor:")
+TWO_TURNS = (
+    SYSTEM + "###Patient: <Img><ImageHere></Img> Describe the given chest x-ray image in detail.###Doctor: "
+    "The heart is enlarged. Small effusions.###Patient: Is there a pneumothorax?###Doctor: No.###Patient: "
+    "Based on the findings in this chest x-ray image, what is the overall impression?###Doctor:"
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +46,16 @@ def image(seed: int) -> np.ndarray:
 def test_report_and_two_turn_prompts_are_the_reference_text() -> None:
     assert prompts.SYSTEM == SYSTEM
     assert prompts.conversation_prompt([], prompts.REPORT_QUESTION) == REPORT_PROMPT
-    history = [Turn(prompts.REPORT_QUESTION, "The heart is enlarged. Small effusions."),
-               Turn("Is there a pneumothorax?", "No.")]
+    history = [
+        Turn(prompts.REPORT_QUESTION, "The heart is enlarged. Small effusions."),
+        Turn("Is there a pneumothorax?", "No."),
+    ]
     assert prompts.conversation_prompt(history, prompts.IMPRESSION) == TWO_TURNS
     # an empty earlier answer reads as the reference's get_prompt writes it: the open "Doctor:" role
     assert prompts.conversation_prompt([Turn(prompts.REPORT_QUESTION, "")], "Why?") == (
         SYSTEM + "###Patient: <Img><ImageHere></Img> Describe the given chest x-ray image in detail.###Doctor:"
-        "Patient: Why?###Doctor:")
+        "Patient: Why?###Doctor:"
+    )
 
 
 def _sentencepiece(tiny: TinyPaths) -> spm.SentencePieceProcessor:
@@ -70,8 +77,10 @@ def slow_legacy_ids(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
 
 #: A user's question and an edited report holding special-token text: the legacy rules give the text after
 #: each one the dummy "▁" (transformers' fast tokenizer, and the non-legacy slow one, do not).
-TYPED_SPECIALS = (SYSTEM + "###Patient: <Img><ImageHere></Img> Describe the given chest x-ray image in detail.###"
-                  "Doctor: Normal heart.</s>No effusion.###Patient: Is it </s>normal or <unk>x<s>y?###Doctor:")
+TYPED_SPECIALS = (
+    SYSTEM + "###Patient: <Img><ImageHere></Img> Describe the given chest x-ray image in detail.###"
+    "Doctor: Normal heart.</s>No effusion.###Patient: Is it </s>normal or <unk>x<s>y?###Doctor:"
+)
 
 
 def test_ids_and_splice_follow_get_context_emb(backend: XrayGPTBackend, tiny: TinyPaths) -> None:
@@ -97,8 +106,8 @@ def test_ids_and_splice_follow_get_context_emb(backend: XrayGPTBackend, tiny: Ti
     assert row.shape == (len(before) + 32 + len(after), 64)
     cut = len(before)
     assert torch.equal(row[:cut], embeds(torch.tensor(before)))
-    assert torch.equal(row[cut:cut + 32], image_rows)
-    assert torch.equal(row[cut + 32:], embeds(torch.tensor(after)))
+    assert torch.equal(row[cut : cut + 32], image_rows)
+    assert torch.equal(row[cut + 32 :], embeds(torch.tensor(after)))
     with pytest.raises(ValueError, match="must hold <ImageHere>"):
         backend.prompt_segments(SYSTEM + "###Patient: no image###Doctor:")
     # a user's "<ImageHere>" (a question, an edited report) stays text: the image goes at the first one
@@ -134,7 +143,8 @@ def test_stopping_and_post_processing(backend: XrayGPTBackend) -> None:
     # the reference's post-processing: cut at ###, after the last "Doctor:", strip, ChatDoctor -> XrayGPT
     assert prompts.postprocess(" Mild cardiomegaly.###Patient: thanks") == "Mild cardiomegaly."
     assert prompts.postprocess("Patient asked. Doctor: ChatDoctor sees a Chat Doctor effusion.") == (
-        "XrayGPT sees a XrayGPT effusion.")
+        "XrayGPT sees a XrayGPT effusion."
+    )
     # ids: a leading <unk> then <s> are dropped before decoding
     assert backend.text([0, 1, *words, *hash_ids, *words]) == "Mild cardiomegaly."
     assert backend.text([1, *words]) == "Mild cardiomegaly."
@@ -155,8 +165,9 @@ def test_streamed_pieces_add_up_to_the_answer_and_hold_back_what_may_change(back
     assert not any("Chat" in s for s in seen), seen  # "Chat" was held until it became "XrayGPT"
 
     pieces.clear()
-    answer = backend.answer(DialogRequest(image(1), [Turn(prompts.REPORT_QUESTION, "Normal.")], "Any effusion?"),
-                            on_token=pieces.append)
+    answer = backend.answer(
+        DialogRequest(image(1), [Turn(prompts.REPORT_QUESTION, "Normal.")], "Any effusion?"), on_token=pieces.append
+    )
     assert "".join(pieces) == answer
 
 

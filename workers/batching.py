@@ -42,8 +42,15 @@ class Claim:
     priority: int = 1  # the study's rank: 0 HIGH, 1 ROUTINE, 2 LOW
 
 
-def claim(session: Session, job_id: int, worker: str, lease_s: float, *, companion: bool = False,
-          settings: Settings | None = None) -> Claim | None:
+def claim(
+    session: Session,
+    job_id: int,
+    worker: str,
+    lease_s: float,
+    *,
+    companion: bool = False,
+    settings: Settings | None = None,
+) -> Claim | None:
     """Take ``job_id`` if it is waiting, or after its last claim was lost with its worker (lease expired:
     settled first by ``crashes.recover_lost``, which decides who is charged). A ``companion`` (joining
     another job's batch) is never an isolated job."""
@@ -72,8 +79,14 @@ def claim(session: Session, job_id: int, worker: str, lease_s: float, *, compani
     assert job is not None
     session.refresh(job)
     transition(session, job.study_id, StudyState.RUNNING, only_from=[StudyState.QUEUED])
-    return Claim(job_id=job.id, study_id=job.study_id, attempt=job.attempts,
-                 charged=job.attempts - job.lost_claims, isolated=job.isolated, priority=job.priority)
+    return Claim(
+        job_id=job.id,
+        study_id=job.study_id,
+        attempt=job.attempts,
+        charged=job.attempts - job.lost_claims,
+        isolated=job.isolated,
+        priority=job.priority,
+    )
 
 
 def waiting_jobs(session: Session, model_name: str, limit: int, exclude: set[int]) -> list[int]:

@@ -76,7 +76,7 @@ def broker_messages(settings: Settings, queue: str) -> list[BrokerMessage] | Non
     """The messages the broker holds for ``queue`` (delivered ones of any queue on Redis, where the
     unacked hash is shared); None when the broker cannot be read this way."""
     if settings.broker_url.startswith(_EMBEDDED_PREFIX):
-        return _embedded_messages(settings.broker_url[len(_EMBEDDED_PREFIX):], queue)
+        return _embedded_messages(settings.broker_url[len(_EMBEDDED_PREFIX) :], queue)
     return _redis_messages(settings, queue)
 
 

@@ -66,14 +66,35 @@ def run_worker(
             DialogConsumer.threads = settings.engine_dialog_slots
             app.steps["consumer"].add(DialogConsumer)
             consumed = others
-    log.info("worker starting", extra={"worker": hostname, "queues": queues, "batch_size": settings.batch_size,
-                                       "pool": pool, "concurrency": concurrency})
+    log.info(
+        "worker starting",
+        extra={
+            "worker": hostname,
+            "queues": queues,
+            "batch_size": settings.batch_size,
+            "pool": pool,
+            "concurrency": concurrency,
+        },
+    )
     try:
-        app.worker_main([
-            "worker", "--pool", pool, "--concurrency", str(concurrency), "--queues", ",".join(consumed),
-            "--hostname", hostname, "--loglevel", loglevel, "--without-gossip", "--without-mingle",
-            "--without-heartbeat",
-        ])
+        app.worker_main(
+            [
+                "worker",
+                "--pool",
+                pool,
+                "--concurrency",
+                str(concurrency),
+                "--queues",
+                ",".join(consumed),
+                "--hostname",
+                hostname,
+                "--loglevel",
+                loglevel,
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ]
+        )
     finally:
         if sweeper is not None:
             sweeper.stop()
@@ -90,8 +111,13 @@ _common = [
     click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: settings.device)."),
     click.option("--batch-size", type=int, default=None, help="Most report jobs per batch."),
     click.option("--batch-wait-ms", type=int, default=None, help="How long to wait to fill a batch."),
-    click.option("--lease-seconds", type=float, default=DEFAULT_LEASE_S, show_default=True,
-                 help="A running job whose worker is silent this long is re-queued."),
+    click.option(
+        "--lease-seconds",
+        type=float,
+        default=DEFAULT_LEASE_S,
+        show_default=True,
+        help="A running job whose worker is silent this long is re-queued.",
+    ),
     click.option("--metrics-port", type=int, default=None, help="Serve Prometheus /metrics on this port."),
 ]
 
@@ -103,15 +129,38 @@ def common_options(func: Any) -> Any:
 
 
 @click.command()
-@click.option("--queues", "-Q", default=",".join(QUEUES), show_default=True,
-              help="Queues in the order served; 'export' alone loads no model.")
+@click.option(
+    "--queues",
+    "-Q",
+    default=",".join(QUEUES),
+    show_default=True,
+    help="Queues in the order served; 'export' alone loads no model.",
+)
 @click.option("--hostname", "-n", default=None, help="Worker name (default radialog-<device>-<pid>@<host>).")
-@click.option("--sweep/--no-sweep", default=True, show_default=True,
-              help="Run the reconciler and the export sweep in this worker (one sweeper per interval).")
+@click.option(
+    "--sweep/--no-sweep",
+    default=True,
+    show_default=True,
+    help="Run the reconciler and the export sweep in this worker (one sweeper per interval).",
+)
 @common_options
-def worker(queues: str, hostname: str | None, sweep: bool, device: str | None, batch_size: int | None,
-           batch_wait_ms: int | None, lease_seconds: float, metrics_port: int | None) -> None:
+def worker(
+    queues: str,
+    hostname: str | None,
+    sweep: bool,
+    device: str | None,
+    batch_size: int | None,
+    batch_wait_ms: int | None,
+    lease_seconds: float,
+    metrics_port: int | None,
+) -> None:
     """Run a worker: one per GPU, the model loaded once, micro-batched report jobs and dialog turns."""
     settings = overridden_settings({"device": device, "batch_size": batch_size, "batch_wait_ms": batch_wait_ms})
-    run_worker(settings, queues=[q.strip() for q in queues.split(",") if q.strip()], hostname=hostname,
-               lease_s=lease_seconds, sweep=sweep, metrics_port=metrics_port)
+    run_worker(
+        settings,
+        queues=[q.strip() for q in queues.split(",") if q.strip()],
+        hostname=hostname,
+        lease_s=lease_seconds,
+        sweep=sweep,
+        metrics_port=metrics_port,
+    )

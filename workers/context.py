@@ -119,8 +119,12 @@ class WorkerContext:
         """Announce this worker ready (only when a model is loaded), wherever the broker keeps readiness."""
         if self.backend is None:
             return
-        info: dict[str, Any] = {**self.backend.provenance.to_dict(), **self.backend.serving_info(),
-                                "backend": self.backend.capabilities.backend, "hostname": self.hostname}
+        info: dict[str, Any] = {
+            **self.backend.provenance.to_dict(),
+            **self.backend.serving_info(),
+            "backend": self.backend.capabilities.backend,
+            "hostname": self.hostname,
+        }
         self.presence.announce(self.hostname, info)
 
     def withdraw_ready(self) -> None:

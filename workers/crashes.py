@@ -57,8 +57,10 @@ FAILED = "failed"
 
 
 def crash_reason(crashes: int) -> str:
-    return (f"the worker process died {crashes} times while running this study alone (e.g. a decoder or "
-            "model crash on this image); not retried automatically")
+    return (
+        f"the worker process died {crashes} times while running this study alone (e.g. a decoder or "
+        "model crash on this image); not retried automatically"
+    )
 
 
 def recover_lost(session: Session, job_id: int, lease_s: float, settings: Settings | None = None) -> str | None:
@@ -110,8 +112,16 @@ def recover_lost(session: Session, job_id: int, lease_s: float, settings: Settin
         session.refresh(job)
     target = StudyState.FAILED if outcome == FAILED else StudyState.QUEUED
     transition(session, study_id, target, reason, only_from=[StudyState.RUNNING])
-    log.warning("job lost with its worker", extra={"job": job_id, "study": study_id, "ran": run_mode or "not started",
-                                                   "outcome": outcome, "crashes": crashes})
+    log.warning(
+        "job lost with its worker",
+        extra={
+            "job": job_id,
+            "study": study_id,
+            "ran": run_mode or "not started",
+            "outcome": outcome,
+            "crashes": crashes,
+        },
+    )
     if outcome == FAILED:
         metrics.FAILURES.labels(kind="crashed").inc()
         if settings is not None:  # the study.failed webhook rows, in this transaction (sent by the sweep)

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
+
 class Publisher:
     """Publishes one turn's messages; a Redis failure is logged once and never fails the turn."""
 
@@ -79,8 +80,12 @@ def build_history(session: Any, turn: DialogTurn, capabilities: Capabilities | N
     history = [Turn(question=capabilities.seed_question(report.findings), answer=report.findings_text)]
     for earlier in conversation.turns:
         # a first-turn (view) turn was its own one-turn conversation (it holds the image): not part of this one
-        if (earlier.id < turn.id and earlier.state == TurnState.DONE.value and earlier.answer is not None
-                and earlier.task not in capabilities.first_turn_tasks):
+        if (
+            earlier.id < turn.id
+            and earlier.state == TurnState.DONE.value
+            and earlier.answer is not None
+            and earlier.task not in capabilities.first_turn_tasks
+        ):
             history.append(Turn(question=earlier.question, answer=earlier.answer))
     return history
 

@@ -48,8 +48,9 @@ class DialogConsumer(bootsteps.ConsumerStep):
         if self.executor is None:  # kept across broker reconnects (Celery restarts the consumer steps)
             self.executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="radialog-dialog")
         queue = self.app_queue(channel)
-        return [Consumer(channel, queues=[queue], callbacks=[self.on_message], accept=["json"],
-                         prefetch_count=self.threads)]
+        return [
+            Consumer(channel, queues=[queue], callbacks=[self.on_message], accept=["json"], prefetch_count=self.threads)
+        ]
 
     def app_queue(self, channel: Any) -> Any:
         return app_for(context.current().settings).amqp.queues[DIALOG_QUEUE]

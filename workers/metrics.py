@@ -37,9 +37,7 @@ FAILURES = Counter(
     "Report jobs that failed (kind: unusable_image, model_error, store_error, gave_up, crashed, transient).",
     ["kind"],
 )
-BATCH_SIZE = Histogram(
-    "radialog_batch_size", "Studies per model batch.", buckets=(1, 2, 4, 8, 16, 32, 64)
-)
+BATCH_SIZE = Histogram("radialog_batch_size", "Studies per model batch.", buckets=(1, 2, 4, 8, 16, 32, 64))
 DIALOG_SECONDS = Histogram(
     "radialog_dialog_turn_seconds",
     "Seconds per dialog turn (first: to the first token; total: to the stored answer).",
@@ -76,8 +74,9 @@ class EngineCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        sequences = GaugeMetricFamily("radialog_engine_sequences", "Requests in the engine by kind and state.",
-                                      labels=["kind", "state"])
+        sequences = GaugeMetricFamily(
+            "radialog_engine_sequences", "Requests in the engine by kind and state.", labels=["kind", "state"]
+        )
         slots = GaugeMetricFamily("radialog_engine_slots", "KV-cache slots per pool.", labels=["kind"])
         for kind, pool in self.engine.pools.items():
             sequences.add_metric([kind, "decoding"], float(len(self.engine.live[kind])))
@@ -85,8 +84,9 @@ class EngineCollector(Collector):
             slots.add_metric([kind], float(pool.slots))
         yield sequences
         yield slots
-        yield CounterMetricFamily("radialog_engine_decode_steps", "Decode steps the engine has run.",
-                                  value=float(self.engine.step_count))
+        yield CounterMetricFamily(
+            "radialog_engine_decode_steps", "Decode steps the engine has run.", value=float(self.engine.step_count)
+        )
 
 
 def register_engine(engine: Any, registry: CollectorRegistry = REGISTRY) -> None:

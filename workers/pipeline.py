@@ -211,8 +211,7 @@ def store_output(
         report = create_ai_draft(session, ctx.settings, prepared.claim.study_id, output, backend.provenance)
         session.flush()
         stored_s = time.perf_counter() - started
-        timings = {"batch_wait": batch_wait_s, "preprocess": prepared.preprocess_s, **output.timings,
-                   "store": stored_s}
+        timings = {"batch_wait": batch_wait_s, "preprocess": prepared.preprocess_s, **output.timings, "store": stored_s}
         job.timings = {**timings, "batch_size": batch_size}
         job.state = JobState.DONE.value
         job.worker = ctx.hostname
@@ -332,8 +331,13 @@ def _run_claims(
                 raise  # transient: run_report_job gives back what is not stored
             except Exception as exc:  # the report cannot be stored (SR building, a bad header): say why
                 log.warning("storing the report failed", extra={"job": item.claim.job_id}, exc_info=True)
-                fail_job(ctx.registry, item.claim, f"storing the report failed: {type(exc).__name__}: {exc}"[:500],
-                         "store_error", ctx.settings)
+                fail_job(
+                    ctx.registry,
+                    item.claim,
+                    f"storing the report failed: {type(exc).__name__}: {exc}"[:500],
+                    "store_error",
+                    ctx.settings,
+                )
     finally:
         if export_ids:
             send_export_tasks(ctx.settings, export_ids)

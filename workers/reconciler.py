@@ -71,12 +71,19 @@ class ReconcileResult:
 
     @property
     def changed(self) -> bool:
-        return bool(self.requeued_running or self.failed_crashing or self.resent_queued or self.enqueued_studies
-                    or self.resent_dialog_turns or self.failed_dialog_turns)
+        return bool(
+            self.requeued_running
+            or self.failed_crashing
+            or self.resent_queued
+            or self.enqueued_studies
+            or self.resent_dialog_turns
+            or self.failed_dialog_turns
+        )
 
 
-def broker_task_ids(settings: Settings, queue: str = REPORT_QUEUE,
-                    held_within_s: float | None = None) -> set[str] | None:
+def broker_task_ids(
+    settings: Settings, queue: str = REPORT_QUEUE, held_within_s: float | None = None
+) -> set[str] | None:
     """Task ids the broker holds for ``queue``: waiting, or delivered (with ``held_within_s``, only those
     not overdue by more than that: see ``broker_state``); None if unknowable."""
     messages = broker_messages(settings, queue)
@@ -152,8 +159,12 @@ def reconcile(
                 Study.state == StudyState.QUEUED.value,
                 Study.updated_at < now - timedelta(seconds=grace_s),
                 ~select(Job.id)
-                .where(Job.study_id == Study.id, Job.model_name == model_name, Job.model_version == JOB_MODEL_VERSION,
-                       Job.state != JobState.FAILED.value)
+                .where(
+                    Job.study_id == Study.id,
+                    Job.model_name == model_name,
+                    Job.model_version == JOB_MODEL_VERSION,
+                    Job.state != JobState.FAILED.value,
+                )
                 .exists(),
             )
         ).all()
@@ -165,18 +176,22 @@ def reconcile(
     #    every worker busy for ten minutes). A turn is interactive: rather than answer it an hour later (when
     #    the broker gives the message back) into a conversation that moved on, it fails with a reason and
     #    the radiologist asks again; a late delivery then finds it FAILED.
-    reasons = {TurnState.RUNNING.value: (ErrorKind.WORKER_LOST, "the worker stopped while answering; please ask again"),
-               TurnState.QUEUED.value: (ErrorKind.NOT_TAKEN, "no worker took the question in time; please ask again")}
+    reasons = {
+        TurnState.RUNNING.value: (ErrorKind.WORKER_LOST, "the worker stopped while answering; please ask again"),
+        TurnState.QUEUED.value: (ErrorKind.NOT_TAKEN, "no worker took the question in time; please ask again"),
+    }
     with registry.session() as session:
         stuck = session.execute(
             select(DialogTurn.id, DialogTurn.state).where(
                 DialogTurn.state.in_(list(reasons)),
-                DialogTurn.created_at < now - timedelta(seconds=STUCK_DIALOG_TURN_S))
+                DialogTurn.created_at < now - timedelta(seconds=STUCK_DIALOG_TURN_S),
+            )
         ).all()
         for turn_id, state in stuck:
             kind, reason = reasons[state]
             session.execute(
-                update(DialogTurn).where(DialogTurn.id == turn_id, DialogTurn.state == state)
+                update(DialogTurn)
+                .where(DialogTurn.id == turn_id, DialogTurn.state == state)
                 .values(state=TurnState.FAILED.value, answered_at=now, error=reason, error_kind=kind.value)
             )
     result.failed_dialog_turns = [turn_id for turn_id, _ in stuck]
@@ -188,10 +203,14 @@ def reconcile(
     if result.changed:
         log.warning(
             "reconciler restored work",
-            extra={"requeued_running": result.requeued_running, "failed_crashing": result.failed_crashing,
-                   "resent_queued": result.resent_queued,
-                   "enqueued_studies": result.enqueued_studies, "resent_dialog_turns": result.resent_dialog_turns,
-                   "failed_dialog_turns": result.failed_dialog_turns},
+            extra={
+                "requeued_running": result.requeued_running,
+                "failed_crashing": result.failed_crashing,
+                "resent_queued": result.resent_queued,
+                "enqueued_studies": result.enqueued_studies,
+                "resent_dialog_turns": result.resent_dialog_turns,
+                "failed_dialog_turns": result.failed_dialog_turns,
+            },
         )
     return result
 
@@ -212,8 +231,11 @@ def _resend_dialog_turns(registry: Registry, settings: Settings, cutoff: datetim
         with registry.session() as session:
             moved = session.execute(
                 update(DialogTurn)
-                .where(DialogTurn.id == turn_id, DialogTurn.state == TurnState.QUEUED.value,
-                       DialogTurn.celery_task_id == old_task_id)
+                .where(
+                    DialogTurn.id == turn_id,
+                    DialogTurn.state == TurnState.QUEUED.value,
+                    DialogTurn.celery_task_id == old_task_id,
+                )
                 .values(celery_task_id=task_id)
             ).rowcount  # type: ignore[attr-defined]  # DML: a CursorResult, typed Result
         if moved:
@@ -237,8 +259,15 @@ class Sweeper:
 
     LOCK_KEY = "radialog:sweep-lock"
 
-    def __init__(self, registry: Registry, settings: Settings, *, interval_s: float = 10.0,
-                 lease_s: float = DEFAULT_LEASE_S, grace_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        settings: Settings,
+        *,
+        interval_s: float = 10.0,
+        lease_s: float = DEFAULT_LEASE_S,
+        grace_s: float = 10.0,
+    ) -> None:
         self.registry = registry
         self.settings = settings
         self.interval_s = interval_s

@@ -42,14 +42,20 @@ _ANSWER_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "The answered turn (JSON), or with stream=true a text/event-stream of events "
         "turn, token (in generation order), then done or error",
         # one schema per event (as OpenAPI 3.2's itemSchema): its name and its JSON data
-        "content": {"text/event-stream": {"schema": {
-            "type": "object", "required": ["event", "data"],
-            "properties": {"event": {"type": "string", "enum": ["turn", "token", "done", "error"]},
-                           "data": {"type": "string", "contentMediaType": "application/json"}},
-        }}},
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["event", "data"],
+                    "properties": {
+                        "event": {"type": "string", "enum": ["turn", "token", "done", "error"]},
+                        "data": {"type": "string", "contentMediaType": "application/json"},
+                    },
+                }
+            }
+        },
     },
-    202: {"description": "Not answered within wait_seconds; poll GET /api/v1/dialog/turns/{turn_id}",
-          "model": TurnOut},
+    202: {"description": "Not answered within wait_seconds; poll GET /api/v1/dialog/turns/{turn_id}", "model": TurnOut},
     **_ERRORS,
 }
 STREAM_TIMEOUT_S = 300.0
@@ -75,9 +81,13 @@ def read_model(who: AnyUser, capabilities: ModelCapabilities) -> ModelOut:
 
 def _conversation_out(conversation: Any, seed: Any, capabilities: Capabilities) -> ConversationOut:
     return ConversationOut(
-        id=conversation.id, study_id=conversation.study_id, user=conversation.user,
-        seed_report_id=conversation.seed_report_id, seed_report_version=seed.version if seed else None,
-        created_at=conversation.created_at, turns=[TurnOut.model_validate(t) for t in conversation.turns],
+        id=conversation.id,
+        study_id=conversation.study_id,
+        user=conversation.user,
+        seed_report_id=conversation.seed_report_id,
+        seed_report_version=seed.version if seed else None,
+        created_at=conversation.created_at,
+        turns=[TurnOut.model_validate(t) for t in conversation.turns],
         estimated_tokens=conversation_tokens(conversation, seed, capabilities),
         max_context_tokens=capabilities.context_tokens,
     )
@@ -95,8 +105,16 @@ def read_conversation(study_id: StudyId, session: DB, who: AnyUser, capabilities
 
 
 def _ask(
-    study_id: StudyId, task: str, question: str, stream: bool, wait_seconds: float,
-    session: Session, who: Principal, registry: Registry, services: Services, capabilities: Capabilities,
+    study_id: StudyId,
+    task: str,
+    question: str,
+    stream: bool,
+    wait_seconds: float,
+    session: Session,
+    who: Principal,
+    registry: Registry,
+    services: Services,
+    capabilities: Capabilities,
 ) -> Any:
     check_question(question)
     check_task(task, capabilities)
@@ -110,7 +128,8 @@ def _ask(
     pending = send_turn(session, services, conversation.id, task, question, registry)
     if stream:
         return StreamingResponse(
-            stream_events(pending, STREAM_TIMEOUT_S), media_type="text/event-stream",
+            stream_events(pending, STREAM_TIMEOUT_S),
+            media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
     return _wait(pending, wait_seconds, registry)
@@ -146,8 +165,11 @@ def _wait(pending: PendingTurn, wait_seconds: float, registry: Registry) -> Any:
             return turn.model_copy(update={"state": TurnState.DONE.value, "answer": str(final.get("answer", ""))})
         error, kind = str(final.get("error", "error")), final.get("kind")
     if error is None:
-        return JSONResponse(turn.model_dump(mode="json"), status_code=202,
-                            headers={"Location": f"/api/v1/dialog/turns/{pending.turn_id}"})
+        return JSONResponse(
+            turn.model_dump(mode="json"),
+            status_code=202,
+            headers={"Location": f"/api/v1/dialog/turns/{pending.turn_id}"},
+        )
     if error_status(kind, error) == 422:
         raise Problem(422, "context-too-long", error)
     raise Problem(502, "model-error", f"the worker could not answer turn {pending.turn_id}: {error}")
@@ -155,25 +177,37 @@ def _wait(pending: PendingTurn, wait_seconds: float, registry: Registry) -> Any:
 
 @router.post("/studies/{study_id}/dialog/questions", response_model=TurnOut, responses=_ANSWER_RESPONSES)
 def ask_question(
-    study_id: StudyId, body: Question, session: DB, who: AnyUser, registry: AppRegistry, services: AppServices,
+    study_id: StudyId,
+    body: Question,
+    session: DB,
+    who: AnyUser,
+    registry: AppRegistry,
+    services: AppServices,
     capabilities: ModelCapabilities,
 ) -> Any:
     """Ask a free question about the study (the model sees the image, its report and the turns so far)."""
-    return _ask(study_id, "free", body.question, body.stream, body.wait_seconds, session, who, registry, services,
-                capabilities)
+    return _ask(
+        study_id, "free", body.question, body.stream, body.wait_seconds, session, who, registry, services, capabilities
+    )
 
 
 @router.post("/studies/{study_id}/dialog/actions", response_model=TurnOut, responses=_ANSWER_RESPONSES)
 def quick_action(
-    study_id: StudyId, body: QuickAction, session: DB, who: AnyUser, registry: AppRegistry, services: AppServices,
+    study_id: StudyId,
+    body: QuickAction,
+    session: DB,
+    who: AnyUser,
+    registry: AppRegistry,
+    services: AppServices,
     capabilities: ModelCapabilities,
 ) -> Any:
     """A quick action (RaDialog: correction, yes/no, list, impression, easy language, summary, view; XrayGPT:
     list, impression) sent with the exact phrasing the model was trained on; others are refused with 422
     (``GET /model`` lists them)."""
     task, question = action_question(body, capabilities)
-    return _ask(study_id, task, question, body.stream, body.wait_seconds, session, who, registry, services,
-                capabilities)
+    return _ask(
+        study_id, task, question, body.stream, body.wait_seconds, session, who, registry, services, capabilities
+    )
 
 
 @router.get("/dialog/turns/{turn_id}", response_model=TurnOut, responses=problem_responses(401, 403, 404, 422))

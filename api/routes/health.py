@@ -42,14 +42,24 @@ def readyz(request: Request, registry: AppRegistry, services: AppServices) -> Re
     if checks["registry"] == "ok" and checks["broker"] == "ok" and workers:
         return JSONResponse(Health(status="ok", checks=checks, workers=workers).model_dump(mode="json"))
     return JSONResponse(
-        {"type": TYPE_BASE + "not-ready", "title": "Service Unavailable", "status": 503,
-         "detail": "; ".join(f"{k}: {v}" for k, v in checks.items()), "instance": request.url.path,
-         "checks": checks},
-        status_code=503, media_type=PROBLEM_MEDIA_TYPE, headers={"Retry-After": "10"},
+        {
+            "type": TYPE_BASE + "not-ready",
+            "title": "Service Unavailable",
+            "status": 503,
+            "detail": "; ".join(f"{k}: {v}" for k, v in checks.items()),
+            "instance": request.url.path,
+            "checks": checks,
+        },
+        status_code=503,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers={"Retry-After": "10"},
     )
 
 
-@router.get("/metrics", response_class=Response,
-            responses={200: {"description": "Prometheus text format", "content": {CONTENT_TYPE_LATEST: {}}}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"description": "Prometheus text format", "content": {CONTENT_TYPE_LATEST: {}}}},
+)
 def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.collectors), media_type=CONTENT_TYPE_LATEST)

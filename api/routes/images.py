@@ -43,8 +43,14 @@ _PNG: Responses = {200: {"description": "The rendered region (8-bit grayscale PN
 AUDIT_EVERY_S = 600.0
 _LOCK = threading.Lock()
 
-InstanceParam = Annotated[int | None, Query(ge=1, le=MAX_ID, description="An image of the study (default: the "
-                                            "reported image, else the one chosen for the model)")]
+InstanceParam = Annotated[
+    int | None,
+    Query(
+        ge=1,
+        le=MAX_ID,
+        description="An image of the study (default: the reported image, else the one chosen for the model)",
+    ),
+]
 Coordinate = Annotated[float | None, Query(ge=-1e6, le=1e6)]
 Extent = Annotated[float | None, Query(ge=0.01, le=1e6, description="At least 1/100 pixel")]
 OutSide = Annotated[int | None, Query(ge=1, le=MAX_OUTPUT_SIDE)]
@@ -89,8 +95,9 @@ def _instance(session: Session, study: Study, instance_id: int | None) -> Instan
     return instance
 
 
-def _load(renderer: Renderer, settings: Settings, instance: Instance,
-          work: Callable[[Renderer, tuple[int, str], Path], T]) -> T:
+def _load(
+    renderer: Renderer, settings: Settings, instance: Instance, work: Callable[[Renderer, tuple[int, str], Path], T]
+) -> T:
     """``work(renderer, cache key, file)`` with the viewer's errors turned into problem details."""
     path = Path(settings.spool_dir) / instance.path
     try:
@@ -115,12 +122,23 @@ def _label(instance: Instance) -> str:
 
 def _info(image: SourceImage, instance: Instance, study: Study, reported: Instance) -> ImageInfo:
     return ImageInfo(
-        instance_id=instance.id, rows=image.rows, columns=image.columns, frames=image.frames,
-        photometric_interpretation=image.photometric, inverse_display=image.inverse_display,
-        bits_stored=image.bits_stored, pixel_spacing=image.pixel_spacing, value_min=image.minimum,
-        value_max=image.maximum, default_preset=image.default_preset,
-        presets=[WindowPreset(id=p.id, label=p.label, center=p.center, width=p.width, function=p.function,
-                              lut=p.lut is not None) for p in image.presets],
+        instance_id=instance.id,
+        rows=image.rows,
+        columns=image.columns,
+        frames=image.frames,
+        photometric_interpretation=image.photometric,
+        inverse_display=image.inverse_display,
+        bits_stored=image.bits_stored,
+        pixel_spacing=image.pixel_spacing,
+        value_min=image.minimum,
+        value_max=image.maximum,
+        default_preset=image.default_preset,
+        presets=[
+            WindowPreset(
+                id=p.id, label=p.label, center=p.center, width=p.width, function=p.function, lut=p.lut is not None
+            )
+            for p in image.presets
+        ],
         images=[ImageRef(id=i.id, label=_label(i), reported=i.id == reported.id) for i in study.instances],
     )
 
@@ -141,8 +159,14 @@ def _fit(w: float, h: float, out_width: int | None, out_height: int | None) -> t
 
 
 @router.get("/image", response_model=ImageInfo, responses=_ERRORS)
-def image_info(study_id: StudyId, request: Request, session: DB, who: AnyUser, settings: AppSettings,
-               instance: InstanceParam = None) -> ImageInfo:
+def image_info(
+    study_id: StudyId,
+    request: Request,
+    session: DB,
+    who: AnyUser,
+    settings: AppSettings,
+    instance: InstanceParam = None,
+) -> ImageInfo:
     """Size, value range and window presets (header windows, VOI LUTs, full range) of one image."""
     study = get_study(session, study_id)
     reported = reported_instance(session, study, latest_report(session, study_id))
@@ -157,10 +181,18 @@ def image_info(study_id: StudyId, request: Request, session: DB, who: AnyUser, s
 
 @router.get("/image/render", response_class=Response, responses={**_PNG, **_ERRORS})
 def image_render(
-    study_id: StudyId, request: Request, session: DB, who: AnyUser, settings: AppSettings,
+    study_id: StudyId,
+    request: Request,
+    session: DB,
+    who: AnyUser,
+    settings: AppSettings,
     instance: InstanceParam = None,
-    x: Coordinate = None, y: Coordinate = None, w: Extent = None, h: Extent = None,
-    out_width: OutSide = None, out_height: OutSide = None,
+    x: Coordinate = None,
+    y: Coordinate = None,
+    w: Extent = None,
+    h: Extent = None,
+    out_width: OutSide = None,
+    out_height: OutSide = None,
     preset: Annotated[str | None, Query(pattern=r"^(lut:\d{1,3}|window:\d{1,3}|full)$")] = None,
     window_center: Annotated[float | None, Query(ge=-1e9, le=1e9)] = None,
     window_width: Annotated[float | None, Query(gt=0, le=1e9)] = None,
@@ -181,8 +213,9 @@ def image_render(
         if rw <= 0 or rh <= 0:
             raise Problem(422, "empty-region", "the region must have a positive width and height")
         ow, oh = _fit(rw, rh, out_width, out_height)
-        return r.render(key, path, RenderRequest(rx, ry, rw, rh, ow, oh, preset, window_center, window_width,
-                                                 function, invert))
+        return r.render(
+            key, path, RenderRequest(rx, ry, rw, rh, ow, oh, preset, window_center, window_width, function, invert)
+        )
 
     png = _load(renderer, settings, chosen, render)
     if reads.due((who.name, study_id, chosen.id)):

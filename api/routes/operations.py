@@ -16,9 +16,12 @@ router = APIRouter(prefix="/operations", tags=["operations"])
 
 
 @router.get("/overview", response_model=OverviewOut, responses=problem_responses(401, 403, 422))
-def read_overview(session: DB, who: Admin, services: AppServices,
-                  hours: Annotated[int, Query(ge=1, le=168, description="Hours back, the current one included")] = 24,
-                  ) -> OverviewOut:
+def read_overview(
+    session: DB,
+    who: Admin,
+    services: AppServices,
+    hours: Annotated[int, Query(ge=1, le=168, description="Hours back, the current one included")] = 24,
+) -> OverviewOut:
     """Studies per hour by state, last image -> SR latency percentiles, queue depths, ready workers and
     their engines' slots, why studies were not reported, and the export outbox."""
     figures = overview(session, services, hours)

@@ -18,19 +18,23 @@ from radialog.registry import utcnow
 router = APIRouter(tags=["quality"])
 #: The longest period one request may cover.
 MAX_PERIOD = timedelta(days=366)
-METHOD = ("Radiologist's verdict as reference; sensitivity TP/(TP+FN), specificity TN/(TN+FP), PPV TP/(TP+FP); "
-          "95% Wilson score intervals; each AI draft counted once (its latest approval in the period).")
+METHOD = (
+    "Radiologist's verdict as reference; sensitivity TP/(TP+FN), specificity TN/(TN+FP), PPV TP/(TP+FP); "
+    "95% Wilson score intervals; each AI draft counted once (its latest approval in the period)."
+)
 
 
 @router.get("/quality/agreement", response_model=AgreementOut, responses=problem_responses(401, 403, 422))
 def read_agreement(
     session: DB,
     who: Operator,
-    from_: Annotated[QueryInstant | None,
-                     Query(alias="from", description="Approved on or after (default: 30 days ago)")] = None,
+    from_: Annotated[
+        QueryInstant | None, Query(alias="from", description="Approved on or after (default: 30 days ago)")
+    ] = None,
     to: Annotated[QueryInstant | None, Query(description="Approved before (default: now)")] = None,
-    backend: Annotated[str | None,
-                       Query(max_length=64, description="The draft's model name, e.g. RaDialog-LLaVA, XrayGPT")] = None,
+    backend: Annotated[
+        str | None, Query(max_length=64, description="The draft's model name, e.g. RaDialog-LLaVA, XrayGPT")
+    ] = None,
     bucket: Annotated[Literal["day", "week"], Query(description="Period of the timeline")] = "day",
 ) -> AgreementOut:
     """Per CheXpert finding: AI-present and radiologist-present counts, sensitivity, specificity and PPV
@@ -53,10 +57,15 @@ def read_agreement(
     return AgreementOut.model_validate(figures)
 
 
-@router.get("/studies/{study_id}/report/checklist", response_model=ChecklistOut,
-            responses=problem_responses(401, 403, 404, 409, 422))
+@router.get(
+    "/studies/{study_id}/report/checklist",
+    response_model=ChecklistOut,
+    responses=problem_responses(401, 403, 404, 409, 422),
+)
 def report_checklist(
-    study_id: StudyId, session: DB, who: AnyUser,
+    study_id: StudyId,
+    session: DB,
+    who: AnyUser,
     version: Annotated[int | None, Query(ge=1, le=MAX_ID, description="Default: the current version")] = None,
 ) -> ChecklistOut:
     """The AI draft's CheXpert findings to judge when approving ``version``, each with the verdict its text
@@ -70,7 +79,9 @@ def report_checklist(
     audit.record(session, who, "report.checklist", study_id, version=report.version)
     session.commit()
     return ChecklistOut(
-        study_id=study_id, version=report.version, draft_version=draft.version if draft else None,
+        study_id=study_id,
+        version=report.version,
+        draft_version=draft.version if draft else None,
         model_name=draft.model_name if draft else None,
         items=[ChecklistItemOut(**item.to_dict()) for item in items],
     )

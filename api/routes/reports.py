@@ -32,8 +32,12 @@ def current_report(study_id: StudyId, session: DB, who: AnyUser) -> ReportOut:
     return report_out(report)
 
 
-_FHIR: Responses = {200: {"description": "FHIR R4 DiagnosticReport (contained Device and Observations)",
-                         "content": {"application/fhir+json": {}}}}
+_FHIR: Responses = {
+    200: {
+        "description": "FHIR R4 DiagnosticReport (contained Device and Observations)",
+        "content": {"application/fhir+json": {}},
+    }
+}
 
 
 @router.get("/report/fhir", responses={**_FHIR, **_READ})
@@ -45,8 +49,7 @@ def fhir_report(study_id: StudyId, session: DB, who: AnyUser, settings: AppSetti
 
     study = get_study(session, study_id)
     require_report(session, study)
-    version = next((v for r in reversed(study.reports) if (v := version_view(session, settings, r)) is not None),
-                   None)
+    version = next((v for r in reversed(study.reports) if (v := version_view(session, settings, r)) is not None), None)
     if version is None:  # pragma: no cover - the first version is always sendable
         raise Problem(404, "no-report", "This study has no report version to show as FHIR.")
     resource = diagnostic_report(study_view(study), version)
@@ -92,8 +95,9 @@ def download_sr(study_id: StudyId, version: Version, session: DB, who: AnyUser, 
     return FileResponse(path, media_type="application/dicom", filename=f"report-v{version}.dcm")
 
 
-_PNG: Responses = {200: {"description": "The image as the model saw it (windowed, 8-bit)",
-                          "content": {"image/png": {}}}}
+_PNG: Responses = {
+    200: {"description": "The image as the model saw it (windowed, 8-bit)", "content": {"image/png": {}}}
+}
 
 
 @router.get("/image.png", response_class=Response, responses={**_PNG, **_READ})
@@ -122,11 +126,25 @@ def create_report_version(
         if turn is None or turn.conversation.study_id != study_id or turn.conversation.user != who.name:
             raise Problem(404, "turn-not-found", f"no dialog turn {body.source_turn_id} of yours for this study")
     report = new_version(
-        session, settings, current, kind=body.kind, findings_text=body.findings_text,
-        impression_text=body.impression_text, author=who.name, approve=False, base_version=body.base_version,
+        session,
+        settings,
+        current,
+        kind=body.kind,
+        findings_text=body.findings_text,
+        impression_text=body.impression_text,
+        author=who.name,
+        approve=False,
+        base_version=body.base_version,
     )
-    audit.record(session, who, "report.change", study_id, version=report.version, kind=body.kind,
-                 source_turn_id=body.source_turn_id)
+    audit.record(
+        session,
+        who,
+        "report.change",
+        study_id,
+        version=report.version,
+        kind=body.kind,
+        source_turn_id=body.source_turn_id,
+    )
     session.commit()
     send_exports(services, report)
     return report_out(report)
@@ -144,22 +162,36 @@ def approve_report(
 
     current = require_report(session, get_study(session, study_id))
     if body.base_version != current.version:
-        raise Problem(409, "stale-version",
-                      f"version {body.base_version} is not the current version ({current.version}); show it first")
+        raise Problem(
+            409,
+            "stale-version",
+            f"version {body.base_version} is not the current version ({current.version}); show it first",
+        )
     findings = clean_text(current.findings_text)  # the text as every channel shows it (rows before the rule)
     impression = clean_text(current.impression_text) if current.impression_text else None
     sent_impression = None if body.impression_text is None else (body.impression_text or None)
     if (body.findings_text is not None and body.findings_text != findings) or (
         body.impression_text is not None and sent_impression != (impression or None)
     ):
-        raise Problem(409, "text-mismatch", f"the text sent is not the text of version {current.version}; "
-                      "save a change as a new version, then approve that version")
+        raise Problem(
+            409,
+            "text-mismatch",
+            f"the text sent is not the text of version {current.version}; "
+            "save a change as a new version, then approve that version",
+        )
     if current.verified:
         raise Problem(409, "already-approved", f"version {current.version} is already approved by {current.verifier}")
     verdicts = checked_verdicts(current, body.checklist)  # before anything is written
     report = new_version(
-        session, settings, current, kind=ReportKind.APPROVAL.value, findings_text=findings,
-        impression_text=impression or None, author=who.name, approve=True, base_version=body.base_version,
+        session,
+        settings,
+        current,
+        kind=ReportKind.APPROVAL.value,
+        findings_text=findings,
+        impression_text=impression or None,
+        author=who.name,
+        approve=True,
+        base_version=body.base_version,
     )
     store_review(session, report, verdicts)  # the agreement data, in the approval's transaction
     audit.record(session, who, "report.approve", study_id, version=report.version)

@@ -37,15 +37,22 @@ def _summaries(session: DB, studies: list[Study]) -> list[StudySummary]:
     ids = [s.id for s in studies]
     newest = (
         select(Report.study_id, func.max(Report.version).label("version"))
-        .where(Report.study_id.in_(ids)).group_by(Report.study_id).subquery()
+        .where(Report.study_id.in_(ids))
+        .group_by(Report.study_id)
+        .subquery()
     )
-    latest = {
-        study_id: (version, verified)
-        for study_id, version, verified in session.execute(
-            select(Report.study_id, Report.version, Report.verified).join(
-                newest, (Report.study_id == newest.c.study_id) & (Report.version == newest.c.version))
-        )
-    } if ids else {}
+    latest = (
+        {
+            study_id: (version, verified)
+            for study_id, version, verified in session.execute(
+                select(Report.study_id, Report.version, Report.verified).join(
+                    newest, (Report.study_id == newest.c.study_id) & (Report.version == newest.c.version)
+                )
+            )
+        }
+        if ids
+        else {}
+    )
     out = []
     for study in studies:
         summary = StudySummary.model_validate(study)
@@ -113,8 +120,9 @@ def read_study(study_id: StudyId, session: DB, who: AnyUser) -> StudyDetail:
     status_code=202,
     responses={**_AUTH, **problem_responses(404, 409, 422)},
 )
-def rerun_study(study_id: StudyId, session: DB, who: Operator, registry: AppRegistry,
-                settings: AppSettings) -> RerunOut:
+def rerun_study(
+    study_id: StudyId, session: DB, who: Operator, registry: AppRegistry, settings: AppSettings
+) -> RerunOut:
     """Queue a FAILED or SKIPPED study again (radiologist or admin)."""
     study = get_study(session, study_id)
     if study.state not in {s.value for s in RERUNNABLE}:

@@ -35,8 +35,11 @@ _ID_NAMESPACE = uuid.UUID("1b0c3f0e-9a0d-4f43-8f5e-6f5b1c0a7d21")
 
 
 def _coding(concept: Any) -> dict[str, str]:
-    return {"system": SYSTEMS.get(concept.scheme_designator, f"urn:radialog-node:codes:{concept.scheme_designator}"),
-            "code": str(concept.value), "display": str(concept.meaning)}
+    return {
+        "system": SYSTEMS.get(concept.scheme_designator, f"urn:radialog-node:codes:{concept.scheme_designator}"),
+        "code": str(concept.value),
+        "display": str(concept.meaning),
+    }
 
 
 def report_id(study_instance_uid: str) -> str:
@@ -47,10 +50,15 @@ def report_id(study_instance_uid: str) -> str:
 def _device(version: VersionView) -> dict[str, Any]:
     name = version.model_name or "AI model"
     device: dict[str, Any] = {
-        "resourceType": "Device", "id": "algorithm",
-        "identifier": [{"system": DICOM_UID,
-                        "value": "urn:oid:" + derived_uid("device", name, version.model_version or "",
-                                                          version.model_hash or "")}],
+        "resourceType": "Device",
+        "id": "algorithm",
+        "identifier": [
+            {
+                "system": DICOM_UID,
+                "value": "urn:oid:"
+                + derived_uid("device", name, version.model_version or "", version.model_hash or ""),
+            }
+        ],
         "manufacturer": "radialog-node",
         "deviceName": [{"name": name, "type": "model-name"}],
         "version": [{"value": version.model_version or "unknown"}],
@@ -67,19 +75,34 @@ def _observations(version: VersionView, status: str) -> list[dict[str, Any]]:
     out = []
     for number, finding in enumerate(version.findings, 1):
         present = bool(finding.get("present"))
-        out.append({
-            "resourceType": "Observation", "id": f"finding-{number}", "status": status,
-            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                                      "code": "imaging"}]}],
-            "code": {"coding": [_coding(codes.finding_code(str(finding["label"])))], "text": str(finding["label"])},
-            "valueCodeableConcept": {"coding": [_coding(codes.PRESENT if present else codes.ABSENT)]},
-            "component": [{
-                "code": {"coding": [_coding(codes.PROBABILITY)]},
-                "valueQuantity": {"value": round(float(finding.get("probability", 0.0)), 4),
-                                  "system": SYSTEMS["UCUM"], "code": "1", "unit": "no units"},
-            }],
-            "device": {"reference": "#algorithm"},
-        })
+        out.append(
+            {
+                "resourceType": "Observation",
+                "id": f"finding-{number}",
+                "status": status,
+                "category": [
+                    {
+                        "coding": [
+                            {"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "imaging"}
+                        ]
+                    }
+                ],
+                "code": {"coding": [_coding(codes.finding_code(str(finding["label"])))], "text": str(finding["label"])},
+                "valueCodeableConcept": {"coding": [_coding(codes.PRESENT if present else codes.ABSENT)]},
+                "component": [
+                    {
+                        "code": {"coding": [_coding(codes.PROBABILITY)]},
+                        "valueQuantity": {
+                            "value": round(float(finding.get("probability", 0.0)), 4),
+                            "system": SYSTEMS["UCUM"],
+                            "code": "1",
+                            "unit": "no units",
+                        },
+                    }
+                ],
+                "device": {"reference": "#algorithm"},
+            }
+        )
     return out
 
 
@@ -97,23 +120,41 @@ def diagnostic_report(study: StudyView, version: VersionView) -> dict[str, Any]:
     observations = _observations(version, status)
     identifiers: list[dict[str, Any]] = [{"system": DICOM_UID, "value": f"urn:oid:{version.sop_instance_uid}"}]
     if study.accession_number:
-        identifiers.append({"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
-                                                 "code": "ACSN"}]}, "value": study.accession_number})
+        identifiers.append(
+            {
+                "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]},
+                "value": study.accession_number,
+            }
+        )
     resource: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "id": report_id(study.study_instance_uid),
         "identifier": identifiers,
         "status": status,
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD",
-                                  "display": "Radiology"}]}],
+        "category": [
+            {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD", "display": "Radiology"}
+                ]
+            }
+        ],
         "code": {"coding": [_coding(codes.DOCUMENT_TITLE)]},
         "issued": version.created_at.isoformat(),
-        "imagingStudy": [{"type": "ImagingStudy",
-                          "identifier": {"system": DICOM_UID, "value": f"urn:oid:{study.study_instance_uid}"}}],
+        "imagingStudy": [
+            {
+                "type": "ImagingStudy",
+                "identifier": {"system": DICOM_UID, "value": f"urn:oid:{study.study_instance_uid}"},
+            }
+        ],
         "conclusion": (version.impression_text or version.findings_text)[:10000],
-        "presentedForm": [{"contentType": "text/plain; charset=utf-8", "language": "en",
-                           "data": base64.b64encode(full_text(version).encode()).decode(),
-                           "title": f"Report version {version.version} ({version.kind})"}],
+        "presentedForm": [
+            {
+                "contentType": "text/plain; charset=utf-8",
+                "language": "en",
+                "data": base64.b64encode(full_text(version).encode()).decode(),
+                "title": f"Report version {version.version} ({version.kind})",
+            }
+        ],
         "contained": [_device(version), *observations],
     }
     if study.patient_id:
@@ -138,8 +179,9 @@ def validate(resource: dict[str, Any]) -> None:
     try:
         get_fhir_model_class(resource["resourceType"]).model_validate(resource)
     except ValidationError as exc:
-        raise ValueError(f"invalid FHIR {resource['resourceType']}: {exc.error_count()} errors: "
-                         f"{exc.errors()[0]['loc']}") from exc
+        raise ValueError(
+            f"invalid FHIR {resource['resourceType']}: {exc.error_count()} errors: {exc.errors()[0]['loc']}"
+        ) from exc
 
 
 def push(base_url: str, resource: dict[str, Any], *, token: str | None, timeout_s: float) -> str:
@@ -153,8 +195,7 @@ def push(base_url: str, resource: dict[str, Any], *, token: str | None, timeout_
     except httpx.HTTPError as exc:
         raise DeliveryError(f"FHIR PUT to {url} failed: {type(exc).__name__}: {exc}") from exc
     if response.status_code not in (200, 201):
-        raise DeliveryError(f"FHIR server answered {response.status_code} to PUT DiagnosticReport",
-                            _outcome(response))
+        raise DeliveryError(f"FHIR server answered {response.status_code} to PUT DiagnosticReport", _outcome(response))
     return f"{response.status_code} (FHIR DiagnosticReport {resource['status']})"
 
 

@@ -57,8 +57,15 @@ def _lines(text: str | None) -> list[str]:
     return [line.rstrip() for line in (text or "").splitlines() if line.strip()]
 
 
-def build_oru(delivery: Delivery, *, sending_application: str, sending_facility: str,
-              receiving_application: str, receiving_facility: str, now: datetime | None = None) -> str:
+def build_oru(
+    delivery: Delivery,
+    *,
+    sending_application: str,
+    sending_facility: str,
+    receiving_application: str,
+    receiving_facility: str,
+    now: datetime | None = None,
+) -> str:
     """The ORU^R01 message (ER7, segments separated by CR) for one report version."""
     study, version = delivery.study, delivery.version
     if study is None or version is None:
@@ -116,7 +123,8 @@ def build_oru(delivery: Delivery, *, sending_application: str, sending_facility:
 
 async def _exchange(host: str, port: int, message: str, timeout_s: float) -> str:
     reader, writer = await asyncio.wait_for(
-        open_hl7_connection(host, port, encoding="utf-8", limit=MAX_ACK_BYTES), timeout_s)
+        open_hl7_connection(host, port, encoding="utf-8", limit=MAX_ACK_BYTES), timeout_s
+    )
     try:
         writer.writemessage(message)
         await asyncio.wait_for(writer.drain(), timeout_s)

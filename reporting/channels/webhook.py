@@ -47,8 +47,9 @@ def sign(secret: str, event_id: str, timestamp: int, payload: bytes) -> str:
     return f"{SIGNATURE_VERSION},{base64.b64encode(digest).decode()}"
 
 
-def verify(secret: str, headers: dict[str, str], payload: bytes, *, tolerance_s: float = 300.0,
-           now: float | None = None) -> bool:
+def verify(
+    secret: str, headers: dict[str, str], payload: bytes, *, tolerance_s: float = 300.0, now: float | None = None
+) -> bool:
     """What a receiver does (used by our tests' receiver and documented for integrators)."""
     try:
         event_id, timestamp = headers["webhook-id"], int(headers["webhook-timestamp"])

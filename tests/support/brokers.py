@@ -26,11 +26,20 @@ SHARED_DB = 0
 
 #: Test module -> its Redis database.
 DATABASES: dict[str, int] = {
-    **dict.fromkeys((
-        "tests.test_api", "tests.test_api_channels", "tests.test_api_hostile", "tests.test_api_refusals",
-        "tests.test_api_schema", "tests.test_monitoring", "tests.test_ops_page", "tests.test_presence",
-        "tests.test_quality",
-    ), SHARED_DB),
+    **dict.fromkeys(
+        (
+            "tests.test_api",
+            "tests.test_api_channels",
+            "tests.test_api_hostile",
+            "tests.test_api_refusals",
+            "tests.test_api_schema",
+            "tests.test_monitoring",
+            "tests.test_ops_page",
+            "tests.test_presence",
+            "tests.test_quality",
+        ),
+        SHARED_DB,
+    ),
     "tests.test_api_dialog": 1,
     "tests.test_api_fuzz": 2,
     "tests.test_compose": 3,
@@ -51,8 +60,10 @@ DATABASES: dict[str, int] = {
     "tests.test_workers": 15,
 }
 #: Databases more than one module may use, and why that is safe.
-SHARED = {SHARED_DB: "API-only modules, emptied before each test",
-          DEMO_REDIS_DB: "the demo's own database, emptied by the demo when it starts"}
+SHARED = {
+    SHARED_DB: "API-only modules, emptied before each test",
+    DEMO_REDIS_DB: "the demo's own database, emptied by the demo when it starts",
+}
 
 
 class DuplicateDatabase(AssertionError):

@@ -32,8 +32,7 @@ class MLLPListener:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(
-            start_hl7_server(self._client, "127.0.0.1", 0, encoding="utf-8"))
+        self._server = self._loop.run_until_complete(start_hl7_server(self._client, "127.0.0.1", 0, encoding="utf-8"))
         self.port = int(self._server.sockets[0].getsockname()[1])
         self._ready.set()
         self._loop.run_forever()
@@ -146,8 +145,20 @@ class FhirEndpoint:
                 self.send_header("Content-Type", "application/fhir+json")
                 self.end_headers()
                 if status >= 400:
-                    self.wfile.write(json.dumps({"resourceType": "OperationOutcome", "issue": [
-                        {"severity": "error", "code": "invalid", "diagnostics": "refused by the test server"}]}).encode())
+                    self.wfile.write(
+                        json.dumps(
+                            {
+                                "resourceType": "OperationOutcome",
+                                "issue": [
+                                    {
+                                        "severity": "error",
+                                        "code": "invalid",
+                                        "diagnostics": "refused by the test server",
+                                    }
+                                ],
+                            }
+                        ).encode()
+                    )
 
             def log_message(self, *args: Any) -> None:
                 pass

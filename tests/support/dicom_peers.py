@@ -32,8 +32,9 @@ def scu(contexts: Sequence[tuple[str, str]], ae_title: str = "TESTSCU") -> AE:
     return ae
 
 
-def store_all(port: int, items: Sequence[Dataset | Path], *, called: str = "RADIALOG",
-              calling: str = "TESTSCU") -> list[int | None]:
+def store_all(
+    port: int, items: Sequence[Dataset | Path], *, called: str = "RADIALOG", calling: str = "TESTSCU"
+) -> list[int | None]:
     """Send every item on one association; the status of each (None = no response)."""
     contexts = set()
     for item in items:
@@ -81,8 +82,13 @@ class StorePeer:
     """
 
     def __init__(
-        self, *, ae_title: str = "PEER", accept: str | Sequence[str] = SRStorage, status: int = 0x0000,
-        ssl_context: ssl.SSLContext | None = None, port: int = 0,
+        self,
+        *,
+        ae_title: str = "PEER",
+        accept: str | Sequence[str] = SRStorage,
+        status: int = 0x0000,
+        ssl_context: ssl.SSLContext | None = None,
+        port: int = 0,
     ) -> None:
         self.ae_title = ae_title
         self.status = status
@@ -93,7 +99,9 @@ class StorePeer:
         for sop_class in [accept] if isinstance(accept, str) else accept:
             ae.add_supported_context(sop_class)
         self.server = ae.start_server(
-            ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+            ("127.0.0.1", port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
             ssl_context=ssl_context,
         )
         self.port = int(self.server.server_address[1])
@@ -120,8 +128,26 @@ def self_signed(directory: Path, name: str = "peer") -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 / localhost (openssl): (certfile, keyfile)."""
     cert, key = directory / f"{name}.pem", directory / f"{name}.key"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "2", "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True, timeout=60,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     return cert, key

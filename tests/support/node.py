@@ -25,5 +25,6 @@ def running_node(settings: Settings, registry: Registry, **kwargs: Any) -> Itera
 
 def wait_idle(node: RunningNode, limit: float = 30.0) -> None:
     """Wait until the node has no association left (a released one ends a moment after the peer's)."""
-    wait_for(lambda: not node.ae.active_associations, what="the node to have no association", timeout=limit,
-             interval=0.02)
+    wait_for(
+        lambda: not node.ae.active_associations, what="the node to have no association", timeout=limit, interval=0.02
+    )

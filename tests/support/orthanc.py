@@ -84,8 +84,9 @@ class OrthancServer:
         """Start Orthanc and wait until its REST API answers (log: ``<directory>/orthanc.log``)."""
         if self.running:
             return
-        process = self.process = Process("orthanc", [str(ORTHANC_BINARY), str(self.config_path)], {**os.environ},
-                                         self.directory)
+        process = self.process = Process(
+            "orthanc", [str(ORTHANC_BINARY), str(self.config_path)], {**os.environ}, self.directory
+        )
 
         def answers() -> bool:
             try:

@@ -13,8 +13,15 @@ class WaitTimeout(AssertionError):
     """What a test waited for did not happen in time (an assertion failure: the test fails, not errors)."""
 
 
-def wait_for(predicate: Callable[[], T], *, what: str, timeout: float = 60.0, interval: float = 0.1,
-             check: Callable[[], None] | None = None, details: Callable[[], str] | None = None) -> T:
+def wait_for(
+    predicate: Callable[[], T],
+    *,
+    what: str,
+    timeout: float = 60.0,
+    interval: float = 0.1,
+    check: Callable[[], None] | None = None,
+    details: Callable[[], str] | None = None,
+) -> T:
     """Poll ``predicate`` until it returns something truthy and return that.
 
     ``check`` runs after each miss and raises when waiting is pointless (a process we wait on died);

@@ -72,12 +72,18 @@ class Process(ChainProcess):
             if self.popen.poll() is not None and not re.search(pattern, self.output()):
                 raise AssertionError(f"{self.name} exited ({self.popen.returncode}):\n{self.last_lines()}")
 
-        return wait_for(lambda: re.search(pattern, self.output()), what=f"{pattern!r} in {self.name}'s log",
-                        timeout=timeout, check=exited, details=self.last_lines)
+        return wait_for(
+            lambda: re.search(pattern, self.output()),
+            what=f"{pattern!r} in {self.name}'s log",
+            timeout=timeout,
+            check=exited,
+            details=self.last_lines,
+        )
 
 
-def radialog_process(name: str, args: Sequence[str], env: Mapping[str, str], log_dir: Path,
-                     module: str = "composition.cli") -> Process:
+def radialog_process(
+    name: str, args: Sequence[str], env: Mapping[str, str], log_dir: Path, module: str = "composition.cli"
+) -> Process:
     """``radialog <args>`` (``python -m <module>``, the CLI or a test launcher that ends in it)."""
     return Process(name, [sys.executable, "-m", module, *args], dict(env), log_dir)
 
@@ -85,8 +91,16 @@ def radialog_process(name: str, args: Sequence[str], env: Mapping[str, str], log
 class WorkerProcess(Process):
     """A real ``radialog worker --hostname <name>``; ready once its readiness key (model loaded) is in Redis."""
 
-    def __init__(self, name: str, env: Mapping[str, str], log_dir: Path, *, broker_url: str,
-                 args: Sequence[str] = ("--no-sweep",), module: str = "composition.cli") -> None:
+    def __init__(
+        self,
+        name: str,
+        env: Mapping[str, str],
+        log_dir: Path,
+        *,
+        broker_url: str,
+        args: Sequence[str] = ("--no-sweep",),
+        module: str = "composition.cli",
+    ) -> None:
         self.broker_url = broker_url
         super().__init__(name, [sys.executable, "-m", module, "worker", "--hostname", name, *args], dict(env), log_dir)
 
@@ -102,8 +116,14 @@ class WorkerProcess(Process):
             raise AssertionError(f"worker {self.name} exited ({self.popen.returncode}):\n{self.last_lines()}")
 
     def wait_ready(self, timeout: float = 240.0) -> None:
-        wait_for(self.is_ready, what=f"worker {self.name} ready", timeout=timeout, interval=0.2, check=self.check,
-                 details=self.last_lines)
+        wait_for(
+            self.is_ready,
+            what=f"worker {self.name} ready",
+            timeout=timeout,
+            interval=0.2,
+            check=self.check,
+            details=self.last_lines,
+        )
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop it, and drop its readiness key: a killed worker leaves it until the TTL, and the next test counts."""
@@ -117,10 +137,17 @@ class WorkerProcess(Process):
 
 def dialog_worker(settings: Settings, database_url: str, log_dir: Path, name: str) -> WorkerProcess:
     """A worker on the ``dialog`` and ``export`` queues for ``settings`` (the API tests' model and broker)."""
-    env = radialog_env({
-        "RADIALOG_DATA_DIR": settings.data_dir, "RADIALOG_DATABASE_URL": database_url,
-        "RADIALOG_BROKER_URL": settings.broker_url, "RADIALOG_MODEL_DIR": settings.model_dir,
-        "RADIALOG_BASE_MODEL_DIR": settings.base_model_dir, "RADIALOG_DEVICE": "cpu", "RADIALOG_MIN_FREE_BYTES": 0,
-    })
-    return WorkerProcess(name, env, log_dir, broker_url=settings.broker_url,
-                         args=("--queues", "dialog,export", "--no-sweep"))
+    env = radialog_env(
+        {
+            "RADIALOG_DATA_DIR": settings.data_dir,
+            "RADIALOG_DATABASE_URL": database_url,
+            "RADIALOG_BROKER_URL": settings.broker_url,
+            "RADIALOG_MODEL_DIR": settings.model_dir,
+            "RADIALOG_BASE_MODEL_DIR": settings.base_model_dir,
+            "RADIALOG_DEVICE": "cpu",
+            "RADIALOG_MIN_FREE_BYTES": 0,
+        }
+    )
+    return WorkerProcess(
+        name, env, log_dir, broker_url=settings.broker_url, args=("--queues", "dialog,export", "--no-sweep")
+    )

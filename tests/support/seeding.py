@@ -14,5 +14,13 @@ from bench.seeding import (
     model_output,
 )
 
-__all__ = ["FINDINGS_TEXT", "PROVENANCE", "USERS", "add_reported_study", "add_study", "add_study_without_history",
-           "make_keys", "model_output"]
+__all__ = [
+    "FINDINGS_TEXT",
+    "PROVENANCE",
+    "USERS",
+    "add_reported_study",
+    "add_study",
+    "add_study_without_history",
+    "make_keys",
+    "model_output",
+]

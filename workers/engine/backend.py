@@ -53,10 +53,16 @@ class EngineBackend(ModelBackend):
                 results.append(exc)
                 continue
             timings = {"preprocess": preprocess_s, **generation.timings}
-            results.append(ReportOutput(
-                key=study.key, findings_text=self.served.text(generation.tokens), findings=generation.findings or [],
-                findings_phrase=generation.phrase or "", generated_tokens=len(generation.tokens), timings=timings,
-            ))
+            results.append(
+                ReportOutput(
+                    key=study.key,
+                    findings_text=self.served.text(generation.tokens),
+                    findings=generation.findings or [],
+                    findings_phrase=generation.phrase or "",
+                    generated_tokens=len(generation.tokens),
+                    timings=timings,
+                )
+            )
         return results
 
     def report(self, studies: Sequence[StudyInput]) -> list[ReportOutput]:
@@ -68,8 +74,9 @@ class EngineBackend(ModelBackend):
 
     def answer(self, request: DialogRequest, on_token: TokenCallback | None = None) -> str:
         prompt, limit = self.served.dialog_input(request)
-        generation = self._wait(self.engine.submit_dialog(prompt, request.image, limit, on_token=on_token,
-                                                          sampling=request.sampling))
+        generation = self._wait(
+            self.engine.submit_dialog(prompt, request.image, limit, on_token=on_token, sampling=request.sampling)
+        )
         return self.served.text(generation.tokens)
 
     def close(self) -> None:

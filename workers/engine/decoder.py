@@ -57,8 +57,13 @@ class LlamaSteps:
         """Last hidden state per row [B, H] -> float32 logits [B, vocab] (as generate scores them)."""
         return self.model.lm_head(self.model.model.norm(hidden)).float()
 
-    def _qkv(self, layer: LlamaDecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(
+        self,
+        layer: LlamaDecoderLayer,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn = layer.self_attn
         rows, length = hidden.shape[:2]
         q = attn.q_proj(hidden).view(rows, length, self.heads, self.head_dim).transpose(1, 2)
@@ -132,9 +137,15 @@ class LlamaSteps:
                 pool_k[group.slots, :, group.positions] = k[lo:hi, :, 0]
                 pool_v[group.slots, :, group.positions] = v[lo:hi, :, 0]
                 n, length = hi - lo, mask.shape[-1]
-                parts.append(F.scaled_dot_product_attention(
-                    q[lo:hi], pool_k[:n, :, :length], pool_v[:n, :, :length], attn_mask=mask,
-                    scale=layer.self_attn.scaling, enable_gqa=self.gqa,
-                ))
+                parts.append(
+                    F.scaled_dot_product_attention(
+                        q[lo:hi],
+                        pool_k[:n, :, :length],
+                        pool_v[:n, :, :length],
+                        attn_mask=mask,
+                        scale=layer.self_attn.scaling,
+                        enable_gqa=self.gqa,
+                    )
+                )
             hidden = self._finish_layer(layer, hidden, torch.cat(parts) if len(parts) > 1 else parts[0])
         return self._logits(hidden[:, -1])

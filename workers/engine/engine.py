@@ -182,10 +182,13 @@ class Engine:
             REPORT: KVPool(REPORT, shape, report_slots, report_len, dtype, device),
             DIALOG: KVPool(DIALOG, shape, cfg.dialog_slots, dialog_len, dtype, device),
         }
-        log.info("engine pools", extra={
-            name: {"slots": p.slots, "max_len": p.max_len, "GiB": round(p.nbytes / 2**30, 2)}
-            for name, p in pools.items()
-        })
+        log.info(
+            "engine pools",
+            extra={
+                name: {"slots": p.slots, "max_len": p.max_len, "GiB": round(p.nbytes / 2**30, 2)}
+                for name, p in pools.items()
+            },
+        )
         return pools
 
     # -- life ---------------------------------------------------------------------------------------
@@ -214,7 +217,11 @@ class Engine:
 
     # -- submit (any thread) ------------------------------------------------------------------------
     def submit_reports(
-        self, images: Sequence[np.ndarray], *, max_new_tokens: int | None = None, min_new_tokens: int = 0,
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
         priorities: Sequence[int] | None = None,
     ) -> list[Handle]:
         """Queue report requests (greedy); the images are prepared in the caller's thread. ``priorities``:
@@ -222,8 +229,10 @@ class Engine:
         limit = max_new_tokens or self.model.report_token_limit()
         room = self.pools[REPORT].max_len - self.longest_report - 1
         if limit > room:  # else a long report would end "length" where the simple path goes on
-            raise ValueError(f"{limit} new tokens do not fit the report slots ({room} after the longest prompt); "
-                             "build the engine with a larger report_max_len")
+            raise ValueError(
+                f"{limit} new tokens do not fit the report slots ({room} after the longest prompt); "
+                "build the engine with a larger report_max_len"
+            )
         handles = []
         ranks = list(priorities) if priorities is not None else [1] * len(images)
         for inputs, rank in zip(self.model.prepare_reports(images), ranks, strict=True):
@@ -233,17 +242,24 @@ class Engine:
         return handles
 
     def submit_dialog(
-        self, prompt: str, image: np.ndarray, max_new_tokens: int, on_token: Callable[[str], None] | None = None,
-        min_new_tokens: int = 0, sampling: Sampling | None = None,
+        self,
+        prompt: str,
+        image: np.ndarray,
+        max_new_tokens: int,
+        on_token: Callable[[str], None] | None = None,
+        min_new_tokens: int = 0,
+        sampling: Sampling | None = None,
     ) -> Handle:
         """Queue a dialog turn (the whole prompt, its image placeholder included); served before reports."""
         inputs, positions = self.model.prepare_dialog(prompt, image)
         if positions + 1 > self.pools[DIALOG].max_len:
-            raise ValueError(f"the prompt takes {positions} positions; "
-                             f"the dialog slots hold {self.pools[DIALOG].max_len}")
+            raise ValueError(
+                f"the prompt takes {positions} positions; the dialog slots hold {self.pools[DIALOG].max_len}"
+            )
         handle = Handle(self)
-        self._put(_Request(DIALOG, handle, inputs, max_new_tokens, min_new_tokens, on_token=on_token,
-                           sampling=sampling))
+        self._put(
+            _Request(DIALOG, handle, inputs, max_new_tokens, min_new_tokens, on_token=on_token, sampling=sampling)
+        )
         return handle
 
     def _put(self, request: _Request) -> None:
@@ -324,8 +340,9 @@ class Engine:
         self._prefill(self.pools[DIALOG], requests, rows, [{"vision": vision_s}] * len(requests), none, none)
 
     @staticmethod
-    def _one_by_one(requests: list[_Request], exc: Exception, retry: Callable[[list[_Request]], None],
-                    what: str) -> None:
+    def _one_by_one(
+        requests: list[_Request], exc: Exception, retry: Callable[[list[_Request]], None], what: str
+    ) -> None:
         """A group step failed: a single request gets the error, a group is retried request by request."""
         if len(requests) == 1:
             requests[0].handle._future.set_exception(exc)
@@ -351,8 +368,15 @@ class Engine:
         timings = [{**embedded.timings, "admitted_together": float(len(requests))}] * len(requests)
         self._prefill(self.pools[REPORT], requests, embedded.rows, timings, embedded.findings, embedded.phrases)
 
-    def _prefill(self, pool: KVPool, requests: list[_Request], rows: list[torch.Tensor],
-                 timings: list[dict[str, float]], findings: Sequence[Any], phrases: Sequence[Any]) -> None:
+    def _prefill(
+        self,
+        pool: KVPool,
+        requests: list[_Request],
+        rows: list[torch.Tensor],
+        timings: list[dict[str, float]],
+        findings: Sequence[Any],
+        phrases: Sequence[Any],
+    ) -> None:
         """Prefill ``rows`` into new slots; a group that fails is retried one by one (the fault stays with its
         request)."""
         started = time.perf_counter()
@@ -371,17 +395,37 @@ class Engine:
                 return
             log.warning("prefill failed; one by one", extra={"rows": len(requests), "error": type(exc).__name__})
             for i in range(len(requests)):
-                self._prefill(pool, requests[i:i + 1], rows[i:i + 1], timings[i:i + 1], findings[i:i + 1],
-                              phrases[i:i + 1])
+                self._prefill(
+                    pool,
+                    requests[i : i + 1],
+                    rows[i : i + 1],
+                    timings[i : i + 1],
+                    findings[i : i + 1],
+                    phrases[i : i + 1],
+                )
             return
         prefill_s = time.perf_counter() - started
         now = time.perf_counter()
         fresh = []
         for i, request in enumerate(requests):
             streamer = self.model.streamer(request.on_token) if request.on_token else None
-            seq = _Sequence(request, pool, slots[i], len(rows[i]), [], {
-                **timings[i], "queued": started - request.submitted, "prefill": prefill_s, "decode_started": now,
-            }, streamer, findings[i], phrases[i], _generator(request.sampling, logits.device))
+            seq = _Sequence(
+                request,
+                pool,
+                slots[i],
+                len(rows[i]),
+                [],
+                {
+                    **timings[i],
+                    "queued": started - request.submitted,
+                    "prefill": prefill_s,
+                    "decode_started": now,
+                },
+                streamer,
+                findings[i],
+                phrases[i],
+                _generator(request.sampling, logits.device),
+            )
             self.live[request.kind].append(seq)
             fresh.append(seq)
         self._advance(fresh, logits)
@@ -397,8 +441,13 @@ class Engine:
             if not seqs:
                 continue
             device = self.steps.device
-            groups.append(Group(seqs[0].pool, torch.arange(len(seqs), device=device),
-                                torch.tensor([s.length for s in seqs], device=device)))
+            groups.append(
+                Group(
+                    seqs[0].pool,
+                    torch.arange(len(seqs), device=device),
+                    torch.tensor([s.length for s in seqs], device=device),
+                )
+            )
             rows.extend(seqs)
         tokens = torch.tensor([s.tokens[-1] for s in rows], device=self.steps.device)
         try:
@@ -502,7 +551,7 @@ def served_model(backend: ModelBackend | EngineModel) -> EngineModel:
 
 
 def _ends_with_stop(tokens: list[int], stops: tuple[tuple[int, ...], ...]) -> bool:
-    return any(len(tokens) >= len(stop) and tuple(tokens[-len(stop):]) == stop for stop in stops)
+    return any(len(tokens) >= len(stop) and tuple(tokens[-len(stop) :]) == stop for stop in stops)
 
 
 def _generator(sampling: Sampling | None, device: torch.device) -> torch.Generator | None:

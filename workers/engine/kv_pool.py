@@ -27,8 +27,9 @@ class PoolShape:
 class KVPool:
     """``slots`` sequences of at most ``max_len`` tokens each, allocated once."""
 
-    def __init__(self, name: str, shape: PoolShape, slots: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str):
+    def __init__(
+        self, name: str, shape: PoolShape, slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+    ):
         if slots < 1 or max_len < 2:
             raise ValueError(f"pool {name!r} needs at least one slot of two tokens (got {slots} x {max_len})")
         self.name, self.shape, self.slots, self.max_len = name, shape, slots, max_len

@@ -27,11 +27,13 @@ def load_backend(settings: Any) -> ModelBackend:
     if name == "radialog-v1":
         from workers.models.radialog_v1.backend import load_radialog_v1_backend
 
-        return load_radialog_v1_backend(settings.v1_dir, settings.v1_adapter, settings.v1_llm_dir,
-                                        settings.v1_biovil_file, settings.device)
+        return load_radialog_v1_backend(
+            settings.v1_dir, settings.v1_adapter, settings.v1_llm_dir, settings.v1_biovil_file, settings.device
+        )
     if name == "xraygpt":
         from workers.models.xraygpt.backend import load_xraygpt_backend
 
-        return load_xraygpt_backend(settings.xraygpt_vision_dir, settings.xraygpt_llm_dir,
-                                    settings.xraygpt_checkpoint, settings.device)
+        return load_xraygpt_backend(
+            settings.xraygpt_vision_dir, settings.xraygpt_llm_dir, settings.xraygpt_checkpoint, settings.device
+        )
     raise ValueError(f"unknown model backend {name!r}; available: {', '.join(BACKENDS)}")

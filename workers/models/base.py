@@ -21,8 +21,18 @@ from workers.models.capabilities import Capabilities
 #: The model's output types live in the kernel (``radialog.model_output``: reporting and the tests use them
 #: without model code); the backend interface names them too.
 __all__ = [
-    "ClassifierFinding", "ContextTooLong", "DialogRequest", "ModelBackend", "Provenance", "ReportOutput",
-    "RequestCancelled", "Sampling", "StudyInput", "TokenCallback", "Turn", "UnsupportedTask",
+    "ClassifierFinding",
+    "ContextTooLong",
+    "DialogRequest",
+    "ModelBackend",
+    "Provenance",
+    "ReportOutput",
+    "RequestCancelled",
+    "Sampling",
+    "StudyInput",
+    "TokenCallback",
+    "Turn",
+    "UnsupportedTask",
 ]
 
 

@@ -46,10 +46,15 @@ class Capabilities:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "backend": self.backend, "model_name": self.model_name, "findings_classifier": self.findings_classifier,
-            "tasks": {task: {"prompt": phrasing or None, "max_new_tokens": self.task_max_new_tokens[task]}
-                      for task, phrasing in self.tasks.items()},
-            "context_tokens": self.context_tokens, "image_tokens": self.image_tokens,
+            "backend": self.backend,
+            "model_name": self.model_name,
+            "findings_classifier": self.findings_classifier,
+            "tasks": {
+                task: {"prompt": phrasing or None, "max_new_tokens": self.task_max_new_tokens[task]}
+                for task, phrasing in self.tasks.items()
+            },
+            "context_tokens": self.context_tokens,
+            "image_tokens": self.image_tokens,
         }
 
 
@@ -58,13 +63,27 @@ def _v2_report_question(labels: Sequence[str]) -> str:
 
 
 RADIALOG_V2 = Capabilities(
-    backend="radialog-v2", model_name="RaDialog", findings_classifier=True,
-    tasks={"free": PER_REQUEST, "correction": PER_REQUEST, "yes_no": PER_REQUEST, "list": v2.LIST_FINDINGS,
-           "impression": v2.IMPRESSION, "easy_language": v2.EASY_LANGUAGE, "summary": v2.SUMMARY,
-           "view": v2.VIEW_PROMPT},
-    task_max_new_tokens=v2.TASK_MAX_NEW_TOKENS, context_tokens=v2.MAX_CONTEXT_TOKENS, image_tokens=v2.IMAGE_TOKENS,
-    system_text=v2.SYSTEM, first_turn_tasks=frozenset({"view"}), report_question=_v2_report_question,
+    backend="radialog-v2",
+    model_name="RaDialog",
+    findings_classifier=True,
+    tasks={
+        "free": PER_REQUEST,
+        "correction": PER_REQUEST,
+        "yes_no": PER_REQUEST,
+        "list": v2.LIST_FINDINGS,
+        "impression": v2.IMPRESSION,
+        "easy_language": v2.EASY_LANGUAGE,
+        "summary": v2.SUMMARY,
+        "view": v2.VIEW_PROMPT,
+    },
+    task_max_new_tokens=v2.TASK_MAX_NEW_TOKENS,
+    context_tokens=v2.MAX_CONTEXT_TOKENS,
+    image_tokens=v2.IMAGE_TOKENS,
+    system_text=v2.SYSTEM,
+    first_turn_tasks=frozenset({"view"}),
+    report_question=_v2_report_question,
 )
+
 
 def _v1_report_question(labels: Sequence[str]) -> str:
     return v1.report_prompt(v1.findings_phrase(tuple(labels)))
@@ -73,18 +92,33 @@ def _v1_report_question(labels: Sequence[str]) -> str:
 #: RaDialog-INS's tasks (the default adapter; RaDialog-RG was trained for reports only). No impression and no
 #: view question: v1 was not trained for them. The 32 <IMG> placeholders are in the report question's text.
 RADIALOG_V1 = Capabilities(
-    backend="radialog-v1", model_name="RaDialog v1", findings_classifier=True,
-    tasks={"free": PER_REQUEST, "correction": PER_REQUEST, "yes_no": PER_REQUEST, "list": v1.LIST_FINDINGS,
-           "easy_language": v1.EASY_LANGUAGE, "summary": v1.SUMMARY},
-    task_max_new_tokens=v1.TASK_MAX_NEW_TOKENS, context_tokens=v1.MAX_CONTEXT_TOKENS, image_tokens=v1.IMAGE_TOKENS,
-    system_text=v1.SYSTEM, report_question=_v1_report_question,
+    backend="radialog-v1",
+    model_name="RaDialog v1",
+    findings_classifier=True,
+    tasks={
+        "free": PER_REQUEST,
+        "correction": PER_REQUEST,
+        "yes_no": PER_REQUEST,
+        "list": v1.LIST_FINDINGS,
+        "easy_language": v1.EASY_LANGUAGE,
+        "summary": v1.SUMMARY,
+    },
+    task_max_new_tokens=v1.TASK_MAX_NEW_TOKENS,
+    context_tokens=v1.MAX_CONTEXT_TOKENS,
+    image_tokens=v1.IMAGE_TOKENS,
+    system_text=v1.SYSTEM,
+    report_question=_v1_report_question,
 )
 
 XRAYGPT = Capabilities(
-    backend="xraygpt", model_name="XrayGPT", findings_classifier=False,
+    backend="xraygpt",
+    model_name="XrayGPT",
+    findings_classifier=False,
     tasks={"free": PER_REQUEST, **xraygpt.TASK_PROMPTS},
-    task_max_new_tokens=xraygpt.TASK_MAX_NEW_TOKENS, context_tokens=xraygpt.MAX_LENGTH,
-    image_tokens=xraygpt.IMAGE_TOKENS, system_text=xraygpt.SYSTEM,
+    task_max_new_tokens=xraygpt.TASK_MAX_NEW_TOKENS,
+    context_tokens=xraygpt.MAX_LENGTH,
+    image_tokens=xraygpt.IMAGE_TOKENS,
+    system_text=xraygpt.SYSTEM,
     report_question=lambda labels: xraygpt.REPORT_QUESTION,
 )
 

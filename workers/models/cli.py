@@ -9,7 +9,9 @@ from pathlib import Path
 import click
 
 BACKEND_OPTION = click.option(
-    "--backend", type=click.Choice(["radialog-v2", "radialog-v1", "xraygpt"]), default=None,
+    "--backend",
+    type=click.Choice(["radialog-v2", "radialog-v1", "xraygpt"]),
+    default=None,
     help="Model backend (default: RADIALOG_MODEL_BACKEND, else radialog-v2).",
 )
 
@@ -58,10 +60,18 @@ def _count(module) -> int:
 
 
 @model.command("check")
-@click.option("--model-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="RaDialog v2 directory (default: RADIALOG_MODEL_DIR).")
-@click.option("--base-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="llava-v1.5-7b directory (default: RADIALOG_BASE_MODEL_DIR).")
+@click.option(
+    "--model-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="RaDialog v2 directory (default: RADIALOG_MODEL_DIR).",
+)
+@click.option(
+    "--base-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="llava-v1.5-7b directory (default: RADIALOG_BASE_MODEL_DIR).",
+)
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N (default: RADIALOG_DEVICE).")
 @BACKEND_OPTION
 def check_command(model_dir: Path | None, base_dir: Path | None, device: str | None, backend: str | None) -> None:
@@ -147,8 +157,12 @@ def _check_xraygpt(device: str | None) -> None:
     assert model.llama_model is not None
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in loaded.seconds.items())
     click.echo(f"loaded in {time.perf_counter() - started:.1f} s  ({phases})")
-    parts = [("vision tower (EVA ViT-g)", model.visual_encoder), ("ln_vision + Q-Former", model.bridge),
-             ("llama_proj", model.llama_proj), ("language model (Vicuna)", model.llama_model)]
+    parts = [
+        ("vision tower (EVA ViT-g)", model.visual_encoder),
+        ("ln_vision + Q-Former", model.bridge),
+        ("llama_proj", model.llama_proj),
+        ("language model (Vicuna)", model.llama_model),
+    ]
     click.echo("parameters:")
     for name, part in parts:
         size = sum(p.numel() * p.element_size() for p in part.parameters())
@@ -188,22 +202,30 @@ def _check_radialog_v1(device: str | None) -> None:
     assert model.llama_model is not None
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in loaded.seconds.items())
     click.echo(f"loaded in {time.perf_counter() - started:.1f} s  ({phases})")
-    parts = [("vision tower (BioViL-T, 1408)", model.visual_encoder), ("ln_vision + Q-Former", model.bridge),
-             ("img_proj", model.img_proj), ("language model (LoRA merged)", model.llama_model),
-             ("findings classifier", loaded.classifier)]
+    parts = [
+        ("vision tower (BioViL-T, 1408)", model.visual_encoder),
+        ("ln_vision + Q-Former", model.bridge),
+        ("img_proj", model.img_proj),
+        ("language model (LoRA merged)", model.llama_model),
+        ("findings classifier", loaded.classifier),
+    ]
     click.echo("parameters:")
     for name, part in parts:
         size = sum(p.numel() * p.element_size() for p in part.parameters())
         click.echo(f"  {name:<29} {_count(part):>15,}  {size / 2**30:6.2f} GiB")
-    click.echo(f"device {loaded.device}, dtype {loaded.dtype} (BioViL-T, ln_vision, Q-Former float32; classifier "
-               f"{loaded.classifier_dtype})")
+    click.echo(
+        f"device {loaded.device}, dtype {loaded.dtype} (BioViL-T, ln_vision, Q-Former float32; classifier "
+        f"{loaded.classifier_dtype})"
+    )
     if loaded.device.type == "cuda":
         click.echo(f"GPU memory allocated {torch.cuda.memory_allocated(loaded.device) / 2**30:.2f} GiB")
     if loaded.projector == "checkpoint":
         click.echo("projector: BioViL-T projector loaded from checkpoint_4.pth")
     else:
-        click.echo("projector: REPLAYED - checkpoint_4.pth holds no BioViL-T projector; using the reference's "
-                   "training-time random draws (seed 42), bit-exact with hi-ml's construction (README 'RaDialog v1')")
+        click.echo(
+            "projector: REPLAYED - checkpoint_4.pth holds no BioViL-T projector; using the reference's "
+            "training-time random draws (seed 42), bit-exact with hi-ml's construction (README 'RaDialog v1')"
+        )
     click.echo(f"algorithm version (SR) {model_version(loaded.projector)}")
     click.echo(f"files sha256 {loaded.sha256}")
     for note in loaded.notes:

@@ -63,8 +63,14 @@ def _special(value: Any, name: str, default: str) -> tuple[str, bool, bool]:
 class SlowLlamaEncoder:
     """Text -> ids as transformers 4.31's slow ``LlamaTokenizer`` (the reference's) does; see the module doc."""
 
-    def __init__(self, model_proto: bytes, *, legacy: bool, add_bos_token: bool = True,
-                 specials: dict[str, tuple[str, bool, bool]] | None = None):
+    def __init__(
+        self,
+        model_proto: bytes,
+        *,
+        legacy: bool,
+        add_bos_token: bool = True,
+        specials: dict[str, tuple[str, bool, bool]] | None = None,
+    ):
         """``specials``: role ("unk_token", "bos_token", "eos_token") -> (content, lstrip, rstrip)."""
         import sentencepiece as spm
 
@@ -107,7 +113,8 @@ class SlowLlamaEncoder:
         tokenizer_class = config.get("tokenizer_class", "LlamaTokenizer")
         if tokenizer_class not in ("LlamaTokenizer", "LlamaTokenizerFast"):
             raise TokenizerFileError(
-                f"tokenizer_config.json: tokenizer_class {tokenizer_class!r} is not LlamaTokenizer")
+                f"tokenizer_config.json: tokenizer_class {tokenizer_class!r} is not LlamaTokenizer"
+            )
         if config.get("add_eos_token", False):
             raise TokenizerFileError("tokenizer_config.json: add_eos_token is true; LLaVA prompts never end in </s>")
         if (directory / "added_tokens.json").is_file() or _added_beyond_specials(config):

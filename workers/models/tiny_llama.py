@@ -26,9 +26,19 @@ from typing import Any
 
 #: Trainer options of Llama's own tokenizer.model (its trainer_spec), at tiny size.
 LLAMA_TRAINER_OPTIONS: dict[str, Any] = {
-    "model_type": "bpe", "normalization_rule_name": "identity", "remove_extra_whitespaces": False,
-    "add_dummy_prefix": True, "byte_fallback": True, "split_digits": True, "allow_whitespace_only_pieces": True,
-    "unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1, "character_coverage": 1.0, "hard_vocab_limit": False,
+    "model_type": "bpe",
+    "normalization_rule_name": "identity",
+    "remove_extra_whitespaces": False,
+    "add_dummy_prefix": True,
+    "byte_fallback": True,
+    "split_digits": True,
+    "allow_whitespace_only_pieces": True,
+    "unk_id": 0,
+    "bos_id": 1,
+    "eos_id": 2,
+    "pad_id": -1,
+    "character_coverage": 1.0,
+    "hard_vocab_limit": False,
     "minloglevel": 2,
 }
 #: Radiology phrasing for the tokenizer corpus (backends add their own prompts).
@@ -49,12 +59,19 @@ LIVELY_SCALE = 12.0
 
 def _token(text: str) -> dict[str, object]:
     """A special token as llava-v1.5-7b's tokenizer_config.json writes it (transformers 4.31 needs "__type")."""
-    return {"__type": "AddedToken", "content": text, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False}
+    return {
+        "__type": "AddedToken",
+        "content": text,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+    }
 
 
-def write_llama_tokenizer(directory: Path, corpus: Iterable[str], vocab_size: int = 1000, *,
-                          legacy: bool = False) -> int:
+def write_llama_tokenizer(
+    directory: Path, corpus: Iterable[str], vocab_size: int = 1000, *, legacy: bool = False
+) -> int:
     """Train the tokenizer on ``corpus`` and write tokenizer.model, tokenizer_config.json (``legacy`` as
     given; LLaVA-1.5 has false) and special_tokens_map.json into ``directory``; returns the vocabulary size."""
     import sentencepiece as spm
@@ -66,15 +83,35 @@ def write_llama_tokenizer(directory: Path, corpus: Iterable[str], vocab_size: in
     )
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "tokenizer.model").write_bytes(model.getvalue())
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": legacy,
-        "bos_token": _token("<s>"), "eos_token": _token("</s>"), "unk_token": _token("<unk>"), "pad_token": None,
-        "clean_up_tokenization_spaces": False, "model_max_length": 4096, "padding_side": "right",
-        "sp_model_kwargs": {},
-    }, indent=2))
-    (directory / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": _token("<s>"), "eos_token": _token("</s>"), "unk_token": _token("<unk>"), "pad_token": "<unk>"}
-    ))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "legacy": legacy,
+                "bos_token": _token("<s>"),
+                "eos_token": _token("</s>"),
+                "unk_token": _token("<unk>"),
+                "pad_token": None,
+                "clean_up_tokenization_spaces": False,
+                "model_max_length": 4096,
+                "padding_side": "right",
+                "sp_model_kwargs": {},
+            },
+            indent=2,
+        )
+    )
+    (directory / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": _token("<s>"),
+                "eos_token": _token("</s>"),
+                "unk_token": _token("<unk>"),
+                "pad_token": "<unk>",
+            }
+        )
+    )
     return int(spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size())
 
 
@@ -84,13 +121,13 @@ def silent_token_ids(tokenizer_model: Path) -> list[int]:
 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     return [
-        i for i in range(sp.get_piece_size())
+        i
+        for i in range(sp.get_piece_size())
         if sp.is_unknown(i) or sp.is_byte(i) or i == sp.bos_id() or not sp.id_to_piece(i).strip("\u2581")
     ]
 
 
-def liven_weights(model, silent_ids: Sequence[int], scale: float = LIVELY_SCALE,
-                  channel: int = END_CHANNEL) -> None:
+def liven_weights(model, silent_ids: Sequence[int], scale: float = LIVELY_SCALE, channel: int = END_CHANNEL) -> None:
     """Scale every matrix but the embeddings by ``scale``, zero the lm_head rows of ``silent_ids``, and keep
     hidden ``channel`` of the residual stream free for :func:`plant_end_trigger`.
 
@@ -108,8 +145,11 @@ def liven_weights(model, silent_ids: Sequence[int], scale: float = LIVELY_SCALE,
         model.get_input_embeddings().weight[:, channel] = 0
         model.lm_head.weight[:, channel] = 0
         for layer in model.model.layers:
-            for reader in (*(getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj")),
-                           layer.mlp.gate_proj, layer.mlp.up_proj):
+            for reader in (
+                *(getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj")),
+                layer.mlp.gate_proj,
+                layer.mlp.up_proj,
+            ):
                 reader.weight[:, channel] = 0
             for writer in (layer.self_attn.o_proj, layer.mlp.down_proj):
                 writer.weight[channel, :] = 0
@@ -157,8 +197,9 @@ def choose_end_triggers(
     raise ValueError("the answers hold too few tokens that may serve as end triggers")
 
 
-def plant_end_trigger(model, eos_id: int, triggers: Sequence[int], channel: int = END_CHANNEL,
-                      mark: float = 0.1, gain: float = 1e4) -> None:
+def plant_end_trigger(
+    model, eos_id: int, triggers: Sequence[int], channel: int = END_CHANNEL, mark: float = 0.1, gain: float = 1e4
+) -> None:
     """After any of ``triggers`` is generated the next token is ``</s>``; nowhere else can ``</s>`` win.
 
     The triggers' embeddings mark the free channel; ``</s>``'s lm_head row reads only that channel, with a

@@ -26,10 +26,16 @@ def check_layout(
     skipped = sorted(k for k in found if k not in expected and ignored(k))
     missing = sorted(k for k in expected if k not in found)
     unexpected = sorted(k for k in found if k not in expected and not ignored(k))
-    mismatched = [f"{k} {tuple(found[k].shape)} != {tuple(shape)}" for k, shape in expected.items()
-                  if k in found and isinstance(found[k], torch.Tensor) and tuple(found[k].shape) != tuple(shape)]
-    mismatched += [f"{k} is a {type(found[k]).__name__}, not a tensor" for k in expected
-                   if k in found and not isinstance(found[k], torch.Tensor)]
+    mismatched = [
+        f"{k} {tuple(found[k].shape)} != {tuple(shape)}"
+        for k, shape in expected.items()
+        if k in found and isinstance(found[k], torch.Tensor) and tuple(found[k].shape) != tuple(shape)
+    ]
+    mismatched += [
+        f"{k} is a {type(found[k]).__name__}, not a tensor"
+        for k in expected
+        if k in found and not isinstance(found[k], torch.Tensor)
+    ]
     if missing or unexpected or mismatched:
         raise StateDictMismatch(source, missing, unexpected, mismatched)
     return skipped

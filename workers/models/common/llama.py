@@ -64,8 +64,13 @@ def load_llama(directory: Path, device: torch.device, dtype: torch.dtype) -> tup
     model: LlamaForCausalLM
     info: dict[str, Any]
     model, info = LlamaForCausalLM.from_pretrained(  # type: ignore[misc]  # with output_loading_info: a pair
-        directory, config=config, dtype=dtype, local_files_only=True, output_loading_info=True,
-        low_cpu_mem_usage=True, **kwargs,
+        directory,
+        config=config,
+        dtype=dtype,
+        local_files_only=True,
+        output_loading_info=True,
+        low_cpu_mem_usage=True,
+        **kwargs,
     )
     ignored = [k for k in info.get("unexpected_keys", []) if ROTARY_BUFFER.fullmatch(k)]
     unexpected = sorted(k for k in info.get("unexpected_keys", []) if not ROTARY_BUFFER.fullmatch(k))
@@ -110,4 +115,4 @@ def files_sha256(entries: Iterable[tuple[str, Path]], chunk: int = 16 * 1024 * 1
 
 def ends_with_any(tokens: Sequence[int], stops: Sequence[Sequence[int]]) -> bool:
     """Whether ``tokens`` ends with one of the ``stops`` id sequences (the reference's StoppingCriteria)."""
-    return any(len(tokens) >= len(s) and list(tokens[-len(s):]) == list(s) for s in stops if s)
+    return any(len(tokens) >= len(s) and list(tokens[-len(s) :]) == list(s) for s in stops if s)

@@ -50,10 +50,17 @@ class QFormerSize:
 
     def config(self) -> Blip2QFormerConfig:
         return Blip2QFormerConfig(
-            hidden_size=self.hidden_size, num_hidden_layers=self.layers, num_attention_heads=self.heads,
-            intermediate_size=self.intermediate_size, hidden_act="gelu", layer_norm_eps=1e-12,
-            cross_attention_frequency=self.cross_attention_frequency, encoder_hidden_size=self.vision_width,
-            use_qformer_text_input=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            intermediate_size=self.intermediate_size,
+            hidden_act="gelu",
+            layer_norm_eps=1e-12,
+            cross_attention_frequency=self.cross_attention_frequency,
+            encoder_hidden_size=self.vision_width,
+            use_qformer_text_input=False,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
         )
 
 
@@ -88,7 +95,8 @@ def _rename(key: str) -> str:
     if key.startswith("Qformer.bert.encoder."):
         key = "qformer.encoder." + key.removeprefix("Qformer.bert.encoder.")
         return key.replace(".attention.self.", ".attention.attention.").replace(
-            ".crossattention.self.", ".crossattention.attention.")
+            ".crossattention.self.", ".crossattention.attention."
+        )
     return key
 
 
@@ -101,8 +109,9 @@ def from_lavis(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     for key, value in state.items():
         if any(pattern.fullmatch(key) for pattern in LAVIS_UNUSED):
             unused.append(key)
-        elif key in ("query_tokens",) or key.startswith(("ln_vision.", "Qformer.bert.embeddings.LayerNorm.",
-                                                          "Qformer.bert.encoder.")):
+        elif key in ("query_tokens",) or key.startswith(
+            ("ln_vision.", "Qformer.bert.embeddings.LayerNorm.", "Qformer.bert.encoder.")
+        ):
             bridge[_rename(key)] = value
         else:
             rest[key] = value
@@ -118,7 +127,8 @@ def to_lavis(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         elif key.startswith("qformer.encoder."):
             name = "Qformer.bert.encoder." + key.removeprefix("qformer.encoder.")
             name = name.replace(".crossattention.attention.", ".crossattention.self.").replace(
-                ".attention.attention.", ".attention.self.")
+                ".attention.attention.", ".attention.self."
+            )
         else:
             name = key
         out[name] = value

@@ -59,9 +59,13 @@ class RadialogV1Backend(ModelBackend):
         self.encoder = loaded.encoder
         self.eos_id = int(self.encoder.eos_id)
         self.provenance = Provenance(
-            name=MODEL_NAME, version=model_version(loaded.projector), files_sha256=loaded.sha256,
-            device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
-            tiny=loaded.files.tiny if loaded.files is not None else True, display_name=RADIALOG_V1.model_name,
+            name=MODEL_NAME,
+            version=model_version(loaded.projector),
+            files_sha256=loaded.sha256,
+            device=str(loaded.device),
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            tiny=loaded.files.tiny if loaded.files is not None else True,
+            display_name=RADIALOG_V1.model_name,
         )
 
     # -- text ------------------------------------------------------------------------------------
@@ -93,13 +97,17 @@ class RadialogV1Backend(ModelBackend):
         if not request.history or prompts.IMAGE_RUN not in request.history[0].question:
             raise ValueError("a RaDialog v1 conversation starts with the report turn (it carries the image)")
         limit = request.max_new_tokens or self._limit(prompts.TASK_MAX_NEW_TOKENS[request.task])
-        history, _dropped = fit_history(request.history, request.question, self.count_tokens, limit,
-                                        prompts.MAX_CONTEXT_TOKENS)
+        history, _dropped = fit_history(
+            request.history, request.question, self.count_tokens, limit, prompts.MAX_CONTEXT_TOKENS
+        )
         return conversation_prompt(history, request.question), limit
 
     # -- model -----------------------------------------------------------------------------------
-    def classify(self, images: Sequence[np.ndarray], pixels: torch.Tensor | None = None,
-                 ) -> list[list[ClassifierFinding]]:
+    def classify(
+        self,
+        images: Sequence[np.ndarray],
+        pixels: torch.Tensor | None = None,
+    ) -> list[list[ClassifierFinding]]:
         """CheXpert findings per image (``pixels``: the 488-px batch when already prepared)."""
         if pixels is None:
             pixels = batch_tensors(list(images), CLASSIFIER_CROP)
@@ -110,9 +118,16 @@ class RadialogV1Backend(ModelBackend):
         return self.model.splice([self.prompt_ids(p) for p in prompts_], self.model.encode_images(pixels))
 
     @torch.inference_mode()
-    def generate(self, prompts_: Sequence[str], images: Sequence[np.ndarray], max_new_tokens: int, *,
-                 min_new_tokens: int | None = None, on_token: TokenCallback | None = None,
-                 pixels: torch.Tensor | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        prompts_: Sequence[str],
+        images: Sequence[np.ndarray],
+        max_new_tokens: int,
+        *,
+        min_new_tokens: int | None = None,
+        on_token: TokenCallback | None = None,
+        pixels: torch.Tensor | None = None,
+    ) -> list[list[int]]:
         """Greedy new tokens per (prompt, image), as one left-padded batch through transformers' generate."""
         if pixels is None:
             pixels = batch_tensors(list(images), LLM_CROP)
@@ -122,18 +137,27 @@ class RadialogV1Backend(ModelBackend):
         embeds = torch.zeros(len(rows), longest, rows[0].shape[1], dtype=rows[0].dtype, device=device)
         mask = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
         for i, row in enumerate(rows):
-            embeds[i, longest - len(row):] = row
-            mask[i, longest - len(row):] = 1
+            embeds[i, longest - len(row) :] = row
+            mask[i, longest - len(row) :] = 1
         options = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
         streamer = CallbackStreamer(self.tokenizer.decode, on_token, self.eos_id) if on_token else None
         out = self.model.llm().generate(
-            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            eos_token_id=self.eos_id, pad_token_id=0, streamer=streamer, use_cache=True, **options,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=self.eos_id,
+            pad_token_id=0,
+            streamer=streamer,
+            use_cache=True,
+            **options,
         )
         return [row[: row.index(self.eos_id)] if self.eos_id in row else row for row in out.tolist()]
 
-    def report(self, studies: Sequence[StudyInput], *, max_new_tokens: int | None = None,
-               min_new_tokens: int | None = None) -> list[ReportOutput]:
+    def report(
+        self, studies: Sequence[StudyInput], *, max_new_tokens: int | None = None, min_new_tokens: int | None = None
+    ) -> list[ReportOutput]:
         """Classifier + report for a batch; the token limits are for benchmarks only."""
         if not studies:
             return []
@@ -144,13 +168,30 @@ class RadialogV1Backend(ModelBackend):
         findings = self.classify(images, batches[CLASSIFIER_CROP])
         t2 = time.perf_counter()
         phrases, report_prompts = self.report_prompts(findings)
-        tokens = self.generate(report_prompts, images, max_new_tokens or self.report_token_limit(),
-                               min_new_tokens=min_new_tokens, pixels=batches[LLM_CROP])
-        timings = {"preprocess": t1 - t0, "classifier": t2 - t1, "generate": time.perf_counter() - t2,
-                   "batch_size": float(len(studies))}
-        return [ReportOutput(key=s.key, findings_text=self.decode(out), findings=row, findings_phrase=phrase,
-                             generated_tokens=len(out), timings=dict(timings))
-                for s, row, phrase, out in zip(studies, findings, phrases, tokens)]
+        tokens = self.generate(
+            report_prompts,
+            images,
+            max_new_tokens or self.report_token_limit(),
+            min_new_tokens=min_new_tokens,
+            pixels=batches[LLM_CROP],
+        )
+        timings = {
+            "preprocess": t1 - t0,
+            "classifier": t2 - t1,
+            "generate": time.perf_counter() - t2,
+            "batch_size": float(len(studies)),
+        }
+        return [
+            ReportOutput(
+                key=s.key,
+                findings_text=self.decode(out),
+                findings=row,
+                findings_phrase=phrase,
+                generated_tokens=len(out),
+                timings=dict(timings),
+            )
+            for s, row, phrase, out in zip(studies, findings, phrases, tokens)
+        ]
 
     def answer(self, request: DialogRequest, on_token: TokenCallback | None = None) -> str:
         prompt, limit = self.dialog_prompt(request)

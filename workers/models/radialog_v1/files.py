@@ -22,8 +22,10 @@ from pathlib import Path
 from workers.models.common.llama import files_sha256, weight_files
 from workers.models.radialog_v2.checkpoint_io import ModelFileError
 
-QFORMER_RELPATHS = (Path("pretraining/outputs/stage1_pt_instruct_blip_origlr_img448/checkpoint_4.pth"),
-                    Path("outputs/stage1_pt_instruct_blip_origlr_img448/checkpoint_4.pth"))
+QFORMER_RELPATHS = (
+    Path("pretraining/outputs/stage1_pt_instruct_blip_origlr_img448/checkpoint_4.pth"),
+    Path("outputs/stage1_pt_instruct_blip_origlr_img448/checkpoint_4.pth"),
+)
 CLASSIFIER_RELPATH = Path("findings_classifier/checkpoints/chexpert_train/ChexpertClassifier-epoch=06-val_f1=0.36.ckpt")
 INSTRUCT_ADAPTER = "checkpoints/vicuna-7b-img-instruct/checkpoint-4800"
 REPORT_ADAPTER = "checkpoints/vicuna-7b-img-report/checkpoint-11200"
@@ -52,10 +54,14 @@ class RadialogV1Files:
 
     def named(self) -> list[tuple[str, Path]]:
         """(name in the hash, path): release files, then the BioViL-T file, then the Vicuna directory's."""
-        return ([(f"radialog/{p.relative_to(self.root) if p.is_relative_to(self.root) else p.name}", p)
-                 for p in (self.qformer, self.adapter_config, self.adapter_weights, self.classifier)]
-                + [(f"biovil/{self.biovil.name}", self.biovil)]
-                + [(f"llm/{p.name}", p) for p in (self.llm_config, *self.llm_weights, *self.tokenizer)])
+        return (
+            [
+                (f"radialog/{p.relative_to(self.root) if p.is_relative_to(self.root) else p.name}", p)
+                for p in (self.qformer, self.adapter_config, self.adapter_weights, self.classifier)
+            ]
+            + [(f"biovil/{self.biovil.name}", self.biovil)]
+            + [(f"llm/{p.name}", p) for p in (self.llm_config, *self.llm_weights, *self.tokenizer)]
+        )
 
     def all_files(self) -> list[Path]:
         return [path for _, path in self.named()]
@@ -90,13 +96,27 @@ def locate(root: Path | None, adapter: str | Path | None, llm_dir: Path | None, 
     weights = weight_files(llm_dir, missing)
     # the prompt ids come from the sentencepiece model (as the reference's slow tokenizer made them)
     tokenizer = [need(llm_dir / "tokenizer.model")]
-    tokenizer += [p for p in (llm_dir / "tokenizer_config.json", llm_dir / "special_tokens_map.json",
-                              llm_dir / "tokenizer.json") if p.is_file()]
+    tokenizer += [
+        p
+        for p in (llm_dir / "tokenizer_config.json", llm_dir / "special_tokens_map.json", llm_dir / "tokenizer.json")
+        if p.is_file()
+    ]
     need(biovil)
     if missing:
         raise ModelFileError("missing model files: " + ", ".join(missing))
-    return RadialogV1Files(root, qformer, adapter_dir, adapter_config, adapter_weights, classifier, llm_dir, config,
-                           tuple(weights), tuple(tokenizer), biovil)
+    return RadialogV1Files(
+        root,
+        qformer,
+        adapter_dir,
+        adapter_config,
+        adapter_weights,
+        classifier,
+        llm_dir,
+        config,
+        tuple(weights),
+        tuple(tokenizer),
+        biovil,
+    )
 
 
 def sha256(files: RadialogV1Files) -> str:

@@ -52,8 +52,10 @@ SIZES_FILE = "radialog_v1_sizes.json"
 TRAINING_STATE = ("optimizer", "config", "scaler", "epoch")
 VISUAL = "visual_encoder."
 #: The LoRA adapter file's img_proj (the reference's ImgTrainer adds it under these names).
-IMG_PROJ_KEYS = {"weight": "base_model.model.model.img_proj_layer.weight",
-                 "bias": "base_model.model.model.img_proj_layer.bias"}
+IMG_PROJ_KEYS = {
+    "weight": "base_model.model.model.img_proj_layer.weight",
+    "bias": "base_model.model.model.img_proj_layer.bias",
+}
 #: Llama's Linear layers a LoRA may target.
 LLAMA_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 _LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.\d+\.(self_attn|mlp)\.\w+\.lora_[AB]\.weight")
@@ -102,8 +104,16 @@ def load_biovil(model: RadialogV1, path: Path, state: dict[str, torch.Tensor] | 
     expected = {k: tuple(v.shape) for k, v in tower.state_dict().items() if not k.startswith("projector.")}
     ignored = check_layout(path.name, expected, state, ignored=lambda key: key.startswith("projector."))
     tower.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
-    return [(f"{path.name}: ignored {len(ignored)} tensors of BioViL-T's own 128-channel projector "
-             "(the reference drops them and builds a 1408-channel one)")] if ignored else []
+    return (
+        [
+            (
+                f"{path.name}: ignored {len(ignored)} tensors of BioViL-T's own 128-channel projector "
+                "(the reference drops them and builds a 1408-channel one)"
+            )
+        ]
+        if ignored
+        else []
+    )
 
 
 def model_dict(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -128,6 +138,7 @@ def load_qformer_checkpoint(model: RadialogV1, path: Path) -> tuple[str, list[st
     expected = {k: tuple(v.shape) for k, v in to_lavis(model.bridge.state_dict()).items()}
     visual = {k: v for k, v in state.items() if k in visual_expected}
     expected |= {k: visual_expected[k] for k in visual}  # whatever visual-encoder tensors it holds, shape-checked
+
     def unused(key: str) -> bool:
         return any(p.fullmatch(key) for p in LAVIS_UNUSED)
 
@@ -148,14 +159,17 @@ def load_qformer_checkpoint(model: RadialogV1, path: Path) -> tuple[str, list[st
         notes.append(
             f"{path.name} holds no BioViL-T projector ({', '.join(drawn)}): using the reference's training-time "
             f"random draws, replayed (seed {projector_replay.TRAINING_SEED}, bit-exact with hi-ml under torch 1.13; "
-            "README 'RaDialog v1: the projector')")
+            "README 'RaDialog v1: the projector')"
+        )
     tower.load_state_dict({k.removeprefix(VISUAL): v for k, v in visual.items()}, strict=False)
     held = len(visual) - len(present)
     if held:
         notes.append(f"{path.name}: {held} visual-encoder tensors (BatchNorm statistics) loaded over BioViL-T's")
     if ignored:
-        notes.append(f"{path.name}: ignored {len(ignored)} tensors the query path does not use (text embeddings "
-                     "and FFNs, LM head, vision/text projections, ITM head, temp, position_ids)")
+        notes.append(
+            f"{path.name}: ignored {len(ignored)} tensors the query path does not use (text embeddings "
+            "and FFNs, LM head, vision/text projections, ITM head, temp, position_ids)"
+        )
     return source, notes
 
 
@@ -183,8 +197,12 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
     targets = config.get("target_modules")
     if not isinstance(targets, list) or not targets or not all(t in LLAMA_LINEARS for t in targets):
         problems.append(f"target_modules {targets!r} (Llama linear layers expected)")
-    for name, allowed in (("bias", ("none",)), ("fan_in_fan_out", (False, None)), ("enable_lora", (None,)),
-                          ("modules_to_save", (None,))):
+    for name, allowed in (
+        ("bias", ("none",)),
+        ("fan_in_fan_out", (False, None)),
+        ("enable_lora", (None,)),
+        ("modules_to_save", (None,)),
+    ):
         if config.get(name) not in allowed:
             problems.append(f"{name} {config.get(name)!r} (the reference's is {allowed[0]!r})")
     if problems:
@@ -216,8 +234,12 @@ def apply_adapter(model: RadialogV1, files: RadialogV1Files) -> list[str]:
     set_peft_model_state_dict(peft_model, lora_state)
     model.llama_model = cast("LlamaForCausalLM", peft_model.merge_and_unload().eval())  # peft gives back the base
     model.img_proj.load_state_dict({k: state[v] for k, v in IMG_PROJ_KEYS.items()})
-    return [(f"{files.adapter_dir.name}: LoRA r={settings['r']} alpha={settings['lora_alpha']} on "
-             f"{', '.join(settings['target_modules'])} ({len(lora_state)} tensors) merged; img_proj loaded")]
+    return [
+        (
+            f"{files.adapter_dir.name}: LoRA r={settings['r']} alpha={settings['lora_alpha']} on "
+            f"{', '.join(settings['target_modules'])} ({len(lora_state)} tensors) merged; img_proj loaded"
+        )
+    ]
 
 
 def load_tokenizer(directory: Path) -> tuple[Any, SlowLlamaEncoder]:
@@ -225,8 +247,10 @@ def load_tokenizer(directory: Path) -> tuple[Any, SlowLlamaEncoder]:
     refuses a vocabulary that would collide with <IMG>=32000."""
     tokenizer, encoder = load_llama_tokenizer(directory, legacy=True)
     if encoder.sp.get_piece_size() > IMAGE_TOKEN_ID:
-        raise ModelFileError(f"tokenizer in {directory} has {encoder.sp.get_piece_size()} pieces: id {IMAGE_TOKEN_ID} "
-                             "is <IMG> in RaDialog v1")
+        raise ModelFileError(
+            f"tokenizer in {directory} has {encoder.sp.get_piece_size()} pieces: id {IMAGE_TOKEN_ID} "
+            "is <IMG> in RaDialog v1"
+        )
     return tokenizer, encoder
 
 
@@ -238,13 +262,16 @@ def llm_hidden(directory: Path) -> int:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ModelFileError(f"cannot read the sizes from {directory / 'config.json'}: {error}") from error
     if vocab != IMAGE_TOKEN_ID:
-        raise ModelFileError(f"{directory / 'config.json'}: vocab_size {vocab}; RaDialog v1 runs Vicuna's 32,000 "
-                             f"(the reference splices at id {IMAGE_TOKEN_ID} and never embeds it)")
+        raise ModelFileError(
+            f"{directory / 'config.json'}: vocab_size {vocab}; RaDialog v1 runs Vicuna's 32,000 "
+            f"(the reference splices at id {IMAGE_TOKEN_ID} and never embeds it)"
+        )
     return hidden
 
 
-def load_radialog_v1(root: Path | None, adapter: str | Path | None, llm_dir: Path | None, biovil: Path | None,
-                     device_name: str = "auto") -> LoadedRadialogV1:
+def load_radialog_v1(
+    root: Path | None, adapter: str | Path | None, llm_dir: Path | None, biovil: Path | None, device_name: str = "auto"
+) -> LoadedRadialogV1:
     """The whole model, ready to serve. On a GPU the LLM, LoRA and img_proj run in float16 and the classifier
     in float16 as in the reference (BioViL-T, ln_vision and the Q-Former float32); on CPU float32.
     Raises ModelFileError (StateDictMismatch) naming what is missing, unexpected or mis-shaped."""
@@ -288,7 +315,16 @@ def load_radialog_v1(root: Path | None, adapter: str | Path | None, llm_dir: Pat
     seconds["sha256"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
     notes.append("tokenizer: sentencepiece with transformers 4.28's rules (legacy, <IMG> strips its spaces)")
-    log.info("model loaded", extra={"model": "RaDialog v1", "device": str(device), "tiny": files.tiny,
-                                    "projector": projector, "seconds": seconds})
-    return LoadedRadialogV1(model, classifier, tokenizer, encoder, files, device, dtype, classifier_dtype, digest,
-                            projector, notes, seconds)
+    log.info(
+        "model loaded",
+        extra={
+            "model": "RaDialog v1",
+            "device": str(device),
+            "tiny": files.tiny,
+            "projector": projector,
+            "seconds": seconds,
+        },
+    )
+    return LoadedRadialogV1(
+        model, classifier, tokenizer, encoder, files, device, dtype, classifier_dtype, digest, projector, notes, seconds
+    )

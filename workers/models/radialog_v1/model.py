@@ -30,22 +30,29 @@ from workers.models.radialog_v2.biovil import BioViLT
 class RadialogV1(nn.Module):
     """Vision tower, bridge and ``img_proj``; the ``LlamaForCausalLM`` is attached once loaded."""
 
-    def __init__(self, llm_hidden: int, qformer: QFormerSize | None = None, resnet_width: int = 64,
-                 llama_model: LlamaForCausalLM | None = None) -> None:
+    def __init__(
+        self,
+        llm_hidden: int,
+        qformer: QFormerSize | None = None,
+        resnet_width: int = 64,
+        llama_model: LlamaForCausalLM | None = None,
+    ) -> None:
         super().__init__()
         qformer = qformer or QFormerSize()
         if qformer.queries != IMAGE_TOKENS:
             raise ValueError(f"RaDialog v1 splices {IMAGE_TOKENS} query outputs, not {qformer.queries}")
-        self.visual_encoder = BioViLT(joint_feature_size=qformer.vision_width, per_image_norm=False,
-                                      resnet_width=resnet_width)
+        self.visual_encoder = BioViLT(
+            joint_feature_size=qformer.vision_width, per_image_norm=False, resnet_width=resnet_width
+        )
         self.bridge = QueryBridge(qformer)
         self.img_proj = nn.Linear(qformer.hidden_size, llm_hidden)
         self.llama_model = llama_model
 
     def attach(self, llama_model: LlamaForCausalLM) -> None:
         if llama_model.config.hidden_size != self.img_proj.out_features:
-            raise ValueError(f"img_proj gives {self.img_proj.out_features} features, the LLM takes "
-                             f"{llama_model.config.hidden_size}")
+            raise ValueError(
+                f"img_proj gives {self.img_proj.out_features} features, the LLM takes {llama_model.config.hidden_size}"
+            )
         self.llama_model = llama_model
 
     def llm(self) -> LlamaForCausalLM:
@@ -82,8 +89,9 @@ class RadialogV1(nn.Module):
         are bit for bit those it gets alone, whatever shares its batch. The vision path is a small part of a
         report's cost (300 decode steps of a 7B model).
         """
-        rows = [self.img_proj(self.bridge(self.image_features(one[None])).to(self.img_proj.weight.dtype))
-                for one in pixels]
+        rows = [
+            self.img_proj(self.bridge(self.image_features(one[None])).to(self.img_proj.weight.dtype)) for one in pixels
+        ]
         return torch.cat(rows).to(self.dtype)
 
     def splice(self, prompts: Sequence[Sequence[int]], images: torch.Tensor) -> list[torch.Tensor]:
@@ -94,7 +102,7 @@ class RadialogV1(nn.Module):
         for ids, image in zip(prompts, images, strict=True):
             ids = list(ids)
             start = image_position(ids)
-            text = torch.tensor(ids[:start] + ids[start + IMAGE_TOKENS:], dtype=torch.long, device=self.device)
+            text = torch.tensor(ids[:start] + ids[start + IMAGE_TOKENS :], dtype=torch.long, device=self.device)
             tokens = embed(text)
             rows.append(torch.cat([tokens[:start], image.to(tokens.dtype), tokens[start:]], dim=0))
         return rows

@@ -37,7 +37,12 @@ SUMMARY = "Please summarize the given report in maximum two sentences."
 
 #: New tokens per task: test.py's evaluation limits, the demo's 300 for the rest.
 TASK_MAX_NEW_TOKENS: dict[str, int] = {
-    "report": 300, "correction": 256, "yes_no": 10, "list": 30, "easy_language": 300, "summary": 300,
+    "report": 300,
+    "correction": 256,
+    "yes_no": 10,
+    "list": 30,
+    "easy_language": 300,
+    "summary": 300,
     "free": 300,
 }
 #: Vicuna-7B v1.3's context (max_position_embeddings): prompt + new tokens must fit.

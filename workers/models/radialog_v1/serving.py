@@ -65,8 +65,9 @@ class RadialogV1Served(EngineModel):
         t_cls = time.perf_counter()
         phrases, prompts = self.backend.report_prompts(findings)
         rows = self.backend.embed(prompts, torch.stack([r.llm_pixels for r in inputs]))
-        return ReportRows(rows, list(findings), list(phrases),
-                          {"classifier": t_cls - started, "vision": time.perf_counter() - t_cls})
+        return ReportRows(
+            rows, list(findings), list(phrases), {"classifier": t_cls - started, "vision": time.perf_counter() - t_cls}
+        )
 
     def prepare_dialog(self, prompt: str, image: np.ndarray) -> tuple[Any, int]:
         ids = self.backend.prompt_ids(prompt)

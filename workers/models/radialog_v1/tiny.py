@@ -59,8 +59,9 @@ EOS_ID = 2
 #: between batch sizes in the vision tower (~1e-6 at the Q-Former output) flips a greedy token.
 IMAGE_SPREAD = 0.25
 VOCAB = 32000
-MARKER_TEXT = ("TINY RANDOM MODEL - NOT CLINICAL. Random weights written by "
-               "`radialog model make-tiny --backend radialog-v1`.\n")
+MARKER_TEXT = (
+    "TINY RANDOM MODEL - NOT CLINICAL. Random weights written by `radialog model make-tiny --backend radialog-v1`.\n"
+)
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,12 @@ class TinyPaths:
     biovil: Path
 
     def env(self) -> dict[str, str]:
-        return {"RADIALOG_MODEL_BACKEND": "radialog-v1", "RADIALOG_V1_DIR": str(self.root.resolve()),
-                "RADIALOG_V1_LLM_DIR": str(self.llm_dir.resolve()),
-                "RADIALOG_V1_BIOVIL_FILE": str(self.biovil.resolve())}
+        return {
+            "RADIALOG_MODEL_BACKEND": "radialog-v1",
+            "RADIALOG_V1_DIR": str(self.root.resolve()),
+            "RADIALOG_V1_LLM_DIR": str(self.llm_dir.resolve()),
+            "RADIALOG_V1_BIOVIL_FILE": str(self.biovil.resolve()),
+        }
 
 
 def corpus() -> list[str]:
@@ -90,11 +94,24 @@ def corpus() -> list[str]:
 def _llama_fields() -> dict[str, Any]:
     """vicuna-7b-v1.3's config.json (LLaMA-1, transformers 4.28 era) with tiny sizes and its vocabulary."""
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 1, "eos_token_id": 2,
-        "pad_token_id": 0, "hidden_act": "silu", "hidden_size": 64, "intermediate_size": 172,
-        "initializer_range": 0.02, "max_position_embeddings": 2048, "num_attention_heads": 4,
-        "num_hidden_layers": 2, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "float16",
-        "transformers_version": "4.28.0.dev0", "use_cache": True, "vocab_size": VOCAB,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "intermediate_size": 172,
+        "initializer_range": 0.02,
+        "max_position_embeddings": 2048,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "transformers_version": "4.28.0.dev0",
+        "use_cache": True,
+        "vocab_size": VOCAB,
     }
 
 
@@ -108,7 +125,7 @@ def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
                 param.uniform_(0.8, 1.2, generator=generator)
             else:
                 fan_in = param[0].numel() if param.dim() > 1 else param.shape[-1]
-                param.normal_(0, fan_in ** -0.5, generator=generator)
+                param.normal_(0, fan_in**-0.5, generator=generator)
 
 
 def _qformer_checkpoint(model: RadialogV1, generator: torch.Generator) -> dict[str, Any]:
@@ -116,33 +133,49 @@ def _qformer_checkpoint(model: RadialogV1, generator: torch.Generator) -> dict[s
     encoder's BatchNorm statistics, not its frozen weights and not the projector's convolutions)."""
     state = to_lavis(model.bridge.state_dict())
     h, f = model.bridge.size.hidden_size, model.bridge.size.intermediate_size
+
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator) * 0.02
 
     bert_vocab = 64  # the real one has 30,523 rows; the loader ignores these by name, shapes unchecked
-    state |= {"Qformer.bert.embeddings.word_embeddings.weight": rand(bert_vocab, h),
-              "Qformer.bert.embeddings.position_embeddings.weight": rand(512, h),
-              "Qformer.bert.embeddings.position_ids": torch.arange(512).expand(1, -1).clone(),
-              "Qformer.cls.predictions.bias": rand(bert_vocab),
-              "Qformer.cls.predictions.transform.dense.weight": rand(h, h),
-              "Qformer.cls.predictions.transform.dense.bias": rand(h),
-              "Qformer.cls.predictions.transform.LayerNorm.weight": torch.ones(h),
-              "Qformer.cls.predictions.transform.LayerNorm.bias": torch.zeros(h),
-              "Qformer.cls.predictions.decoder.weight": rand(bert_vocab, h),
-              "Qformer.cls.predictions.decoder.bias": rand(bert_vocab),
-              "vision_proj.weight": rand(256, h), "vision_proj.bias": rand(256),
-              "text_proj.weight": rand(256, h), "text_proj.bias": rand(256),
-              "itm_head.weight": rand(2, h), "itm_head.bias": rand(2), "temp": torch.tensor(0.07)}
+    state |= {
+        "Qformer.bert.embeddings.word_embeddings.weight": rand(bert_vocab, h),
+        "Qformer.bert.embeddings.position_embeddings.weight": rand(512, h),
+        "Qformer.bert.embeddings.position_ids": torch.arange(512).expand(1, -1).clone(),
+        "Qformer.cls.predictions.bias": rand(bert_vocab),
+        "Qformer.cls.predictions.transform.dense.weight": rand(h, h),
+        "Qformer.cls.predictions.transform.dense.bias": rand(h),
+        "Qformer.cls.predictions.transform.LayerNorm.weight": torch.ones(h),
+        "Qformer.cls.predictions.transform.LayerNorm.bias": torch.zeros(h),
+        "Qformer.cls.predictions.decoder.weight": rand(bert_vocab, h),
+        "Qformer.cls.predictions.decoder.bias": rand(bert_vocab),
+        "vision_proj.weight": rand(256, h),
+        "vision_proj.bias": rand(256),
+        "text_proj.weight": rand(256, h),
+        "text_proj.bias": rand(256),
+        "itm_head.weight": rand(2, h),
+        "itm_head.bias": rand(2),
+        "temp": torch.tensor(0.07),
+    }
     for i in range(model.bridge.size.layers):  # the text FFN
         p = f"Qformer.bert.encoder.layer.{i}"
-        state |= {f"{p}.intermediate.dense.weight": rand(f, h), f"{p}.intermediate.dense.bias": rand(f),
-                  f"{p}.output.dense.weight": rand(h, f), f"{p}.output.dense.bias": rand(h),
-                  f"{p}.output.LayerNorm.weight": torch.ones(h), f"{p}.output.LayerNorm.bias": torch.zeros(h)}
+        state |= {
+            f"{p}.intermediate.dense.weight": rand(f, h),
+            f"{p}.intermediate.dense.bias": rand(f),
+            f"{p}.output.dense.weight": rand(h, f),
+            f"{p}.output.dense.bias": rand(h),
+            f"{p}.output.LayerNorm.weight": torch.ones(h),
+            f"{p}.output.LayerNorm.bias": torch.zeros(h),
+        }
     buffers = {name for name, _ in model.visual_encoder.named_buffers()}
     state |= {f"visual_encoder.{k}": v.clone() for k, v in model.visual_encoder.state_dict().items() if k in buffers}
-    return {"model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]},
-            "config": {"model": {"arch": "blip2", "vit_model": "biovil"}, "run": {"seed": 42}},
-            "scaler": {"scale": 65536.0, "growth_factor": 2.0}, "epoch": 4}
+    return {
+        "model": state,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]},
+        "config": {"model": {"arch": "blip2", "vit_model": "biovil"}, "run": {"seed": 42}},
+        "scaler": {"scale": 65536.0, "growth_factor": 2.0},
+        "epoch": 4,
+    }
 
 
 def _biovil_file(model: RadialogV1, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -175,28 +208,47 @@ def liven_img_proj(model: RadialogV1, generator: torch.Generator) -> None:
 
 def _adapter_config() -> dict[str, Any]:
     """peft 0.3's adapter_config.json (the reference's peft@e536616), as the released adapters carry it."""
-    return {"base_model_name_or_path": "lmsys/vicuna-7b-v1.3", "bias": "none", "enable_lora": None,
-            "fan_in_fan_out": False, "inference_mode": True, "lora_alpha": 16, "lora_dropout": 0.05,
-            "merge_weights": False, "modules_to_save": None, "peft_type": "LORA", "r": 8,
-            "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
+    return {
+        "base_model_name_or_path": "lmsys/vicuna-7b-v1.3",
+        "bias": "none",
+        "enable_lora": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "lora_alpha": 16,
+        "lora_dropout": 0.05,
+        "merge_weights": False,
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": 8,
+        "target_modules": ["q_proj", "v_proj"],
+        "task_type": "CAUSAL_LM",
+    }
 
 
 @torch.no_grad()
-def _probe_answers(model: RadialogV1, classifier: ChexpertClassifier, llm_dir: Path,
-                   ) -> tuple[list[list[int]], set[int]]:
+def _probe_answers(
+    model: RadialogV1,
+    classifier: ChexpertClassifier,
+    llm_dir: Path,
+) -> tuple[list[list[int]], set[int]]:
     """Greedy answers of the in-memory model (a report per calibration image, a follow-up after each) and the
     last token of every prompt (an end trigger there would end an answer at once)."""
     from workers.models.radialog_v1.backend import RadialogV1Backend
 
     tokenizer, encoder = load_tokenizer(llm_dir)
-    backend = RadialogV1Backend(LoadedRadialogV1(model, classifier, tokenizer, encoder, None, torch.device("cpu"),
-                                                 torch.float32, torch.float32, "make-tiny"))
+    backend = RadialogV1Backend(
+        LoadedRadialogV1(
+            model, classifier, tokenizer, encoder, None, torch.device("cpu"), torch.float32, torch.float32, "make-tiny"
+        )
+    )
     images = calibration_images()
     phrases, report_prompts = backend.report_prompts(backend.classify(images))
     reports = backend.generate(report_prompts, images, backend.report_token_limit())
     questions = [prompts.LIST_FINDINGS, prompts.SUMMARY, "Is there any Edema?", prompts.EASY_LANGUAGE]
-    follow = [conversation_prompt([Turn(prompts.report_prompt(phrase), backend.decode(out))], questions[i % 4])
-              for i, (phrase, out) in enumerate(zip(phrases, reports))]
+    follow = [
+        conversation_prompt([Turn(prompts.report_prompt(phrase), backend.decode(out))], questions[i % 4])
+        for i, (phrase, out) in enumerate(zip(phrases, reports))
+    ]
     answers = backend.generate(follow, images, backend.report_token_limit())
     return reports + answers, {backend.prompt_ids(p)[-1] for p in [*report_prompts, *follow]}
 
@@ -204,23 +256,36 @@ def _probe_answers(model: RadialogV1, classifier: ChexpertClassifier, llm_dir: P
 def _write_llm(llm_dir: Path, state: dict[str, torch.Tensor], fields: dict[str, Any]) -> None:
     """Two fp16 .bin shards + index with the old rotary inv_freq buffers, config and generation config."""
     (llm_dir / "config.json").write_text(json.dumps(fields, indent=2))
-    (llm_dir / "generation_config.json").write_text(json.dumps(
-        {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-         "transformers_version": "4.28.0.dev0"}, indent=2))
+    (llm_dir / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "_from_model_config": True,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                "pad_token_id": 0,
+                "transformers_version": "4.28.0.dev0",
+            },
+            indent=2,
+        )
+    )
     state = dict(state)
     head_dim = fields["hidden_size"] // fields["num_attention_heads"]
     for layer in range(fields["num_hidden_layers"]):
         state[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = 1.0 / (
-            10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+            10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        )
     keys = sorted(state)
-    shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
-              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+    shards = {
+        "pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+        "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :],
+    }
     weight_map: dict[str, str] = {}
     for name, shard_keys in shards.items():
         torch.save({k: state[k].to(torch.float16) for k in shard_keys}, llm_dir / name)
         weight_map |= dict.fromkeys(shard_keys, name)
     (llm_dir / "pytorch_model.bin.index.json").write_text(
-        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}, indent=2)
+    )
 
 
 def make_tiny(directory: Path | str, seed: int = 0) -> TinyPaths:
@@ -238,8 +303,13 @@ def make_tiny(directory: Path | str, seed: int = 0) -> TinyPaths:
     # Vicuna: tokenizer, livened base weights rounded to the fp16 the shards hold.
     pieces = write_llama_tokenizer(paths.llm_dir, corpus(), legacy=False)
     fields = _llama_fields()
-    config = LlamaConfig(**{k: v for k, v in fields.items()
-                            if k not in ("architectures", "model_type", "torch_dtype", "transformers_version")})
+    config = LlamaConfig(
+        **{
+            k: v
+            for k, v in fields.items()
+            if k not in ("architectures", "model_type", "torch_dtype", "transformers_version")
+        }
+    )
     llama = LlamaForCausalLM(config).eval()
     silent = [*silent_token_ids(paths.llm_dir / "tokenizer.model"), *range(pieces, VOCAB)]
     liven_weights(llama, [*silent, EOS_ID])  # </s> silent until plant_end_trigger
@@ -263,8 +333,14 @@ def make_tiny(directory: Path | str, seed: int = 0) -> TinyPaths:
     adapter_dir = paths.root / INSTRUCT_ADAPTER
     adapter_dir.mkdir(parents=True, exist_ok=True)
     settings = _adapter_config()
-    lora = LoraConfig(r=settings["r"], lora_alpha=settings["lora_alpha"], lora_dropout=settings["lora_dropout"],
-                      target_modules=settings["target_modules"], bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=settings["r"],
+        lora_alpha=settings["lora_alpha"],
+        lora_dropout=settings["lora_dropout"],
+        target_modules=settings["target_modules"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(llama, lora)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -273,8 +349,10 @@ def make_tiny(directory: Path | str, seed: int = 0) -> TinyPaths:
     keep_channel_free_in_lora(peft_model)
     liven_img_proj(model, generator)
     adapter = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
-    adapter |= {"base_model.model.model.img_proj_layer.weight": model.img_proj.weight.detach().clone(),
-                "base_model.model.model.img_proj_layer.bias": model.img_proj.bias.detach().clone()}
+    adapter |= {
+        "base_model.model.model.img_proj_layer.weight": model.img_proj.weight.detach().clone(),
+        "base_model.model.model.img_proj_layer.bias": model.img_proj.bias.detach().clone(),
+    }
     torch.save(adapter, adapter_dir / "adapter_model.bin")
     (adapter_dir / "adapter_config.json").write_text(json.dumps(settings, indent=2))
     model.llama_model = cast(LlamaForCausalLM, peft_model.merge_and_unload().eval())  # what the loader will serve

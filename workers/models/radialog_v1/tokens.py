@@ -42,7 +42,9 @@ def prompt_ids(prompt: str, encoder: SlowLlamaEncoder) -> list[int]:
 def image_position(ids: list[int]) -> int:
     """Where the 32 placeholder ids start (the reference's ``split_at_img``: the first id 32000)."""
     start = ids.index(IMAGE_TOKEN_ID)
-    if (ids[start: start + IMAGE_TOKENS] != [IMAGE_TOKEN_ID] * IMAGE_TOKENS
-            or IMAGE_TOKEN_ID in ids[start + IMAGE_TOKENS:]):
+    if (
+        ids[start : start + IMAGE_TOKENS] != [IMAGE_TOKEN_ID] * IMAGE_TOKENS
+        or IMAGE_TOKEN_ID in ids[start + IMAGE_TOKENS :]
+    ):
         raise NoImage(f"the prompt ids must hold exactly one run of {IMAGE_TOKENS} image ids")
     return start

@@ -106,8 +106,14 @@ class RadialogV2Backend(ModelBackend):
             pixels = batch_tensors(list(images), LLM_CROP)
         streamer = CallbackStreamer(self.tokenizer.decode, on_token, self.eos_id) if on_token else None
         return self.llava.generate(
-            ids, pixels, max_new_tokens=max_new_tokens, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-            min_new_tokens=min_new_tokens, streamer=streamer, **self.generate_options,
+            ids,
+            pixels,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+            min_new_tokens=min_new_tokens,
+            streamer=streamer,
+            **self.generate_options,
         )
 
     def report(
@@ -127,12 +133,20 @@ class RadialogV2Backend(ModelBackend):
         tokens = self.generate(prompts, images, limit, min_new_tokens=min_new_tokens, pixels=batches[LLM_CROP])
         t2 = time.perf_counter()
         # per batch, in seconds (every study of the batch gets the same figures)
-        timings = {"preprocess": t_pre - t0, "classifier": t1 - t_pre, "generate": t2 - t1,
-                   "batch_size": float(len(studies))}
+        timings = {
+            "preprocess": t_pre - t0,
+            "classifier": t1 - t_pre,
+            "generate": t2 - t1,
+            "batch_size": float(len(studies)),
+        }
         return [
             ReportOutput(
-                key=study.key, findings_text=self.decode(out), findings=row, findings_phrase=phrase,
-                generated_tokens=len(out), timings=dict(timings),
+                key=study.key,
+                findings_text=self.decode(out),
+                findings=row,
+                findings_phrase=phrase,
+                generated_tokens=len(out),
+                timings=dict(timings),
             )
             for study, row, phrase, out in zip(studies, findings, phrases, tokens)
         ]

@@ -35,9 +35,7 @@ class PerImageBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_image:
             return F.instance_norm(x, weight=self.weight, bias=self.bias, use_input_stats=True, eps=self.eps)
-        return F.batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-        )
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 class Bottleneck(nn.Module):
@@ -130,8 +128,10 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        heads = [p(x).reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
-                 for p in (self.proj_q, self.proj_k, self.proj_v)]
+        heads = [
+            p(x).reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+            for p in (self.proj_q, self.proj_k, self.proj_v)
+        ]
         out = F.scaled_dot_product_attention(*heads)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
@@ -180,8 +180,9 @@ class VisionTransformerPooler(nn.Module):
     def forward(self, current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         b, c, h, w = current.shape
         if (h, w) != self.grid or previous.shape != current.shape:
-            raise ValueError(f"ViT pooler expects two {self.grid} grids, "
-                             f"got {tuple(current.shape)}, {tuple(previous.shape)}")
+            raise ValueError(
+                f"ViT pooler expects two {self.grid} grids, got {tuple(current.shape)}, {tuple(previous.shape)}"
+            )
         n = h * w
         tokens = torch.cat([current.flatten(2).transpose(1, 2), previous.flatten(2).transpose(1, 2)], dim=1)
         pos = self.pos_embed.to(tokens.dtype).repeat(b, 2, 1)

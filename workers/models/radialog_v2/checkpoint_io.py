@@ -90,8 +90,7 @@ def torch_load_checked(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
         except Exception as error:
             raise ModelFileError(
-                f"cannot read {path.name} safely: {error}; weights-only load said: "
-                f"{str(first_error).splitlines()[0]}"
+                f"cannot read {path.name} safely: {error}; weights-only load said: {str(first_error).splitlines()[0]}"
             ) from error
     except Exception as error:
         raise ModelFileError(f"cannot read {path}: {error}") from error

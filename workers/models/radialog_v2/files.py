@@ -33,8 +33,14 @@ class ModelFiles:
 
     def all_files(self) -> list[Path]:
         return [
-            self.config, self.adapter_config, self.adapter_weights, self.non_lora_trainables, self.classifier,
-            self.base_config, *self.base_weights, *self.tokenizer_files,
+            self.config,
+            self.adapter_config,
+            self.adapter_weights,
+            self.non_lora_trainables,
+            self.classifier,
+            self.base_config,
+            *self.base_weights,
+            *self.tokenizer_files,
         ]
 
 
@@ -74,8 +80,16 @@ def locate(model_dir: Path | None, base_dir: Path | None) -> ModelFiles:
     if missing:
         raise ModelFileError("missing model files: " + ", ".join(missing))
     return ModelFiles(
-        model_dir, base_dir, config, adapter_config, adapter_weights, non_lora, classifier, base_config,
-        tuple(weights), tuple(tokenizer),
+        model_dir,
+        base_dir,
+        config,
+        adapter_config,
+        adapter_weights,
+        non_lora,
+        classifier,
+        base_config,
+        tuple(weights),
+        tuple(tokenizer),
     )
 
 

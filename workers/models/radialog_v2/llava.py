@@ -24,16 +24,21 @@ NUM_IMAGE_TOKENS = IMAGE_TOKENS  # 14 x 14 patch grid at 448 px
 #: LLaVA config fields that are not Llama's (dropped before building a LlamaConfig).
 _NON_LLAMA_PREFIXES = ("mm_", "freeze_", "tune_", "image_", "unfreeze_")
 _NON_LLAMA_KEYS = {
-    "model_type", "architectures", "transformers_version", "_name_or_path", "use_mm_proj", "mv_type",
-    "tokenizer_model_max_length", "tokenizer_padding_side", "auto_map",
+    "model_type",
+    "architectures",
+    "transformers_version",
+    "_name_or_path",
+    "use_mm_proj",
+    "mv_type",
+    "tokenizer_model_max_length",
+    "tokenizer_padding_side",
+    "auto_map",
 }
 
 
 def llama_config_from_llava(config: dict[str, Any]) -> LlamaConfig:
     """A LlamaConfig from a LLaVA config.json (transformers 5 would misread it as its own LlavaConfig)."""
-    fields = {
-        k: v for k, v in config.items() if k not in _NON_LLAMA_KEYS and not k.startswith(_NON_LLAMA_PREFIXES)
-    }
+    fields = {k: v for k, v in config.items() if k not in _NON_LLAMA_KEYS and not k.startswith(_NON_LLAMA_PREFIXES)}
     fields.pop("torch_dtype", None)
     fields.pop("dtype", None)
     return LlamaConfig(**fields)

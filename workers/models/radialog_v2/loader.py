@@ -75,8 +75,12 @@ def split_non_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_language_model(files: ModelFiles, config: dict[str, Any], device: torch.device, dtype: torch.dtype,
-                        ) -> tuple[Any, list[str]]:
+def load_language_model(
+    files: ModelFiles,
+    config: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Any, list[str]]:
     """Base Llama weights under the RaDialog config; fails on missing / wrong-shaped keys."""
     from transformers import LlamaForCausalLM
 
@@ -85,18 +89,27 @@ def load_language_model(files: ModelFiles, config: dict[str, Any], device: torch
     model: LlamaForCausalLM
     info: dict[str, Any]
     model, info = LlamaForCausalLM.from_pretrained(  # type: ignore[misc]  # with output_loading_info: a pair
-        files.base_dir, config=llama_config, dtype=dtype, local_files_only=True, output_loading_info=True,
-        low_cpu_mem_usage=True, **kwargs,
+        files.base_dir,
+        config=llama_config,
+        dtype=dtype,
+        local_files_only=True,
+        output_loading_info=True,
+        low_cpu_mem_usage=True,
+        **kwargs,
     )
     missing = list(info.get("missing_keys", []))
     mismatched = [str(m) for m in info.get("mismatched_keys", [])]
-    unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(BASE_EXTRA_PREFIXES)
-                  and not k.endswith("rotary_emb.inv_freq")]
+    unexpected = [
+        k
+        for k in info.get("unexpected_keys", [])
+        if not k.startswith(BASE_EXTRA_PREFIXES) and not k.endswith("rotary_emb.inv_freq")
+    ]
     if missing or mismatched or unexpected:
         raise StateDictMismatch(f"base model {files.base_dir.name}", sorted(missing), sorted(unexpected), mismatched)
     ignored = len(info.get("unexpected_keys", []))
-    notes = ([f"base: ignored {ignored} LLaVA-only keys (CLIP projector/vision tower, rotary buffers)"]
-             if ignored else [])
+    notes = (
+        [f"base: ignored {ignored} LLaVA-only keys (CLIP projector/vision tower, rotary buffers)"] if ignored else []
+    )
     return model.eval(), notes
 
 
@@ -107,9 +120,9 @@ def load_non_lora(llava: RadialogLlava, path: Path) -> list[str]:
     unexpected: list[str] = []
     for key, value in state.items():
         if key.startswith("model.vision_tower."):
-            groups["vision_tower"][key[len("model.vision_tower."):]] = value
+            groups["vision_tower"][key[len("model.vision_tower.") :]] = value
         elif key.startswith("model.mm_projector."):
-            groups["mm_projector"][key[len("model.mm_projector."):]] = value
+            groups["mm_projector"][key[len("model.mm_projector.") :]] = value
         elif key.startswith(("model.layers.", "model.embed_tokens.", "model.norm.", "lm_head.")):
             groups["language_model"][key] = value
         else:
@@ -128,8 +141,11 @@ def load_non_lora(llava: RadialogLlava, path: Path) -> list[str]:
         except StateDictMismatch as error:
             problems.append(error)
     lm_state = llava.language_model.state_dict()
-    lm_bad = [f"{k} {tuple(v.shape)} != {tuple(lm_state[k].shape)}" for k, v in groups["language_model"].items()
-              if k in lm_state and tuple(v.shape) != tuple(lm_state[k].shape)]
+    lm_bad = [
+        f"{k} {tuple(v.shape)} != {tuple(lm_state[k].shape)}"
+        for k, v in groups["language_model"].items()
+        if k in lm_state and tuple(v.shape) != tuple(lm_state[k].shape)
+    ]
     unexpected += [k for k in groups["language_model"] if k not in lm_state]
     if problems or unexpected or lm_bad:
         raise StateDictMismatch(
@@ -168,18 +184,17 @@ def apply_lora(language_model: Any, files: ModelFiles) -> tuple[Any, list[str]]:
     config.inference_mode = True
     config.base_model_name_or_path = getattr(language_model, "name_or_path", None)  # ours, not the hub id
     peft_model = get_peft_model(language_model, config)
-    expected = {
-        k.replace(".default.", "."): tuple(v.shape)
-        for k, v in peft_model.state_dict().items()
-        if "lora_" in k
-    }
+    expected = {k.replace(".default.", "."): tuple(v.shape) for k, v in peft_model.state_dict().items() if "lora_" in k}
     if not expected:
         raise ModelFileError(f"{files.adapter_config.name}: target_modules match no layer of the language model")
     state = _adapter_state(files.adapter_weights)
     missing = sorted(k for k in expected if k not in state)
     unexpected = sorted(k for k in state if k not in expected)
-    mismatched = [f"{k} {tuple(v.shape)} != {expected[k]}" for k, v in state.items()
-                  if k in expected and tuple(v.shape) != expected[k]]
+    mismatched = [
+        f"{k} {tuple(v.shape)} != {expected[k]}"
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
     if missing or unexpected or mismatched:
         raise StateDictMismatch(files.adapter_weights.name, missing, unexpected, mismatched)
     set_peft_model_state_dict(peft_model, state)
@@ -207,7 +222,8 @@ def load_tokenizer(files: ModelFiles) -> tuple[Any, SlowLlamaEncoder]:
         )
     if not encoder.add_bos_token:
         raise ModelFileError(
-            f"tokenizer in {files.base_dir} does not add <s> (set add_bos_token in tokenizer_config.json)")
+            f"tokenizer in {files.base_dir} does not add <s> (set add_bos_token in tokenizer_config.json)"
+        )
     return tokenizer, encoder
 
 
@@ -231,8 +247,9 @@ def load_radialog(model_dir: Path | None, base_dir: Path | None, device_name: st
     non_lora = torch_load_checked(files.non_lora_trainables)
     conv1 = split_non_lora(non_lora).get("model.vision_tower.encoder.encoder.conv1.weight")
     if conv1 is None:
-        raise StateDictMismatch(files.non_lora_trainables.name, ["model.vision_tower.encoder.encoder.conv1.weight"],
-                                [], [])
+        raise StateDictMismatch(
+            files.non_lora_trainables.name, ["model.vision_tower.encoder.encoder.conv1.weight"], [], []
+        )
     del non_lora
     llava = RadialogLlava(
         language_model,
@@ -262,5 +279,6 @@ def load_radialog(model_dir: Path | None, base_dir: Path | None, device_name: st
     seconds["total"] = time.perf_counter() - started
     log.info("model loaded", extra={"device": str(device), "dtype": str(dtype), "tiny": files.tiny, "seconds": seconds})
     notes.append(f"tokenizer: sentencepiece, legacy={str(encoder.legacy).lower()} (as tokenizer_config.json says)")
-    return LoadedModel(llava, classifier, tokenizer, files, device, dtype, classifier_dtype, sha, notes, seconds,
-                       encoder)
+    return LoadedModel(
+        llava, classifier, tokenizer, files, device, dtype, classifier_dtype, sha, notes, seconds, encoder
+    )

@@ -69,11 +69,23 @@ class HyperParameters(dict):
 
 def _llama_fields(vocab_size: int) -> dict[str, Any]:
     return {
-        "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "vocab_size": vocab_size, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5, "hidden_act": "silu", "initializer_range": 0.02, "pad_token_id": 0,
-        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "rope_theta": 10000.0,
-        "use_cache": True, "torch_dtype": "float16",
+        "hidden_size": 64,
+        "intermediate_size": 172,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000.0,
+        "use_cache": True,
+        "torch_dtype": "float16",
     }
 
 
@@ -98,17 +110,21 @@ def calibration_images() -> list[np.ndarray]:
     from radialog.synthetic import chest_pixels, make_cxr  # its module imports pydicom: import late
 
     sizes = [(560, 520), (600, 550), (640, 580), (700, 640), (720, 600), (384, 320)]
-    arrays = [chest_pixels(*sizes[i % len(sizes)], 8, seed=1000 + i).astype(np.uint8)
-              for i in range(CALIBRATION_IMAGES // 2)]
+    arrays = [
+        chest_pixels(*sizes[i % len(sizes)], 8, seed=1000 + i).astype(np.uint8) for i in range(CALIBRATION_IMAGES // 2)
+    ]
     dicom_sizes = [(512, 512), (640, 560), (256, 256)]
-    radiographs = [dataset_to_model_image(make_cxr(rows=r, cols=c, seed=2000 + i))
-                   for i, (r, c) in enumerate(dicom_sizes * (CALIBRATION_IMAGES // 2 // len(dicom_sizes) + 1))]
+    radiographs = [
+        dataset_to_model_image(make_cxr(rows=r, cols=c, seed=2000 + i))
+        for i, (r, c) in enumerate(dicom_sizes * (CALIBRATION_IMAGES // 2 // len(dicom_sizes) + 1))
+    ]
     return arrays + radiographs[: CALIBRATION_IMAGES - len(arrays)]
 
 
 @torch.no_grad()
-def liven_classifier(classifier: ChexpertClassifier, images: Sequence[np.ndarray], generator: torch.Generator,
-                     directions: int = 4) -> None:
+def liven_classifier(
+    classifier: ChexpertClassifier, images: Sequence[np.ndarray], generator: torch.Generator, directions: int = 4
+) -> None:
     """Refit the head so that labels vary with the image: logits of about +-3 around the threshold.
 
     A random BioViL-T gives nearly equal features for similar radiographs (they differ by ~1e-5), so a
@@ -138,16 +154,26 @@ def liven_classifier(classifier: ChexpertClassifier, images: Sequence[np.ndarray
 
 
 @torch.no_grad()
-def _probe_answers(llava: RadialogLlava, classifier: ChexpertClassifier, base_dir: Path,
-                   images: Sequence[np.ndarray]) -> tuple[list[list[int]], set[int]]:
+def _probe_answers(
+    llava: RadialogLlava, classifier: ChexpertClassifier, base_dir: Path, images: Sequence[np.ndarray]
+) -> tuple[list[list[int]], set[int]]:
     """Greedy answers of the in-memory model (a report per image, a follow-up question after each, the
     view question) and the last token of every prompt (an end trigger there would end an answer at once)."""
     from workers.models.radialog_v2.backend import RadialogV2Backend
     from workers.models.radialog_v2.loader import LoadedModel
 
     encoder = SlowLlamaEncoder.from_directory(base_dir)
-    loaded = LoadedModel(llava, classifier, decoding_tokenizer(base_dir, encoder), None, torch.device("cpu"),
-                         torch.float32, torch.float32, "make-tiny", encoder=encoder)
+    loaded = LoadedModel(
+        llava,
+        classifier,
+        decoding_tokenizer(base_dir, encoder),
+        None,
+        torch.device("cpu"),
+        torch.float32,
+        torch.float32,
+        "make-tiny",
+        encoder=encoder,
+    )
     backend = RadialogV2Backend(loaded)
     phrases, prompts = backend.report_prompts(backend.classify(images))
     reports = backend.generate(prompts, images, TINY_MAX_NEW_TOKENS)
@@ -190,15 +216,29 @@ def make_tiny(directory: Path | str, seed: int = 0) -> tuple[Path, Path]:
     vocab = write_tokenizer(base_dir)
     llama = _llama_fields(vocab)
     base_config = {
-        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava", **llama,
-        "mm_hidden_size": 1024, "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2,
-        "mm_vision_select_feature": "patch", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
-        "mm_use_im_patch_token": False, "mm_use_im_start_end": False, "freeze_mm_mlp_adapter": False,
-        "tune_mm_mlp_adapter": False, "image_aspect_ratio": "pad", "transformers_version": "4.31.0",
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava",
+        **llama,
+        "mm_hidden_size": 1024,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "freeze_mm_mlp_adapter": False,
+        "tune_mm_mlp_adapter": False,
+        "image_aspect_ratio": "pad",
+        "transformers_version": "4.31.0",
     }
     (base_dir / "config.json").write_text(json.dumps(base_config, indent=2))
-    radialog_config = {**base_config, "mm_vision_tower": "biovil", "mm_hidden_size": 512,
-                       "_name_or_path": "liuhaotian/llava-v1.5-7b", "tokenizer_model_max_length": 2048}
+    radialog_config = {
+        **base_config,
+        "mm_vision_tower": "biovil",
+        "mm_hidden_size": 512,
+        "_name_or_path": "liuhaotian/llava-v1.5-7b",
+        "tokenizer_model_max_length": 2048,
+    }
     (model_dir / "config.json").write_text(json.dumps(radialog_config, indent=2))
 
     # Base LLM, livened, rounded to the fp16 the shards hold (the adapter is made for what the loader sees).
@@ -218,8 +258,9 @@ def make_tiny(directory: Path | str, seed: int = 0) -> tuple[Path, Path]:
     non_lora |= {f"base_model.model.model.mm_projector.{k}": v for k, v in llava.mm_projector.state_dict().items()}
     torch.save(non_lora, model_dir / "non_lora_trainables.bin")
 
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_TARGETS, bias="none",
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.05, target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM"
+    )
     peft_model = get_peft_model(language_model, lora)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -228,12 +269,26 @@ def make_tiny(directory: Path | str, seed: int = 0) -> tuple[Path, Path]:
     keep_channel_free_in_lora(peft_model)
     adapter = get_peft_model_state_dict(peft_model)
     torch.save({k: v.clone() for k, v in adapter.items()}, model_dir / "adapter_model.bin")
-    (model_dir / "adapter_config.json").write_text(json.dumps({
-        "base_model_name_or_path": "liuhaotian/llava-v1.5-7b", "bias": "none", "fan_in_fan_out": False,
-        "inference_mode": True, "init_lora_weights": True, "lora_alpha": 16, "lora_dropout": 0.05,
-        "modules_to_save": None, "peft_type": "LORA", "r": 8, "revision": None,
-        "target_modules": LORA_TARGETS, "task_type": "CAUSAL_LM",
-    }, indent=2))
+    (model_dir / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "base_model_name_or_path": "liuhaotian/llava-v1.5-7b",
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "inference_mode": True,
+                "init_lora_weights": True,
+                "lora_alpha": 16,
+                "lora_dropout": 0.05,
+                "modules_to_save": None,
+                "peft_type": "LORA",
+                "r": 8,
+                "revision": None,
+                "target_modules": LORA_TARGETS,
+                "task_type": "CAUSAL_LM",
+            },
+            indent=2,
+        )
+    )
     llava.language_model = cast(LlamaForCausalLM, peft_model.merge_and_unload().eval())  # what the loader will serve
 
     classifier = ChexpertClassifier(resnet_width=TINY_RESNET_WIDTH).eval()
@@ -254,8 +309,9 @@ def make_tiny(directory: Path | str, seed: int = 0) -> tuple[Path, Path]:
     return model_dir, base_dir
 
 
-def _write_base_shards(state: dict[str, torch.Tensor], base_dir: Path, llama: dict[str, Any],
-                       generator: torch.Generator) -> None:
+def _write_base_shards(
+    state: dict[str, torch.Tensor], base_dir: Path, llama: dict[str, Any], generator: torch.Generator
+) -> None:
     """Two fp16 .bin shards + index, with LLaVA-only keys (CLIP-sized projector, rotary buffers)."""
     state = dict(state)
     hidden = llama["hidden_size"]
@@ -269,8 +325,10 @@ def _write_base_shards(state: dict[str, torch.Tensor], base_dir: Path, llama: di
             10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
         )
     keys = sorted(state)
-    shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
-              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :]}
+    shards = {
+        "pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+        "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :],
+    }
     weight_map = {}
     for name, shard_keys in shards.items():
         torch.save({k: state[k].to(torch.float16) for k in shard_keys}, base_dir / name)
@@ -285,12 +343,20 @@ def _write_classifier(classifier: ChexpertClassifier, ckpt_path: Path) -> None:
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = {f"model.{k}": v for k, v in classifier.state_dict().items()}
     state_dict["criterion.pos_weight"] = torch.ones(len(CHEXPERT_LABELS))
-    torch.save({
-        "epoch": 3, "global_step": 21000, "pytorch-lightning_version": "2.1.0",
-        "state_dict": state_dict,
-        "hyper_parameters": HyperParameters(
-            num_classes=14, class_names=list(CHEXPERT_LABELS),
-            args=argparse.Namespace(lr=1e-4, batch_size=64, output_dir=Path("/tmp/chexpert_train")),
-        ),
-        "optimizer_states": [], "lr_schedulers": [], "callbacks": {},
-    }, ckpt_path)
+    torch.save(
+        {
+            "epoch": 3,
+            "global_step": 21000,
+            "pytorch-lightning_version": "2.1.0",
+            "state_dict": state_dict,
+            "hyper_parameters": HyperParameters(
+                num_classes=14,
+                class_names=list(CHEXPERT_LABELS),
+                args=argparse.Namespace(lr=1e-4, batch_size=64, output_dir=Path("/tmp/chexpert_train")),
+            ),
+            "optimizer_states": [],
+            "lr_schedulers": [],
+            "callbacks": {},
+        },
+        ckpt_path,
+    )

@@ -58,7 +58,7 @@ def stop_sequences(tokenizer: Any) -> tuple[tuple[int, ...], ...]:
     probe = tokenizer("x", add_special_tokens=False).input_ids
     glued = tokenizer("x" + prompts.SEP, add_special_tokens=False).input_ids
     if glued[: len(probe)] == probe and len(glued) > len(probe):
-        stops.append(tuple(glued[len(probe):]))
+        stops.append(tuple(glued[len(probe) :]))
     return tuple(dict.fromkeys(stops))
 
 
@@ -131,7 +131,7 @@ class AnswerStreamer:
             self.stopped = True
             return
         if len(text) > len(self.sent):
-            self.on_text(text[len(self.sent):])
+            self.on_text(text[len(self.sent) :])
             self.sent = text
 
 
@@ -149,9 +149,13 @@ class XrayGPTBackend(ModelBackend):
         self.stops = stop_sequences(self.tokenizer)
         self.queries = self.model.bridge.size.queries
         self.provenance = Provenance(
-            name=MODEL_NAME, version=MODEL_VERSION, files_sha256=loaded.sha256, device=str(loaded.device),
+            name=MODEL_NAME,
+            version=MODEL_VERSION,
+            files_sha256=loaded.sha256,
+            device=str(loaded.device),
             dtype=str(loaded.dtype).removeprefix("torch."),
-            tiny=loaded.files.tiny if loaded.files is not None else True, display_name=XRAYGPT.model_name,
+            tiny=loaded.files.tiny if loaded.files is not None else True,
+            display_name=XRAYGPT.model_name,
         )
 
     # -- text ------------------------------------------------------------------------------------
@@ -199,8 +203,14 @@ class XrayGPTBackend(ModelBackend):
         if not request.history:
             raise ValueError("an XrayGPT conversation starts with the report turn (it carries the image)")
         limit = request.max_new_tokens or self._limit(prompts.TASK_MAX_NEW_TOKENS[request.task])
-        history, _dropped = fit_history(request.history, request.question, self.count_tokens, limit,
-                                        prompts.MAX_LENGTH, build=prompts.conversation_prompt)
+        history, _dropped = fit_history(
+            request.history,
+            request.question,
+            self.count_tokens,
+            limit,
+            prompts.MAX_LENGTH,
+            build=prompts.conversation_prompt,
+        )
         return prompts.conversation_prompt(history, request.question), limit
 
     # -- model -----------------------------------------------------------------------------------
@@ -210,9 +220,17 @@ class XrayGPTBackend(ModelBackend):
         return self.model.splice([self.prompt_segments(p) for p in prompts_], images)
 
     @torch.inference_mode()
-    def generate(self, prompts_: Sequence[str], images: Sequence[np.ndarray], max_new_tokens: int, *,
-                 min_new_tokens: int | None = None, sampling: Any = None, on_token: TokenCallback | None = None,
-                 pixels: torch.Tensor | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        prompts_: Sequence[str],
+        images: Sequence[np.ndarray],
+        max_new_tokens: int,
+        *,
+        min_new_tokens: int | None = None,
+        sampling: Any = None,
+        on_token: TokenCallback | None = None,
+        pixels: torch.Tensor | None = None,
+    ) -> list[list[int]]:
         """New tokens per (prompt, image), as one left-padded batch through transformers' generate."""
         if pixels is None:
             pixels = batch_tensors(list(images))
@@ -221,26 +239,38 @@ class XrayGPTBackend(ModelBackend):
         embeds = torch.zeros(len(rows), longest, rows[0].shape[1], dtype=rows[0].dtype, device=self.model.device)
         mask = torch.zeros(len(rows), longest, dtype=torch.long, device=self.model.device)
         for i, row in enumerate(rows):
-            embeds[i, longest - len(row):] = row
-            mask[i, longest - len(row):] = 1
+            embeds[i, longest - len(row) :] = row
+            mask[i, longest - len(row) :] = 1
         options: dict[str, Any] = {"do_sample": False}
         if sampling is not None:
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
-            options = {"do_sample": True, "top_p": sampling.top_p, "temperature": sampling.temperature,
-                       "top_k": sampling.top_k}
+            options = {
+                "do_sample": True,
+                "top_p": sampling.top_p,
+                "temperature": sampling.temperature,
+                "top_k": sampling.top_k,
+            }
         if min_new_tokens:
             options["min_new_tokens"] = min_new_tokens
         streamer = _GenerateStreamer(AnswerStreamer(self, on_token), self.eos_id) if on_token else None
         out = self.model.llm().generate(
-            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=1,
-            eos_token_id=self.eos_id, pad_token_id=self.eos_id, stopping_criteria=StoppingCriteriaList(
-                [_StopOnSequences(self.stops, min_new_tokens or 0)]), streamer=streamer, use_cache=True, **options,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=1,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.eos_id,
+            stopping_criteria=StoppingCriteriaList([_StopOnSequences(self.stops, min_new_tokens or 0)]),
+            streamer=streamer,
+            use_cache=True,
+            **options,
         )
         return [trim(row, self.eos_id, self.stops, min_new_tokens or 0) for row in out.tolist()]
 
-    def report(self, studies: Sequence[StudyInput], *, max_new_tokens: int | None = None,
-               min_new_tokens: int | None = None) -> list[ReportOutput]:
+    def report(
+        self, studies: Sequence[StudyInput], *, max_new_tokens: int | None = None, min_new_tokens: int | None = None
+    ) -> list[ReportOutput]:
         """The report question for each study, as one batch (greedy)."""
         if not studies:
             return []
@@ -248,11 +278,25 @@ class XrayGPTBackend(ModelBackend):
         pixels = batch_tensors([s.image for s in studies])
         t1 = time.perf_counter()
         prompt = self.report_prompt()
-        tokens = self.generate([prompt] * len(studies), [], max_new_tokens or self.report_token_limit(),
-                               min_new_tokens=min_new_tokens, pixels=pixels)
+        tokens = self.generate(
+            [prompt] * len(studies),
+            [],
+            max_new_tokens or self.report_token_limit(),
+            min_new_tokens=min_new_tokens,
+            pixels=pixels,
+        )
         timings = {"preprocess": t1 - t0, "generate": time.perf_counter() - t1, "batch_size": float(len(studies))}
-        return [ReportOutput(key=s.key, findings_text=self.text(out), findings=[], findings_phrase="",
-                             generated_tokens=len(out), timings=dict(timings)) for s, out in zip(studies, tokens)]
+        return [
+            ReportOutput(
+                key=s.key,
+                findings_text=self.text(out),
+                findings=[],
+                findings_phrase="",
+                generated_tokens=len(out),
+                timings=dict(timings),
+            )
+            for s, out in zip(studies, tokens)
+        ]
 
     def answer(self, request: DialogRequest, on_token: TokenCallback | None = None) -> str:
         prompt, limit = self.dialog_prompt(request)

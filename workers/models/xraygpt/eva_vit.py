@@ -38,9 +38,16 @@ class EvaSize:
 
     def config(self) -> Blip2VisionConfig:
         return Blip2VisionConfig(
-            hidden_size=self.width, intermediate_size=self.mlp, num_hidden_layers=self.depth,
-            num_attention_heads=self.heads, image_size=self.image_size, patch_size=self.patch_size,
-            hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True, attention_dropout=0.0,
+            hidden_size=self.width,
+            intermediate_size=self.mlp,
+            num_hidden_layers=self.depth,
+            num_attention_heads=self.heads,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            hidden_act="gelu",
+            layer_norm_eps=1e-6,
+            qkv_bias=True,
+            attention_dropout=0.0,
         )
 
     @property
@@ -63,15 +70,21 @@ class EvaViT(nn.Module):
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 _BLOCK_PARTS = {
-    "norm1.weight": "layer_norm1.weight", "norm1.bias": "layer_norm1.bias",
-    "norm2.weight": "layer_norm2.weight", "norm2.bias": "layer_norm2.bias",
+    "norm1.weight": "layer_norm1.weight",
+    "norm1.bias": "layer_norm1.bias",
+    "norm2.weight": "layer_norm2.weight",
+    "norm2.bias": "layer_norm2.bias",
     "attn.qkv.weight": "self_attn.qkv.weight",
-    "attn.proj.weight": "self_attn.projection.weight", "attn.proj.bias": "self_attn.projection.bias",
-    "mlp.fc1.weight": "mlp.fc1.weight", "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.weight": "mlp.fc2.weight", "mlp.fc2.bias": "mlp.fc2.bias",
+    "attn.proj.weight": "self_attn.projection.weight",
+    "attn.proj.bias": "self_attn.projection.bias",
+    "mlp.fc1.weight": "mlp.fc1.weight",
+    "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.weight": "mlp.fc2.weight",
+    "mlp.fc2.bias": "mlp.fc2.bias",
 }
 _TOP = {
-    "cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
+    "cls_token": "embeddings.class_embedding",
+    "pos_embed": "embeddings.position_embedding",
     "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
     "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
 }

@@ -41,9 +41,11 @@ class XrayGPTFiles:
 
     def named(self) -> list[tuple[str, Path]]:
         """(name in the hash, path): vision files, then the LLM directory's files, then the checkpoint."""
-        return ([(p.name, p) for p in (self.eva, self.qformer)]
-                + [(f"llm/{p.name}", p) for p in (self.llm_config, *self.llm_weights, *self.tokenizer)]
-                + [(f"checkpoint/{self.checkpoint.name}", self.checkpoint)])
+        return (
+            [(p.name, p) for p in (self.eva, self.qformer)]
+            + [(f"llm/{p.name}", p) for p in (self.llm_config, *self.llm_weights, *self.tokenizer)]
+            + [(f"checkpoint/{self.checkpoint.name}", self.checkpoint)]
+        )
 
     def all_files(self) -> list[Path]:
         return [path for _, path in self.named()]
@@ -51,9 +53,15 @@ class XrayGPTFiles:
 
 def locate(vision_dir: Path | None, llm_dir: Path | None, checkpoint: Path | None) -> XrayGPTFiles:
     """Find every file; one error naming all that is missing (or which setting is not set)."""
-    unset = [name for name, value in (("RADIALOG_XRAYGPT_VISION_DIR", vision_dir),
-                                       ("RADIALOG_XRAYGPT_LLM_DIR", llm_dir),
-                                       ("RADIALOG_XRAYGPT_CHECKPOINT", checkpoint)) if value is None]
+    unset = [
+        name
+        for name, value in (
+            ("RADIALOG_XRAYGPT_VISION_DIR", vision_dir),
+            ("RADIALOG_XRAYGPT_LLM_DIR", llm_dir),
+            ("RADIALOG_XRAYGPT_CHECKPOINT", checkpoint),
+        )
+        if value is None
+    ]
     if unset:
         raise ModelFileError(
             f"XrayGPT files not configured: set {', '.join(unset)} (see README 'XrayGPT'); "

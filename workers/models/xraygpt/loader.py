@@ -113,13 +113,16 @@ def load_eva(model: XrayGPT, path: Path) -> list[str]:
         raise ModelFileError(f"{path.name} is not a state dict")
     depth = model.visual_encoder.size.depth
     tower = model.visual_encoder.tower
+
     def beyond(key: str) -> bool:
         return (eva_vit.block_index(key) or 0) >= depth
 
     ignored = check_layout(path.name, eva_vit.published_shapes(tower.state_dict()), state, ignored=beyond)
     tower.load_state_dict(eva_vit.from_published({k: v for k, v in state.items() if k not in ignored}))
-    note = (f"{path.name}: ignored {len(ignored)} tensors of blocks beyond {depth} "
-            "(the reference builds 39 of EVA-CLIP-g's 40 blocks)")
+    note = (
+        f"{path.name}: ignored {len(ignored)} tensors of blocks beyond {depth} "
+        "(the reference builds 39 of EVA-CLIP-g's 40 blocks)"
+    )
     return [note] if ignored else []
 
 
@@ -127,6 +130,7 @@ def load_bridge(model: XrayGPT, path: Path) -> list[str]:
     """``blip2_pretrained_flant5xxl.pth["model"]`` -> query_tokens, ln_vision and the Q-Former."""
     state, notes = model_dict(path)
     expected = {k: tuple(v.shape) for k, v in to_lavis(model.bridge.state_dict()).items()}
+
     def unused(key: str) -> bool:
         return any(p.fullmatch(key) for p in LAVIS_UNUSED)
 
@@ -134,8 +138,10 @@ def load_bridge(model: XrayGPT, path: Path) -> list[str]:
     bridge, _rest, _unused = from_lavis({k: v for k, v in state.items() if k not in ignored})
     model.bridge.load_state_dict(bridge)
     if ignored:
-        notes.append(f"{path.name}: ignored {len(ignored)} tensors the query path does not use "
-                     "(text embeddings and FFNs, LM head, vision/text projections, ITM head, temp, position_ids)")
+        notes.append(
+            f"{path.name}: ignored {len(ignored)} tensors the query path does not use "
+            "(text embeddings and FFNs, LM head, vision/text projections, ITM head, temp, position_ids)"
+        )
     return notes
 
 
@@ -144,6 +150,7 @@ def load_projection(model: XrayGPT, path: Path) -> list[str]:
     else (MedCLIP/Swin or Q-Former weights) would mean that code and weights do not match: refused."""
     state, notes = model_dict(path)
     expected = {f"llama_proj.{k}": tuple(v.shape) for k, v in model.llama_proj.state_dict().items()}
+
     def buffer(key: str) -> bool:
         return any(p.fullmatch(key) for p in CHECKPOINT_BUFFERS)
 
@@ -162,8 +169,9 @@ def llm_hidden(directory: Path) -> int:
         raise ModelFileError(f"cannot read the hidden size from {directory / 'config.json'}: {error}") from error
 
 
-def load_xraygpt(vision_dir: Path | None, llm_dir: Path | None, checkpoint: Path | None,
-                 device_name: str = "auto") -> LoadedXrayGPT:
+def load_xraygpt(
+    vision_dir: Path | None, llm_dir: Path | None, checkpoint: Path | None, device_name: str = "auto"
+) -> LoadedXrayGPT:
     """The whole model, ready to serve. bf16 on a GPU (ln_vision, Q-Former, llama_proj in float32), float32
     on CPU. Raises ModelFileError (StateDictMismatch) naming what is missing, unexpected or mis-shaped."""
     started = time.perf_counter()

@@ -23,8 +23,13 @@ class XrayGPT(nn.Module):
     """Vision tower, bridge and projection; the ``LlamaForCausalLM`` is attached once loaded (reference order:
     vision files first, then the LLM, then the projection)."""
 
-    def __init__(self, llm_hidden: int, eva: EvaSize | None = None, qformer: QFormerSize | None = None,
-                 llama_model: LlamaForCausalLM | None = None):
+    def __init__(
+        self,
+        llm_hidden: int,
+        eva: EvaSize | None = None,
+        qformer: QFormerSize | None = None,
+        llama_model: LlamaForCausalLM | None = None,
+    ):
         super().__init__()
         eva = eva or EvaSize()
         qformer = qformer or QFormerSize(vision_width=eva.width)
@@ -37,8 +42,10 @@ class XrayGPT(nn.Module):
 
     def attach(self, llama_model: LlamaForCausalLM) -> None:
         if llama_model.config.hidden_size != self.llama_proj.out_features:
-            raise ValueError(f"llama_proj gives {self.llama_proj.out_features} features, the LLM takes "
-                             f"{llama_model.config.hidden_size}")
+            raise ValueError(
+                f"llama_proj gives {self.llama_proj.out_features} features, the LLM takes "
+                f"{llama_model.config.hidden_size}"
+            )
         self.llama_model = llama_model
 
     def llm(self) -> LlamaForCausalLM:
@@ -68,13 +75,16 @@ class XrayGPT(nn.Module):
         queries = self.bridge(features)
         return self.llama_proj(queries.float()).to(self.dtype)
 
-    def splice(self, segments: Sequence[tuple[Sequence[int], Sequence[int]]], images: torch.Tensor,
-               ) -> list[torch.Tensor]:
+    def splice(
+        self,
+        segments: Sequence[tuple[Sequence[int], Sequence[int]]],
+        images: torch.Tensor,
+    ) -> list[torch.Tensor]:
         """(ids before the image, ids after it) per prompt + [B, 32, hidden] -> one [T_i, hidden] row each."""
         embed = self.llm().get_input_embeddings()
         rows = []
         for (before, after), image in zip(segments, images, strict=True):
             ids = torch.tensor([*before, *after], dtype=torch.long, device=self.device)
             tokens = embed(ids)
-            rows.append(torch.cat([tokens[: len(before)], image.to(tokens.dtype), tokens[len(before):]], dim=0))
+            rows.append(torch.cat([tokens[: len(before)], image.to(tokens.dtype), tokens[len(before) :]], dim=0))
         return rows

@@ -39,8 +39,12 @@ IMPRESSION = "Based on the findings in this chest x-ray image, what is the overa
 #: ``workers.models.conversation.fit_history``, so the window never cuts into the image).
 MAX_NEW_TOKENS = 300
 MAX_LENGTH = 2000
-TASK_MAX_NEW_TOKENS: dict[str, int] = {"report": MAX_NEW_TOKENS, "free": MAX_NEW_TOKENS,
-                                       "list": MAX_NEW_TOKENS, "impression": MAX_NEW_TOKENS}
+TASK_MAX_NEW_TOKENS: dict[str, int] = {
+    "report": MAX_NEW_TOKENS,
+    "free": MAX_NEW_TOKENS,
+    "list": MAX_NEW_TOKENS,
+    "impression": MAX_NEW_TOKENS,
+}
 TASK_PROMPTS: dict[str, str] = {"list": KEY_FINDINGS, "impression": IMPRESSION}
 
 

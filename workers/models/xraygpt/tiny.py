@@ -33,8 +33,9 @@ TINY_SIZES = Sizes(
 )
 CHECKPOINT_NAME = "xraygpt_checkpoint.pth"
 LLM_DIR_NAME = "Vicuna_Radiology_fp16"
-MARKER_TEXT = ("TINY RANDOM MODEL - NOT CLINICAL. Random weights written by "
-               "`radialog model make-tiny --backend xraygpt`.\n")
+MARKER_TEXT = (
+    "TINY RANDOM MODEL - NOT CLINICAL. Random weights written by `radialog model make-tiny --backend xraygpt`.\n"
+)
 BERT_VOCAB = 30523  # bert-base-uncased + [DEC], as LAVIS's Q-Former tokenizer
 
 
@@ -47,9 +48,12 @@ class TinyPaths:
     checkpoint: Path
 
     def env(self) -> dict[str, str]:
-        return {"RADIALOG_MODEL_BACKEND": "xraygpt", "RADIALOG_XRAYGPT_VISION_DIR": str(self.vision_dir.resolve()),
-                "RADIALOG_XRAYGPT_LLM_DIR": str(self.llm_dir.resolve()),
-                "RADIALOG_XRAYGPT_CHECKPOINT": str(self.checkpoint.resolve())}
+        return {
+            "RADIALOG_MODEL_BACKEND": "xraygpt",
+            "RADIALOG_XRAYGPT_VISION_DIR": str(self.vision_dir.resolve()),
+            "RADIALOG_XRAYGPT_LLM_DIR": str(self.llm_dir.resolve()),
+            "RADIALOG_XRAYGPT_CHECKPOINT": str(self.checkpoint.resolve()),
+        }
 
 
 def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
@@ -62,7 +66,7 @@ def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
                 param.uniform_(0.8, 1.2, generator=generator)
             else:
                 fan_in = param[0].numel() if param.dim() > 1 else param.shape[-1]
-                param.normal_(0, fan_in ** -0.5, generator=generator)
+                param.normal_(0, fan_in**-0.5, generator=generator)
 
 
 def _write_eva(path: Path, size: EvaSize, generator: torch.Generator) -> None:
@@ -71,7 +75,7 @@ def _write_eva(path: Path, size: EvaSize, generator: torch.Generator) -> None:
     with torch.no_grad():
         for name, param in extra.tower.encoder.layers.named_parameters():  # EVA has no k bias: the fused
             if name.endswith("self_attn.qkv.bias"):  # bias's middle third is zero
-                param[size.width: 2 * size.width] = 0
+                param[size.width : 2 * size.width] = 0
     torch.save(eva_vit.to_published(extra.tower.state_dict()), path)
 
 
@@ -80,38 +84,63 @@ def _write_qformer(path: Path, size: QFormerSize, generator: torch.Generator) ->
     _randomise(bridge, generator)
     state = to_lavis(bridge.state_dict())
     h, f = size.hidden_size, size.intermediate_size
+
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator) * 0.02
 
-    state |= {"Qformer.bert.embeddings.word_embeddings.weight": rand(BERT_VOCAB, h),
-              "Qformer.bert.embeddings.position_embeddings.weight": rand(512, h),
-              "Qformer.bert.embeddings.position_ids": torch.arange(512).expand(1, -1).clone(),
-              "Qformer.cls.predictions.bias": rand(BERT_VOCAB),
-              "Qformer.cls.predictions.transform.dense.weight": rand(h, h),
-              "Qformer.cls.predictions.transform.dense.bias": rand(h),
-              "Qformer.cls.predictions.transform.LayerNorm.weight": torch.ones(h),
-              "Qformer.cls.predictions.transform.LayerNorm.bias": torch.zeros(h),
-              "Qformer.cls.predictions.decoder.weight": rand(BERT_VOCAB, h),
-              "Qformer.cls.predictions.decoder.bias": rand(BERT_VOCAB),
-              "vision_proj.weight": rand(256, h), "vision_proj.bias": rand(256),
-              "text_proj.weight": rand(256, h), "text_proj.bias": rand(256),
-              "itm_head.weight": rand(2, h), "itm_head.bias": rand(2), "temp": torch.tensor(0.07)}
+    state |= {
+        "Qformer.bert.embeddings.word_embeddings.weight": rand(BERT_VOCAB, h),
+        "Qformer.bert.embeddings.position_embeddings.weight": rand(512, h),
+        "Qformer.bert.embeddings.position_ids": torch.arange(512).expand(1, -1).clone(),
+        "Qformer.cls.predictions.bias": rand(BERT_VOCAB),
+        "Qformer.cls.predictions.transform.dense.weight": rand(h, h),
+        "Qformer.cls.predictions.transform.dense.bias": rand(h),
+        "Qformer.cls.predictions.transform.LayerNorm.weight": torch.ones(h),
+        "Qformer.cls.predictions.transform.LayerNorm.bias": torch.zeros(h),
+        "Qformer.cls.predictions.decoder.weight": rand(BERT_VOCAB, h),
+        "Qformer.cls.predictions.decoder.bias": rand(BERT_VOCAB),
+        "vision_proj.weight": rand(256, h),
+        "vision_proj.bias": rand(256),
+        "text_proj.weight": rand(256, h),
+        "text_proj.bias": rand(256),
+        "itm_head.weight": rand(2, h),
+        "itm_head.bias": rand(2),
+        "temp": torch.tensor(0.07),
+    }
     for i in range(size.layers):  # the text FFN (MiniGPT-4 sets it to None; LAVIS saves it)
         p = f"Qformer.bert.encoder.layer.{i}"
-        state |= {f"{p}.intermediate.dense.weight": rand(f, h), f"{p}.intermediate.dense.bias": rand(f),
-                  f"{p}.output.dense.weight": rand(h, f), f"{p}.output.dense.bias": rand(h),
-                  f"{p}.output.LayerNorm.weight": torch.ones(h), f"{p}.output.LayerNorm.bias": torch.zeros(h)}
+        state |= {
+            f"{p}.intermediate.dense.weight": rand(f, h),
+            f"{p}.intermediate.dense.bias": rand(f),
+            f"{p}.output.dense.weight": rand(h, f),
+            f"{p}.output.dense.bias": rand(h),
+            f"{p}.output.LayerNorm.weight": torch.ones(h),
+            f"{p}.output.LayerNorm.bias": torch.zeros(h),
+        }
     torch.save({"model": state}, path)
 
 
 def _llama_config(vocab_size: int) -> dict[str, Any]:
     """Vicuna-7B v1's config.json fields (LLaMA-1, transformers 4.28 era) with tiny sizes."""
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 1, "eos_token_id": 2,
-        "pad_token_id": 0, "hidden_act": "silu", "hidden_size": 64, "intermediate_size": 172,
-        "initializer_range": 0.02, "max_position_embeddings": 2048, "num_attention_heads": 4,
-        "num_hidden_layers": 2, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "float16",
-        "transformers_version": "4.28.0.dev0", "use_cache": True, "vocab_size": vocab_size,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "intermediate_size": 172,
+        "initializer_range": 0.02,
+        "max_position_embeddings": 2048,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "transformers_version": "4.28.0.dev0",
+        "use_cache": True,
+        "vocab_size": vocab_size,
     }
 
 
@@ -121,26 +150,44 @@ def _write_llm(llm_dir: Path, generator: torch.Generator) -> int:
     vocab = write_tokenizer(llm_dir)
     fields = _llama_config(vocab)
     (llm_dir / "config.json").write_text(json.dumps(fields, indent=2))
-    (llm_dir / "generation_config.json").write_text(json.dumps(
-        {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-         "transformers_version": "4.28.0.dev0"}, indent=2))
-    config = LlamaConfig(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type", "torch_dtype",
-                                                                      "transformers_version")})
+    (llm_dir / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "_from_model_config": True,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                "pad_token_id": 0,
+                "transformers_version": "4.28.0.dev0",
+            },
+            indent=2,
+        )
+    )
+    config = LlamaConfig(
+        **{
+            k: v
+            for k, v in fields.items()
+            if k not in ("architectures", "model_type", "torch_dtype", "transformers_version")
+        }
+    )
     model = LlamaForCausalLM(config)
     state = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
     head_dim = config.hidden_size // config.num_attention_heads
     for layer in range(config.num_hidden_layers):  # buffers old checkpoints carry
         state[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = 1.0 / (
-            10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+            10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        )
     keys = sorted(state)
-    shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
-              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+    shards = {
+        "pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+        "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :],
+    }
     weight_map: dict[str, str] = {}
     for name, shard_keys in shards.items():
         torch.save({k: state[k] for k in shard_keys}, llm_dir / name)
         weight_map |= dict.fromkeys(shard_keys, name)
     (llm_dir / "pytorch_model.bin.index.json").write_text(
-        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}, indent=2)
+    )
     return int(config.hidden_size)
 
 
@@ -158,18 +205,29 @@ def write_tokenizer(llm_dir: Path) -> int:
     return write_llama_tokenizer(llm_dir, corpus(), legacy=False)
 
 
-def _write_checkpoint(path: Path, qformer_hidden: int, llm_hidden: int, layers: int,
-                      generator: torch.Generator) -> None:
+def _write_checkpoint(
+    path: Path, qformer_hidden: int, llm_hidden: int, layers: int, generator: torch.Generator
+) -> None:
     head_dim = 16
-    model = {"llama_proj.weight": torch.randn(llm_hidden, qformer_hidden, generator=generator) * qformer_hidden ** -0.5,
-             "llama_proj.bias": torch.randn(llm_hidden, generator=generator) * 0.02,
-             "Qformer.bert.embeddings.position_ids": torch.arange(512).expand(1, -1).clone()}
+    model = {
+        "llama_proj.weight": torch.randn(llm_hidden, qformer_hidden, generator=generator) * qformer_hidden**-0.5,
+        "llama_proj.bias": torch.randn(llm_hidden, generator=generator) * 0.02,
+        "Qformer.bert.embeddings.position_ids": torch.arange(512).expand(1, -1).clone(),
+    }
     for layer in range(layers):
         model[f"llama_model.model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = 1.0 / (
-            10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    torch.save({"model": model, "optimizer": {"state": {}, "param_groups": [{"lr": 3e-5, "params": [0, 1]}]},
-                "config": {"model": {"arch": "mini_gpt4", "num_query_token": 32}, "run": {"seed": 42}},
-                "scaler": {"scale": 65536.0, "growth_factor": 2.0}, "epoch": 4}, path)
+            10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        )
+    torch.save(
+        {
+            "model": model,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 3e-5, "params": [0, 1]}]},
+            "config": {"model": {"arch": "mini_gpt4", "num_query_token": 32}, "run": {"seed": 42}},
+            "scaler": {"scale": 65536.0, "growth_factor": 2.0},
+            "epoch": 4,
+        },
+        path,
+    )
 
 
 def make_tiny(directory: Path | str, seed: int = 0) -> TinyPaths:
