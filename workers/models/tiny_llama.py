@@ -213,3 +213,28 @@ def plant_end_trigger(
         model.get_input_embeddings().weight[list(triggers), channel] = mark
         model.lm_head.weight[eos_id] = 0
         model.lm_head.weight[eos_id, channel] = gain
+
+
+def vicuna_v1_config(vocab_size: int) -> dict[str, Any]:
+    """Vicuna-7B v1 / v1.3's config.json fields (LLaMA-1, transformers 4.28 era) at tiny sizes: the LLM of
+    XrayGPT and of RaDialog v1, whose tiny sets differ only in their vocabulary."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "intermediate_size": 172,
+        "initializer_range": 0.02,
+        "max_position_embeddings": 2048,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "transformers_version": "4.28.0.dev0",
+        "use_cache": True,
+        "vocab_size": vocab_size,
+    }

@@ -48,6 +48,7 @@ from workers.models.tiny_llama import (
     liven_weights,
     plant_end_trigger,
     silent_token_ids,
+    vicuna_v1_config,
     write_llama_tokenizer,
 )
 
@@ -89,30 +90,6 @@ def corpus() -> list[str]:
     lines += [prompts.report_prompt(label.lower()).replace(prompts.IMAGE_RUN, "") for label in CHEXPERT_LABELS]
     lines += [yes_no_prompt(label) for label in CHEXPERT_LABELS[1:]] + [correction_prompt(["Edema"], ["Fracture"])]
     return lines
-
-
-def _llama_fields() -> dict[str, Any]:
-    """vicuna-7b-v1.3's config.json (LLaMA-1, transformers 4.28 era) with tiny sizes and its vocabulary."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-        "hidden_act": "silu",
-        "hidden_size": 64,
-        "intermediate_size": 172,
-        "initializer_range": 0.02,
-        "max_position_embeddings": 2048,
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float16",
-        "transformers_version": "4.28.0.dev0",
-        "use_cache": True,
-        "vocab_size": VOCAB,
-    }
 
 
 def _randomise(module: torch.nn.Module, generator: torch.Generator) -> None:
@@ -302,7 +279,7 @@ def make_tiny(directory: Path | str, seed: int = 0) -> TinyPaths:
 
     # Vicuna: tokenizer, livened base weights rounded to the fp16 the shards hold.
     pieces = write_llama_tokenizer(paths.llm_dir, corpus(), legacy=False)
-    fields = _llama_fields()
+    fields = vicuna_v1_config(VOCAB)
     config = LlamaConfig(
         **{
             k: v

@@ -15,12 +15,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from workers.models.common.qformer import QFormerSize, QueryBridge, to_lavis
-from workers.models.tiny_llama import write_llama_tokenizer
+from workers.models.tiny_llama import vicuna_v1_config, write_llama_tokenizer
 from workers.models.xraygpt import eva_vit, prompts
 from workers.models.xraygpt.eva_vit import EvaSize, EvaViT
 from workers.models.xraygpt.files import EVA_FILE, QFORMER_FILE, TINY_MARKER
@@ -120,35 +119,11 @@ def _write_qformer(path: Path, size: QFormerSize, generator: torch.Generator) ->
     torch.save({"model": state}, path)
 
 
-def _llama_config(vocab_size: int) -> dict[str, Any]:
-    """Vicuna-7B v1's config.json fields (LLaMA-1, transformers 4.28 era) with tiny sizes."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-        "hidden_act": "silu",
-        "hidden_size": 64,
-        "intermediate_size": 172,
-        "initializer_range": 0.02,
-        "max_position_embeddings": 2048,
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float16",
-        "transformers_version": "4.28.0.dev0",
-        "use_cache": True,
-        "vocab_size": vocab_size,
-    }
-
-
 def _write_llm(llm_dir: Path, generator: torch.Generator) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     vocab = write_tokenizer(llm_dir)
-    fields = _llama_config(vocab)
+    fields = vicuna_v1_config(vocab)
     (llm_dir / "config.json").write_text(json.dumps(fields, indent=2))
     (llm_dir / "generation_config.json").write_text(
         json.dumps(
