@@ -13,8 +13,10 @@ call the workers make. Two ways to add a study, named by what they leave behind:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
+from sqlalchemy.orm import Session
 
 from radialog.chexpert import CHEXPERT_LABELS
 from radialog.model_output import ClassifierFinding, Provenance, ReportOutput
@@ -33,6 +35,55 @@ def make_keys(registry: Registry) -> dict[str, str]:
         return {name: create_user(session, name, role) for name, role in USERS.items()}
 
 
+def _spool_and_insert(
+    session: Session,
+    settings: Settings,
+    ds: Dataset,
+    state: StudyState,
+    *,
+    attributes: dict[str, Any],
+    study_description: str | None = None,
+    calling_ae_title: str | None = None,
+) -> int:
+    """``ds`` saved in the spool as the node stores it, its study row in ``state`` and its instance row,
+    selected for reporting. Returns the study id."""
+    relative = Path(ds.StudyInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
+    path = settings.spool_dir / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    now = utcnow()
+    study = Study(
+        study_instance_uid=ds.StudyInstanceUID,
+        state=state.value,
+        patient_name=str(ds.PatientName),
+        patient_id=ds.PatientID,
+        accession_number=ds.AccessionNumber,
+        study_date=ds.StudyDate,
+        study_description=study_description,
+        created_at=now,
+        updated_at=now,
+        last_instance_at=now,
+    )
+    session.add(study)
+    session.flush()
+    instance = Instance(
+        study_id=study.id,
+        sop_instance_uid=ds.SOPInstanceUID,
+        sop_class_uid=ds.SOPClassUID,
+        series_instance_uid=ds.SeriesInstanceUID,
+        transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+        path=relative.as_posix(),
+        size_bytes=path.stat().st_size,
+        calling_ae_title=calling_ae_title,
+        received_at=now,
+        attributes=attributes,
+    )
+    session.add(instance)
+    session.flush()
+    study.selected_instance_id = instance.id
+    return study.id
+
+
 def add_study(
     registry: Registry,
     settings: Settings,
@@ -47,36 +98,14 @@ def add_study(
     ds = make_cxr(patient_index=index, rows=256, cols=256, seed=index)
     if study_date:
         ds.StudyDate = study_date
-    rel = Path(ds.StudyInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
-    path = settings.spool_dir / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    now = utcnow()
     with registry.session() as session:
-        study = Study(
-            study_instance_uid=ds.StudyInstanceUID,
-            state=StudyState.RECEIVING.value,
-            patient_name=str(ds.PatientName),
-            patient_id=ds.PatientID,
-            accession_number=ds.AccessionNumber,
-            study_date=ds.StudyDate,
+        study_id = _spool_and_insert(
+            session,
+            settings,
+            ds,
+            StudyState.RECEIVING,
             study_description=ds.StudyDescription,
-            created_at=now,
-            updated_at=now,
-            last_instance_at=now,
-        )
-        session.add(study)
-        session.flush()
-        instance = Instance(
-            study_id=study.id,
-            sop_instance_uid=ds.SOPInstanceUID,
-            sop_class_uid=ds.SOPClassUID,
-            series_instance_uid=ds.SeriesInstanceUID,
-            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-            path=str(rel),
-            size_bytes=path.stat().st_size,
             calling_ae_title="TESTSCU",
-            received_at=now,
             attributes={
                 "modality": "CR",
                 "view_position": "PA",
@@ -87,9 +116,6 @@ def add_study(
                 "columns": 256,
             },
         )
-        session.add(instance)
-        session.flush()
-        study.selected_instance_id = instance.id
         path_to = {
             StudyState.RECEIVING: [],
             StudyState.STABLE: [StudyState.STABLE],
@@ -99,8 +125,8 @@ def add_study(
             StudyState.SKIPPED: [StudyState.STABLE, StudyState.SKIPPED],
         }[state]
         for step in path_to:
-            transition(session, study.id, step, reason if step == state else None)
-        return study.id, ds
+            transition(session, study_id, step, reason if step == state else None)
+        return study_id, ds
 
 
 def add_reported_study(
@@ -146,40 +172,15 @@ def add_study_without_history(
     """A CR chest study with one 128x128 image, spooled as the node would and selected for reporting, its row
     written directly in ``state`` (no transitions). Returns (study id, dataset)."""
     ds = make_cxr(modality="CR", rows=128, cols=128)
-    relative = Path(ds.StudyInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
-    path = settings.spool_dir / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    now = utcnow()
     with registry.session() as session:
-        study = Study(
-            study_instance_uid=ds.StudyInstanceUID,
-            state=state.value,
-            patient_name=str(ds.PatientName),
-            patient_id=ds.PatientID,
-            accession_number=ds.AccessionNumber,
-            study_date=ds.StudyDate,
-            created_at=now,
-            updated_at=now,
-            last_instance_at=now,
-        )
-        session.add(study)
-        session.flush()
-        instance = Instance(
-            study_id=study.id,
-            sop_instance_uid=ds.SOPInstanceUID,
-            sop_class_uid=ds.SOPClassUID,
-            series_instance_uid=ds.SeriesInstanceUID,
-            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-            path=relative.as_posix(),
-            size_bytes=path.stat().st_size,
-            received_at=now,
+        study_id = _spool_and_insert(
+            session,
+            settings,
+            ds,
+            state,
             attributes={"modality": "CR", "view_position": "PA", "body_part_examined": "CHEST"},
         )
-        session.add(instance)
-        session.flush()
-        study.selected_instance_id = instance.id
-        return study.id, ds
+        return study_id, ds
 
 
 def model_output(study_id: int, text: str = FINDINGS_TEXT) -> ReportOutput:
