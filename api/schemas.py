@@ -301,6 +301,13 @@ class TurnOut(_Out):
     answer: ShownText | None
     state: str
     error: str | None
+    error_kind: str | None = Field(
+        default=None,
+        description="Why the turn failed, as a type (radialog.registry.ErrorKind: CONTEXT_TOO_LONG, "
+        "UNSUPPORTED_TASK, NO_INPUT, OUT_OF_MEMORY, CANCELLED, MODEL_ERROR, BROKER_UNAVAILABLE, WORKER_LOST, "
+        "NOT_TAKEN); tell failures apart by it, not by the words of 'error'. Null unless FAILED, and for turns "
+        "failed before the kind was recorded.",
+    )
     created_at: datetime
     answered_at: datetime | None
 

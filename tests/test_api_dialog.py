@@ -192,6 +192,7 @@ def test_a_failed_turn_is_answered_by_its_error_kind_not_by_its_words(
     from api.dialog import PendingTurn, stream_events
     from api.problems import Problem
     from api.routes.dialog import _wait
+    from api.schemas import TurnOut
     from radialog.registry import Conversation, utcnow
     from tests.support.seeding import add_reported_study
 
@@ -224,3 +225,5 @@ def test_a_failed_turn_is_answered_by_its_error_kind_not_by_its_words(
     assert error in (problem.value.detail or "")
     events = sse_events("".join(stream_events(pending(), 5.0)))
     assert events[-1] == ("error", {"turn_id": turn_id, "error": error, "status": status})
+    with registry.session() as s:  # API clients read the kind too (GET /dialog/turns/{id}, conversations)
+        assert TurnOut.model_validate(s.get(DialogTurn, turn_id)).error_kind == kind
