@@ -238,3 +238,16 @@ def vicuna_v1_config(vocab_size: int) -> dict[str, Any]:
         "use_cache": True,
         "vocab_size": vocab_size,
     }
+
+
+def write_vicuna_v1_configs(llm_dir: Path, fields: dict[str, Any]) -> None:
+    """config.json (``fields``) and the generation_config.json Vicuna v1 / v1.3 ship beside it."""
+    (llm_dir / "config.json").write_text(json.dumps(fields, indent=2))
+    generation = {
+        "_from_model_config": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "transformers_version": "4.28.0.dev0",
+    }
+    (llm_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))

@@ -50,6 +50,7 @@ from workers.models.tiny_llama import (
     silent_token_ids,
     vicuna_v1_config,
     write_llama_tokenizer,
+    write_vicuna_v1_configs,
 )
 
 TINY_RESNET_WIDTH = 8  # trunk output 256 channels instead of 2,048; everything after it is full size
@@ -232,19 +233,7 @@ def _probe_answers(
 
 def _write_llm(llm_dir: Path, state: dict[str, torch.Tensor], fields: dict[str, Any]) -> None:
     """Two fp16 .bin shards + index with the old rotary inv_freq buffers, config and generation config."""
-    (llm_dir / "config.json").write_text(json.dumps(fields, indent=2))
-    (llm_dir / "generation_config.json").write_text(
-        json.dumps(
-            {
-                "_from_model_config": True,
-                "bos_token_id": 1,
-                "eos_token_id": 2,
-                "pad_token_id": 0,
-                "transformers_version": "4.28.0.dev0",
-            },
-            indent=2,
-        )
-    )
+    write_vicuna_v1_configs(llm_dir, fields)
     state = dict(state)
     head_dim = fields["hidden_size"] // fields["num_attention_heads"]
     for layer in range(fields["num_hidden_layers"]):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from workers.models.common.qformer import QFormerSize, QueryBridge, to_lavis
-from workers.models.tiny_llama import vicuna_v1_config, write_llama_tokenizer
+from workers.models.tiny_llama import vicuna_v1_config, write_llama_tokenizer, write_vicuna_v1_configs
 from workers.models.xraygpt import eva_vit, prompts
 from workers.models.xraygpt.eva_vit import EvaSize, EvaViT
 from workers.models.xraygpt.files import EVA_FILE, QFORMER_FILE, TINY_MARKER
@@ -124,19 +124,7 @@ def _write_llm(llm_dir: Path, generator: torch.Generator) -> int:
 
     vocab = write_tokenizer(llm_dir)
     fields = vicuna_v1_config(vocab)
-    (llm_dir / "config.json").write_text(json.dumps(fields, indent=2))
-    (llm_dir / "generation_config.json").write_text(
-        json.dumps(
-            {
-                "_from_model_config": True,
-                "bos_token_id": 1,
-                "eos_token_id": 2,
-                "pad_token_id": 0,
-                "transformers_version": "4.28.0.dev0",
-            },
-            indent=2,
-        )
-    )
+    write_vicuna_v1_configs(llm_dir, fields)
     config = LlamaConfig(
         **{
             k: v
