@@ -23,7 +23,7 @@ from radialog.registry import Registry
 from radialog.settings import Settings, TLSSettings
 from radialog.synthetic import make_cxr
 from tests.support.dicom_files import save
-from tests.support.dicom_peers import echo, scu, store_all
+from tests.support.dicom_peers import echo, scu, self_signed, store_all
 from tests.support.node import running_node, wait_idle
 
 
@@ -139,36 +139,8 @@ def test_aborted_associations_leave_node_serving(tmp_path: Path, settings: Setti
     assert not list((settings.spool_dir / ".incoming").iterdir())
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "node.crt", directory / "node.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
-
-
 def test_tls(tmp_path: Path, settings: Settings, sqlite_registry: Registry) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "localhost")
     secure = settings.model_copy(
         update={"tls": TLSSettings(certfile=cert, keyfile=key, ca_file=cert, require_client_cert=True)}
     )
@@ -208,7 +180,7 @@ def test_a_silent_client_cannot_stop_a_tls_node(tmp_path: Path, settings: Settin
     handshake runs in the connection's own thread; it used to block accepting for acse_timeout each)."""
     import socket
 
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "localhost")
     secure = settings.model_copy(
         update={
             "acse_timeout": 30.0,
